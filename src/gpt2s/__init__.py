@@ -1,0 +1,14 @@
+"""gpt2s: GPT-2 forward, backward, AdamW and generation in Cython/OpenMP kernels."""
+
+__version__ = "0.1.0"
+
+from ._threads import get_num_threads, init as _init_threads, set_num_threads, show_config
+from .config import GPT2Config
+from .model import GPT2
+from .optim import AdamW, clip_grad_norm
+from .weights import SafetensorsError
+
+_init_threads()
+
+__all__ = ["GPT2", "GPT2Config", "AdamW", "clip_grad_norm", "SafetensorsError", "set_num_threads", "get_num_threads",
+           "show_config", "__version__"]

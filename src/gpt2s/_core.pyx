@@ -1,0 +1,727 @@
+# cython: language_level=3
+"""The gpt2s kernels.
+
+One ``*_forward`` / ``*_backward`` pair per layer, outputs first, a comment with the shapes on
+top (the llm.c convention).  Every kernel releases the GIL and runs its loops under ``prange``
+on our single OpenMP thread pool.  Matmuls go to a single-threaded BLAS ``sgemm`` (SciPy's,
+reached through its Cython capsule) called from inside that pool, one column or row block
+per thread, so BLAS's own pool never competes with OpenMP's (DESIGN.md, GEMM note).
+
+Shapes: B batch, T time, C channels (n_embd), NH heads, HS = C / NH head size, V vocab,
+N = B * T rows, OC output channels of a matmul.
+"""
+
+from cython.parallel cimport prange, parallel, threadid
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy, memset
+from libc.math cimport sqrtf, logf, sqrt, isfinite
+from libc.stdint cimport int64_t, int32_t
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_GetName
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <string.h>
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int gpt2s_have_openmp(void) { return 1; }
+    static int gpt2s_omp_max_threads(void) { return omp_get_max_threads(); }
+    #else
+    static int gpt2s_have_openmp(void) { return 0; }
+    static int gpt2s_omp_max_threads(void) { return 1; }
+    #endif
+
+    /* exp(x) for float32 without libm, so that loops calling it vectorise at -O3 (libm's
+       expf stays scalar).  x = n ln2 + r with |r| <= ln2/2; exp(r) by its degree-7 Taylor
+       polynomial (truncation error < 6e-9 relative); 2^n by building the exponent bits.
+       Rounding to n uses the 1.5 * 2^23 trick, which needs no SSE4.1 round instruction.
+       Inputs are clamped to [-87.3, 88.3]: below that the true value is < 1.2e-38 and we return
+       ~1.2e-38 (harmless in every sum it enters); above it float32 overflows anyway.  */
+    static inline float gpt2s_expf(float x) {
+        x = x < -87.3f ? -87.3f : x;
+        x = x > 88.3f ? 88.3f : x;
+        float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+        float r = x - n * 0.693145751953125f;       /* ln2 split hi + lo for an exact r */
+        r = r - n * 1.428606765330187045e-06f;
+        float p = 1.0f / 5040.0f;
+        p = p * r + 1.0f / 720.0f;
+        p = p * r + 1.0f / 120.0f;
+        p = p * r + 1.0f / 24.0f;
+        p = p * r + 1.0f / 6.0f;
+        p = p * r + 0.5f;
+        p = p * r + 1.0f;
+        p = p * r + 1.0f;
+        int32_t e = ((int32_t)n + 127) << 23;
+        float s;
+        memcpy(&s, &e, sizeof(s));
+        return p * s;
+    }
+
+    /* tanh(u) = 1 - 2 / (exp(2u) + 1): absolute error ~1e-7, which is what GELU needs
+       (it enters as 0.5 x (1 + tanh)). */
+    static inline float gpt2s_tanhf(float u) {
+        return 1.0f - 2.0f / (gpt2s_expf(2.0f * u) + 1.0f);
+    }
+    """
+    int gpt2s_have_openmp() noexcept nogil
+    int gpt2s_omp_max_threads() noexcept nogil
+    float gpt2s_expf(float x) noexcept nogil
+    float gpt2s_tanhf(float u) noexcept nogil
+
+
+# --------------------------------------------------------------------------------------------
+# Threads
+
+cdef int _num_threads = 1
+
+
+def have_openmp():
+    """True when this build of _core was compiled with OpenMP."""
+    return bool(gpt2s_have_openmp())
+
+
+def omp_max_threads():
+    """OpenMP's default team size (OMP_NUM_THREADS or the core count); 1 without OpenMP."""
+    return gpt2s_omp_max_threads()
+
+
+def set_num_threads(int n):
+    """Set the team size every kernel uses.  Without OpenMP this stays 1."""
+    global _num_threads
+    if n < 1:
+        raise ValueError(f"number of threads must be >= 1, got {n}")
+    _num_threads = n if gpt2s_have_openmp() else 1
+
+
+def get_num_threads():
+    return _num_threads
+
+
+# --------------------------------------------------------------------------------------------
+# BLAS: SciPy's sgemm through its Cython capsule (no link-time BLAS dependency for the wheel).
+
+ctypedef void (*sgemm_t)(char *transa, char *transb, int *m, int *n, int *k, float *alpha,
+                         float *a, int *lda, float *b, int *ldb, float *beta, float *c,
+                         int *ldc) noexcept nogil
+
+cdef sgemm_t _sgemm = NULL
+
+
+def _load_blas():
+    global _sgemm
+    from scipy.linalg import cython_blas
+    capsule = cython_blas.__pyx_capi__["sgemm"]
+    _sgemm = <sgemm_t>PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule))
+
+
+_load_blas()
+
+
+cdef inline void sgemm_colmajor(char ta, char tb, int m, int n, int k, float alpha,
+                                const float *a, int lda, const float *b, int ldb,
+                                float beta, float *c, int ldc) noexcept nogil:
+    _sgemm(&ta, &tb, &m, &n, &k, &alpha, <float *>a, &lda, <float *>b, &ldb, &beta, c, &ldc)
+
+
+cdef inline void gemm_serial(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
+                             const float *A, int lda, const float *B, int ldb,
+                             float beta, float *C, int ldc) noexcept nogil:
+    # Row-major C[M, N] = alpha op(A)[M, K] op(B)[K, N] + beta C, on the calling thread.
+    # A row-major matrix is its column-major transpose, so we ask BLAS for C^T = op(B)^T op(A)^T.
+    if M <= 0 or N <= 0:
+        return
+    sgemm_colmajor(b'T' if trans_b else b'N', b'T' if trans_a else b'N', N, M, K, alpha,
+                   B, ldb, A, lda, beta, C, ldc)
+
+
+cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
+               const float *A, int lda, const float *B, int ldb,
+               float beta, float *C, int ldc) noexcept nogil:
+    # gemm_serial split into one block of C per thread (along the longer side of C), each
+    # block a single-threaded sgemm, all inside our one OpenMP team.
+    cdef int nt = _num_threads
+    cdef int nblocks, blk, i, lo, hi, step
+    cdef double flops = 2.0 * M * N * K
+    if nt <= 1 or flops < 4.0e6:
+        gemm_serial(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+        return
+    if N >= M:
+        # split columns of C: columns of op(B)
+        step = ((N + nt - 1) // nt + 15) // 16 * 16
+        nblocks = (N + step - 1) // step
+        for blk in prange(nblocks, num_threads=nt, schedule='static'):
+            lo = blk * step
+            hi = min(N, lo + step)
+            gemm_serial(trans_a, trans_b, M, hi - lo, K, alpha, A, lda,
+                        (B + <int64_t>lo * ldb) if trans_b else (B + lo), ldb,
+                        beta, C + lo, ldc)
+    else:
+        step = ((M + nt - 1) // nt + 15) // 16 * 16
+        nblocks = (M + step - 1) // step
+        for blk in prange(nblocks, num_threads=nt, schedule='static'):
+            lo = blk * step
+            hi = min(M, lo + step)
+            gemm_serial(trans_a, trans_b, hi - lo, N, K, alpha,
+                        (A + lo) if trans_a else (A + <int64_t>lo * lda), lda, B, ldb,
+                        beta, C + <int64_t>lo * ldc, ldc)
+
+
+# --------------------------------------------------------------------------------------------
+# Embedding
+
+def embedding_forward(float[:, ::1] out, const int64_t[::1] idx, const float[:, ::1] wte,
+                      const float[:, ::1] wpe, int T, int pos0):
+    # out (N, C) = wte[idx] + wpe[pos0 + t];  idx (N,) with N = B * T, row n at time n % T
+    cdef Py_ssize_t N = out.shape[0], C = out.shape[1], n, c
+    cdef float *o
+    cdef const float *te
+    cdef const float *pe
+    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+        o = &out[n, 0]
+        te = &wte[idx[n], 0]
+        pe = &wpe[pos0 + n % T, 0]
+        for c in range(C):
+            o[c] = te[c] + pe[c]
+
+
+def embedding_backward(float[:, ::1] dwte, float[:, ::1] dwpe, const float[:, ::1] dout,
+                       const int64_t[::1] idx, int T):
+    # dwte[idx[n]] += dout[n];  dwpe[t] += sum_b dout[b * T + t].
+    # Race-free: thread k owns the vocabulary rows v with v % nt == k, and each position row t
+    # belongs to one prange iteration.
+    cdef Py_ssize_t N = dout.shape[0], C = dout.shape[1], n, c, b, t
+    cdef int nt = _num_threads, k
+    cdef int B = N // T
+    cdef float *d
+    cdef const float *g
+    for k in prange(nt, nogil=True, num_threads=nt, schedule='static'):
+        for n in range(N):
+            if idx[n] % nt == k:
+                d = &dwte[idx[n], 0]
+                g = &dout[n, 0]
+                for c in range(C):
+                    d[c] += g[c]
+    for t in prange(T, nogil=True, num_threads=nt, schedule='static'):
+        d = &dwpe[t, 0]
+        for b in range(B):
+            g = &dout[b * T + t, 0]
+            for c in range(C):
+                d[c] += g[c]
+
+
+# --------------------------------------------------------------------------------------------
+# LayerNorm
+
+cdef inline void layernorm_row(float *out, float *mean_out, float *rstd_out, const float *x,
+                               const float *w, const float *b, int C, float eps) noexcept nogil:
+    cdef int c
+    cdef float s = 0.0, m, v = 0.0, d, r
+    for c in range(C):
+        s = s + x[c]
+    m = s / C
+    for c in range(C):
+        d = x[c] - m
+        v = v + d * d
+    r = <float>1.0 / sqrtf(v / C + eps)
+    for c in range(C):
+        out[c] = (x[c] - m) * r * w[c] + b[c]
+    if mean_out != NULL:
+        mean_out[0] = m
+        rstd_out[0] = r
+
+
+def layernorm_forward(float[:, ::1] out, float[::1] mean, float[::1] rstd,
+                      const float[:, ::1] inp, const float[::1] weight, const float[::1] bias,
+                      float eps):
+    # out (N, C) = (inp - mean) * rstd * weight + bias; mean, rstd (N,) kept for the backward
+    cdef Py_ssize_t N = inp.shape[0], n
+    cdef int C = inp.shape[1]
+    cdef float *pm = &mean[0] if mean.shape[0] > 0 else NULL
+    cdef float *pr = &rstd[0] if rstd.shape[0] > 0 else NULL
+    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+        layernorm_row(&out[n, 0], (pm + n) if pm != NULL else NULL,
+                      (pr + n) if pr != NULL else NULL, &inp[n, 0], &weight[0], &bias[0], C, eps)
+
+
+def residual_layernorm_forward(float[:, ::1] residual, float[:, ::1] out, float[::1] mean,
+                               float[::1] rstd, const float[:, ::1] inp1,
+                               const float[:, ::1] inp2, const float[::1] weight,
+                               const float[::1] bias, float eps):
+    # residual (N, C) = inp1 + inp2, then out = layernorm(residual): one pass over the rows
+    cdef Py_ssize_t N = inp1.shape[0], n, c
+    cdef int C = inp1.shape[1]
+    cdef float *r
+    cdef const float *a
+    cdef const float *b
+    cdef float *pm = &mean[0] if mean.shape[0] > 0 else NULL
+    cdef float *pr = &rstd[0] if rstd.shape[0] > 0 else NULL
+    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+        r = &residual[n, 0]
+        a = &inp1[n, 0]
+        b = &inp2[n, 0]
+        for c in range(C):
+            r[c] = a[c] + b[c]
+        layernorm_row(&out[n, 0], (pm + n) if pm != NULL else NULL,
+                      (pr + n) if pr != NULL else NULL, r, &weight[0], &bias[0], C, eps)
+
+
+cdef inline void layernorm_backward_row(float *dinp, float *dw, float *db, const float *dout,
+                                        const float *inp, const float *w, float m, float r,
+                                        int C) noexcept nogil:
+    cdef int c
+    cdef float dnorm_mean = 0.0, dnorm_norm_mean = 0.0, norm, dnorm
+    for c in range(C):
+        norm = (inp[c] - m) * r
+        dnorm = w[c] * dout[c]
+        dnorm_mean = dnorm_mean + dnorm
+        dnorm_norm_mean = dnorm_norm_mean + dnorm * norm
+    dnorm_mean = dnorm_mean / C
+    dnorm_norm_mean = dnorm_norm_mean / C
+    for c in range(C):
+        norm = (inp[c] - m) * r
+        dnorm = w[c] * dout[c]
+        db[c] += dout[c]
+        dw[c] += norm * dout[c]
+        dinp[c] += r * (dnorm - dnorm_mean - norm * dnorm_norm_mean)
+
+
+def layernorm_backward(float[:, ::1] dinp, float[::1] dweight, float[::1] dbias,
+                       const float[:, ::1] dout, const float[:, ::1] inp,
+                       const float[::1] weight, const float[::1] mean, const float[::1] rstd,
+                       float[:, ::1] scratch):
+    # dinp (N, C) += d/dinp;  dweight, dbias (C,) += column sums.
+    # scratch (nt, 2C): per-thread partial dweight/dbias, reduced after the parallel loop.
+    cdef Py_ssize_t N = inp.shape[0], n, c
+    cdef int C = inp.shape[1], nt = _num_threads, k, tid
+    if scratch.shape[0] < nt or scratch.shape[1] < 2 * C:
+        raise ValueError("layernorm_backward: scratch too small")
+    with nogil:
+        memset(&scratch[0, 0], 0, nt * scratch.shape[1] * sizeof(float))
+        with parallel(num_threads=nt):
+            tid = threadid()
+            for n in prange(N, schedule='static'):
+                layernorm_backward_row(&dinp[n, 0], &scratch[tid, 0], &scratch[tid, C],
+                                       &dout[n, 0], &inp[n, 0], &weight[0], mean[n], rstd[n], C)
+        for k in range(nt):
+            for c in range(C):
+                dweight[c] += scratch[k, c]
+                dbias[c] += scratch[k, C + c]
+
+
+# --------------------------------------------------------------------------------------------
+# Matmul (Hugging Face Conv1D layout: weight (C, OC), out = inp @ weight + bias)
+
+def matmul_forward(float[:, ::1] out, const float[:, ::1] inp, const float[:, ::1] weight,
+                   const float[::1] bias):
+    # out (N, OC) = inp (N, C) @ weight (C, OC) + bias (OC,)
+    cdef Py_ssize_t N = inp.shape[0], n
+    cdef int C = inp.shape[1], OC = weight.shape[1]
+    cdef float beta = 0.0
+    if weight.shape[0] != C or out.shape[0] != N or out.shape[1] != OC:
+        raise ValueError(f"matmul_forward: shapes ({N},{C}) @ ({weight.shape[0]},{OC}) -> "
+                         f"({out.shape[0]},{out.shape[1]})")
+    with nogil:
+        if bias.shape[0] > 0:
+            # the bias is laid down first and sgemm accumulates onto it (beta = 1)
+            for n in prange(N, num_threads=_num_threads, schedule='static'):
+                memcpy(&out[n, 0], &bias[0], OC * sizeof(float))
+            beta = 1.0
+        gemm(False, False, N, OC, C, 1.0, &inp[0, 0], C, &weight[0, 0], OC, beta,
+             &out[0, 0], OC)
+
+
+def matmul_backward(float[:, ::1] dinp, float[:, ::1] dweight, float[::1] dbias,
+                    const float[:, ::1] dout, const float[:, ::1] inp,
+                    const float[:, ::1] weight, bint accumulate_dinp):
+    # dinp (N, C) (+)= dout (N, OC) @ weight^T;  dweight (C, OC) += inp^T @ dout;
+    # dbias (OC,) += column sums of dout
+    cdef Py_ssize_t N = inp.shape[0], n, o, lo, hi, blk, nblocks, step
+    cdef int C = inp.shape[1], OC = weight.shape[1], nt = _num_threads
+    cdef float *db
+    cdef const float *g
+    with nogil:
+        gemm(False, True, N, C, OC, 1.0, &dout[0, 0], OC, &weight[0, 0], OC,
+             1.0 if accumulate_dinp else 0.0, &dinp[0, 0], C)
+        gemm(True, False, C, OC, N, 1.0, &inp[0, 0], C, &dout[0, 0], OC, 1.0,
+             &dweight[0, 0], OC)
+        if dbias.shape[0] > 0:
+            step = ((OC + nt - 1) // nt + 15) // 16 * 16
+            nblocks = (OC + step - 1) // step
+            for blk in prange(nblocks, num_threads=nt, schedule='static'):
+                lo = blk * step
+                hi = min(OC, lo + step)
+                db = &dbias[0]
+                for n in range(N):
+                    g = &dout[n, 0]
+                    for o in range(lo, hi):
+                        db[o] += g[o]
+
+
+def lm_head_forward(float[:, ::1] logits, const float[:, ::1] inp, const float[:, ::1] wte):
+    # logits (N, V) = inp (N, C) @ wte (V, C)^T   (the output head is tied to the embedding)
+    cdef int N = inp.shape[0], C = inp.shape[1], V = wte.shape[0]
+    with nogil:
+        gemm(False, True, N, V, C, 1.0, &inp[0, 0], C, &wte[0, 0], C, 0.0, &logits[0, 0], V)
+
+
+def lm_head_backward(float[:, ::1] dinp, float[:, ::1] dwte, const float[:, ::1] dlogits,
+                     const float[:, ::1] inp, const float[:, ::1] wte):
+    # dinp (N, C) = dlogits (N, V) @ wte (V, C);  dwte (V, C) += dlogits^T @ inp
+    cdef int N = inp.shape[0], C = inp.shape[1], V = wte.shape[0]
+    with nogil:
+        gemm(False, False, N, C, V, 1.0, &dlogits[0, 0], V, &wte[0, 0], C, 0.0, &dinp[0, 0], C)
+        gemm(True, False, V, C, N, 1.0, &dlogits[0, 0], V, &inp[0, 0], C, 1.0, &dwte[0, 0], C)
+
+
+# --------------------------------------------------------------------------------------------
+# GELU (tanh approximation, "gelu_new")
+
+cdef float GELU_SCALE = 0.7978845608028654   # sqrt(2 / pi)
+
+
+def gelu_forward(float[:, ::1] out, const float[:, ::1] inp):
+    # out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), elementwise over (N, D)
+    cdef Py_ssize_t N = inp.shape[0], D = inp.shape[1], n, i
+    cdef float *o
+    cdef const float *x
+    cdef float xi
+    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+        o = &out[n, 0]
+        x = &inp[n, 0]
+        for i in range(D):
+            xi = x[i]
+            o[i] = <float>0.5 * xi * (<float>1.0 + gpt2s_tanhf(
+                <float>GELU_SCALE * (xi + <float>0.044715 * xi * xi * xi)))
+
+
+def gelu_backward(float[:, ::1] dinp, const float[:, ::1] inp, const float[:, ::1] dout):
+    # dinp = dout * gelu'(inp), elementwise; dinp may alias dout
+    cdef Py_ssize_t N = inp.shape[0], D = inp.shape[1], n, i
+    cdef float *d
+    cdef const float *x
+    cdef const float *g
+    cdef float xi, th, grad
+    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+        d = &dinp[n, 0]
+        x = &inp[n, 0]
+        g = &dout[n, 0]
+        for i in range(D):
+            xi = x[i]
+            th = gpt2s_tanhf(<float>GELU_SCALE * (xi + <float>0.044715 * xi * xi * xi))
+            grad = <float>0.5 * (<float>1.0 + th) + <float>0.5 * xi * (<float>1.0 - th * th) * \
+                <float>GELU_SCALE * (<float>1.0 + <float>(3.0 * 0.044715) * xi * xi)
+            d[i] = g[i] * grad
+
+
+# --------------------------------------------------------------------------------------------
+# Residual
+
+def residual_forward(float[:, ::1] out, const float[:, ::1] inp1, const float[:, ::1] inp2):
+    cdef Py_ssize_t N = inp1.shape[0], C = inp1.shape[1], n, c
+    cdef float *o
+    cdef const float *a
+    cdef const float *b
+    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+        o = &out[n, 0]
+        a = &inp1[n, 0]
+        b = &inp2[n, 0]
+        for c in range(C):
+            o[c] = a[c] + b[c]
+
+
+# --------------------------------------------------------------------------------------------
+# Causal self-attention
+#
+# Per (batch, head), queries in blocks of QBLOCK rows: S = scale Q_blk K^T (QBLOCK x nk) by
+# sgemm into a per-thread scratch, masked softmax row by row, then O_blk = P V by sgemm.
+# Only the row log-sum-exp (B, NH, Tq) is kept for the backward, which recomputes P: no
+# O(T^2) buffer per head, scratch is O(QBLOCK * T) per thread.
+#
+# q is (B, Tq, ldq) with head h at columns h*HS; k, v are (B, Tkmax, ldk) likewise (the qkv
+# buffer with ld 3C in training, the KV cache with ld C in generation).  Query i sits at
+# absolute position pos0 + i and sees keys 0 .. pos0 + i.
+
+cdef enum:
+    QBLOCK = 64
+
+
+cdef inline void attention_head_forward(float *out, int ldo, float *lse, const float *q,
+                                        int ldq, const float *k, const float *v, int ldk,
+                                        int Tq, int pos0, int HS, float scale,
+                                        float *S) noexcept nogil:
+    cdef int i0, nq, nk, i, j, valid
+    cdef float m, s
+    cdef float *row
+    i0 = 0
+    while i0 < Tq:
+        nq = min(QBLOCK, Tq - i0)
+        nk = pos0 + i0 + nq
+        # S (nq, nk) = scale * Q_blk (nq, HS) @ K[0:nk]^T
+        gemm_serial(False, True, nq, nk, HS, scale, q + <int64_t>i0 * ldq, ldq, k, ldk,
+                    0.0, S, nk)
+        for i in range(nq):
+            row = S + <int64_t>i * nk
+            valid = pos0 + i0 + i + 1
+            m = row[0]
+            for j in range(1, valid):
+                m = row[j] if row[j] > m else m
+            s = 0.0
+            for j in range(valid):
+                row[j] = gpt2s_expf(row[j] - m)
+                s = s + row[j]
+            for j in range(valid, nk):
+                row[j] = 0.0
+            s = <float>1.0 / s
+            for j in range(valid):
+                row[j] = row[j] * s
+            if lse != NULL:
+                lse[i0 + i] = m - logf(s)
+        # O_blk (nq, HS) = P (nq, nk) @ V[0:nk] (nk, HS)
+        gemm_serial(False, False, nq, HS, nk, 1.0, S, nk, v, ldk, 0.0,
+                    out + <int64_t>i0 * ldo, ldo)
+        i0 = i0 + nq
+
+
+def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
+                      const float[:, :, ::1] q, int q_off, const float[:, :, ::1] k, int k_off,
+                      const float[:, :, ::1] v, int v_off, int pos0, int n_head):
+    # out (B, Tq, C); lse (B, NH, Tq) or empty; q (B, Tq, ldq) at column q_off; k, v
+    # (B, Tkmax, ldk) at columns k_off, v_off with Tkmax >= pos0 + Tq.
+    cdef int B = out.shape[0], Tq = out.shape[1], C = out.shape[2]
+    cdef int ldq = q.shape[2], ldk = k.shape[2], Tkmax = k.shape[1]
+    cdef int HS = C // n_head, NH = n_head, bh, b, h
+    cdef float scale = <float>(1.0 / sqrt(HS))
+    cdef float *S
+    cdef bint keep_lse = lse.shape[0] > 0
+    if pos0 + Tq > Tkmax or v.shape[1] != Tkmax or v.shape[2] != ldk:
+        raise ValueError("attention_forward: key/value buffers too short")
+    with nogil, parallel(num_threads=_num_threads):
+        S = <float *>malloc(sizeof(float) * QBLOCK * (pos0 + Tq))
+        for bh in prange(B * NH, schedule='static'):
+            b = bh // NH
+            h = bh % NH
+            attention_head_forward(&out[b, 0, h * HS], C,
+                                   &lse[b, h, 0] if keep_lse else NULL,
+                                   &q[b, 0, q_off + h * HS], ldq,
+                                   &k[b, 0, k_off + h * HS], &v[b, 0, v_off + h * HS], ldk,
+                                   Tq, pos0, HS, scale, S)
+        free(S)
+
+
+cdef inline void attention_head_backward(float *dq, float *dk, float *dv, int ldd,
+                                         const float *dout, const float *out, int ldo,
+                                         const float *lse, const float *q, const float *k,
+                                         const float *v, int ld, int T, int HS, float scale,
+                                         float *P, float *dP, float *D) noexcept nogil:
+    # All of one head, causal from position 0.  dq is overwritten; dk, dv accumulate over the
+    # query blocks (they start at zero: the caller zeroes them).
+    cdef int i0, nq, nk, i, j, valid, d
+    cdef float acc, l
+    cdef float *prow
+    cdef float *dprow
+    cdef const float *orow
+    cdef const float *dorow
+    i0 = 0
+    while i0 < T:
+        nq = min(QBLOCK, T - i0)
+        nk = i0 + nq
+        for i in range(nq):
+            orow = out + <int64_t>(i0 + i) * ldo
+            dorow = dout + <int64_t>(i0 + i) * ldo
+            acc = 0.0
+            for d in range(HS):
+                acc = acc + orow[d] * dorow[d]
+            D[i] = acc
+        # recompute P = exp(scale Q K^T - lse), masked
+        gemm_serial(False, True, nq, nk, HS, scale, q + <int64_t>i0 * ld, ld, k, ld, 0.0, P, nk)
+        # dP = dO_blk (nq, HS) @ V^T (HS, nk)
+        gemm_serial(False, True, nq, nk, HS, 1.0, dout + <int64_t>i0 * ldo, ldo, v, ld, 0.0,
+                    dP, nk)
+        for i in range(nq):
+            prow = P + <int64_t>i * nk
+            dprow = dP + <int64_t>i * nk
+            valid = i0 + i + 1
+            l = lse[i0 + i]
+            for j in range(valid):
+                prow[j] = gpt2s_expf(prow[j] - l)
+                # dS = P * (dP - D), stored over dP
+                dprow[j] = prow[j] * (dprow[j] - D[i])
+            for j in range(valid, nk):
+                prow[j] = 0.0
+                dprow[j] = 0.0
+        # dQ_blk = scale dS @ K;  dK += scale dS^T @ Q_blk;  dV += P^T @ dO_blk
+        gemm_serial(False, False, nq, HS, nk, scale, dP, nk, k, ld, 0.0,
+                    dq + <int64_t>i0 * ldd, ldd)
+        gemm_serial(True, False, nk, HS, nq, scale, dP, nk, q + <int64_t>i0 * ld, ld, 1.0,
+                    dk, ldd)
+        gemm_serial(True, False, nk, HS, nq, 1.0, P, nk, dout + <int64_t>i0 * ldo, ldo, 1.0,
+                    dv, ldd)
+        i0 = i0 + nq
+
+
+def attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
+                       const float[:, :, ::1] out, const float[:, :, ::1] lse,
+                       const float[:, :, ::1] qkv, int n_head):
+    # dqkv (B, T, 3C) is overwritten; dout, out (B, T, C); lse (B, NH, T); qkv (B, T, 3C)
+    cdef int B = out.shape[0], T = out.shape[1], C = out.shape[2]
+    cdef int HS = C // n_head, NH = n_head, bh, b, h, t
+    cdef float scale = <float>(1.0 / sqrt(HS))
+    cdef float *P
+    cdef float *dP
+    cdef float *D
+    with nogil, parallel(num_threads=_num_threads):
+        P = <float *>malloc(sizeof(float) * QBLOCK * T)
+        dP = <float *>malloc(sizeof(float) * QBLOCK * T)
+        D = <float *>malloc(sizeof(float) * QBLOCK)
+        for bh in prange(B * NH, schedule='static'):
+            b = bh // NH
+            h = bh % NH
+            for t in range(T):
+                memset(&dqkv[b, t, C + h * HS], 0, HS * sizeof(float))
+                memset(&dqkv[b, t, 2 * C + h * HS], 0, HS * sizeof(float))
+            attention_head_backward(&dqkv[b, 0, h * HS], &dqkv[b, 0, C + h * HS],
+                                    &dqkv[b, 0, 2 * C + h * HS], 3 * C,
+                                    &dout[b, 0, h * HS], &out[b, 0, h * HS], C, &lse[b, h, 0],
+                                    &qkv[b, 0, h * HS], &qkv[b, 0, C + h * HS],
+                                    &qkv[b, 0, 2 * C + h * HS], 3 * C, T, HS, scale, P, dP, D)
+        free(P)
+        free(dP)
+        free(D)
+
+
+def kv_cache_write(float[:, :, ::1] kcache, float[:, :, ::1] vcache,
+                   const float[:, :, ::1] qkv, int pos0):
+    # kcache, vcache (B, n_ctx, C)[:, pos0:pos0+T] = k, v parts of qkv (B, T, 3C)
+    cdef int B = qkv.shape[0], T = qkv.shape[1], C = kcache.shape[2], b, t
+    with nogil:
+        for b in range(B):
+            for t in range(T):
+                memcpy(&kcache[b, pos0 + t, 0], &qkv[b, t, C], C * sizeof(float))
+                memcpy(&vcache[b, pos0 + t, 0], &qkv[b, t, 2 * C], C * sizeof(float))
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax cross-entropy, fused
+
+cdef inline float row_logsumexp(const float *x, int V) noexcept nogil:
+    cdef int j
+    cdef float m = x[0], s = 0.0
+    for j in range(1, V):
+        m = x[j] if x[j] > m else m
+    for j in range(V):
+        s = s + gpt2s_expf(x[j] - m)
+    return m + logf(s)
+
+
+def crossentropy_forward(float[::1] losses, float[::1] lse, const float[:, ::1] logits,
+                         const int64_t[::1] targets):
+    # losses (N,) = lse - logits[n, target]; 0 where target == -1.  lse (N,) kept for backward.
+    cdef Py_ssize_t N = logits.shape[0], n
+    cdef int V = logits.shape[1]
+    cdef float l
+    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+        l = row_logsumexp(&logits[n, 0], V)
+        lse[n] = l
+        if targets[n] < 0:
+            losses[n] = 0.0
+        else:
+            losses[n] = l - logits[n, targets[n]]
+
+
+def crossentropy_backward(float[:, ::1] dlogits, const float[:, ::1] logits,
+                          const float[::1] lse, const int64_t[::1] targets, float dloss):
+    # dlogits (N, V) = dloss * (softmax(logits) - onehot(target)); zero rows where target == -1.
+    # dlogits may be logits itself (in place).
+    cdef Py_ssize_t N = logits.shape[0], n
+    cdef int V = logits.shape[1], j
+    cdef float *d
+    cdef const float *x
+    cdef float l
+    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+        d = &dlogits[n, 0]
+        if targets[n] < 0:
+            memset(d, 0, V * sizeof(float))
+            continue
+        x = &logits[n, 0]
+        l = lse[n]
+        for j in range(V):
+            d[j] = dloss * gpt2s_expf(x[j] - l)
+        d[targets[n]] -= dloss
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-buffer helpers
+
+def fill_zero(float[::1] buf):
+    cdef Py_ssize_t n = buf.shape[0], i, lo, hi, step
+    cdef int nt = _num_threads, k
+    step = (n + nt - 1) // nt
+    for k in prange(nt, nogil=True, num_threads=nt, schedule='static'):
+        lo = k * step
+        hi = min(n, lo + step)
+        if hi > lo:
+            memset(&buf[lo], 0, (hi - lo) * sizeof(float))
+
+
+def sum_squares(const float[::1] buf):
+    """Sum of squares of a float32 buffer: float32 partial sums per 4096-element block, added
+    in double across blocks so a 124M-element sum keeps its precision."""
+    cdef Py_ssize_t n = buf.shape[0], nb = (n + 4095) // 4096, blk, i, lo, hi
+    cdef double total = 0.0
+    cdef float part
+    for blk in prange(nb, nogil=True, num_threads=_num_threads, schedule='static'):
+        lo = blk * 4096
+        hi = min(n, lo + 4096)
+        part = 0.0
+        for i in range(lo, hi):
+            part = part + buf[i] * buf[i]
+        total += part
+    return total
+
+
+cdef void adamw_segment(float *pp, const float *pg, float *pm, float *pv, Py_ssize_t lo,
+                        Py_ssize_t hi, float shrink, float beta1, float beta2, float eps,
+                        float step_size, float inv_sqrt_bc2, float grad_scale) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef float g, mi, vi
+    for i in prange(lo, hi, num_threads=_num_threads, schedule='static'):
+        g = pg[i] * grad_scale
+        mi = beta1 * pm[i] + (<float>1.0 - beta1) * g
+        vi = beta2 * pv[i] + (<float>1.0 - beta2) * g * g
+        pm[i] = mi
+        pv[i] = vi
+        pp[i] = pp[i] * shrink - step_size * mi / (sqrtf(vi) * inv_sqrt_bc2 + eps)
+
+
+def adamw_step(float[::1] params, const float[::1] grads, float[::1] m, float[::1] v,
+               const int64_t[::1] seg_start, const int64_t[::1] seg_stop,
+               const float[::1] seg_decay, float lr, float beta1, float beta2, float eps,
+               int step, float grad_scale):
+    """One fused AdamW pass over the parameter segments, in torch.optim.AdamW's order:
+    p *= 1 - lr * wd;  m, v updated;  p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps).
+    Segment s covers params[seg_start[s]:seg_stop[s]] with weight decay seg_decay[s];
+    grad_scale multiplies every gradient (gradient-norm clipping)."""
+    cdef Py_ssize_t nseg = seg_start.shape[0], s
+    cdef double bc1 = 1.0 - (<double>beta1) ** step, bc2 = 1.0 - (<double>beta2) ** step
+    cdef float step_size = <float>(lr / bc1)
+    cdef float inv_sqrt_bc2 = <float>(1.0 / sqrt(bc2))
+    if grads.shape[0] != params.shape[0] or m.shape[0] != params.shape[0] \
+            or v.shape[0] != params.shape[0]:
+        raise ValueError("adamw_step: params, grads and state differ in length")
+    if seg_stop.shape[0] != nseg or seg_decay.shape[0] != nseg:
+        raise ValueError("adamw_step: segment arrays differ in length")
+    for s in range(nseg):
+        if seg_start[s] < 0 or seg_stop[s] > params.shape[0] or seg_start[s] > seg_stop[s]:
+            raise ValueError(f"adamw_step: segment {s} out of range")
+    with nogil:
+        for s in range(nseg):
+            adamw_segment(&params[0], &grads[0], &m[0], &v[0], seg_start[s], seg_stop[s],
+                          <float>1.0 - lr * seg_decay[s], beta1, beta2, eps, step_size,
+                          inv_sqrt_bc2, grad_scale)
+
+
+def scale_inplace(float[::1] buf, float factor):
+    cdef Py_ssize_t n = buf.shape[0], i
+    cdef float *p = &buf[0]
+    for i in prange(n, nogil=True, num_threads=_num_threads, schedule='static'):
+        p[i] = p[i] * factor

@@ -1,0 +1,99 @@
+"""One thread count for both pools: our OpenMP team and the BLAS our kernels call.
+
+Our matmuls call a single-threaded sgemm from each OpenMP thread, so the BLAS library behind
+scipy.linalg.cython_blas is limited to one thread of its own; otherwise its pthreads would
+spin against libgomp's workers (DESIGN.md, GEMM note).  Only that library is limited: NumPy's
+own BLAS (a separate copy in the PyPI wheels) keeps its settings.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import _core
+
+_blas_info: list[dict] = []
+
+
+def _scipy_blas_controllers():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - a declared dependency
+        return []
+    import scipy.linalg.cython_blas  # noqa: F401  (make sure the library is loaded)
+    ctl = ThreadpoolController()
+    libs = [lib for lib in ctl.lib_controllers if lib.user_api == "blas"]
+    scipy_libs = [lib for lib in libs if "scipy" in os.path.basename(os.path.dirname(lib.filepath))
+                  or "scipy" in os.path.basename(lib.filepath)
+                  and "numpy" not in lib.filepath]
+    return scipy_libs or libs
+
+
+def _limit_blas():
+    global _blas_info
+    _blas_info = []
+    for lib in _scipy_blas_controllers():
+        try:
+            lib.set_num_threads(1)
+        except Exception:  # pragma: no cover - a BLAS threadpoolctl cannot steer
+            pass
+        _blas_info.append(dict(lib.info()))
+
+
+def _default_threads() -> int:
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env:
+        try:
+            n = int(env)
+            if n >= 1:
+                return n
+        except ValueError:
+            pass
+    return max(1, _core.omp_max_threads())
+
+
+def set_num_threads(n: int) -> None:
+    """Threads for every gpt2s kernel (matmuls included).  Defaults to OMP_NUM_THREADS, else
+    the number of cores OpenMP sees.  Without OpenMP the kernels run on one thread."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    _core.set_num_threads(n)
+
+
+def get_num_threads() -> int:
+    return _core.get_num_threads()
+
+
+def init() -> None:
+    _core.set_num_threads(_default_threads())
+    _limit_blas()
+
+
+def show_config(file=None) -> dict:
+    """Print (and return) the build and run-time configuration: OpenMP, threads, BLAS."""
+    import sys
+    import numpy as np
+    from . import __version__
+    info = {
+        "gpt2s": __version__,
+        "openmp": _core.have_openmp(),
+        "threads": _core.get_num_threads(),
+        "omp_max_threads": _core.omp_max_threads(),
+        "blas": [{k: lib.get(k) for k in ("internal_api", "version", "num_threads",
+                                          "architecture", "filepath")} for lib in _blas_info],
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+    }
+    out = file or sys.stdout
+    print(f"gpt2s {info['gpt2s']}  (python {info['python']}, numpy {info['numpy']})", file=out)
+    print(f"  OpenMP: {'yes' if info['openmp'] else 'no (kernels run on one thread)'}", file=out)
+    print(f"  threads: {info['threads']} (OpenMP default {info['omp_max_threads']})", file=out)
+    for lib in info["blas"]:
+        print(f"  BLAS for matmuls: {lib['internal_api']} {lib['version']} "
+              f"({lib['architecture']}), {lib['num_threads']} thread(s) of its own: "
+              f"{lib['filepath']}", file=out)
+    if not info["blas"]:
+        print("  BLAS for matmuls: scipy.linalg.cython_blas (threads not controllable)", file=out)
+    return info

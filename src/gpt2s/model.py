@@ -1,0 +1,377 @@
+"""The GPT2 façade: owns the buffers, validates input, calls one _core kernel per layer step."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from . import _core
+from .config import GPT2Config
+from .weights import (SafetensorsError, infer_config, load_into, open_mapped, param_layout,
+                      resolve_model_path, save_safetensors)
+
+__all__ = ["GPT2"]
+
+_EMPTY1 = np.empty(0, np.float32)
+_EMPTY3 = np.empty((0, 0, 0), np.float32)
+
+
+def _views(buffer: np.ndarray, layout) -> dict:
+    return {name: buffer[off:off + int(np.prod(shape))].reshape(shape)
+            for name, shape, off in layout}
+
+
+class _Arena:
+    """Named float32 arrays carved from one allocation, regrown only when a larger request
+    arrives (no allocation per step)."""
+
+    def __init__(self):
+        self._buf = np.empty(0, np.float32)
+
+    def carve(self, spec: dict) -> dict:
+        sizes = {k: int(np.prod(s)) for k, s in spec.items()}
+        total = sum((n + 15) // 16 * 16 for n in sizes.values())
+        if total > self._buf.size:
+            self._buf = np.empty(total, np.float32)
+        out, off = {}, 0
+        for k, shape in spec.items():
+            out[k] = self._buf[off:off + sizes[k]].reshape(shape)
+            off += (sizes[k] + 15) // 16 * 16
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self._buf.nbytes
+
+
+class GPT2:
+    """GPT-2 with forward, backward and generation in Cython kernels.
+
+    ``m.params`` and ``m.grads`` map Hugging Face parameter names (without the
+    ``transformer.`` prefix) to float32 views of one contiguous buffer each.
+    """
+
+    def __init__(self, config: GPT2Config):
+        if not isinstance(config, GPT2Config):
+            raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
+        self.config = config
+        self._layout, size = param_layout(config)
+        self._param_buffer = np.zeros(size, np.float32)
+        self.params = _views(self._param_buffer, self._layout)
+        self._grad_buffer = None
+        self._grads = None
+        self._acts = _Arena()        # activations of the last forward
+        self._scratch = _Arena()     # backward and inference temporaries
+        self._last = None            # what backward needs from the last forward
+        self._layer_names = [
+            {suffix: f"h.{l}.{suffix}" for suffix in (
+                "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+                "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+                "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")}
+            for l in range(config.n_layer)]
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_config(cls, config: GPT2Config, seed: int | None = 0) -> "GPT2":
+        """GPT-2's initialisation: normal(0, 0.02) weights and embeddings, residual projections
+        (``c_proj``) scaled by 1/sqrt(2 n_layer), layernorm weights 1, all biases 0."""
+        m = cls(config)
+        rng = np.random.default_rng(seed)
+        proj_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for name, view in m.params.items():
+            if name.endswith(".bias"):
+                view[...] = 0.0
+            elif ".ln_" in name or name.startswith("ln_"):
+                view[...] = 1.0
+            else:
+                std = proj_std if name.endswith("c_proj.weight") else 0.02
+                rng.standard_normal(out=view, dtype=np.float32)
+                view *= np.float32(std)
+        return m
+
+    @classmethod
+    def from_safetensors(cls, path) -> "GPT2":
+        """Load a .safetensors file, or a directory with model.safetensors (+ config.json).
+
+        F32, F16 and BF16 tensors are converted to float32 once; keys may carry the
+        ``transformer.`` prefix; ``h.N.attn.bias``/``masked_bias`` buffers are ignored; a
+        ``lm_head.weight`` must equal ``wte.weight``.  Without config.json the config is
+        inferred from the tensor shapes.
+        """
+        file, cfg_file = resolve_model_path(path)
+        mm, header, data_start = open_mapped(file)
+        try:
+            shapes = {}
+            for raw, info in header.items():
+                shape = info["shape"]
+                if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0
+                                                        for d in shape)):
+                    raise SafetensorsError(f"{file}: tensor {raw!r} has a corrupt shape {shape!r}")
+                shapes[raw[len("transformer."):] if raw.startswith("transformer.") else raw] = \
+                    tuple(shape)
+            if cfg_file is not None:
+                config = GPT2Config.from_json_file(cfg_file)
+            else:
+                for name in ("wte.weight", "wpe.weight"):
+                    if name in shapes and len(shapes[name]) != 2:
+                        raise SafetensorsError(
+                            f"{file}: tensor {name!r} has shape {shapes[name]}, expected 2-D")
+                config = infer_config(shapes, str(file))
+            m = cls(config)
+            load_into(file, header, data_start, mm, m.params, config)
+        finally:
+            if hasattr(mm, "close"):
+                mm.close()
+        return m
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def grads(self) -> dict:
+        """Gradients, same names and shapes as ``params`` (allocated on first use)."""
+        if self._grads is None:
+            self._grad_buffer = np.zeros_like(self._param_buffer)
+            self._grads = _views(self._grad_buffer, self._layout)
+        return self._grads
+
+    def num_parameters(self) -> int:
+        return sum(v.size for v in self.params.values())
+
+    def __repr__(self):
+        c = self.config
+        return (f"GPT2(n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
+                f"vocab_size={c.vocab_size}, n_ctx={c.n_ctx}, "
+                f"parameters={self.num_parameters():,})")
+
+    # ------------------------------------------------------------------ input checks
+
+    def _check_idx(self, idx, name="idx") -> np.ndarray:
+        a = np.asarray(idx)
+        if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+            raise TypeError(f"{name} must be an integer array of token ids, got dtype {a.dtype}")
+        if a.ndim == 1:
+            a = a[None, :]
+        if a.ndim != 2:
+            raise ValueError(f"{name} must have shape (B, T) or (T,), got shape {a.shape}")
+        B, T = a.shape
+        if B == 0 or T == 0:
+            raise ValueError(f"{name} is empty (shape {a.shape})")
+        if T > self.config.n_ctx:
+            raise ValueError(f"{name} has T={T} positions, longer than the model's context "
+                             f"n_ctx={self.config.n_ctx}")
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            where = tuple(int(i) for i in np.argwhere(a == bad)[0])
+            raise ValueError(f"{name} contains token id {bad} at {where}, outside "
+                             f"[0, {self.config.vocab_size})")
+        return np.ascontiguousarray(a, dtype=np.int64)
+
+    def _check_targets(self, targets, shape) -> np.ndarray:
+        t = np.asarray(targets)
+        if t.dtype == np.bool_ or not np.issubdtype(t.dtype, np.integer):
+            raise TypeError(f"targets must be an integer array, got dtype {t.dtype}")
+        if t.ndim == 1:
+            t = t[None, :]
+        if t.shape != shape:
+            raise ValueError(f"targets has shape {np.asarray(targets).shape}, idx has {shape}")
+        bad = (t < -1) | (t >= self.config.vocab_size)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"targets contains {int(t[where])} at {where}, outside "
+                             f"[0, {self.config.vocab_size}) and not the ignore value -1")
+        return np.ascontiguousarray(t, dtype=np.int64)
+
+    # ------------------------------------------------------------------ forward
+
+    def __call__(self, idx, targets=None):
+        return self.forward(idx, targets)
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, V) float32 and the mean cross-entropy over targets != -1 (or None).
+
+        idx: integer token ids, shape (B, T) or (T,) (then B = 1).  The logits array is new on
+        every call.  With targets, the activations are kept for ``backward()``.
+        """
+        idx = self._check_idx(idx)
+        B, T = idx.shape
+        tgt = None if targets is None else self._check_targets(targets, (B, T))
+        logits = np.empty((B, T, self.config.vocab_size), np.float32)
+        train = tgt is not None
+        self._last = None
+        lnf = self._run_blocks(idx, train=train)
+        _core.lm_head_forward(logits.reshape(B * T, -1), lnf, self.params["wte.weight"])
+        if not train:
+            return logits, None
+        N = B * T
+        losses = np.empty(N, np.float32)
+        lse = np.empty(N, np.float32)
+        flat_t = tgt.reshape(-1)
+        _core.crossentropy_forward(losses, lse, logits.reshape(N, -1), flat_t)
+        n_valid = int(np.count_nonzero(flat_t != -1))
+        loss = float(np.sum(losses, dtype=np.float64) / n_valid) if n_valid else float("nan")
+        self._last = dict(idx=idx, targets=flat_t, logits=logits, lse=lse, n_valid=n_valid)
+        return logits, loss
+
+    def _run_blocks(self, idx: np.ndarray, train: bool, kv=None, pos0: int = 0) -> np.ndarray:
+        """Embedding, the transformer blocks and the final layernorm; returns lnf (N, C).
+        In training mode every activation the backward needs is kept, one slice per layer;
+        otherwise one layer's worth is reused.  With kv = (keys, values), each (L, B, n_ctx, C),
+        idx holds positions pos0 .. pos0 + T - 1: their keys and values are appended to the
+        cache and attention reads the cache (KV-cache decoding)."""
+        cfg = self.config
+        B, T = idx.shape
+        N, C, L, NH = B * T, cfg.n_embd, cfg.n_layer, cfg.n_head
+        LS = L if train else 1
+        eps = cfg.layer_norm_epsilon
+        a = self._acts.carve({
+            "encoded": (N, C),
+            "ln1": (LS, N, C), "ln1_mean": (LS, N), "ln1_rstd": (LS, N),
+            "qkv": (LS, N, 3 * C), "atty": (LS, N, C), "att_lse": (LS, B, NH, T),
+            "res2": (LS, N, C), "ln2": (LS, N, C), "ln2_mean": (LS, N), "ln2_rstd": (LS, N),
+            "fch": (LS, N, 4 * C), "fch_gelu": (LS, N, 4 * C),
+            "res3": (L, N, C) if train else (2, N, C), "proj": (N, C),
+            "lnf": (N, C), "lnf_mean": (N,), "lnf_rstd": (N,),
+        })
+        P = self.params
+        _core.embedding_forward(a["encoded"], idx.reshape(-1), P["wte.weight"], P["wpe.weight"],
+                                T, pos0)
+        _core.layernorm_forward(a["ln1"][0], a["ln1_mean"][0], a["ln1_rstd"][0], a["encoded"],
+                                P["h.0.ln_1.weight"], P["h.0.ln_1.bias"], eps)
+        for l in range(L):
+            s = l if train else 0
+            w = {k: P[v] for k, v in self._layer_names[l].items()}
+            res_in = a["encoded"] if l == 0 else a["res3"][(l - 1) if train else (l - 1) % 2]
+            qkv = a["qkv"][s]
+            _core.matmul_forward(qkv, a["ln1"][s], w["attn.c_attn.weight"],
+                                 w["attn.c_attn.bias"])
+            qkv3 = qkv.reshape(B, T, 3 * C)
+            if kv is None:
+                _core.attention_forward(a["atty"][s].reshape(B, T, C), a["att_lse"][s],
+                                        qkv3, 0, qkv3, C, qkv3, 2 * C, 0, NH)
+            else:
+                keys, values = kv[0][l], kv[1][l]
+                _core.kv_cache_write(keys, values, qkv3, pos0)
+                _core.attention_forward(a["atty"][s].reshape(B, T, C), _EMPTY3, qkv3, 0,
+                                        keys, 0, values, 0, pos0, NH)
+            _core.matmul_forward(a["proj"], a["atty"][s], w["attn.c_proj.weight"],
+                                 w["attn.c_proj.bias"])
+            _core.residual_layernorm_forward(a["res2"][s], a["ln2"][s], a["ln2_mean"][s],
+                                             a["ln2_rstd"][s], res_in, a["proj"],
+                                             w["ln_2.weight"], w["ln_2.bias"], eps)
+            _core.matmul_forward(a["fch"][s], a["ln2"][s], w["mlp.c_fc.weight"],
+                                 w["mlp.c_fc.bias"])
+            _core.gelu_forward(a["fch_gelu"][s], a["fch"][s])
+            _core.matmul_forward(a["proj"], a["fch_gelu"][s], w["mlp.c_proj.weight"],
+                                 w["mlp.c_proj.bias"])
+            res_out = a["res3"][l if train else l % 2]
+            if l + 1 < L:
+                nxt = l + 1 if train else 0
+                _core.residual_layernorm_forward(
+                    res_out, a["ln1"][nxt], a["ln1_mean"][nxt], a["ln1_rstd"][nxt],
+                    a["res2"][s], a["proj"], P[f"h.{l + 1}.ln_1.weight"],
+                    P[f"h.{l + 1}.ln_1.bias"], eps)
+            else:
+                _core.residual_layernorm_forward(
+                    res_out, a["lnf"], a["lnf_mean"], a["lnf_rstd"], a["res2"][s], a["proj"],
+                    P["ln_f.weight"], P["ln_f.bias"], eps)
+        self._a = a
+        return a["lnf"]
+
+    # ------------------------------------------------------------------ KV-cache decoding
+
+    def _kv_cache(self, B: int):
+        """Keys and values (L, B, n_ctx, C) for batch size B, allocated once and reused."""
+        cfg = self.config
+        shape = (cfg.n_layer, B, cfg.n_ctx, cfg.n_embd)
+        kv = getattr(self, "_kv", None)
+        if kv is None or kv[0].shape != shape:
+            kv = (np.empty(shape, np.float32), np.empty(shape, np.float32))
+            self._kv = kv
+        return kv
+
+    def _forward_cached(self, idx: np.ndarray, pos0: int, kv) -> np.ndarray:
+        """Logits (B, V) of the last position of idx (B, T) int64, which holds positions
+        pos0 .. pos0 + T - 1; positions before pos0 must already be in the cache kv."""
+        idx = np.ascontiguousarray(idx, dtype=np.int64)
+        B, T = idx.shape
+        if pos0 + T > self.config.n_ctx:
+            raise ValueError(f"position {pos0 + T - 1} is beyond the context n_ctx="
+                             f"{self.config.n_ctx}")
+        self._last = None
+        lnf = self._run_blocks(idx, train=False, kv=kv, pos0=pos0)
+        last = np.ascontiguousarray(lnf.reshape(B, T, -1)[:, -1, :])
+        logits = np.empty((B, self.config.vocab_size), np.float32)
+        _core.lm_head_forward(logits, last, self.params["wte.weight"])
+        return logits
+
+    # ------------------------------------------------------------------ backward
+
+    def zero_grad(self):
+        """Set every gradient to zero."""
+        self.grads  # allocate on first use
+        _core.fill_zero(self._grad_buffer)
+
+    def backward(self):
+        """Accumulate (+=) the gradient of the last forward's mean loss into ``grads``."""
+        if self._last is None:
+            raise RuntimeError("backward() needs a preceding forward(idx, targets) with targets; "
+                               "the last forward had no targets (or there was none)")
+        last = self._last
+        if last["n_valid"] == 0:
+            raise RuntimeError("backward(): every target of the last forward was -1 (ignored); "
+                               "the loss is undefined")
+        cfg = self.config
+        G, P, a = self.grads, self.params, self._a
+        idx = last["idx"]
+        B, T = idx.shape
+        N, C, L, NH, V = B * T, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
+        nt = _core.get_num_threads()
+        d = self._scratch.carve({
+            "dlogits": (N, V), "dres": (N, C), "dln": (N, C), "datty": (N, C),
+            "dqkv": (N, 3 * C), "dfch": (N, 4 * C), "ln_scratch": (nt, 2 * C),
+        })
+        logits = last["logits"].reshape(N, V)
+        _core.crossentropy_backward(d["dlogits"], logits, last["lse"], last["targets"],
+                                    np.float32(1.0 / last["n_valid"]))
+        _core.lm_head_backward(d["dln"], G["wte.weight"], d["dlogits"], a["lnf"], P["wte.weight"])
+        dres = d["dres"]
+        dres.fill(0.0)
+        _core.layernorm_backward(dres, G["ln_f.weight"], G["ln_f.bias"], d["dln"], a["res3"][L - 1],
+                                 P["ln_f.weight"], a["lnf_mean"], a["lnf_rstd"], d["ln_scratch"])
+        for l in reversed(range(L)):
+            names = self._layer_names[l]
+            w = {k: P[v] for k, v in names.items()}
+            g = {k: G[v] for k, v in names.items()}
+            res_in = a["encoded"] if l == 0 else a["res3"][l - 1]
+            # MLP: res3 = res2 + gelu(ln2 @ Wfc + bfc) @ Wproj + bproj
+            _core.matmul_backward(d["dfch"], g["mlp.c_proj.weight"], g["mlp.c_proj.bias"], dres,
+                                  a["fch_gelu"][l], w["mlp.c_proj.weight"], False)
+            _core.gelu_backward(d["dfch"], a["fch"][l], d["dfch"])
+            _core.matmul_backward(d["dln"], g["mlp.c_fc.weight"], g["mlp.c_fc.bias"], d["dfch"],
+                                  a["ln2"][l], w["mlp.c_fc.weight"], False)
+            _core.layernorm_backward(dres, g["ln_2.weight"], g["ln_2.bias"], d["dln"], a["res2"][l],
+                                     w["ln_2.weight"], a["ln2_mean"][l], a["ln2_rstd"][l],
+                                     d["ln_scratch"])
+            # attention: res2 = res_in + attn(ln1) @ Wproj + bproj
+            _core.matmul_backward(d["datty"], g["attn.c_proj.weight"], g["attn.c_proj.bias"],
+                                  dres, a["atty"][l], w["attn.c_proj.weight"], False)
+            _core.attention_backward(d["dqkv"].reshape(B, T, 3 * C), d["datty"].reshape(B, T, C),
+                                     a["atty"][l].reshape(B, T, C), a["att_lse"][l],
+                                     a["qkv"][l].reshape(B, T, 3 * C), NH)
+            _core.matmul_backward(d["dln"], g["attn.c_attn.weight"], g["attn.c_attn.bias"],
+                                  d["dqkv"], a["ln1"][l], w["attn.c_attn.weight"], False)
+            _core.layernorm_backward(dres, g["ln_1.weight"], g["ln_1.bias"], d["dln"], res_in,
+                                     w["ln_1.weight"], a["ln1_mean"][l], a["ln1_rstd"][l],
+                                     d["ln_scratch"])
+        _core.embedding_backward(G["wte.weight"], G["wpe.weight"], dres, idx.reshape(-1), T)
+
+    # ------------------------------------------------------------------ saving
+
+    def save_safetensors(self, path):
+        """Write a file (``*.safetensors``) or a directory (model.safetensors + config.json)
+        that transformers' GPT2LMHeadModel loads.  Written to a temporary name, then renamed."""
+        return save_safetensors(path, self.params, self.config)

@@ -1,0 +1,289 @@
+"""safetensors <-> the parameter buffer, in Hugging Face's GPT-2 key layout.
+
+We read and write the safetensors format ourselves (an 8-byte little-endian header length, a
+JSON header, then raw little-endian tensor bytes) rather than through the ``safetensors``
+package, because:
+
+* each tensor is converted from the memory-mapped file straight into its view of the one
+  float32 parameter buffer — no dict of intermediate arrays, so loading never holds two full
+  float32 copies of the model;
+* BF16 needs no torch (NumPy has no bfloat16: we widen the 16 bits into float32 ourselves);
+* every problem can name the file and the tensor (missing, wrong shape, unknown dtype,
+  truncated data, not a safetensors file).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .config import GPT2Config
+
+__all__ = [
+    "param_layout", "read_safetensors_header", "load_into", "infer_config",
+    "resolve_model_path", "save_safetensors", "SafetensorsError",
+]
+
+ALIGN = 16  # every tensor starts on a 64-byte boundary of the parameter buffer
+
+_LAYER_TENSORS = [
+    # (suffix, shape as a function of C)
+    ("ln_1.weight", lambda C: (C,)),
+    ("ln_1.bias", lambda C: (C,)),
+    ("attn.c_attn.weight", lambda C: (C, 3 * C)),
+    ("attn.c_attn.bias", lambda C: (3 * C,)),
+    ("attn.c_proj.weight", lambda C: (C, C)),
+    ("attn.c_proj.bias", lambda C: (C,)),
+    ("ln_2.weight", lambda C: (C,)),
+    ("ln_2.bias", lambda C: (C,)),
+    ("mlp.c_fc.weight", lambda C: (C, 4 * C)),
+    ("mlp.c_fc.bias", lambda C: (4 * C,)),
+    ("mlp.c_proj.weight", lambda C: (4 * C, C)),
+    ("mlp.c_proj.bias", lambda C: (C,)),
+]
+
+# buffers of the original openai-community/gpt2 file that are not parameters
+_IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+_LAYER_KEY = re.compile(r"h\.(\d+)\.")
+
+_DTYPES = {"F32": (np.dtype("<f4"), 4), "F16": (np.dtype("<f2"), 2), "BF16": (np.dtype("<u2"), 2)}
+
+
+class SafetensorsError(ValueError):
+    """A safetensors file that gpt2s cannot use; the message names the file and tensor."""
+
+
+def param_layout(config: GPT2Config):
+    """[(name, shape, offset)] of every parameter in the buffer, and the buffer's length."""
+    C, L = config.n_embd, config.n_layer
+    entries = [("wte.weight", (config.vocab_size, C)), ("wpe.weight", (config.n_ctx, C))]
+    for layer in range(L):
+        entries += [(f"h.{layer}.{suffix}", shape(C)) for suffix, shape in _LAYER_TENSORS]
+    entries += [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
+    layout, offset = [], 0
+    for name, shape in entries:
+        layout.append((name, shape, offset))
+        size = int(np.prod(shape))
+        offset += (size + ALIGN - 1) // ALIGN * ALIGN
+    return layout, offset
+
+
+# ------------------------------------------------------------------------------------------
+# Reading
+
+
+def resolve_model_path(path) -> tuple[Path, Path | None]:
+    """(the .safetensors file, config.json or None) for a file or a model directory."""
+    p = Path(path)
+    if p.is_dir():
+        f = p / "model.safetensors"
+        if not f.is_file():
+            raise FileNotFoundError(f"{p}: directory has no model.safetensors")
+        cfg = p / "config.json"
+        return f, (cfg if cfg.is_file() else None)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory")
+    cfg = p.parent / "config.json"
+    # a config.json beside a file counts only when the file is the directory's model.safetensors
+    return p, (cfg if p.name == "model.safetensors" and cfg.is_file() else None)
+
+
+def read_safetensors_header(path: Path, file_size: int, head: bytes) -> tuple[dict, int]:
+    """Parse and validate the header; returns ({name: info}, offset of the data section)."""
+    if file_size < 8:
+        raise SafetensorsError(f"{path}: not a safetensors file ({file_size} bytes, too short)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n == 0 or n > 100_000_000:
+        raise SafetensorsError(f"{path}: not a safetensors file (header length {n})")
+    if 8 + n > file_size:
+        raise SafetensorsError(
+            f"{path}: truncated or not a safetensors file (header of {n} bytes, "
+            f"file has {file_size})")
+    raw = head[8:8 + n]
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{path}: not a safetensors file (header is not JSON: {e})") \
+            from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data_start = 8 + n
+    data_size = file_size - data_start
+    for name, info in header.items():
+        if not (isinstance(info, dict) and "dtype" in info and "shape" in info
+                and "data_offsets" in info):
+            raise SafetensorsError(f"{path}: corrupt header entry for tensor {name!r}")
+        begin, end = info["data_offsets"]
+        if not (0 <= begin <= end):
+            raise SafetensorsError(f"{path}: tensor {name!r} has corrupt data offsets "
+                                   f"{info['data_offsets']}")
+        if end > data_size:
+            raise SafetensorsError(
+                f"{path}: truncated file: tensor {name!r} needs bytes {begin}..{end} of the "
+                f"data section but only {data_size} are present")
+    return header, data_start
+
+
+def _canonical(name: str) -> str:
+    return name[len("transformer."):] if name.startswith("transformer.") else name
+
+
+def infer_config(names_shapes: dict, source: str) -> GPT2Config:
+    """The config from tensor shapes alone: n_layer from the keys, n_embd and vocab from wte,
+    n_ctx from wpe, n_head = n_embd / 64 as in all four GPT-2 sizes."""
+    for required in ("wte.weight", "wpe.weight"):
+        if required not in names_shapes:
+            raise SafetensorsError(f"{source}: missing tensor {required!r}")
+    V, C = names_shapes["wte.weight"]
+    T = names_shapes["wpe.weight"][0]
+    layers = {int(m.group(1)) for n in names_shapes if (m := _LAYER_KEY.match(n))}
+    if not layers:
+        raise SafetensorsError(f"{source}: no transformer blocks (no 'h.N.*' tensors)")
+    if C % 64:
+        raise SafetensorsError(
+            f"{source}: n_embd={C} is not a multiple of 64, so n_head cannot be inferred; "
+            f"put a config.json beside the file")
+    return GPT2Config(n_layer=max(layers) + 1, n_head=C // 64, n_embd=C, vocab_size=V, n_ctx=T)
+
+
+def _convert_into(dst: np.ndarray, raw: memoryview, dtype: str, shape, path, name):
+    np_dtype, itemsize = _DTYPES[dtype]
+    count = int(np.prod(shape))
+    if len(raw) != count * itemsize:
+        raise SafetensorsError(
+            f"{path}: tensor {name!r} has {len(raw)} bytes, expected {count * itemsize} for "
+            f"{dtype} {tuple(shape)}")
+    src = np.frombuffer(raw, dtype=np_dtype, count=count).reshape(shape)
+    if dtype == "BF16":
+        # bfloat16 is the top half of a float32: widen the bits in place into the destination
+        bits = dst.view(np.uint32)
+        np.left_shift(src, 16, out=bits, dtype=np.uint32)
+    else:
+        np.copyto(dst, src, casting="unsafe")
+
+
+def load_into(path: Path, header: dict, data_start: int, mm, params: dict, config: GPT2Config):
+    """Copy every parameter from the mapped file into params (dict of float32 views)."""
+    seen = {}
+    for raw_name, info in header.items():
+        name = _canonical(raw_name)
+        if _IGNORED.fullmatch(name):
+            continue
+        if name == "lm_head.weight":
+            seen[name] = raw_name
+            continue
+        if name not in params:
+            raise SafetensorsError(f"{path}: unexpected tensor {raw_name!r} (not a GPT-2 "
+                                   f"parameter of this config: {config})")
+        if name in seen:
+            raise SafetensorsError(f"{path}: tensor {name!r} appears twice "
+                                   f"({seen[name]!r} and {raw_name!r})")
+        seen[name] = raw_name
+    missing = [n for n in params if n not in seen]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SafetensorsError(f"{path}: missing tensor {missing[0]!r}{more}")
+
+    for name, dst in params.items():
+        _read_tensor(path, header, seen[name], data_start, mm, dst)
+
+    if "lm_head.weight" in seen:
+        raw_name = seen["lm_head.weight"]
+        wte = params["wte.weight"]
+        lm = np.empty(wte.shape, np.float32)
+        _read_tensor(path, header, raw_name, data_start, mm, lm)
+        if not np.array_equal(lm, wte):
+            raise SafetensorsError(
+                f"{path}: tensor {raw_name!r} differs from 'wte.weight'; GPT-2 ties the output "
+                f"head to the token embedding and gpt2s requires them equal")
+
+
+def _read_tensor(path, header, raw_name, data_start, mm, dst):
+    info = header[raw_name]
+    dtype, shape = info["dtype"], tuple(info["shape"])
+    if dtype not in _DTYPES:
+        raise SafetensorsError(f"{path}: tensor {raw_name!r} has unsupported dtype {dtype!r} "
+                               f"(gpt2s reads F32, F16 and BF16)")
+    if shape != dst.shape:
+        raise SafetensorsError(f"{path}: tensor {raw_name!r} has shape {shape}, expected "
+                               f"{dst.shape}")
+    begin, end = info["data_offsets"]
+    raw = memoryview(mm)[data_start + begin:data_start + end]
+    try:
+        _convert_into(dst, raw, dtype, shape, path, raw_name)
+    finally:
+        raw.release()
+
+
+def open_mapped(path: Path):
+    """(mmap, header, data_start) of a safetensors file; the caller closes the mmap."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            if 0 < n <= 100_000_000 and 8 + n <= size:
+                head += f.read(n)
+        header, data_start = read_safetensors_header(path, size, head)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else b""
+    return mm, header, data_start
+
+
+# ------------------------------------------------------------------------------------------
+# Writing
+
+
+def save_safetensors(path, params: dict, config: GPT2Config, prefix: str = "transformer."):
+    """Write the parameters as a safetensors file (and config.json when path is a directory or
+    ends without .safetensors).  Files are written to a temporary name and renamed, so an
+    interrupted save never leaves a half-written model behind."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        p.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(p, lambda f: _write_tensors(f, params, prefix))
+        return p
+    p.mkdir(parents=True, exist_ok=True)
+    _atomic_write(p / "model.safetensors", lambda f: _write_tensors(f, params, prefix))
+    cfg = json.dumps(config.to_hf_dict(), indent=2).encode()
+    _atomic_write(p / "config.json", lambda f: f.write(cfg))
+    return p
+
+
+def _write_tensors(f, params: dict, prefix: str):
+    header, offset = {}, 0
+    for name, arr in params.items():
+        nbytes = arr.size * 4
+        header[prefix + name] = {"dtype": "F32", "shape": list(arr.shape),
+                                 "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for arr in params.values():
+        f.write(np.ascontiguousarray(arr, dtype="<f4").data)
+
+
+def _atomic_write(dest: Path, write):
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
