@@ -725,3 +725,9 @@ def scale_inplace(float[::1] buf, float factor):
     cdef float *p = &buf[0]
     for i in prange(n, nogil=True, num_threads=_num_threads, schedule='static'):
         p[i] = p[i] * factor
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling (greedy, temperature, top-k, top-p) lives in its own file, compiled into _core.
+
+include "_sampling.pxi"

@@ -375,3 +375,22 @@ class GPT2:
         """Write a file (``*.safetensors``) or a directory (model.safetensors + config.json)
         that transformers' GPT2LMHeadModel loads.  Written to a temporary name, then renamed."""
         return save_safetensors(path, self.params, self.config)
+
+    # ------------------------------------------------------------------ generation
+    # The decoding loop, sampling and text helpers live in generation.py; these are the
+    # public entry points on the model.
+
+    def generate(self, idx, max_new_tokens, *args, **kwargs):
+        """Token ids (B, T + new); see gpt2s.generation.generate."""
+        from .generation import generate
+        return generate(self, idx, max_new_tokens, *args, **kwargs)
+
+    def generate_stream(self, idx, max_new_tokens, *args, **kwargs):
+        """An iterator of new token ids; see gpt2s.generation.generate_stream."""
+        from .generation import generate_stream
+        return generate_stream(self, idx, max_new_tokens, *args, **kwargs)
+
+    def generate_text(self, prompt, max_new_tokens, *args, **kwargs):
+        """Text in, text out; see gpt2s.generation.generate_text."""
+        from .generation import generate_text
+        return generate_text(self, prompt, max_new_tokens, *args, **kwargs)
