@@ -65,6 +65,7 @@ class GPT2:
         self._acts = _Arena()        # activations of the last forward
         self._scratch = _Arena()     # backward and inference temporaries
         self._last = None            # what backward needs from the last forward
+        self._logit_arena = _Arena()  # logits of forward(..., return_logits=False)
         self._layer_names = [
             {suffix: f"h.{l}.{suffix}" for suffix in (
                 "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
@@ -190,17 +191,23 @@ class GPT2:
     def __call__(self, idx, targets=None):
         return self.forward(idx, targets)
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, *, return_logits: bool = True):
         """Logits (B, T, V) float32 and the mean cross-entropy over targets != -1 (or None).
 
         idx: integer token ids, shape (B, T) or (T,) (then B = 1).  The logits array is new on
-        every call.  With targets, the activations are kept for ``backward()``.
+        every call and never overwritten by the model.  With targets, the activations are kept
+        for ``backward()``.  ``return_logits=False`` (training loops) returns ``(None, loss)``:
+        the logits then stay in a buffer the model reuses, and the backward turns them into
+        dlogits in place, saving a (B, T, V) array (51 MB for GPT-2 at B=4, T=64).
         """
         idx = self._check_idx(idx)
         B, T = idx.shape
         tgt = None if targets is None else self._check_targets(targets, (B, T))
-        logits = np.empty((B, T, self.config.vocab_size), np.float32)
         train = tgt is not None
+        if return_logits or not train:
+            logits = np.empty((B, T, self.config.vocab_size), np.float32)
+        else:
+            logits = self._logit_arena.carve({"logits": (B, T, self.config.vocab_size)})["logits"]
         self._last = None
         lnf = self._run_blocks(idx, train=train)
         _core.lm_head_forward(logits.reshape(B * T, -1), lnf, self.params["wte.weight"])
@@ -213,8 +220,9 @@ class GPT2:
         _core.crossentropy_forward(losses, lse, logits.reshape(N, -1), flat_t)
         n_valid = int(np.count_nonzero(flat_t != -1))
         loss = float(np.sum(losses, dtype=np.float64) / n_valid) if n_valid else float("nan")
-        self._last = dict(idx=idx, targets=flat_t, logits=logits, lse=lse, n_valid=n_valid)
-        return logits, loss
+        self._last = dict(idx=idx, targets=flat_t, lse=lse, n_valid=n_valid, logits=logits,
+                          logits_owned=not return_logits)
+        return (logits if return_logits else None), loss
 
     def _run_blocks(self, idx: np.ndarray, train: bool, kv=None, pos0: int = 0) -> np.ndarray:
         """Embedding, the transformer blocks and the final layernorm; returns lnf (N, C).
@@ -232,7 +240,7 @@ class GPT2:
             "ln1": (LS, N, C), "ln1_mean": (LS, N), "ln1_rstd": (LS, N),
             "qkv": (LS, N, 3 * C), "atty": (LS, N, C), "att_lse": (LS, B, NH, T),
             "res2": (LS, N, C), "ln2": (LS, N, C), "ln2_mean": (LS, N), "ln2_rstd": (LS, N),
-            "fch": (LS, N, 4 * C), "fch_gelu": (LS, N, 4 * C),
+            "fch": (LS, N, 4 * C), "fch_gelu": (N, 4 * C),
             "res3": (L, N, C) if train else (2, N, C), "proj": (N, C),
             "lnf": (N, C), "lnf_mean": (N,), "lnf_rstd": (N,),
         })
@@ -264,8 +272,9 @@ class GPT2:
                                              w["ln_2.weight"], w["ln_2.bias"], eps)
             _core.matmul_forward(a["fch"][s], a["ln2"][s], w["mlp.c_fc.weight"],
                                  w["mlp.c_fc.bias"])
-            _core.gelu_forward(a["fch_gelu"][s], a["fch"][s])
-            _core.matmul_forward(a["proj"], a["fch_gelu"][s], w["mlp.c_proj.weight"],
+            # gelu(fch) is not kept per layer: the backward recomputes it (one cheap pass)
+            _core.gelu_forward(a["fch_gelu"], a["fch"][s])
+            _core.matmul_forward(a["proj"], a["fch_gelu"], w["mlp.c_proj.weight"],
                                  w["mlp.c_proj.bias"])
             res_out = a["res3"][l if train else l % 2]
             if l + 1 < L:
@@ -316,10 +325,12 @@ class GPT2:
         _core.fill_zero(self._grad_buffer)
 
     def backward(self):
-        """Accumulate (+=) the gradient of the last forward's mean loss into ``grads``."""
+        """Accumulate (+=) the gradient of the last forward's mean loss into ``grads``.
+        Each forward(idx, targets) supports one backward()."""
         if self._last is None:
             raise RuntimeError("backward() needs a preceding forward(idx, targets) with targets; "
-                               "the last forward had no targets (or there was none)")
+                               "the last forward had no targets, there was none, or its "
+                               "backward() was already called")
         last = self._last
         if last["n_valid"] == 0:
             raise RuntimeError("backward(): every target of the last forward was -1 (ignored); "
@@ -330,14 +341,20 @@ class GPT2:
         B, T = idx.shape
         N, C, L, NH, V = B * T, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
         nt = _core.get_num_threads()
-        d = self._scratch.carve({
-            "dlogits": (N, V), "dres": (N, C), "dln": (N, C), "datty": (N, C),
-            "dqkv": (N, 3 * C), "dfch": (N, 4 * C), "ln_scratch": (nt, 2 * C),
-        })
+        in_place = last["logits_owned"]  # nobody else sees these logits: dlogits in place
+        spec = {"dres": (N, C), "dln": (N, C), "datty": (N, C), "dqkv": (N, 3 * C),
+                "dfch": (N, 4 * C), "ln_scratch": (nt, 2 * C)}
+        if not in_place:
+            spec["dlogits"] = (N, V)
+        d = self._scratch.carve(spec)
         logits = last["logits"].reshape(N, V)
-        _core.crossentropy_backward(d["dlogits"], logits, last["lse"], last["targets"],
+        dlogits = logits if in_place else d["dlogits"]
+        _core.crossentropy_backward(dlogits, logits, last["lse"], last["targets"],
                                     np.float32(1.0 / last["n_valid"]))
-        _core.lm_head_backward(d["dln"], G["wte.weight"], d["dlogits"], a["lnf"], P["wte.weight"])
+        # like PyTorch without retain_graph, a backward consumes its forward (and here the
+        # logits may now hold dlogits)
+        self._last = None
+        _core.lm_head_backward(d["dln"], G["wte.weight"], dlogits, a["lnf"], P["wte.weight"])
         dres = d["dres"]
         dres.fill(0.0)
         _core.layernorm_backward(dres, G["ln_f.weight"], G["ln_f.bias"], d["dln"], a["res3"][L - 1],
@@ -348,8 +365,9 @@ class GPT2:
             g = {k: G[v] for k, v in names.items()}
             res_in = a["encoded"] if l == 0 else a["res3"][l - 1]
             # MLP: res3 = res2 + gelu(ln2 @ Wfc + bfc) @ Wproj + bproj
+            _core.gelu_forward(a["fch_gelu"], a["fch"][l])
             _core.matmul_backward(d["dfch"], g["mlp.c_proj.weight"], g["mlp.c_proj.bias"], dres,
-                                  a["fch_gelu"][l], w["mlp.c_proj.weight"], False)
+                                  a["fch_gelu"], w["mlp.c_proj.weight"], False)
             _core.gelu_backward(d["dfch"], a["fch"][l], d["dfch"])
             _core.matmul_backward(d["dln"], g["mlp.c_fc.weight"], g["mlp.c_fc.bias"], d["dfch"],
                                   a["ln2"][l], w["mlp.c_fc.weight"], False)
