@@ -33,7 +33,7 @@ cdef extern from *:
 
     /* exp(x) for float32 without libm, so that loops calling it vectorise at -O3 (libm's
        expf stays scalar).  x = n ln2 + r with |r| <= ln2/2; exp(r) by its degree-7 Taylor
-       polynomial (truncation error < 6e-9 relative); 2^n by building the exponent bits.
+       polynomial (truncation error < 7.1e-9 relative; measured total < 1e-7, ~1.6 ulp); 2^n by building the exponent bits.
        Rounding to n uses the 1.5 * 2^23 trick, which needs no SSE4.1 round instruction.
        Inputs are clamped to [-87.3, 88.3]: below that the true value is < 1.2e-38 and we return
        ~1.2e-38 (harmless in every sum it enters); above it float32 overflows anyway.  */
@@ -57,16 +57,16 @@ cdef extern from *:
         return p * s;
     }
 
-    /* tanh(u) = 1 - 2 / (exp(2u) + 1): absolute error ~1e-7, which is what GELU needs
-       (it enters as 0.5 x (1 + tanh)). */
-    static inline float gpt2s_tanhf(float u) {
-        return 1.0f - 2.0f / (gpt2s_expf(2.0f * u) + 1.0f);
+    /* The logistic sigmoid 1 / (1 + exp(-z)).  GELU uses 0.5 (1 + tanh(u)) = sigmoid(2u),
+       which, unlike 1 + tanh(u), keeps its relative precision in the far negative tail. */
+    static inline float gpt2s_sigmoidf(float z) {
+        return 1.0f / (1.0f + gpt2s_expf(-z));
     }
     """
     int gpt2s_have_openmp() noexcept nogil
     int gpt2s_omp_max_threads() noexcept nogil
     float gpt2s_expf(float x) noexcept nogil
-    float gpt2s_tanhf(float u) noexcept nogil
+    float gpt2s_sigmoidf(float z) noexcept nogil
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,7 +380,7 @@ cdef float GELU_SCALE = 0.7978845608028654   # sqrt(2 / pi)
 
 
 def gelu_forward(float[:, ::1] out, const float[:, ::1] inp):
-    # out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), elementwise over (N, D)
+    # out = 0.5 x (1 + tanh(u)) = x sigmoid(2u),  u = sqrt(2/pi) (x + 0.044715 x^3);  (N, D)
     cdef Py_ssize_t N = inp.shape[0], D = inp.shape[1], n, i
     cdef float *o
     cdef const float *x
@@ -390,27 +390,27 @@ def gelu_forward(float[:, ::1] out, const float[:, ::1] inp):
         x = &inp[n, 0]
         for i in range(D):
             xi = x[i]
-            o[i] = <float>0.5 * xi * (<float>1.0 + gpt2s_tanhf(
-                <float>GELU_SCALE * (xi + <float>0.044715 * xi * xi * xi)))
+            o[i] = xi * gpt2s_sigmoidf(<float>2.0 * GELU_SCALE *
+                                       (xi + <float>0.044715 * xi * xi * xi))
 
 
 def gelu_backward(float[:, ::1] dinp, const float[:, ::1] inp, const float[:, ::1] dout):
-    # dinp = dout * gelu'(inp), elementwise; dinp may alias dout
+    # dinp = dout * gelu'(inp), elementwise; dinp may alias dout.  With s = sigmoid(2u):
+    # gelu' = s + x s (1 - s) 2 u',  u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
     cdef Py_ssize_t N = inp.shape[0], D = inp.shape[1], n, i
     cdef float *d
     cdef const float *x
     cdef const float *g
-    cdef float xi, th, grad
+    cdef float xi, sg
     for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
         d = &dinp[n, 0]
         x = &inp[n, 0]
         g = &dout[n, 0]
         for i in range(D):
             xi = x[i]
-            th = gpt2s_tanhf(<float>GELU_SCALE * (xi + <float>0.044715 * xi * xi * xi))
-            grad = <float>0.5 * (<float>1.0 + th) + <float>0.5 * xi * (<float>1.0 - th * th) * \
-                <float>GELU_SCALE * (<float>1.0 + <float>(3.0 * 0.044715) * xi * xi)
-            d[i] = g[i] * grad
+            sg = gpt2s_sigmoidf(<float>2.0 * GELU_SCALE * (xi + <float>0.044715 * xi * xi * xi))
+            d[i] = g[i] * (sg + xi * sg * (<float>1.0 - sg) * <float>2.0 * GELU_SCALE *
+                           (<float>1.0 + <float>(3.0 * 0.044715) * xi * xi))
 
 
 # --------------------------------------------------------------------------------------------
@@ -695,14 +695,15 @@ cdef void adamw_segment(float *pp, const float *pg, float *pm, float *pv, Py_ssi
 
 def adamw_step(float[::1] params, const float[::1] grads, float[::1] m, float[::1] v,
                const int64_t[::1] seg_start, const int64_t[::1] seg_stop,
-               const float[::1] seg_decay, float lr, float beta1, float beta2, float eps,
+               const float[::1] seg_decay, float lr, double beta1, double beta2, float eps,
                int step, float grad_scale):
     """One fused AdamW pass over the parameter segments, in torch.optim.AdamW's order:
     p *= 1 - lr * wd;  m, v updated;  p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps).
     Segment s covers params[seg_start[s]:seg_stop[s]] with weight decay seg_decay[s];
     grad_scale multiplies every gradient (gradient-norm clipping)."""
     cdef Py_ssize_t nseg = seg_start.shape[0], s
-    cdef double bc1 = 1.0 - (<double>beta1) ** step, bc2 = 1.0 - (<double>beta2) ** step
+    # bias corrections in double from the exact betas, as torch computes them in Python floats
+    cdef double bc1 = 1.0 - beta1 ** step, bc2 = 1.0 - beta2 ** step
     cdef float step_size = <float>(lr / bc1)
     cdef float inv_sqrt_bc2 = <float>(1.0 / sqrt(bc2))
     if grads.shape[0] != params.shape[0] or m.shape[0] != params.shape[0] \
