@@ -121,7 +121,16 @@ def read_safetensors_header(path: Path, file_size: int, head: bytes) -> tuple[di
         if not (isinstance(info, dict) and "dtype" in info and "shape" in info
                 and "data_offsets" in info):
             raise SafetensorsError(f"{path}: corrupt header entry for tensor {name!r}")
-        begin, end = info["data_offsets"]
+        offsets, dtype, shape = info["data_offsets"], info["dtype"], info["shape"]
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(type(o) is int for o in offsets)):
+            raise SafetensorsError(f"{path}: tensor {name!r} has corrupt data offsets "
+                                   f"{offsets!r} (expected two integers)")
+        if not isinstance(dtype, str):
+            raise SafetensorsError(f"{path}: tensor {name!r} has a corrupt dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise SafetensorsError(f"{path}: tensor {name!r} has a corrupt shape {shape!r}")
+        begin, end = offsets
         if not (0 <= begin <= end):
             raise SafetensorsError(f"{path}: tensor {name!r} has corrupt data offsets "
                                    f"{info['data_offsets']}")
@@ -142,6 +151,11 @@ def infer_config(names_shapes: dict, source: str) -> GPT2Config:
     for required in ("wte.weight", "wpe.weight"):
         if required not in names_shapes:
             raise SafetensorsError(f"{source}: missing tensor {required!r}")
+    for name in ("wte.weight", "wpe.weight"):
+        shape = names_shapes[name]
+        if len(shape) != 2 or min(shape) < 1:
+            raise SafetensorsError(f"{source}: tensor {name!r} has shape {tuple(shape)}, "
+                                   f"expected 2-D with no zero-sized dimension")
     V, C = names_shapes["wte.weight"]
     T = names_shapes["wpe.weight"][0]
     layers = {int(m.group(1)) for n in names_shapes if (m := _LAYER_KEY.match(n))}
