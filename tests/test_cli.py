@@ -1,0 +1,228 @@
+"""`python -m gpt2s.generate` end to end, in subprocesses, on a small random model saved to a
+temporary directory: output, seeds, samples, model resolution and the bad-input exits."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gpt2s
+from gpt2s import GPT2, GPT2Config
+from gpt2s.generate import HF_DOWNLOAD, ModelNotFound, find_model
+
+N_CTX = 64
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    GPT2.from_config(GPT2Config.preset("tiny", n_ctx=N_CTX), seed=3).save_safetensors(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return GPT2.from_safetensors(model_dir)
+
+
+@pytest.fixture
+def clean_env(tmp_path):
+    """An environment with no model configured and an empty Hugging Face cache."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GPT2S_MODEL", "HF_HUB_CACHE")}
+    env["HF_HOME"] = str(tmp_path / "hf-home")
+    env["PYTHONIOENCODING"] = "utf-8"
+    env["OMP_NUM_THREADS"] = "1"   # a tiny model: threads only add start-up cost
+    return env
+
+
+def run(args, env, cwd=None, stdin=None):
+    return subprocess.run([sys.executable, "-m", "gpt2s.generate", *args], env=env, cwd=cwd,
+                          input=stdin, capture_output=True, text=True, encoding="utf-8",
+                          timeout=300)
+
+
+def assert_user_error(p, *fragments):
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    assert "error:" in p.stderr
+    for f in fragments:
+        assert f in p.stderr, (f, p.stderr)
+    assert p.stdout == ""
+
+
+# ------------------------------------------------------------------ generation
+
+def test_streams_the_api_text(model_dir, model, clean_env, tmp_path):
+    prompt = "The king said"
+    p = run([prompt, "--model", str(model_dir), "--max-new-tokens", "15", "--seed", "7",
+             "--top-k", "50", "--temperature", "0.9", "--ignore-eos"], clean_env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""                      # nothing on stderr without --verbose
+    expected = model.generate_text(prompt, 15, temperature=0.9, top_k=50, seed=7,
+                                   stop_at_eos=False)
+    assert p.stdout == prompt + expected + "\n"
+
+
+def test_greedy_and_no_echo(model_dir, model, clean_env):
+    p = run(["Once upon a time", "--model", str(model_dir), "-n", "10", "--temperature", "0",
+             "--no-echo"], clean_env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == model.generate_text("Once upon a time", 10, temperature=0) + "\n"
+
+
+def test_seed_repeats_and_differs(model_dir, clean_env):
+    args = ["Hello", "--model", str(model_dir), "-n", "12", "--ignore-eos", "--top-p", "0.95"]
+    a = run(args + ["--seed", "1"], clean_env)
+    b = run(args + ["--seed", "1"], clean_env)
+    c = run(args + ["--seed", "2"], clean_env)
+    assert a.returncode == b.returncode == c.returncode == 0
+    assert a.stdout == b.stdout
+    assert a.stdout != c.stdout
+
+
+def test_num_samples_and_verbose(model_dir, clean_env):
+    args = ["Hello", "--model", str(model_dir), "-n", "8", "--ignore-eos", "--seed", "4"]
+    one = run(args, clean_env)
+    p = run(args + ["--num-samples", "3", "--verbose", "--threads", "2"], clean_env)
+    assert p.returncode == 0, p.stderr
+    parts = p.stdout.split("======== sample ")
+    assert len(parts) == 4 and parts[0] == ""
+    assert parts[1].startswith("1 of 3 ========\n")
+    # the first sample is the single-sample run; the others go on with the same generator
+    assert parts[1][len("1 of 3 ========\n"):].rstrip("\n") == one.stdout.rstrip("\n")
+    assert len({x.split("\n", 1)[1] for x in parts[1:]}) == 3
+    assert p.stderr.count("tokens/s") == 3
+    assert "threads: 2" in p.stderr and str(model_dir) in p.stderr
+    assert "tokens/s" not in p.stdout
+
+
+def test_prompt_from_stdin_and_unconditional(model_dir, clean_env):
+    p = run(["-", "--model", str(model_dir), "-n", "5", "--seed", "0", "--ignore-eos"],
+            clean_env, stdin="From stdin\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("From stdin")
+    p = run(["--model", str(model_dir), "-n", "5", "--seed", "0"], clean_env)
+    assert p.returncode == 0, p.stderr
+    assert "<|endoftext|>" not in p.stdout
+
+
+def test_slides_past_the_context(model_dir, clean_env):
+    p = run(["a b c", "--model", str(model_dir), "-n", str(2 * N_CTX), "--ignore-eos",
+             "--seed", "1", "--verbose"], clean_env)
+    assert p.returncode == 0, p.stderr
+    assert f"generated {2 * N_CTX} tokens" in p.stderr
+
+
+def test_help():
+    p = subprocess.run([sys.executable, "-m", "gpt2s.generate", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0
+    for opt in ("--model", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
+                "--num-samples", "--threads", "--verbose", "PROMPT", "huggingface-cli download"):
+        assert opt in p.stdout, opt
+
+
+# ------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("args, fragments", [
+    (["", "-n", "5"], ["prompt is empty"]),
+    (["x", "-n", "-1"], ["--max-new-tokens", "-1"]),
+    (["x", "--top-p", "0"], ["--top-p", "0.0"]),
+    (["x", "--top-p", "1.5"], ["--top-p", "1.5"]),
+    (["x", "--top-k", "0"], ["--top-k", "0"]),
+    (["x", "--temperature", "-1"], ["--temperature", "-1"]),
+    (["x", "--num-samples", "0"], ["--num-samples", "0"]),
+    (["x", "--threads", "0"], ["--threads", "0"]),
+    (["x", "--seed", "-5"], ["--seed", "-5"]),
+    (["x", "--top-k", "many"], ["--top-k", "many"]),
+    (["x" + " x" * N_CTX], [f"{N_CTX + 1} tokens", f"n_ctx={N_CTX}"]),
+])
+def test_bad_input_exits_2_without_traceback(model_dir, clean_env, args, fragments):
+    assert_user_error(run(args + ["--model", str(model_dir)], clean_env), *fragments)
+
+
+def test_missing_model_paths(tmp_path, clean_env):
+    missing = tmp_path / "nowhere" / "model.safetensors"
+    assert_user_error(run(["hi", "--model", str(missing)], clean_env), str(missing),
+                      "no such file")
+    empty = tmp_path / "empty-dir"
+    empty.mkdir()
+    assert_user_error(run(["hi", "--model", str(empty)], clean_env), "no model.safetensors")
+    env = dict(clean_env, GPT2S_MODEL=str(missing))
+    assert_user_error(run(["hi"], env), "$GPT2S_MODEL", str(missing))
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a model")
+    assert_user_error(run(["hi", "--model", str(junk)], clean_env), str(junk))
+
+
+def test_no_model_anywhere(tmp_path, clean_env):
+    if (Path(gpt2s.__file__).parent / "assets" / "demo" / "model.safetensors").is_file():
+        pytest.skip("the demo model is bundled: there is always a model")
+    p = run(["hi"], clean_env, cwd=tmp_path)
+    assert_user_error(p, "no GPT-2 model found", "assets/model.safetensors", HF_DOWNLOAD,
+                      "--model")
+
+
+# ------------------------------------------------------------------ model resolution
+
+def test_model_from_env_and_local_assets(model_dir, clean_env, tmp_path):
+    env = dict(clean_env, GPT2S_MODEL=str(model_dir))
+    p = run(["Hi", "-n", "3", "--seed", "0", "--verbose"], env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert f"model: {model_dir}" in p.stderr
+    work = tmp_path / "work"
+    (work / "assets").mkdir(parents=True)
+    for f in ("model.safetensors", "config.json"):
+        (work / "assets" / f).write_bytes((model_dir / f).read_bytes())
+    p = run(["Hi", "-n", "3", "--seed", "0", "--verbose"], clean_env, cwd=work)
+    assert p.returncode == 0, p.stderr
+    assert "assets/model.safetensors" in p.stderr
+    assert f"n_ctx={N_CTX}" in p.stderr   # config.json beside it was used
+
+
+def make_hf_cache(hub, repo, model_dir, revision="0123abcd"):
+    snap = hub / repo / "snapshots" / revision
+    snap.mkdir(parents=True)
+    for f in ("model.safetensors", "config.json"):
+        (snap / f).symlink_to(model_dir / f)
+    (hub / repo / "refs").mkdir()
+    (hub / repo / "refs" / "main").write_text(revision)
+    return snap
+
+
+def test_model_from_hugging_face_cache(model_dir, clean_env, tmp_path):
+    hub = Path(clean_env["HF_HOME"]) / "hub"
+    snap = make_hf_cache(hub, "models--openai-community--gpt2", model_dir)
+    p = run(["Hi", "-n", "3", "--seed", "0", "--verbose"], clean_env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert f"model: {snap}" in p.stderr
+
+
+def test_find_model_order(model_dir, tmp_path):
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "model.safetensors").write_bytes(b"x")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {"HOME": str(tmp_path / "home")}
+    assert find_model(env=env, cwd=cwd, demo_dir=demo) == demo
+    with pytest.raises(ModelNotFound, match="huggingface-cli download"):
+        find_model(env=env, cwd=cwd, demo_dir=tmp_path / "no-demo")
+    hub = tmp_path / "home" / ".cache" / "huggingface" / "hub"
+    legacy = make_hf_cache(hub, "models--gpt2", model_dir)
+    assert find_model(env=env, cwd=cwd, demo_dir=demo) == legacy
+    snap = make_hf_cache(hub, "models--openai-community--gpt2", model_dir)
+    assert find_model(env=env, cwd=cwd, demo_dir=demo) == snap
+    assert find_model(env=dict(env, HF_HUB_CACHE=str(tmp_path / "other")), cwd=cwd,
+                      demo_dir=demo) == demo
+    (cwd / "assets").mkdir()
+    (cwd / "assets" / "model.safetensors").write_bytes(b"x")
+    assert find_model(env=env, cwd=cwd, demo_dir=demo) == cwd / "assets" / "model.safetensors"
+    env["GPT2S_MODEL"] = str(model_dir)
+    assert find_model(env=env, cwd=cwd, demo_dir=demo) == model_dir
+    assert find_model(str(model_dir / "model.safetensors"), env=env, cwd=cwd) == \
+        model_dir / "model.safetensors"
+    with pytest.raises(ModelNotFound, match="--model"):
+        find_model(str(tmp_path / "missing"), env=env, cwd=cwd)
