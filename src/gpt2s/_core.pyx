@@ -104,14 +104,20 @@ ctypedef void (*sgemm_t)(char *transa, char *transb, int *m, int *n, int *k, flo
                          float *a, int *lda, float *b, int *ldb, float *beta, float *c,
                          int *ldc) noexcept nogil
 
+ctypedef void (*sgemv_t)(char *trans, int *m, int *n, float *alpha, float *a, int *lda,
+                         float *x, int *incx, float *beta, float *y, int *incy) noexcept nogil
+
 cdef sgemm_t _sgemm = NULL
+cdef sgemv_t _sgemv = NULL
 
 
 def _load_blas():
-    global _sgemm
+    global _sgemm, _sgemv
     from scipy.linalg import cython_blas
     capsule = cython_blas.__pyx_capi__["sgemm"]
     _sgemm = <sgemm_t>PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule))
+    capsule = cython_blas.__pyx_capi__["sgemv"]
+    _sgemv = <sgemv_t>PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule))
 
 
 _load_blas()
@@ -128,7 +134,20 @@ cdef inline void gemm_serial(bint trans_a, bint trans_b, int M, int N, int K, fl
                              float beta, float *C, int ldc) noexcept nogil:
     # Row-major C[M, N] = alpha op(A)[M, K] op(B)[K, N] + beta C, on the calling thread.
     # A row-major matrix is its column-major transpose, so we ask BLAS for C^T = op(B)^T op(A)^T.
+    cdef int one = 1, inc_a
+    cdef char t
     if M <= 0 or N <= 0:
+        return
+    if M == 1:
+        # One row (batch-1 decoding): a matrix-vector product.  sgemm with one column runs
+        # several times slower than sgemv on the same memory-bound work.
+        inc_a = lda if trans_a else 1
+        if trans_b:   # B (N, K) row-major is column-major (K x N): C = B_cm^T a
+            t = b'T'
+            _sgemv(&t, &K, &N, &alpha, <float *>B, &ldb, <float *>A, &inc_a, &beta, C, &one)
+        else:         # B (K, N) row-major is column-major (N x K): C = B_cm a
+            t = b'N'
+            _sgemv(&t, &N, &K, &alpha, <float *>B, &ldb, <float *>A, &inc_a, &beta, C, &one)
         return
     sgemm_colmajor(b'T' if trans_b else b'N', b'T' if trans_a else b'N', N, M, K, alpha,
                    B, ldb, A, lda, beta, C, ldc)

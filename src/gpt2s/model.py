@@ -292,6 +292,17 @@ class GPT2:
             self._kv = kv
         return kv
 
+    def free_cache(self):
+        """Release the KV cache kept after generation (2 x n_layer x B x n_ctx x n_embd floats,
+        75 MB per sequence for GPT-2 124M) and the activation buffers; they are reallocated
+        when next needed."""
+        self._kv = None
+        self._kv_owner = None
+        self._acts = _Arena()
+        self._scratch = _Arena()
+        self._logit_arena = _Arena()
+        self._last = None
+
     def _forward_cached(self, idx: np.ndarray, pos0: int, kv) -> np.ndarray:
         """Logits (B, V) of the last position of idx (B, T) int64, which holds positions
         pos0 .. pos0 + T - 1; positions before pos0 must already be in the cache kv."""
