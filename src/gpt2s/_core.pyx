@@ -57,6 +57,80 @@ cdef extern from *:
         return p * s;
     }
 
+    /* Row reductions with 16 independent partial results, so that the compiler vectorises
+       them without -ffast-math (which would license it to reorder any float sum).  Still
+       fp32 accumulation; the 16-way split only changes the order of the additions. */
+    #define GPT2S_LANES 16
+    static inline float gpt2s_max(const float *x, int n) {
+        int i, k;
+        float m;
+        if (n < GPT2S_LANES) {
+            m = x[0];
+            for (i = 1; i < n; i++) m = x[i] > m ? x[i] : m;
+            return m;
+        }
+        float acc[GPT2S_LANES];
+        for (k = 0; k < GPT2S_LANES; k++) acc[k] = x[k];
+        for (i = GPT2S_LANES; i + GPT2S_LANES <= n; i += GPT2S_LANES)
+            for (k = 0; k < GPT2S_LANES; k++) acc[k] = x[i + k] > acc[k] ? x[i + k] : acc[k];
+        m = acc[0];
+        for (k = 1; k < GPT2S_LANES; k++) m = acc[k] > m ? acc[k] : m;
+        for (; i < n; i++) m = x[i] > m ? x[i] : m;
+        return m;
+    }
+    static inline float gpt2s_sum(const float *x, int n) {
+        float acc[GPT2S_LANES] = {0}, s = 0.0f;
+        int i, k;
+        for (i = 0; i + GPT2S_LANES <= n; i += GPT2S_LANES)
+            for (k = 0; k < GPT2S_LANES; k++) acc[k] += x[i + k];
+        for (; i < n; i++) s += x[i];
+        for (k = 0; k < GPT2S_LANES; k++) s += acc[k];
+        return s;
+    }
+    static inline float gpt2s_dot(const float *x, const float *y, int n) {
+        float acc[GPT2S_LANES] = {0}, s = 0.0f;
+        int i, k;
+        for (i = 0; i + GPT2S_LANES <= n; i += GPT2S_LANES)
+            for (k = 0; k < GPT2S_LANES; k++) acc[k] += x[i + k] * y[i + k];
+        for (; i < n; i++) s += x[i] * y[i];
+        for (k = 0; k < GPT2S_LANES; k++) s += acc[k];
+        return s;
+    }
+    /* sum_i (x_i - m)^2 */
+    static inline float gpt2s_sum_sq_dev(const float *x, float m, int n) {
+        float acc[GPT2S_LANES] = {0}, s = 0.0f, d;
+        int i, k;
+        for (i = 0; i + GPT2S_LANES <= n; i += GPT2S_LANES)
+            for (k = 0; k < GPT2S_LANES; k++) { d = x[i + k] - m; acc[k] += d * d; }
+        for (; i < n; i++) { d = x[i] - m; s += d * d; }
+        for (k = 0; k < GPT2S_LANES; k++) s += acc[k];
+        return s;
+    }
+    /* sum_i exp(x_i - shift) */
+    static inline float gpt2s_sum_exp(const float *x, float shift, int n) {
+        float acc[GPT2S_LANES] = {0}, s = 0.0f;
+        int i, k;
+        for (i = 0; i + GPT2S_LANES <= n; i += GPT2S_LANES)
+            for (k = 0; k < GPT2S_LANES; k++) acc[k] += gpt2s_expf(x[i + k] - shift);
+        for (; i < n; i++) s += gpt2s_expf(x[i] - shift);
+        for (k = 0; k < GPT2S_LANES; k++) s += acc[k];
+        return s;
+    }
+    /* out_i = exp(x_i - shift) (out may be x); returns their sum */
+    static inline float gpt2s_exp_store_sum(float *out, const float *x, float shift, int n) {
+        float acc[GPT2S_LANES] = {0}, s = 0.0f, e;
+        int i, k;
+        for (i = 0; i + GPT2S_LANES <= n; i += GPT2S_LANES)
+            for (k = 0; k < GPT2S_LANES; k++) {
+                e = gpt2s_expf(x[i + k] - shift);
+                out[i + k] = e;
+                acc[k] += e;
+            }
+        for (; i < n; i++) { e = gpt2s_expf(x[i] - shift); out[i] = e; s += e; }
+        for (k = 0; k < GPT2S_LANES; k++) s += acc[k];
+        return s;
+    }
+
     /* The logistic sigmoid 1 / (1 + exp(-z)).  GELU uses 0.5 (1 + tanh(u)) = sigmoid(2u),
        which, unlike 1 + tanh(u), keeps its relative precision in the far negative tail. */
     static inline float gpt2s_sigmoidf(float z) {
@@ -67,6 +141,12 @@ cdef extern from *:
     int gpt2s_omp_max_threads() noexcept nogil
     float gpt2s_expf(float x) noexcept nogil
     float gpt2s_sigmoidf(float z) noexcept nogil
+    float gpt2s_max(const float *x, int n) noexcept nogil
+    float gpt2s_sum(const float *x, int n) noexcept nogil
+    float gpt2s_dot(const float *x, const float *y, int n) noexcept nogil
+    float gpt2s_sum_sq_dev(const float *x, float m, int n) noexcept nogil
+    float gpt2s_sum_exp(const float *x, float shift, int n) noexcept nogil
+    float gpt2s_exp_store_sum(float *out, const float *x, float shift, int n) noexcept nogil
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,14 +314,9 @@ def embedding_backward(float[:, ::1] dwte, float[:, ::1] dwpe, const float[:, ::
 cdef inline void layernorm_row(float *out, float *mean_out, float *rstd_out, const float *x,
                                const float *w, const float *b, int C, float eps) noexcept nogil:
     cdef int c
-    cdef float s = 0.0, m, v = 0.0, d, r
-    for c in range(C):
-        s = s + x[c]
-    m = s / C
-    for c in range(C):
-        d = x[c] - m
-        v = v + d * d
-    r = <float>1.0 / sqrtf(v / C + eps)
+    cdef float m, r
+    m = gpt2s_sum(x, C) / C
+    r = <float>1.0 / sqrtf(gpt2s_sum_sq_dev(x, m, C) / C + eps)
     for c in range(C):
         out[c] = (x[c] - m) * r * w[c] + b[c]
     if mean_out != NULL:
@@ -481,13 +556,8 @@ cdef inline void attention_head_forward(float *out, int ldo, float *lse, const f
         for i in range(nq):
             row = S + <int64_t>i * nk
             valid = pos0 + i0 + i + 1
-            m = row[0]
-            for j in range(1, valid):
-                m = row[j] if row[j] > m else m
-            s = 0.0
-            for j in range(valid):
-                row[j] = gpt2s_expf(row[j] - m)
-                s = s + row[j]
+            m = gpt2s_max(row, valid)
+            s = gpt2s_exp_store_sum(row, row, m, valid)
             for j in range(valid, nk):
                 row[j] = 0.0
             s = <float>1.0 / s
@@ -534,23 +604,16 @@ cdef inline void attention_head_backward(float *dq, float *dk, float *dv, int ld
                                          float *P, float *dP, float *D) noexcept nogil:
     # All of one head, causal from position 0.  dq is overwritten; dk, dv accumulate over the
     # query blocks (they start at zero: the caller zeroes them).
-    cdef int i0, nq, nk, i, j, valid, d
-    cdef float acc, l
+    cdef int i0, nq, nk, i, j, valid
+    cdef float l
     cdef float *prow
     cdef float *dprow
-    cdef const float *orow
-    cdef const float *dorow
     i0 = 0
     while i0 < T:
         nq = min(QBLOCK, T - i0)
         nk = i0 + nq
         for i in range(nq):
-            orow = out + <int64_t>(i0 + i) * ldo
-            dorow = dout + <int64_t>(i0 + i) * ldo
-            acc = 0.0
-            for d in range(HS):
-                acc = acc + orow[d] * dorow[d]
-            D[i] = acc
+            D[i] = gpt2s_dot(out + <int64_t>(i0 + i) * ldo, dout + <int64_t>(i0 + i) * ldo, HS)
         # recompute P = exp(scale Q K^T - lse), masked
         gemm_serial(False, True, nq, nk, HS, scale, q + <int64_t>i0 * ld, ld, k, ld, 0.0, P, nk)
         # dP = dO_blk (nq, HS) @ V^T (HS, nk)
@@ -623,13 +686,8 @@ def kv_cache_write(float[:, :, ::1] kcache, float[:, :, ::1] vcache,
 # Softmax cross-entropy, fused
 
 cdef inline float row_logsumexp(const float *x, int V) noexcept nogil:
-    cdef int j
-    cdef float m = x[0], s = 0.0
-    for j in range(1, V):
-        m = x[j] if x[j] > m else m
-    for j in range(V):
-        s = s + gpt2s_expf(x[j] - m)
-    return m + logf(s)
+    cdef float m = gpt2s_max(x, V)
+    return m + logf(gpt2s_sum_exp(x, m, V))
 
 
 def crossentropy_forward(float[::1] losses, float[::1] lse, const float[:, ::1] logits,
@@ -691,9 +749,7 @@ def sum_squares(const float[::1] buf):
     for blk in prange(nb, nogil=True, num_threads=_num_threads, schedule='static'):
         lo = blk * 4096
         hi = min(n, lo + 4096)
-        part = 0.0
-        for i in range(lo, hi):
-            part = part + buf[i] * buf[i]
+        part = gpt2s_dot(&buf[lo], &buf[lo], hi - lo)
         total += part
     return total
 

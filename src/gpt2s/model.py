@@ -390,10 +390,11 @@ class GPT2:
 
     # ------------------------------------------------------------------ saving
 
-    def save_safetensors(self, path):
+    def save_safetensors(self, path, dtype: str = "float32"):
         """Write a file (``*.safetensors``) or a directory (model.safetensors + config.json)
-        that transformers' GPT2LMHeadModel loads.  Written to a temporary name, then renamed."""
-        return save_safetensors(path, self.params, self.config)
+        that transformers' GPT2LMHeadModel loads; dtype "float32", "float16" or "bfloat16".
+        Written to a temporary name, then renamed."""
+        return save_safetensors(path, self.params, self.config, dtype=dtype)
 
     # ------------------------------------------------------------------ generation
     # The decoding loop, sampling and text helpers live in generation.py; these are the

@@ -255,27 +255,47 @@ def open_mapped(path: Path):
 # Writing
 
 
-def save_safetensors(path, params: dict, config: GPT2Config, prefix: str = "transformer."):
+_SAVE_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def save_safetensors(path, params: dict, config: GPT2Config, prefix: str = "transformer.",
+                     dtype: str = "float32"):
     """Write the parameters as a safetensors file (and config.json when path is a directory or
-    ends without .safetensors).  Files are written to a temporary name and renamed, so an
-    interrupted save never leaves a half-written model behind."""
+    ends without .safetensors), in float32, float16 or bfloat16 (rounded to nearest even).
+    Files are written to a temporary name and renamed, so an interrupted save never leaves a
+    half-written model behind."""
+    if dtype not in _SAVE_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
+    st_dtype = _SAVE_DTYPES[dtype]
     p = Path(path)
     if p.suffix == ".safetensors":
         p.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(p, lambda f: _write_tensors(f, params, prefix))
+        _atomic_write(p, lambda f: _write_tensors(f, params, prefix, st_dtype))
         return p
     p.mkdir(parents=True, exist_ok=True)
-    _atomic_write(p / "model.safetensors", lambda f: _write_tensors(f, params, prefix))
+    _atomic_write(p / "model.safetensors", lambda f: _write_tensors(f, params, prefix, st_dtype))
     cfg = json.dumps(config.to_hf_dict(), indent=2).encode()
     _atomic_write(p / "config.json", lambda f: f.write(cfg))
     return p
 
 
-def _write_tensors(f, params: dict, prefix: str):
+def _encode(arr: np.ndarray, st_dtype: str) -> np.ndarray:
+    if st_dtype == "F32":
+        return np.ascontiguousarray(arr, dtype="<f4")
+    if st_dtype == "F16":
+        return np.ascontiguousarray(arr, dtype="<f2")
+    # bfloat16: the top 16 bits of the float32, rounded to nearest even
+    bits = np.ascontiguousarray(arr, dtype="<f4").view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
+    return (rounded >> 16).astype("<u2")
+
+
+def _write_tensors(f, params: dict, prefix: str, st_dtype: str = "F32"):
+    itemsize = _DTYPES[st_dtype][1]
     header, offset = {}, 0
     for name, arr in params.items():
-        nbytes = arr.size * 4
-        header[prefix + name] = {"dtype": "F32", "shape": list(arr.shape),
+        nbytes = arr.size * itemsize
+        header[prefix + name] = {"dtype": st_dtype, "shape": list(arr.shape),
                                  "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
@@ -284,7 +304,7 @@ def _write_tensors(f, params: dict, prefix: str):
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
     for arr in params.values():
-        f.write(np.ascontiguousarray(arr, dtype="<f4").data)
+        f.write(_encode(arr, st_dtype).data)
 
 
 def _atomic_write(dest: Path, write):
