@@ -33,6 +33,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from bench import cpu_snapshot, numpy_blas_threads, other_load, wait_quiet  # noqa: E402
+
 NOT_KERNELS = {"have_openmp", "omp_max_threads", "set_num_threads", "get_num_threads"}
 
 
@@ -141,12 +143,7 @@ def measure_sgemm(N: int, C: int, threads: int) -> float:
     W = rng.standard_normal((C, 4 * C), dtype=np.float32)
     out = np.empty((N, 4 * C), np.float32)
     tA, tW, tout = torch.from_numpy(A), torch.from_numpy(W), torch.empty(N, 4 * C)
-    try:
-        from threadpoolctl import threadpool_limits
-        limit = threadpool_limits(limits=threads, user_api="blas")
-    except ImportError:
-        import contextlib
-        limit = contextlib.nullcontext()
+    limit = numpy_blas_threads(threads)   # numpy's BLAS only: gpt2s's stays at 1 thread
     best = 0.0
     with limit:
         for fn in (lambda: np.matmul(A, W, out=out), lambda: torch.mm(tA, tW, out=tout)):
@@ -160,6 +157,94 @@ def measure_sgemm(N: int, C: int, threads: int) -> float:
             best = max(best, 2.0 * N * C * 4 * C / np.median(ts) / 1e9)
     time.sleep(0.3)  # let numpy's OpenBLAS workers go idle
     return best
+
+
+def quiet_first(args):
+    if args.wait_quiet > 0:
+        waited, busy = wait_quiet(args.wait_quiet)
+        if waited >= 2:
+            print(f"(waited {waited:.0f} s for a quiet machine; other processes used "
+                  f"{busy:.2f} cores in the last second)")
+
+
+def report_load(load):
+    if load is None:
+        print()
+    elif load > 0.1:
+        print(f"!! other processes used {load:.2f} cores during the measurement: these numbers "
+              "are disturbed (with 2 threads, every parallel region waits for a descheduled "
+              "thread)\n")
+    else:
+        print(f"(other processes used {load:.2f} cores during the measurement)\n")
+
+
+def kernel_table(prof, phase, wall, n, sgemm=None):
+    items = sorted(((name, v) for (ph, name), v in prof.kernel.items() if ph == phase),
+                   key=lambda kv: -kv[1][0])
+    rows, kernels, in_kernels = [], [], 0.0
+    for name, (t, calls, flops, nbytes) in items:
+        t /= n
+        in_kernels += t
+        gfl = flops / n / t / 1e9 if flops else None
+        rate = "-" if not gfl else (f"{gfl:.1f} ({100 * gfl / sgemm:.0f}%)" if sgemm
+                                    else f"{gfl:.1f}")
+        rows.append([name, f"{1e3 * t:.2f}", f"{100 * t / wall:.1f}%", f"{calls / n:g}",
+                     f"{1e6 * t * n / calls:.1f}", rate, f"{nbytes / n / t / 1e9:.1f}"])
+        kernels.append({"kernel": name, "ms": 1e3 * t, "pct": 100 * t / wall,
+                        "calls": calls / n, "us_per_call": 1e6 * t * n / calls,
+                        "gflops": gfl, "arg_gbs": nbytes / n / t / 1e9})
+    outside = wall - in_kernels
+    rows.append(["(outside kernels)", f"{1e3 * outside:.2f}", f"{100 * outside / wall:.1f}%",
+                 "", "", "", ""])
+    rows.append(["total", f"{1e3 * wall:.2f}", "100%", "", "", "", ""])
+    return rows, kernels, outside
+
+
+def profile_generate(args):
+    """Per-kernel breakdown of one greedy generate call (prefill + decoding)."""
+    import gpt2s
+    from gpt2s import _core
+    gpt2s.set_num_threads(args.threads)
+    cfg = gpt2s.GPT2Config.preset(args.preset)
+    m = gpt2s.GPT2.from_config(cfg, seed=0)
+    B = args.generate
+    T = args.T if args.T != 64 else 16      # --T's default is the train step's
+    prompt = np.random.default_rng(7 + B).integers(0, cfg.vocab_size, (B, T))
+    m.generate(prompt, args.new, temperature=0.0)           # warm-up: buffers, KV cache
+    prof = Profiler(_core, cfg.n_embd)
+    prof.install()
+    prof.phase = "generate"
+    quiet_first(args)
+    snap = cpu_snapshot()
+    prof.enabled = True
+    t0 = time.perf_counter()
+    m.generate(prompt, args.new, temperature=0.0)
+    wall = time.perf_counter() - t0
+    prof.enabled = False
+    prof.uninstall()
+    load = other_load(snap, cpu_snapshot())
+    wbytes = 4 * m.num_parameters()
+    print(f"gpt2s {gpt2s.__version__}: {args.preset} generate, B={B}, prompt {T}, {args.new} new "
+          f"tokens, {gpt2s.get_num_threads()} threads: {wall:.3f} s, {B * args.new / wall:.1f} "
+          f"tok/s, {1e3 * wall / args.new:.1f} ms per decoding step (fp32 weights "
+          f"{wbytes / 1e6:.0f} MB: {wbytes / (wall / args.new) / 1e9:.1f} GB/s of weight reads)")
+    report_load(load)
+    rows, kernels, outside = kernel_table(prof, "generate", wall / args.new, args.new)
+    print_rows("per decoding step (prefill included, averaged)",
+               ["kernel", "ms/step", "%", "calls/step", "us/call", "GFLOP/s", "arg GB/s"],
+               rows)
+    rows = []
+    for (ph, name, label), (t, calls, flops) in sorted(prof.matmul.items(),
+                                                       key=lambda kv: -kv[1][0]):
+        rows.append([name, label, f"{1e3 * t / args.new:.2f}", f"{1e6 * t / calls:.1f}",
+                     f"{flops / t / 1e9:.1f}"])
+    print_rows("matmuls by weight", ["kernel", "weight", "ms/step", "us/call", "GFLOP/s"], rows)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"mode": "generate", "B": B, "prompt": T, "new": args.new,
+                       "wall_s": wall, "other_load_cores": load, "kernels": kernels}, f,
+                      indent=1)
 
 
 def print_rows(title, header, rows):
@@ -184,8 +269,17 @@ def main(argv=None):
     p.add_argument("--adamw", action="store_true", help="include gpt2s.AdamW(m).step()")
     p.add_argument("--torch", action="store_true",
                    help="also torch.profiler on the PyTorch baseline, same shape")
+    p.add_argument("--generate", metavar="B", type=int, default=None,
+                   help="profile greedy generation at batch B instead of a train step "
+                        "(prompt of --T tokens, default 16 here, and --new new tokens)")
+    p.add_argument("--new", type=int, default=128, help="new tokens with --generate")
+    p.add_argument("--wait-quiet", metavar="SECONDS", type=float, default=120.0,
+                   help="wait up to this long for other processes to leave the CPUs idle "
+                        "before measuring (default 120; 0: don't)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
+    if args.generate is not None:
+        return profile_generate(args)
 
     import gpt2s
     from gpt2s import _core
@@ -221,6 +315,8 @@ def main(argv=None):
 
     for _ in range(args.warmup):
         step()
+    quiet_first(args)
+    snap = cpu_snapshot()
     prof.enabled = True
     steps = []
     for _ in range(args.steps):
@@ -230,6 +326,7 @@ def main(argv=None):
         steps.append(time.perf_counter() - t0)
     prof.enabled = False
     prof.uninstall()
+    load = other_load(snap, cpu_snapshot())
     n = args.steps
     step_ms = 1e3 * float(np.mean(steps))
 
@@ -237,11 +334,12 @@ def main(argv=None):
           f"B={B} T={T}, {gpt2s.get_num_threads()} threads, {n} steps after {args.warmup} "
           f"warm-up; step {step_ms:.1f} ms mean (median {1e3 * np.median(steps):.1f}, "
           f"min {1e3 * min(steps):.1f}, max {1e3 * max(steps):.1f}); sgemm reference "
-          f"{sgemm:.1f} GFLOP/s (numpy/torch at {B * T}x{C}x{4 * C})\n")
+          f"{sgemm:.1f} GFLOP/s (numpy/torch at {B * T}x{C}x{4 * C})")
+    report_load(load)
 
     report = {"preset": args.preset, "B": B, "T": T, "threads": gpt2s.get_num_threads(),
               "steps": n, "step_ms_mean": step_ms, "step_ms_all": [1e3 * s for s in steps],
-              "sgemm_gflops": sgemm, "phases": {}, "matmuls": []}
+              "sgemm_gflops": sgemm, "other_load_cores": load, "phases": {}, "matmuls": []}
     phases = [ph for ph in ("zero_grad", "forward", "backward", "adamw")
               if ph in prof.phase_wall]
     summary = []
