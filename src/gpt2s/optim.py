@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from . import _core
+from .weights import atomic_write
 
 __all__ = ["AdamW", "clip_grad_norm", "default_decay_rule"]
 
@@ -88,19 +87,10 @@ class AdamW:
 
     def save(self, path):
         """Save the optimizer state (.npz), written to a temporary name and renamed."""
-        path = Path(path)
         s = self.state_dict()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp",
-                                   dir=path.parent if str(path.parent) else ".")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, step=s["step"], lr=s["lr"], betas=np.array(s["betas"]),
-                         eps=s["eps"], weight_decay=s["weight_decay"], m=s["m"], v=s["v"])
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(Path(path), lambda f: np.savez(
+            f, step=s["step"], lr=s["lr"], betas=np.array(s["betas"]), eps=s["eps"],
+            weight_decay=s["weight_decay"], m=s["m"], v=s["v"]))
 
     def load(self, path):
         with np.load(path) as z:

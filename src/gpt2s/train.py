@@ -16,12 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .weights import atomic_write
 
 
 class UsageError(Exception):
@@ -165,9 +166,8 @@ def evaluate(model, batches: Batches, n: int) -> float:
 def save(model, opt, out: Path, step: int, history: list):
     model.save_safetensors(out)
     opt.save(out / "optimizer.npz")
-    tmp = out / ".train_state.json.tmp"
-    tmp.write_text(json.dumps({"step": step, "history": history}))
-    os.replace(tmp, out / "train_state.json")
+    state = json.dumps({"step": step, "history": history}).encode()
+    atomic_write(out / "train_state.json", lambda f: f.write(state))
 
 
 def main(argv=None) -> int:

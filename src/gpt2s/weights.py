@@ -270,12 +270,12 @@ def save_safetensors(path, params: dict, config: GPT2Config, prefix: str = "tran
     p = Path(path)
     if p.suffix == ".safetensors":
         p.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(p, lambda f: _write_tensors(f, params, prefix, st_dtype))
+        atomic_write(p, lambda f: _write_tensors(f, params, prefix, st_dtype))
         return p
     p.mkdir(parents=True, exist_ok=True)
-    _atomic_write(p / "model.safetensors", lambda f: _write_tensors(f, params, prefix, st_dtype))
+    atomic_write(p / "model.safetensors", lambda f: _write_tensors(f, params, prefix, st_dtype))
     cfg = json.dumps(config.to_hf_dict(), indent=2).encode()
-    _atomic_write(p / "config.json", lambda f: f.write(cfg))
+    atomic_write(p / "config.json", lambda f: f.write(cfg))
     return p
 
 
@@ -307,13 +307,23 @@ def _write_tensors(f, params: dict, prefix: str, st_dtype: str = "F32"):
         f.write(_encode(arr, st_dtype).data)
 
 
-def _atomic_write(dest: Path, write):
+def _default_mode() -> int:
+    # mkstemp creates 0600 files; a saved model gets the permissions open() would give it
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(dest: Path, write):
+    """Call write(f) on a temporary file beside dest, then rename it over dest."""
+    dest = Path(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, dest)
     except BaseException:
         try:
