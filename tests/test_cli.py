@@ -158,11 +158,22 @@ def test_missing_model_paths(tmp_path, clean_env):
 
 
 def test_no_model_anywhere(tmp_path, clean_env):
-    if (Path(gpt2s.__file__).parent / "assets" / "demo" / "model.safetensors").is_file():
-        pytest.skip("the demo model is bundled: there is always a model")
-    p = run(["hi"], clean_env, cwd=tmp_path)
-    assert_user_error(p, "no GPT-2 model found", "assets/model.safetensors", HF_DOWNLOAD,
-                      "--model")
+    # the bundled demo model is always there, so point the last fallback at an empty folder
+    from gpt2s.generate import ModelNotFound, find_model
+    with pytest.raises(ModelNotFound) as e:
+        find_model(env=clean_env, cwd=tmp_path, demo_dir=tmp_path / "no-demo")
+    for fragment in ("no GPT-2 model found", "assets/model.safetensors", HF_DOWNLOAD, "--model",
+                     str(tmp_path / "no-demo")):
+        assert fragment in str(e.value)
+
+
+def test_bundled_demo_model_is_the_last_fallback(tmp_path, clean_env):
+    demo = Path(gpt2s.__file__).parent / "assets" / "demo"
+    assert (demo / "model.safetensors").is_file() and (demo / "config.json").is_file()
+    p = run(["ROMEO:", "-n", "5", "--seed", "0", "--verbose"], clean_env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert f"model: {demo}" in p.stderr
+    assert p.stdout.startswith("ROMEO:") and len(p.stdout) > len("ROMEO:")
 
 
 # ------------------------------------------------------------------ model resolution
