@@ -1,9 +1,9 @@
 """Thread control: results with 1 and 2 OpenMP threads agree (forward, backward, AdamW), and
 the thread API (set_num_threads / get_num_threads / show_config) behaves.
 
-The model is sized so that every parallel path really splits work: matmuls above the
-kernels' single-thread threshold (2 N K OC >= 4e6 flops), T > 64 (two attention query
-blocks), several (batch, head) pairs, a vocabulary that does not divide evenly.
+The `threads` fixture lifts the work threshold below which kernels stay on one thread, and
+the model is sized so that every parallel path really splits work: T > 64 (two attention
+query blocks), several (batch, head) pairs, a vocabulary that does not divide evenly.
 """
 
 from __future__ import annotations
@@ -24,8 +24,13 @@ from gpt2s import AdamW
 
 @pytest.fixture
 def threads(restore_threads):
-    """set_num_threads for the test; the previous count is restored afterwards."""
-    return gpt2s.set_num_threads
+    """set_num_threads for the test; the previous count is restored afterwards.  Kernels
+    normally stay on one thread below a work size that these small models do not reach; the
+    threshold is lifted so that every kernel really runs its parallel path."""
+    saved = gpt2s._core.get_parallel_min_work()
+    gpt2s._core.set_parallel_min_work(0)
+    yield gpt2s.set_num_threads
+    gpt2s._core.set_parallel_min_work(saved)
 
 
 @pytest.fixture(scope="module")

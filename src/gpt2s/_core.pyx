@@ -155,6 +155,30 @@ cdef extern from *:
 cdef int _num_threads = 1
 
 
+# Below this much work (elements touched, or multiply-adds) a kernel runs on the calling
+# thread: waking the team costs more than it saves, and on a busy machine every parallel
+# region waits for its slowest thread to be scheduled (batch-1 decoding runs ~120 small
+# kernels per token).
+cdef double PARALLEL_MIN_WORK = 65536.0
+
+
+cdef inline int threads_for(double work) noexcept nogil:
+    return _num_threads if work >= PARALLEL_MIN_WORK else 1
+
+
+def set_parallel_min_work(double work):
+    """Set the size below which kernels stay on one thread (default 65536); 0 makes every
+    kernel use the whole team (the thread tests use it to exercise every parallel path)."""
+    global PARALLEL_MIN_WORK
+    if not work >= 0:
+        raise ValueError(f"parallel min work must be >= 0, got {work}")
+    PARALLEL_MIN_WORK = work
+
+
+def get_parallel_min_work():
+    return PARALLEL_MIN_WORK
+
+
 def have_openmp():
     """True when this build of _core was compiled with OpenMP."""
     return bool(gpt2s_have_openmp())
@@ -241,7 +265,7 @@ cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
     cdef int nt = _num_threads
     cdef int nblocks, blk, i, lo, hi, step
     cdef double flops = 2.0 * M * N * K
-    if nt <= 1 or flops < 4.0e6:
+    if nt <= 1 or flops < 5.0e5:
         gemm_serial(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
         return
     if N >= M:
@@ -275,7 +299,7 @@ def embedding_forward(float[:, ::1] out, const int64_t[::1] idx, const float[:, 
     cdef float *o
     cdef const float *te
     cdef const float *pe
-    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+    for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
         o = &out[n, 0]
         te = &wte[idx[n], 0]
         pe = &wpe[pos0 + n % T, 0]
@@ -289,7 +313,7 @@ def embedding_backward(float[:, ::1] dwte, float[:, ::1] dwpe, const float[:, ::
     # Race-free: thread k owns the vocabulary rows v with v % nt == k, and each position row t
     # belongs to one prange iteration.
     cdef Py_ssize_t N = dout.shape[0], C = dout.shape[1], n, c, b, t
-    cdef int nt = _num_threads, k
+    cdef int nt = threads_for(N * C), k
     cdef int B = N // T
     cdef float *d
     cdef const float *g
@@ -332,7 +356,7 @@ def layernorm_forward(float[:, ::1] out, float[::1] mean, float[::1] rstd,
     cdef int C = inp.shape[1]
     cdef float *pm = &mean[0] if mean.shape[0] > 0 else NULL
     cdef float *pr = &rstd[0] if rstd.shape[0] > 0 else NULL
-    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+    for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
         layernorm_row(&out[n, 0], (pm + n) if pm != NULL else NULL,
                       (pr + n) if pr != NULL else NULL, &inp[n, 0], &weight[0], &bias[0], C, eps)
 
@@ -349,7 +373,7 @@ def residual_layernorm_forward(float[:, ::1] residual, float[:, ::1] out, float[
     cdef const float *b
     cdef float *pm = &mean[0] if mean.shape[0] > 0 else NULL
     cdef float *pr = &rstd[0] if rstd.shape[0] > 0 else NULL
-    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+    for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
         r = &residual[n, 0]
         a = &inp1[n, 0]
         b = &inp2[n, 0]
@@ -417,7 +441,7 @@ def matmul_forward(float[:, ::1] out, const float[:, ::1] inp, const float[:, ::
     with nogil:
         if bias.shape[0] > 0:
             # the bias is laid down first and sgemm accumulates onto it (beta = 1)
-            for n in prange(N, num_threads=_num_threads, schedule='static'):
+            for n in prange(N, num_threads=threads_for(N * OC), schedule='static'):
                 memcpy(&out[n, 0], &bias[0], OC * sizeof(float))
             beta = 1.0
         gemm(False, False, N, OC, C, 1.0, &inp[0, 0], C, &weight[0, 0], OC, beta,
@@ -430,7 +454,7 @@ def matmul_backward(float[:, ::1] dinp, float[:, ::1] dweight, float[::1] dbias,
     # dinp (N, C) (+)= dout (N, OC) @ weight^T;  dweight (C, OC) += inp^T @ dout;
     # dbias (OC,) += column sums of dout
     cdef Py_ssize_t N = inp.shape[0], n, o, lo, hi, blk, nblocks, step
-    cdef int C = inp.shape[1], OC = weight.shape[1], nt = _num_threads
+    cdef int C = inp.shape[1], OC = weight.shape[1], nt = threads_for(N * OC)
     cdef float *db
     cdef const float *g
     with nogil:
@@ -479,7 +503,7 @@ def gelu_forward(float[:, ::1] out, const float[:, ::1] inp):
     cdef float *o
     cdef const float *x
     cdef float xi
-    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+    for n in prange(N, nogil=True, num_threads=threads_for(N * D), schedule='static'):
         o = &out[n, 0]
         x = &inp[n, 0]
         for i in range(D):
@@ -496,7 +520,7 @@ def gelu_backward(float[:, ::1] dinp, const float[:, ::1] inp, const float[:, ::
     cdef const float *x
     cdef const float *g
     cdef float xi, sg
-    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+    for n in prange(N, nogil=True, num_threads=threads_for(N * D), schedule='static'):
         d = &dinp[n, 0]
         x = &inp[n, 0]
         g = &dout[n, 0]
@@ -515,7 +539,7 @@ def residual_forward(float[:, ::1] out, const float[:, ::1] inp1, const float[:,
     cdef float *o
     cdef const float *a
     cdef const float *b
-    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+    for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
         o = &out[n, 0]
         a = &inp1[n, 0]
         b = &inp2[n, 0]
@@ -584,7 +608,7 @@ def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
     cdef bint keep_lse = lse.shape[0] > 0
     if pos0 + Tq > Tkmax or v.shape[1] != Tkmax or v.shape[2] != ldk:
         raise ValueError("attention_forward: key/value buffers too short")
-    with nogil, parallel(num_threads=_num_threads):
+    with nogil, parallel(num_threads=threads_for(<double>B * NH * Tq * (pos0 + Tq) * HS)):
         S = <float *>malloc(sizeof(float) * QBLOCK * (pos0 + Tq))
         for bh in prange(B * NH, schedule='static'):
             b = bh // NH
@@ -651,7 +675,7 @@ def attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
     cdef float *P
     cdef float *dP
     cdef float *D
-    with nogil, parallel(num_threads=_num_threads):
+    with nogil, parallel(num_threads=threads_for(<double>B * NH * T * T * HS)):
         P = <float *>malloc(sizeof(float) * QBLOCK * T)
         dP = <float *>malloc(sizeof(float) * QBLOCK * T)
         D = <float *>malloc(sizeof(float) * QBLOCK)
@@ -696,7 +720,7 @@ def crossentropy_forward(float[::1] losses, float[::1] lse, const float[:, ::1] 
     cdef Py_ssize_t N = logits.shape[0], n
     cdef int V = logits.shape[1]
     cdef float l
-    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+    for n in prange(N, nogil=True, num_threads=threads_for(N * V), schedule='static'):
         l = row_logsumexp(&logits[n, 0], V)
         lse[n] = l
         if targets[n] < 0:
@@ -714,7 +738,7 @@ def crossentropy_backward(float[:, ::1] dlogits, const float[:, ::1] logits,
     cdef float *d
     cdef const float *x
     cdef float l
-    for n in prange(N, nogil=True, num_threads=_num_threads, schedule='static'):
+    for n in prange(N, nogil=True, num_threads=threads_for(N * V), schedule='static'):
         d = &dlogits[n, 0]
         if targets[n] < 0:
             memset(d, 0, V * sizeof(float))
@@ -731,7 +755,7 @@ def crossentropy_backward(float[:, ::1] dlogits, const float[:, ::1] logits,
 
 def fill_zero(float[::1] buf):
     cdef Py_ssize_t n = buf.shape[0], i, lo, hi, step
-    cdef int nt = _num_threads, k
+    cdef int nt = threads_for(n), k
     step = (n + nt - 1) // nt
     for k in prange(nt, nogil=True, num_threads=nt, schedule='static'):
         lo = k * step
@@ -746,7 +770,7 @@ def sum_squares(const float[::1] buf):
     cdef Py_ssize_t n = buf.shape[0], nb = (n + 4095) // 4096, blk, i, lo, hi
     cdef double total = 0.0
     cdef float part
-    for blk in prange(nb, nogil=True, num_threads=_num_threads, schedule='static'):
+    for blk in prange(nb, nogil=True, num_threads=threads_for(n), schedule='static'):
         lo = blk * 4096
         hi = min(n, lo + 4096)
         part = gpt2s_dot(&buf[lo], &buf[lo], hi - lo)
@@ -759,7 +783,7 @@ cdef void adamw_segment(float *pp, const float *pg, float *pm, float *pv, Py_ssi
                         float step_size, float inv_sqrt_bc2, float grad_scale) noexcept nogil:
     cdef Py_ssize_t i
     cdef float g, mi, vi
-    for i in prange(lo, hi, num_threads=_num_threads, schedule='static'):
+    for i in prange(lo, hi, num_threads=threads_for(hi - lo), schedule='static'):
         g = pg[i] * grad_scale
         mi = beta1 * pm[i] + (<float>1.0 - beta1) * g
         vi = beta2 * pv[i] + (<float>1.0 - beta2) * g * g
@@ -799,7 +823,7 @@ def adamw_step(float[::1] params, const float[::1] grads, float[::1] m, float[::
 def scale_inplace(float[::1] buf, float factor):
     cdef Py_ssize_t n = buf.shape[0], i
     cdef float *p = &buf[0]
-    for i in prange(n, nogil=True, num_threads=_num_threads, schedule='static'):
+    for i in prange(n, nogil=True, num_threads=threads_for(n), schedule='static'):
         p[i] = p[i] * factor
 
 

@@ -186,7 +186,7 @@ def argmax_rows(int64_t[::1] out, const float[:, ::1] logits):
         raise ValueError(f"argmax_rows: out has {out.shape[0]} rows, logits {B}")
     if V < 1:
         raise ValueError("argmax_rows: empty vocabulary")
-    for b in prange(B, nogil=True, num_threads=_num_threads, schedule='static'):
+    for b in prange(B, nogil=True, num_threads=min(<int>B, threads_for(<double>B * V)), schedule='static'):
         out[b] = row_argmax(&logits[b, 0], V)
 
 
@@ -217,7 +217,7 @@ def sample_rows(int64_t[::1] out, const float[:, ::1] logits, const double[::1] 
     if out.shape[0] != B or uniforms.shape[0] != B:
         raise ValueError(f"sample_rows: out has {out.shape[0]} rows, uniforms "
                          f"{uniforms.shape[0]}, logits {B}")
-    for b in prange(B, nogil=True, num_threads=_num_threads, schedule='static'):
+    for b in prange(B, nogil=True, num_threads=min(<int>B, threads_for(<double>B * V)), schedule='static'):
         total = filtered_weights(&weights[b, 0], &logits[b, 0], V, inv_temp, top_k, top_p)
         out[b] = inverse_cdf(&weights[b, 0], V, total, uniforms[b])
 
@@ -232,7 +232,7 @@ def sampling_distribution(float[:, ::1] probs, const float[:, ::1] logits, float
     cdef double total
     cdef float scale
     cdef float *p
-    for b in prange(B, nogil=True, num_threads=_num_threads, schedule='static'):
+    for b in prange(B, nogil=True, num_threads=min(<int>B, threads_for(<double>B * V)), schedule='static'):
         p = &probs[b, 0]
         total = filtered_weights(p, &logits[b, 0], V, inv_temp, top_k, top_p)
         scale = <float>(1.0 / total)
