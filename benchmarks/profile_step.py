@@ -294,6 +294,7 @@ def main(argv=None):
     kw = {"return_logits": False} if "return_logits" in inspect.signature(
         m.forward).parameters else {}
 
+    quiet_first(args)
     sgemm = measure_sgemm(B * T, C, args.threads)
 
     prof = Profiler(_core, C)
