@@ -227,9 +227,11 @@ class GPT2:
         eps = cfg.layer_norm_epsilon
         a = self._acts.carve({
             "encoded": (N, C),
-            "ln1": (LS, N, C), "ln1_mean": (LS, N), "ln1_rstd": (LS, N),
+            # the layernorm outputs are not kept per layer: the backward recomputes them from
+            # the residual stream (one cheap pass, bit-identical) and saves 2 x L x N x C floats
+            "ln1": (N, C), "ln1_mean": (LS, N), "ln1_rstd": (LS, N),
             "qkv": (LS, N, 3 * C), "atty": (LS, N, C), "att_lse": (LS, B, NH, T),
-            "res2": (LS, N, C), "ln2": (LS, N, C), "ln2_mean": (LS, N), "ln2_rstd": (LS, N),
+            "res2": (LS, N, C), "ln2": (N, C), "ln2_mean": (LS, N), "ln2_rstd": (LS, N),
             "fch": (LS, N, 4 * C), "fch_gelu": (N, 4 * C),
             "res3": (L, N, C) if train else (2, N, C), "proj": (N, C),
             "lnf": (N, C), "lnf_mean": (N,), "lnf_rstd": (N,),
@@ -237,14 +239,14 @@ class GPT2:
         P = self.params
         _core.embedding_forward(a["encoded"], idx.reshape(-1), P["wte.weight"], P["wpe.weight"],
                                 T, pos0)
-        _core.layernorm_forward(a["ln1"][0], a["ln1_mean"][0], a["ln1_rstd"][0], a["encoded"],
+        _core.layernorm_forward(a["ln1"], a["ln1_mean"][0], a["ln1_rstd"][0], a["encoded"],
                                 P["h.0.ln_1.weight"], P["h.0.ln_1.bias"], eps)
         for l in range(L):
             s = l if train else 0
             w = {k: P[v] for k, v in self._layer_names[l].items()}
             res_in = a["encoded"] if l == 0 else a["res3"][(l - 1) if train else (l - 1) % 2]
             qkv = a["qkv"][s]
-            _core.matmul_forward(qkv, a["ln1"][s], w["attn.c_attn.weight"],
+            _core.matmul_forward(qkv, a["ln1"], w["attn.c_attn.weight"],
                                  w["attn.c_attn.bias"])
             qkv3 = qkv.reshape(B, T, 3 * C)
             if kv is None:
@@ -257,10 +259,10 @@ class GPT2:
                                         keys, 0, values, 0, pos0, NH)
             _core.matmul_forward(a["proj"], a["atty"][s], w["attn.c_proj.weight"],
                                  w["attn.c_proj.bias"])
-            _core.residual_layernorm_forward(a["res2"][s], a["ln2"][s], a["ln2_mean"][s],
+            _core.residual_layernorm_forward(a["res2"][s], a["ln2"], a["ln2_mean"][s],
                                              a["ln2_rstd"][s], res_in, a["proj"],
                                              w["ln_2.weight"], w["ln_2.bias"], eps)
-            _core.matmul_forward(a["fch"][s], a["ln2"][s], w["mlp.c_fc.weight"],
+            _core.matmul_forward(a["fch"][s], a["ln2"], w["mlp.c_fc.weight"],
                                  w["mlp.c_fc.bias"])
             # gelu(fch) is not kept per layer: the backward recomputes it (one cheap pass)
             _core.gelu_forward(a["fch_gelu"], a["fch"][s])
@@ -270,7 +272,7 @@ class GPT2:
             if l + 1 < L:
                 nxt = l + 1 if train else 0
                 _core.residual_layernorm_forward(
-                    res_out, a["ln1"][nxt], a["ln1_mean"][nxt], a["ln1_rstd"][nxt],
+                    res_out, a["ln1"], a["ln1_mean"][nxt], a["ln1_rstd"][nxt],
                     a["res2"][s], a["proj"], P[f"h.{l + 1}.ln_1.weight"],
                     P[f"h.{l + 1}.ln_1.bias"], eps)
             else:
@@ -337,6 +339,7 @@ class GPT2:
             raise RuntimeError("backward(): every target of the last forward was -1 (ignored); "
                                "the loss is undefined")
         cfg = self.config
+        eps = cfg.layer_norm_epsilon
         G, P, a = self.grads, self.params, self._a
         idx = last["idx"]
         B, T = idx.shape
@@ -370,8 +373,10 @@ class GPT2:
             _core.matmul_backward(d["dfch"], g["mlp.c_proj.weight"], g["mlp.c_proj.bias"], dres,
                                   a["fch_gelu"], w["mlp.c_proj.weight"], False)
             _core.gelu_backward(d["dfch"], a["fch"][l], d["dfch"])
+            _core.layernorm_forward(a["ln2"], _EMPTY1, _EMPTY1, a["res2"][l], w["ln_2.weight"],
+                                    w["ln_2.bias"], eps)
             _core.matmul_backward(d["dln"], g["mlp.c_fc.weight"], g["mlp.c_fc.bias"], d["dfch"],
-                                  a["ln2"][l], w["mlp.c_fc.weight"], False)
+                                  a["ln2"], w["mlp.c_fc.weight"], False)
             _core.layernorm_backward(dres, g["ln_2.weight"], g["ln_2.bias"], d["dln"], a["res2"][l],
                                      w["ln_2.weight"], a["ln2_mean"][l], a["ln2_rstd"][l],
                                      d["ln_scratch"])
@@ -381,8 +386,10 @@ class GPT2:
             _core.attention_backward(d["dqkv"].reshape(B, T, 3 * C), d["datty"].reshape(B, T, C),
                                      a["atty"][l].reshape(B, T, C), a["att_lse"][l],
                                      a["qkv"][l].reshape(B, T, 3 * C), NH)
+            _core.layernorm_forward(a["ln1"], _EMPTY1, _EMPTY1, res_in, w["ln_1.weight"],
+                                    w["ln_1.bias"], eps)
             _core.matmul_backward(d["dln"], g["attn.c_attn.weight"], g["attn.c_attn.bias"],
-                                  d["dqkv"], a["ln1"][l], w["attn.c_attn.weight"], False)
+                                  d["dqkv"], a["ln1"], w["attn.c_attn.weight"], False)
             _core.layernorm_backward(dres, g["ln_1.weight"], g["ln_1.bias"], d["dln"], res_in,
                                      w["ln_1.weight"], a["ln1_mean"][l], a["ln1_rstd"][l],
                                      d["ln_scratch"])
