@@ -369,6 +369,40 @@ cdef inline void gemm_serial(bint trans_a, bint trans_b, int M, int N, int K, fl
                    B, ldb, A, lda, beta, C, ldc)
 
 
+cdef inline void sgemv_rows(int N, int rows, float alpha, const float *B, int ldb,
+                            const float *a, int inc_a, float *out) noexcept nogil:
+    # out (N,) = alpha a (rows,) @ B (rows, N); B row-major is column-major (N x rows)
+    cdef int one = 1
+    cdef float zero = 0.0
+    cdef char no_trans = b'N'
+    _sgemv(&no_trans, &N, &rows, &alpha, <float *>B, &ldb, <float *>a, &inc_a, &zero, out, &one)
+
+
+cdef void gemv_split_k(int nt, int N, int K, float alpha, const float *a, int inc_a,
+                       const float *B, int ldb, float beta, float *y) noexcept nogil:
+    # y (N,) = alpha a (K,) @ B (K, N) + beta y, with B's rows split into nt blocks
+    cdef float *part = <float *>malloc(sizeof(float) * nt * N)
+    cdef int blk, lo, hi, step = (K + nt - 1) // nt, j, t
+    cdef float acc
+    if part == NULL:
+        gemm_serial(False, False, 1, N, K, alpha, a, inc_a, B, ldb, beta, y, N)
+        return
+    for blk in prange(nt, num_threads=nt, schedule='static'):
+        lo = blk * step
+        hi = min(K, lo + step)
+        if hi > lo:
+            sgemv_rows(N, hi - lo, alpha, B + <int64_t>lo * ldb, ldb,
+                       a + <int64_t>lo * inc_a, inc_a, part + <int64_t>blk * N)
+        else:
+            memset(part + <int64_t>blk * N, 0, N * sizeof(float))
+    for j in range(N):
+        acc = 0.0
+        for t in range(nt):
+            acc = acc + part[<int64_t>t * N + j]
+        y[j] = acc + beta * y[j] if beta != 0.0 else acc
+    free(part)
+
+
 cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
                const float *A, int lda, const float *B, int ldb,
                float beta, float *C, int ldc) noexcept nogil:
@@ -379,6 +413,12 @@ cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
     cdef double flops = 2.0 * M * N * K
     if nt <= 1 or flops < 5.0e5:
         gemm_serial(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+        return
+    if M == 1 and not trans_b and N < 2048 and K >= 2 * nt:
+        # a row vector times a row-major B (K, N) with short rows: split over K so each thread
+        # streams its own contiguous block of B (halves of 3 KB rows read at ~17 GB/s against
+        # ~31 for whole blocks), then add the partial results
+        gemv_split_k(nt, N, K, alpha, A, lda if trans_a else 1, B, ldb, beta, C)
         return
     if N >= M:
         # split columns of C: columns of op(B)
