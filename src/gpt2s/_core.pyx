@@ -14,7 +14,7 @@ N = B * T rows, OC output channels of a matmul.
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
-from libc.math cimport sqrtf, logf, sqrt, isfinite
+from libc.math cimport sqrtf, sqrt, isfinite  # isfinite: _sampling.pxi
 from libc.stdint cimport int64_t, int32_t
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_GetName
 
@@ -246,13 +246,7 @@ cdef extern from *:
     int gpt2s_have_openmp() noexcept nogil
     int gpt2s_omp_max_threads() noexcept nogil
     float gpt2s_expf(float x) noexcept nogil
-    float gpt2s_sigmoidf(float z) noexcept nogil
-    float gpt2s_max(const float *x, int n) noexcept nogil
-    float gpt2s_sum(const float *x, int n) noexcept nogil
     float gpt2s_dot(const float *x, const float *y, int n) noexcept nogil
-    float gpt2s_sum_sq_dev(const float *x, float m, int n) noexcept nogil
-    float gpt2s_sum_exp(const float *x, float shift, int n) noexcept nogil
-    float gpt2s_exp_store_sum(float *out, const float *x, float shift, int n) noexcept nogil
 
 
 # --------------------------------------------------------------------------------------------
@@ -668,9 +662,8 @@ cdef inline void attention_head_forward(float *out, int ldo, float *lse, const f
                                         int ldq, const float *k, const float *v, int ldk,
                                         int Tq, int pos0, int HS, float scale,
                                         float *S) noexcept nogil:
-    cdef int i0, nq, nk, i, j, valid
-    cdef float m, s
-    cdef float *row
+    cdef int i0, nq, nk, i
+    cdef float l
     i0 = 0
     while i0 < Tq:
         nq = min(QBLOCK, Tq - i0)
