@@ -378,8 +378,8 @@ cdef void gemv_split_k(int nt, int N, int K, float alpha, const float *a, int in
     cdef float *part = <float *>malloc(sizeof(float) * nt * N)
     cdef int blk, lo, hi, step = (K + nt - 1) // nt, j, t
     cdef float acc
-    if part == NULL:
-        gemm_serial(False, False, 1, N, K, alpha, a, inc_a, B, ldb, beta, y, N)
+    if part == NULL:  # out of memory for the partial sums: one thread does it all
+        gemm_serial(inc_a != 1, False, 1, N, K, alpha, a, inc_a, B, ldb, beta, y, N)
         return
     for blk in prange(nt, num_threads=nt, schedule='static'):
         lo = blk * step

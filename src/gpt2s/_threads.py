@@ -23,9 +23,12 @@ def _scipy_blas_controllers():
     import scipy.linalg.cython_blas  # noqa: F401  (make sure the library is loaded)
     ctl = ThreadpoolController()
     libs = [lib for lib in ctl.lib_controllers if lib.user_api == "blas"]
-    scipy_libs = [lib for lib in libs if "scipy" in os.path.basename(os.path.dirname(lib.filepath))
-                  or "scipy" in os.path.basename(lib.filepath)
-                  and "numpy" not in lib.filepath]
+    # SciPy's own copy: in scipy.libs/ (PyPI wheels), or any library named after scipy that is
+    # not NumPy's (NumPy's wheels ship a libscipy_openblas64_ of their own)
+    scipy_libs = [lib for lib in libs
+                  if "scipy" in os.path.basename(os.path.dirname(lib.filepath))
+                  or ("scipy" in os.path.basename(lib.filepath)
+                      and "numpy" not in lib.filepath)]
     return scipy_libs or libs
 
 

@@ -9,8 +9,8 @@ import numpy as np
 
 from . import _core
 from .config import GPT2Config
-from .weights import (infer_config, load_into, open_mapped, param_layout,
-                      resolve_model_path, save_safetensors)
+from .weights import (canonical_name, infer_config, layer_views, load_into, open_mapped,
+                      param_layout, resolve_model_path, save_safetensors)
 
 __all__ = ["GPT2"]
 
@@ -66,12 +66,9 @@ class GPT2:
         self._scratch = _Arena()     # backward and inference temporaries
         self._last = None            # what backward needs from the last forward
         self._logit_arena = _Arena()  # logits of forward(..., return_logits=False)
-        self._layer_names = [
-            {suffix: f"h.{l}.{suffix}" for suffix in (
-                "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
-                "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
-                "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")}
-            for l in range(config.n_layer)]
+        # per-block dicts of the parameter views (and of the gradient views, with the grads)
+        self._layer_params = [layer_views(self.params, l) for l in range(config.n_layer)]
+        self._layer_grads = None
 
     # ------------------------------------------------------------------ construction
 
@@ -108,8 +105,8 @@ class GPT2:
             if cfg_file is not None:
                 config = GPT2Config.from_json_file(cfg_file)
             else:
-                shapes = {(raw[len("transformer."):] if raw.startswith("transformer.") else raw):
-                          tuple(info["shape"]) for raw, info in header.items()}
+                shapes = {canonical_name(raw): tuple(info["shape"])
+                          for raw, info in header.items()}
                 config = infer_config(shapes, str(file))
             m = cls(config)
             load_into(file, header, data_start, mm, m.params, config)
@@ -126,6 +123,7 @@ class GPT2:
         if self._grads is None:
             self._grad_buffer = np.zeros_like(self._param_buffer)
             self._grads = _views(self._grad_buffer, self._layout)
+            self._layer_grads = [layer_views(self._grads, l) for l in range(self.config.n_layer)]
         return self._grads
 
     def num_parameters(self) -> int:
@@ -243,7 +241,7 @@ class GPT2:
                                 P["h.0.ln_1.weight"], P["h.0.ln_1.bias"], eps)
         for l in range(L):
             s = l if train else 0
-            w = {k: P[v] for k, v in self._layer_names[l].items()}
+            w = self._layer_params[l]
             res_in = a["encoded"] if l == 0 else a["res3"][(l - 1) if train else (l - 1) % 2]
             qkv = a["qkv"][s]
             _core.matmul_forward(qkv, a["ln1"], w["attn.c_attn.weight"],
@@ -364,9 +362,7 @@ class GPT2:
         _core.layernorm_backward(dres, G["ln_f.weight"], G["ln_f.bias"], d["dln"], a["res3"][L - 1],
                                  P["ln_f.weight"], a["lnf_mean"], a["lnf_rstd"], d["ln_scratch"])
         for l in reversed(range(L)):
-            names = self._layer_names[l]
-            w = {k: P[v] for k, v in names.items()}
-            g = {k: G[v] for k, v in names.items()}
+            w, g = self._layer_params[l], self._layer_grads[l]
             res_in = a["encoded"] if l == 0 else a["res3"][l - 1]
             # MLP: res3 = res2 + gelu(ln2 @ Wfc + bfc) @ Wproj + bproj
             _core.gelu_forward(a["fch_gelu"], a["fch"][l])

@@ -49,6 +49,19 @@ _LAYER_TENSORS = [
     ("mlp.c_proj.bias", lambda C: (C,)),
 ]
 
+LAYER_SUFFIXES = tuple(suffix for suffix, _ in _LAYER_TENSORS)
+
+
+def layer_views(tensors: dict, layer: int) -> dict:
+    """{suffix: tensors["h.<layer>.<suffix>"]} for one transformer block."""
+    return {suffix: tensors[f"h.{layer}.{suffix}"] for suffix in LAYER_SUFFIXES}
+
+
+def canonical_name(name: str) -> str:
+    """A tensor name without Hugging Face's "transformer." prefix."""
+    return name[len("transformer."):] if name.startswith("transformer.") else name
+
+
 # buffers of the original openai-community/gpt2 file that are not parameters
 _IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 _LAYER_KEY = re.compile(r"h\.(\d+)\.")
@@ -141,10 +154,6 @@ def read_safetensors_header(path: Path, file_size: int, head: bytes) -> tuple[di
     return header, data_start
 
 
-def _canonical(name: str) -> str:
-    return name[len("transformer."):] if name.startswith("transformer.") else name
-
-
 def infer_config(names_shapes: dict, source: str) -> GPT2Config:
     """The config from tensor shapes alone: n_layer from the keys, n_embd and vocab from wte,
     n_ctx from wpe, n_head = n_embd / 64 as in all four GPT-2 sizes."""
@@ -188,7 +197,7 @@ def load_into(path: Path, header: dict, data_start: int, mm, params: dict, confi
     """Copy every parameter from the mapped file into params (dict of float32 views)."""
     seen = {}
     for raw_name, info in header.items():
-        name = _canonical(raw_name)
+        name = canonical_name(raw_name)
         if _IGNORED.fullmatch(name):
             continue
         if name == "lm_head.weight":
