@@ -44,7 +44,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-ALL_CASES = ("sgemm", "bandwidth", "train", "forward", "generate", "memory", "scaling")
+ALL_CASES = ("sgemm", "bandwidth", "train", "forward", "generate", "decode_matmul", "memory",
+             "scaling")
 ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY",
             "GOMP_SPINCOUNT", "OPENBLAS_THREAD_TIMEOUT", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
@@ -64,6 +65,8 @@ class Settings:
             self.scaling_shape = (2, 32)
             self.scaling_T = [32, 64, 128]
             self.sgemm_shapes = [(64, 768, 768)]
+            self.decode_rows, self.decode_shapes = 8, [("mlp.c_fc", 64, 256, False),
+                                                       ("lm_head", 1000, 64, True)]
             self.bandwidth_bytes = 64 << 20
             self.repeats, self.warmup, self.settle = 3, 1, 0.01
         else:
@@ -74,6 +77,12 @@ class Settings:
             self.scaling_shape = (4, 64)
             self.scaling_T = [128, 256, 512, 1024]
             self.sgemm_shapes = [(256, 768, 3072), (1024, 768, 3072)]
+            # (name, K or V, N or K, transposed): out (8, N) = x (8, K) @ W (K, N), or for the
+            # tied lm_head x (8, K) @ wte (V, K)^T
+            self.decode_rows, self.decode_shapes = 8, [
+                ("attn.c_attn", 768, 2304, False), ("attn.c_proj", 768, 768, False),
+                ("mlp.c_fc", 768, 3072, False), ("mlp.c_proj", 3072, 768, False),
+                ("lm_head", 50257, 768, True)]
             self.bandwidth_bytes = 1 << 30
             self.repeats, self.warmup, self.settle = 5, 1, 0.05
 
@@ -710,6 +719,61 @@ def memory_worker(kind: str, cfg_json: str, B: int, T: int, threads: int) -> dic
 _LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
 
 
+def case_decode_matmul(b: Bench) -> dict:
+    """The matmuls of decoding a batch: 8 rows times each GPT-2 weight matrix, the weights not
+    in cache (the product cycles through copies totalling >= 64 MiB), as gpt2s runs them (its
+    few-row kernels where the CPU has AVX2 + FMA), through gpt2s's sgemm path (the kernels
+    bypassed) and torch.mm.  The measure is GB/s of weights read against the same-run read
+    bandwidth: these products cost one pass over the weights and little else."""
+    torch = b.torch
+    from gpt2s import _core
+    M = b.st.decode_rows
+    rows = []
+    have = _core.have_small_m_kernels()
+    for name, K, N, trans in b.st.decode_shapes:
+        rng = np.random.default_rng(1)
+        wshape = (K, N)   # (V, K) for the lm_head, which runs x @ W^T
+        nbytes = 4 * K * N
+        copies = max(2, -(-(64 << 20) // nbytes))
+        Ws = [rng.standard_normal(wshape, dtype=np.float32) for _ in range(copies)]
+        kdim, ndim = (N, K) if trans else (K, N)
+        x = rng.standard_normal((M, kdim), dtype=np.float32)
+        out = np.empty((M, ndim), np.float32)
+        no_bias = np.empty(0, np.float32)
+        tWs = [torch.from_numpy(W) for W in Ws]
+        tx, tout = torch.from_numpy(x), torch.empty(M, ndim)
+
+        def gpt2s_run():
+            for W in Ws:
+                if trans:
+                    _core.lm_head_forward(out, x, W)
+                else:
+                    _core.matmul_forward(out, x, W, no_bias)
+
+        def sgemm_run():
+            previous = _core.set_small_m_kernels(False)
+            try:
+                gpt2s_run()
+            finally:
+                _core.set_small_m_kernels(previous)
+
+        def torch_run():
+            for tW in tWs:
+                torch.mm(tx, tW.t() if trans else tW, out=tout)
+
+        fns = {"gpt2s": gpt2s_run, "gpt2s via sgemm": sgemm_run, "torch.mm": torch_run}
+        if not have:
+            del fns["gpt2s via sgemm"]   # the same path as "gpt2s" here
+        res = run_alternating(fns, max(b.args.repeats, 5), 1, b.st.settle)
+        for provider, r in res.items():
+            gbs = nbytes * copies / r["median_s"] / 1e9
+            r.update(provider=provider, matrix=name, M=M, K=kdim, N=ndim, calls_per_run=copies,
+                     weight_bytes=nbytes, gbs=gbs,
+                     pct_bandwidth=100.0 * gbs / b.bandwidth_gbs if b.bandwidth_gbs else None)
+            rows.append(r)
+    return {"rows": rows, "small_m_kernels": have, "reference_gbs": b.bandwidth_gbs}
+
+
 def case_memory(b: Bench) -> dict:
     """Peak RSS of a B x T fwd+bwd step, each configuration in its own fresh subprocess."""
     B, T = b.st.memory_shape
@@ -846,6 +910,16 @@ def print_case(name: str, res: dict, b: Bench):
         print_table(f"sgemm float32, {b.args.threads} threads (reference = "
                     f"{res['reference_gflops']:.1f} GFLOP/s, {res['reference']})",
                     ["provider", "M x K x N", "median/call", "min-max", "GFLOP/s"], rows)
+    elif name == "decode_matmul":
+        rows = [[r["matrix"], f"{r['M']}x{r['K']}x{r['N']}", r["provider"],
+                 f"{r['median_s'] / r['calls_per_run'] * 1e3:.3f} ms",
+                 f"{r['gbs']:.1f}", "-" if r["pct_bandwidth"] is None
+                 else f"{r['pct_bandwidth']:.0f}%"] for r in res["rows"]]
+        kern = "in use" if res["small_m_kernels"] else "not available on this CPU/build"
+        print_table(f"decode matmuls, 8 rows, weights from memory (gpt2s few-row kernels: {kern}; "
+                    f"bandwidth reference {res['reference_gbs'] or 0:.1f} GB/s)",
+                    ["matrix", "M x K x N", "provider", "median/call", "GB/s", "% bandwidth"],
+                    rows)
     elif name == "bandwidth":
         rows = [[r["reader"], f"{r['bytes'] / 2**20:.0f} MiB", _fmt_s(r), f"{r['gbs']:.1f}",
                  f"{r['gbs_best']:.1f}"] for r in res["rows"]]
@@ -951,7 +1025,8 @@ def _run_case(b: Bench, name: str, fn) -> dict:
 
 
 CASE_FUNCS = {"sgemm": case_sgemm, "bandwidth": case_bandwidth, "train": case_train,
-              "forward": case_forward, "generate": case_generate, "memory": case_memory,
+              "forward": case_forward, "generate": case_generate,
+              "decode_matmul": case_decode_matmul, "memory": case_memory,
               "scaling": case_scaling}
 
 
@@ -1026,7 +1101,7 @@ def main(argv=None) -> int:
     wanted = set(cases)
     if wanted & {"train", "forward", "scaling"}:
         wanted.add("sgemm")
-    if "generate" in wanted:
+    if wanted & {"generate", "decode_matmul"}:
         wanted.add("bandwidth")
     order = [c for c in ALL_CASES if c in wanted]
     if set(order) != set(cases):

@@ -57,7 +57,7 @@ def test_meta(report):
     assert {"OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"} <= set(meta["env"])
     assert report["errors"] == [] and report["check_failures"] == []
     assert set(report["results"]) == {"sgemm", "bandwidth", "train", "forward", "generate",
-                                      "memory", "scaling"}
+                                      "decode_matmul", "memory", "scaling"}
 
 
 def test_reference_rates(report):
@@ -100,6 +100,17 @@ def test_generate(report):
             assert _finite(x["tokens_per_s"]) and _finite(x["frac_ceiling"])
         if "median_s" in r["gpt2s"] and "median_s" in r["transformers"]:
             assert _finite(r["ratio"]) and 0.0 <= r["tokens_match"] <= 1.0
+
+
+def test_decode_matmul(report):
+    dm = report["results"]["decode_matmul"]
+    providers = {"gpt2s", "torch.mm"} | ({"gpt2s via sgemm"} if dm["small_m_kernels"] else set())
+    for matrix in ("mlp.c_fc", "lm_head"):
+        rows = [r for r in dm["rows"] if r["matrix"] == matrix]
+        assert {r["provider"] for r in rows} == providers, matrix
+        for r in rows:
+            _check_timing(r, f"decode_matmul {matrix} {r['provider']}")
+            assert _finite(r["gbs"]) and _finite(r["pct_bandwidth"]) and r["M"] == 8
 
 
 def test_memory(report):

@@ -249,6 +249,13 @@ cdef extern from *:
     float gpt2s_dot(const float *x, const float *y, int n) noexcept nogil
 
 
+cdef extern from "_smallm.h":
+    int GPT2S_SMALLM_MAX
+    int gpt2s_smallm_ok() noexcept nogil
+    void gpt2s_smallm(int trans_b, int M, int n, int K, const float *A, int lda,
+                      const float *B, int ldb, int accumulate, float *C, int ldc) noexcept nogil
+
+
 # --------------------------------------------------------------------------------------------
 # Threads
 
@@ -333,6 +340,24 @@ def _load_blas():
 _load_blas()
 
 
+cdef bint _use_smallm = gpt2s_smallm_ok()
+
+
+def have_small_m_kernels():
+    """True when this CPU and build have the few-row matmul kernels (AVX2 + FMA, _smallm.h)
+    that decoding a batch uses instead of sgemm."""
+    return bool(gpt2s_smallm_ok())
+
+
+def set_small_m_kernels(bint enabled):
+    """Use (True, the default where available) or bypass (False: sgemm) the few-row matmul
+    kernels; returns the previous setting.  For tests and benchmarks."""
+    global _use_smallm
+    previous = bool(_use_smallm)
+    _use_smallm = enabled and gpt2s_smallm_ok()
+    return previous
+
+
 cdef inline void sgemm_colmajor(char ta, char tb, int m, int n, int k, float alpha,
                                 const float *a, int lda, const float *b, int ldb,
                                 float beta, float *c, int ldc) noexcept nogil:
@@ -347,6 +372,11 @@ cdef inline void gemm_serial(bint trans_a, bint trans_b, int M, int N, int K, fl
     cdef int one = 1, inc_a
     cdef char t
     if M <= 0 or N <= 0:
+        return
+    if (_use_smallm and 2 <= M <= GPT2S_SMALLM_MAX and not trans_a and alpha == 1.0
+            and (beta == 0.0 or beta == 1.0)):
+        # a few rows (decoding a batch): kernels that read B once (_smallm.h)
+        gpt2s_smallm(trans_b, M, N, K, A, lda, B, ldb, beta == 1.0, C, ldc)
         return
     if M == 1:
         # One row (batch-1 decoding): a matrix-vector product.  sgemm with one column runs
@@ -548,9 +578,10 @@ def matmul_forward(float[:, ::1] out, const float[:, ::1] inp, const float[:, ::
     cdef Py_ssize_t N = inp.shape[0], n
     cdef int C = inp.shape[1], OC = weight.shape[1]
     cdef float beta = 0.0
-    if weight.shape[0] != C or out.shape[0] != N or out.shape[1] != OC:
-        raise ValueError(f"matmul_forward: shapes ({N},{C}) @ ({weight.shape[0]},{OC}) -> "
-                         f"({out.shape[0]},{out.shape[1]})")
+    if (weight.shape[0] != C or out.shape[0] != N or out.shape[1] != OC
+            or (bias.shape[0] != 0 and bias.shape[0] != OC)):
+        raise ValueError(f"matmul_forward: shapes ({N},{C}) @ ({weight.shape[0]},{OC}) "
+                         f"+ bias ({bias.shape[0]},) -> ({out.shape[0]},{out.shape[1]})")
     with nogil:
         if bias.shape[0] > 0:
             # the bias is laid down first and sgemm accumulates onto it (beta = 1)
@@ -570,6 +601,13 @@ def matmul_backward(float[:, ::1] dinp, float[:, ::1] dweight, float[::1] dbias,
     cdef int C = inp.shape[1], OC = weight.shape[1], nt = threads_for(N * OC)
     cdef float *db
     cdef const float *g
+    if (weight.shape[0] != C or dout.shape[0] != N or dout.shape[1] != OC
+            or dinp.shape[0] != N or dinp.shape[1] != C or dweight.shape[0] != C
+            or dweight.shape[1] != OC or (dbias.shape[0] != 0 and dbias.shape[0] != OC)):
+        raise ValueError(f"matmul_backward: inp ({N},{C}), weight ({weight.shape[0]},{OC}), "
+                         f"dout ({dout.shape[0]},{dout.shape[1]}), dinp ({dinp.shape[0]},"
+                         f"{dinp.shape[1]}), dweight ({dweight.shape[0]},{dweight.shape[1]}), "
+                         f"dbias ({dbias.shape[0]},)")
     with nogil:
         gemm(False, True, N, C, OC, 1.0, &dout[0, 0], OC, &weight[0, 0], OC,
              1.0 if accumulate_dinp else 0.0, &dinp[0, 0], C)
@@ -591,6 +629,9 @@ def matmul_backward(float[:, ::1] dinp, float[:, ::1] dweight, float[::1] dbias,
 def lm_head_forward(float[:, ::1] logits, const float[:, ::1] inp, const float[:, ::1] wte):
     # logits (N, V) = inp (N, C) @ wte (V, C)^T   (the output head is tied to the embedding)
     cdef int N = inp.shape[0], C = inp.shape[1], V = wte.shape[0]
+    if wte.shape[1] != C or logits.shape[0] != N or logits.shape[1] != V:
+        raise ValueError(f"lm_head_forward: shapes ({N},{C}) @ ({V},{wte.shape[1]})^T -> "
+                         f"({logits.shape[0]},{logits.shape[1]})")
     with nogil:
         gemm(False, True, N, V, C, 1.0, &inp[0, 0], C, &wte[0, 0], C, 0.0, &logits[0, 0], V)
 
@@ -599,6 +640,11 @@ def lm_head_backward(float[:, ::1] dinp, float[:, ::1] dwte, const float[:, ::1]
                      const float[:, ::1] inp, const float[:, ::1] wte):
     # dinp (N, C) = dlogits (N, V) @ wte (V, C);  dwte (V, C) += dlogits^T @ inp
     cdef int N = inp.shape[0], C = inp.shape[1], V = wte.shape[0]
+    if (wte.shape[1] != C or dwte.shape[0] != V or dwte.shape[1] != C or dinp.shape[0] != N
+            or dinp.shape[1] != C or dlogits.shape[0] != N or dlogits.shape[1] != V):
+        raise ValueError(f"lm_head_backward: inp ({N},{C}), wte ({V},{wte.shape[1]}), dlogits "
+                         f"({dlogits.shape[0]},{dlogits.shape[1]}), dinp ({dinp.shape[0]},"
+                         f"{dinp.shape[1]}), dwte ({dwte.shape[0]},{dwte.shape[1]})")
     with nogil:
         gemm(False, False, N, C, V, 1.0, &dlogits[0, 0], V, &wte[0, 0], C, 0.0, &dinp[0, 0], C)
         gemm(True, False, V, C, N, 1.0, &dlogits[0, 0], V, &inp[0, 0], C, 1.0, &dwte[0, 0], C)

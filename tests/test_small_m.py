@@ -1,0 +1,161 @@
+"""The few-row matmul kernels (src/gpt2s/_smallm.h) that replace sgemm when 2 <= M <= 32 rows
+(decoding a batch, short prompts): every product against float64 NumPy, with the kernels on
+and bypassed, over shapes that hit each tail (rows past a 6- or 4-row tile, columns past a
+16-column strip, K past a 64-row block or an 8-lane vector), bias accumulation, the thread
+split, and a model forward and batch decode against tests/ref.py.
+
+Where the CPU or build lacks AVX2 + FMA the kernels do not exist: the "kernels" cases are
+skipped with that reason and the "sgemm" cases still run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import ref
+import gpt2s
+from gpt2s import _core
+
+HAVE = _core.have_small_m_kernels()
+U = 2.0 ** -24   # float32 unit roundoff
+
+
+@pytest.fixture(params=["kernels", "sgemm"])
+def path(request):
+    """Run the test with the few-row kernels in use, then with them bypassed."""
+    if request.param == "kernels" and not HAVE:
+        pytest.skip("no AVX2 + FMA few-row kernels on this CPU/build")
+    previous = _core.set_small_m_kernels(request.param == "kernels")
+    yield request.param
+    _core.set_small_m_kernels(previous)
+
+
+@pytest.fixture(params=[1, 3])
+def nthreads(request, restore_threads):
+    """1 thread, and 3 (uneven column splits) with every kernel forced onto its parallel path."""
+    saved = _core.get_parallel_min_work()
+    _core.set_parallel_min_work(0)
+    gpt2s.set_num_threads(request.param)
+    yield request.param
+    _core.set_parallel_min_work(saved)
+
+
+def check(got, want, scale, K, what):
+    """|got - want| <= 4 sqrt(K) u scale elementwise, scale = the sum of |terms| of each output:
+    the usual size of rounding error in a float32 sum of K products (the worst case is K u);
+    an indexing mistake is off by O(scale)."""
+    err = np.abs(got.astype(np.float64) - want)
+    bound = 4.0 * np.sqrt(K) * U * scale
+    worst = float((err / bound).max())
+    assert worst <= 1.0, f"{what}: error {worst:.2f} x the rounding bound"
+
+
+# (K, N): K = 64 one block, 65/130 a block plus a tail, 7 and 13 below a vector; N = 16, 48 whole
+# strips, 17/37/100 with a column tail, 5 below one strip; 768 x 2304 and 3072 x 768 are GPT-2's
+SHAPES = [(64, 16), (65, 48), (130, 37), (7, 5), (13, 100), (40, 17), (768, 2304), (3072, 768)]
+ROWS = [2, 3, 5, 6, 7, 8, 12, 13, 31, 32, 33]
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_matmul_forward_few_rows(path, nthreads, M):
+    rng = np.random.default_rng(M)
+    for K, N in SHAPES:
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        w = rng.standard_normal((K, N)).astype(np.float32)
+        b = rng.standard_normal(N).astype(np.float32)
+        out = np.full((M, N), np.nan, np.float32)
+        x64, w64 = x.astype(np.float64), w.astype(np.float64)
+        scale = np.abs(x64) @ np.abs(w64)
+        _core.matmul_forward(out, x, w, b)              # bias laid down, then accumulated onto
+        check(out, x64 @ w64 + b, scale + np.abs(b), K + 1, (M, K, N))
+        _core.matmul_forward(out, x, w, np.empty(0, np.float32))   # no bias: overwritten
+        check(out, x64 @ w64, scale, K, (M, K, N))
+
+
+@pytest.mark.parametrize("M", ROWS)
+def test_lm_head_forward_few_rows(path, nthreads, M):
+    rng = np.random.default_rng(100 + M)
+    for K, V in [(8, 3), (16, 4), (13, 29), (64, 211), (768, 1000), (21, 50)]:
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        wte = rng.standard_normal((V, K)).astype(np.float32)
+        logits = np.full((M, V), np.nan, np.float32)
+        _core.lm_head_forward(logits, x, wte)
+        x64, e64 = x.astype(np.float64), wte.astype(np.float64)
+        check(logits, x64 @ e64.T, np.abs(x64) @ np.abs(e64).T, K, (M, K, V))
+
+
+@pytest.mark.parametrize("M", [2, 5, 9, 32])
+def test_matmul_backward_few_rows_accumulates_dinp(path, nthreads, M):
+    """dinp (M, C) += dout @ weight^T runs the transposed kernel with accumulation."""
+    rng = np.random.default_rng(200 + M)
+    C, OC = 37, 100
+    x = rng.standard_normal((M, C)).astype(np.float32)
+    w = rng.standard_normal((C, OC)).astype(np.float32)
+    dout = rng.standard_normal((M, OC)).astype(np.float32)
+    dinp0 = rng.standard_normal((M, C)).astype(np.float32)
+    dinp = dinp0.copy()
+    dw = np.zeros((C, OC), np.float32)
+    db = np.zeros(OC, np.float32)
+    _core.matmul_backward(dinp, dw, db, dout, x, w, True)
+    d64, x64, w64 = dout.astype(np.float64), x.astype(np.float64), w.astype(np.float64)
+    check(dinp, dinp0 + d64 @ w64.T, np.abs(dinp0) + np.abs(d64) @ np.abs(w64).T, OC + 1, "dinp")
+    check(dw, x64.T @ d64, np.abs(x64).T @ np.abs(d64), M, "dweight")
+    check(db, d64.sum(0), np.abs(d64).sum(0), M, "dbias")
+
+
+def test_kernels_and_sgemm_agree_on_a_model(make_config, make_model, make_batch, restore_threads):
+    """A forward with B*T = 12 rows (every matmul few-row) and a batch-of-5 greedy decode: the
+    same logits and tokens with the kernels and with sgemm, and the logits match ref.py."""
+    if not HAVE:
+        pytest.skip("no AVX2 + FMA few-row kernels on this CPU/build")
+    cfg = make_config(n_layer=2, n_head=2, head_size=16, vocab_size=211, n_ctx=64)
+    m = make_model(cfg, seed=5)
+    idx, _ = make_batch(cfg, 3, 4, seed=6)
+    params64 = {k: v.astype(np.float64) for k, v in m.params.items()}
+    want = ref.forward(params64, idx, n_head=cfg.n_head, eps=cfg.layer_norm_epsilon)[0]
+    prompt, _ = make_batch(cfg, 5, 3, seed=7)
+    got = {}
+    for on in (True, False):
+        previous = _core.set_small_m_kernels(on)
+        try:
+            logits, _ = m.forward(idx)
+            tokens = np.asarray(m.generate(prompt, 6, temperature=0.0))
+        finally:
+            _core.set_small_m_kernels(previous)
+        assert ref.rel_err(logits, want) < 1e-5
+        got[on] = (logits, tokens)
+    assert ref.rel_err(got[True][0], got[False][0]) < 1e-6
+    np.testing.assert_array_equal(got[True][1], got[False][1])
+
+
+def test_set_small_m_kernels_returns_previous():
+    previous = _core.set_small_m_kernels(False)
+    try:
+        assert _core.set_small_m_kernels(True) is False
+        assert _core.set_small_m_kernels(True) is HAVE   # True only where the kernels exist
+    finally:
+        _core.set_small_m_kernels(previous)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: _core.lm_head_forward(np.empty((2, 5), np.float32), np.empty((2, 8), np.float32),
+                                   np.empty((5, 7), np.float32)), "lm_head_forward"),
+    (lambda: _core.lm_head_forward(np.empty((2, 4), np.float32), np.empty((2, 8), np.float32),
+                                   np.empty((5, 8), np.float32)), "lm_head_forward"),
+    (lambda: _core.matmul_forward(np.empty((2, 5), np.float32), np.empty((2, 8), np.float32),
+                                  np.empty((8, 5), np.float32), np.empty(3, np.float32)),
+     r"bias \(3,\)"),
+    (lambda: _core.matmul_backward(np.empty((2, 8), np.float32), np.empty((8, 5), np.float32),
+                                   np.empty(5, np.float32), np.empty((2, 6), np.float32),
+                                   np.empty((2, 8), np.float32), np.empty((8, 5), np.float32),
+                                   False), "matmul_backward"),
+    (lambda: _core.lm_head_backward(np.empty((2, 8), np.float32), np.empty((5, 7), np.float32),
+                                    np.empty((2, 5), np.float32), np.empty((2, 8), np.float32),
+                                    np.empty((5, 8), np.float32)), "lm_head_backward"),
+])
+def test_matmul_kernels_reject_mismatched_shapes(call, match):
+    """The kernels read through raw pointers: a shape mismatch must raise, never read past an
+    array."""
+    with pytest.raises(ValueError, match=match):
+        call()
