@@ -330,10 +330,11 @@ cdef sgemv_t _sgemv = NULL
 
 def _load_blas():
     global _sgemm, _sgemv
-    from scipy.linalg import cython_blas
-    capsule = cython_blas.__pyx_capi__["sgemm"]
+    from gpt2s._blas import cython_blas
+    capi = cython_blas().__pyx_capi__
+    capsule = capi["sgemm"]
     _sgemm = <sgemm_t>PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule))
-    capsule = cython_blas.__pyx_capi__["sgemv"]
+    capsule = capi["sgemv"]
     _sgemv = <sgemv_t>PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule))
 
 

@@ -20,7 +20,8 @@ def _scipy_blas_controllers():
         from threadpoolctl import ThreadpoolController
     except ImportError:  # pragma: no cover - a declared dependency
         return []
-    import scipy.linalg.cython_blas  # noqa: F401  (make sure the library is loaded)
+    from ._blas import cython_blas
+    cython_blas()   # make sure the library is loaded
     ctl = ThreadpoolController()
     libs = [lib for lib in ctl.lib_controllers if lib.user_api == "blas"]
     # SciPy's own copy: in scipy.libs/ (PyPI wheels), or any library named after scipy that is
