@@ -36,6 +36,8 @@ typedef float gpt2s_v8f __attribute__((vector_size(32), aligned(4), may_alias));
 #define GPT2S_ST(p, v) (*(gpt2s_v8f *)(p) = (v))
 #define GPT2S_SPLAT(x) ((gpt2s_v8f){(x), (x), (x), (x), (x), (x), (x), (x)})
 #define GPT2S_V3 __attribute__((target("avx2,fma"), noinline))
+/* row i of a tile that starts at p, or row 0 again when the tile has only n rows */
+#define GPT2S_ROW(p, i, n, ld) ((p) + ((n) > (i) ? (int64_t)(i) * (ld) : 0))
 
 enum { GPT2S_SMALLM_KB = 64,   /* rows of B per block (NN) */
        GPT2S_SMALLM_PF = 32 }; /* prefetch distance in floats: two 16-column strips */
@@ -53,17 +55,13 @@ GPT2S_V3 static void gpt2s_smallm_nn_arch_x86_64_v3(int M, int n, int K, const f
                 int mr = M - m0 < 6 ? M - m0 : 6;
                 /* rows past mr repeat row m0: computed, never stored */
                 const float *a0 = A + (int64_t)m0 * lda;
-                const float *a1 = a0 + (mr > 1 ? (int64_t)lda : 0);
-                const float *a2 = a0 + (mr > 2 ? 2 * (int64_t)lda : 0);
-                const float *a3 = a0 + (mr > 3 ? 3 * (int64_t)lda : 0);
-                const float *a4 = a0 + (mr > 4 ? 4 * (int64_t)lda : 0);
-                const float *a5 = a0 + (mr > 5 ? 5 * (int64_t)lda : 0);
+                const float *a1 = GPT2S_ROW(a0, 1, mr, lda), *a2 = GPT2S_ROW(a0, 2, mr, lda);
+                const float *a3 = GPT2S_ROW(a0, 3, mr, lda), *a4 = GPT2S_ROW(a0, 4, mr, lda);
+                const float *a5 = GPT2S_ROW(a0, 5, mr, lda);
                 float *c0 = C + (int64_t)m0 * ldc + j;
-                float *c1 = c0 + (mr > 1 ? (int64_t)ldc : 0);
-                float *c2 = c0 + (mr > 2 ? 2 * (int64_t)ldc : 0);
-                float *c3 = c0 + (mr > 3 ? 3 * (int64_t)ldc : 0);
-                float *c4 = c0 + (mr > 4 ? 4 * (int64_t)ldc : 0);
-                float *c5 = c0 + (mr > 5 ? 5 * (int64_t)ldc : 0);
+                float *c1 = GPT2S_ROW(c0, 1, mr, ldc), *c2 = GPT2S_ROW(c0, 2, mr, ldc);
+                float *c3 = GPT2S_ROW(c0, 3, mr, ldc), *c4 = GPT2S_ROW(c0, 4, mr, ldc);
+                float *c5 = GPT2S_ROW(c0, 5, mr, ldc);
                 gpt2s_v8f z = GPT2S_SPLAT(0.0f);
                 gpt2s_v8f s00 = z, s01 = z, s10 = z, s11 = z, s20 = z, s21 = z;
                 gpt2s_v8f s30 = z, s31 = z, s40 = z, s41 = z, s50 = z, s51 = z;
@@ -114,14 +112,12 @@ GPT2S_V3 static void gpt2s_smallm_nt_arch_x86_64_v3(int M, int n, int K, const f
     for (int v = 0; v < n; v += 3) {
         int vr = n - v < 3 ? n - v : 3;
         const float *b0 = B + (int64_t)v * ldb;
-        const float *b1 = b0 + (vr > 1 ? (int64_t)ldb : 0);
-        const float *b2 = b0 + (vr > 2 ? 2 * (int64_t)ldb : 0);
+        const float *b1 = GPT2S_ROW(b0, 1, vr, ldb), *b2 = GPT2S_ROW(b0, 2, vr, ldb);
         for (int m0 = 0; m0 < M; m0 += 4) {
             int mr = M - m0 < 4 ? M - m0 : 4;
             const float *a0 = A + (int64_t)m0 * lda;
-            const float *a1 = a0 + (mr > 1 ? (int64_t)lda : 0);
-            const float *a2 = a0 + (mr > 2 ? 2 * (int64_t)lda : 0);
-            const float *a3 = a0 + (mr > 3 ? 3 * (int64_t)lda : 0);
+            const float *a1 = GPT2S_ROW(a0, 1, mr, lda), *a2 = GPT2S_ROW(a0, 2, mr, lda);
+            const float *a3 = GPT2S_ROW(a0, 3, mr, lda);
             gpt2s_v8f z = GPT2S_SPLAT(0.0f);
             gpt2s_v8f s00 = z, s01 = z, s02 = z, s10 = z, s11 = z, s12 = z;
             gpt2s_v8f s20 = z, s21 = z, s22 = z, s30 = z, s31 = z, s32 = z;
