@@ -157,6 +157,9 @@ def test_show_config_reports_openmp_and_threads(threads, capsys):
     assert f"threads: {expected}" in out
     assert info["openmp"] is have and info["threads"] == expected
     assert "BLAS" in out
+    assert info["small_m_kernels"] is gpt2s._core.have_small_m_kernels()
+    line = out.split("(decoding): ", 1)[1].splitlines()[0]
+    assert line == ("few-row AVX2/FMA kernels" if info["small_m_kernels"] else "BLAS sgemm")
 
     threads(1)
     buf = io.StringIO()

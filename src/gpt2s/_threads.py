@@ -84,6 +84,7 @@ def show_config(file=None) -> dict:
         "gpt2s": __version__,
         "openmp": _core.have_openmp(),
         "isa_clones": _core.have_isa_clones(),
+        "small_m_kernels": _core.have_small_m_kernels(),
         "threads": _core.get_num_threads(),
         "omp_max_threads": _core.omp_max_threads(),
         "blas": [{k: lib.get(k) for k in ("internal_api", "version", "num_threads",
@@ -96,6 +97,9 @@ def show_config(file=None) -> dict:
     print(f"  OpenMP: {'yes' if info['openmp'] else 'no (kernels run on one thread)'}", file=out)
     print(f"  threads: {info['threads']} (OpenMP default {info['omp_max_threads']})", file=out)
     print(f"  row kernels: {'baseline + x86-64-v3 (AVX2/FMA), chosen at load' if info['isa_clones'] else 'baseline ISA only'}", file=out)
+    print(f"  matmuls of 2-32 rows (decoding): "
+          f"{'few-row AVX2/FMA kernels' if info['small_m_kernels'] else 'BLAS sgemm'}",
+          file=out)
     for lib in info["blas"]:
         print(f"  BLAS for matmuls: {lib['internal_api']} {lib['version']} "
               f"({lib['architecture']}), {lib['num_threads']} thread(s) of its own: "
