@@ -17,8 +17,8 @@
      contiguous rows; a tile of 4 rows of A x 3 rows of B keeps 12 partial-sum vectors in
      registers and reads the 3 rows of B once for every 4 rows of A, prefetching the next 3.
 
-   Measured on the 2-core Zen 4 machine (M = 8, two threads, weights not in cache): 16-19 GB/s
-   against sgemm's 7.5-12 (benchmarks/bench.py, case "decode_matmul").
+   Measured on the 2-core Zen 4 machine (M = 8, two threads, weights not in cache): 15-21 GB/s
+   against sgemm's 6-12 (benchmarks/bench.py, case "decode_matmul").
 
    The kernels are compiled for AVX2 + FMA only (x86-64-v3; their names carry
    "arch_x86_64_v3", which tools/check_wheel.sh relies on) and used after a run-time CPU check;
