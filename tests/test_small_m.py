@@ -85,6 +85,17 @@ def test_lm_head_forward_few_rows(path, nthreads, M):
         check(logits, x64 @ e64.T, np.abs(x64) @ np.abs(e64).T, K, (M, K, V))
 
 
+def test_empty_inner_dimension(path):
+    """K = 0: an empty sum, so the output is the bias (or zero), as with sgemm."""
+    x = np.empty((5, 0), np.float32)
+    b = np.arange(20, dtype=np.float32)
+    out = np.full((5, 20), np.nan, np.float32)
+    _core.matmul_forward(out, x, np.empty((0, 20), np.float32), b)
+    np.testing.assert_array_equal(out, np.broadcast_to(b, (5, 20)))
+    _core.lm_head_forward(out, x, np.empty((20, 0), np.float32))
+    np.testing.assert_array_equal(out, 0.0)
+
+
 @pytest.mark.parametrize("M", [2, 5, 9, 32])
 def test_matmul_backward_few_rows_accumulates_dinp(path, nthreads, M):
     """dinp (M, C) += dout @ weight^T runs the transposed kernel with accumulation."""

@@ -27,6 +27,9 @@
 #ifndef GPT2S_SMALLM_H
 #define GPT2S_SMALLM_H
 
+#include <stdint.h>
+#include <string.h>
+
 #define GPT2S_SMALLM_MAX 32
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(GPT2S_NO_CLONES)
@@ -164,6 +167,11 @@ static int gpt2s_smallm_ok(void) {
 
 static void gpt2s_smallm(int trans_b, int M, int n, int K, const float *A, int lda,
                          const float *B, int ldb, int accumulate, float *C, int ldc) {
+    if (K <= 0) {   /* an empty sum: C = 0, or C unchanged when accumulating (as sgemm) */
+        if (!accumulate)
+            for (int m = 0; m < M; m++) memset(C + (int64_t)m * ldc, 0, sizeof(float) * n);
+        return;
+    }
     if (trans_b)
         gpt2s_smallm_nt_arch_x86_64_v3(M, n, K, A, lda, B, ldb, accumulate, C, ldc);
     else
