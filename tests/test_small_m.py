@@ -170,3 +170,38 @@ def test_matmul_kernels_reject_mismatched_shapes(call, match):
     array."""
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_row_split_in_slices(restore_threads):
+    """A matmul split by rows hands BLAS at most set_rows_per_sgemm rows per call; with 37 rows
+    per call the lm_head backward's dwte (rows = V) and a tall forward still match float64."""
+    saved = _core.get_parallel_min_work()
+    _core.set_parallel_min_work(0)
+    gpt2s.set_num_threads(2)
+    previous = _core.set_rows_per_sgemm(37)
+    try:
+        rng = np.random.default_rng(9)
+        N, C, V = 40, 24, 301
+        dl = rng.standard_normal((N, V)).astype(np.float32)
+        x = rng.standard_normal((N, C)).astype(np.float32)
+        wte = rng.standard_normal((V, C)).astype(np.float32)
+        dwte0 = rng.standard_normal((V, C)).astype(np.float32)
+        dinp, dwte = np.empty((N, C), np.float32), dwte0.copy()
+        _core.lm_head_backward(dinp, dwte, dl, x, wte)
+        d64, x64 = dl.astype(np.float64), x.astype(np.float64)
+        check(dwte, dwte0 + d64.T @ x64, np.abs(dwte0) + np.abs(d64).T @ np.abs(x64), N + 1,
+              "dwte")
+        check(dinp, d64 @ wte, np.abs(d64) @ np.abs(wte.astype(np.float64)), V, "dinp")
+        tall = rng.standard_normal((600, 64)).astype(np.float32)    # 600 rows > 40 columns
+        w = rng.standard_normal((64, 40)).astype(np.float32)
+        b = rng.standard_normal(40).astype(np.float32)
+        out = np.empty((600, 40), np.float32)
+        _core.matmul_forward(out, tall, w, b)
+        t64 = tall.astype(np.float64)
+        check(out, t64 @ w + b, np.abs(t64) @ np.abs(w.astype(np.float64)) + np.abs(b), 65,
+              "tall forward")
+        with pytest.raises(ValueError, match="rows per sgemm"):
+            _core.set_rows_per_sgemm(0)
+    finally:
+        _core.set_rows_per_sgemm(previous)
+        _core.set_parallel_min_work(saved)
