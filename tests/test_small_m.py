@@ -172,12 +172,10 @@ def test_matmul_kernels_reject_mismatched_shapes(call, match):
         call()
 
 
-def test_row_split_in_slices(restore_threads):
-    """A matmul split by rows hands BLAS at most set_rows_per_sgemm rows per call; with 37 rows
-    per call the lm_head backward's dwte (rows = V) and a tall forward still match float64."""
-    saved = _core.get_parallel_min_work()
-    _core.set_parallel_min_work(0)
-    gpt2s.set_num_threads(2)
+def test_tall_products_in_slices(nthreads):
+    """BLAS gets at most set_rows_per_sgemm rows of C per call; with 37 rows per call the
+    lm_head backward's dwte (rows = V) and a tall forward still match float64, on one thread
+    and split over three."""
     previous = _core.set_rows_per_sgemm(37)
     try:
         rng = np.random.default_rng(9)
@@ -204,4 +202,3 @@ def test_row_split_in_slices(restore_threads):
             _core.set_rows_per_sgemm(0)
     finally:
         _core.set_rows_per_sgemm(previous)
-        _core.set_parallel_min_work(saved)

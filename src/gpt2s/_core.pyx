@@ -365,12 +365,31 @@ cdef inline void sgemm_colmajor(char ta, char tb, int m, int n, int k, float alp
     _sgemm(&ta, &tb, &m, &n, &k, &alpha, <float *>a, &lda, <float *>b, &ldb, &beta, c, &ldc)
 
 
+# Most rows of C one sgemm call gets (gemm_serial cuts taller products into slices): BLAS
+# packs its slice of op(A) into a work buffer whose touched pages then stay resident, and the
+# lm_head's dwte (25k rows per thread, 50k on one thread) left ~33 MiB of them.  4096 rows cut
+# that by 28 MiB at no measurable cost (lm_head backward, 256 x 50257 x 768, 2 threads:
+# 209-219 ms with and 210-216 ms without).
+cdef int ROWS_PER_SGEMM = 4096
+
+
+def set_rows_per_sgemm(int n):
+    """Set the most rows of C one sgemm call gets (default 4096); returns the previous
+    value.  For tests and benchmarks."""
+    global ROWS_PER_SGEMM
+    if n < 1:
+        raise ValueError(f"rows per sgemm must be >= 1, got {n}")
+    previous = ROWS_PER_SGEMM
+    ROWS_PER_SGEMM = n
+    return previous
+
+
 cdef inline void gemm_serial(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
                              const float *A, int lda, const float *B, int ldb,
                              float beta, float *C, int ldc) noexcept nogil:
     # Row-major C[M, N] = alpha op(A)[M, K] op(B)[K, N] + beta C, on the calling thread.
     # A row-major matrix is its column-major transpose, so we ask BLAS for C^T = op(B)^T op(A)^T.
-    cdef int one = 1, inc_a
+    cdef int one = 1, inc_a, lo = 0
     cdef char t
     if M <= 0 or N <= 0:
         return
@@ -390,8 +409,12 @@ cdef inline void gemm_serial(bint trans_a, bint trans_b, int M, int N, int K, fl
             t = b'N'
             _sgemv(&t, &N, &K, &alpha, <float *>B, &ldb, <float *>A, &inc_a, &beta, C, &one)
         return
-    sgemm_colmajor(b'T' if trans_b else b'N', b'T' if trans_a else b'N', N, M, K, alpha,
-                   B, ldb, A, lda, beta, C, ldc)
+    while lo < M:   # slices of at most ROWS_PER_SGEMM rows (see there)
+        sgemm_colmajor(b'T' if trans_b else b'N', b'T' if trans_a else b'N', N,
+                       min(M - lo, ROWS_PER_SGEMM), K, alpha, B, ldb,
+                       (A + lo) if trans_a else (A + <int64_t>lo * lda), lda,
+                       beta, C + <int64_t>lo * ldc, ldc)
+        lo = lo + ROWS_PER_SGEMM
 
 
 cdef inline void sgemv_rows(int N, int rows, float alpha, const float *B, int ldb,
@@ -428,23 +451,6 @@ cdef void gemv_split_k(int nt, int N, int K, float alpha, const float *a, int in
     free(part)
 
 
-# Most rows of C one sgemm call gets when a matmul is split by rows (see gemm).  4096 rows
-# cut the BLAS work-buffer pages a GPT-2 step leaves resident by 28 MiB at no measurable cost
-# (lm_head backward, 256 x 50257 x 768: 209-219 ms with and 210-216 ms without).
-cdef int ROWS_PER_SGEMM = 4096
-
-
-def set_rows_per_sgemm(int n):
-    """Set the most rows of C one sgemm call gets when a matmul is split by rows (default
-    4096); returns the previous value.  For tests and benchmarks."""
-    global ROWS_PER_SGEMM
-    if n < 1:
-        raise ValueError(f"rows per sgemm must be >= 1, got {n}")
-    previous = ROWS_PER_SGEMM
-    ROWS_PER_SGEMM = n
-    return previous
-
-
 cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
                const float *A, int lda, const float *B, int ldb,
                float beta, float *C, int ldc) noexcept nogil:
@@ -478,14 +484,9 @@ cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
         for blk in prange(nblocks, num_threads=nt, schedule='static'):
             lo = blk * step
             hi = min(M, lo + step)
-            # rows of C in slices of at most ROWS_PER_SGEMM per call: BLAS packs op(A)'s slice
-            # into its work buffer, whose touched pages then stay resident, and for the
-            # lm_head's dwte (25k rows per thread) that packing alone touched ~33 MiB
-            while lo < hi:
-                gemm_serial(trans_a, trans_b, min(hi - lo, ROWS_PER_SGEMM), N, K, alpha,
-                            (A + lo) if trans_a else (A + <int64_t>lo * lda), lda, B, ldb,
-                            beta, C + <int64_t>lo * ldc, ldc)
-                lo = lo + ROWS_PER_SGEMM
+            gemm_serial(trans_a, trans_b, hi - lo, N, K, alpha,
+                        (A + lo) if trans_a else (A + <int64_t>lo * lda), lda, B, ldb,
+                        beta, C + <int64_t>lo * ldc, ldc)
 
 
 # --------------------------------------------------------------------------------------------
