@@ -459,6 +459,18 @@ def case_bandwidth(b: Bench) -> dict:
             "reference": f"best median of any reader ({best['reader']})"}
 
 
+def time_against_torch(b: Bench, row: dict, g_fn, t_fn, flops: float, repeats: int):
+    """Time g_fn (gpt2s) and t_fn (torch) alternately; row gets their timings, the GFLOP of one
+    call, each side's GFLOP/s and % of the sgemm rate, and the time ratio gpt2s / torch."""
+    res = run_alternating({"gpt2s": g_fn, "torch": t_fn}, repeats, b.args.warmup, b.st.settle)
+    row.update(res)
+    row["gflop"] = flops / 1e9
+    for lib in ("gpt2s", "torch"):
+        row[lib]["gflops"] = flops / res[lib]["median_s"] / 1e9
+        row[lib]["pct_sgemm"] = b.pct(row[lib]["gflops"])
+    row["ratio"] = res["gpt2s"]["median_s"] / res["torch"]["median_s"]
+
+
 def measure_train(b: Bench, B: int, T: int, repeats=None) -> dict:
     """One train step (zero_grad, forward with loss, backward; no optimizer) in both
     libraries, after checking that their losses agree."""
@@ -496,15 +508,8 @@ def measure_train(b: Bench, B: int, T: int, repeats=None) -> dict:
         b.check_failures.append(msg)
         out["status"] = f"check failed: {msg}"
         return out
-    res = run_alternating({"gpt2s": g_step, "torch": t_step}, repeats or b.args.repeats,
-                          b.args.warmup, b.st.settle)
-    flops = train_flops(b.cfg, B, T, backward=True)
-    out.update(res)
-    out["gflop"] = flops / 1e9
-    for lib in ("gpt2s", "torch"):
-        out[lib]["gflops"] = flops / res[lib]["median_s"] / 1e9
-        out[lib]["pct_sgemm"] = b.pct(out[lib]["gflops"])
-    out["ratio"] = res["gpt2s"]["median_s"] / res["torch"]["median_s"]
+    time_against_torch(b, out, g_step, t_step, train_flops(b.cfg, B, T, backward=True),
+                       repeats or b.args.repeats)
     if repeats is None:
         b.train_cache[key] = out
     return out
@@ -537,15 +542,8 @@ def case_forward(b: Bench) -> dict:
             row["status"] = f"check failed: {msg}"
             rows.append(row)
             continue
-        res = run_alternating({"gpt2s": g_fwd, "torch": t_fwd}, b.args.repeats, b.args.warmup,
-                              b.st.settle)
-        flops = train_flops(b.cfg, B, T, backward=False)
-        row.update(res)
-        row["gflop"] = flops / 1e9
-        for lib in ("gpt2s", "torch"):
-            row[lib]["gflops"] = flops / res[lib]["median_s"] / 1e9
-            row[lib]["pct_sgemm"] = b.pct(row[lib]["gflops"])
-        row["ratio"] = res["gpt2s"]["median_s"] / res["torch"]["median_s"]
+        time_against_torch(b, row, g_fwd, t_fwd, train_flops(b.cfg, B, T, backward=False),
+                           b.args.repeats)
         rows.append(row)
     return {"rows": rows}
 

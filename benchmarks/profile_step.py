@@ -167,6 +167,17 @@ def quiet_first(args):
                   f"{busy:.2f} cores in the last second)")
 
 
+def timed_runs(step, n: int) -> list:
+    """Wall times of n calls of step, each after 50 ms idle (as the benchmark harness does)."""
+    times = []
+    for _ in range(n):
+        time.sleep(0.05)
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def report_load(load):
     if load is None:
         print()
@@ -319,12 +330,7 @@ def main(argv=None):
     quiet_first(args)
     snap = cpu_snapshot()
     prof.enabled = True
-    steps = []
-    for _ in range(args.steps):
-        time.sleep(0.05)
-        t0 = time.perf_counter()
-        step()
-        steps.append(time.perf_counter() - t0)
+    steps = timed_runs(step, args.steps)
     prof.enabled = False
     prof.uninstall()
     load = other_load(snap, cpu_snapshot())
@@ -413,12 +419,7 @@ def torch_profile(cfg, m, idx, tgt, args):
 
     for _ in range(args.warmup):
         step()
-    ts = []
-    for _ in range(args.steps):
-        time.sleep(0.05)
-        t0 = time.perf_counter()
-        step()
-        ts.append(time.perf_counter() - t0)
+    ts = timed_runs(step, args.steps)
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(args.steps):

@@ -399,15 +399,21 @@ def test_unexpected_shape(good_checkpoint, name, new_shape):
     assert str(tuple(expected)) in msg and str(tuple(new_shape)) in msg, msg
 
 
+def _save_one_changed(tmp_path, make_params, name, value):
+    """A 1-layer model's tensors with `name` replaced by `value`, saved without config.json."""
+    cfg = GPT2Config(n_layer=1, n_head=1, n_embd=64, vocab_size=30, n_ctx=8)
+    params = make_params(cfg, seed=2)
+    params[name] = value
+    path = tmp_path / "m.safetensors"
+    st_numpy.save_file(params, str(path))
+    return path
+
+
 @pytest.mark.parametrize("name,shape", [("wte.weight", (30, 64, 1)), ("wpe.weight", (8,)),
                                         ("wte.weight", (64,))])
 def test_embedding_not_2d_without_config(tmp_path, make_params, name, shape):
     """Inference reads sizes off wte and wpe; a wrongly-shaped one is reported, not unpacked."""
-    cfg = GPT2Config(n_layer=1, n_head=1, n_embd=64, vocab_size=30, n_ctx=8)
-    params = make_params(cfg, seed=2)
-    params[name] = np.zeros(shape, np.float32)
-    path = tmp_path / "m.safetensors"
-    st_numpy.save_file(params, str(path))
+    path = _save_one_changed(tmp_path, make_params, name, np.zeros(shape, np.float32))
     with pytest.raises(SafetensorsError) as e:
         GPT2.from_safetensors(path)
     assert str(path) in str(e.value) and name in str(e.value)
@@ -418,11 +424,7 @@ def test_embedding_not_2d_without_config(tmp_path, make_params, name, shape):
 def test_zero_sized_embedding_without_config(tmp_path, make_params, name, shape):
     """An empty wte/wpe gives an impossible inferred config (vocab, n_ctx or n_embd 0): the
     error must still say which file and which tensor."""
-    cfg = GPT2Config(n_layer=1, n_head=1, n_embd=64, vocab_size=30, n_ctx=8)
-    params = make_params(cfg, seed=2)
-    params[name] = np.zeros(shape, np.float32)
-    path = tmp_path / "m.safetensors"
-    st_numpy.save_file(params, str(path))
+    path = _save_one_changed(tmp_path, make_params, name, np.zeros(shape, np.float32))
     with pytest.raises(ValueError) as e:
         GPT2.from_safetensors(path)
     assert str(path) in str(e.value) and name in str(e.value), str(e.value)
@@ -446,11 +448,8 @@ def test_block_structure_without_config(tmp_path, make_params):
 
 def test_unexpected_shape_without_config(tmp_path, make_params):
     """Inferred config (from wte/wpe) and a block tensor that disagrees with it."""
-    cfg = GPT2Config(n_layer=1, n_head=1, n_embd=64, vocab_size=30, n_ctx=8)
-    params = make_params(cfg, seed=2)
-    params["h.0.mlp.c_proj.weight"] = np.zeros((64, 256), np.float32)  # transposed
-    path = tmp_path / "m.safetensors"
-    st_numpy.save_file(params, str(path))
+    path = _save_one_changed(tmp_path, make_params, "h.0.mlp.c_proj.weight",
+                             np.zeros((64, 256), np.float32))   # transposed
     with pytest.raises(SafetensorsError) as e:
         GPT2.from_safetensors(path)
     msg = str(e.value)

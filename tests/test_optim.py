@@ -50,6 +50,14 @@ def torch_step_loss(hf, idx, targets, V):
     return loss.item()
 
 
+def _torch_train(hf, topt, batches, V):
+    """The torch side of _train: one optimizer step per batch."""
+    for idx, targets in batches:
+        topt.zero_grad()
+        torch_step_loss(hf, idx, targets, V)
+        topt.step()
+
+
 def compare_params(m, hf, C, record_error=None, label=""):
     """Per-tensor relative errors of the parameters.  The key slice of attn.c_attn.bias is
     left out: its gradient is exactly zero in exact arithmetic (adding b to every key shifts a
@@ -127,14 +135,8 @@ def test_adamw_updates_match_torch(setup, make_hf_model):
         [{"params": [p for k, p in named.items() if k in dec], "weight_decay": 0.5},
          {"params": [p for k, p in named.items() if k not in dec], "weight_decay": 0.0}],
         lr=lr, betas=BETAS, eps=eps)
-    for idx, targets in batches[:5]:
-        m.zero_grad()
-        m.forward(idx, targets)
-        m.backward()
-        opt.step()
-        topt.zero_grad()
-        torch_step_loss(hf, idx, targets, cfg.vocab_size)
-        topt.step()
+    _train(m, opt, batches[:5])
+    _torch_train(hf, topt, batches[:5], cfg.vocab_size)
     C = cfg.n_embd
     for name, p in named.items():
         d_ours = m.params[name].astype(np.float64) - p0[name]
@@ -323,14 +325,8 @@ def test_custom_decay_rule(setup, make_hf_model):
     hf = make_hf_model(cfg, {k: v.copy() for k, v in m2.params.items()}, dtype="float32")
     opt2 = AdamW(m2, lr=3e-4, betas=BETAS, eps=EPS, weight_decay=wd, decay=rule)
     topt = torch_adamw(hf, opt2.decayed, lr=3e-4, weight_decay=wd)
-    for idx, targets in batches[:4]:
-        m2.zero_grad()
-        m2.forward(idx, targets)
-        m2.backward()
-        opt2.step()
-        topt.zero_grad()
-        torch_step_loss(hf, idx, targets, cfg.vocab_size)
-        topt.step()
+    _train(m2, opt2, batches[:4])
+    _torch_train(hf, topt, batches[:4], cfg.vocab_size)
     errors, _ = compare_params(m2, hf, cfg.n_embd)
     bad = {k: f"{e:.2e}" for k, e in errors.items() if not e < 1e-5}
     assert not bad, bad
