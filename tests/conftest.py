@@ -188,6 +188,17 @@ def restore_threads():
     gpt2s.set_num_threads(n)
 
 
+@pytest.fixture
+def every_kernel_parallel(restore_threads):
+    """Kernels normally stay on one thread below a work size that small test models do not
+    reach; this lifts that threshold for the test (and restores it and the thread count), so
+    every kernel really runs its parallel path."""
+    saved = gpt2s._core.get_parallel_min_work()
+    gpt2s._core.set_parallel_min_work(0)
+    yield
+    gpt2s._core.set_parallel_min_work(saved)
+
+
 # worst relative errors, by what was compared; printed after the run
 _WORST: dict = {}
 

@@ -32,13 +32,10 @@ def path(request):
 
 
 @pytest.fixture(params=[1, 3])
-def nthreads(request, restore_threads):
+def nthreads(request, every_kernel_parallel):
     """1 thread, and 3 (uneven column splits) with every kernel forced onto its parallel path."""
-    saved = _core.get_parallel_min_work()
-    _core.set_parallel_min_work(0)
     gpt2s.set_num_threads(request.param)
-    yield request.param
-    _core.set_parallel_min_work(saved)
+    return request.param
 
 
 def check(got, want, scale, K, what):
@@ -115,7 +112,7 @@ def test_matmul_backward_few_rows_accumulates_dinp(path, nthreads, M):
     check(db, d64.sum(0), np.abs(d64).sum(0), M, "dbias")
 
 
-def test_kernels_and_sgemm_agree_on_a_model(make_config, make_model, make_batch, restore_threads):
+def test_kernels_and_sgemm_agree_on_a_model(make_config, make_model, make_batch):
     """A forward with B*T = 12 rows (every matmul few-row) and a batch-of-5 greedy decode: the
     same logits and tokens with the kernels and with sgemm, and the logits match ref.py."""
     if not HAVE:

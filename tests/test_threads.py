@@ -23,14 +23,10 @@ from gpt2s import AdamW
 
 
 @pytest.fixture
-def threads(restore_threads):
-    """set_num_threads for the test; the previous count is restored afterwards.  Kernels
-    normally stay on one thread below a work size that these small models do not reach; the
-    threshold is lifted so that every kernel really runs its parallel path."""
-    saved = gpt2s._core.get_parallel_min_work()
-    gpt2s._core.set_parallel_min_work(0)
-    yield gpt2s.set_num_threads
-    gpt2s._core.set_parallel_min_work(saved)
+def threads(every_kernel_parallel):
+    """set_num_threads for the test, with every kernel on its parallel path; the previous
+    count and threshold are restored afterwards."""
+    return gpt2s.set_num_threads
 
 
 @pytest.fixture(scope="module")
