@@ -85,7 +85,10 @@ def test_thread_count_changed_between_forward_and_backward(threads, model_and_ba
         threads(second)
         m.backward()
         for name, g in expect.items():
-            assert ref.rel_err(m.grads[name], g) < 1e-6, (first, second, name)
+            # float32 sums in another order (per-thread partial sums of the bias and weight
+            # gradients): 1.07e-6 measured for ln_1.bias at (3, 2) with OpenBLAS's Haswell
+            # kernels, whose own summation order differs from the SkylakeX ones
+            assert ref.rel_err(m.grads[name], g) < 2e-6, (first, second, name)
 
 
 def test_generation_path_forward_agrees(threads, model_and_batch):

@@ -577,9 +577,12 @@ def layernorm_backward(float[:, ::1] dinp, float[::1] dweight, float[::1] dbias,
     # dinp (N, C) += d/dinp;  dweight, dbias (C,) += column sums.
     # scratch (nt, 2C): per-thread partial dweight/dbias, reduced after the parallel loop.
     cdef Py_ssize_t N = inp.shape[0], n, c
-    cdef int C = inp.shape[1], nt = _num_threads, k, tid
-    if scratch.shape[0] < nt or scratch.shape[1] < 2 * C:
-        raise ValueError("layernorm_backward: scratch too small")
+    # at most one partial sum per scratch row: another Python thread may change the thread
+    # count between the caller sizing scratch and this call
+    cdef int C = inp.shape[1], nt = min(_num_threads, scratch.shape[0]), k, tid
+    if nt < 1 or scratch.shape[1] < 2 * C:
+        raise ValueError(f"layernorm_backward: scratch of shape ({scratch.shape[0]}, "
+                         f"{scratch.shape[1]}) too small, need (>= 1, {2 * C})")
     with nogil:
         memset(&scratch[0, 0], 0, nt * scratch.shape[1] * sizeof(float))
         with parallel(num_threads=nt):

@@ -22,9 +22,9 @@ Semantics shared by every entry point:
 * ``stop_at_eos=True`` stops a row at ``<|endoftext|>`` (``eos_token_id``, included in the
   output); a finished row is padded with ``eos_token_id`` while the others go on, and
   generation ends early once every row has finished.
-* One generation at a time per model: the KV cache belongs to the model, so a second
-  stream started on the same model while another is suspended makes the first one raise
-  RuntimeError at its next step (``forward`` in between is fine).
+* Each generation owns its KV cache (sized for the prompt and ``max_new_tokens``, at most
+  ``n_ctx`` positions) and its activation buffers are its thread's: streams may be
+  interleaved, and any number of threads may generate with one model at once.
 * The context window: when a sequence reaches the model's ``n_ctx`` positions,
   ``context_full="slide"`` (the default) keeps the last ``n_ctx - n_ctx // 2`` tokens,
   recomputes their cache in one prefill and carries on, so generation can run past
@@ -147,11 +147,10 @@ def _decode(model, prompt, seq, max_new_tokens, sampler, num_samples, stop_at_eo
     B, T = prompt.shape
     ns = num_samples
     rows = B * ns
-    kv = model._kv_cache(rows)
-    # the cache belongs to the model: a second generation started on it while this one is
-    # suspended (two interleaved streams) would overwrite it, so each generation marks it
-    owner = object()
-    model._kv_owner = owner
+    # the cache belongs to this generation alone (so generations on one model, interleaved
+    # or in several threads, never disturb each other), sized for what it can reach: the
+    # prompt and the new tokens, at most the context (a sliding window restarts at 0)
+    kv = model._kv_cache(rows, min(n_ctx, T + max_new_tokens))
     if ns == 1:
         logits = model._forward_cached(prompt, 0, kv)
     else:
@@ -186,10 +185,6 @@ def _decode(model, prompt, seq, max_new_tokens, sampler, num_samples, stop_at_eo
             return
         if context_full == "stop" and cur >= n_ctx:
             continue  # no position left for the token just made: stop at the loop's top
-        if getattr(model, "_kv_owner", None) is not owner:
-            raise RuntimeError("another generation was started on this model while this one "
-                               "was suspended; they share the model's KV cache, so run them "
-                               "one after the other (or on separate GPT2 objects)")
         if cur - start > n_ctx:
             # slide: recompute the cache of the last `keep` tokens, at positions 0..keep-1
             start = cur - keep

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,25 @@ class _Arena:
         return self._buf.nbytes
 
 
+class _Workspace:
+    """Everything one call writes besides its result: the activations of a forward, the
+    backward's temporaries and the logits of ``forward(..., return_logits=False)``.
+
+    Inference calls use a workspace of their own thread, so any number of threads can run
+    ``forward`` (no targets) and ``generate`` on one model at once: the weights are only
+    read.  Training calls share the model's one training workspace under its training lock.
+    """
+
+    def __init__(self):
+        self.acts = _Arena()
+        self.scratch = _Arena()
+        self.logits = _Arena()
+
+    @property
+    def nbytes(self) -> int:
+        return self.acts.nbytes + self.scratch.nbytes + self.logits.nbytes
+
+
 class GPT2:
     """GPT-2 with forward, backward and generation in Cython kernels.
 
@@ -62,13 +82,17 @@ class GPT2:
         self.params = _views(self._param_buffer, self._layout)
         self._grad_buffer = None
         self._grads = None
-        self._acts = _Arena()        # activations of the last forward
-        self._scratch = _Arena()     # backward and inference temporaries
-        self._last = None            # what backward needs from the last forward
-        self._logit_arena = _Arena()  # logits of forward(..., return_logits=False)
         # per-block dicts of the parameter views (and of the gradient views, with the grads)
         self._layer_params = [layer_views(self.params, l) for l in range(config.n_layer)]
         self._layer_grads = None
+        # Threading contract (README, "Threads"): inference calls write only their own
+        # thread's workspace and their own KV cache; training calls (forward with targets,
+        # backward, zero_grad, the optimizer step) hold this lock, so they are serialized, and
+        # a backward checks that the forward it consumes is its own thread's.
+        self._train_lock = threading.RLock()
+        self._train_ws = _Workspace()
+        self._last = None            # what backward needs from the last training forward
+        self._local = threading.local()   # .ws: this thread's inference workspace
 
     # ------------------------------------------------------------------ construction
 
@@ -121,9 +145,15 @@ class GPT2:
     def grads(self) -> dict:
         """Gradients, same names and shapes as ``params`` (allocated on first use)."""
         if self._grads is None:
-            self._grad_buffer = np.zeros_like(self._param_buffer)
-            self._grads = _views(self._grad_buffer, self._layout)
-            self._layer_grads = [layer_views(self._grads, l) for l in range(self.config.n_layer)]
+            with self._train_lock:
+                if self._grads is None:
+                    buffer = np.zeros_like(self._param_buffer)
+                    self._layer_grads = None
+                    grads = _views(buffer, self._layout)
+                    self._layer_grads = [layer_views(grads, l)
+                                         for l in range(self.config.n_layer)]
+                    self._grad_buffer = buffer
+                    self._grads = grads
         return self._grads
 
     def num_parameters(self) -> int:
@@ -179,129 +209,174 @@ class GPT2:
     def __call__(self, idx, targets=None):
         return self.forward(idx, targets)
 
-    def forward(self, idx, targets=None, *, return_logits: bool = True):
+    def forward(self, idx, targets=None, *, return_logits: bool = True,
+                for_backward: bool = True):
         """Logits (B, T, V) float32 and the mean cross-entropy over targets != -1 (or None).
 
         idx: integer token ids, shape (B, T) or (T,) (then B = 1).  The logits array is new on
-        every call and never overwritten by the model.  With targets, the activations are kept
-        for ``backward()``.  ``return_logits=False`` (training loops) returns ``(None, loss)``:
-        the logits then stay in a buffer the model reuses, and the backward turns them into
-        dlogits in place, saving a (B, T, V) array (51 MB for GPT-2 at B=4, T=64).
+        every call and never overwritten by the model.  With targets (and ``for_backward``,
+        the default), the activations are kept for ``backward()``: a training call, serialized
+        with the other training calls on this model.  ``for_backward=False`` computes the loss
+        only (evaluation): like a forward without targets it keeps nothing and may run in
+        several threads at once.  ``return_logits=False`` (training loops) returns
+        ``(None, loss)``: the logits then stay in a buffer the model reuses, and the backward
+        turns them into dlogits in place, saving a (B, T, V) array (51 MB for GPT-2 at B=4,
+        T=64).
         """
         idx = self._check_idx(idx)
         B, T = idx.shape
         tgt = None if targets is None else self._check_targets(targets, (B, T))
-        train = tgt is not None
-        if return_logits or not train:
+        if tgt is not None and for_backward:
+            with self._train_lock:
+                return self._forward_train(idx, tgt, return_logits)
+        me = threading.get_ident()
+        last = self._last
+        if last is not None and last["thread"] == me:
+            # this thread's pending backward refers to an earlier forward: as before, only the
+            # last forward of a thread can be differentiated
+            with self._train_lock:
+                if self._last is last:
+                    self._last = None
+        ws = self._thread_workspace()
+        logits = np.empty((B, T, self.config.vocab_size), np.float32)
+        lnf = self._run_blocks(idx, ws.acts, keep_layers=False)
+        _core.lm_head_forward(logits.reshape(B * T, -1), lnf, self.params["wte.weight"])
+        if tgt is None:
+            return logits, None
+        loss, _ = self._loss(logits, tgt)
+        return (logits if return_logits else None), loss
+
+    def _forward_train(self, idx, tgt, return_logits):
+        B, T = idx.shape
+        ws = self._train_ws
+        if return_logits:
             logits = np.empty((B, T, self.config.vocab_size), np.float32)
         else:
-            logits = self._logit_arena.carve({"logits": (B, T, self.config.vocab_size)})["logits"]
+            logits = ws.logits.carve({"logits": (B, T, self.config.vocab_size)})["logits"]
         self._last = None
-        lnf = self._run_blocks(idx, train=train)
-        _core.lm_head_forward(logits.reshape(B * T, -1), lnf, self.params["wte.weight"])
-        if not train:
-            return logits, None
-        N = B * T
+        acts = self._run_blocks(idx, ws.acts, keep_layers=True, return_all=True)
+        _core.lm_head_forward(logits.reshape(B * T, -1), acts["lnf"], self.params["wte.weight"])
+        loss, lse = self._loss(logits, tgt)
+        flat_t = tgt.reshape(-1)
+        self._last = dict(idx=idx, targets=flat_t, lse=lse,
+                          n_valid=int(np.count_nonzero(flat_t != -1)), logits=logits,
+                          logits_owned=not return_logits, acts=acts,
+                          thread=threading.get_ident())
+        return (logits if return_logits else None), loss
+
+    @staticmethod
+    def _loss(logits, tgt):
+        """(mean cross-entropy over targets != -1 or nan, the rows' log-sum-exp)."""
+        N = tgt.size
         losses = np.empty(N, np.float32)
         lse = np.empty(N, np.float32)
         flat_t = tgt.reshape(-1)
         _core.crossentropy_forward(losses, lse, logits.reshape(N, -1), flat_t)
         n_valid = int(np.count_nonzero(flat_t != -1))
         loss = float(np.sum(losses, dtype=np.float64) / n_valid) if n_valid else float("nan")
-        self._last = dict(idx=idx, targets=flat_t, lse=lse, n_valid=n_valid, logits=logits,
-                          logits_owned=not return_logits)
-        return (logits if return_logits else None), loss
+        return loss, lse
 
-    def _run_blocks(self, idx: np.ndarray, train: bool, kv=None, pos0: int = 0) -> np.ndarray:
-        """Embedding, the transformer blocks and the final layernorm; returns lnf (N, C).
-        In training mode every activation the backward needs is kept, one slice per layer;
-        otherwise one layer's worth is reused.  With kv = (keys, values), each (L, B, n_ctx, C),
-        idx holds positions pos0 .. pos0 + T - 1: their keys and values are appended to the
-        cache and attention reads the cache (KV-cache decoding)."""
+    def _thread_workspace(self) -> _Workspace:
+        ws = getattr(self._local, "ws", None)
+        if ws is None:
+            ws = self._local.ws = _Workspace()
+        return ws
+
+    def _run_blocks(self, idx: np.ndarray, arena: _Arena, keep_layers: bool, kv=None,
+                    pos0: int = 0, return_all: bool = False):
+        """Embedding, the transformer blocks and the final layernorm; returns lnf (N, C), or
+        with return_all the dict of every activation (what the backward reads).
+
+        keep_layers (training): every activation the backward needs is kept, one slice per
+        layer.  Otherwise one layer's worth is reused, and the residual stream alternates
+        between two buffers.  With kv = (keys, values), each (L, B, capacity, C), idx holds
+        positions pos0 .. pos0 + T - 1: their keys and values are appended to the cache and
+        attention reads the cache (KV-cache decoding)."""
         cfg = self.config
         B, T = idx.shape
-        N, C, L, NH = B * T, cfg.n_embd, cfg.n_layer, cfg.n_head
-        LS = L if train else 1
-        eps = cfg.layer_norm_epsilon
-        a = self._acts.carve({
+        N, C, L = B * T, cfg.n_embd, cfg.n_layer
+        LS = L if keep_layers else 1
+        a = arena.carve({
             "encoded": (N, C),
             # the layernorm outputs are not kept per layer: the backward recomputes them from
             # the residual stream (one cheap pass, bit-identical) and saves 2 x L x N x C floats
             "ln1": (N, C), "ln1_mean": (LS, N), "ln1_rstd": (LS, N),
-            "qkv": (LS, N, 3 * C), "atty": (LS, N, C), "att_lse": (LS, B, NH, T),
+            "qkv": (LS, N, 3 * C), "atty": (LS, N, C), "att_lse": (LS, B, cfg.n_head, T),
             "res2": (LS, N, C), "ln2": (N, C), "ln2_mean": (LS, N), "ln2_rstd": (LS, N),
             "fch": (LS, N, 4 * C), "fch_gelu": (N, 4 * C),
-            "res3": (L, N, C) if train else (2, N, C), "proj": (N, C),
+            "res3": (L if keep_layers else 2, N, C), "proj": (N, C),
             "lnf": (N, C), "lnf_mean": (N,), "lnf_rstd": (N,),
         })
         P = self.params
         _core.embedding_forward(a["encoded"], idx.reshape(-1), P["wte.weight"], P["wpe.weight"],
                                 T, pos0)
         _core.layernorm_forward(a["ln1"], a["ln1_mean"][0], a["ln1_rstd"][0], a["encoded"],
-                                P["h.0.ln_1.weight"], P["h.0.ln_1.bias"], eps)
+                                P["h.0.ln_1.weight"], P["h.0.ln_1.bias"], cfg.layer_norm_epsilon)
+        res_in = a["encoded"]
         for l in range(L):
-            s = l if train else 0
-            w = self._layer_params[l]
-            res_in = a["encoded"] if l == 0 else a["res3"][(l - 1) if train else (l - 1) % 2]
-            qkv = a["qkv"][s]
-            _core.matmul_forward(qkv, a["ln1"], w["attn.c_attn.weight"],
-                                 w["attn.c_attn.bias"])
-            qkv3 = qkv.reshape(B, T, 3 * C)
-            if kv is None:
-                _core.attention_forward(a["atty"][s].reshape(B, T, C), a["att_lse"][s],
-                                        qkv3, 0, qkv3, C, qkv3, 2 * C, 0, NH)
-            else:
-                keys, values = kv[0][l], kv[1][l]
-                _core.kv_cache_write(keys, values, qkv3, pos0)
-                _core.attention_forward(a["atty"][s].reshape(B, T, C), _EMPTY3, qkv3, 0,
-                                        keys, 0, values, 0, pos0, NH)
-            _core.matmul_forward(a["proj"], a["atty"][s], w["attn.c_proj.weight"],
-                                 w["attn.c_proj.bias"])
-            _core.residual_layernorm_forward(a["res2"][s], a["ln2"], a["ln2_mean"][s],
-                                             a["ln2_rstd"][s], res_in, a["proj"],
-                                             w["ln_2.weight"], w["ln_2.bias"], eps)
-            _core.matmul_forward(a["fch"][s], a["ln2"], w["mlp.c_fc.weight"],
-                                 w["mlp.c_fc.bias"])
-            # gelu(fch) is not kept per layer: the backward recomputes it (one cheap pass)
-            _core.gelu_forward(a["fch_gelu"], a["fch"][s])
-            _core.matmul_forward(a["proj"], a["fch_gelu"], w["mlp.c_proj.weight"],
-                                 w["mlp.c_proj.bias"])
-            res_out = a["res3"][l if train else l % 2]
-            if l + 1 < L:
-                nxt = l + 1 if train else 0
-                _core.residual_layernorm_forward(
-                    res_out, a["ln1"], a["ln1_mean"][nxt], a["ln1_rstd"][nxt],
-                    a["res2"][s], a["proj"], P[f"h.{l + 1}.ln_1.weight"],
-                    P[f"h.{l + 1}.ln_1.bias"], eps)
-            else:
-                _core.residual_layernorm_forward(
-                    res_out, a["lnf"], a["lnf_mean"], a["lnf_rstd"], a["res2"][s], a["proj"],
-                    P["ln_f.weight"], P["ln_f.bias"], eps)
-        self._a = a
-        return a["lnf"]
+            res_out = a["res3"][l if keep_layers else l % 2]
+            self._block_forward(l, a, l if keep_layers else 0, res_in, res_out, B, T, kv, pos0)
+            res_in = res_out
+        return a if return_all else a["lnf"]
+
+    def _block_forward(self, l, a, s, res_in, res_out, B, T, kv, pos0):
+        """Block l: res_out = res2 + mlp(ln_2(res2)), res2 = res_in + attn(ln1), where ln1 (the
+        layernorm of res_in) is already in a["ln1"]; then the next block's ln_1 (or ln_f) of
+        res_out.  s is the slice of the per-layer activations this block writes."""
+        cfg = self.config
+        C, eps = cfg.n_embd, cfg.layer_norm_epsilon
+        w = self._layer_params[l]
+        qkv = a["qkv"][s]
+        _core.matmul_forward(qkv, a["ln1"], w["attn.c_attn.weight"], w["attn.c_attn.bias"])
+        qkv3 = qkv.reshape(B, T, 3 * C)
+        if kv is None:
+            _core.attention_forward(a["atty"][s].reshape(B, T, C), a["att_lse"][s],
+                                    qkv3, 0, qkv3, C, qkv3, 2 * C, 0, cfg.n_head)
+        else:
+            keys, values = kv[0][l], kv[1][l]
+            _core.kv_cache_write(keys, values, qkv3, pos0)
+            _core.attention_forward(a["atty"][s].reshape(B, T, C), _EMPTY3, qkv3, 0,
+                                    keys, 0, values, 0, pos0, cfg.n_head)
+        _core.matmul_forward(a["proj"], a["atty"][s], w["attn.c_proj.weight"],
+                             w["attn.c_proj.bias"])
+        _core.residual_layernorm_forward(a["res2"][s], a["ln2"], a["ln2_mean"][s],
+                                         a["ln2_rstd"][s], res_in, a["proj"],
+                                         w["ln_2.weight"], w["ln_2.bias"], eps)
+        _core.matmul_forward(a["fch"][s], a["ln2"], w["mlp.c_fc.weight"], w["mlp.c_fc.bias"])
+        # gelu(fch) is not kept per layer: the backward recomputes it (one cheap pass)
+        _core.gelu_forward(a["fch_gelu"], a["fch"][s])
+        _core.matmul_forward(a["proj"], a["fch_gelu"], w["mlp.c_proj.weight"],
+                             w["mlp.c_proj.bias"])
+        if l + 1 < cfg.n_layer:   # the next block's ln_1, into ln1 and this slot's stats
+            nxt = self._layer_params[l + 1]
+            s_next = s + 1 if a["ln1_mean"].shape[0] > 1 else 0
+            _core.residual_layernorm_forward(res_out, a["ln1"], a["ln1_mean"][s_next],
+                                             a["ln1_rstd"][s_next], a["res2"][s], a["proj"],
+                                             nxt["ln_1.weight"], nxt["ln_1.bias"], eps)
+        else:
+            P = self.params
+            _core.residual_layernorm_forward(res_out, a["lnf"], a["lnf_mean"], a["lnf_rstd"],
+                                             a["res2"][s], a["proj"], P["ln_f.weight"],
+                                             P["ln_f.bias"], eps)
 
     # ------------------------------------------------------------------ KV-cache decoding
 
-    def _kv_cache(self, B: int):
-        """Keys and values (L, B, n_ctx, C) for batch size B, allocated once and reused."""
+    def _kv_cache(self, B: int, positions: int | None = None):
+        """A new KV cache: keys and values (L, B, positions, C), positions <= n_ctx (default
+        n_ctx).  Each generation owns its cache, so generations on one model never share one."""
         cfg = self.config
-        shape = (cfg.n_layer, B, cfg.n_ctx, cfg.n_embd)
-        kv = getattr(self, "_kv", None)
-        if kv is None or kv[0].shape != shape:
-            kv = (np.empty(shape, np.float32), np.empty(shape, np.float32))
-            self._kv = kv
-        return kv
+        positions = cfg.n_ctx if positions is None else min(int(positions), cfg.n_ctx)
+        shape = (cfg.n_layer, B, positions, cfg.n_embd)
+        return np.empty(shape, np.float32), np.empty(shape, np.float32)
 
     def free_cache(self):
-        """Release the KV cache kept after generation (2 x n_layer x B x n_ctx x n_embd floats,
-        75 MB per sequence for GPT-2 124M) and the activation buffers; they are reallocated
-        when next needed."""
-        self._kv = None
-        self._kv_owner = None
-        self._acts = _Arena()
-        self._scratch = _Arena()
-        self._logit_arena = _Arena()
-        self._last = None
+        """Release the calling thread's inference buffers and, when no training call is under
+        way, the training activations and scratch; they are reallocated when next needed.
+        (Each generation's KV cache is its own and is freed when the generation ends.)"""
+        self._local.ws = None
+        with self._train_lock:
+            self._train_ws = _Workspace()
+            self._last = None
 
     def _forward_cached(self, idx: np.ndarray, pos0: int, kv) -> np.ndarray:
         """Logits (B, V) of the last position of idx (B, T) int64, which holds positions
@@ -311,8 +386,11 @@ class GPT2:
         if pos0 + T > self.config.n_ctx:
             raise ValueError(f"position {pos0 + T - 1} is beyond the context n_ctx="
                              f"{self.config.n_ctx}")
-        self._last = None
-        lnf = self._run_blocks(idx, train=False, kv=kv, pos0=pos0)
+        if pos0 + T > kv[0].shape[2]:
+            raise ValueError(f"position {pos0 + T - 1} is beyond the KV cache's "
+                             f"{kv[0].shape[2]} positions")
+        lnf = self._run_blocks(idx, self._thread_workspace().acts, keep_layers=False, kv=kv,
+                               pos0=pos0)
         last = np.ascontiguousarray(lnf.reshape(B, T, -1)[:, -1, :])
         logits = np.empty((B, self.config.vocab_size), np.float32)
         _core.lm_head_forward(logits, last, self.params["wte.weight"])
@@ -322,23 +400,33 @@ class GPT2:
 
     def zero_grad(self):
         """Set every gradient to zero."""
-        self.grads  # allocate on first use
-        _core.fill_zero(self._grad_buffer)
+        with self._train_lock:
+            self.grads  # allocate on first use
+            _core.fill_zero(self._grad_buffer)
 
     def backward(self):
         """Accumulate (+=) the gradient of the last forward's mean loss into ``grads``.
-        Each forward(idx, targets) supports one backward()."""
-        if self._last is None:
+        Each forward(idx, targets) supports one backward(), from the thread that made it."""
+        with self._train_lock:
+            self._backward()
+
+    def _backward(self):
+        last = self._last
+        if last is None:
             raise RuntimeError("backward() needs a preceding forward(idx, targets) with targets; "
                                "the last forward had no targets, there was none, or its "
                                "backward() was already called")
-        last = self._last
+        if last["thread"] != threading.get_ident():
+            raise RuntimeError("backward(): the last forward(idx, targets) on this model was "
+                               "made by another thread; training calls on one model must come "
+                               "from one thread at a time (forward and its backward from the "
+                               "same thread)")
         if last["n_valid"] == 0:
             raise RuntimeError("backward(): every target of the last forward was -1 (ignored); "
                                "the loss is undefined")
         cfg = self.config
         eps = cfg.layer_norm_epsilon
-        G, P, a = self.grads, self.params, self._a
+        G, P, a = self.grads, self.params, last["acts"]
         idx = last["idx"]
         B, T = idx.shape
         N, C, L, NH, V = B * T, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
@@ -348,7 +436,7 @@ class GPT2:
                 "dfch": (N, 4 * C), "ln_scratch": (nt, 2 * C)}
         if not in_place:
             spec["dlogits"] = (N, V)
-        d = self._scratch.carve(spec)
+        d = self._train_ws.scratch.carve(spec)
         logits = last["logits"].reshape(N, V)
         dlogits = logits if in_place else d["dlogits"]
         _core.crossentropy_backward(dlogits, logits, last["lse"], last["targets"],

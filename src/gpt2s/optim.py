@@ -61,10 +61,11 @@ class AdamW:
         b1, b2 = self.betas
         model = self.model
         model.grads  # allocated
-        _core.adamw_step(model._param_buffer, model._grad_buffer, self.m, self.v,
-                         self._seg_start, self._seg_stop,
-                         self._seg_flag * np.float32(self.weight_decay), self.lr, b1, b2,
-                         self.eps, self.t, 1.0)
+        with model._train_lock:   # a training call: serialized with backward and zero_grad
+            _core.adamw_step(model._param_buffer, model._grad_buffer, self.m, self.v,
+                             self._seg_start, self._seg_stop,
+                             self._seg_flag * np.float32(self.weight_decay), self.lr, b1, b2,
+                             self.eps, self.t, 1.0)
 
     # ---------------------------------------------------------------- state
 
@@ -103,8 +104,9 @@ def clip_grad_norm(model, max_norm: float) -> float:
     if not (max_norm > 0):
         raise ValueError(f"clip_grad_norm: max_norm must be > 0, got {max_norm!r}")
     model.grads
-    norm = math.sqrt(_core.sum_squares(model._grad_buffer))
-    coef = max_norm / (norm + 1e-6)
-    if coef < 1.0:
-        _core.scale_inplace(model._grad_buffer, coef)
+    with model._train_lock:
+        norm = math.sqrt(_core.sum_squares(model._grad_buffer))
+        coef = max_norm / (norm + 1e-6)
+        if coef < 1.0:
+            _core.scale_inplace(model._grad_buffer, coef)
     return norm
