@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from . import _core
+from . import generation as _generation
 from .config import GPT2Config
+from .generation import EOT_ID
 from .weights import (canonical_name, infer_config, layer_views, load_into, open_mapped,
                       param_layout, resolve_model_path, save_safetensors)
 
@@ -491,17 +493,84 @@ class GPT2:
     # The decoding loop, sampling and text helpers live in generation.py; these are the
     # public entry points on the model.
 
-    def generate(self, idx, max_new_tokens, *args, **kwargs):
-        """Token ids (B, T + new); see gpt2s.generation.generate."""
-        from .generation import generate
-        return generate(self, idx, max_new_tokens, *args, **kwargs)
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                 seed=None, *, num_samples=1, stop_at_eos=False, eos_token_id=EOT_ID,
+                 context_full="slide"):
+        """Continue the prompts ``idx`` by up to ``max_new_tokens`` tokens.
 
-    def generate_stream(self, idx, max_new_tokens, *args, **kwargs):
-        """An iterator of new token ids; see gpt2s.generation.generate_stream."""
-        from .generation import generate_stream
-        return generate_stream(self, idx, max_new_tokens, *args, **kwargs)
+        Args:
+            idx: token ids, shape (B, T) (B prompts of the same length) or (T,).
+            max_new_tokens: how many tokens to add (>= 0).
+            temperature: 0 is greedy argmax; > 0 samples from softmax(logits / temperature).
+            top_k: sample only among the k most likely tokens (None: all).
+            top_p: sample only within the nucleus of probability top_p, 0 < top_p <= 1.
+            seed: an int or a ``numpy.random.Generator`` makes sampling repeatable.
+            num_samples: continuations per prompt (rows b*n .. b*n + n-1 for prompt b).
+            stop_at_eos: stop each row at ``eos_token_id`` and pad it with that id.
+            eos_token_id: the end-of-text id (50256, ``<|endoftext|>``).
+            context_full: at n_ctx positions, "slide" the window or "stop" with a warning.
 
-    def generate_text(self, prompt, max_new_tokens, *args, **kwargs):
-        """Text in, text out; see gpt2s.generation.generate_text."""
-        from .generation import generate_text
-        return generate_text(self, prompt, max_new_tokens, *args, **kwargs)
+        Returns:
+            int64 array (B * num_samples, T + new), the prompts included; new <
+            max_new_tokens only when every row stopped at eos or the context was full.
+
+        Raises:
+            TypeError, ValueError: a bad argument, named in the message.
+
+        Example:
+            >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+            >>> m.generate([464, 3290], 5, temperature=0).shape
+            (1, 7)
+        """
+        return _generation.generate(self, idx, max_new_tokens, temperature, top_k, top_p, seed,
+                                    num_samples=num_samples, stop_at_eos=stop_at_eos,
+                                    eos_token_id=eos_token_id, context_full=context_full)
+
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        seed=None, *, num_samples=1, stop_at_eos=False, eos_token_id=EOT_ID,
+                        context_full="slide"):
+        """Like :meth:`generate`, but an iterator over the new tokens as they are made.
+
+        Yields Python ints when ``idx`` is 1-D and ``num_samples`` is 1, otherwise int64 arrays
+        of shape (B * num_samples,), one per step.  Arguments are as in :meth:`generate` and
+        are checked when this is called, not at the first ``next()``.
+
+        Example:
+            >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+            >>> len(list(m.generate_stream([464, 3290], 4, temperature=0)))
+            4
+        """
+        return _generation.generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p,
+                                           seed, num_samples=num_samples,
+                                           stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
+                                           context_full=context_full)
+
+    def generate_text(self, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                      seed=None, *, num_samples=1, stop_at_eos=True, context_full="slide",
+                      tokenizer=None):
+        """Text in, text out: the continuation of ``prompt`` (without the prompt itself).
+
+        Args:
+            prompt: a str, or a list of str that encode to the same number of tokens.
+            max_new_tokens, temperature, top_k, top_p, seed, num_samples, context_full: as in
+                :meth:`generate`.
+            stop_at_eos: end a continuation before the first ``<|endoftext|>`` it makes.
+            tokenizer: a tiktoken ``Encoding`` (default: the bundled GPT-2 tokenizer).
+
+        Returns:
+            a str for one prompt and num_samples=1; else a list per prompt or per sample (a
+            list of lists for several prompts with num_samples > 1).
+
+        Raises:
+            TypeError, ValueError: a bad argument, an empty prompt, or a prompt longer than
+                n_ctx tokens.
+
+        Example:
+            >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+            >>> isinstance(m.generate_text("Hello", 3, temperature=0), str)
+            True
+        """
+        return _generation.generate_text(self, prompt, max_new_tokens, temperature, top_k, top_p,
+                                         seed, num_samples=num_samples,
+                                         stop_at_eos=stop_at_eos, context_full=context_full,
+                                         tokenizer=tokenizer)
