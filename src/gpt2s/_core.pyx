@@ -169,6 +169,133 @@ cdef extern from *:
                                  * (1.0f + (float)(3.0 * 0.044715) * xi * xi));
         }
     }
+    /* The other activations of Hugging Face's GPT-2 configs (activation_function), each a
+       forward and a backward row kernel like GELU's: branch-free loops (selects, the
+       polynomial exp) that vectorise.  The backward kernels recompute what they need from x
+       and may write dinp over dout. */
+
+    /* erf(z) and erfc(z) in float32 without libm (whose erff/erfcf stay scalar).  Two
+       pieces, both evaluated and one selected, so loops over them vectorise:
+         |z| < 1:  erf(a) = a + a Pc(a^2), Pc a degree-6 minimax fit of erf(a)/a - 1
+                   (relative error 1.2e-9 before float32 rounding);
+         |z| >= 1: erfc(a) = exp(-a^2) t Pt(t), t = 1 / (1 + a/2), Pt a degree-8 minimax fit
+                   of erfc(a) exp(a^2) / t on [1, 9.3] (relative error < 2e-9).
+       exp(-a^2) = exp(-ah^2) exp(-(a - ah)(a + ah)) with ah = a cut to 12 significant bits, so
+       ah^2 is exact and erfc keeps its relative precision far into the tail (a plain a * a
+       would lose 1e-6 at a = 4).  Measured in tests/test_variants.py against math.erf /
+       math.erfc.  Beyond a = 9.3 erfc stays at erfc(9.3) ~ 4e-39 (a subnormal; the true value
+       is smaller still). */
+    #define GPT2S_ERF_TAIL_MAX 9.3f
+    static inline float gpt2s_erf_core(float a) {       /* erf(a) for 0 <= a < 1 */
+        float s = a * a;
+        float p = 7.853903483823199e-05f;
+        p = p * s - 8.010207615328918e-04f;
+        p = p * s + 5.188329475438139e-03f;
+        p = p * s - 2.685381303671422e-02f;
+        p = p * s + 1.1283585181667258e-01f;
+        p = p * s - 3.7612625828503155e-01f;
+        p = p * s + 1.2837916572829755e-01f;           /* 2/sqrt(pi) - 1 */
+        return a + a * p;
+    }
+    static inline float gpt2s_erfc_tail(float a) {      /* erfc(a) for a >= 1 */
+        a = a > GPT2S_ERF_TAIL_MAX ? GPT2S_ERF_TAIL_MAX : a;
+        uint32_t bits;
+        float ah;
+        memcpy(&bits, &a, sizeof(bits));
+        bits &= 0xFFFFF000u;
+        memcpy(&ah, &bits, sizeof(ah));
+        float e = gpt2s_expf(-(ah * ah)) * gpt2s_expf(-((a - ah) * (a + ah)));
+        float t = 1.0f / (1.0f + 0.5f * a);
+        float p = -4.295244997325508e-02f;
+        p = p * t + 2.3600061290038346e-01f;
+        p = p * t - 4.2776384211645985e-01f;
+        p = p * t + 2.4072426712842213e-01f;
+        p = p * t - 1.4365268889132622e-02f;
+        p = p * t + 2.0102252505356902e-01f;
+        p = p * t + 2.4299800549775957e-01f;
+        p = p * t + 2.8242973300297985e-01f;
+        p = p * t + 2.820822030399326e-01f;
+        return e * t * p;
+    }
+    /* erfc(|z|) */
+    static inline float gpt2s_erfc_abs(float z) {
+        float a = z < 0.0f ? -z : z;
+        return a < 1.0f ? 1.0f - gpt2s_erf_core(a) : gpt2s_erfc_tail(a);
+    }
+    static inline float gpt2s_erff(float z) {
+        float a = z < 0.0f ? -z : z;
+        float r = a < 1.0f ? gpt2s_erf_core(a) : 1.0f - gpt2s_erfc_tail(a);
+        return z < 0.0f ? -r : r;
+    }
+    GPT2S_CLONES static void gpt2s_erf_row(float *out, const float *x, int n) {
+        for (int i = 0; i < n; i++) out[i] = gpt2s_erff(x[i]);
+    }
+    GPT2S_CLONES static void gpt2s_erfc_row(float *out, const float *x, int n) {
+        for (int i = 0; i < n; i++) {
+            float e = gpt2s_erfc_abs(x[i]);
+            out[i] = x[i] < 0.0f ? 2.0f - e : e;
+        }
+    }
+
+    #define GPT2S_SQRT1_2 0.70710678118654752f
+    #define GPT2S_INV_SQRT_2PI 0.39894228040143268f
+    /* Phi(x) = 0.5 erfc(-x / sqrt 2), the standard normal CDF, from erfc of |x| / sqrt 2 so
+       that the negative tail keeps its relative precision (1 + erf would cancel to 0) */
+    static inline float gpt2s_normal_cdf(float x) {
+        float h = 0.5f * gpt2s_erfc_abs(x * GPT2S_SQRT1_2);
+        return x > 0.0f ? 1.0f - h : h;
+    }
+    /* gelu (erf): out = x Phi(x) */
+    GPT2S_CLONES static void gpt2s_gelu_erf_row(float *out, const float *x, int n) {
+        for (int i = 0; i < n; i++) out[i] = x[i] * gpt2s_normal_cdf(x[i]);
+    }
+    /* dinp = dout (Phi(x) + x phi(x)),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi) */
+    GPT2S_CLONES static void gpt2s_gelu_erf_backward_row(float *dinp, const float *x,
+                                                         const float *dout, int n) {
+        for (int i = 0; i < n; i++) {
+            float xi = x[i];
+            float pdf = GPT2S_INV_SQRT_2PI * gpt2s_expf(-0.5f * xi * xi);
+            dinp[i] = dout[i] * (gpt2s_normal_cdf(xi) + xi * pdf);
+        }
+    }
+    /* relu: out = max(x, 0) (NaN stays NaN); relu'(x) = 1 for x > 0, else 0 (torch's choice
+       at 0) */
+    GPT2S_CLONES static void gpt2s_relu_row(float *out, const float *x, int n) {
+        for (int i = 0; i < n; i++) out[i] = x[i] < 0.0f ? 0.0f : x[i];
+    }
+    GPT2S_CLONES static void gpt2s_relu_backward_row(float *dinp, const float *x,
+                                                     const float *dout, int n) {
+        for (int i = 0; i < n; i++) dinp[i] = x[i] > 0.0f ? dout[i] : 0.0f;
+    }
+    /* x sigmoid(k x) (silu: k = 1; quick_gelu: k = 1.702) and its derivative
+       s (1 + k x (1 - s)), s = sigmoid(k x) */
+    static inline void gpt2s_x_sigmoid_row(float *out, const float *x, float k, int n) {
+        for (int i = 0; i < n; i++) out[i] = x[i] * gpt2s_sigmoidf(k * x[i]);
+    }
+    static inline void gpt2s_x_sigmoid_backward_row(float *dinp, const float *x,
+                                                    const float *dout, float k, int n) {
+        for (int i = 0; i < n; i++) {
+            float xi = x[i];
+            float sg = gpt2s_sigmoidf(k * xi);
+            dinp[i] = dout[i] * (sg * (1.0f + k * xi * (1.0f - sg)));
+        }
+    }
+    GPT2S_CLONES static void gpt2s_silu_row(float *out, const float *x, int n) {
+        gpt2s_x_sigmoid_row(out, x, 1.0f, n);
+    }
+    GPT2S_CLONES static void gpt2s_silu_backward_row(float *dinp, const float *x,
+                                                     const float *dout, int n) {
+        gpt2s_x_sigmoid_backward_row(dinp, x, dout, 1.0f, n);
+    }
+    #define GPT2S_QUICK_GELU_K 1.702f
+    GPT2S_CLONES static void gpt2s_quick_gelu_row(float *out, const float *x, int n) {
+        gpt2s_x_sigmoid_row(out, x, GPT2S_QUICK_GELU_K, n);
+    }
+    GPT2S_CLONES static void gpt2s_quick_gelu_backward_row(float *dinp, const float *x,
+                                                           const float *dout, int n) {
+        gpt2s_x_sigmoid_backward_row(dinp, x, dout, GPT2S_QUICK_GELU_K, n);
+    }
+
     GPT2S_CLONES static float gpt2s_logsumexp_row(const float *x, int n) {
         float m = gpt2s_max(x, n);
         return m + logf(gpt2s_sum_exp(x, m, n));
@@ -237,6 +364,16 @@ cdef extern from *:
     int gpt2s_have_clones() noexcept nogil
     void gpt2s_gelu_row(float *out, const float *x, int n) noexcept nogil
     void gpt2s_gelu_backward_row(float *dinp, const float *x, const float *dout, int n) noexcept nogil
+    void gpt2s_erf_row(float *out, const float *x, int n) noexcept nogil
+    void gpt2s_erfc_row(float *out, const float *x, int n) noexcept nogil
+    void gpt2s_gelu_erf_row(float *out, const float *x, int n) noexcept nogil
+    void gpt2s_gelu_erf_backward_row(float *dinp, const float *x, const float *dout, int n) noexcept nogil
+    void gpt2s_relu_row(float *out, const float *x, int n) noexcept nogil
+    void gpt2s_relu_backward_row(float *dinp, const float *x, const float *dout, int n) noexcept nogil
+    void gpt2s_silu_row(float *out, const float *x, int n) noexcept nogil
+    void gpt2s_silu_backward_row(float *dinp, const float *x, const float *dout, int n) noexcept nogil
+    void gpt2s_quick_gelu_row(float *out, const float *x, int n) noexcept nogil
+    void gpt2s_quick_gelu_backward_row(float *dinp, const float *x, const float *dout, int n) noexcept nogil
     float gpt2s_logsumexp_row(const float *x, int n) noexcept nogil
     void gpt2s_scaled_softmax_row(float *d, const float *x, float lse, float scale, int n) noexcept nogil
     float gpt2s_causal_softmax_row(float *row, int valid, int n) noexcept nogil
@@ -700,6 +837,96 @@ def gelu_backward(float[:, ::1] dinp, const float[:, ::1] inp, const float[:, ::
 
 
 # --------------------------------------------------------------------------------------------
+# Activations by name (Hugging Face's activation_function, see config.ACTIVATION_KERNELS):
+# the row kernel is chosen once per call, so the loop over rows is the same as GELU's.
+
+ctypedef void (*activation_row_t)(float *out, const float *x, int n) noexcept nogil
+ctypedef void (*activation_backward_row_t)(float *dinp, const float *x, const float *dout,
+                                           int n) noexcept nogil
+
+_ACTIVATION_KERNELS = ("gelu_tanh", "gelu_erf", "relu", "silu", "quick_gelu")
+
+
+def activation_kernels():
+    """Names of the activation kernels activation_forward/backward accept."""
+    return _ACTIVATION_KERNELS
+
+
+cdef int _activation_index(str activation) except -1:
+    try:
+        return _ACTIVATION_KERNELS.index(activation)
+    except ValueError:
+        raise ValueError(f"unknown activation kernel {activation!r}; one of "
+                         f"{list(_ACTIVATION_KERNELS)}") from None
+
+
+cdef activation_row_t _activation_forward_row(int kind) noexcept nogil:
+    if kind == 1:
+        return gpt2s_gelu_erf_row
+    if kind == 2:
+        return gpt2s_relu_row
+    if kind == 3:
+        return gpt2s_silu_row
+    if kind == 4:
+        return gpt2s_quick_gelu_row
+    return gpt2s_gelu_row
+
+
+cdef activation_backward_row_t _activation_backward_row(int kind) noexcept nogil:
+    if kind == 1:
+        return gpt2s_gelu_erf_backward_row
+    if kind == 2:
+        return gpt2s_relu_backward_row
+    if kind == 3:
+        return gpt2s_silu_backward_row
+    if kind == 4:
+        return gpt2s_quick_gelu_backward_row
+    return gpt2s_gelu_backward_row
+
+
+def activation_forward(float[:, ::1] out, const float[:, ::1] inp, str activation):
+    # out (N, D) = act(inp (N, D)) elementwise; out may be inp.  act: gelu_tanh (gelu_new),
+    # gelu_erf = x Phi(x), relu = max(x, 0), silu = x sigmoid(x), quick_gelu = x sigmoid(1.702 x)
+    cdef activation_row_t row = _activation_forward_row(_activation_index(activation))
+    cdef Py_ssize_t N = inp.shape[0], n
+    cdef int D = inp.shape[1]
+    if out.shape[0] != N or out.shape[1] != D:
+        raise ValueError(f"activation_forward: out ({out.shape[0]},{out.shape[1]}) and inp "
+                         f"({N},{D}) differ in shape")
+    for n in prange(N, nogil=True, num_threads=threads_for(N * D), schedule='static'):
+        row(&out[n, 0], &inp[n, 0], D)
+
+
+def activation_backward(float[:, ::1] dinp, const float[:, ::1] inp, const float[:, ::1] dout,
+                        str activation):
+    # dinp (N, D) = dout * act'(inp), elementwise; dinp may alias dout (docs/backward.md)
+    cdef activation_backward_row_t row = _activation_backward_row(_activation_index(activation))
+    cdef Py_ssize_t N = inp.shape[0], n
+    cdef int D = inp.shape[1]
+    if (dinp.shape[0] != N or dinp.shape[1] != D or dout.shape[0] != N
+            or dout.shape[1] != D):
+        raise ValueError(f"activation_backward: dinp ({dinp.shape[0]},{dinp.shape[1]}), inp "
+                         f"({N},{D}) and dout ({dout.shape[0]},{dout.shape[1]}) differ in shape")
+    for n in prange(N, nogil=True, num_threads=threads_for(N * D), schedule='static'):
+        row(&dinp[n, 0], &inp[n, 0], &dout[n, 0], D)
+
+
+def erf_forward(float[:, ::1] out, const float[:, ::1] inp, bint complement=False):
+    # out (N, D) = erf(inp), or erfc(inp) with complement: the float32 erf of the gelu_erf
+    # kernel, exported so that its accuracy can be measured against math.erf
+    cdef Py_ssize_t N = inp.shape[0], n
+    cdef int D = inp.shape[1]
+    if out.shape[0] != N or out.shape[1] != D:
+        raise ValueError(f"erf_forward: out ({out.shape[0]},{out.shape[1]}) and inp "
+                         f"({N},{D}) differ in shape")
+    for n in prange(N, nogil=True, num_threads=threads_for(N * D), schedule='static'):
+        if complement:
+            gpt2s_erfc_row(&out[n, 0], &inp[n, 0], D)
+        else:
+            gpt2s_erf_row(&out[n, 0], &inp[n, 0], D)
+
+
+# --------------------------------------------------------------------------------------------
 # Residual
 
 def residual_forward(float[:, ::1] out, const float[:, ::1] inp1, const float[:, ::1] inp2):
@@ -756,13 +983,13 @@ cdef inline void attention_head_forward(float *out, int ldo, float *lse, const f
 
 def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
                       const float[:, :, ::1] q, int q_off, const float[:, :, ::1] k, int k_off,
-                      const float[:, :, ::1] v, int v_off, int pos0, int n_head):
+                      const float[:, :, ::1] v, int v_off, int pos0, int n_head, float scale):
     # out (B, Tq, C); lse (B, NH, Tq) or empty; q (B, Tq, ldq) at column q_off; k, v
-    # (B, Tkmax, ldk) at columns k_off, v_off with Tkmax >= pos0 + Tq.
+    # (B, Tkmax, ldk) at columns k_off, v_off with Tkmax >= pos0 + Tq.  The scores are
+    # scale * q.k (GPT-2: scale = 1/sqrt(HS); GPT2Config.attention_scale has the variants).
     cdef int B = out.shape[0], Tq = out.shape[1], C = out.shape[2]
     cdef int ldq = q.shape[2], ldk = k.shape[2], Tkmax = k.shape[1]
     cdef int HS = C // n_head, NH = n_head, bh, b, h
-    cdef float scale = <float>(1.0 / sqrt(HS))
     cdef float *S
     cdef bint keep_lse = lse.shape[0] > 0
     if pos0 + Tq > Tkmax or v.shape[1] != Tkmax or v.shape[2] != ldk:
@@ -818,11 +1045,11 @@ cdef inline void attention_head_backward(float *dq, float *dk, float *dv, int ld
 
 def attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
                        const float[:, :, ::1] out, const float[:, :, ::1] lse,
-                       const float[:, :, ::1] qkv, int n_head):
-    # dqkv (B, T, 3C) is overwritten; dout, out (B, T, C); lse (B, NH, T); qkv (B, T, 3C)
+                       const float[:, :, ::1] qkv, int n_head, float scale):
+    # dqkv (B, T, 3C) is overwritten; dout, out (B, T, C); lse (B, NH, T); qkv (B, T, 3C);
+    # scale: the forward's score scale
     cdef int B = out.shape[0], T = out.shape[1], C = out.shape[2]
     cdef int HS = C // n_head, NH = n_head, bh, b, h, t
-    cdef float scale = <float>(1.0 / sqrt(HS))
     cdef float *P
     cdef float *dP
     cdef float *D

@@ -1,12 +1,64 @@
-"""GPT2Config: the sizes of a GPT-2 model, its presets, and inference from tensor shapes."""
+"""GPT2Config: the sizes and variant flags of a GPT-2 model, its presets, and inference from
+tensor shapes.
+
+Every field of transformers' GPT2Config that changes the computation is either carried here and
+honoured exactly by the kernels, or refused by ``from_hf_dict`` with an error naming the field and
+its value; fields that do not change the math (dropouts, token ids, ``architectures``, ...) are
+accepted and ignored.  Dropout is never applied.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["GPT2Config"]
+__all__ = ["GPT2Config", "ACTIVATION_KERNELS"]
+
+# Hugging Face activation_function name -> the _core activation kernel that computes it.
+# The tanh family differs only in how a constant is written (gelu_fast's 0.7978845608 is
+# sqrt(2/pi) to 1e-11, far below float32's resolution).
+ACTIVATION_KERNELS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_accurate": "gelu_tanh",
+    "gelu_python_tanh": "gelu_tanh",
+    "gelu": "gelu_erf",
+    "gelu_python": "gelu_erf",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+    "quick_gelu": "quick_gelu",
+}
+
+# config.json keys read into GPT2Config (besides the sizes), with transformers' defaults
+_VARIANT_KEYS = ("n_inner", "activation_function", "scale_attn_weights",
+                 "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+                 "tie_word_embeddings")
+
+
+def _refusals(d: dict):
+    """(field, value, why) for each config.json key whose value changes the math in a way
+    gpt2s does not implement."""
+    out = []
+    model_type = d.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        out.append(("model_type", model_type, "gpt2s runs only model_type 'gpt2'"))
+    if d.get("add_cross_attention", False) not in (False, None):
+        out.append(("add_cross_attention", d["add_cross_attention"],
+                    "gpt2s has no cross-attention layers (encoder-decoder use)"))
+    if d.get("pruned_heads"):
+        out.append(("pruned_heads", d["pruned_heads"],
+                    "gpt2s needs every attention head (pruned checkpoints change the shapes)"))
+    quant = d.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        out.append(("quantization_config", {"quant_method": method},
+                    "gpt2s loads float32/float16/bfloat16 weights, not a quantisation scheme"))
+    return out
+
 
 _PRESETS = {
     # the four released GPT-2 sizes
@@ -23,7 +75,18 @@ _PRESETS = {
 
 @dataclass(frozen=True)
 class GPT2Config:
-    """Sizes of a GPT-2 model (Hugging Face's key names)."""
+    """Sizes and variant flags of a GPT-2 model (Hugging Face's key names and defaults).
+
+    ``n_inner``: width of the MLP (None: 4 * n_embd).  ``activation_function``: one of
+    ``ACTIVATION_KERNELS`` (the tanh GELUs gelu_new / gelu_pytorch_tanh / gelu_fast, the erf
+    GELU gelu, relu, silu / swish, quick_gelu).  ``scale_attn_weights``: scores are divided by
+    sqrt(head_size) (False: not scaled); ``scale_attn_by_inverse_layer_idx``: layer l's scores
+    are further divided by l + 1.  ``reorder_and_upcast_attn``: transformers computes the
+    scores in float32 under half-precision autocast; gpt2s always computes attention in
+    float32 with the scale folded into the Q K^T product, so the flag is carried (and saved)
+    but changes nothing here.  ``tie_word_embeddings=False``: the output head is its own
+    ``lm_head.weight`` (V, C) instead of ``wte.weight``.
+    """
 
     n_layer: int = 12
     n_head: int = 12
@@ -31,6 +94,12 @@ class GPT2Config:
     vocab_size: int = 50257
     n_ctx: int = 1024
     layer_norm_epsilon: float = 1e-5
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    tie_word_embeddings: bool = True
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "n_ctx"):
@@ -40,13 +109,46 @@ class GPT2Config:
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"GPT2Config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if not (self.layer_norm_epsilon > 0):
+        if isinstance(self.layer_norm_epsilon, bool) or not (self.layer_norm_epsilon > 0):
             raise ValueError(
                 f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int)
+                                         or isinstance(self.n_inner, bool) or self.n_inner < 1):
+            raise ValueError(f"GPT2Config.n_inner must be a positive integer or None (4 * n_embd),"
+                             f" got {self.n_inner!r}")
+        if self.activation_function not in ACTIVATION_KERNELS:
+            raise ValueError(
+                f"GPT2Config.activation_function={self.activation_function!r} is not supported; "
+                f"gpt2s computes {sorted(ACTIVATION_KERNELS)}")
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx",
+                     "reorder_and_upcast_attn", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPT2Config.{name} must be true or false, got "
+                                 f"{getattr(self, name)!r}")
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def inner_size(self) -> int:
+        """Width of the MLP's hidden layer: n_inner, or 4 * n_embd when it is None."""
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def activation_kernel(self) -> str:
+        """The _core activation kernel for activation_function (gelu_tanh, gelu_erf, relu,
+        silu, quick_gelu)."""
+        return ACTIVATION_KERNELS[self.activation_function]
+
+    def attention_scale(self, layer: int) -> float:
+        """The factor layer ``layer``'s attention scores q.k are multiplied by before the
+        softmax: 1/sqrt(head_size) (or 1 without scale_attn_weights), divided by layer + 1 with
+        scale_attn_by_inverse_layer_idx (transformers' GPT2Attention.scaling)."""
+        scale = 1.0 / math.sqrt(self.head_size) if self.scale_attn_weights else 1.0
+        if self.scale_attn_by_inverse_layer_idx:
+            scale /= float(layer + 1)
+        return scale
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPT2Config":
@@ -60,16 +162,22 @@ class GPT2Config:
         return list(_PRESETS)
 
     def num_parameters(self) -> int:
-        C, L, V, T = self.n_embd, self.n_layer, self.vocab_size, self.n_ctx
-        per_layer = 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + 2 * C + (C * 4 * C + 4 * C) \
-            + (4 * C * C + C)
-        return V * C + T * C + L * per_layer + 2 * C
+        C, L, V, T, H = self.n_embd, self.n_layer, self.vocab_size, self.n_ctx, self.inner_size
+        per_layer = 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + 2 * C + (C * H + H) \
+            + (H * C + C)
+        head = 0 if self.tie_word_embeddings else V * C
+        return V * C + T * C + L * per_layer + 2 * C + head
 
     # --- Hugging Face config.json -------------------------------------------------------
 
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> "GPT2Config":
-        """Read Hugging Face's GPT-2 config keys (n_positions or n_ctx for the context)."""
+        """Read Hugging Face's GPT-2 config keys (n_positions or n_ctx for the context).
+        Keys that change the math are honoured or refused by name (ValueError); keys that do
+        not (dropouts, token ids, architectures, ...) are ignored."""
+        for name, value, why in _refusals(d):
+            shown = json.dumps(value, default=str)
+            raise ValueError(f"{source}: {name}={shown} is not supported: {why}")
         try:
             kwargs = dict(
                 n_layer=d["n_layer"], n_head=d["n_head"], n_embd=d["n_embd"],
@@ -81,6 +189,9 @@ class GPT2Config:
             raise ValueError(f"{source}: missing GPT-2 config key {e.args[0]!r}") from None
         if kwargs["n_ctx"] is None:
             raise ValueError(f"{source}: has neither 'n_positions' nor 'n_ctx'")
+        for key in _VARIANT_KEYS:
+            if key in d and not (key == "activation_function" and d[key] is None):
+                kwargs[key] = d[key]
         try:
             return cls(**kwargs)
         except ValueError as e:
@@ -102,20 +213,25 @@ class GPT2Config:
         return {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
-            "activation_function": "gelu_new",
+            "activation_function": self.activation_function,
             "n_layer": self.n_layer,
             "n_head": self.n_head,
             "n_embd": self.n_embd,
             "n_positions": self.n_ctx,
             "n_ctx": self.n_ctx,
             "vocab_size": self.vocab_size,
+            "n_inner": self.n_inner,
             "layer_norm_epsilon": self.layer_norm_epsilon,
+            "scale_attn_weights": self.scale_attn_weights,
+            "scale_attn_by_inverse_layer_idx": self.scale_attn_by_inverse_layer_idx,
+            "reorder_and_upcast_attn": self.reorder_and_upcast_attn,
+            "add_cross_attention": False,
             "bos_token_id": 50256,
             "eos_token_id": 50256,
             "attn_pdrop": 0.0,
             "embd_pdrop": 0.0,
             "resid_pdrop": 0.0,
-            "tie_word_embeddings": True,
+            "tie_word_embeddings": self.tie_word_embeddings,
             "torch_dtype": "float32",
         }
 

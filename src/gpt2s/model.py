@@ -87,6 +87,11 @@ class GPT2:
         # per-block dicts of the parameter views (and of the gradient views, with the grads)
         self._layer_params = [layer_views(self.params, l) for l in range(config.n_layer)]
         self._layer_grads = None
+        # the variant's choices, made once: the MLP activation kernel, each layer's attention
+        # score scale, and the output head (wte, or its own lm_head.weight when untied)
+        self._activation = config.activation_kernel
+        self._attn_scales = [config.attention_scale(l) for l in range(config.n_layer)]
+        self._head_name = "wte.weight" if config.tie_word_embeddings else "lm_head.weight"
         # Threading contract (README, "Threads"): inference calls write only their own
         # thread's workspace and their own KV cache; training calls (forward with targets,
         # backward, zero_grad, the optimizer step) hold this lock, so they are serialized, and
@@ -122,7 +127,8 @@ class GPT2:
 
         F32, F16 and BF16 tensors are converted to float32 once; keys may carry the
         ``transformer.`` prefix; ``h.N.attn.bias``/``masked_bias`` buffers are ignored; a
-        ``lm_head.weight`` must equal ``wte.weight``.  Without config.json the config is
+        ``lm_head.weight`` must equal ``wte.weight`` unless config.json has
+        ``tie_word_embeddings: false``.  Without config.json the config is
         inferred from the tensor shapes.
         """
         file, cfg_file = resolve_model_path(path)
@@ -242,7 +248,7 @@ class GPT2:
         ws = self._thread_workspace()
         logits = np.empty((B, T, self.config.vocab_size), np.float32)
         lnf = self._run_blocks(idx, ws.acts, keep_layers=False)
-        _core.lm_head_forward(logits.reshape(B * T, -1), lnf, self.params["wte.weight"])
+        _core.lm_head_forward(logits.reshape(B * T, -1), lnf, self.params[self._head_name])
         if tgt is None:
             return logits, None
         loss, _ = self._loss(logits, tgt)
@@ -257,7 +263,8 @@ class GPT2:
             logits = ws.logits.carve({"logits": (B, T, self.config.vocab_size)})["logits"]
         self._last = None
         acts = self._run_blocks(idx, ws.acts, keep_layers=True, return_all=True)
-        _core.lm_head_forward(logits.reshape(B * T, -1), acts["lnf"], self.params["wte.weight"])
+        _core.lm_head_forward(logits.reshape(B * T, -1), acts["lnf"],
+                              self.params[self._head_name])
         loss, lse = self._loss(logits, tgt)
         flat_t = tgt.reshape(-1)
         self._last = dict(idx=idx, targets=flat_t, lse=lse,
@@ -296,7 +303,7 @@ class GPT2:
         attention reads the cache (KV-cache decoding)."""
         cfg = self.config
         B, T = idx.shape
-        N, C, L = B * T, cfg.n_embd, cfg.n_layer
+        N, C, L, H = B * T, cfg.n_embd, cfg.n_layer, cfg.inner_size
         LS = L if keep_layers else 1
         a = arena.carve({
             "encoded": (N, C),
@@ -305,7 +312,7 @@ class GPT2:
             "ln1": (N, C), "ln1_mean": (LS, N), "ln1_rstd": (LS, N),
             "qkv": (LS, N, 3 * C), "atty": (LS, N, C), "att_lse": (LS, B, cfg.n_head, T),
             "res2": (LS, N, C), "ln2": (N, C), "ln2_mean": (LS, N), "ln2_rstd": (LS, N),
-            "fch": (LS, N, 4 * C), "fch_gelu": (N, 4 * C),
+            "fch": (LS, N, H), "fch_gelu": (N, H),
             "res3": (L if keep_layers else 2, N, C), "proj": (N, C),
             "lnf": (N, C), "lnf_mean": (N,), "lnf_rstd": (N,),
         })
@@ -333,20 +340,22 @@ class GPT2:
         qkv3 = qkv.reshape(B, T, 3 * C)
         if kv is None:
             _core.attention_forward(a["atty"][s].reshape(B, T, C), a["att_lse"][s],
-                                    qkv3, 0, qkv3, C, qkv3, 2 * C, 0, cfg.n_head)
+                                    qkv3, 0, qkv3, C, qkv3, 2 * C, 0, cfg.n_head,
+                                    self._attn_scales[l])
         else:
             keys, values = kv[0][l], kv[1][l]
             _core.kv_cache_write(keys, values, qkv3, pos0)
             _core.attention_forward(a["atty"][s].reshape(B, T, C), _EMPTY3, qkv3, 0,
-                                    keys, 0, values, 0, pos0, cfg.n_head)
+                                    keys, 0, values, 0, pos0, cfg.n_head,
+                                    self._attn_scales[l])
         _core.matmul_forward(a["proj"], a["atty"][s], w["attn.c_proj.weight"],
                              w["attn.c_proj.bias"])
         _core.residual_layernorm_forward(a["res2"][s], a["ln2"], a["ln2_mean"][s],
                                          a["ln2_rstd"][s], res_in, a["proj"],
                                          w["ln_2.weight"], w["ln_2.bias"], eps)
         _core.matmul_forward(a["fch"][s], a["ln2"], w["mlp.c_fc.weight"], w["mlp.c_fc.bias"])
-        # gelu(fch) is not kept per layer: the backward recomputes it (one cheap pass)
-        _core.gelu_forward(a["fch_gelu"], a["fch"][s])
+        # act(fch) is not kept per layer: the backward recomputes it (one cheap pass)
+        _core.activation_forward(a["fch_gelu"], a["fch"][s], self._activation)
         _core.matmul_forward(a["proj"], a["fch_gelu"], w["mlp.c_proj.weight"],
                              w["mlp.c_proj.bias"])
         if l + 1 < cfg.n_layer:   # the next block's ln_1, into ln1 and this slot's stats
@@ -395,7 +404,7 @@ class GPT2:
                                pos0=pos0)
         last = np.ascontiguousarray(lnf.reshape(B, T, -1)[:, -1, :])
         logits = np.empty((B, self.config.vocab_size), np.float32)
-        _core.lm_head_forward(logits, last, self.params["wte.weight"])
+        _core.lm_head_forward(logits, last, self.params[self._head_name])
         return logits
 
     # ------------------------------------------------------------------ backward
@@ -431,11 +440,12 @@ class GPT2:
         G, P, a = self.grads, self.params, last["acts"]
         idx = last["idx"]
         B, T = idx.shape
-        N, C, L, NH, V = B * T, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size
+        N, C, L, NH, V, H = B * T, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size, \
+            cfg.inner_size
         nt = _core.get_num_threads()
         in_place = last["logits_owned"]  # nobody else sees these logits: dlogits in place
         spec = {"dres": (N, C), "dln": (N, C), "datty": (N, C), "dqkv": (N, 3 * C),
-                "dfch": (N, 4 * C), "ln_scratch": (nt, 2 * C)}
+                "dfch": (N, H), "ln_scratch": (nt, 2 * C)}
         if not in_place:
             spec["dlogits"] = (N, V)
         d = self._train_ws.scratch.carve(spec)
@@ -446,7 +456,8 @@ class GPT2:
         # like PyTorch without retain_graph, a backward consumes its forward (and here the
         # logits may now hold dlogits)
         self._last = None
-        _core.lm_head_backward(d["dln"], G["wte.weight"], dlogits, a["lnf"], P["wte.weight"])
+        _core.lm_head_backward(d["dln"], G[self._head_name], dlogits, a["lnf"],
+                               P[self._head_name])
         dres = d["dres"]
         dres.fill(0.0)
         _core.layernorm_backward(dres, G["ln_f.weight"], G["ln_f.bias"], d["dln"], a["res3"][L - 1],
@@ -454,11 +465,11 @@ class GPT2:
         for l in reversed(range(L)):
             w, g = self._layer_params[l], self._layer_grads[l]
             res_in = a["encoded"] if l == 0 else a["res3"][l - 1]
-            # MLP: res3 = res2 + gelu(ln2 @ Wfc + bfc) @ Wproj + bproj
-            _core.gelu_forward(a["fch_gelu"], a["fch"][l])
+            # MLP: res3 = res2 + act(ln2 @ Wfc + bfc) @ Wproj + bproj
+            _core.activation_forward(a["fch_gelu"], a["fch"][l], self._activation)
             _core.matmul_backward(d["dfch"], g["mlp.c_proj.weight"], g["mlp.c_proj.bias"], dres,
                                   a["fch_gelu"], w["mlp.c_proj.weight"], False)
-            _core.gelu_backward(d["dfch"], a["fch"][l], d["dfch"])
+            _core.activation_backward(d["dfch"], a["fch"][l], d["dfch"], self._activation)
             _core.layernorm_forward(a["ln2"], _EMPTY1, _EMPTY1, a["res2"][l], w["ln_2.weight"],
                                     w["ln_2.bias"], eps)
             _core.matmul_backward(d["dln"], g["mlp.c_fc.weight"], g["mlp.c_fc.bias"], d["dfch"],
@@ -471,7 +482,8 @@ class GPT2:
                                   dres, a["atty"][l], w["attn.c_proj.weight"], False)
             _core.attention_backward(d["dqkv"].reshape(B, T, 3 * C), d["datty"].reshape(B, T, C),
                                      a["atty"][l].reshape(B, T, C), a["att_lse"][l],
-                                     a["qkv"][l].reshape(B, T, 3 * C), NH)
+                                     a["qkv"][l].reshape(B, T, 3 * C), NH,
+                                     self._attn_scales[l])
             _core.layernorm_forward(a["ln1"], _EMPTY1, _EMPTY1, res_in, w["ln_1.weight"],
                                     w["ln_1.bias"], eps)
             _core.matmul_backward(d["dln"], g["attn.c_attn.weight"], g["attn.c_attn.bias"],

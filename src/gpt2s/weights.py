@@ -34,19 +34,19 @@ __all__ = [
 ALIGN = 16  # every tensor starts on a 64-byte boundary of the parameter buffer
 
 _LAYER_TENSORS = [
-    # (suffix, shape as a function of C)
-    ("ln_1.weight", lambda C: (C,)),
-    ("ln_1.bias", lambda C: (C,)),
-    ("attn.c_attn.weight", lambda C: (C, 3 * C)),
-    ("attn.c_attn.bias", lambda C: (3 * C,)),
-    ("attn.c_proj.weight", lambda C: (C, C)),
-    ("attn.c_proj.bias", lambda C: (C,)),
-    ("ln_2.weight", lambda C: (C,)),
-    ("ln_2.bias", lambda C: (C,)),
-    ("mlp.c_fc.weight", lambda C: (C, 4 * C)),
-    ("mlp.c_fc.bias", lambda C: (4 * C,)),
-    ("mlp.c_proj.weight", lambda C: (4 * C, C)),
-    ("mlp.c_proj.bias", lambda C: (C,)),
+    # (suffix, shape as a function of C and the MLP width H = n_inner or 4C)
+    ("ln_1.weight", lambda C, H: (C,)),
+    ("ln_1.bias", lambda C, H: (C,)),
+    ("attn.c_attn.weight", lambda C, H: (C, 3 * C)),
+    ("attn.c_attn.bias", lambda C, H: (3 * C,)),
+    ("attn.c_proj.weight", lambda C, H: (C, C)),
+    ("attn.c_proj.bias", lambda C, H: (C,)),
+    ("ln_2.weight", lambda C, H: (C,)),
+    ("ln_2.bias", lambda C, H: (C,)),
+    ("mlp.c_fc.weight", lambda C, H: (C, H)),
+    ("mlp.c_fc.bias", lambda C, H: (H,)),
+    ("mlp.c_proj.weight", lambda C, H: (H, C)),
+    ("mlp.c_proj.bias", lambda C, H: (C,)),
 ]
 
 LAYER_SUFFIXES = tuple(suffix for suffix, _ in _LAYER_TENSORS)
@@ -66,6 +66,8 @@ def canonical_name(name: str) -> str:
 _IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 _LAYER_KEY = re.compile(r"h\.(\d+)\.")
 
+HEAD = "lm_head.weight"  # the output head's key: never under the "transformer." prefix
+
 _DTYPES = {"F32": (np.dtype("<f4"), 4), "F16": (np.dtype("<f2"), 2), "BF16": (np.dtype("<u2"), 2)}
 
 
@@ -74,12 +76,16 @@ class SafetensorsError(ValueError):
 
 
 def param_layout(config: GPT2Config):
-    """[(name, shape, offset)] of every parameter in the buffer, and the buffer's length."""
-    C, L = config.n_embd, config.n_layer
+    """[(name, shape, offset)] of every parameter in the buffer, and the buffer's length.
+    An untied output head (tie_word_embeddings false) is a parameter of its own,
+    ``lm_head.weight`` (V, C), after the others."""
+    C, L, H = config.n_embd, config.n_layer, config.inner_size
     entries = [("wte.weight", (config.vocab_size, C)), ("wpe.weight", (config.n_ctx, C))]
     for layer in range(L):
-        entries += [(f"h.{layer}.{suffix}", shape(C)) for suffix, shape in _LAYER_TENSORS]
+        entries += [(f"h.{layer}.{suffix}", shape(C, H)) for suffix, shape in _LAYER_TENSORS]
     entries += [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
+    if not config.tie_word_embeddings:
+        entries.append((HEAD, (config.vocab_size, C)))
     layout, offset = [], 0
     for name, shape in entries:
         layout.append((name, shape, offset))
@@ -156,7 +162,8 @@ def read_safetensors_header(path: Path, file_size: int, head: bytes) -> tuple[di
 
 def infer_config(names_shapes: dict, source: str) -> GPT2Config:
     """The config from tensor shapes alone: n_layer from the keys, n_embd and vocab from wte,
-    n_ctx from wpe, n_head = n_embd / 64 as in all four GPT-2 sizes."""
+    n_ctx from wpe, n_inner from h.0.mlp.c_fc.weight (C, n_inner), n_head = n_embd / 64 as in
+    all four GPT-2 sizes.  Everything else takes GPT-2's defaults (gelu_new, a tied head)."""
     for required in ("wte.weight", "wpe.weight"):
         if required not in names_shapes:
             raise SafetensorsError(f"{source}: missing tensor {required!r}")
@@ -174,7 +181,12 @@ def infer_config(names_shapes: dict, source: str) -> GPT2Config:
         raise SafetensorsError(
             f"{source}: n_embd={C} is not a multiple of 64, so n_head cannot be inferred; "
             f"put a config.json beside the file")
-    return GPT2Config(n_layer=max(layers) + 1, n_head=C // 64, n_embd=C, vocab_size=V, n_ctx=T)
+    fc = names_shapes.get("h.0.mlp.c_fc.weight")
+    n_inner = None
+    if fc is not None and len(fc) == 2 and fc[0] == C and fc[1] >= 1 and fc[1] != 4 * C:
+        n_inner = int(fc[1])   # any other shape is reported against the config when loading
+    return GPT2Config(n_layer=max(layers) + 1, n_head=C // 64, n_embd=C, vocab_size=V, n_ctx=T,
+                      n_inner=n_inner)
 
 
 def _convert_into(dst: np.ndarray, raw: memoryview, dtype: str, shape, path, name):
@@ -200,7 +212,7 @@ def load_into(path: Path, header: dict, data_start: int, mm, params: dict, confi
         name = canonical_name(raw_name)
         if _IGNORED.fullmatch(name):
             continue
-        if name == "lm_head.weight":
+        if name == HEAD and HEAD not in params:   # tied: checked against wte below
             seen[name] = raw_name
             continue
         if name not in params:
@@ -213,20 +225,23 @@ def load_into(path: Path, header: dict, data_start: int, mm, params: dict, confi
     missing = [n for n in params if n not in seen]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise SafetensorsError(f"{path}: missing tensor {missing[0]!r}{more}")
+        why = (" (the config has tie_word_embeddings false: the output head is its own tensor)"
+               if missing[0] == HEAD else "")
+        raise SafetensorsError(f"{path}: missing tensor {missing[0]!r}{more}{why}")
 
     for name, dst in params.items():
         _read_tensor(path, header, seen[name], data_start, mm, dst)
 
-    if "lm_head.weight" in seen:
-        raw_name = seen["lm_head.weight"]
+    if HEAD in seen and HEAD not in params:
+        raw_name = seen[HEAD]
         wte = params["wte.weight"]
         lm = np.empty(wte.shape, np.float32)
         _read_tensor(path, header, raw_name, data_start, mm, lm)
         if not np.array_equal(lm, wte):
             raise SafetensorsError(
-                f"{path}: tensor {raw_name!r} differs from 'wte.weight'; GPT-2 ties the output "
-                f"head to the token embedding and gpt2s requires them equal")
+                f"{path}: tensor {raw_name!r} differs from 'wte.weight', but the config ties the "
+                f"output head to the token embedding (tie_word_embeddings true, GPT-2's default); "
+                f"an untied model needs a config.json with \"tie_word_embeddings\": false")
 
 
 def _read_tensor(path, header, raw_name, data_start, mm, dst):
@@ -304,7 +319,8 @@ def _write_tensors(f, params: dict, prefix: str, st_dtype: str = "F32"):
     header, offset = {}, 0
     for name, arr in params.items():
         nbytes = arr.size * itemsize
-        header[prefix + name] = {"dtype": st_dtype, "shape": list(arr.shape),
+        # transformers keeps the output head outside the "transformer." module
+        header[(name if name == HEAD else prefix + name)] = {"dtype": st_dtype, "shape": list(arr.shape),
                                  "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt"}
