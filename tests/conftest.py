@@ -25,42 +25,50 @@ import gpt2s  # noqa: E402
 from gpt2s import GPT2, GPT2Config  # noqa: E402
 
 LAYER_SHAPES = {
-    # Hugging Face's GPT-2 tensors of one block, as a function of C (Conv1D weights are [in, out])
-    "ln_1.weight": lambda C: (C,),
-    "ln_1.bias": lambda C: (C,),
-    "attn.c_attn.weight": lambda C: (C, 3 * C),
-    "attn.c_attn.bias": lambda C: (3 * C,),
-    "attn.c_proj.weight": lambda C: (C, C),
-    "attn.c_proj.bias": lambda C: (C,),
-    "ln_2.weight": lambda C: (C,),
-    "ln_2.bias": lambda C: (C,),
-    "mlp.c_fc.weight": lambda C: (C, 4 * C),
-    "mlp.c_fc.bias": lambda C: (4 * C,),
-    "mlp.c_proj.weight": lambda C: (4 * C, C),
-    "mlp.c_proj.bias": lambda C: (C,),
+    # Hugging Face's GPT-2 tensors of one block, as a function of C and the MLP width H
+    # (n_inner, 4C by default); Conv1D weights are [in, out]
+    "ln_1.weight": lambda C, H: (C,),
+    "ln_1.bias": lambda C, H: (C,),
+    "attn.c_attn.weight": lambda C, H: (C, 3 * C),
+    "attn.c_attn.bias": lambda C, H: (3 * C,),
+    "attn.c_proj.weight": lambda C, H: (C, C),
+    "attn.c_proj.bias": lambda C, H: (C,),
+    "ln_2.weight": lambda C, H: (C,),
+    "ln_2.bias": lambda C, H: (C,),
+    "mlp.c_fc.weight": lambda C, H: (C, H),
+    "mlp.c_fc.bias": lambda C, H: (H,),
+    "mlp.c_proj.weight": lambda C, H: (H, C),
+    "mlp.c_proj.bias": lambda C, H: (C,),
 }
 
 
-def param_shapes(n_layer, n_embd, vocab_size, n_ctx) -> dict:
+def param_shapes(n_layer, n_embd, vocab_size, n_ctx, n_inner=None, tied=True) -> dict:
     """name -> shape of every GPT-2 parameter (Hugging Face names without 'transformer.'),
-    written out here independently of gpt2s.weights."""
+    written out here independently of gpt2s.weights; an untied model has lm_head.weight."""
     C = n_embd
+    H = 4 * C if n_inner is None else n_inner
     shapes = {"wte.weight": (vocab_size, C), "wpe.weight": (n_ctx, C)}
     for l in range(n_layer):
         for suffix, shape in LAYER_SHAPES.items():
-            shapes[f"h.{l}.{suffix}"] = shape(C)
+            shapes[f"h.{l}.{suffix}"] = shape(C, H)
     shapes["ln_f.weight"] = (C,)
     shapes["ln_f.bias"] = (C,)
+    if not tied:
+        shapes["lm_head.weight"] = (vocab_size, C)
     return shapes
 
 
 def config_shapes(cfg: GPT2Config) -> dict:
-    return param_shapes(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.n_ctx)
+    return param_shapes(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.n_ctx, cfg.n_inner,
+                        cfg.tie_word_embeddings)
 
 
-def _make_config(n_layer=2, n_head=2, head_size=16, vocab_size=211, n_ctx=64, eps=1e-5):
+def _make_config(n_layer=2, n_head=2, head_size=16, vocab_size=211, n_ctx=64, eps=1e-5,
+                 **variant):
+    """A small GPT2Config; variant: GPT2Config's other fields (n_inner, activation_function,
+    scale_attn_weights, ..., tie_word_embeddings)."""
     return GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_head * head_size,
-                      vocab_size=vocab_size, n_ctx=n_ctx, layer_norm_epsilon=eps)
+                      vocab_size=vocab_size, n_ctx=n_ctx, layer_norm_epsilon=eps, **variant)
 
 
 def _make_params(cfg: GPT2Config, seed=0, dtype=np.float32) -> dict:
@@ -71,8 +79,8 @@ def _make_params(cfg: GPT2Config, seed=0, dtype=np.float32) -> dict:
     C = cfg.n_embd
     out = {}
     for name, shape in config_shapes(cfg).items():
-        if name in ("wte.weight", "wpe.weight"):
-            std = 1.0 / math.sqrt(C) * (1.0 if name == "wte.weight" else 0.5)
+        if name in ("wte.weight", "wpe.weight", "lm_head.weight"):
+            std = 1.0 / math.sqrt(C) * (0.5 if name == "wpe.weight" else 1.0)
             a = rng.standard_normal(shape) * std
         elif name.endswith(".bias"):
             a = 0.1 * rng.standard_normal(shape)
@@ -108,28 +116,40 @@ def _make_batch(cfg: GPT2Config, B, T, seed=0, ignore_frac=0.2):
 
 
 def hf_config(cfg: GPT2Config):
+    """transformers' GPT2Config for ``cfg``, every field written out here (not through
+    gpt2s' to_hf_dict, which the tests check against this)."""
     transformers = pytest.importorskip("transformers")
     return transformers.GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx, n_embd=cfg.n_embd,
         n_layer=cfg.n_layer, n_head=cfg.n_head, layer_norm_epsilon=cfg.layer_norm_epsilon,
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=None, eos_token_id=None, tie_word_embeddings=True)
+        n_inner=cfg.n_inner, activation_function=cfg.activation_function,
+        scale_attn_weights=cfg.scale_attn_weights,
+        scale_attn_by_inverse_layer_idx=cfg.scale_attn_by_inverse_layer_idx,
+        reorder_and_upcast_attn=cfg.reorder_and_upcast_attn,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=None, eos_token_id=None, tie_word_embeddings=cfg.tie_word_embeddings)
 
 
-def _make_hf_model(cfg: GPT2Config, params: dict, dtype="float64"):
-    """transformers.GPT2LMHeadModel (eager attention, eval mode) holding ``params``."""
+def _make_hf_model(cfg: GPT2Config, params: dict, dtype="float64", attn_implementation=None):
+    """transformers.GPT2LMHeadModel (eval mode) holding ``params``; attn_implementation
+    "eager" is the only one where transformers honours reorder_and_upcast_attn."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     model = transformers.GPT2LMHeadModel(hf_config(cfg))
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
+        assert model.config._attn_implementation == attn_implementation
     model.eval()
     model.to(getattr(torch, dtype))
     named = dict(model.transformer.named_parameters())
+    if not cfg.tie_word_embeddings:
+        named["lm_head.weight"] = model.lm_head.weight
     assert set(named) == set(params)
     with torch.no_grad():
         for name, p in named.items():
             p.copy_(torch.from_numpy(np.asarray(params[name])).to(p.dtype))
-    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr(), \
-        "lm_head must be tied to wte"
+    tied = model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert tied == cfg.tie_word_embeddings, "lm_head must be tied to wte exactly when configured"
     return model
 
 

@@ -11,7 +11,11 @@ Conventions (Hugging Face's, which gpt2s follows):
 * linear layers are Conv1D: weight (in, out), ``y = x @ W + b``;
 * ``attn.c_attn`` is the fused query/key/value projection (C, 3C): columns [0, C) are the
   queries, [C, 2C) the keys, [2C, 3C) the values; head h uses columns h*HS .. (h+1)*HS of each;
-* the output head is tied: ``logits = lnf @ wte.T``.
+* the output head is tied, ``logits = lnf @ wte.T``, unless the parameters hold their own
+  ``lm_head.weight`` (V, C) (``tie_word_embeddings: false``): then ``logits = lnf @ lm_head.T``;
+* the GPT-2 variants of Hugging Face's config: the MLP width is whatever ``c_fc`` has (n_inner),
+  ``activation`` is one of ``ACTIVATIONS`` (Hugging Face's activation_function names), and the
+  attention scores of layer l are multiplied by ``attention_scale(HS, l, ...)``.
 
 Shapes: B batch, T time, C channels, NH heads, HS = C / NH, V vocabulary, L layers.
 
@@ -25,7 +29,7 @@ import math
 import numpy as np
 
 __all__ = ["forward", "backward", "loss_and_grads", "gelu", "gelu_grad", "rel_err",
-           "n_layers", "LAYER_SUFFIXES"]
+           "n_layers", "LAYER_SUFFIXES", "ACTIVATIONS", "attention_scale"]
 
 GELU_K = math.sqrt(2.0 / math.pi)
 GELU_C = 0.044715
@@ -66,6 +70,71 @@ def gelu_grad(x):
     """d gelu / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
     t = np.tanh(GELU_K * (x + GELU_C * x ** 3))
     return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * x * x)
+
+
+_erfc = np.frompyfunc(math.erfc, 1, 1)
+
+
+def normal_cdf(x):
+    """Phi(x) = 0.5 erfc(-x / sqrt 2) (math.erfc elementwise; NumPy has no erf), accurate
+    in both tails, unlike 0.5 (1 + erf(x / sqrt 2)) whose negative tail cancels."""
+    return 0.5 * _erfc(-np.asarray(x, np.float64) / math.sqrt(2.0)).astype(np.float64)
+
+
+def gelu_erf(x):
+    """gelu (erf): x Phi(x) = 0.5 x (1 + erf(x / sqrt 2))."""
+    return x * normal_cdf(x)
+
+
+def gelu_erf_grad(x):
+    """Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)."""
+    return normal_cdf(x) + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def x_sigmoid(k):
+    """(f, f') of x sigmoid(k x): silu (k = 1) and quick_gelu (k = 1.702).
+    f' = s + k x s (1 - s), s = sigmoid(k x)."""
+    def f(x):
+        return x * _sigmoid(k * x)
+
+    def grad(x):
+        s = _sigmoid(k * x)
+        return s + k * x * s * (1.0 - s)
+    return f, grad
+
+
+def relu(x):
+    return np.maximum(x, 0.0)
+
+
+def relu_grad(x):
+    """1 where x > 0, else 0 (torch's value at 0)."""
+    return (x > 0).astype(np.float64)
+
+
+# Hugging Face activation_function -> (f, f')
+ACTIVATIONS = {
+    "gelu_new": (gelu, gelu_grad),
+    "gelu_pytorch_tanh": (gelu, gelu_grad),
+    "gelu_fast": (gelu, gelu_grad),
+    "gelu": (gelu_erf, gelu_erf_grad),
+    "relu": (relu, relu_grad),
+    "silu": x_sigmoid(1.0),
+    "swish": x_sigmoid(1.0),
+    "quick_gelu": x_sigmoid(1.702),
+}
+
+
+def attention_scale(head_size, layer, scale_attn_weights=True,
+                    scale_attn_by_inverse_layer_idx=False):
+    """The factor on q.k: 1/sqrt(HS) (1 without scale_attn_weights), divided by layer + 1 with
+    scale_attn_by_inverse_layer_idx (layers count from 0)."""
+    scale = 1.0 / math.sqrt(head_size) if scale_attn_weights else 1.0
+    return scale / (layer + 1) if scale_attn_by_inverse_layer_idx else scale
 
 
 def layernorm(x, w, b, eps):
@@ -117,13 +186,15 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(B, T, NH * HS)
 
 
-def attention(qkv, n_head):
+def attention(qkv, n_head, scale=None):
     """Causal multi-head self-attention on the fused qkv (B, T, 3C); returns y (B, T, C) and
-    the cache for the backward.  scores = q k^T / sqrt(HS), key j > query i masked out."""
+    the cache for the backward.  scores = scale q k^T (scale 1/sqrt(HS) unless given), key
+    j > query i masked out."""
     B, T, C3 = qkv.shape
     C = C3 // 3
     q, k, v = (split_heads(qkv[..., i * C:(i + 1) * C], n_head) for i in range(3))
-    scale = 1.0 / math.sqrt(C // n_head)
+    if scale is None:
+        scale = 1.0 / math.sqrt(C // n_head)
     scores = (q @ k.transpose(0, 1, 3, 2)) * scale               # (B, NH, T, T)
     causal = np.tril(np.ones((T, T), dtype=bool))
     scores = np.where(causal, scores, -np.inf)
@@ -181,10 +252,15 @@ def _as64(params):
     return {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
 
 
-def forward(params: dict, idx, targets=None, *, n_head: int, eps: float = 1e-5):
+def forward(params: dict, idx, targets=None, *, n_head: int, eps: float = 1e-5,
+            activation: str = "gelu_new", scale_attn_weights: bool = True,
+            scale_attn_by_inverse_layer_idx: bool = False):
     """Logits (B, T, V) float64, loss (float or None) and the cache the backward needs.
 
-    idx: int (B, T) or (T,); targets: same shape, -1 = ignored."""
+    idx: int (B, T) or (T,); targets: same shape, -1 = ignored.  The keyword flags are
+    Hugging Face's GPT2Config fields of the same names; an ``lm_head.weight`` in params is an
+    untied output head."""
+    act, act_grad = ACTIVATIONS[activation]
     P = _as64(params)
     idx = np.asarray(idx)
     if idx.ndim == 1:
@@ -199,24 +275,29 @@ def forward(params: dict, idx, targets=None, *, n_head: int, eps: float = 1e-5):
         # attention sub-block: x_mid = x + proj(attn(ln_1(x)))
         c["ln1"], c["ln1_cache"] = layernorm(x, w["ln_1.weight"], w["ln_1.bias"], eps)
         qkv = linear(c["ln1"], w["attn.c_attn.weight"], w["attn.c_attn.bias"])
-        c["atty"], c["attn_cache"] = attention(qkv, n_head)
+        scale = attention_scale(qkv.shape[-1] // 3 // n_head, l, scale_attn_weights,
+                                scale_attn_by_inverse_layer_idx)
+        c["atty"], c["attn_cache"] = attention(qkv, n_head, scale)
         x = x + linear(c["atty"], w["attn.c_proj.weight"], w["attn.c_proj.bias"])
         # MLP sub-block: x_out = x_mid + proj(gelu(fc(ln_2(x_mid))))
         c["ln2"], c["ln2_cache"] = layernorm(x, w["ln_2.weight"], w["ln_2.bias"], eps)
         c["fch"] = linear(c["ln2"], w["mlp.c_fc.weight"], w["mlp.c_fc.bias"])
-        c["fch_gelu"] = gelu(c["fch"])
+        c["fch_gelu"] = act(c["fch"])
         x = x + linear(c["fch_gelu"], w["mlp.c_proj.weight"], w["mlp.c_proj.bias"])
         layers.append(c)
     lnf, lnf_cache = layernorm(x, P["ln_f.weight"], P["ln_f.bias"], eps)
-    logits = lnf @ P["wte.weight"].T                                     # tied output head
+    head = "lm_head.weight" if "lm_head.weight" in P else "wte.weight"   # untied or tied
+    logits = lnf @ P[head].T
     loss, dlogits = (None, None) if targets is None else cross_entropy(logits, targets)
-    cache = dict(P=P, idx=idx, layers=layers, lnf=lnf, lnf_cache=lnf_cache, dlogits=dlogits)
+    cache = dict(P=P, idx=idx, layers=layers, lnf=lnf, lnf_cache=lnf_cache, dlogits=dlogits,
+                 head=head, act_grad=act_grad)
     return logits, loss, cache
 
 
 def backward(cache) -> dict:
     """Gradients of the mean loss of ``forward`` with respect to every parameter (float64),
-    keyed like the parameters.  ``wte.weight`` gets both the embedding and the lm_head part."""
+    keyed like the parameters.  ``wte.weight`` gets both the embedding and the lm_head part
+    (tied), or only the embedding part when ``lm_head.weight`` is its own parameter."""
     if cache["dlogits"] is None:
         raise ValueError("backward needs a forward with targets")
     P, idx, layers = cache["P"], cache["idx"], cache["layers"]
@@ -225,9 +306,10 @@ def backward(cache) -> dict:
     dlogits = cache["dlogits"]                                           # (B, T, V)
     V = dlogits.shape[-1]
     C = P["wte.weight"].shape[1]
-    # logits = lnf @ wte^T
-    grads["wte.weight"] += dlogits.reshape(-1, V).T @ cache["lnf"].reshape(-1, C)
-    dlnf = dlogits @ P["wte.weight"]
+    # logits = lnf @ head^T, head = wte (tied) or lm_head
+    head = cache["head"]
+    grads[head] += dlogits.reshape(-1, V).T @ cache["lnf"].reshape(-1, C)
+    dlnf = dlogits @ P[head]
     dx, grads["ln_f.weight"], grads["ln_f.bias"] = layernorm_backward(
         dlnf, P["ln_f.weight"], cache["lnf_cache"])
     for l in reversed(range(len(layers))):
@@ -237,7 +319,7 @@ def backward(cache) -> dict:
         # MLP sub-block; dx is dL/dx_out, and flows unchanged through the residual
         dfch_gelu, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"] = linear_backward(
             dx, c["fch_gelu"], w["mlp.c_proj.weight"])
-        dfch = dfch_gelu * gelu_grad(c["fch"])
+        dfch = dfch_gelu * cache["act_grad"](c["fch"])
         dln2, g["mlp.c_fc.weight"], g["mlp.c_fc.bias"] = linear_backward(
             dfch, c["ln2"], w["mlp.c_fc.weight"])
         dx_ln2, g["ln_2.weight"], g["ln_2.bias"] = layernorm_backward(
@@ -260,7 +342,7 @@ def backward(cache) -> dict:
     return grads
 
 
-def loss_and_grads(params, idx, targets, *, n_head, eps=1e-5):
-    """(logits, loss, grads) in one call."""
-    logits, loss, cache = forward(params, idx, targets, n_head=n_head, eps=eps)
+def loss_and_grads(params, idx, targets, *, n_head, eps=1e-5, **variant):
+    """(logits, loss, grads) in one call; variant: forward's keyword flags."""
+    logits, loss, cache = forward(params, idx, targets, n_head=n_head, eps=eps, **variant)
     return logits, loss, backward(cache)
