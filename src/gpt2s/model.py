@@ -415,13 +415,19 @@ class GPT2:
             self.grads  # allocate on first use
             _core.fill_zero(self._grad_buffer)
 
-    def backward(self):
+    def backward(self, *, normalizer: int | None = None, on_layer_done=None):
         """Accumulate (+=) the gradient of the last forward's mean loss into ``grads``.
-        Each forward(idx, targets) supports one backward(), from the thread that made it."""
-        with self._train_lock:
-            self._backward()
+        Each forward(idx, targets) supports one backward(), from the thread that made it.
 
-    def _backward(self):
+        normalizer: divide the summed loss by this count instead of this forward's number of
+        valid targets (data parallel: the global count over all ranks).  on_layer_done(l) is
+        called after block l's backward (l = n_layer-1 .. 0): from then on the gradients of
+        block l and everything after it in the gradient buffer (blocks l.., ln_f) are final,
+        so their reduction may start while the backward goes on."""
+        with self._train_lock:
+            self._backward(normalizer, on_layer_done)
+
+    def _backward(self, normalizer, on_layer_done):
         last = self._last
         if last is None:
             raise RuntimeError("backward() needs a preceding forward(idx, targets) with targets; "
@@ -432,9 +438,14 @@ class GPT2:
                                "made by another thread; training calls on one model must come "
                                "from one thread at a time (forward and its backward from the "
                                "same thread)")
-        if last["n_valid"] == 0:
-            raise RuntimeError("backward(): every target of the last forward was -1 (ignored); "
-                               "the loss is undefined")
+        if normalizer is None:
+            if last["n_valid"] == 0:
+                raise RuntimeError("backward(): every target of the last forward was -1 "
+                                   "(ignored); the loss is undefined")
+            normalizer = last["n_valid"]
+        elif isinstance(normalizer, bool) or int(normalizer) != normalizer or normalizer < 1:
+            raise ValueError(f"backward(): normalizer must be a positive integer, "
+                             f"got {normalizer!r}")
         cfg = self.config
         eps = cfg.layer_norm_epsilon
         G, P, a = self.grads, self.params, last["acts"]
@@ -452,7 +463,7 @@ class GPT2:
         logits = last["logits"].reshape(N, V)
         dlogits = logits if in_place else d["dlogits"]
         _core.crossentropy_backward(dlogits, logits, last["lse"], last["targets"],
-                                    np.float32(1.0 / last["n_valid"]))
+                                    np.float32(1.0 / int(normalizer)))
         # like PyTorch without retain_graph, a backward consumes its forward (and here the
         # logits may now hold dlogits)
         self._last = None
@@ -491,6 +502,8 @@ class GPT2:
             _core.layernorm_backward(dres, g["ln_1.weight"], g["ln_1.bias"], d["dln"], res_in,
                                      w["ln_1.weight"], a["ln1_mean"][l], a["ln1_rstd"][l],
                                      d["ln_scratch"])
+            if on_layer_done is not None:
+                on_layer_done(l)
         _core.embedding_backward(G["wte.weight"], G["wpe.weight"], dres, idx.reshape(-1), T)
 
     # ------------------------------------------------------------------ saving
