@@ -329,21 +329,27 @@ class DataParallel:
         self._wait(requests, "the gradient reduction")
         self.last_backward_s, self.last_wait_s = t1 - t0, time.perf_counter() - t1
 
-    def clip_grad_norm(self, max_norm: float) -> float:
-        """Global-norm clipping of the reduced gradients (as ``gpt2s.clip_grad_norm``); the
-        norm is the same on every rank: each sums the squares of its 1/N of the buffer and
-        the N partial sums are added in rank order everywhere."""
-        if not (max_norm > 0):
-            raise ValueError(f"clip_grad_norm: max_norm must be > 0, got {max_norm!r}")
+    def grad_norm(self) -> float:
+        """The global L2 norm of the (reduced) gradients, bit-identical on every rank: each
+        rank sums the squares of its 1/N of the buffer and the N partial sums are added in rank
+        order everywhere (a local norm could round differently on ranks with different thread
+        counts, and the ranks' parameters would drift apart)."""
         buf = self.model._grad_buffer
         per = -(-buf.size // self.size)
-        part = _core.sum_squares(buf[self.rank * per:(self.rank + 1) * per]) \
-            if self.rank * per < buf.size else 0.0
+        lo, hi = min(buf.size, self.rank * per), min(buf.size, (self.rank + 1) * per)
+        part = _core.sum_squares(buf[lo:hi]) if hi > lo else 0.0
         parts = np.zeros(self.size, np.float64)
         self._wait([self.comm.Iallgather(np.array([part], np.float64), parts)],
                    "the gradient-norm reduction")
-        norm = float(np.sqrt(sum(float(p) for p in parts)))
+        return float(np.sqrt(sum(float(p) for p in parts)))
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Global-norm clipping of the reduced gradients (as ``gpt2s.clip_grad_norm``, with
+        the norm of ``grad_norm()``); returns the norm before clipping."""
+        if not (max_norm > 0):
+            raise ValueError(f"clip_grad_norm: max_norm must be > 0, got {max_norm!r}")
+        norm = self.grad_norm()
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
-            _core.scale_inplace(buf, coef)
+            _core.scale_inplace(self.model._grad_buffer, coef)
         return norm

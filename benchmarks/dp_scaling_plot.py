@@ -1,0 +1,86 @@
+"""The data-parallel scaling model of docs/distributed.md, plotted: predicted step time of GPT-2
+124M vs the number of ranks N for 10, 25 and 100 Gb/s links, with and without overlapping the
+gradient reduction with the backward.
+
+    python benchmarks/dp_scaling_plot.py [--compute 2.1 --backward 1.3 --out docs/...png]
+
+Model (per optimizer step, every rank on its own node with a fixed per-rank batch):
+    t_ar(N)   = 2 (N-1)/N * S / bw + 2 (N-1) * latency     ring allreduce of S bytes
+    hidden    = min(f * t_ar, w * t_backward)                overlap (f: the share of the
+                                                             buffer reduced during the backward,
+                                                             w: the share of the backward left
+                                                             to overlap it with)
+    t_step(N) = t_compute + t_ar - hidden                    (t_compute + t_ar without overlap)
+with S = 497.8 MB (124.4M float32 gradients).  f = 0.683: the blocks and ln_f; the tied token
+embedding (wte, 31% of the buffer) gets its last gradient contribution at the very end of the
+backward, so its bucket can only start then.  Defaults are the measurements of
+benchmarks/dp_step.py on this 2-core machine (one node = 2 cores, B=8 T=64 per node).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+S_BYTES = 124_439_808 * 4
+OVERLAP_SHARE = 1 - (50257 * 768 + 1024 * 768) / 124_439_808   # all but wte and wpe
+
+
+def t_allreduce(n, gbit, latency=20e-6):
+    n = np.asarray(n, float)
+    return 2 * (n - 1) / n * S_BYTES * 8 / (gbit * 1e9) + 2 * (n - 1) * latency
+
+
+def t_step(n, gbit, compute, backward_window, overlap=True):
+    ar = t_allreduce(n, gbit)
+    hidden = np.minimum(OVERLAP_SHARE * ar, backward_window) if overlap else 0.0
+    return compute + ar - hidden
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--compute", type=float, default=2.1,
+                   help="seconds of forward + backward + AdamW per step on one node")
+    p.add_argument("--backward", type=float, default=1.3,
+                   help="seconds of the backward on one node")
+    p.add_argument("--window", type=float, default=0.69,
+                   help="share of the backward after the first bucket is ready (the blocks)")
+    p.add_argument("--out", default="docs/distributed_scaling.png")
+    args = p.parse_args()
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = np.arange(2, 65)
+    window = args.window * args.backward
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=110)
+    colors = {10: "tab:red", 25: "tab:orange", 100: "tab:green"}
+    for gbit, color in colors.items():
+        ax.plot(ns, t_step(ns, gbit, args.compute, window, overlap=False), "--", color=color,
+                lw=1.2, label=f"{gbit} Gb/s, reduce after the backward")
+        ax.plot(ns, t_step(ns, gbit, args.compute, window, overlap=True), "-", color=color,
+                lw=2, label=f"{gbit} Gb/s, overlapped with the backward")
+    ax.axhline(args.compute, color="k", lw=1, ls=":", label="compute alone (no communication)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([2, 4, 8, 16, 32, 64], ["2", "4", "8", "16", "32", "64"])
+    ax.set_xlabel("ranks N (one per node, B=8 T=64 each)")
+    ax.set_ylabel("predicted seconds per optimizer step")
+    ax.set_ylim(0, None)
+    ax.set_title("GPT-2 124M data parallel: ring allreduce of 498 MB per step", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7.5, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(args.out)
+    print(f"wrote {args.out}")
+    for gbit in colors:
+        for n in (2, 8, 64):
+            ar = float(t_allreduce(n, gbit))
+            print(f"{gbit:>3} Gb/s N={n:>2}: allreduce {ar:.3f} s, step "
+                  f"{float(t_step(n, gbit, args.compute, window, False)):.3f} s serial, "
+                  f"{float(t_step(n, gbit, args.compute, window, True)):.3f} s overlapped")
+
+
+if __name__ == "__main__":
+    main()
