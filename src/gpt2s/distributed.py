@@ -195,11 +195,7 @@ class DataParallel:
                                 f"rank has probably died or hung")
 
     def _abort(self, message: str):
-        print(f"gpt2s.distributed: rank {self.rank} of {self.size}: {message}; aborting the job "
-              f"(exit status {EXIT_TIMEOUT})", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        self.MPI.COMM_WORLD.Abort(EXIT_TIMEOUT)
-        os._exit(EXIT_TIMEOUT)  # pragma: no cover - Abort does not return
+        self.abort(f"{message}; aborting the job (exit status {EXIT_TIMEOUT})", EXIT_TIMEOUT)
 
     def _allreduce(self, values: np.ndarray, what: str) -> np.ndarray:
         values = np.ascontiguousarray(values)
@@ -216,6 +212,22 @@ class DataParallel:
         send = np.frombuffer(data, np.uint8) if data else np.empty(0, np.uint8)
         self._wait([self.comm.Iallgatherv(send, [recv, counts, displs, self.MPI.BYTE])], what)
         return [recv[d:d + n].tobytes() for d, n in zip(displs, counts)]
+
+    def max_int(self, value: int) -> int:
+        """The largest of the ranks' integers, on every rank (e.g. to agree on stopping:
+        a signal may reach some ranks a step earlier than others)."""
+        out = np.zeros(1, np.int64)
+        self._wait([self.comm.Iallreduce(np.array([int(value)], np.int64), out,
+                                         op=self.MPI.MAX)], "an agreement between the ranks")
+        return int(out[0])
+
+    def abort(self, message: str, status: int = 1):
+        """Print message (naming this rank) and end every rank of the job with status."""
+        print(f"gpt2s.distributed: rank {self.rank} of {self.size}: {message}", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        self.MPI.COMM_WORLD.Abort(status)
+        os._exit(status)  # pragma: no cover - Abort does not return
 
     def barrier(self):
         """Wait (with the deadline) until every rank gets here."""
