@@ -13,8 +13,11 @@ Model (per optimizer step, every rank on its own node with a fixed per-rank batc
     t_step(N) = t_compute + t_ar - hidden                    (t_compute + t_ar without overlap)
 with S = 497.8 MB (124.4M float32 gradients).  f = 0.683: the blocks and ln_f; the tied token
 embedding (wte, 31% of the buffer) gets its last gradient contribution at the very end of the
-backward, so its bucket can only start then.  Defaults are the measurements of
-benchmarks/dp_step.py on this 2-core machine (one node = 2 cores, B=8 T=64 per node).
+backward, so its bucket can only start then.  The overlapped curves assume the transfers
+progress on their own during the backward (RDMA, or an MPI progress thread): MPICH over shared
+memory on a busy 2-core machine hid only 7% (docs/distributed.md).  Default compute times: this
+2-core machine when idle (README: 1.09 s per fwd+bwd at B=4 T=64; x2 for B=8, + AdamW), the
+backward ~2/3 of fwd+bwd, 69% of it in the blocks (the rest is the lm_head).
 """
 
 from __future__ import annotations
@@ -40,12 +43,14 @@ def t_step(n, gbit, compute, backward_window, overlap=True):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--compute", type=float, default=2.1,
+    p.add_argument("--compute", type=float, default=2.3,
                    help="seconds of forward + backward + AdamW per step on one node")
-    p.add_argument("--backward", type=float, default=1.3,
+    p.add_argument("--backward", type=float, default=1.45,
                    help="seconds of the backward on one node")
     p.add_argument("--window", type=float, default=0.69,
                    help="share of the backward after the first bucket is ready (the blocks)")
+    p.add_argument("--speedup", type=float, default=16.0,
+                   help="right panel: a node this many times faster (e.g. 32 cores)")
     p.add_argument("--out", default="docs/distributed_scaling.png")
     args = p.parse_args()
 
@@ -55,22 +60,40 @@ def main():
 
     ns = np.arange(2, 65)
     window = args.window * args.backward
-    fig, ax = plt.subplots(figsize=(7.5, 4.6), dpi=110)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 4.8), dpi=110)
     colors = {10: "tab:red", 25: "tab:orange", 100: "tab:green"}
     for gbit, color in colors.items():
         ax.plot(ns, t_step(ns, gbit, args.compute, window, overlap=False), "--", color=color,
                 lw=1.2, label=f"{gbit} Gb/s, reduce after the backward")
         ax.plot(ns, t_step(ns, gbit, args.compute, window, overlap=True), "-", color=color,
-                lw=2, label=f"{gbit} Gb/s, overlapped with the backward")
+                lw=2, label=f"{gbit} Gb/s, overlapped (ideal progress)")
     ax.axhline(args.compute, color="k", lw=1, ls=":", label="compute alone (no communication)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([2, 4, 8, 16, 32, 64], ["2", "4", "8", "16", "32", "64"])
-    ax.set_xlabel("ranks N (one per node, B=8 T=64 each)")
     ax.set_ylabel("predicted seconds per optimizer step")
     ax.set_ylim(0, None)
-    ax.set_title("GPT-2 124M data parallel: ring allreduce of 498 MB per step", fontsize=10)
-    ax.grid(alpha=0.3)
+    ax.set_title(f"node = this 2-core machine (compute {args.compute:.2f} s per step)",
+                 fontsize=10)
     ax.legend(fontsize=7.5, loc="lower right")
+
+    # a node `speedup` times faster: communication is the same, compute shrinks; accumulating
+    # k micro-batches per step pays the allreduce once per k
+    fast_c, fast_w = args.compute / args.speedup, window / args.speedup
+    for gbit, color in colors.items():
+        for k, style in ((1, "-"), (8, ":")):
+            eff = k * fast_c / t_step(ns, gbit, k * fast_c, fast_w, overlap=True)
+            ax2.plot(ns, 100 * eff, style, color=color, lw=2 if k == 1 else 1.6,
+                     label=f"{gbit} Gb/s, {'no accumulation' if k == 1 else f'{k} micro-batches per step'}")
+    ax2.set_ylabel("compute share of the step (%), overlapped (ideal)")
+    ax2.set_ylim(0, 100)
+    ax2.set_title(f"node {args.speedup:g}x faster (compute {fast_c:.2f} s per micro-batch)",
+                  fontsize=10)
+    ax2.legend(fontsize=7.5, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    for a in (ax, ax2):
+        a.set_xscale("log", base=2)
+        a.set_xticks([2, 4, 8, 16, 32, 64], ["2", "4", "8", "16", "32", "64"])
+        a.set_xlabel("ranks N (one per node, B=8 T=64 each)")
+        a.grid(alpha=0.3)
+    fig.suptitle("GPT-2 124M data parallel: ring allreduce of 498 MB per optimizer step",
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(args.out)
     print(f"wrote {args.out}")
@@ -80,6 +103,12 @@ def main():
             print(f"{gbit:>3} Gb/s N={n:>2}: allreduce {ar:.3f} s, step "
                   f"{float(t_step(n, gbit, args.compute, window, False)):.3f} s serial, "
                   f"{float(t_step(n, gbit, args.compute, window, True)):.3f} s overlapped")
+    fast_c, fast_w = args.compute / args.speedup, window / args.speedup
+    for gbit in colors:
+        for k in (1, 8):
+            eff = k * fast_c / float(t_step(64, gbit, k * fast_c, fast_w, True))
+            print(f"{args.speedup:g}x node, {gbit:>3} Gb/s, N=64, {k} micro-batch(es): "
+                  f"compute share {100 * eff:.0f}%")
 
 
 if __name__ == "__main__":
