@@ -43,15 +43,20 @@ def make_model(seed: int):
 
 
 def run_single(args, out=sys.stdout):
-    from gpt2s import AdamW, clip_grad_norm
+    from gpt2s import AdamW, _core, clip_grad_norm
     model = make_model(args.seed)
     opt = AdamW(model, lr=args.lr, weight_decay=0.1)
     for step in range(args.steps):
-        x, y = global_batch(args.seed, step, args.batch, args.seq, CONFIG["vocab_size"],
-                            args.uneven)
         model.zero_grad()
-        _, loss = model.forward(x, y, return_logits=False)
-        model.backward()
+        loss = 0.0
+        for micro in range(args.accum):
+            x, y = global_batch(args.seed, step * args.accum + micro, args.batch, args.seq,
+                                CONFIG["vocab_size"], args.uneven)
+            _, micro_loss = model.forward(x, y, return_logits=False)
+            model.backward()
+            loss += micro_loss / args.accum
+        if args.accum > 1:
+            _core.scale_inplace(model._grad_buffer, 1.0 / args.accum)
         clip_grad_norm(model, args.clip)
         opt.step()
         print(f"step {step} loss {loss!r}", file=out, flush=True)
@@ -60,7 +65,7 @@ def run_single(args, out=sys.stdout):
 
 def run_dp(args):
     from mpi4py import MPI
-    from gpt2s import AdamW
+    from gpt2s import AdamW, _core
     from gpt2s.distributed import DataParallel
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
@@ -78,16 +83,21 @@ def run_dp(args):
         return 3
     opt = AdamW(model, lr=lr, weight_decay=0.1)
     for step in range(args.steps):
-        x, y = dp.shard(*global_batch(args.seed, step, args.batch, args.seq,
-                                      CONFIG["vocab_size"], args.uneven))
         model.zero_grad()
-        loss = dp.forward(x, y)
-        if step == args.fail_step and rank == args.fail_rank:
-            print(f"rank {rank}: {args.fail} at step {step}", file=sys.stderr, flush=True)
-            if args.fail == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            time.sleep(3600)
-        dp.backward()
+        loss = 0.0
+        for micro in range(args.accum):
+            x, y = dp.shard(*global_batch(args.seed, step * args.accum + micro, args.batch,
+                                          args.seq, CONFIG["vocab_size"], args.uneven))
+            loss += dp.forward(x, y) / args.accum
+            if step == args.fail_step and rank == args.fail_rank:
+                print(f"rank {rank}: {args.fail} at step {step}", file=sys.stderr, flush=True)
+                if args.fail == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(3600)
+            # accumulate locally; the last micro-batch's reduction carries them all
+            dp.backward(sync=micro == args.accum - 1)
+        if args.accum > 1:
+            _core.scale_inplace(model._grad_buffer, 1.0 / args.accum)
         dp.clip_grad_norm(args.clip)
         opt.step()
         if rank == 0:
@@ -111,6 +121,7 @@ def parser():
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--clip", type=float, default=0.5)
     p.add_argument("--uneven", action="store_true")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
     p.add_argument("--no-overlap", action="store_true")
     p.add_argument("--bucket-mb", type=float, default=1e-3)
     p.add_argument("--timeout", type=float, default=60.0)

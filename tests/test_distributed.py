@@ -42,11 +42,18 @@ def mpiexec():
     return cmd
 
 
+def _rank_env():
+    # one thread per rank (2 ranks on CI's 2 cores); Open MPI refuses to run as root (CI
+    # containers) unless told it may (MPICH ignores these)
+    return dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
+                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+
+
 def _launch(mpiexec, *args, timeout=RUN_TIMEOUT):
     """Run the worker on 2 ranks; returns (returncode, stdout, stderr, seconds).  The whole
     process group is killed if it outlives timeout, so a hang fails the test instead of
     hanging the suite."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = _rank_env()
     t0 = time.perf_counter()
     p = subprocess.Popen([*mpiexec, sys.executable, str(WORKER), "dp", *args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -88,7 +95,8 @@ def _assert_same_run(ref, got, what):
     (p_ref, loss_ref), (p_got, loss_got) = ref, got
     assert len(loss_ref) == len(loss_got) == 20
     rel = float(np.linalg.norm(p_got - p_ref) / np.linalg.norm(p_ref))
-    # measured here: 1.7e-6 (even) and 2.4e-6 (uneven) after 20 AdamW steps with clipping;
+    # measured here: 1.7e-6 (even), 2.4e-6 (uneven), 1.8e-6 (uneven with 2 micro-batches)
+    # after 20 AdamW steps with clipping;
     # the difference is float32 summation order (rows split over two ranks)
     assert rel < 1e-5, f"{what}: parameters differ by {rel:.3g} relative (L2)"
     worst = max(abs(a - b) / abs(a) for a, b in zip(loss_ref, loss_got))
@@ -135,11 +143,14 @@ def test_two_ranks_match_one_process_and_overlap_changes_nothing(mpiexec, tmp_pa
 
 
 def test_uneven_ignored_targets_use_the_global_count(mpiexec, tmp_path):
-    """Rank 0's rows have ~80% of their targets ignored (every third step all of them), rank
-    1's none: the loss and gradient are normalized by the global valid count, as one process
-    normalizes them.  A per-rank mean would weight rank 0's few targets 5x too much."""
-    _assert_same_run(_single(tmp_path, "--uneven"), _dp(mpiexec, tmp_path, "uneven", "--uneven"),
-                     "uneven ignored targets")
+    """Rank 0's rows have ~80% of their targets ignored (every third micro-batch all of them),
+    rank 1's none: the loss and gradient are normalized by the global valid count, as one
+    process normalizes them (a per-rank mean would weight rank 0's few targets 5x too much).
+    With 2 micro-batches per step: the first accumulates locally (sync=False), the second's
+    reduction carries both."""
+    args = ("--uneven", "--accum", "2")
+    _assert_same_run(_single(tmp_path, *args), _dp(mpiexec, tmp_path, "uneven", *args),
+                     "uneven ignored targets, accumulation")
 
 
 def test_differing_options_are_refused_naming_rank_and_field(mpiexec):
