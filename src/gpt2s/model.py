@@ -422,8 +422,8 @@ class GPT2:
         normalizer: divide the summed loss by this count instead of this forward's number of
         valid targets (data parallel: the global count over all ranks).  on_layer_done(l) is
         called after block l's backward (l = n_layer-1 .. 0): from then on the gradients of
-        block l and everything after it in the gradient buffer (blocks l.., ln_f) are final,
-        so their reduction may start while the backward goes on."""
+        block l and of everything after it in the gradient buffer (blocks l.., ln_f, an untied
+        lm_head) are final, so their reduction may start while the backward goes on."""
         with self._train_lock:
             self._backward(normalizer, on_layer_done)
 
