@@ -1,4 +1,12 @@
-"""AdamW (one fused Cython pass over all parameters) and global gradient-norm clipping."""
+"""AdamW (one fused Cython pass over all parameters) and global gradient-norm clipping.
+
+A training step reads the gradients twice at most: ``grad_norm`` (one read pass, only when
+clipping) and the fused AdamW update, which multiplies every gradient by ``grad_scale`` as it
+reads it.  Gradient accumulation (1 / grad_accum) and clipping (``clip_coefficient``) are
+folded into that one factor instead of each rewriting the whole gradient buffer::
+
+    norm = opt.step(grad_scale=1 / grad_accum, max_norm=1.0)   # clip + update, one write pass
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ import numpy as np
 from . import _core
 from .weights import atomic_write
 
-__all__ = ["AdamW", "clip_grad_norm", "default_decay_rule"]
+__all__ = ["AdamW", "clip_grad_norm", "clip_coefficient", "grad_norm", "default_decay_rule"]
 
 
 def default_decay_rule(name: str, shape: tuple) -> bool:
@@ -55,17 +63,41 @@ class AdamW:
         self._seg_stop = np.array(stops, np.int64)
         self._seg_flag = np.array(flags, np.float32)
 
-    def step(self):
-        """One update of every parameter from ``model.grads``."""
-        self.t += 1
+    def step(self, grad_scale: float = 1.0, max_norm: float | None = None) -> float | None:
+        """One update of every parameter from ``grad_scale * model.grads``.
+
+        ``grad_scale`` multiplies each gradient as the fused update reads it (e.g.
+        ``1 / grad_accum`` after accumulating micro-batches whose losses were means).  With
+        ``max_norm``, the scaled gradients are clipped to that global L2 norm first, as
+        ``torch.nn.utils.clip_grad_norm_`` would, by folding the clip factor into the same
+        scale; returns the norm before clipping (None without ``max_norm``).  The gradient
+        buffer itself is left unchanged."""
+        grad_scale = float(grad_scale)
+        if not (math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"AdamW.step: grad_scale must be a finite number > 0, "
+                             f"got {grad_scale!r}")
+        norm = None
+        if max_norm is not None:
+            _check_max_norm(max_norm, "AdamW.step")
+        # a training call: the norm and the update see the same gradients, serialized with
+        # backward and zero_grad (the lock is reentrant)
+        with self.model._train_lock:
+            if max_norm is not None:
+                norm = grad_norm(self.model) * grad_scale
+                grad_scale *= clip_coefficient(norm, max_norm)
+            self._update(grad_scale)
+        return norm
+
+    def _update(self, grad_scale: float):
         b1, b2 = self.betas
         model = self.model
         model.grads  # allocated
+        self.t += 1
         with model._train_lock:   # a training call: serialized with backward and zero_grad
             _core.adamw_step(model._param_buffer, model._grad_buffer, self.m, self.v,
                              self._seg_start, self._seg_stop,
                              self._seg_flag * np.float32(self.weight_decay), self.lr, b1, b2,
-                             self.eps, self.t, 1.0)
+                             self.eps, self.t, grad_scale)
 
     # ---------------------------------------------------------------- state
 
@@ -98,15 +130,34 @@ class AdamW:
             self.load_state_dict({k: z[k] for k in z.files})
 
 
+def _check_max_norm(max_norm, where):
+    if not (max_norm > 0):
+        raise ValueError(f"{where}: max_norm must be > 0, got {max_norm!r}")
+
+
+def grad_norm(model) -> float:
+    """The global L2 norm of all gradients (one read pass; float32 partial sums per block,
+    added in double)."""
+    model.grads  # allocated
+    with model._train_lock:
+        return math.sqrt(_core.sum_squares(model._grad_buffer))
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` multiplies the gradients by:
+    ``max_norm / (norm + 1e-6)``, at most 1."""
+    return min(1.0, max_norm / (norm + 1e-6))
+
+
 def clip_grad_norm(model, max_norm: float) -> float:
     """Scale all gradients so their global L2 norm is at most max_norm; returns the norm
-    before clipping (as torch.nn.utils.clip_grad_norm_)."""
-    if not (max_norm > 0):
-        raise ValueError(f"clip_grad_norm: max_norm must be > 0, got {max_norm!r}")
-    model.grads
+    before clipping (as torch.nn.utils.clip_grad_norm_).  A training step does better with
+    ``AdamW.step(max_norm=...)``, which folds the factor into the update instead of
+    rewriting the gradients."""
+    _check_max_norm(max_norm, "clip_grad_norm")
     with model._train_lock:
-        norm = math.sqrt(_core.sum_squares(model._grad_buffer))
-        coef = max_norm / (norm + 1e-6)
+        norm = grad_norm(model)
+        coef = clip_coefficient(norm, max_norm)
         if coef < 1.0:
             _core.scale_inplace(model._grad_buffer, coef)
     return norm
