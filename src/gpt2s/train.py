@@ -1,14 +1,34 @@
-"""``python -m gpt2s.train``: train or fine-tune GPT-2 on a text file.
+"""``python -m gpt2s.train``: train or fine-tune GPT-2 on text files or token shards.
 
-    python -m gpt2s.train data.txt --init mini --steps 2000 --out runs/mini
-    python -m gpt2s.train data.txt --model assets/model.safetensors --steps 200 --lr 1e-4 --out runs/ft
+    python -m gpt2s.train input.txt --init mini --steps 2000 --out runs/mini
+    python -m gpt2s.train "shards/train_*.bin" --val-data "shards/val_*.bin" --out runs/big
+    python -m gpt2s.train input.txt --model assets --steps 200 --lr 1e-4 --out runs/ft
 
-The text is tokenized with the GPT-2 tokenizer; the last ``--val-fraction`` of the tokens is
-held out for validation.  Each step samples ``--batch-size`` random windows of ``--seq-len``
-tokens.  The learning rate warms up linearly, then decays on a cosine to 10%.  The model is
-saved (model.safetensors + config.json, written atomically) to ``--out`` at the end, every
-``--save-every`` steps and on Ctrl-C, together with the optimizer state (optimizer.npz) so
-``--resume`` continues where it stopped.
+Data (``gpt2s.data``): UTF-8 text files (tokenized with the GPT-2 tokenizer), nanoGPT uint16
+``.bin`` files and llm.c shards (memory-mapped), several paths and globs concatenated.  Without
+``--val-data`` the last ``--val-fraction`` of the tokens is held out for validation.
+
+A run is a pure function of its arguments: optimizer step ``s`` trains on the windows drawn by
+``numpy.random.default_rng([seed, 0, s, micro])`` for each micro-batch, evaluation batch ``j``
+is drawn by ``default_rng([seed, 1, j])`` (every evaluation sees the same windows), and the
+learning rate of step ``s`` depends on ``s`` and ``--steps`` (the total) only.  So the data
+position and every random state of a run are its seed and step count, and a run killed at any
+instant (SIGKILL included) and continued with ``--resume`` ends bitwise equal to the run that
+was never stopped, with the same thread count (see "Exact resume" below).
+
+Checkpoints (``gpt2s.checkpoint``) are all or nothing: the files of a checkpoint and a
+manifest of their sizes and SHA-256 hashes are written into a new directory, and one rename of
+a symlink makes it current; ``--resume`` loads only a checkpoint its manifest vouches for.
+``OUT/model.safetensors`` and ``OUT/config.json`` always show the current checkpoint, so OUT
+loads with ``GPT2.from_safetensors`` and with transformers.  Saved every ``--save-every``
+steps, at the end, and after the step in progress on Ctrl-C or SIGTERM.  Beside it: 
+``metrics.jsonl`` (a JSON object per step and per evaluation, NaN as null) and ``loss.png``.
+
+Exact resume: the kernels split work over threads statically, so a run is bitwise
+reproducible on the same machine with the same thread count; resuming on another thread count
+can change float sums in the last bits (never the data or the schedule).  The training loop
+is a few functions (``train_batch``, ``train_step``, ``evaluate``, ``save_run``) so that a
+data-parallel driver can reuse them.
 """
 
 from __future__ import annotations
@@ -16,17 +36,35 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import signal
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import (CheckpointError, check_run_dir, has_checkpoint, load_checkpoint,
+                         save_checkpoint, strict_json)
 from .weights import atomic_write
+
+__all__ = ["main", "build_parser", "lr_at", "effective_warmup", "train_batch", "eval_batch",
+           "train_step", "evaluate", "RunConfig", "plot_metrics"]
+
+PROG = "python -m gpt2s.train"
+STATE_FORMAT = "gpt2s-train"
+METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+WARMUP_CLAMP = 0.1   # a warm-up of --steps or more is cut to this fraction of the run
 
 
 class UsageError(Exception):
-    """A mistake in the command line or its inputs: reported without a traceback."""
+    """A mistake in the command line or its inputs: reported in one line, no traceback."""
+
+
+# ------------------------------------------------------------------------------------------
+# Command line
 
 
 def _positive_int(text):
@@ -36,6 +74,16 @@ def _positive_int(text):
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
     return v
 
 
@@ -49,236 +97,720 @@ def _nonneg_float(text):
     return v
 
 
+def _fraction(text):
+    v = _nonneg_float(text)
+    if not v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # one style for every error, as python -m gpt2s.generate: "PROG: error: ..."
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _sizes_text() -> str:
+    from .config import GPT2Config
+    notes = {"tiny": "tests: seconds per run, learns little",
+             "mini": "the bundled demo model's size",
+             "small-demo": "a small model for hours of CPU training",
+             "gpt2": "GPT-2 (124M)", "gpt2-medium": "GPT-2 medium", "gpt2-large": "GPT-2 large",
+             "gpt2-xl": "GPT-2 XL"}
+    lines = []
+    for name in GPT2Config.presets():
+        c = GPT2Config.preset(name)
+        lines.append(f"  {name:<11} {c.n_layer:>2} layers {c.n_head:>2} heads n_embd {c.n_embd:>4} "
+                     f"n_ctx {c.n_ctx:>4} {c.num_parameters() / 1e6:6.1f}M"
+                     f"{'  ' + notes[name] if name in notes else ''}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import GPT2Config
-    p = argparse.ArgumentParser(
-        prog="python -m gpt2s.train",
-        description="Train or fine-tune GPT-2 on a UTF-8 text file, on the CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("data", help="UTF-8 text file to train on")
+    p = _Parser(
+        prog=PROG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train GPT-2 from random weights, or fine-tune a saved model, on the CPU.\n"
+                    "Checkpoints are all-or-nothing, and a run stopped in any way continues\n"
+                    "exactly with --resume.",
+        epilog=f"""\
+data: UTF-8 text files (tokenized with the GPT-2 tokenizer), nanoGPT uint16 .bin files
+  (train.bin/val.bin) and llm.c .bin shards (python -m gpt2s.prepare writes them); several
+  paths and quoted globs are concatenated.  Any UTF-8 text works, e.g. the Tiny Shakespeare
+  excerpt in the repository's tests/data/.  Without --val-data the last --val-fraction of
+  the tokens is held out for validation.
+
+sizes for --init (random weights, GPT-2 initialisation, the GPT-2 vocabulary):
+{_sizes_text()}
+
+schedule: --steps is the total number of optimizer steps of the run; each one averages
+  --grad-accum micro-batches of --batch-size windows of --seq-len tokens.  The learning rate
+  rises linearly for --warmup steps, then decays on a cosine to --min-lr-ratio x --lr at the
+  last step.  A --warmup of --steps or more is cut to 10% of the run (with a warning).
+
+output in --out: model.safetensors + config.json (loadable by gpt2s and transformers),
+  optimizer.npz, train_state.json, metrics.jsonl (one JSON object per step and per
+  evaluation) and loss.png (when matplotlib is installed).  A run stopped in any way
+  (Ctrl-C, kill, power loss) continues exactly with the same command plus --resume.
+
+examples:
+  {PROG} input.txt --init mini --steps 2000 --out runs/mini
+  {PROG} input.txt --model assets --steps 200 --lr 1e-4 --warmup 20 --out runs/ft
+  {PROG} "shards/train_*.bin" --val-data "shards/val_*.bin" --init gpt2 \\
+      --batch-size 8 --seq-len 1024 --grad-accum 8 --out runs/gpt2 --save-every 100
+  {PROG} input.txt --init mini --steps 2000 --out runs/mini --resume
+  python -m gpt2s.generate --model runs/mini "ROMEO:"
+""")
+    p.add_argument("data", nargs="*", metavar="DATA",
+                   help="training data: text files, nanoGPT .bin files, llm.c shards or globs "
+                        "of them (also accepted as --data)")
+    p.add_argument("--data", dest="data_opt", nargs="+", action="extend", default=[],
+                   metavar="DATA", help="more training data, as the positional DATA "
+                                        "(default: none)")
+    p.add_argument("--val-data", nargs="+", action="extend", default=None, metavar="DATA",
+                   help="validation data in the same forms (e.g. nanoGPT's val.bin); then "
+                        "--val-fraction is not used (default: hold out --val-fraction)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", help="start from this .safetensors file or model directory")
-    src.add_argument("--init", default="mini", choices=GPT2Config.presets(),
-                     help="start from random weights of this size (when --model is absent)")
-    p.add_argument("--out", required=True, help="directory to save the model and optimizer")
+    src.add_argument("--model", metavar="PATH",
+                     help="fine-tune this model: a .safetensors file or a model directory "
+                          "(or a name such as gpt2 or demo, where GPT2.from_pretrained exists)"
+                          " (default: random weights of --init)")
+    src.add_argument("--init", choices=GPT2Config.presets(), default=None, metavar="SIZE",
+                     help="start from random weights of this size, one of "
+                          f"{', '.join(GPT2Config.presets())} (see sizes below; default: mini)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="run directory for the checkpoint, metrics.jsonl and loss.png "
+                        "(required)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the model and optimizer state saved in --out")
-    p.add_argument("--steps", type=_positive_int, default=1000, help="optimizer steps")
-    p.add_argument("--batch-size", type=_positive_int, default=8)
-    p.add_argument("--seq-len", type=_positive_int, default=128,
-                   help="tokens per training window (at most the model's n_ctx)")
-    p.add_argument("--grad-accum", type=_positive_int, default=1,
-                   help="micro-batches accumulated per optimizer step")
-    p.add_argument("--lr", type=_nonneg_float, default=1e-3, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=_nonneg_float, default=0.1,
-                   help="final learning rate as a fraction of --lr")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    p.add_argument("--weight-decay", type=_nonneg_float, default=0.1)
-    p.add_argument("--grad-clip", type=_nonneg_float, default=1.0,
-                   help="global gradient-norm clip (0 disables)")
-    p.add_argument("--val-fraction", type=_nonneg_float, default=0.1)
-    p.add_argument("--eval-every", type=_positive_int, default=100)
-    p.add_argument("--eval-batches", type=_positive_int, default=8)
-    p.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: end only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="threads for the kernels (default: OMP_NUM_THREADS or all cores)")
-    p.add_argument("--log", help="write a CSV of step, lr, train loss, val loss, tokens/s here")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
+                   help="continue the run saved in --out from its checkpoint, to --steps")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue even if the batch size, sequence length, "
+                        "gradient accumulation, seed, data or model differ from the "
+                        "checkpoint's (the run is then no longer reproducible)")
+    p.add_argument("--steps", type=_positive_int, default=1000, metavar="N",
+                   help="total optimizer steps of the run (default: %(default)s)")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
+                   help="windows per micro-batch (default: %(default)s)")
+    p.add_argument("--seq-len", type=_positive_int, default=128, metavar="T",
+                   help="tokens per window, at most the model's n_ctx (default: %(default)s)")
+    p.add_argument("--grad-accum", type=_positive_int, default=1, metavar="N",
+                   help="micro-batches averaged per optimizer step (default: %(default)s)")
+    p.add_argument("--lr", type=_nonneg_float, default=1e-3,
+                   help="peak learning rate (default: %(default)s)")
+    p.add_argument("--min-lr-ratio", type=_nonneg_float, default=0.1, metavar="R",
+                   help="final learning rate as a fraction of --lr (default: %(default)s)")
+    p.add_argument("--warmup", type=_nonneg_int, default=100, metavar="N",
+                   help="steps of linear learning-rate warm-up (default: %(default)s)")
+    p.add_argument("--weight-decay", type=_nonneg_float, default=0.1, metavar="WD",
+                   help="AdamW weight decay of the 2-D weights (default: %(default)s)")
+    p.add_argument("--grad-clip", type=_nonneg_float, default=1.0, metavar="NORM",
+                   help="clip the global gradient norm to this; 0 disables "
+                        "(default: %(default)s)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.1, metavar="F",
+                   help="fraction of the tokens (the last ones) held out for validation; "
+                        "0 disables validation (default: %(default)s)")
+    p.add_argument("--eval-every", type=_positive_int, default=100, metavar="N",
+                   help="evaluate on the validation data every N steps and at the end "
+                        "(default: %(default)s)")
+    p.add_argument("--eval-batches", type=_positive_int, default=8, metavar="N",
+                   help="validation batches per evaluation, the same ones each time "
+                        "(default: %(default)s)")
+    p.add_argument("--save-every", type=_nonneg_int, default=0, metavar="N",
+                   help="also save a checkpoint every N steps; 0 saves at the end (and on "
+                        "Ctrl-C) only (default: %(default)s)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, metavar="S",
+                   help="seed of the initial weights and of the batches (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads (default: $OMP_NUM_THREADS, else all cores)")
+    p.add_argument("--log", metavar="CSV",
+                   help="also write step, lr, train loss, val loss, tokens/s to this CSV "
+                        "(default: none; metrics.jsonl in --out has the same and more)")
+    plot = p.add_mutually_exclusive_group()
+    plot.add_argument("--plot", action="store_true",
+                      help="require matplotlib and redraw loss.png at every evaluation "
+                           "(default: draw it at the end of a run if matplotlib is installed)")
+    plot.add_argument("--no-plot", action="store_true", help="never draw loss.png")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return p
 
 
+# ------------------------------------------------------------------------------------------
+# Schedule and batches: pure functions of (seed, step, micro-step)
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up to peak, then cosine decay to peak * min_ratio at the last step."""
+    """Learning rate of optimizer step ``step`` (0-based) of ``total``: linear warm-up to
+    peak over ``warmup`` steps, then cosine decay to ``peak * min_ratio`` at the last step."""
     if warmup > 0 and step < warmup:
         return peak * (step + 1) / warmup
     if total <= warmup:
         return peak
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay_steps = total - 1 - warmup   # the last step (total - 1) lands on the floor
+    progress = min(1.0, (step - warmup) / decay_steps) if decay_steps > 0 else 1.0
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def load_tokens(path: Path) -> np.ndarray:
-    from .tokenizer import get_tokenizer
+def effective_warmup(warmup: int, steps: int) -> tuple[int, str | None]:
+    """(the warm-up to use, a warning or None): a warm-up of ``steps`` or more would never
+    reach the decay, so it is cut to WARMUP_CLAMP of the run."""
+    if warmup < steps:
+        return warmup, None
+    clamped = int(steps * WARMUP_CLAMP)
+    return clamped, (f"--warmup {warmup} is not below --steps {steps}, so the learning rate "
+                     f"would never decay; using --warmup {clamped} (10% of the run)")
+
+
+def _windows(data, rng, B: int, T: int):
+    w = data.random_windows(rng, B, T)
+    return w[:, :-1], w[:, 1:]
+
+
+def train_batch(data, seed: int, step: int, micro: int, B: int, T: int):
+    """(inputs, targets), each (B, T) int64: micro-batch ``micro`` of optimizer step ``step``,
+    a pure function of its arguments (so resuming at any step sees the same batches)."""
+    return _windows(data, np.random.default_rng([seed, 0, step, micro]), B, T)
+
+
+def eval_batch(data, seed: int, index: int, B: int, T: int):
+    """(inputs, targets) of validation batch ``index``: the same at every evaluation."""
+    return _windows(data, np.random.default_rng([seed, 1, index]), B, T)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What defines a run's trajectory (stored in train_state.json, compared on resume)."""
+    steps: int
+    batch_size: int
+    seq_len: int
+    grad_accum: int
+    lr: float
+    min_lr_ratio: float
+    warmup: int
+    weight_decay: float
+    grad_clip: float
+    seed: int
+    val_fraction: float
+    eval_batches: int
+
+
+def _lr_of(cfg: RunConfig, step: int) -> float:
+    return lr_at(step, cfg.steps, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
+
+
+# ------------------------------------------------------------------------------------------
+# One step, one evaluation
+
+
+def train_step(model, opt, data, cfg: RunConfig, step: int) -> tuple[float, float | None]:
+    """Optimizer step ``step`` (0-based): ``grad_accum`` micro-batches, their gradients
+    averaged, clipped and applied in one fused AdamW pass.  Returns (the mean training loss,
+    the gradient norm before clipping or None)."""
+    opt.lr = _lr_of(cfg, step)
+    model.zero_grad()
+    loss = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = train_batch(data, cfg.seed, step, micro, cfg.batch_size, cfg.seq_len)
+        _, micro_loss = model.forward(x, y, return_logits=False)
+        model.backward()
+        loss += micro_loss
+    # each micro-batch loss is a mean, so the step's gradient is the mean of theirs: 1/N
+    # rides along in the fused update instead of a pass of its own over the gradients
+    norm = opt.step(grad_scale=1.0 / cfg.grad_accum,
+                    max_norm=cfg.grad_clip if cfg.grad_clip > 0 else None)
+    return loss / cfg.grad_accum, norm
+
+
+def evaluate(model, val, cfg: RunConfig) -> float:
+    """Mean loss over the ``eval_batches`` fixed validation batches."""
+    losses = [model.forward(*eval_batch(val, cfg.seed, j, cfg.batch_size, cfg.seq_len),
+                            return_logits=False)[1]
+              for j in range(cfg.eval_batches)]
+    return float(np.mean(losses))
+
+
+# ------------------------------------------------------------------------------------------
+# Metrics: metrics.jsonl (+ the optional CSV), one row per step, cut back on resume
+
+
+class Metrics:
+    """Appends rows to OUT/metrics.jsonl and the optional CSV log.  Opening cuts both back to
+    the rows of steps <= ``upto`` (the checkpoint's step), so a resumed run rewrites the
+    steps after its checkpoint instead of repeating them."""
+
+    CSV_HEADER = "step,lr,train_loss,val_loss,tokens_per_s\n"
+
+    def __init__(self, out: Path, csv_path: Path | None, upto: int):
+        self.path = out / METRICS
+        self.csv_path = csv_path
+        self.rows = self._cut_jsonl(self.path, upto)
+        self._f = open(self.path, "a", encoding="utf-8")
+        self._csv = None
+        self._csv_pending = None
+        if csv_path is not None:
+            self._cut_csv(csv_path, upto)
+            self._csv = open(csv_path, "a", encoding="utf-8")
+            if self._csv.tell() == 0:
+                self._csv.write(self.CSV_HEADER)
+                self._csv.flush()
+
+    @staticmethod
+    def _cut_jsonl(path: Path, upto: int) -> list:
+        rows, kept = [], []
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+                try:
+                    row = json.loads(line) if line.endswith("\n") else None
+                except json.JSONDecodeError:
+                    row = None   # a line cut by a kill
+                if isinstance(row, dict) and isinstance(row.get("step"), int) \
+                        and row["step"] <= upto:
+                    rows.append(row)
+                    kept.append(line)
+        text = "".join(kept).encode()
+        if not path.exists() or path.read_bytes() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda f: f.write(text))
+        return rows
+
+    @classmethod
+    def _cut_csv(cls, path: Path, upto: int):
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            step = line.split(",", 1)[0]
+            if line.endswith("\n") and step.isdigit() and int(step) <= upto:
+                kept.append(line)
+        text = (cls.CSV_HEADER + "".join(kept)).encode()
+        if path.read_bytes() != text:
+            atomic_write(path, lambda f: f.write(text))
+
+    def step(self, step: int, lr: float, loss: float, norm, tokens_per_s: float,
+             elapsed: float):
+        self._write({"type": "train", "step": step, "lr": lr, "train_loss": loss,
+                     "grad_norm": norm, "tokens_per_s": round(tokens_per_s, 1),
+                     "elapsed_s": round(elapsed, 3)})
+        # the CSV row waits for this step's evaluation, if there is one
+        self._flush_csv()
+        self._csv_pending = [step, lr, loss, None, tokens_per_s]
+
+    def eval(self, step: int, val_loss: float):
+        self._write({"type": "eval", "step": step, "val_loss": val_loss})
+        if self._csv_pending and self._csv_pending[0] == step:
+            self._csv_pending[3] = val_loss
+
+    def _write(self, row: dict):
+        self.rows.append(row)
+        self._f.write(strict_json(row) + "\n")
+        self._f.flush()
+
+    def _flush_csv(self):
+        if self._csv is not None and self._csv_pending is not None:
+            step, lr, loss, val, tps = self._csv_pending
+            val_text = "" if val is None or not math.isfinite(val) else f"{val:.6f}"
+            self._csv.write(f"{step},{lr:.6g},{loss:.6f},{val_text},{tps:.1f}\n")
+            self._csv.flush()
+        self._csv_pending = None
+
+    def sync(self):
+        """Flush the pending CSV row (before a checkpoint, so the CSV holds its steps)."""
+        self._flush_csv()
+
+    def close(self):
+        self._flush_csv()
+        self._f.close()
+        if self._csv is not None:
+            self._csv.close()
+
+
+def plot_metrics(metrics_path, png_path, title: str = "") -> Path:
+    """Draw train and validation loss against the step, the learning rate on a second axis,
+    from a metrics.jsonl; written atomically.  Needs matplotlib (no pyplot, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = []
+    for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    train = [(r["step"], r["train_loss"], r["lr"]) for r in rows if r.get("type") == "train"]
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("type") == "eval"]
+
+    fig = Figure(figsize=(8, 4.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if train:
+        steps = np.array([t[0] for t in train])
+        loss = np.array([np.nan if t[1] is None else t[1] for t in train], float)
+        ax.plot(steps, loss, color="tab:blue", lw=0.8, alpha=0.45 if len(train) > 50 else 1,
+                label="train loss")
+        if len(train) > 50:
+            # a moving average shows the trend through the batch-to-batch noise
+            k = max(2, len(train) // 50)
+            smooth = np.convolve(np.nan_to_num(loss, nan=np.nanmean(loss)), np.ones(k) / k,
+                                 mode="valid")
+            ax.plot(steps[k - 1:], smooth, color="tab:blue", lw=1.6,
+                    label=f"train loss ({k}-step mean)")
+    if val:
+        ax.plot([v[0] for v in val], [np.nan if v[1] is None else v[1] for v in val], "o-",
+                color="tab:orange", lw=1.6, ms=4, label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (cross-entropy, nats)")
+    ax.grid(True, alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if train:
+        ax2 = ax.twinx()
+        line, = ax2.plot([t[0] for t in train], [t[2] for t in train], "--", color="tab:gray",
+                         lw=1, label="learning rate")
+        ax2.set_ylabel("learning rate")
+        from matplotlib.ticker import FuncFormatter
+        ax2.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        ax2.set_ylim(bottom=0)
+        handles.append(line)
+        labels.append("learning rate")
+    if handles:
+        ax.legend(handles, labels, loc="best")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
+    return png_path
+
+
+def _plot_title(out: Path, model) -> str:
+    c = model.config
+    return (f"{out.resolve().name}: {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, "
+            f"{model.num_parameters() / 1e6:.1f}M parameters")
+
+
+def _have_matplotlib() -> bool:
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such file") from None
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 text ({e})") from None
-    ids = get_tokenizer().encode_ordinary(text)
-    return np.asarray(ids, dtype=np.int64)
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-class Batches:
-    """Random windows (B, T) of a token array and their next-token targets."""
-
-    def __init__(self, tokens: np.ndarray, B: int, T: int, seed: int):
-        self.tokens, self.B, self.T = tokens, B, T
-        self.rng = np.random.default_rng(seed)
-        self._offsets = np.arange(T + 1)
-
-    def next(self):
-        starts = self.rng.integers(0, len(self.tokens) - self.T - 1, size=self.B)
-        w = self.tokens[starts[:, None] + self._offsets]
-        return w[:, :-1], w[:, 1:]
+# ------------------------------------------------------------------------------------------
+# Progress
 
 
 class Progress:
     """Progress on stderr: one updating line on a terminal, else a line every 5% of the run."""
 
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
+    def __init__(self, first: int, total: int, enabled: bool):
+        self.first, self.total, self.enabled = first, total, enabled
         self.tty = sys.stderr.isatty()
         self.start = time.perf_counter()
         self._last_pct = -1
 
-    def update(self, step: int, msg: str):
+    def update(self, step: int, loss: float, last_val, lr: float, tokens_per_s: float):
         if not self.enabled:
             return
-        done = step / self.total
-        pct = int(100 * done)
+        pct = int(100 * step / self.total)
         if not self.tty and pct // 5 == self._last_pct // 5 and step != self.total:
             return
         self._last_pct = pct
+        done = (step - self.first) / max(1, self.total - self.first)
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / done - elapsed if done > 0 else float("nan")
-        bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
-        line = f"[{bar}] {step}/{self.total} {msg} eta {eta:4.0f}s"
-        print("\r" + line if self.tty else line, end="" if self.tty else "\n",
-              file=sys.stderr, flush=True)
+        eta = f" | eta {elapsed / done - elapsed:.0f}s" if 0 < done < 1 else ""
+        val = (f" | val {last_val['loss']:.4f} (step {last_val['step']})"
+               if last_val and last_val["loss"] is not None and math.isfinite(last_val["loss"])
+               else "")
+        line = (f"step {step}/{self.total} | loss {loss:.4f}{val} | lr {lr:.2e} | "
+                f"{tokens_per_s:,.0f} tok/s{eta}")
+        if self.tty:
+            print("\r\x1b[K" + line, end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self):
         if self.enabled and self.tty:
-            print(file=sys.stderr)
+            print(file=sys.stderr, flush=True)
 
 
-def evaluate(model, batches: Batches, n: int) -> float:
-    losses = []
-    for _ in range(n):
-        x, y = batches.next()
-        _, loss = model.forward(x, y)
-        losses.append(loss)
-    model._last = None  # evaluation leaves nothing for backward
-    return float(np.mean(losses))
+# ------------------------------------------------------------------------------------------
+# Signals: finish the step in progress, save, stop
 
 
-def save(model, opt, out: Path, step: int, history: list):
-    model.save_safetensors(out)
-    opt.save(out / "optimizer.npz")
-    state = json.dumps({"step": step, "history": history}).encode()
-    atomic_write(out / "train_state.json", lambda f: f.write(state))
+class _StopRequests:
+    """SIGINT (Ctrl-C) and SIGTERM set a flag the loop reads between steps, so the
+    checkpoint written on the way out holds a whole number of steps.  A second Ctrl-C stops
+    at once (the last checkpoint stays valid: saves are all-or-nothing)."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:   # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, sig, frame):
+        if self.signal is not None and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = sig
+        print(f"\n{signal.Signals(sig).name}: stopping after this step (Ctrl-C again to stop "
+              f"now)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ------------------------------------------------------------------------------------------
+# The run
+
+
+def _load_data(args):
+    from .data import TokenData
+    specs = list(args.data) + list(args.data_opt)
+    if not specs:
+        raise UsageError("no training data: give text files, .bin files or globs as DATA")
+    data = TokenData(specs)
+    if args.val_data:
+        train, val = data, TokenData(args.val_data)
+    elif args.val_fraction > 0:
+        train, val = data.split(args.val_fraction)
+    else:
+        train, val = data, None
+    need = args.seq_len + 1
+    what = " ".join(specs)
+    if len(train) < need:
+        raise UsageError(f"{what}: {len(train):,} training tokens, too few for one window of "
+                         f"--seq-len {args.seq_len} (+1 for the targets)")
+    if val is not None and len(val) < need:
+        where = " ".join(args.val_data) if args.val_data else \
+            f"the validation split (--val-fraction {args.val_fraction})"
+        raise UsageError(f"{where}: {len(val):,} tokens, too few for one window of --seq-len "
+                         f"{args.seq_len}; lower --seq-len, raise --val-fraction, or pass "
+                         f"--val-fraction 0 to train without validation")
+    return train, val, data.describe() if not args.val_data else \
+        f"{data.describe()}; validation {val.describe()}"
+
+
+def _model_source(args) -> str | None:
+    if args.model:
+        p = Path(args.model).expanduser()
+        return "model:" + (str(p.resolve()) if p.exists() else args.model)
+    if args.init:
+        return "init:" + args.init
+    return None
+
+
+def _check_resume(saved: dict, run: RunConfig, identity: dict, allow: bool):
+    """Refuse (or with --allow-changes, warn about) what breaks an exact continuation; note
+    schedule changes, which the user asked for explicitly."""
+    old_run, old_id = saved.get("run", {}), saved.get("identity", {})
+    broken, notes = [], []
+    for key, flag in (("batch_size", "--batch-size"), ("seq_len", "--seq-len"),
+                      ("grad_accum", "--grad-accum"), ("seed", "--seed"),
+                      ("val_fraction", "--val-fraction")):
+        if key in old_run and old_run[key] != getattr(run, key):
+            broken.append(f"{flag} {getattr(run, key)} (the checkpoint's run used "
+                          f"{old_run[key]})")
+    for key, what in (("train_data", "the training data"), ("val_data", "the validation data")):
+        if old_id.get(key) != identity[key]:
+            broken.append(f"{what} differ (fingerprint {identity[key]}, the checkpoint's run "
+                          f"used {old_id.get(key)})")
+    if identity["model_source"] is not None and old_id.get("model_source") != \
+            identity["model_source"]:
+        broken.append(f"the model ({identity['model_source'].split(':', 1)[1]}; the "
+                      f"checkpoint's run started from {old_id.get('model_source')})")
+    for key, flag in (("steps", "--steps"), ("lr", "--lr"), ("min_lr_ratio", "--min-lr-ratio"),
+                      ("warmup", "--warmup"), ("weight_decay", "--weight-decay"),
+                      ("grad_clip", "--grad-clip"), ("eval_batches", "--eval-batches")):
+        if key in old_run and old_run[key] != getattr(run, key):
+            notes.append(f"{flag} is now {getattr(run, key)} (was {old_run[key]})")
+    if broken and not allow:
+        raise UsageError("--resume: this run differs from the checkpoint's in: "
+                         + "; ".join(broken) + ". Resume with the same arguments, or pass "
+                         "--allow-changes to continue anyway (not reproducible)")
+    for b in broken:
+        print(f"warning: --allow-changes: {b}", file=sys.stderr)
+    for n in notes:
+        print(f"note: {n}; the run continues with the new value", file=sys.stderr)
+
+
+def save_run(out: Path, model, opt, step: int, run: RunConfig, identity: dict, last_val,
+             elapsed: float) -> Path:
+    """The checkpoint of the run after ``step`` optimizer steps."""
+    import gpt2s
+    state = {
+        "format": STATE_FORMAT, "step": step, "gpt2s_version": gpt2s.__version__,
+        # the data position and every random state: batches are drawn from (seed, step,
+        # micro-step) alone, so continuing needs only these two numbers
+        "data_position": {"next_step": step, "next_micro_batch": 0, "seed": run.seed,
+                          "train_batches": "numpy default_rng([seed, 0, step, micro])",
+                          "eval_batches": "numpy default_rng([seed, 1, index])"},
+        "run": asdict(run), "identity": identity, "model_config": model.config.as_dict(),
+        "last_val": last_val, "tokens_seen": step * run.batch_size * run.seq_len
+        * run.grad_accum, "elapsed_s": round(elapsed, 3),
+    }
+    return save_checkpoint(out, model, opt, state)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UsageError, CheckpointError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: stopped; the last checkpoint in {args.out} is intact", file=sys.stderr)
+        return 130
 
 
 def _run(args) -> int:
     import gpt2s
     from .config import GPT2Config
+    from .data import DataError
     from .model import GPT2
-    from .optim import AdamW, clip_grad_norm
+    from .optim import AdamW
 
+    # every check that needs no data or model first
     if args.threads:
         gpt2s.set_num_threads(args.threads)
+    if args.allow_changes and not args.resume:
+        raise UsageError("--allow-changes is for --resume only")
+    if args.val_data and args.val_fraction != build_parser().get_default("val_fraction"):
+        raise UsageError("--val-fraction and --val-data exclude each other")
+    if args.plot and not _have_matplotlib():
+        raise UsageError("--plot needs matplotlib: pip install matplotlib "
+                         "(or gpt2s[plot])")
     out = Path(args.out)
-    state = {"step": 0, "history": []}
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    warmup, warning = effective_warmup(args.warmup, args.steps)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    run = RunConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                    grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+                    warmup=warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                    seed=args.seed, val_fraction=0.0 if args.val_data else args.val_fraction,
+                    eval_batches=args.eval_batches)
+
+    ck = None
     if args.resume:
-        if not (out / "model.safetensors").is_file() or not (out / "optimizer.npz").is_file():
-            raise UsageError(f"--resume: {out} has no saved model.safetensors + optimizer.npz")
-        model = GPT2.from_safetensors(out)
-        if (out / "train_state.json").is_file():
-            state = json.loads((out / "train_state.json").read_text())
-    elif args.model:
-        model = GPT2.from_safetensors(args.model)
+        try:
+            ck = load_checkpoint(out)
+        except CheckpointError as e:
+            raise UsageError(f"--resume: {e}") from None
+    elif has_checkpoint(out):
+        raise UsageError(f"--out {out} already holds a run; continue it with --resume, or "
+                         f"choose another --out")
     else:
-        model = GPT2.from_config(GPT2Config.preset(args.init), seed=args.seed)
-    cfg = model.config
-    if args.seq_len > cfg.n_ctx:
-        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's context n_ctx={cfg.n_ctx}")
+        check_run_dir(out)
 
-    tokens = load_tokens(Path(args.data))
-    n_val = int(len(tokens) * args.val_fraction)
-    train_tokens, val_tokens = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
-    need = args.seq_len + 2
-    if len(train_tokens) < need:
-        raise UsageError(f"{args.data}: {len(train_tokens)} training tokens, need at least "
-                         f"{need} for --seq-len {args.seq_len}")
-    if n_val and len(val_tokens) < need:
-        raise UsageError(f"{args.data}: the validation split has {len(val_tokens)} tokens, "
-                         f"need {need}; lower --seq-len or raise --val-fraction (0 disables)")
-
-    opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
-    if args.resume:
-        opt.load(out / "optimizer.npz")
-    train = Batches(train_tokens, args.batch_size, args.seq_len, args.seed + state["step"])
-    val = Batches(val_tokens, args.batch_size, args.seq_len, 1234) if n_val else None
-
-    print(f"{model!r}\ntraining on {len(train_tokens):,} tokens, validating on "
-          f"{len(val_tokens):,}; {args.steps} steps of {args.batch_size}x{args.seq_len}"
-          f"{f' x{args.grad_accum}' if args.grad_accum > 1 else ''} tokens, "
-          f"{gpt2s.get_num_threads()} threads", file=sys.stderr)
-    log = open(args.log, "a", encoding="utf-8") if args.log else None
-    if log and log.tell() == 0:
-        log.write("step,lr,train_loss,val_loss,tokens_per_s\n")
-    progress = Progress(args.steps, not args.quiet)
-    history = state["history"]
-    first = state["step"]
-    step = first
-    t0 = time.perf_counter()
     try:
-        for step in range(first, first + args.steps):
-            lr = lr_at(step, first + args.steps, args.lr, args.warmup, args.min_lr_ratio)
-            opt.lr = lr
-            model.zero_grad()
-            loss = 0.0
-            for _ in range(args.grad_accum):
-                x, y = train.next()
-                _, micro = model.forward(x, y, return_logits=False)
-                model.backward()
-                loss += micro / args.grad_accum
-            if args.grad_accum > 1:
-                from . import _core
-                _core.scale_inplace(model._grad_buffer, 1.0 / args.grad_accum)
-            if args.grad_clip > 0:
-                clip_grad_norm(model, args.grad_clip)
-            opt.step()
-            dt = time.perf_counter() - t0
-            tps = (step - first + 1) * args.batch_size * args.seq_len * args.grad_accum / dt
-            val_loss = float("nan")
-            last = step + 1 == first + args.steps
-            if val is not None and ((step + 1) % args.eval_every == 0 or last):
-                val_loss = evaluate(model, val, args.eval_batches)
-            history.append([step + 1, lr, loss, val_loss])
-            if log:
-                log.write(f"{step + 1},{lr:.6g},{loss:.6f},{val_loss:.6f},{tps:.1f}\n")
-                log.flush()
-            progress.update(step + 1 - first, f"loss {loss:.4f} val {val_loss:.4f} "
-                                              f"lr {lr:.2e} {tps:,.0f} tok/s")
-            if args.save_every and (step + 1) % args.save_every == 0:
-                save(model, opt, out, step + 1, history)
-        step += 1
-    except KeyboardInterrupt:
-        progress.close()
-        print(f"interrupted at step {step}; saving to {out}", file=sys.stderr)
-        save(model, opt, out, step, history)
-        return 130
+        train, val, described = _load_data(args)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    identity = {"train_data": train.fingerprint, "val_data": val.fingerprint if val else None,
+                "model_source": _model_source(args)}
+
+    try:
+        if ck is not None:
+            _check_resume(ck.state, run, identity, args.allow_changes)
+            identity["model_source"] = ck.state.get("identity", {}).get("model_source")
+            model = GPT2.from_safetensors(ck.dir)
+        elif args.model:
+            # a path, or a name GPT2.from_pretrained knows (demo, gpt2, ...) where it exists
+            load = getattr(GPT2, "from_pretrained", GPT2.from_safetensors)
+            model = load(args.model)
+        else:
+            identity["model_source"] = "init:" + (args.init or "mini")
+            model = GPT2.from_config(GPT2Config.preset(args.init or "mini"), seed=args.seed)
+    except (OSError, ValueError) as e:   # SafetensorsError is a ValueError
+        raise UsageError(str(e)) from None
+    if args.seq_len > model.config.n_ctx:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's context "
+                         f"n_ctx={model.config.n_ctx}")
+    opt = AdamW(model, lr=run.lr, weight_decay=run.weight_decay)
+    first, last_val, elapsed0 = 0, None, 0.0
+    if ck is not None:
+        opt.load(ck.path("optimizer.npz"))
+        opt.weight_decay = run.weight_decay
+        first, last_val = ck.step, ck.state.get("last_val")
+        elapsed0 = float(ck.state.get("elapsed_s") or 0.0)
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics(out, Path(args.log) if args.log else None, upto=first)
+    print(f"{model!r}\ndata: {described}\n"
+          f"{'resuming at step ' + str(first) + ' of ' if first else ''}{run.steps} steps of "
+          f"{run.batch_size}x{run.seq_len}{f' x{run.grad_accum}' if run.grad_accum > 1 else ''}"
+          f" tokens, {gpt2s.get_num_threads()} threads", file=sys.stderr)
+    try:
+        status = _train_loop(args, out, model, opt, train, val, run, identity, metrics, first,
+                             last_val, elapsed0)
     finally:
-        if log:
-            log.close()
-    progress.close()
-    save(model, opt, out, step, history)
-    print(f"saved {out / 'model.safetensors'} after {step} steps "
-          f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        metrics.close()
+    if (args.plot or (not args.no_plot and _have_matplotlib())) and metrics.rows:
+        try:
+            plot_metrics(out / METRICS, out / PLOT, title=_plot_title(out, model))
+        except Exception as e:   # a plot must never cost the run
+            print(f"warning: could not draw {out / PLOT}: {e}", file=sys.stderr)
+    return status
+
+
+def _train_loop(args, out, model, opt, train, val, run, identity, metrics, first, last_val,
+                elapsed0) -> int:
+    if first >= run.steps:
+        print(f"the checkpoint in {out} is at step {first}, already at --steps {run.steps}; "
+              f"nothing to do (raise --steps to train longer)", file=sys.stderr)
+        return 0
+    progress = Progress(first, run.steps, not args.quiet)
+    tokens_per_step = run.batch_size * run.seq_len * run.grad_accum
+    t0 = time.perf_counter()
+    saved = first
+    step = first
+    with _StopRequests() as stop:
+        while step < run.steps and stop.signal is None:
+            t_step = time.perf_counter()
+            loss, norm = train_step(model, opt, train, run, step)
+            step += 1
+            now = time.perf_counter()
+            metrics.step(step, opt.lr, loss, norm, tokens_per_step / (now - t_step),
+                         elapsed0 + now - t0)
+            if val is not None and (step % args.eval_every == 0 or step == run.steps):
+                last_val = {"step": step, "loss": evaluate(model, val, run)}
+                metrics.eval(step, last_val["loss"])
+                if args.plot:
+                    metrics.sync()
+                    try:
+                        plot_metrics(out / METRICS, out / PLOT, title=_plot_title(out, model))
+                    except Exception as e:
+                        print(f"warning: could not draw {out / PLOT}: {e}", file=sys.stderr)
+            progress.update(step, loss, last_val, opt.lr,
+                            (step - first) * tokens_per_step / (time.perf_counter() - t0))
+            if args.save_every and step % args.save_every == 0:
+                metrics.sync()
+                save_run(out, model, opt, step, run, identity, last_val,
+                         elapsed0 + time.perf_counter() - t0)
+                saved = step
+        progress.close()
+        metrics.sync()
+        if saved != step:
+            save_run(out, model, opt, step, run, identity, last_val,
+                     elapsed0 + time.perf_counter() - t0)
+    took = time.perf_counter() - t0
+    if stop.signal is not None:
+        print(f"stopped at step {step} of {run.steps}; saved {out} (continue with --resume)",
+              file=sys.stderr)
+        return 128 + stop.signal
+    val_text = ""
+    if last_val and last_val["loss"] is not None:
+        val_text = f", validation loss {last_val['loss']:.4f} at step {last_val['step']}"
+    print(f"saved {out} after {step} steps ({took:.0f} s{val_text})", file=sys.stderr)
     return 0
 
 
