@@ -63,13 +63,21 @@ def _train_rows(out: Path) -> int:
     return max(steps, default=0)
 
 
+def _checkpoint_step(out: Path) -> int:
+    try:
+        return json.loads((out / "train_state.json").read_text())["step"]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
 def kill_and_resume(tmp_path: Path, steps: int, kills: int, threads: int, seed: int,
                     kill_in_startup: float = 0.0):
     """Run uninterrupted, then the same run killed `kills` times and resumed each time;
     compare.  Each kill waits until the run has logged a step at least one past its last
     checkpoint, then a random fraction of a step's time longer, so it lands anywhere in a
     step, an evaluation or a save; with probability `kill_in_startup` it lands at a random
-    instant of the start-up instead.  Returns (kills that hit a save, steps resumed at)."""
+    instant of the start-up instead.  Returns (kills made, kills that hit a save, steps
+    resumed at); fewer kills than asked are made when the run finishes first."""
     ref = tmp_path / "ref"
     t0 = time.perf_counter()
     subprocess.run(_args(ref, steps), env=_env(threads), check=True, capture_output=True)
@@ -80,7 +88,7 @@ def kill_and_resume(tmp_path: Path, steps: int, kills: int, threads: int, seed: 
 
     out = tmp_path / "killed"
     rnd = random.Random(seed)
-    hit_save, resumed_at, done = 0, [], False
+    hit_save, killed, resumed_at, done = 0, 0, [], False
     for k in range(kills + 1):
         resume = (out / ".checkpoints" / "current").is_symlink()
         at = json.loads((out / "train_state.json").read_text())["step"] if resume else 0
@@ -94,13 +102,19 @@ def kill_and_resume(tmp_path: Path, steps: int, kills: int, threads: int, seed: 
             assert p.returncode == 0, err
             done = True
             break
+        target = min(steps, at + rnd.choice((1, 2)))
         if rnd.random() < kill_in_startup:
             time.sleep(rnd.uniform(0, startup))
-        else:
-            target = min(steps, at + rnd.choice((1, 2)))
+        elif rnd.random() < 0.5:
+            # after a step's metrics row: in its evaluation, its save or the next step
             while p.poll() is None and _train_rows(out) < target:
                 time.sleep(0.01)
             time.sleep(rnd.uniform(0, 1.5 * step_time))
+        else:
+            # after a committed checkpoint: in the save's cleanup or the next step's compute
+            while p.poll() is None and _checkpoint_step(out) < target:
+                time.sleep(0.01)
+            time.sleep(rnd.uniform(0, 0.5 * step_time))
         if p.poll() is not None:
             assert p.returncode == 0, p.stderr.read()
             done = True   # finished before the kill: the remaining kills have nothing to hit
@@ -108,6 +122,7 @@ def kill_and_resume(tmp_path: Path, steps: int, kills: int, threads: int, seed: 
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
         assert p.returncode == -signal.SIGKILL
+        killed += 1
         hit_save += _mid_save(out)
         p.stderr.close()
     assert done
@@ -129,13 +144,13 @@ def kill_and_resume(tmp_path: Path, steps: int, kills: int, threads: int, seed: 
     # the last successful save removed whatever the kills left
     assert not _mid_save(out)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in ref.iterdir())
-    return hit_save, resumed_at
+    return killed, hit_save, resumed_at
 
 
 def test_sigkill_at_random_instants_then_resume_is_bitwise_exact(tmp_path):
     """3 kills of a 6-step run (2 micro-batches per step, a checkpoint every step)."""
-    hit_save, resumed_at = kill_and_resume(tmp_path, steps=6, kills=3, threads=1, seed=0)
-    print(f"3 kills, {hit_save} during a save, resumed at steps {resumed_at}")
+    killed, hit_save, resumed_at = kill_and_resume(tmp_path, steps=6, kills=3, threads=1, seed=0)
+    print(f"{killed} kills, {hit_save} during a save, resumed at steps {resumed_at}")
     assert resumed_at, "no kill happened after a checkpoint"
 
 
@@ -144,7 +159,9 @@ def test_sigkill_at_random_instants_then_resume_is_bitwise_exact(tmp_path):
 def test_many_sigkills_then_resume_is_bitwise_exact(tmp_path, threads):
     """12 kills of a 12-step run, on 1 and on 2 threads; at least one resume must have
     started from a checkpoint (else nothing was tested)."""
-    hit_save, resumed_at = kill_and_resume(tmp_path, steps=12, kills=12, threads=threads,
-                                           seed=threads, kill_in_startup=0.15)
-    print(f"12 kills on {threads} threads, {hit_save} during a save, resumed at {resumed_at}")
+    killed, hit_save, resumed_at = kill_and_resume(tmp_path, steps=12, kills=12,
+                                                   threads=threads, seed=threads,
+                                                   kill_in_startup=0.15)
+    print(f"{killed} kills on {threads} threads, {hit_save} during a save, resumed at "
+          f"{resumed_at}")
     assert resumed_at, "no kill happened after a checkpoint"

@@ -120,10 +120,11 @@ class AdamW:
 
     def save(self, path):
         """Save the optimizer state (.npz), written to a temporary name and renamed."""
-        s = self.state_dict()
+        # the live moment buffers, not state_dict()'s copies: saving GPT-2 124M's optimizer
+        # would otherwise hold another 1 GB while it writes
         atomic_write(Path(path), lambda f: np.savez(
-            f, step=s["step"], lr=s["lr"], betas=np.array(s["betas"]), eps=s["eps"],
-            weight_decay=s["weight_decay"], m=s["m"], v=s["v"]))
+            f, step=self.t, lr=self.lr, betas=np.array(self.betas), eps=self.eps,
+            weight_decay=self.weight_decay, m=self.m, v=self.v))
 
     def load(self, path):
         with np.load(path) as z:
