@@ -322,7 +322,11 @@ def train_step(model, opt, data, cfg: RunConfig, step: int) -> tuple[float, floa
 
 
 def evaluate(model, val, cfg: RunConfig) -> float:
-    """Mean loss over the ``eval_batches`` fixed validation batches."""
+    """Mean loss over the ``eval_batches`` fixed validation batches.  Through the training
+    forward (``return_logits=False``): its logits buffer is the one the training steps
+    already hold, where ``for_backward=False`` would allocate another (B, T, V) array per
+    batch (1.6 GB for GPT-2 at B=8, T=1024); the next training forward replaces what it
+    keeps for a backward."""
     losses = [model.forward(*eval_batch(val, cfg.seed, j, cfg.batch_size, cfg.seq_len),
                             return_logits=False)[1]
               for j in range(cfg.eval_batches)]
