@@ -42,3 +42,4 @@ class Progress:
         if self.enabled and self.tty and self._shown:
             self.stream.write("\n")
             self.stream.flush()
+        self._shown = False
