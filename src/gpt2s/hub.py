@@ -93,8 +93,8 @@ def repo_id_of(name: str) -> str | None:
         return PRETRAINED[name]
     parts = name.split("/")
     if len(parts) == 2 and all(parts) and not name.startswith((".", "~")) \
-            and not name.endswith(".safetensors"):
-        return name
+            and not name.endswith(".safetensors") and not Path(parts[0]).is_dir():
+        return name      # "owner/name"; not when "owner" is a local directory (a path typo)
     return None
 
 
