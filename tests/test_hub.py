@@ -169,6 +169,10 @@ def test_demo_and_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert_same_weights(m, GPT2.from_pretrained("gpt2"))
     assert_same_weights(m, GPT2.from_pretrained(tmp_path / "gpt2" / "model.safetensors"))
+    (tmp_path / "runs").mkdir()          # "runs/mini" is then a mistyped path, not a repo id
+    with pytest.raises(ModelNotFound, match="runs/mini: no such file or directory, and not a "
+                                            "model name"):
+        GPT2.from_pretrained("runs/mini")
     with pytest.raises(ValueError, match="dtype 'bfloat16' is not supported"):
         GPT2.from_pretrained("demo", dtype="bfloat16")
     # from_safetensors("demo") with no such file points to from_pretrained
