@@ -91,8 +91,7 @@ def evaluate(model, data, seq_len: int | None = None, stride: int | None = None,
         for row, (begin, _, first) in enumerate(group):
             y[row, :first - begin - 1] = -1        # already scored by an earlier window
         n_valid = int(np.count_nonzero(y != -1))
-        _, loss = model.forward(x, y, return_logits=False)
-        model._last = None      # nothing to backpropagate: let the next call reuse the buffers
+        _, loss = model.forward(x, y, return_logits=False, for_backward=False)
         nll_sum += loss * n_valid
         n_scored += n_valid
         n_windows += len(group)
