@@ -140,8 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Mean loss (nats per token), perplexity and tokens/s of a GPT-2 model on "
-                    "text or token files, with the sliding-window evaluation used to report "
+        description="Mean loss (nats per token), perplexity and tokens/s of a GPT-2 model on\n"
+                    "text or token files, with the sliding-window evaluation used to report\n"
                     "GPT-2's perplexity.",
         epilog=f"""\
 data: UTF-8 text files (tokenized with the GPT-2 tokenizer, files joined with <|endoftext|>),

@@ -219,9 +219,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Tokenize UTF-8 text files with the GPT-2 tokenizer into llm.c token "
-                    "shards (train_000000.bin, ...), in parallel, so a corpus larger than "
-                    "memory can be trained on and evaluated.",
+        description="Tokenize UTF-8 text files with the GPT-2 tokenizer into llm.c token shards\n"
+                    "(train_000000.bin, ...), in parallel, so a corpus larger than memory can be\n"
+                    "trained on and evaluated.",
         epilog=f"""\
 output: DIR/train_NNNNNN.bin (and val_NNNNNN.bin) in llm.c's format: 256 int32 header words
   (magic 20240520, version 1, token count), then uint16 token ids; DIR/prepare.json describes
