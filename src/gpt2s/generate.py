@@ -8,54 +8,25 @@ model) print ``error: ...`` and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["main", "find_model", "ModelNotFound"]
+from .hub import DEMO_DIR, HF_DOWNLOAD, ModelNotFound, find_cached, resolve_pretrained
+
+__all__ = ["main", "find_model", "ModelNotFound", "crop_prompt"]
 
 PROG = "python -m gpt2s.generate"
-DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
-HF_REPOS = ("models--openai-community--gpt2", "models--gpt2")
-HF_DOWNLOAD = ("huggingface-cli download openai-community/gpt2 model.safetensors config.json "
-               "--local-dir assets")
-
-
-class ModelNotFound(FileNotFoundError):
-    """No model at the given path, or none found by the search order of find_model."""
-
-
-def _hf_hub_dirs(env) -> list[Path]:
-    if env.get("HF_HUB_CACHE"):
-        return [Path(env["HF_HUB_CACHE"]).expanduser()]
-    if env.get("HF_HOME"):
-        return [Path(env["HF_HOME"]).expanduser() / "hub"]
-    cache = Path(env["XDG_CACHE_HOME"]).expanduser() if env.get("XDG_CACHE_HOME") else \
-        Path(env.get("HOME", "~")).expanduser() / ".cache"
-    return [cache / "huggingface" / "hub"]
-
-
-def _hf_snapshot(repo_dir: Path) -> Path | None:
-    """The snapshot directory of a Hugging Face cache repo that has model.safetensors: the one
-    refs/main names, else the most recently modified."""
-    ref = repo_dir / "refs" / "main"
-    if ref.is_file():
-        snap = repo_dir / "snapshots" / ref.read_text().strip()
-        if (snap / "model.safetensors").is_file():
-            return snap
-    snaps = [Path(p).parent for p in glob.glob(str(repo_dir / "snapshots" / "*" /
-                                                   "model.safetensors"))
-             if Path(p).is_file()]
-    return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else None
 
 
 def find_model(explicit=None, *, env=None, cwd=None, demo_dir=DEMO_DIR) -> Path:
-    """Where the model comes from: ``explicit`` (--model), else $GPT2S_MODEL, else
-    ./assets/model.safetensors, else the Hugging Face cache (openai-community/gpt2, then
-    gpt2), else the demo model bundled with gpt2s.  An explicit path or $GPT2S_MODEL that does
-    not exist is an error, not skipped.  Raises ModelNotFound with what was tried."""
+    """Where the model comes from: ``explicit`` (--model: a path, or a name that
+    gpt2s.hub.resolve_pretrained knows: "demo", "gpt2", "gpt2-medium", ...), else $GPT2S_MODEL,
+    else ./assets/model.safetensors, else the Hugging Face cache (openai-community/gpt2, then
+    its older name gpt2; never a download), else the demo model bundled with gpt2s.  An explicit
+    path or $GPT2S_MODEL that does not exist is an error, not skipped.  Raises ModelNotFound
+    with what was tried."""
     env = os.environ if env is None else env
     cwd = Path.cwd() if cwd is None else Path(cwd)
     for source, value in (("--model", explicit), ("$GPT2S_MODEL", env.get("GPT2S_MODEL"))):
@@ -66,19 +37,20 @@ def find_model(explicit=None, *, env=None, cwd=None, demo_dir=DEMO_DIR) -> Path:
             if p.is_dir() and not (p / "model.safetensors").is_file():
                 raise ModelNotFound(f"{source} {value}: the directory has no model.safetensors")
             if not p.exists():
-                raise ModelNotFound(f"{source} {value}: no such file or directory")
+                try:
+                    return resolve_pretrained(value, env=env)
+                except ModelNotFound as e:
+                    raise ModelNotFound(f"{source} {e}") from None
             return p
     tried = []
     local = cwd / "assets" / "model.safetensors"
     if local.is_file():
         return local
     tried.append(f"./assets/model.safetensors (in {cwd})")
-    for hub in _hf_hub_dirs(env):
-        for repo in HF_REPOS:
-            snap = _hf_snapshot(hub / repo)
-            if snap is not None:
-                return snap
-            tried.append(f"{hub / repo}/snapshots/*/model.safetensors")
+    snap, looked = find_cached("openai-community/gpt2", env)
+    if snap is not None:
+        return snap
+    tried += looked
     demo = Path(demo_dir) / "model.safetensors"
     if demo.is_file():
         return Path(demo_dir)
@@ -90,6 +62,31 @@ def find_model(explicit=None, *, env=None, cwd=None, demo_dir=DEMO_DIR) -> Path:
         + f"  {HF_DOWNLOAD}\n"
         + "or pass --model PATH (a .safetensors file or a directory with model.safetensors).")
 
+
+def crop_prompt(enc, prompt: str, n_ctx: int, max_new_tokens: int) -> tuple[str, int, int]:
+    """(the end of prompt that is kept, its length in tokens, the whole prompt's length).
+
+    A prompt longer than the context keeps its last ``max(n_ctx - max_new_tokens, n_ctx // 2)``
+    tokens: room for the new tokens without the window sliding, but never less than half the
+    context of prompt.  The cut is made in the text at a token boundary; should re-encoding the
+    kept text give more tokens (a cut inside a word or a character), one more token is dropped
+    until it fits.  A prompt that fits is returned whole."""
+    from .tokenizer import EOT_TOKEN
+    ids = enc.encode(prompt, allowed_special={EOT_TOKEN})
+    if len(ids) <= n_ctx:
+        return prompt, len(ids), len(ids)
+    limit = max(n_ctx - max_new_tokens, n_ctx // 2, 1)
+    text, offsets = enc.decode_with_offsets(ids)
+    if text != prompt:     # not expected for str input; cut the decoded text then
+        prompt = text
+    keep = limit
+    while keep > 0:
+        kept = prompt[offsets[len(ids) - keep]:]
+        n = len(enc.encode(kept, allowed_special={EOT_TOKEN}))
+        if 0 < n <= limit:
+            return kept, n, len(ids)
+        keep -= 1
+    raise ValueError(f"could not crop the prompt to {limit} tokens")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -109,18 +106,24 @@ sampling: temperature 0 is greedy (argmax; --top-k, --top-p, --seed are then ign
   --top-k most likely tokens, then to the --top-p nucleus.  --seed makes it repeatable.
   Generation stops at <|endoftext|> unless --ignore-eos; past the model's context
   (1024 tokens for GPT-2) it goes on with a sliding window unless --context-full stop.
+  A prompt longer than the context is refused unless --crop-prompt: then only its last
+  max(n_ctx - max_new_tokens, n_ctx / 2) tokens are kept (said on stderr), so the new
+  tokens fit in the context.
 
 examples:
   {PROG} "The meaning of life is" --max-new-tokens 50 --top-k 40 --seed 1
   {PROG} "def fib(n):" --temperature 0
   echo "Once upon a time" | {PROG} - --num-samples 3 --top-p 0.9
+  {PROG} --model gpt2-medium "Hello"          # by name, from the Hugging Face cache
+  cat long_story.txt | {PROG} - --crop-prompt -n 200
 """)
     p.add_argument("prompt", nargs="?", metavar="PROMPT",
                    help="text to continue; '-' reads it from stdin; without PROMPT, generation "
                         "is unconditional (it starts from <|endoftext|>)")
     p.add_argument("--model", metavar="PATH",
-                   help="a .safetensors file, or a directory with model.safetensors "
-                        "(+ config.json)")
+                   help="a .safetensors file, a directory with model.safetensors "
+                        "(+ config.json), or a name: demo, gpt2, gpt2-medium, gpt2-large, "
+                        "gpt2-xl, openai-community/... (from the Hugging Face cache)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=100, metavar="N",
                    help="tokens to generate per sample (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T",
@@ -142,6 +145,9 @@ examples:
     p.add_argument("--context-full", choices=("slide", "stop"), default="slide",
                    help="at the model's context length: slide the window (recomputing the "
                         "cache of the last half) or stop (default: %(default)s)")
+    p.add_argument("--crop-prompt", action="store_true",
+                   help="keep the end of a prompt longer than the model's context (the last "
+                        "max(n_ctx - max_new_tokens, n_ctx/2) tokens) instead of refusing it")
     p.add_argument("--no-echo", action="store_true",
                    help="print only the generated text, not the prompt")
     p.add_argument("-v", "--verbose", action="store_true",
@@ -213,8 +219,13 @@ def _run(args, out, err) -> int:
     load_s = time.perf_counter() - t0
     n_prompt = len(enc.encode(prompt, allowed_special={EOT_TOKEN}))
     if n_prompt > model.config.n_ctx:
-        raise _UserError(f"the prompt is {n_prompt} tokens long, longer than the model's "
-                         f"context n_ctx={model.config.n_ctx}")
+        if not args.crop_prompt:
+            raise _UserError(f"the prompt is {n_prompt} tokens long, longer than the model's "
+                             f"context n_ctx={model.config.n_ctx}; --crop-prompt keeps its end")
+        prompt, n_prompt, n_whole = crop_prompt(enc, prompt, model.config.n_ctx,
+                                                sampling["max_new_tokens"])
+        print(f"{PROG}: the prompt is {n_whole} tokens long, longer than the model's context "
+              f"n_ctx={model.config.n_ctx}: kept its last {n_prompt} tokens", file=err)
     if args.verbose:
         print(f"model: {path}\n  {model!r}, loaded in {load_s:.2f} s\n"
               f"threads: {gpt2s.get_num_threads()}\nprompt: {n_prompt} tokens", file=err)

@@ -147,6 +147,21 @@ class GPT2:
                 mm.close()
         return m
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype: str = "float32", *,
+                        local_files_only: bool = False) -> "GPT2":
+        """Load by name or path: ``"demo"`` (the model bundled with gpt2s), ``"gpt2"``,
+        ``"gpt2-medium"``, ``"gpt2-large"``, ``"gpt2-xl"``, ``"openai-community/..."`` (from the
+        local Hugging Face cache, else downloaded with huggingface_hub when it is installed,
+        the ``hub`` extra), or a path as in ``from_safetensors``.  Only ``dtype="float32"``
+        exists for now.  See gpt2s.hub.resolve_pretrained for the rules."""
+        from .hub import resolve_pretrained
+        if dtype not in ("float32", np.float32):
+            raise ValueError(f"dtype {dtype!r} is not supported yet: weights are stored as "
+                             f"float32 (dtype='float32')")
+        return cls.from_safetensors(resolve_pretrained(name_or_path,
+                                                       local_files_only=local_files_only))
+
     # ------------------------------------------------------------------ properties
 
     @property

@@ -108,7 +108,8 @@ def resolve_model_path(path) -> tuple[Path, Path | None]:
         cfg = p / "config.json"
         return f, (cfg if cfg.is_file() else None)
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or directory")
+        from .hub import pretrained_hint
+        raise FileNotFoundError(f"{p}: no such file or directory{pretrained_hint(path)}")
     cfg = p.parent / "config.json"
     # a config.json beside a file counts only when the file is the directory's model.safetensors
     return p, (cfg if p.name == "model.safetensors" and cfg.is_file() else None)

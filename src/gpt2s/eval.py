@@ -1,0 +1,265 @@
+"""``python -m gpt2s.eval``: mean loss and perplexity of a GPT-2 model on text or token files.
+
+The evaluation is the sliding-window one used to report GPT-2's perplexity (Hugging Face's
+"Perplexity of fixed-length models" recipe): windows of ``seq_len + 1`` tokens (``seq_len``
+inputs, each predicting the next token) start every ``stride`` tokens; the first window scores
+all its targets, every later window only the targets no earlier window scored (its last
+``stride``), so each token after the first is scored exactly once, with at least
+``seq_len - stride`` tokens of context outside the first window.  The last window ends at the
+last token (it may be shorter).  ``stride = seq_len`` is the plain non-overlapping evaluation.
+
+The loss is the mean negative log-likelihood (nats) over the scored tokens, accumulated in
+float64; perplexity is ``exp(loss)``.  Diagnostics and the progress bar go to stderr, the
+result to stdout (one JSON object with ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+__all__ = ["main", "evaluate", "sliding_windows"]
+
+PROG = "python -m gpt2s.eval"
+
+
+def sliding_windows(n_tokens: int, seq_len: int, stride: int):
+    """(begin, end, first_scored) of each window over tokens [0, n_tokens): the window holds
+    tokens [begin, end) (at most seq_len + 1), and scores the targets at positions
+    [first_scored, end)."""
+    if n_tokens < 2:
+        return
+    length = seq_len + 1
+    prev_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + length, n_tokens)
+        yield begin, end, max(prev_end, begin + 1)
+        prev_end = end
+        if end == n_tokens:
+            return
+
+
+def count_windows(n_tokens: int, seq_len: int, stride: int) -> int:
+    if n_tokens < 2:
+        return 0
+    if n_tokens <= seq_len + 1:
+        return 1
+    return 1 + -(-(n_tokens - seq_len - 1) // stride)
+
+
+def evaluate(model, data, seq_len: int | None = None, stride: int | None = None,
+             batch_size: int | None = None, progress=None) -> dict:
+    """Sliding-window loss of ``model`` on ``data`` (a gpt2s.data.TokenData, or a 1-D array of
+    token ids).  ``seq_len`` defaults to the model's n_ctx, ``stride`` to ``seq_len // 2``,
+    ``batch_size`` (windows per forward pass) to ``max(1, 1024 // seq_len)``.  Returns a dict
+    with loss, perplexity, tokens (scored), windows, seconds and tokens_per_s.  ``progress``:
+    an object with ``update(n, info)`` called once per batch of windows."""
+    from .data import TokenData
+    if not isinstance(data, TokenData):
+        data = _ArrayData(np.asarray(data))
+    n_ctx = model.config.n_ctx
+    seq_len = n_ctx if seq_len is None else int(seq_len)
+    if not 1 <= seq_len <= n_ctx:
+        raise ValueError(f"seq_len must be in [1, n_ctx={n_ctx}], got {seq_len}")
+    stride = max(1, seq_len // 2) if stride is None else int(stride)
+    if not 1 <= stride <= seq_len:
+        raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
+    batch_size = max(1, 1024 // seq_len) if batch_size is None else int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    N = len(data)
+    if N < 2:
+        raise ValueError(f"the data has {N} token{'s' if N != 1 else ''}: at least 2 are "
+                         f"needed to score one")
+
+    nll_sum = 0.0
+    n_scored = 0
+    n_windows = 0
+    t0 = time.perf_counter()
+
+    def run(group):
+        nonlocal nll_sum, n_scored, n_windows
+        T = group[0][1] - group[0][0] - 1
+        w = data.windows(np.array([g[0] for g in group], np.int64), T)
+        x, y = w[:, :-1], w[:, 1:].copy()
+        for row, (begin, _, first) in enumerate(group):
+            y[row, :first - begin - 1] = -1        # already scored by an earlier window
+        n_valid = int(np.count_nonzero(y != -1))
+        _, loss = model.forward(x, y, return_logits=False, for_backward=False)
+        nll_sum += loss * n_valid
+        n_scored += n_valid
+        n_windows += len(group)
+        if progress is not None:
+            dt = time.perf_counter() - t0
+            progress.update(len(group), f"loss {nll_sum / n_scored:.4f} "
+                                        f"{n_scored / dt if dt > 0 else 0:,.0f} tok/s")
+
+    group: list = []
+    for win in sliding_windows(N, seq_len, stride):
+        if group and (len(group) == batch_size or win[1] - win[0] != group[0][1] - group[0][0]):
+            run(group)
+            group = []
+        group.append(win)
+    if group:
+        run(group)
+    seconds = time.perf_counter() - t0
+    loss = nll_sum / n_scored
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 709 else float("inf"),
+            "tokens": n_scored, "windows": n_windows, "seq_len": seq_len, "stride": stride,
+            "batch_size": batch_size, "seconds": seconds,
+            "tokens_per_s": n_scored / seconds if seconds > 0 else None}
+
+
+class _ArrayData:
+    """TokenData's window interface over an in-memory 1-D array."""
+
+    def __init__(self, tokens: np.ndarray):
+        if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"tokens must be a 1-D integer array, got {tokens.dtype} "
+                             f"shape {tokens.shape}")
+        self.tokens = tokens
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def windows(self, starts, T):
+        return self.tokens[np.asarray(starts)[:, None] + np.arange(T + 1)].astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Mean loss (nats per token), perplexity and tokens/s of a GPT-2 model on\n"
+                    "text or token files, with the sliding-window evaluation used to report\n"
+                    "GPT-2's perplexity.",
+        epilog=f"""\
+data: UTF-8 text files (tokenized with the GPT-2 tokenizer, files joined with <|endoftext|>),
+  nanoGPT uint16 .bin files, llm.c .bin shards (read through a memory map); globs work.
+  The files are evaluated as one token stream, in the order given.
+
+windows: windows of --seq-len + 1 tokens start every --stride tokens; each window scores only
+  the targets no earlier window scored (the first window scores all of its own), so every
+  token after the first is scored once, with at least seq-len - stride tokens of context.
+  A smaller stride gives more context (a lower perplexity) at the cost of more windows;
+  --stride equal to --seq-len is the plain non-overlapping evaluation.
+
+model, if --model is not given: as in python -m gpt2s.generate ($GPT2S_MODEL,
+  ./assets/model.safetensors, the Hugging Face cache, the bundled demo model).
+
+examples:
+  {PROG} --model gpt2 wiki.test.raw
+  {PROG} --model runs/mini --stride 128 --json "shards/val_*.bin"
+  {PROG} --model assets --seq-len 256 --max-tokens 100000 input.txt
+""")
+    p.add_argument("data", nargs="+", metavar="DATA",
+                   help="text files, .bin token files or llm.c shards, or globs of them")
+    p.add_argument("--model", metavar="PATH",
+                   help="a .safetensors file, a directory with model.safetensors, or a name: "
+                        "demo, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    p.add_argument("--seq-len", type=int, default=None, metavar="T",
+                   help="inputs per window, at most the model's context (default: n_ctx)")
+    p.add_argument("--stride", type=int, default=None, metavar="S",
+                   help="tokens between window starts, 1 <= S <= T (default: T / 2)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="windows per forward pass (default: max(1, 1024 / T))")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="evaluate only the first N tokens of the data (default: all)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: $OMP_NUM_THREADS, else all cores)")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object on stdout")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+class _UserError(Exception):
+    pass
+
+
+def _run(args, out, err) -> int:
+    import gpt2s
+    from ._progress import Progress
+    from .data import DataError, TokenData
+    from .generate import find_model
+    from .weights import SafetensorsError
+
+    for name in ("seq_len", "stride", "batch_size", "max_tokens", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise _UserError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.seq_len is not None and args.stride is not None and args.stride > args.seq_len:
+        raise _UserError(f"--stride {args.stride} is larger than --seq-len {args.seq_len}: "
+                         f"tokens between the windows would not be scored")
+    try:
+        if args.threads is not None:
+            gpt2s.set_num_threads(args.threads)
+        data = TokenData(args.data)
+    except (DataError, ValueError) as e:
+        raise _UserError(str(e)) from None
+    if args.max_tokens is not None and args.max_tokens < len(data):
+        data = data.subset(0, args.max_tokens)
+    try:
+        path = find_model(args.model)
+        model = gpt2s.GPT2.from_safetensors(path)
+    except (FileNotFoundError, SafetensorsError, ValueError) as e:
+        raise _UserError(str(e)) from None
+    cfg = model.config
+    if args.seq_len is not None and args.seq_len > cfg.n_ctx:
+        raise _UserError(f"--seq-len {args.seq_len} exceeds the model's context "
+                         f"n_ctx={cfg.n_ctx}")
+    seq_len = args.seq_len or cfg.n_ctx
+    stride = args.stride or max(1, seq_len // 2)
+    if stride > seq_len:
+        raise _UserError(f"--stride {stride} is larger than the window (--seq-len {seq_len})")
+    if len(data) < 2:
+        raise _UserError(f"{' '.join(args.data)}: {len(data)} tokens, at least 2 are needed")
+    print(f"model: {path}\n  {model!r}\ndata: {data.describe()}", file=err)
+    progress = Progress(count_windows(len(data), seq_len, stride), "windows",
+                        enabled=not args.quiet, stream=err)
+    try:
+        result = evaluate(model, data, seq_len, stride, args.batch_size, progress=progress)
+    except ValueError as e:     # e.g. a token id outside the model's vocabulary
+        raise _UserError(str(e)) from None
+    finally:
+        progress.close()
+    result = {"model": str(path), "data": [str(s.path) for s in data.sources],
+              "data_fingerprint": data.fingerprint, **result}
+    if args.json:
+        out.write(json.dumps(result) + "\n")
+    else:
+        out.write(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
+                  f"({result['tokens']:,} tokens in {result['windows']:,} windows of "
+                  f"{seq_len}, stride {stride}; {result['tokens_per_s'] or 0:,.0f} tokens/s)\n")
+    out.flush()
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args, sys.stdout, sys.stderr)
+    except _UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

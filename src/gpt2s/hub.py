@@ -1,0 +1,179 @@
+"""Where a pretrained model's files are: the bundled demo, a local path, the Hugging Face cache,
+or (when ``huggingface_hub`` is installed and the network allows) a download into that cache.
+
+``GPT2.from_pretrained`` and ``python -m gpt2s.generate`` both resolve names here.  The cache
+is read as huggingface_hub lays it out, without importing it::
+
+    $HF_HUB_CACHE (else $HF_HOME/hub, else ~/.cache/huggingface/hub)
+      models--openai-community--gpt2/
+        refs/main                       the commit hash of the snapshot "main" points to
+        snapshots/<hash>/model.safetensors, config.json   (symlinks into ../../blobs/)
+
+so a model downloaded once by transformers, huggingface-cli or gpt2s loads with no network.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+__all__ = ["resolve_pretrained", "ModelNotFound", "hub_cache_dirs", "cached_snapshot",
+           "PRETRAINED", "DEMO_DIR", "HF_DOWNLOAD", "pretrained_hint"]
+
+DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
+# short names -> Hugging Face repo ids (the official GPT-2 checkpoints moved from "gpt2" to
+# "openai-community/gpt2" in 2024; caches made before that hold models--gpt2)
+PRETRAINED = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
+FILES = ("model.safetensors", "config.json")
+HF_DOWNLOAD = ("huggingface-cli download openai-community/gpt2 model.safetensors config.json "
+               "--local-dir assets")
+
+
+class ModelNotFound(FileNotFoundError):
+    """No model at the given path or under the given name (the message says where it looked)."""
+
+
+def hub_cache_dirs(env=None) -> list[Path]:
+    """The Hugging Face hub cache directory, found as huggingface_hub finds it."""
+    env = os.environ if env is None else env
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(var):
+            return [Path(env[var]).expanduser()]
+    if env.get("HF_HOME"):
+        return [Path(env["HF_HOME"]).expanduser() / "hub"]
+    cache = (Path(env["XDG_CACHE_HOME"]).expanduser() if env.get("XDG_CACHE_HOME")
+             else Path(env.get("HOME") or Path.home()).expanduser() / ".cache")
+    return [cache / "huggingface" / "hub"]
+
+
+def cache_folders(repo_id: str) -> list[str]:
+    """Cache folder names that may hold repo_id: its own, and the pre-2024 name of the GPT-2
+    checkpoints (models--gpt2 for openai-community/gpt2)."""
+    names = ["models--" + repo_id.replace("/", "--")]
+    if repo_id.startswith("openai-community/"):
+        names.append("models--" + repo_id.split("/", 1)[1])
+    return names
+
+
+def cached_snapshot(repo_dir: Path) -> Path | None:
+    """The snapshot directory of a cached repo that has model.safetensors: the one refs/main
+    names, else the most recently modified.  A dangling symlink (blob deleted) does not count."""
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file():
+        snap = repo_dir / "snapshots" / ref.read_text().strip()
+        if (snap / "model.safetensors").is_file():
+            return snap
+    snaps = [Path(p).parent for p in glob.glob(str(repo_dir / "snapshots" / "*" /
+                                                   "model.safetensors"))
+             if Path(p).is_file()]
+    return max(snaps, key=lambda p: p.stat().st_mtime) if snaps else None
+
+
+def find_cached(repo_id: str, env=None) -> tuple[Path | None, list[str]]:
+    """(snapshot directory or None, the places looked at)."""
+    tried = []
+    for hub in hub_cache_dirs(env):
+        for folder in cache_folders(repo_id):
+            snap = cached_snapshot(hub / folder)
+            if snap is not None:
+                return snap, tried
+            tried.append(f"{hub / folder}/snapshots/*/model.safetensors")
+    return None, tried
+
+
+def repo_id_of(name: str) -> str | None:
+    """The Hugging Face repo id a name stands for, or None if it is not a model name."""
+    if name in PRETRAINED:
+        return PRETRAINED[name]
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and not name.startswith((".", "~")) \
+            and not name.endswith(".safetensors") and not Path(parts[0]).is_dir():
+        return name      # "owner/name"; not when "owner" is a local directory (a path typo)
+    return None
+
+
+def _download(repo_id: str, env) -> Path:
+    """Download model.safetensors and config.json into the cache; the snapshot directory.
+    Raises ModelNotFound with the reason when huggingface_hub is missing or it fails."""
+    if str(env.get("HF_HUB_OFFLINE", "")).lower() in ("1", "true", "yes", "on"):
+        raise ModelNotFound("HF_HUB_OFFLINE is set, so it was not downloaded")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ModelNotFound("huggingface_hub is not installed, so it could not be downloaded "
+                            "(pip install 'gpt2s[hub]')") from None
+    cache_dir = hub_cache_dirs(env)[0]
+    try:
+        path = huggingface_hub.hf_hub_download(repo_id, "model.safetensors",
+                                               cache_dir=cache_dir)
+        try:
+            huggingface_hub.hf_hub_download(repo_id, "config.json", cache_dir=cache_dir)
+        except Exception:
+            pass   # optional: the config is inferred from the tensor shapes without it
+    except Exception as e:   # offline, unknown repo, no model.safetensors, HTTP errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelNotFound(f"downloading it with huggingface_hub failed: "
+                            f"{type(e).__name__}: {first}") from None
+    return Path(path).parent
+
+
+def resolve_pretrained(name_or_path, *, env=None, local_files_only: bool = False) -> Path:
+    """A path that ``GPT2.from_safetensors`` loads, for:
+
+    * an existing file or directory (it wins over a name, as in transformers);
+    * ``"demo"``: the small model bundled with gpt2s;
+    * ``"gpt2"``, ``"gpt2-medium"``, ``"gpt2-large"``, ``"gpt2-xl"``, ``"openai-community/…"``
+      or any other ``"owner/name"`` Hugging Face repo: its snapshot in the local Hugging Face
+      cache, else downloaded with huggingface_hub (unless ``local_files_only`` or
+      ``HF_HUB_OFFLINE=1``).
+
+    Raises ModelNotFound saying where it looked and how to get the model.
+    """
+    env = os.environ if env is None else env
+    text = os.fspath(name_or_path)
+    p = Path(text).expanduser()
+    if text and p.exists():
+        return p
+    if text == "demo":
+        if (DEMO_DIR / "model.safetensors").is_file():
+            return DEMO_DIR
+        raise ModelNotFound(f"the demo model is missing from {DEMO_DIR}: the gpt2s installation "
+                            f"is incomplete (reinstall gpt2s)")
+    repo_id = repo_id_of(text)
+    if repo_id is None:
+        known = ", ".join(['"demo"'] + [f'"{n}"' for n in PRETRAINED])
+        raise ModelNotFound(f"{text}: no such file or directory, and not a model name "
+                            f"({known}, or a Hugging Face repo id such as "
+                            f"\"openai-community/gpt2\")")
+    snap, tried = find_cached(repo_id, env)
+    if snap is not None:
+        return snap
+    if local_files_only:
+        why = "local_files_only is set, so it was not downloaded"
+    else:
+        try:
+            return _download(repo_id, env)
+        except ModelNotFound as e:
+            why = str(e)
+    get = HF_DOWNLOAD.replace("openai-community/gpt2", repo_id)
+    raise ModelNotFound(
+        f"{text}: not in the Hugging Face cache, and {why}.\nLooked at:\n"
+        + "".join(f"  {t}\n" for t in tried)
+        + f"Get it with `pip install 'gpt2s[hub]'` and network access, or download the files "
+          f"by hand:\n  {get}\nand pass the directory (assets) instead of the name.")
+
+
+def pretrained_hint(path) -> str:
+    """For 'no such file' errors of from_safetensors: a pointer to from_pretrained when the
+    missing path is a model name."""
+    text = os.fspath(path)
+    if text == "demo" or text in PRETRAINED or text.startswith("openai-community/"):
+        return f"; to load the {'bundled demo' if text == 'demo' else 'pretrained'} model by " \
+               f"name use GPT2.from_pretrained({text!r})"
+    return ""

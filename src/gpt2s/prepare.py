@@ -1,0 +1,286 @@
+"""``python -m gpt2s.prepare``: tokenize a text corpus into llm.c token shards, in parallel.
+
+The output directory gets ``train_000000.bin``, ``train_000001.bin``, ... (and ``val_*.bin``
+with --val-fraction or --val-shards) in llm.c's format (gpt2s.data: a 256-int32 header, then
+uint16 GPT-2 tokens), plus ``prepare.json`` describing the run.  The token stream is exactly
+what ``gpt2s.data.TokenData`` reads from the same text files: each file's tokens, one
+``<|endoftext|>`` between consecutive files, a literal ``<|endoftext|>`` in the text being the
+end-of-text token.
+
+Memory stays bounded for any corpus size: files are read in blocks cut just after an
+``<|endoftext|>`` (tokenizing the pieces separately gives exactly the tokens of the whole, since
+the tokenizer splits the text at special tokens first), the blocks are tokenized by a pool of
+processes, and their tokens are written to shards in order as they arrive.  A file without
+``<|endoftext|>`` is tokenized as one piece.
+
+Nothing half-done is left in the output directory: shards are written in a temporary
+directory inside it and moved into place at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["main", "prepare"]
+
+PROG = "python -m gpt2s.prepare"
+EOT_BYTES = b"<|endoftext|>"
+DEFAULT_SHARD_SIZE = 100_000_000     # llm.c's FineWeb shards: 200 MB each
+DEFAULT_BLOCK_BYTES = 32 << 20
+
+
+class PrepareError(ValueError):
+    """A bad input or option: reported as ``error: ...`` by the command line."""
+
+
+def _tokenize_block(data: bytes, path: str, offset: int) -> np.ndarray:
+    """Worker: GPT-2 tokens (uint16) of one UTF-8 block of a file (offset: where it starts)."""
+    from .data import tokenize_text
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                           f"{offset + e.start})") from None
+    return tokenize_text(text)
+
+
+def _blocks(paths, block_bytes: int):
+    """(file index, path, byte offset, bytes) for every block of every file, each block ending
+    just after an <|endoftext|> (or at the end of its file)."""
+    for i, path in enumerate(paths):
+        offset = 0
+        carry = b""
+        with open(path, "rb") as f:
+            while True:
+                block = f.read(block_bytes)
+                if not block:
+                    break
+                buf = carry + block
+                cut = buf.rfind(EOT_BYTES)
+                if cut < 0:
+                    carry = buf
+                    continue
+                cut += len(EOT_BYTES)
+                yield i, path, offset, buf[:cut]
+                offset += cut
+                carry = buf[cut:]
+        yield i, path, offset, carry
+
+
+def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fraction: float = 0.0,
+            val_shards: int = 0, workers: int | None = None, overwrite: bool = False,
+            block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool = False, err=None) -> dict:
+    """Tokenize the text files ``inputs`` (paths or globs) into llm.c shards in ``out_dir``.
+
+    The last ``val_fraction`` of the tokens (or the last ``val_shards`` shards) go to
+    ``val_*.bin``, the rest to ``train_*.bin``.  Returns the manifest also written to
+    ``out_dir/prepare.json``."""
+    from ._progress import Progress
+    from .data import (DataError, MAX_SHARD_TOKENS, ShardWriter, expand_paths,
+                       read_shard_header, write_shard)
+    from .tokenizer import EOT_ID
+
+    if not 1 <= shard_size <= MAX_SHARD_TOKENS:
+        raise PrepareError(f"--shard-size must be in [1, {MAX_SHARD_TOKENS:,}], got {shard_size}")
+    if not 0 <= val_fraction < 1:
+        raise PrepareError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if val_shards < 0:
+        raise PrepareError(f"--val-shards must be >= 0, got {val_shards}")
+    if val_fraction and val_shards:
+        raise PrepareError("give --val-fraction or --val-shards, not both")
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    if workers < 1:
+        raise PrepareError(f"--workers must be >= 1, got {workers}")
+    try:
+        paths = expand_paths(inputs)
+    except DataError as e:
+        raise PrepareError(str(e)) from None
+    for p in paths:
+        if p.suffix.lower() == ".bin":
+            raise PrepareError(f"{p}: a .bin file is already tokens; prepare takes UTF-8 text "
+                               f"files (train and eval read .bin files directly)")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrepareError(f"--out {out_dir}: exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = sorted(list(out_dir.glob("train_*.bin")) + list(out_dir.glob("val_*.bin")))
+    if old and not overwrite:
+        raise PrepareError(f"--out {out_dir} already has shards ({old[0].name}"
+                           f"{f' and {len(old) - 1} more' if len(old) > 1 else ''}); remove them "
+                           f"or pass --overwrite")
+
+    total_bytes = sum(p.stat().st_size for p in paths)
+    bar = Progress(total_bytes, "bytes", enabled=progress, stream=err)
+    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
+    t0 = time.perf_counter()
+    try:
+        writer = ShardWriter(tmp, "part", shard_size)
+        eot = np.array([EOT_ID], np.uint16)
+
+        def consume(index, size, tokens):
+            if index > 0 and consume.last_index != index:
+                writer.add(eot)                   # one separator between consecutive files
+            consume.last_index = index
+            writer.add(tokens)
+            bar.update(size, f"{writer.n_tokens:,} tokens")
+        consume.last_index = -1
+
+        if workers == 1:
+            for index, path, offset, data in _blocks(paths, block_bytes):
+                consume(index, len(data), _tokenize_block(data, str(path), offset))
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+            with ProcessPoolExecutor(workers) as pool:
+                pending = collections.deque()
+                for index, path, offset, data in _blocks(paths, block_bytes):
+                    pending.append((index, len(data),
+                                    pool.submit(_tokenize_block, data, str(path), offset)))
+                    while len(pending) >= 2 * workers:    # bounded: results kept in order
+                        i, n, fut = pending.popleft()
+                        consume(i, n, fut.result())
+                while pending:
+                    i, n, fut = pending.popleft()
+                    consume(i, n, fut.result())
+        parts = writer.close()
+        n_tokens = writer.n_tokens
+        bar.close()
+        if n_tokens == 0:
+            raise PrepareError(f"no tokens: the input file{'s are' if len(paths) > 1 else ' is'} "
+                               f"empty")
+
+        # the split: the last val tokens go to val_*.bin
+        if val_shards:
+            if val_shards >= len(parts):
+                raise PrepareError(f"--val-shards {val_shards}: the corpus makes only "
+                                   f"{len(parts)} shard{'s' if len(parts) != 1 else ''} of "
+                                   f"--shard-size {shard_size:,} tokens; nothing would be left "
+                                   f"to train on")
+            split = sum(read_shard_header(p) for p in parts[:len(parts) - val_shards])
+        else:
+            split = n_tokens - int(n_tokens * val_fraction)
+        names: dict[str, list[str]] = {"train": [], "val": []}
+        moves = []
+        start = 0
+        for part in parts:
+            count = read_shard_header(part)
+            end = start + count
+            if end <= split or start >= split:
+                kind = "train" if end <= split else "val"
+                name = f"{kind}_{len(names[kind]):06d}.bin"
+                names[kind].append(name)
+                moves.append((part, name))
+            else:        # the shard that holds the split point becomes two
+                tokens = np.memmap(part, dtype="<u2", mode="r", offset=1024, shape=(count,))
+                for kind, piece in (("train", tokens[:split - start]),
+                                    ("val", tokens[split - start:])):
+                    name = f"{kind}_{len(names[kind]):06d}.bin"
+                    names[kind].append(name)
+                    write_shard(tmp / name, piece)
+                    moves.append((tmp / name, name))
+                del tokens
+                part.unlink()
+            start = end
+        for p in old:
+            p.unlink()
+        for src, name in moves:
+            os.replace(src, out_dir / name)
+        manifest = {
+            "format": "llm.c shards: 256 int32 header words (magic 20240520, version 1, "
+                      "token count), then uint16 GPT-2 tokens",
+            "inputs": [str(p) for p in paths], "input_bytes": total_bytes,
+            "tokens": n_tokens, "train_tokens": split, "val_tokens": n_tokens - split,
+            "shard_size": shard_size, "train": names["train"], "val": names["val"],
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        from .weights import atomic_write
+        text = (json.dumps(manifest, indent=1) + "\n").encode()
+        atomic_write(out_dir / "prepare.json", lambda f: f.write(text))
+        return manifest
+    finally:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Tokenize UTF-8 text files with the GPT-2 tokenizer into llm.c token shards\n"
+                    "(train_000000.bin, ...), in parallel, so a corpus larger than memory can be\n"
+                    "trained on and evaluated.",
+        epilog=f"""\
+output: DIR/train_NNNNNN.bin (and val_NNNNNN.bin) in llm.c's format: 256 int32 header words
+  (magic 20240520, version 1, token count), then uint16 token ids; DIR/prepare.json describes
+  the run.  Files are joined with one <|endoftext|> between them; a literal <|endoftext|> in
+  the text is the end-of-text token.  python -m gpt2s.train and python -m gpt2s.eval read the
+  shards through a memory map, e.g. "DIR/train_*.bin".
+
+validation: --val-fraction F puts the last F of the tokens in val_*.bin; --val-shards K the
+  last K shards.  Without either, everything goes to train_*.bin.
+
+examples:
+  {PROG} input.txt --out data/shakespeare --val-fraction 0.1
+  {PROG} "books/**/*.txt" --out data/books --shard-size 10000000 --val-shards 1
+  {PROG} TinyStories-train.txt --out data/tinystories --workers 2
+""")
+    p.add_argument("text", nargs="+", metavar="TEXT",
+                   help="UTF-8 text files, or globs of them (quoted; ** matches directories)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory (created if needed; required)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, metavar="N",
+                   help="tokens per shard (default: %(default)s, llm.c's 200 MB shards)")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                       help="put the last F of the tokens, 0 <= F < 1, in val_*.bin "
+                            "(default: %(default)s, no validation shards)")
+    split.add_argument("--val-shards", type=int, default=0, metavar="K",
+                       help="put the last K shards in val_*.bin instead (default: 0)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="tokenizing processes (default: the number of CPU cores)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shards already in DIR (default: refuse)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    err = sys.stderr
+    try:
+        m = prepare(args.text, args.out, shard_size=args.shard_size,
+                    val_fraction=args.val_fraction, val_shards=args.val_shards,
+                    workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
+                    err=err)
+    except PrepareError as e:
+        print(f"{PROG}: error: {e}", file=err)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=err)
+        return 130
+    if not args.quiet:
+        n_files = len(m["inputs"])
+        print(f"{m['tokens']:,} tokens from {n_files} file{'s' if n_files > 1 else ''} "
+              f"({m['input_bytes']:,} bytes) in {m['seconds']:.1f} s: "
+              f"{len(m['train'])} train shard{'s' if len(m['train']) != 1 else ''} "
+              f"({m['train_tokens']:,} tokens), {len(m['val'])} val "
+              f"shard{'s' if len(m['val']) != 1 else ''} ({m['val_tokens']:,} tokens) in "
+              f"{args.out}", file=err)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
