@@ -33,7 +33,8 @@ ACTIVATION_KERNELS = {
     "quick_gelu": "quick_gelu",
 }
 
-# config.json keys read into GPT2Config (besides the sizes), with transformers' defaults
+# config.json keys read into GPT2Config besides the sizes (absent: the dataclass defaults,
+# which are transformers' GPT2Config defaults)
 _VARIANT_KEYS = ("n_inner", "activation_function", "scale_attn_weights",
                  "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
                  "tie_word_embeddings")
