@@ -335,13 +335,10 @@ def _lr_of(cfg: RunConfig, step: int) -> float:
 # One step, one evaluation
 
 
-def train_step(model, opt, data, cfg: RunConfig, step: int, dp=None) -> tuple[float, float | None]:
+def train_step(model, opt, data, cfg: RunConfig, step: int) -> tuple[float, float | None]:
     """Optimizer step ``step`` (0-based): ``grad_accum`` micro-batches, their gradients
     averaged, clipped and applied in one fused AdamW pass.  Returns (the mean training loss,
-    the gradient norm before clipping or None).  With ``dp`` (a DataParallel), this rank
-    trains on its rows of each global micro-batch of ``cfg.batch_size`` windows."""
-    if dp is not None:
-        return _train_step_dp(model, opt, data, cfg, step, dp)
+    the gradient norm before clipping or None)."""
     opt.lr = _lr_of(cfg, step)
     model.zero_grad()
     loss = 0.0
@@ -358,6 +355,9 @@ def train_step(model, opt, data, cfg: RunConfig, step: int, dp=None) -> tuple[fl
 
 
 def _train_step_dp(model, opt, data, cfg: RunConfig, step: int, dp):
+    """train_step on N ranks (dp: a DataParallel): this rank trains on its rows of each
+    global micro-batch of ``cfg.batch_size`` windows; the gradients are summed over the ranks
+    during the last micro-batch's backward."""
     from .optim import clip_coefficient
     opt.lr = _lr_of(cfg, step)
     model.zero_grad()
@@ -384,9 +384,9 @@ def evaluate(model, val, cfg: RunConfig, dp=None) -> float:
     keeps for a backward."""
     if dp is not None:
         # each rank evaluates its rows of every batch; dp.forward reduces the losses
-        return float(np.mean([dp.forward(*dp.shard(*eval_batch(val, cfg.seed, j, cfg.batch_size,
-                                                                cfg.seq_len)))
-                              for j in range(cfg.eval_batches)]))
+        batches = (dp.shard(*eval_batch(val, cfg.seed, j, cfg.batch_size, cfg.seq_len))
+                   for j in range(cfg.eval_batches))
+        return float(np.mean([dp.forward(x, y) for x, y in batches]))
     losses = [model.forward(*eval_batch(val, cfg.seed, j, cfg.batch_size, cfg.seq_len),
                             return_logits=False)[1]
               for j in range(cfg.eval_batches)]
@@ -928,7 +928,8 @@ def _train_loop(args, out, model, opt, train, val, run, identity, metrics, first
     with _StopRequests() as stop:
         while step < run.steps and _no_stop(stop, dp):
             t_step = time.perf_counter()
-            loss, norm = train_step(model, opt, train, run, step, dp)
+            loss, norm = (train_step(model, opt, train, run, step) if dp is None
+                          else _train_step_dp(model, opt, train, run, step, dp))
             step += 1
             now = time.perf_counter()
             metrics.step(step, opt.lr, loss, norm, tokens_per_step / (now - t_step),
