@@ -81,7 +81,8 @@ def main():
         for k, style in ((1, "-"), (8, ":")):
             eff = k * fast_c / t_step(ns, gbit, k * fast_c, fast_w, overlap=True)
             ax2.plot(ns, 100 * eff, style, color=color, lw=2 if k == 1 else 1.6,
-                     label=f"{gbit} Gb/s, {'no accumulation' if k == 1 else f'{k} micro-batches per step'}")
+                     label=f"{gbit} Gb/s, " + ("no accumulation" if k == 1
+                                                   else f"{k} micro-batches per step"))
     ax2.set_ylabel("compute share of the step (%), overlapped (ideal)")
     ax2.set_ylim(0, 100)
     ax2.set_title(f"node {args.speedup:g}x faster (compute {fast_c:.2f} s per micro-batch)",

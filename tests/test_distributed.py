@@ -214,3 +214,103 @@ def test_backward_hook_marks_final_gradients_and_normalizer_scales():
     model.forward(x, y)
     with pytest.raises(ValueError, match="normalizer"):
         model.backward(normalizer=0)
+
+
+# ------------------------------------------------------------------------------------------
+# python -m gpt2s.train under mpiexec
+
+DATA = HERE / "data" / "tinyshakespeare_excerpt.txt"
+TRAIN_ARGS = ["--init", "tiny", "--steps", "4", "--seq-len", "32", "--warmup", "1",
+              "--grad-accum", "2", "--eval-every", "2", "--eval-batches", "2", "--no-plot"]
+
+
+def _train(cmd, out, batch, *extra, timeout=RUN_TIMEOUT, threads="1"):
+    env = _rank_env()
+    if threads is None:
+        env.pop("OMP_NUM_THREADS", None)
+    p = subprocess.Popen([*cmd, sys.executable, "-m", "gpt2s.train", str(DATA), *TRAIN_ARGS,
+                          "--batch-size", str(batch), "--out", str(out), *extra],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         start_new_session=True)
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        stdout, stderr = p.communicate()
+        pytest.fail(f"gpt2s.train still running after {timeout} s\n{stdout}\n{stderr}")
+    assert p.returncode == 0, f"gpt2s.train failed ({p.returncode}):\n{stdout}\n{stderr}"
+    return stderr
+
+
+def _metrics(out):
+    import json
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return ([r["train_loss"] for r in rows if r["type"] == "train"],
+            [r["val_loss"] for r in rows if r["type"] == "eval"])
+
+
+def _params(out):
+    from gpt2s import GPT2
+    return GPT2.from_safetensors(out)._param_buffer.copy()
+
+
+def test_train_cli_two_ranks_match_one_process(mpiexec, tmp_path):
+    """mpiexec -n 2 python -m gpt2s.train --batch-size 2 == one process with --batch-size 4:
+    the same windows (a function of seed and step, split over the ranks), losses, evaluation
+    (split over the ranks) and parameters, with gradient accumulation and clipping.  Rank 0
+    alone prints and writes."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _train([], one, 4)
+    err = _train(mpiexec, two, 2, threads=None)
+    assert err.count("saved ") == 1 and "2 ranks of 2 windows" in err, err
+    # without OMP_NUM_THREADS each rank takes its share of the cores
+    share = max(1, len(os.sched_getaffinity(0)) // 2) if hasattr(os, "sched_getaffinity") \
+        else max(1, (os.cpu_count() or 1) // 2)
+    assert f"{share} threads per rank" in err, err
+    (loss1, val1), (loss2, val2) = _metrics(one), _metrics(two)
+    assert len(loss1) == len(loss2) == 4 and len(val1) == len(val2) == 2
+    for a, b in zip(loss1 + val1, loss2 + val2):
+        assert abs(a - b) <= 1e-6 * abs(a), (loss1, val1, loss2, val2)
+    p1, p2 = _params(one), _params(two)
+    rel = float(np.linalg.norm(p2 - p1) / np.linalg.norm(p1))
+    assert rel < 1e-5, f"parameters differ by {rel:.3g} relative"
+
+
+def test_train_cli_resume_with_two_ranks_is_exact(mpiexec, tmp_path):
+    """A 2-rank run killed (SIGKILL, the whole job) after one of its checkpoints and resumed
+    on 2 ranks ends bitwise equal to the run that was never stopped."""
+    import json
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    _train(mpiexec, straight, 2, "--save-every", "2", "--steps", "8")
+    env = _rank_env()
+    p = subprocess.Popen([*mpiexec, sys.executable, "-m", "gpt2s.train", str(DATA), *TRAIN_ARGS,
+                          "--batch-size", "2", "--out", str(broken), "--save-every", "2",
+                          "--steps", "8"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                         start_new_session=True)
+    state = broken / "train_state.json"
+    deadline = time.monotonic() + RUN_TIMEOUT
+    step = 0
+    while p.poll() is None and time.monotonic() < deadline:
+        try:
+            step = json.loads(state.read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            step = 0
+        if 2 <= step < 8:
+            os.killpg(p.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    p.wait(timeout=60)
+    assert 2 <= step < 8, f"the run was not caught between its checkpoints (step {step})"
+    err = _train(mpiexec, broken, 2, "--save-every", "2", "--steps", "8", "--resume")
+    assert f"resuming at step {step}" in err, err
+    assert np.array_equal(_params(straight), _params(broken))
+    assert _metrics(straight) == _metrics(broken)
+
+
+def test_train_help_says_how_the_world_size_is_detected():
+    out = subprocess.run([sys.executable, "-m", "gpt2s.train", "--help"], capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "SLURM_NTASKS", "--distributed",
+                 "--dp-timeout"):
+        assert name in out, name

@@ -256,11 +256,12 @@ class DataParallel:
         ref = everyone[0]
         for r, theirs in enumerate(everyone[1:], start=1):
             for key in sorted(set(ref) | set(theirs)):
-                if ref.get(key, "<missing>") != theirs.get(key, "<missing>"):
+                mine0, mine_r = ref.get(key, "<missing>"), theirs.get(key, "<missing>")
+                if mine0 != mine_r:
                     raise ValueError(
                         f"data parallel: rank {r} differs from rank 0 in {key!r}: rank {r} has "
-                        f"{theirs.get(key, '<missing>')!r}, rank 0 has {ref.get(key, '<missing>')!r}; "
-                        f"every rank must run with the same model, data and options")
+                        f"{mine_r!r}, rank 0 has {mine0!r}; every rank must run with the same "
+                        f"model, data and options")
 
     def parameters_in_sync(self) -> bool:
         """Whether every rank holds bit-identical parameters (a CRC-32 per rank, gathered)."""

@@ -29,6 +29,9 @@ reproducible on the same machine with the same thread count; resuming on another
 can change float sums in the last bits (never the data or the schedule).  The training loop
 is a few functions (``train_batch``, ``train_step``, ``evaluate``, ``save_run``) so that a
 data-parallel driver can reuse them.
+
+Data parallel: ``mpiexec -n N python -m gpt2s.train ...`` trains one model on N processes
+(``gpt2s.distributed``); see --help and docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -97,6 +100,13 @@ def _nonneg_float(text):
     return v
 
 
+def _positive_float(text):
+    v = _nonneg_float(text)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
 def _fraction(text):
     v = _nonneg_float(text)
     if not v < 1:
@@ -160,7 +170,20 @@ examples:
   {PROG} "shards/train_*.bin" --val-data "shards/val_*.bin" --init gpt2 \\
       --batch-size 8 --seq-len 1024 --grad-accum 8 --out runs/gpt2 --save-every 100
   {PROG} input.txt --init mini --steps 2000 --out runs/mini --resume
+  mpiexec -n 4 {PROG} input.txt --init mini --batch-size 2 --out runs/dp
   python -m gpt2s.generate --model runs/mini "ROMEO:"
+
+data parallel over MPI (pip install "gpt2s[mpi]"; docs/distributed.md): under
+  mpiexec -n N (or srun) each of the N processes trains on its share of every global batch of
+  N x --batch-size windows per micro-batch, and the gradients are summed over the processes
+  during the backward, so the run computes what one process with --batch-size N x B computes
+  (the same windows, loss and clipping; train_state.json records the global batch, so a run
+  resumes with any N that keeps it).  The world size is read from the variables MPI
+  launchers set: PMI_SIZE (MPICH, Intel MPI), OMPI_COMM_WORLD_SIZE (Open MPI),
+  MV2_COMM_WORLD_SIZE (MVAPICH), PMIX_SIZE, SLURM_NTASKS inside an srun step; mpi4py is
+  imported only then (or with --distributed).  Rank 0 alone prints, writes metrics and
+  checkpoints; evaluation is split over the ranks.  A rank that dies or hangs makes the
+  others abort the job after --dp-timeout seconds.
 """)
     p.add_argument("data", nargs="*", metavar="DATA",
                    help="training data: text files, nanoGPT .bin files, llm.c shards or globs "
@@ -222,7 +245,17 @@ examples:
     p.add_argument("--seed", type=_nonneg_int, default=0, metavar="S",
                    help="seed of the initial weights and of the batches (default: %(default)s)")
     p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
-                   help="CPU threads (default: $OMP_NUM_THREADS, else all cores)")
+                   help="CPU threads (default: $OMP_NUM_THREADS, else all cores; under MPI "
+                        "the cores divided by the ranks on the node)")
+    p.add_argument("--distributed", action="store_true",
+                   help="data parallel over MPI even when no launcher variable announces more "
+                        "than one process (default: when one does; see below)")
+    p.add_argument("--dp-timeout", type=_positive_float, default=300.0, metavar="S",
+                   help="data parallel: abort the job when another rank has not answered for "
+                        "S seconds (default: %(default)s)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="data parallel: sum the gradients after the backward instead of "
+                        "during it (for comparison)")
     p.add_argument("--log", metavar="CSV",
                    help="also write step, lr, train loss, val loss, tokens/s to this CSV "
                         "(default: none; metrics.jsonl in --out has the same and more)")
@@ -321,12 +354,39 @@ def train_step(model, opt, data, cfg: RunConfig, step: int) -> tuple[float, floa
     return loss / cfg.grad_accum, norm
 
 
-def evaluate(model, val, cfg: RunConfig) -> float:
+def _train_step_dp(model, opt, data, cfg: RunConfig, step: int, dp):
+    """train_step on N ranks (dp: a DataParallel): this rank trains on its rows of each
+    global micro-batch of ``cfg.batch_size`` windows; the gradients are summed over the ranks
+    during the last micro-batch's backward."""
+    from .optim import clip_coefficient
+    opt.lr = _lr_of(cfg, step)
+    model.zero_grad()
+    loss = 0.0
+    for micro in range(cfg.grad_accum):
+        x, y = dp.shard(*train_batch(data, cfg.seed, step, micro, cfg.batch_size, cfg.seq_len))
+        loss += dp.forward(x, y)      # the global mean loss of the micro-batch
+        # the last micro-batch's reduction carries the gradients of all of them
+        dp.backward(sync=micro == cfg.grad_accum - 1)
+    scale, norm = 1.0 / cfg.grad_accum, None
+    if cfg.grad_clip > 0:
+        # the same norm on every rank (AdamW's own would be each rank's local sum)
+        norm = dp.grad_norm() * scale
+        scale *= clip_coefficient(norm, cfg.grad_clip)
+    opt.step(grad_scale=scale)
+    return loss / cfg.grad_accum, norm
+
+
+def evaluate(model, val, cfg: RunConfig, dp=None) -> float:
     """Mean loss over the ``eval_batches`` fixed validation batches.  Through the training
     forward (``return_logits=False``): its logits buffer is the one the training steps
     already hold, where ``for_backward=False`` would allocate another (B, T, V) array per
     batch (1.6 GB for GPT-2 at B=8, T=1024); the next training forward replaces what it
     keeps for a backward."""
+    if dp is not None:
+        # each rank evaluates its rows of every batch; dp.forward reduces the losses
+        batches = (dp.shard(*eval_batch(val, cfg.seed, j, cfg.batch_size, cfg.seq_len))
+                   for j in range(cfg.eval_batches))
+        return float(np.mean([dp.forward(x, y) for x, y in batches]))
     losses = [model.forward(*eval_batch(val, cfg.seed, j, cfg.batch_size, cfg.seq_len),
                             return_logits=False)[1]
               for j in range(cfg.eval_batches)]
@@ -668,22 +728,75 @@ def main(argv=None) -> int:
         return _run(args)
     except (UsageError, CheckpointError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
+        _abort_other_ranks(2)
         return 2
     except KeyboardInterrupt:
         print(f"\n{PROG}: stopped; the last checkpoint in {args.out} is intact", file=sys.stderr)
         return 130
 
 
+_MPI_WORLD = None   # the MPI world (size, rank) of a data-parallel run, else None
+
+
+def _abort_other_ranks(status: int):
+    """Under MPI a rank that stops alone would leave the others waiting until --dp-timeout:
+    end the whole job now (MPI_Abort) instead."""
+    if _MPI_WORLD is not None and _MPI_WORLD[0] > 1:
+        from mpi4py import MPI
+        sys.stderr.flush()
+        MPI.COMM_WORLD.Abort(status)
+
+
+def _setup_mpi(args):
+    """(DataParallel class, world size, rank) when this is a data-parallel run, else None."""
+    global _MPI_WORLD
+    from .distributed import world_size_from_env
+    if world_size_from_env() == 1 and not args.distributed:
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise UsageError(f"data parallel needs mpi4py (pip install 'gpt2s[mpi]'): {e}") \
+            from None
+    from .distributed import DataParallel
+    _MPI_WORLD = (MPI.COMM_WORLD.Get_size(), MPI.COMM_WORLD.Get_rank())
+    if _MPI_WORLD[0] == 1:
+        return None
+    return DataParallel, _MPI_WORLD[0], _MPI_WORLD[1]
+
+
 def _run(args) -> int:
+    try:
+        return _run_inner(args)
+    except (UsageError, CheckpointError, KeyboardInterrupt):
+        raise
+    except BaseException as e:
+        if _MPI_WORLD is not None and _MPI_WORLD[0] > 1 and not isinstance(e, SystemExit):
+            import traceback
+            traceback.print_exc()
+            print(f"{PROG}: rank {_MPI_WORLD[1]}: {type(e).__name__}: {e}; aborting the job",
+                  file=sys.stderr, flush=True)
+            _abort_other_ranks(1)
+        raise
+
+
+def _run_inner(args) -> int:
     import gpt2s
     from .config import GPT2Config
     from .data import DataError
     from .model import GPT2
     from .optim import AdamW
 
+    mpi = _setup_mpi(args)
+    world, rank = (mpi[1], mpi[2]) if mpi else (1, 0)
     # every check that needs no data or model first
     if args.threads:
         gpt2s.set_num_threads(args.threads)
+    elif mpi and not os.environ.get("OMP_NUM_THREADS"):
+        from .distributed import default_threads
+        gpt2s.set_num_threads(default_threads())
+    if rank > 0:
+        args.quiet, args.plot, args.no_plot, args.log = True, False, True, None
     if args.allow_changes and not args.resume:
         raise UsageError("--allow-changes is for --resume only")
     if args.val_data and args.val_fraction != build_parser().get_default("val_fraction"):
@@ -697,7 +810,8 @@ def _run(args) -> int:
     warmup, warning = effective_warmup(args.warmup, args.steps)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    run = RunConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+    # batch_size is the global micro-batch: N ranks x --batch-size
+    run = RunConfig(steps=args.steps, batch_size=args.batch_size * world, seq_len=args.seq_len,
                     grad_accum=args.grad_accum, lr=args.lr, min_lr_ratio=args.min_lr_ratio,
                     warmup=warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                     seed=args.seed, val_fraction=0.0 if args.val_data else args.val_fraction,
@@ -747,15 +861,30 @@ def _run(args) -> int:
         first, last_val = ck.step, ck.state.get("last_val")
         elapsed0 = float(ck.state.get("elapsed_s") or 0.0)
 
+    dp = None
+    if mpi:
+        dp = mpi[0](model, overlap=not args.no_overlap, timeout=args.dp_timeout)
+        dp.broadcast_parameters()          # rank 0's initialisation or checkpoint everywhere
+        if ck is not None:
+            dp.broadcast(opt.m)
+            dp.broadcast(opt.v)
+        dp.check_consistent(run=asdict(run), identity=identity, first_step=first,
+                            gpt2s=gpt2s.__version__, eval_every=args.eval_every,
+                            save_every=args.save_every)
+    if rank > 0:
+        return _train_loop(args, out, model, opt, train, val, run, identity, _NoMetrics(),
+                           first, last_val, elapsed0, dp)
     out.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(out, Path(args.log) if args.log else None, upto=first)
     print(f"{model!r}\ndata: {described}\n"
           f"{'resuming at step ' + str(first) + ' of ' if first else ''}{run.steps} steps of "
           f"{run.batch_size}x{run.seq_len}{f' x{run.grad_accum}' if run.grad_accum > 1 else ''}"
-          f" tokens, {gpt2s.get_num_threads()} threads", file=sys.stderr)
+          f" tokens, {gpt2s.get_num_threads()} threads"
+          f"{f' per rank, {world} ranks of {args.batch_size} windows' if dp else ''}",
+          file=sys.stderr)
     try:
         status = _train_loop(args, out, model, opt, train, val, run, identity, metrics, first,
-                             last_val, elapsed0)
+                             last_val, elapsed0, dp)
     finally:
         metrics.close()
     if (args.plot or (not args.no_plot and _have_matplotlib())) and metrics.rows:
@@ -766,8 +895,27 @@ def _run(args) -> int:
     return status
 
 
+class _NoMetrics:
+    """What ranks other than 0 write: nothing."""
+    rows = ()
+
+    def step(self, *a, **k):
+        pass
+
+    eval = sync = close = step
+
+
+def _no_stop(stop, dp) -> bool:
+    """No stop requested (under MPI: on no rank; a signal may reach the ranks a step apart,
+    and all must stop after the same step)."""
+    if dp is None:
+        return stop.signal is None
+    return dp.max_int(stop.signal or 0) == 0
+
+
 def _train_loop(args, out, model, opt, train, val, run, identity, metrics, first, last_val,
-                elapsed0) -> int:
+                elapsed0, dp=None) -> int:
+    writer = dp is None or dp.rank == 0
     if first >= run.steps:
         print(f"the checkpoint in {out} is at step {first}, already at --steps {run.steps}; "
               f"nothing to do (raise --steps to train longer)", file=sys.stderr)
@@ -778,15 +926,16 @@ def _train_loop(args, out, model, opt, train, val, run, identity, metrics, first
     saved = first
     step = first
     with _StopRequests() as stop:
-        while step < run.steps and stop.signal is None:
+        while step < run.steps and _no_stop(stop, dp):
             t_step = time.perf_counter()
-            loss, norm = train_step(model, opt, train, run, step)
+            loss, norm = (train_step(model, opt, train, run, step) if dp is None
+                          else _train_step_dp(model, opt, train, run, step, dp))
             step += 1
             now = time.perf_counter()
             metrics.step(step, opt.lr, loss, norm, tokens_per_step / (now - t_step),
                          elapsed0 + now - t0)
             if val is not None and (step % args.eval_every == 0 or step == run.steps):
-                last_val = {"step": step, "loss": evaluate(model, val, run)}
+                last_val = {"step": step, "loss": evaluate(model, val, run, dp)}
                 metrics.eval(step, last_val["loss"])
                 if args.plot:
                     metrics.sync()
@@ -798,15 +947,23 @@ def _train_loop(args, out, model, opt, train, val, run, identity, metrics, first
                             (step - first) * tokens_per_step / (time.perf_counter() - t0))
             if args.save_every and step % args.save_every == 0:
                 metrics.sync()
-                save_run(out, model, opt, step, run, identity, last_val,
-                         elapsed0 + time.perf_counter() - t0)
+                if writer:
+                    save_run(out, model, opt, step, run, identity, last_val,
+                             elapsed0 + time.perf_counter() - t0)
                 saved = step
         progress.close()
         metrics.sync()
-        if saved != step:
+        if saved != step and writer:
             save_run(out, model, opt, step, run, identity, last_val,
                      elapsed0 + time.perf_counter() - t0)
     took = time.perf_counter() - t0
+    if dp is not None:
+        # the other ranks wait for rank 0's checkpoint, so none reports success before it is
+        # written (and a failed save aborts them all)
+        dp.barrier()
+        stop.signal = dp.max_int(stop.signal or 0) or None
+        if not writer:
+            return 128 + stop.signal if stop.signal else 0
     if stop.signal is not None:
         print(f"stopped at step {step} of {run.steps}; saved {out} (continue with --resume)",
               file=sys.stderr)
