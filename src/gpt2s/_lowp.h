@@ -1,0 +1,440 @@
+/* Low-precision weights for inference: bfloat16 and int8 blocks (issue 11).
+
+   Storage (activations, layernorm, softmax and every accumulation stay float32):
+
+   - bfloat16: the top 16 bits of a float32 (uint16_t), in the tensor's own layout: the Conv1D
+     weights [in = K, out = N] and the tied embedding / lm_head [V, C].  Widening is a 16-bit
+     shift in registers; float32 -> bfloat16 rounds to nearest even (NaN stays NaN).
+   - int8 ("q8"): symmetric blocks of GPT2S_Q8_BLOCK = 32 weights along the reduction
+     dimension K, one fp16 scale per block (llama.cpp's Q8_0: 34 bytes per 32 weights, 1.0625
+     bytes/weight against 1.125 with fp32 scales; decode reads every weight byte once per
+     token, so the 6% fewer bytes are 6% fewer seconds, and F16C widens a scale in one
+     instruction).  A block's scale is the smallest fp16 >= max|w| / 127 (rounded up, not to
+     nearest, so no weight ever clips: |w - q d| <= d / 2 for every element, fp16 subnormal
+     scales included).  The quantized weight is always stored [N][K] -- output feature major,
+     the blocks of one output contiguous: the Conv1D weight [K, N] is transposed once at
+     quantization time, the embedding [V, C] already is that layout.  Then every int8 product,
+     Conv1D or lm_head, is one kernel streaming contiguous rows (the blocks of a [K, N] weight
+     would be 32 rows apart), the quantized scales sit in their own contiguous [N][K/32] array,
+     and an output feature's block sums finish in registers.  K must be a multiple of 32
+     (every GPT-2 width is); the wrappers refuse other K with a clear error.
+
+   Kernels: C (M, n) (+)= A (M, K) float32 @ W, W in one of three forms
+     bf16_nn: W bf16 [K, n] row-major (ldw)           -- Conv1D
+     bf16_nt: W bf16 [n, K] row-major (ldw), C = A W^T -- lm_head
+     q8_nt:   W int8 [n, K] + scales fp16 [n, K/32]     -- every int8 weight
+   - "direct" AVX2 + FMA (+ F16C) kernels for the few rows of decoding: every weight is read
+     once from memory into registers, widened there and used for all rows of A (tiles as in
+     _smallm.h), no float32 copy anywhere;
+   - the panel route (the caller in _lowp.pxi): a panel of output columns of W is widened into
+     a per-thread float32 buffer of ~1 MiB and handed to the float32 gemm (sgemm for prefill);
+     its widening loops exist in portable C (any CPU, baseline ISA: the fallback) and AVX2.
+   AVX-512 (AVX512_BF16 vdpbf16ps, VNNI vpdpbusd) has a reserved dispatch slot in _lowp.pxi
+   but no code: the machine these were written on has no AVX-512 to test it.
+
+   Functions that touch AVX registers carry "arch_x86_64_v3" in their names (tools/
+   check_wheel.sh checks that no other function of the wheel does) and run only after
+   gpt2s_lowp_avx2_ok(). */
+
+#ifndef GPT2S_LOWP_H
+#define GPT2S_LOWP_H
+
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+#define GPT2S_Q8_BLOCK 32
+
+/* ------------------------------------------------------------------ portable conversions */
+
+static inline float gpt2s_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof(f));
+    return f;
+}
+
+/* round to nearest even; NaN stays a (quiet) NaN, overflow gives +-inf as it should */
+static inline uint16_t gpt2s_f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof(u));
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float gpt2s_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    float f;
+    if (e == 0) {   /* zero or subnormal: man 2^-24, exact in float32 */
+        f = (float)man * 5.9604644775390625e-08f;
+        return sign ? -f : f;
+    }
+    u = sign | (e == 31 ? 0x7f800000u | (man << 13) : ((e + 112u) << 23) | (man << 13));
+    memcpy(&f, &u, sizeof(f));
+    return f;
+}
+
+/* the fp16 nearest to x >= 0 (finite), ties to even; 0x7c00 (inf) past the fp16 range */
+static inline uint16_t gpt2s_f32_to_f16_nonneg(float x) {
+    if (x >= 65520.0f) return 0x7c00u;
+    if (x < 6.103515625e-05f)   /* below 2^-14: subnormal, units of 2^-24 (1024 = 2^-14) */
+        return (uint16_t)lrint((double)x * 16777216.0);
+    uint32_t u;
+    memcpy(&u, &x, sizeof(u));
+    uint32_t h = ((((u >> 23) & 0xffu) - 112u) << 10) | ((u & 0x7fffffu) >> 13);
+    uint32_t rest = u & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;   /* carries into the exponent */
+    return (uint16_t)h;
+}
+
+/* out[i] = bf16(x[i]) */
+static void gpt2s_bf16_from_f32_n(uint16_t *out, const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = gpt2s_f32_to_bf16(x[i]);
+}
+
+/* out[i] = float(x[i]) -- portable (the compiler vectorises it for the baseline ISA) */
+static void gpt2s_bf16_to_f32_n(float *out, const uint16_t *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u = (uint32_t)x[i] << 16;
+        memcpy(out + i, &u, sizeof(float));
+    }
+}
+
+/* Quantize rows [0, N) of a weight whose element (n, k) is w[n * sn + k * sk] into q [N][K]
+   and scales [N][K/32] (fp16 bits).  K % 32 == 0.  Returns 0, or -1 when a block holds a
+   non-finite weight or one too large for an fp16 scale (|w| > 127 * 65504); the caller names
+   the tensor.  Blocks are visited block-row by block-row so that a [K, N] weight (sn = 1,
+   sk = N) reads 32 of its rows at a time, which stay in cache. */
+static int gpt2s_q8_quantize(int8_t *q, uint16_t *scales, const float *w, int64_t N,
+                             int64_t K, int64_t sn, int64_t sk) {
+    int64_t nb = K / GPT2S_Q8_BLOCK;
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t n = 0; n < N; n++) {
+            const float *src = w + n * sn + b * GPT2S_Q8_BLOCK * sk;
+            float amax = 0.0f;
+            int bad = 0;
+            for (int i = 0; i < GPT2S_Q8_BLOCK; i++) {
+                float a = fabsf(src[i * sk]);
+                if (!(a <= 3.4028234663852886e38f)) bad = 1;   /* NaN or inf */
+                amax = a > amax ? a : amax;
+            }
+            if (bad) return -1;
+            /* the smallest fp16 d with 127 d >= amax (in exact arithmetic): no clipping */
+            uint16_t h = gpt2s_f32_to_f16_nonneg(amax / 127.0f);
+            while (h < 0x7c00u && (double)gpt2s_f16_to_f32(h) * 127.0 < (double)amax) h++;
+            if (h >= 0x7c00u) return -1;
+            double d = gpt2s_f16_to_f32(h);
+            int8_t *dst = q + n * K + b * GPT2S_Q8_BLOCK;
+            for (int i = 0; i < GPT2S_Q8_BLOCK; i++) {
+                double r = d > 0.0 ? nearbyint((double)src[i * sk] / d) : 0.0;
+                r = r > 127.0 ? 127.0 : (r < -127.0 ? -127.0 : r);
+                dst[i] = (int8_t)r;
+            }
+            scales[n * nb + b] = h;
+        }
+    }
+    return 0;
+}
+
+/* out[j][k] = q[j][k] * scale(j, k / 32) for rows j of one panel (portable) */
+static void gpt2s_q8_to_f32_rows(float *out, int64_t ldo, const int8_t *q, const uint16_t *scales,
+                                 int rows, int K) {
+    int nb = K / GPT2S_Q8_BLOCK;
+    for (int j = 0; j < rows; j++) {
+        const int8_t *qr = q + (int64_t)j * K;
+        const uint16_t *sr = scales + (int64_t)j * nb;
+        float *o = out + (int64_t)j * ldo;
+        for (int b = 0; b < nb; b++) {
+            float d = gpt2s_f16_to_f32(sr[b]);
+            for (int i = 0; i < GPT2S_Q8_BLOCK; i++)
+                o[b * GPT2S_Q8_BLOCK + i] = d * (float)qr[b * GPT2S_Q8_BLOCK + i];
+        }
+    }
+}
+
+/* out (rows, cols) float32 (ldo) = W bf16 (rows, cols) (ldw): a panel of a bf16 weight */
+static void gpt2s_bf16_to_f32_panel(float *out, int64_t ldo, const uint16_t *w, int64_t ldw,
+                                    int rows, int cols) {
+    for (int r = 0; r < rows; r++)
+        gpt2s_bf16_to_f32_n(out + (int64_t)r * ldo, w + (int64_t)r * ldw, cols);
+}
+
+/* ------------------------------------------------------------------ AVX2 + FMA + F16C */
+
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(GPT2S_NO_CLONES)
+#define GPT2S_LOWP_HAVE_AVX2 1
+
+#include <immintrin.h>
+
+#define GPT2S_LOWP_V3 __attribute__((target("avx2,fma,f16c"), noinline))
+#define GPT2S_LOWP_V3_INLINE static inline __attribute__((target("avx2,fma,f16c"), always_inline))
+#define GPT2S_LOWP_KB 64    /* rows of W per K block (bf16_nn), as _smallm.h */
+#define GPT2S_LOWP_PF 64    /* bf16_nn prefetch distance in elements: 128 bytes, two lines */
+/* row i of a tile that starts at p, or row 0 again when the tile has only n rows */
+#define GPT2S_LROW(p, i, n, ld) ((p) + ((n) > (i) ? (int64_t)(i) * (ld) : 0))
+
+static int gpt2s_lowp_avx2_ok(void) {
+    static int ok = -1;
+    if (ok < 0) {
+        __builtin_cpu_init();
+        ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+             && __builtin_cpu_supports("f16c");
+    }
+    return ok;
+}
+
+/* 8 bfloat16 -> 8 float32: zero-extend to 32 bits and shift into the high half */
+GPT2S_LOWP_V3_INLINE __m256 gpt2s_ld_bf16x8_arch_x86_64_v3(const uint16_t *p) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* 8 int8 -> 8 float32 */
+GPT2S_LOWP_V3_INLINE __m256 gpt2s_ld_q8x8_arch_x86_64_v3(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+GPT2S_LOWP_V3_INLINE float gpt2s_hsum_arch_x86_64_v3(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* C[:, 0:n] (+)= A (M, K) @ W (K, n) bf16.  A tile of 4 rows of C x 16 columns (8 accumulator
+   registers) runs down a block of 64 rows of W; as in _smallm.h's NN kernel, all strips of
+   a block are visited left to right so that each of its rows is read sequentially, and rows
+   of C past M repeat row m0 (computed, never stored).  With one row of A the 4 aliased rows
+   are 4 independent FMA chains, which keeps the FMA latency out of the way. */
+GPT2S_LOWP_V3 static void gpt2s_bf16_nn_arch_x86_64_v3(int M, int n, int K, const float *A,
+        int lda, const uint16_t *W, int ldw, int accumulate, float *C, int ldc) {
+    int n16 = n - n % 16;
+    for (int k0 = 0; k0 < K; k0 += GPT2S_LOWP_KB) {
+        int k1 = k0 + GPT2S_LOWP_KB < K ? k0 + GPT2S_LOWP_KB : K;
+        int load = accumulate || k0 > 0;
+        for (int j = 0; j < n16; j += 16) {
+            int pf = j + 16 + GPT2S_LOWP_PF <= n16;
+            for (int m0 = 0; m0 < M; m0 += 4) {
+                int mr = M - m0 < 4 ? M - m0 : 4;
+                const float *a0 = A + (int64_t)m0 * lda;
+                const float *a1 = GPT2S_LROW(a0, 1, mr, lda), *a2 = GPT2S_LROW(a0, 2, mr, lda);
+                const float *a3 = GPT2S_LROW(a0, 3, mr, lda);
+                float *c0 = C + (int64_t)m0 * ldc + j;
+                float *c1 = GPT2S_LROW(c0, 1, mr, ldc), *c2 = GPT2S_LROW(c0, 2, mr, ldc);
+                float *c3 = GPT2S_LROW(c0, 3, mr, ldc);
+                __m256 s00, s01, s10, s11, s20, s21, s30, s31;
+                if (load) {
+                    s00 = _mm256_loadu_ps(c0); s01 = _mm256_loadu_ps(c0 + 8);
+                    s10 = _mm256_loadu_ps(c1); s11 = _mm256_loadu_ps(c1 + 8);
+                    s20 = _mm256_loadu_ps(c2); s21 = _mm256_loadu_ps(c2 + 8);
+                    s30 = _mm256_loadu_ps(c3); s31 = _mm256_loadu_ps(c3 + 8);
+                } else {
+                    s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = _mm256_setzero_ps();
+                }
+                const uint16_t *w = W + (int64_t)k0 * ldw + j;
+                int prefetch = pf && m0 == 0;
+                for (int k = k0; k < k1; k++, w += ldw) {
+                    if (prefetch) __builtin_prefetch(w + GPT2S_LOWP_PF);
+                    __m256 w0 = gpt2s_ld_bf16x8_arch_x86_64_v3(w);
+                    __m256 w1 = gpt2s_ld_bf16x8_arch_x86_64_v3(w + 8), t;
+                    t = _mm256_broadcast_ss(a0 + k);
+                    s00 = _mm256_fmadd_ps(t, w0, s00); s01 = _mm256_fmadd_ps(t, w1, s01);
+                    t = _mm256_broadcast_ss(a1 + k);
+                    s10 = _mm256_fmadd_ps(t, w0, s10); s11 = _mm256_fmadd_ps(t, w1, s11);
+                    t = _mm256_broadcast_ss(a2 + k);
+                    s20 = _mm256_fmadd_ps(t, w0, s20); s21 = _mm256_fmadd_ps(t, w1, s21);
+                    t = _mm256_broadcast_ss(a3 + k);
+                    s30 = _mm256_fmadd_ps(t, w0, s30); s31 = _mm256_fmadd_ps(t, w1, s31);
+                }
+                /* aliased rows (past mr) point at row m0: store them first, row m0 last */
+                _mm256_storeu_ps(c3, s30); _mm256_storeu_ps(c3 + 8, s31);
+                _mm256_storeu_ps(c2, s20); _mm256_storeu_ps(c2 + 8, s21);
+                _mm256_storeu_ps(c1, s10); _mm256_storeu_ps(c1 + 8, s11);
+                _mm256_storeu_ps(c0, s00); _mm256_storeu_ps(c0 + 8, s01);
+            }
+        }
+    }
+    /* the last n % 16 columns: plain loops */
+    for (int m = 0; m < M; m++) {
+        for (int j = n16; j < n; j++) {
+            float s = accumulate ? C[(int64_t)m * ldc + j] : 0.0f;
+            for (int k = 0; k < K; k++)
+                s += A[(int64_t)m * lda + k] * gpt2s_bf16_to_f32(W[(int64_t)k * ldw + j]);
+            C[(int64_t)m * ldc + j] = s;
+        }
+    }
+}
+
+/* The NT tile: RA rows of A x RW rows of W (each output a dot product of two contiguous
+   rows), RA * RW accumulators of 8 lanes.  Each 8-wide piece of a W row is widened once
+   (q8: times its block's scale) and used for all RA rows.  Rows past the end of A or W
+   repeat the tile's first row (computed, never stored).  KIND 0: bf16, 1: q8 (K % 32 == 0). */
+GPT2S_LOWP_V3_INLINE void gpt2s_nt_tile_arch_x86_64_v3(const int RA, const int RW,
+        const int KIND, int M, int n, int K, const float *A, int lda, const void *Wv,
+        int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    int k8 = K - K % 8, nb = K / GPT2S_Q8_BLOCK;
+    for (int v = 0; v < n; v += RW) {
+        int vr = n - v < RW ? n - v : RW;
+        const uint16_t *wb[8];
+        const int8_t *wq[8];
+        const uint16_t *ws[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < RW; r++) {
+            int64_t row = v + (vr > r ? r : 0);
+            wb[r] = (const uint16_t *)Wv + row * ldw;
+            wq[r] = (const int8_t *)Wv + row * ldw;
+            ws[r] = S + row * nb;
+        }
+        for (int m0 = 0; m0 < M; m0 += RA) {
+            int mr = M - m0 < RA ? M - m0 : RA;
+            const float *a[4];
+#pragma GCC unroll 4
+            for (int i = 0; i < RA; i++) a[i] = GPT2S_LROW(A + (int64_t)m0 * lda, i, mr, lda);
+            __m256 s[4][8];
+#pragma GCC unroll 4
+            for (int i = 0; i < RA; i++)
+#pragma GCC unroll 8
+                for (int r = 0; r < RW; r++) s[i][r] = _mm256_setzero_ps();
+            int prefetch = m0 == 0 && v + 2 * RW <= n;
+            if (KIND == 0) {
+                for (int k = 0; k < k8; k += 8) {
+                    __m256 x[4];
+#pragma GCC unroll 4
+                    for (int i = 0; i < RA; i++) x[i] = _mm256_loadu_ps(a[i] + k);
+#pragma GCC unroll 8
+                    for (int r = 0; r < RW; r++) {
+                        if (prefetch && (k & 31) == 0)
+                            __builtin_prefetch(wb[r] + (int64_t)RW * ldw + k + 32);
+                        __m256 w = gpt2s_ld_bf16x8_arch_x86_64_v3(wb[r] + k);
+#pragma GCC unroll 4
+                        for (int i = 0; i < RA; i++) s[i][r] = _mm256_fmadd_ps(x[i], w, s[i][r]);
+                    }
+                }
+            } else {
+                for (int b = 0; b < nb; b++) {
+                    int k = b * GPT2S_Q8_BLOCK;
+                    __m256 d[8];
+#pragma GCC unroll 8
+                    for (int r = 0; r < RW; r++) {
+                        if (prefetch) {
+                            __builtin_prefetch(wq[r] + (int64_t)RW * ldw + k + 64);
+                            if ((b & 31) == 0) __builtin_prefetch(ws[r] + (int64_t)RW * nb + b + 32);
+                        }
+                        d[r] = _mm256_set1_ps(_cvtsh_ss(ws[r][b]));
+                    }
+#pragma GCC unroll 4
+                    for (int c = 0; c < GPT2S_Q8_BLOCK; c += 8) {
+                        __m256 x[4];
+#pragma GCC unroll 4
+                        for (int i = 0; i < RA; i++) x[i] = _mm256_loadu_ps(a[i] + k + c);
+#pragma GCC unroll 8
+                        for (int r = 0; r < RW; r++) {
+                            __m256 w = _mm256_mul_ps(gpt2s_ld_q8x8_arch_x86_64_v3(wq[r] + k + c), d[r]);
+#pragma GCC unroll 4
+                            for (int i = 0; i < RA; i++)
+                                s[i][r] = _mm256_fmadd_ps(x[i], w, s[i][r]);
+                        }
+                    }
+                }
+            }
+            /* stores: aliased entries first, the tile's true (0, 0) last */
+#pragma GCC unroll 4
+            for (int i = RA - 1; i >= 0; i--) {
+                if (i >= mr) continue;
+#pragma GCC unroll 8
+                for (int r = RW - 1; r >= 0; r--) {
+                    if (r >= vr) continue;
+                    float t = gpt2s_hsum_arch_x86_64_v3(s[i][r]);
+                    if (KIND == 0)
+                        for (int k = k8; k < K; k++)
+                            t += a[i][k] * gpt2s_bf16_to_f32(wb[r][k]);
+                    float *c = C + (int64_t)(m0 + i) * ldc + v + r;
+                    *c = accumulate ? *c + t : t;
+                }
+            }
+        }
+    }
+}
+
+/* tile shapes by rows of A: one row streams 8 W rows at once (8 FMA chains); 2-3 rows 4;
+   4 or more rows 4 x 2 (8 accumulators, 4 A vectors, a W vector and 2 scales in registers) */
+GPT2S_LOWP_V3 static void gpt2s_bf16_nt_arch_x86_64_v3(int M, int n, int K, const float *A,
+        int lda, const uint16_t *W, int ldw, int accumulate, float *C, int ldc) {
+    if (M == 1)
+        gpt2s_nt_tile_arch_x86_64_v3(1, 8, 0, M, n, K, A, lda, W, ldw, NULL, accumulate, C, ldc);
+    else if (M < 4)
+        gpt2s_nt_tile_arch_x86_64_v3(2, 4, 0, M, n, K, A, lda, W, ldw, NULL, accumulate, C, ldc);
+    else
+        gpt2s_nt_tile_arch_x86_64_v3(4, 2, 0, M, n, K, A, lda, W, ldw, NULL, accumulate, C, ldc);
+}
+
+GPT2S_LOWP_V3 static void gpt2s_q8_nt_arch_x86_64_v3(int M, int n, int K, const float *A,
+        int lda, const int8_t *Q, const uint16_t *S, int accumulate, float *C, int ldc) {
+    if (M == 1)
+        gpt2s_nt_tile_arch_x86_64_v3(1, 8, 1, M, n, K, A, lda, Q, K, S, accumulate, C, ldc);
+    else if (M < 4)
+        gpt2s_nt_tile_arch_x86_64_v3(2, 4, 1, M, n, K, A, lda, Q, K, S, accumulate, C, ldc);
+    else
+        gpt2s_nt_tile_arch_x86_64_v3(4, 2, 1, M, n, K, A, lda, Q, K, S, accumulate, C, ldc);
+}
+
+/* panel widening, AVX2 (the portable versions above do the same) */
+GPT2S_LOWP_V3 static void gpt2s_bf16_to_f32_panel_arch_x86_64_v3(float *out, int64_t ldo,
+        const uint16_t *w, int64_t ldw, int rows, int cols) {
+    int c8 = cols - cols % 8;
+    for (int r = 0; r < rows; r++) {
+        const uint16_t *src = w + (int64_t)r * ldw;
+        float *dst = out + (int64_t)r * ldo;
+        for (int c = 0; c < c8; c += 8)
+            _mm256_storeu_ps(dst + c, gpt2s_ld_bf16x8_arch_x86_64_v3(src + c));
+        for (int c = c8; c < cols; c++) dst[c] = gpt2s_bf16_to_f32(src[c]);
+    }
+}
+
+GPT2S_LOWP_V3 static void gpt2s_q8_to_f32_rows_arch_x86_64_v3(float *out, int64_t ldo,
+        const int8_t *q, const uint16_t *scales, int rows, int K) {
+    int nb = K / GPT2S_Q8_BLOCK;
+    for (int j = 0; j < rows; j++) {
+        const int8_t *qr = q + (int64_t)j * K;
+        const uint16_t *sr = scales + (int64_t)j * nb;
+        float *o = out + (int64_t)j * ldo;
+        for (int b = 0; b < nb; b++) {
+            __m256 d = _mm256_set1_ps(_cvtsh_ss(sr[b]));
+            for (int c = 0; c < GPT2S_Q8_BLOCK; c += 8)
+                _mm256_storeu_ps(o + b * GPT2S_Q8_BLOCK + c, _mm256_mul_ps(
+                    d, gpt2s_ld_q8x8_arch_x86_64_v3(qr + b * GPT2S_Q8_BLOCK + c)));
+        }
+    }
+}
+
+#else   /* no AVX2 code on this compiler or architecture: the portable route does the work */
+
+#define GPT2S_LOWP_HAVE_AVX2 0
+static int gpt2s_lowp_avx2_ok(void) { return 0; }
+static void gpt2s_bf16_nn_arch_x86_64_v3(int M, int n, int K, const float *A, int lda,
+        const uint16_t *W, int ldw, int accumulate, float *C, int ldc) {
+    (void)M; (void)n; (void)K; (void)A; (void)lda; (void)W; (void)ldw; (void)accumulate;
+    (void)C; (void)ldc;
+}
+static void gpt2s_bf16_nt_arch_x86_64_v3(int M, int n, int K, const float *A, int lda,
+        const uint16_t *W, int ldw, int accumulate, float *C, int ldc) {
+    (void)M; (void)n; (void)K; (void)A; (void)lda; (void)W; (void)ldw; (void)accumulate;
+    (void)C; (void)ldc;
+}
+static void gpt2s_q8_nt_arch_x86_64_v3(int M, int n, int K, const float *A, int lda,
+        const int8_t *Q, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)M; (void)n; (void)K; (void)A; (void)lda; (void)Q; (void)S; (void)accumulate;
+    (void)C; (void)ldc;
+}
+static void gpt2s_bf16_to_f32_panel_arch_x86_64_v3(float *out, int64_t ldo, const uint16_t *w,
+        int64_t ldw, int rows, int cols) {
+    gpt2s_bf16_to_f32_panel(out, ldo, w, ldw, rows, cols);
+}
+static void gpt2s_q8_to_f32_rows_arch_x86_64_v3(float *out, int64_t ldo, const int8_t *q,
+        const uint16_t *scales, int rows, int K) {
+    gpt2s_q8_to_f32_rows(out, ldo, q, scales, rows, K);
+}
+
+#endif
+#endif
