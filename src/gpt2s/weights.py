@@ -206,8 +206,11 @@ def _convert_into(dst: np.ndarray, raw: memoryview, dtype: str, shape, path, nam
         np.copyto(dst, src, casting="unsafe")
 
 
-def load_into(path: Path, header: dict, data_start: int, mm, params: dict, config: GPT2Config):
-    """Copy every parameter from the mapped file into params (dict of float32 views)."""
+def load_into(path: Path, header: dict, data_start: int, mm, params: dict, config: GPT2Config,
+              store=None):
+    """Copy every parameter from the mapped file into params (dict of float32 views).  With
+    store, params only gives the names and shapes: each tensor is read into a float32
+    temporary, one at a time, and handed to store(name, array) (low-precision models)."""
     seen = {}
     for raw_name, info in header.items():
         name = canonical_name(raw_name)
@@ -231,11 +234,20 @@ def load_into(path: Path, header: dict, data_start: int, mm, params: dict, confi
         raise SafetensorsError(f"{path}: missing tensor {missing[0]!r}{more}{why}")
 
     for name, dst in params.items():
-        _read_tensor(path, header, seen[name], data_start, mm, dst)
+        if store is None:
+            _read_tensor(path, header, seen[name], data_start, mm, dst)
+        else:
+            tmp = np.empty(dst.shape, np.float32)
+            _read_tensor(path, header, seen[name], data_start, mm, tmp)
+            store(name, tmp)
+            del tmp
 
     if HEAD in seen and HEAD not in params:
         raw_name = seen[HEAD]
         wte = params["wte.weight"]
+        if store is not None:
+            wte = np.empty(wte.shape, np.float32)
+            _read_tensor(path, header, seen["wte.weight"], data_start, mm, wte)
         lm = np.empty(wte.shape, np.float32)
         _read_tensor(path, header, raw_name, data_start, mm, lm)
         if not np.array_equal(lm, wte):
