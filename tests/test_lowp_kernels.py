@@ -74,13 +74,21 @@ def q8_widen(q: np.ndarray, s: np.ndarray) -> np.ndarray:
     return q.astype(np.float64) * np.repeat(d, 32, axis=1)
 
 
-def check(got, want, scale, K, what):
+def act_rounding(x64, w64):
+    """The error the one-row int8 kernel (AVX2) adds by rounding the activation row to int16
+    per block of 32: |x - xq dx| <= dx / 2 = max|x of the block| / 65534, times |w|, summed."""
+    M, K = x64.shape
+    amax = np.repeat(np.abs(x64).reshape(M, K // 32, 32).max(axis=2), 32, axis=1)
+    return amax / 65534 * 1.01 @ np.abs(w64).T
+
+
+def check(got, want, scale, K, what, extra=0.0):
     """|got - want| <= 4 sqrt(K) u scale elementwise (scale = sum of |terms|), the bound
     tests/test_small_m.py uses: the usual size of float32 rounding in a sum of K products; an
     indexing mistake is off by O(scale)."""
     assert np.isfinite(got).all(), f"{what}: non-finite output"
     err = np.abs(got.astype(np.float64) - want)
-    bound = 4.0 * np.sqrt(max(K, 1)) * U * scale + 1e-30
+    bound = 4.0 * np.sqrt(max(K, 1)) * U * scale + extra + 1e-30
     worst = float((err / bound).max()) if err.size else 0.0
     assert worst <= 1.0, f"{what}: error {worst:.2f} x the rounding bound"
 
@@ -217,11 +225,12 @@ def test_matmul_forward_q8(route, nthreads, M):
         b = rng.standard_normal(N).astype(np.float32)
         x64, w64 = x.astype(np.float64), q8_widen(q, s)            # w64 (N, K)
         scale = np.abs(x64) @ np.abs(w64).T
+        extra = act_rounding(x64, w64)
         out = np.full((M, N), np.nan, np.float32)
         _core.matmul_forward_q8(out, x, q, s, b)
-        check(out, x64 @ w64.T + b, scale + np.abs(b), K + 1, ("bias", M, K, N))
+        check(out, x64 @ w64.T + b, scale + np.abs(b), K + 1, ("bias", M, K, N), extra)
         _core.matmul_forward_q8(out, x, q, s, NO_BIAS)
-        check(out, x64 @ w64.T, scale, K, ("no bias", M, K, N))
+        check(out, x64 @ w64.T, scale, K, ("no bias", M, K, N), extra)
         out2 = np.full((M, N), np.nan, np.float32)
         _core.lm_head_forward_q8(out2, x, q, s)
         np.testing.assert_array_equal(out2, out)
@@ -238,7 +247,8 @@ def test_q8_product_of_a_quantized_conv1d_weight(route):
     out = np.empty((M, N), np.float32)
     _core.matmul_forward_q8(out, x, q, s, NO_BIAS)
     x64, w64 = x.astype(np.float64), q8_widen(q, s)
-    check(out, x64 @ w64.T, np.abs(x64) @ np.abs(w64).T, K, "dequantized")
+    check(out, x64 @ w64.T, np.abs(x64) @ np.abs(w64).T, K, "dequantized",
+          act_rounding(x64, w64))
     d = np.repeat(s.view(np.float16).astype(np.float64), 32, axis=1)   # (N, K)
     assert (np.abs(out - x64 @ w.astype(np.float64)) <= np.abs(x64) @ (d.T / 2) + 1e-4).all()
 
@@ -338,3 +348,24 @@ def test_embedding_forward_low_precision(nthreads):
         _core.embedding_forward_q8(out, bad, q, s, wpe, T, pos0)
     with pytest.raises(ValueError, match="pos0=12"):
         _core.embedding_forward_bf16(out, idx, wh, wpe, T, 12)
+
+
+def test_q8_one_row_activation_rounding_and_non_finite(route):
+    """One row: the AVX2 kernel rounds the row to int16 per block; its error stays within
+    act_rounding (and far below the weights' own rounding), and a row with inf or NaN takes
+    the float path (inf/NaN propagate as in float32)."""
+    rng = np.random.default_rng(11)
+    K, N = 768, 40
+    x = (rng.standard_normal((1, K)) * np.exp(rng.uniform(-6, 6, (1, K)))).astype(np.float32)
+    q = rng.integers(-127, 128, (N, K)).astype(np.int8)
+    s = rng.uniform(0.001, 0.1, (N, K // 32)).astype(np.float16).view(np.uint16)
+    out = np.empty((1, N), np.float32)
+    _core.lm_head_forward_q8(out, x, q, s)
+    x64, w64 = x.astype(np.float64), q8_widen(q, s)
+    check(out, x64 @ w64.T, np.abs(x64) @ np.abs(w64).T, K, "wide-range row",
+          act_rounding(x64, w64))
+    for bad in (np.inf, np.nan):
+        xb = x.copy()
+        xb[0, 100] = bad
+        _core.lm_head_forward_q8(out, xb, q, s)
+        assert np.isnan(out).all() if bad != bad else (~np.isfinite(out)).all()

@@ -202,6 +202,53 @@ GPT2S_LOWP_V3_INLINE float gpt2s_hsum_arch_x86_64_v3(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* c[0:n] (+)= a (K) @ W (K, n) bf16, one row (batch-1 decoding): strips of 32 columns, 4
+   accumulators.  A 256-bit load of 16 bf16 is widened by two unpacks with zero (bf16 bits
+   into the high halves): lane order [0-3, 8-11] and [4-7, 12-15], which the accumulators
+   keep, straightened by two permutes only when C is loaded and stored.  Per 32 weights: 2
+   loads, 4 unpacks, a broadcast, 4 FMAs (the 4-row tile below needs 16 operations per 16). */
+GPT2S_LOWP_V3 static void gpt2s_bf16_nn_arch_x86_64_v3(int M, int n, int K, const float *A,
+        int lda, const uint16_t *W, int ldw, int accumulate, float *C, int ldc);
+
+GPT2S_LOWP_V3 static void gpt2s_bf16_nn1_arch_x86_64_v3(int n, int K, const float *a,
+        const uint16_t *W, int ldw, int accumulate, float *c) {
+    int n32 = n - n % 32;
+    const __m256i zero = _mm256_setzero_si256();
+    for (int k0 = 0; k0 < K; k0 += GPT2S_LOWP_KB) {
+        int k1 = k0 + GPT2S_LOWP_KB < K ? k0 + GPT2S_LOWP_KB : K;
+        int load = accumulate || k0 > 0;
+        for (int j = 0; j < n32; j += 32) {
+            int prefetch = j + 32 + GPT2S_LOWP_PF <= n32;
+            __m256 s0, s1, s2, s3;
+            if (load) {
+                __m256 c0 = _mm256_loadu_ps(c + j), c1 = _mm256_loadu_ps(c + j + 8);
+                __m256 c2 = _mm256_loadu_ps(c + j + 16), c3 = _mm256_loadu_ps(c + j + 24);
+                s0 = _mm256_permute2f128_ps(c0, c1, 0x20); s1 = _mm256_permute2f128_ps(c0, c1, 0x31);
+                s2 = _mm256_permute2f128_ps(c2, c3, 0x20); s3 = _mm256_permute2f128_ps(c2, c3, 0x31);
+            } else {
+                s0 = s1 = s2 = s3 = _mm256_setzero_ps();
+            }
+            const uint16_t *w = W + (int64_t)k0 * ldw + j;
+            for (int k = k0; k < k1; k++, w += ldw) {
+                if (prefetch) __builtin_prefetch(w + GPT2S_LOWP_PF);
+                __m256i v0 = _mm256_loadu_si256((const __m256i *)w);
+                __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + 16));
+                __m256 t = _mm256_broadcast_ss(a + k);
+                s0 = _mm256_fmadd_ps(t, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v0)), s0);
+                s1 = _mm256_fmadd_ps(t, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v0)), s1);
+                s2 = _mm256_fmadd_ps(t, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v1)), s2);
+                s3 = _mm256_fmadd_ps(t, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v1)), s3);
+            }
+            _mm256_storeu_ps(c + j, _mm256_permute2f128_ps(s0, s1, 0x20));
+            _mm256_storeu_ps(c + j + 8, _mm256_permute2f128_ps(s0, s1, 0x31));
+            _mm256_storeu_ps(c + j + 16, _mm256_permute2f128_ps(s2, s3, 0x20));
+            _mm256_storeu_ps(c + j + 24, _mm256_permute2f128_ps(s2, s3, 0x31));
+        }
+    }
+    if (n32 < n)   /* the last n % 32 columns: the general kernel (it takes them as 1 x 16 + rest) */
+        gpt2s_bf16_nn_arch_x86_64_v3(1, n - n32, K, a, K, W + n32, ldw, accumulate, c + n32, 0);
+}
+
 /* C[:, 0:n] (+)= A (M, K) @ W (K, n) bf16.  A tile of 4 rows of C x 16 columns (8 accumulator
    registers) runs down a block of 64 rows of W; as in _smallm.h's NN kernel, all strips of
    a block are visited left to right so that each of its rows is read sequentially, and rows
@@ -209,6 +256,10 @@ GPT2S_LOWP_V3_INLINE float gpt2s_hsum_arch_x86_64_v3(__m256 v) {
    are 4 independent FMA chains, which keeps the FMA latency out of the way. */
 GPT2S_LOWP_V3 static void gpt2s_bf16_nn_arch_x86_64_v3(int M, int n, int K, const float *A,
         int lda, const uint16_t *W, int ldw, int accumulate, float *C, int ldc) {
+    if (M == 1 && n >= 32) {
+        gpt2s_bf16_nn1_arch_x86_64_v3(n, K, A, W, ldw, accumulate, C);
+        return;
+    }
     int n16 = n - n % 16;
     for (int k0 = 0; k0 < K; k0 += GPT2S_LOWP_KB) {
         int k1 = k0 + GPT2S_LOWP_KB < K ? k0 + GPT2S_LOWP_KB : K;
@@ -369,8 +420,94 @@ GPT2S_LOWP_V3 static void gpt2s_bf16_nt_arch_x86_64_v3(int M, int n, int K, cons
         gpt2s_nt_tile_arch_x86_64_v3(4, 2, 0, M, n, K, A, lda, W, ldw, NULL, accumulate, C, ldc);
 }
 
+/* c[0:n] (+)= a (K) @ W^T, W q8 (n, K), one row of A (batch-1 decoding).  Widening every
+   weight to float32 costs 4 operations per 8 weights (sign-extend, convert, scale, FMA), and
+   one row leaves nothing to share them with: this kernel is compute bound below the memory
+   bandwidth.  Instead the row is rounded once per call to int16 per block of 32, xq =
+   round(x / dx), dx = max|x| / 32767 (|x - xq dx| <= dx / 2: relative 2^-16 of the block's
+   largest element, far below the weights' own int8 rounding), and each block of a W row is
+   an exact integer dot product: sign-extend 2 x 16 weights to int16, vpmaddwd against xq,
+   add, convert, one FMA by d_w dx -- 8 vector operations per 32 weights instead of 16.
+   (llama.cpp rounds the activations to int8; int16 keeps them float32-accurate at the same
+   cost on AVX2, whose vpmaddubsw would need the weights unsigned.)  xq and dx: K and K / 32
+   elements of scratch.  Returns 0, or -1 (nothing written) when the row is not finite. */
+GPT2S_LOWP_V3 static int gpt2s_q8_nt1_arch_x86_64_v3(int n, int K, const float *a,
+        const int8_t *Q, const uint16_t *S, int accumulate, float *c, int16_t *xq, float *dx) {
+    int nb = K / GPT2S_Q8_BLOCK;
+    for (int b = 0; b < nb; b++) {
+        const float *x = a + b * GPT2S_Q8_BLOCK;
+        __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
+        __m256 x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);
+        __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_andnot_ps(sign, x1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, x2), _mm256_andnot_ps(sign, x3)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float amax = _mm_cvtss_f32(h);
+        /* x * 0 is NaN exactly for inf and NaN (max_ps would drop a NaN): the float path */
+        __m256 zero = _mm256_setzero_ps();
+        __m256 z = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(x0, zero), _mm256_mul_ps(x1, zero)),
+                                 _mm256_add_ps(_mm256_mul_ps(x2, zero), _mm256_mul_ps(x3, zero)));
+        if (_mm256_movemask_ps(_mm256_cmp_ps(z, z, _CMP_UNORD_Q))) return -1;
+        float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        dx[b] = amax / 32767.0f;
+        __m256 vi = _mm256_set1_ps(inv);
+        __m256i p0 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(x0, vi)),
+                                        _mm256_cvtps_epi32(_mm256_mul_ps(x1, vi)));
+        __m256i p1 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(x2, vi)),
+                                        _mm256_cvtps_epi32(_mm256_mul_ps(x3, vi)));
+        /* packs interleaves 128-bit lanes: [0-3, 8-11, 4-7, 12-15] -> natural order */
+        _mm256_storeu_si256((__m256i *)(xq + b * 32), _mm256_permute4x64_epi64(p0, 0xD8));
+        _mm256_storeu_si256((__m256i *)(xq + b * 32 + 16), _mm256_permute4x64_epi64(p1, 0xD8));
+    }
+    for (int v = 0; v < n; v += 4) {
+        int vr = n - v < 4 ? n - v : 4;
+        const int8_t *q0 = Q + (int64_t)v * K;
+        const int8_t *q1 = GPT2S_LROW(q0, 1, vr, K), *q2 = GPT2S_LROW(q0, 2, vr, K);
+        const int8_t *q3 = GPT2S_LROW(q0, 3, vr, K);
+        const uint16_t *d0 = S + (int64_t)v * nb;
+        const uint16_t *d1 = GPT2S_LROW(d0, 1, vr, nb), *d2 = GPT2S_LROW(d0, 2, vr, nb);
+        const uint16_t *d3 = GPT2S_LROW(d0, 3, vr, nb);
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        int prefetch = v + 8 <= n;
+        for (int b = 0; b < nb; b++) {
+            int k = b * GPT2S_Q8_BLOCK;
+            __m256i xa = _mm256_loadu_si256((const __m256i *)(xq + k));
+            __m256i xb = _mm256_loadu_si256((const __m256i *)(xq + k + 16));
+            float db = dx[b];
+            if (prefetch) {
+                __builtin_prefetch(q0 + 4 * (int64_t)K + k + 64);
+                __builtin_prefetch(q1 + 4 * (int64_t)K + k + 64);
+                __builtin_prefetch(q2 + 4 * (int64_t)K + k + 64);
+                __builtin_prefetch(q3 + 4 * (int64_t)K + k + 64);
+            }
+#define GPT2S_Q8_ROW(qr, dr, sr) do { \
+                __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)((qr) + k))); \
+                __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)((qr) + k + 16))); \
+                __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, xa), _mm256_madd_epi16(hi, xb)); \
+                sr = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss((dr)[b]) * db), sr); \
+            } while (0)
+            GPT2S_Q8_ROW(q0, d0, s0);
+            GPT2S_Q8_ROW(q1, d1, s1);
+            GPT2S_Q8_ROW(q2, d2, s2);
+            GPT2S_Q8_ROW(q3, d3, s3);
+#undef GPT2S_Q8_ROW
+        }
+        float t[4] = {gpt2s_hsum_arch_x86_64_v3(s0), gpt2s_hsum_arch_x86_64_v3(s1),
+                      gpt2s_hsum_arch_x86_64_v3(s2), gpt2s_hsum_arch_x86_64_v3(s3)};
+        for (int r = 0; r < vr; r++) c[v + r] = accumulate ? c[v + r] + t[r] : t[r];
+    }
+    return 0;
+}
+
 GPT2S_LOWP_V3 static void gpt2s_q8_nt_arch_x86_64_v3(int M, int n, int K, const float *A,
         int lda, const int8_t *Q, const uint16_t *S, int accumulate, float *C, int ldc) {
+    if (M == 1 && K <= 16384) {   /* scratch on the stack: 32 KiB + 2 KiB at most */
+        int16_t xq[16384] __attribute__((aligned(32)));
+        float dx[16384 / GPT2S_Q8_BLOCK];
+        if (gpt2s_q8_nt1_arch_x86_64_v3(n, K, A, Q, S, accumulate, C, xq, dx) == 0) return;
+    }
     if (M == 1)
         gpt2s_nt_tile_arch_x86_64_v3(1, 8, 1, M, n, K, A, lda, Q, K, S, accumulate, C, ldc);
     else if (M < 4)
