@@ -202,51 +202,68 @@ GPT2S_LOWP_V3_INLINE float gpt2s_hsum_arch_x86_64_v3(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* c[0:n] (+)= a (K) @ W (K, n) bf16, one row (batch-1 decoding): strips of 32 columns, 4
-   accumulators.  A 256-bit load of 16 bf16 is widened by two unpacks with zero (bf16 bits
-   into the high halves): lane order [0-3, 8-11] and [4-7, 12-15], which the accumulators
-   keep, straightened by two permutes only when C is loaded and stored.  Per 32 weights: 2
-   loads, 4 unpacks, a broadcast, 4 FMAs (the 4-row tile below needs 16 operations per 16). */
-GPT2S_LOWP_V3 static void gpt2s_bf16_nn_arch_x86_64_v3(int M, int n, int K, const float *A,
-        int lda, const uint16_t *W, int ldw, int accumulate, float *C, int ldc);
+/* c[0:n] (+)= a (K) @ W (K, n) bf16, one row (batch-1 decoding).  W is streamed 4 whole
+   rows at a time (4 sequential streams, which the hardware prefetchers follow; a strip of
+   columns walked down 64 rows would be 64 streams, too many to prefetch: 5 -> 9 GB/s from
+   memory on one core; software prefetch 1 KiB ahead in each row measured no different), c
+   (n floats, L1) is updated once per 4 rows.  A 256-bit load of
+   16 bf16 is widened by two unpacks with zero (bf16 bits into the high halves), which gives
+   the lane order [0-3, 8-11] and [4-7, 12-15]: c is kept in that order during the call and
+   straightened at the end (with accumulate, permuted at the start too). */
+GPT2S_LOWP_V3_INLINE void gpt2s_lanes_swap_arch_x86_64_v3(float *c, int n16) {
+    /* [0-7 | 8-15] <-> [0-3, 8-11 | 4-7, 12-15]: the same permutation both ways */
+    for (int j = 0; j < n16; j += 16) {
+        __m256 c0 = _mm256_loadu_ps(c + j), c1 = _mm256_loadu_ps(c + j + 8);
+        _mm256_storeu_ps(c + j, _mm256_permute2f128_ps(c0, c1, 0x20));
+        _mm256_storeu_ps(c + j + 8, _mm256_permute2f128_ps(c0, c1, 0x31));
+    }
+}
 
 GPT2S_LOWP_V3 static void gpt2s_bf16_nn1_arch_x86_64_v3(int n, int K, const float *a,
         const uint16_t *W, int ldw, int accumulate, float *c) {
-    int n32 = n - n % 32;
+    int n16 = n - n % 16, k4 = K - K % 4;
     const __m256i zero = _mm256_setzero_si256();
-    for (int k0 = 0; k0 < K; k0 += GPT2S_LOWP_KB) {
-        int k1 = k0 + GPT2S_LOWP_KB < K ? k0 + GPT2S_LOWP_KB : K;
-        int load = accumulate || k0 > 0;
-        for (int j = 0; j < n32; j += 32) {
-            int prefetch = j + 32 + GPT2S_LOWP_PF <= n32;
-            __m256 s0, s1, s2, s3;
-            if (load) {
-                __m256 c0 = _mm256_loadu_ps(c + j), c1 = _mm256_loadu_ps(c + j + 8);
-                __m256 c2 = _mm256_loadu_ps(c + j + 16), c3 = _mm256_loadu_ps(c + j + 24);
-                s0 = _mm256_permute2f128_ps(c0, c1, 0x20); s1 = _mm256_permute2f128_ps(c0, c1, 0x31);
-                s2 = _mm256_permute2f128_ps(c2, c3, 0x20); s3 = _mm256_permute2f128_ps(c2, c3, 0x31);
-            } else {
-                s0 = s1 = s2 = s3 = _mm256_setzero_ps();
-            }
-            const uint16_t *w = W + (int64_t)k0 * ldw + j;
-            for (int k = k0; k < k1; k++, w += ldw) {
-                if (prefetch) __builtin_prefetch(w + GPT2S_LOWP_PF);
-                __m256i v0 = _mm256_loadu_si256((const __m256i *)w);
-                __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + 16));
-                __m256 t = _mm256_broadcast_ss(a + k);
-                s0 = _mm256_fmadd_ps(t, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v0)), s0);
-                s1 = _mm256_fmadd_ps(t, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v0)), s1);
-                s2 = _mm256_fmadd_ps(t, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v1)), s2);
-                s3 = _mm256_fmadd_ps(t, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v1)), s3);
-            }
-            _mm256_storeu_ps(c + j, _mm256_permute2f128_ps(s0, s1, 0x20));
-            _mm256_storeu_ps(c + j + 8, _mm256_permute2f128_ps(s0, s1, 0x31));
-            _mm256_storeu_ps(c + j + 16, _mm256_permute2f128_ps(s2, s3, 0x20));
-            _mm256_storeu_ps(c + j + 24, _mm256_permute2f128_ps(s2, s3, 0x31));
+    if (accumulate) gpt2s_lanes_swap_arch_x86_64_v3(c, n16);
+    else memset(c, 0, sizeof(float) * n16);
+    for (int k = 0; k < k4; k += 4) {
+        const uint16_t *w0 = W + (int64_t)k * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+        __m256 t0 = _mm256_broadcast_ss(a + k), t1 = _mm256_broadcast_ss(a + k + 1);
+        __m256 t2 = _mm256_broadcast_ss(a + k + 2), t3 = _mm256_broadcast_ss(a + k + 3);
+        for (int j = 0; j < n16; j += 16) {
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + j));
+            __m256i v1 = _mm256_loadu_si256((const __m256i *)(w1 + j));
+            __m256i v2 = _mm256_loadu_si256((const __m256i *)(w2 + j));
+            __m256i v3 = _mm256_loadu_si256((const __m256i *)(w3 + j));
+            __m256 lo = _mm256_loadu_ps(c + j), hi = _mm256_loadu_ps(c + j + 8);
+            lo = _mm256_fmadd_ps(t0, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v0)), lo);
+            hi = _mm256_fmadd_ps(t0, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v0)), hi);
+            lo = _mm256_fmadd_ps(t1, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v1)), lo);
+            hi = _mm256_fmadd_ps(t1, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v1)), hi);
+            lo = _mm256_fmadd_ps(t2, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v2)), lo);
+            hi = _mm256_fmadd_ps(t2, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v2)), hi);
+            lo = _mm256_fmadd_ps(t3, _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v3)), lo);
+            hi = _mm256_fmadd_ps(t3, _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v3)), hi);
+            _mm256_storeu_ps(c + j, lo);
+            _mm256_storeu_ps(c + j + 8, hi);
         }
     }
-    if (n32 < n)   /* the last n % 32 columns: the general kernel (it takes them as 1 x 16 + rest) */
-        gpt2s_bf16_nn_arch_x86_64_v3(1, n - n32, K, a, K, W + n32, ldw, accumulate, c + n32, 0);
+    for (int k = k4; k < K; k++) {   /* the last K % 4 rows */
+        const uint16_t *w0 = W + (int64_t)k * ldw;
+        __m256 t0 = _mm256_broadcast_ss(a + k);
+        for (int j = 0; j < n16; j += 16) {
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + j));
+            _mm256_storeu_ps(c + j, _mm256_fmadd_ps(t0, _mm256_castsi256_ps(
+                _mm256_unpacklo_epi16(zero, v0)), _mm256_loadu_ps(c + j)));
+            _mm256_storeu_ps(c + j + 8, _mm256_fmadd_ps(t0, _mm256_castsi256_ps(
+                _mm256_unpackhi_epi16(zero, v0)), _mm256_loadu_ps(c + j + 8)));
+        }
+    }
+    gpt2s_lanes_swap_arch_x86_64_v3(c, n16);
+    for (int j = n16; j < n; j++) {   /* the last n % 16 columns */
+        float s = accumulate ? c[j] : 0.0f;
+        for (int k = 0; k < K; k++) s += a[k] * gpt2s_bf16_to_f32(W[(int64_t)k * ldw + j]);
+        c[j] = s;
+    }
 }
 
 /* C[:, 0:n] (+)= A (M, K) @ W (K, n) bf16.  A tile of 4 rows of C x 16 columns (8 accumulator
@@ -256,7 +273,7 @@ GPT2S_LOWP_V3 static void gpt2s_bf16_nn1_arch_x86_64_v3(int n, int K, const floa
    are 4 independent FMA chains, which keeps the FMA latency out of the way. */
 GPT2S_LOWP_V3 static void gpt2s_bf16_nn_arch_x86_64_v3(int M, int n, int K, const float *A,
         int lda, const uint16_t *W, int ldw, int accumulate, float *C, int ldc) {
-    if (M == 1 && n >= 32) {
+    if (M == 1) {
         gpt2s_bf16_nn1_arch_x86_64_v3(n, K, A, W, ldw, accumulate, C);
         return;
     }
@@ -476,11 +493,10 @@ GPT2S_LOWP_V3 static int gpt2s_q8_nt1_arch_x86_64_v3(int n, int K, const float *
             __m256i xa = _mm256_loadu_si256((const __m256i *)(xq + k));
             __m256i xb = _mm256_loadu_si256((const __m256i *)(xq + k + 16));
             float db = dx[b];
-            if (prefetch) {
-                __builtin_prefetch(q0 + 4 * (int64_t)K + k + 64);
-                __builtin_prefetch(q1 + 4 * (int64_t)K + k + 64);
-                __builtin_prefetch(q2 + 4 * (int64_t)K + k + 64);
-                __builtin_prefetch(q3 + 4 * (int64_t)K + k + 64);
+            if (prefetch) {   /* the tile's 4 rows are one contiguous 4K bytes, read at
+                                 128 bytes per block: keep 2 KiB ahead of that position */
+                __builtin_prefetch(q0 + 4 * k + 2048);
+                __builtin_prefetch(q0 + 4 * k + 2048 + 64);
             }
 #define GPT2S_Q8_ROW(qr, dr, sr) do { \
                 __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)((qr) + k))); \
