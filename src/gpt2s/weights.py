@@ -241,6 +241,7 @@ def load_into(path: Path, header: dict, data_start: int, mm, params: dict, confi
             _read_tensor(path, header, seen[name], data_start, mm, tmp)
             store(name, tmp)
             del tmp
+            _drop_pages(mm, data_start, header[seen[name]])
 
     if HEAD in seen and HEAD not in params:
         raw_name = seen[HEAD]
@@ -255,6 +256,22 @@ def load_into(path: Path, header: dict, data_start: int, mm, params: dict, confi
                 f"{path}: tensor {raw_name!r} differs from 'wte.weight', but the config ties the "
                 f"output head to the token embedding (tie_word_embeddings true, GPT-2's default); "
                 f"an untied model needs a config.json with \"tie_word_embeddings\": false")
+
+
+def _drop_pages(mm, data_start: int, info: dict):
+    """Let the kernel drop the file pages of a tensor already converted (they would otherwise
+    stay in this process's resident set until the mapping closes: a low-precision load would
+    peak at the file's size plus the compressed model)."""
+    if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise"):
+        return
+    begin, end = info["data_offsets"]
+    lo = (data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = (data_start + end) // mmap.PAGESIZE * mmap.PAGESIZE   # whole pages only
+    if hi > lo:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def _read_tensor(path, header, raw_name, data_start, mm, dst):
