@@ -206,3 +206,20 @@ def test_compressed_storage_sizes(model):
     n = sum(model.params[k].size for k in model.params if is_compressed(k))
     assert sizes["bfloat16"] == 2 * n
     assert sizes["int8"] == n + n // 32 * 2
+
+
+@pytest.mark.parametrize("dtype", LOWP)
+def test_untied_head_is_compressed_too(dtype, tmp_path):
+    """An untied lm_head.weight (issue 15's variants) is a (V, C) matmul weight like wte."""
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=64, vocab_size=300, n_ctx=32,
+                     tie_word_embeddings=False)
+    f = GPT2.from_config(cfg, seed=2)
+    f.params["lm_head.weight"][...] = np.random.default_rng(3).standard_normal(
+        f.params["lm_head.weight"].shape).astype(np.float32) * 0.1
+    idx = np.random.default_rng(4).integers(0, 300, (2, 12))
+    m = f.to_dtype(dtype)
+    assert isinstance(m.params["lm_head.weight"], BF16Weight if dtype == "bfloat16" else Q8Weight)
+    assert rel_l2(m.forward(idx)[0], f.forward(idx)[0]) <= BOUND[dtype]
+    f.save_safetensors(tmp_path / "untied")
+    loaded = GPT2.from_safetensors(tmp_path / "untied", dtype=dtype)
+    np.testing.assert_array_equal(loaded.forward(idx)[0], m.forward(idx)[0])
