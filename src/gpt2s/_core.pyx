@@ -1201,3 +1201,4 @@ def scale_inplace(float[::1] buf, float factor):
 # Sampling (greedy, temperature, top-k, top-p) lives in its own file, compiled into _core.
 
 include "_sampling.pxi"
+include "_lowp.pxi"   # low-precision (bfloat16, int8) weights for inference: _lowp.h

@@ -85,6 +85,7 @@ def show_config(file=None) -> dict:
         "openmp": _core.have_openmp(),
         "isa_clones": _core.have_isa_clones(),
         "small_m_kernels": _core.have_small_m_kernels(),
+        "lowp_kernels": _core.get_lowp_kernels(),
         "threads": _core.get_num_threads(),
         "omp_max_threads": _core.omp_max_threads(),
         "blas": [{k: lib.get(k) for k in ("internal_api", "version", "num_threads",
@@ -99,6 +100,9 @@ def show_config(file=None) -> dict:
     print(f"  row kernels: {'baseline + x86-64-v3 (AVX2/FMA), chosen at load' if info['isa_clones'] else 'baseline ISA only'}", file=out)
     print(f"  matmuls of 2-32 rows (decoding): "
           f"{'few-row AVX2/FMA kernels' if info['small_m_kernels'] else 'BLAS sgemm'}",
+          file=out)
+    print(f"  bfloat16/int8 weights: "
+          f"{'AVX2+FMA+F16C kernels (direct for 1-32 rows, widened panels + sgemm beyond)' if info['lowp_kernels'] == 'avx2' else 'portable C, widened panels + BLAS'}",
           file=out)
     for lib in info["blas"]:
         print(f"  BLAS for matmuls: {lib['internal_api']} {lib['version']} "

@@ -138,6 +138,9 @@ examples:
     p.add_argument("--num-samples", type=int, default=1, metavar="N",
                    help="independent continuations, streamed one after another "
                         "(default: %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="weight storage: bfloat16 or int8 blocks read fewer bytes per token "
+                        "(default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads (default: $OMP_NUM_THREADS, else all cores)")
     p.add_argument("--ignore-eos", action="store_true",
@@ -213,7 +216,7 @@ def _run(args, out, err) -> int:
     try:
         path = find_model(args.model)
         t0 = time.perf_counter()
-        model = gpt2s.GPT2.from_safetensors(path)
+        model = gpt2s.GPT2.from_safetensors(path, dtype=args.dtype)
     except (FileNotFoundError, SafetensorsError, ValueError) as e:
         raise _UserError(str(e)) from None
     load_s = time.perf_counter() - t0

@@ -10,9 +10,10 @@ import numpy as np
 
 from . import _core
 from . import generation as _generation
+from . import lowp as _lowp
 from .config import GPT2Config
 from .generation import EOT_ID
-from .weights import (canonical_name, infer_config, layer_views, load_into, open_mapped,
+from .weights import (ALIGN, canonical_name, infer_config, layer_views, load_into, open_mapped,
                       param_layout, resolve_model_path, save_safetensors)
 
 __all__ = ["GPT2"]
@@ -73,15 +74,32 @@ class GPT2:
 
     ``m.params`` and ``m.grads`` map Hugging Face parameter names (without the
     ``transformer.`` prefix) to float32 views of one contiguous buffer each.
+
+    ``dtype`` "bfloat16" or "int8" makes an inference model whose matmul weights (the Conv1D
+    weights and the tied wte) are stored compressed (gpt2s/lowp.py: their ``params`` entries
+    are ``BF16Weight`` / ``Q8Weight`` objects); it runs ``forward`` and ``generate*`` but not
+    ``backward``.
     """
 
-    def __init__(self, config: GPT2Config):
+    def __init__(self, config: GPT2Config, dtype: str = "float32"):
         if not isinstance(config, GPT2Config):
             raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
         self.config = config
+        self.dtype = _lowp.check_dtype(dtype)
         self._layout, size = param_layout(config)
+        if dtype != "float32":
+            # only the small tensors (biases, layernorms, wpe) in the float32 buffer
+            layout, size = [], 0
+            for name, shape, _ in self._layout:
+                if not _lowp.is_compressed(name):
+                    layout.append((name, shape, size))
+                    size += (int(np.prod(shape)) + ALIGN - 1) // ALIGN * ALIGN
+            full, self._layout = self._layout, layout
         self._param_buffer = np.zeros(size, np.float32)
         self.params = _views(self._param_buffer, self._layout)
+        if dtype != "float32":   # every parameter, in the float32 model's order
+            self.params = {name: self.params[name] if name in self.params
+                           else _lowp.empty(name, shape, dtype) for name, shape, _ in full}
         self._grad_buffer = None
         self._grads = None
         # per-block dicts of the parameter views (and of the gradient views, with the grads)
@@ -104,9 +122,13 @@ class GPT2:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_config(cls, config: GPT2Config, seed: int | None = 0) -> "GPT2":
+    def from_config(cls, config: GPT2Config, seed: int | None = 0,
+                    dtype: str = "float32") -> "GPT2":
         """GPT-2's initialisation: normal(0, 0.02) weights and embeddings, residual projections
-        (``c_proj``) scaled by 1/sqrt(2 n_layer), layernorm weights 1, all biases 0."""
+        (``c_proj``) scaled by 1/sqrt(2 n_layer), layernorm weights 1, all biases 0.  dtype
+        "bfloat16" / "int8": an inference model with those weights compressed."""
+        if _lowp.check_dtype(dtype) != "float32":
+            return cls.from_config(config, seed).to_dtype(dtype)
         m = cls(config)
         rng = np.random.default_rng(seed)
         proj_std = 0.02 / math.sqrt(2 * config.n_layer)
@@ -122,15 +144,19 @@ class GPT2:
         return m
 
     @classmethod
-    def from_safetensors(cls, path) -> "GPT2":
+    def from_safetensors(cls, path, dtype: str = "float32") -> "GPT2":
         """Load a .safetensors file, or a directory with model.safetensors (+ config.json).
 
         F32, F16 and BF16 tensors are converted to float32 once; keys may carry the
         ``transformer.`` prefix; ``h.N.attn.bias``/``masked_bias`` buffers are ignored; a
         ``lm_head.weight`` must equal ``wte.weight`` unless config.json has
         ``tie_word_embeddings: false``.  Without config.json the config is
-        inferred from the tensor shapes.
+        inferred from the tensor shapes.  dtype "bfloat16" (BF16 tensors load exactly, others
+        round to nearest even) or "int8" (blocks of 32, gpt2s/lowp.py) makes an inference model
+        with compressed matmul weights, converted one tensor at a time from the file mapping
+        (never two full copies in memory).
         """
+        _lowp.check_dtype(dtype)
         file, cfg_file = resolve_model_path(path)
         mm, header, data_start = open_mapped(file)
         try:
@@ -140,8 +166,12 @@ class GPT2:
                 shapes = {canonical_name(raw): tuple(info["shape"])
                           for raw, info in header.items()}
                 config = infer_config(shapes, str(file))
-            m = cls(config)
-            load_into(file, header, data_start, mm, m.params, config)
+            m = cls(config, dtype)
+            if dtype == "float32":
+                load_into(file, header, data_start, mm, m.params, config)
+            else:   # shape-only placeholders; store() gets each tensor as float32, in turn
+                shapes = {n: np.broadcast_to(np.float32(0), w.shape) for n, w in m.params.items()}
+                load_into(file, header, data_start, mm, shapes, config, store=m._store_param)
         finally:
             if hasattr(mm, "close"):
                 mm.close()
@@ -162,12 +192,38 @@ class GPT2:
         return cls.from_safetensors(resolve_pretrained(name_or_path,
                                                        local_files_only=local_files_only))
 
+    def _store_param(self, name: str, value: np.ndarray):
+        """Set parameter name from a float32 array (compressed when this model's dtype says)."""
+        if _lowp.is_compressed(name) and self.dtype != "float32":
+            self.params[name] = _lowp.compress(name, value, self.dtype)
+            if name.startswith("h."):
+                l, suffix = name[2:].split(".", 1)
+                self._layer_params[int(l)][suffix] = self.params[name]
+        else:
+            self.params[name][...] = value
+
+    def to_dtype(self, dtype: str) -> "GPT2":
+        """A new inference model with this one's weights stored in dtype ("bfloat16" or
+        "int8": compressed matmul weights; "float32": a copy, widened back from a compressed
+        model).  Tensors are converted one at a time; this model is left as it is."""
+        m = GPT2(self.config, _lowp.check_dtype(dtype))
+        for name, w in self.params.items():
+            m._store_param(name, w if isinstance(w, np.ndarray) else np.asarray(w))
+        return m
+
+    def _require_float32(self, what: str):
+        if self.dtype != "float32":
+            raise RuntimeError(f"{what}: this model stores its weights in {self.dtype}, for "
+                               f"inference only (forward, generate); training needs a float32 "
+                               f"model (GPT2.from_safetensors(path) or m.to_dtype('float32'))")
+
     # ------------------------------------------------------------------ properties
 
     @property
     def grads(self) -> dict:
         """Gradients, same names and shapes as ``params`` (allocated on first use)."""
         if self._grads is None:
+            self._require_float32("grads")
             with self._train_lock:
                 if self._grads is None:
                     buffer = np.zeros_like(self._param_buffer)
@@ -186,7 +242,8 @@ class GPT2:
         c = self.config
         return (f"GPT2(n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
                 f"vocab_size={c.vocab_size}, n_ctx={c.n_ctx}, "
-                f"parameters={self.num_parameters():,})")
+                f"parameters={self.num_parameters():,}, dtype={self.dtype!r}, "
+                f"kernels={_lowp.kernels_description(self.dtype)!r})")
 
     # ------------------------------------------------------------------ input checks
 
@@ -249,7 +306,7 @@ class GPT2:
         idx = self._check_idx(idx)
         B, T = idx.shape
         tgt = None if targets is None else self._check_targets(targets, (B, T))
-        if tgt is not None and for_backward:
+        if tgt is not None and for_backward and self.dtype == "float32":
             with self._train_lock:
                 return self._forward_train(idx, tgt, return_logits)
         me = threading.get_ident()
@@ -263,7 +320,7 @@ class GPT2:
         ws = self._thread_workspace()
         logits = np.empty((B, T, self.config.vocab_size), np.float32)
         lnf = self._run_blocks(idx, ws.acts, keep_layers=False)
-        _core.lm_head_forward(logits.reshape(B * T, -1), lnf, self.params[self._head_name])
+        _lowp.lm_head(logits.reshape(B * T, -1), lnf, self.params[self._head_name])
         if tgt is None:
             return logits, None
         loss, _ = self._loss(logits, tgt)
@@ -332,8 +389,7 @@ class GPT2:
             "lnf": (N, C), "lnf_mean": (N,), "lnf_rstd": (N,),
         })
         P = self.params
-        _core.embedding_forward(a["encoded"], idx.reshape(-1), P["wte.weight"], P["wpe.weight"],
-                                T, pos0)
+        _lowp.embedding(a["encoded"], idx.reshape(-1), P["wte.weight"], P["wpe.weight"], T, pos0)
         _core.layernorm_forward(a["ln1"], a["ln1_mean"][0], a["ln1_rstd"][0], a["encoded"],
                                 P["h.0.ln_1.weight"], P["h.0.ln_1.bias"], cfg.layer_norm_epsilon)
         res_in = a["encoded"]
@@ -351,7 +407,8 @@ class GPT2:
         C, eps = cfg.n_embd, cfg.layer_norm_epsilon
         w = self._layer_params[l]
         qkv = a["qkv"][s]
-        _core.matmul_forward(qkv, a["ln1"], w["attn.c_attn.weight"], w["attn.c_attn.bias"])
+        mm = _lowp.matmul   # float32, bfloat16 or int8 weights
+        mm(qkv, a["ln1"], w["attn.c_attn.weight"], w["attn.c_attn.bias"])
         qkv3 = qkv.reshape(B, T, 3 * C)
         if kv is None:
             _core.attention_forward(a["atty"][s].reshape(B, T, C), a["att_lse"][s],
@@ -363,16 +420,14 @@ class GPT2:
             _core.attention_forward(a["atty"][s].reshape(B, T, C), _EMPTY3, qkv3, 0,
                                     keys, 0, values, 0, pos0, cfg.n_head,
                                     self._attn_scales[l])
-        _core.matmul_forward(a["proj"], a["atty"][s], w["attn.c_proj.weight"],
-                             w["attn.c_proj.bias"])
+        mm(a["proj"], a["atty"][s], w["attn.c_proj.weight"], w["attn.c_proj.bias"])
         _core.residual_layernorm_forward(a["res2"][s], a["ln2"], a["ln2_mean"][s],
                                          a["ln2_rstd"][s], res_in, a["proj"],
                                          w["ln_2.weight"], w["ln_2.bias"], eps)
-        _core.matmul_forward(a["fch"][s], a["ln2"], w["mlp.c_fc.weight"], w["mlp.c_fc.bias"])
+        mm(a["fch"][s], a["ln2"], w["mlp.c_fc.weight"], w["mlp.c_fc.bias"])
         # act(fch) is not kept per layer: the backward recomputes it (one cheap pass)
         _core.activation_forward(a["fch_gelu"], a["fch"][s], self._activation)
-        _core.matmul_forward(a["proj"], a["fch_gelu"], w["mlp.c_proj.weight"],
-                             w["mlp.c_proj.bias"])
+        mm(a["proj"], a["fch_gelu"], w["mlp.c_proj.weight"], w["mlp.c_proj.bias"])
         if l + 1 < cfg.n_layer:   # the next block's ln_1, into ln1 and this slot's stats
             nxt = self._layer_params[l + 1]
             s_next = s + 1 if a["ln1_mean"].shape[0] > 1 else 0
@@ -419,13 +474,14 @@ class GPT2:
                                pos0=pos0)
         last = np.ascontiguousarray(lnf.reshape(B, T, -1)[:, -1, :])
         logits = np.empty((B, self.config.vocab_size), np.float32)
-        _core.lm_head_forward(logits, last, self.params[self._head_name])
+        _lowp.lm_head(logits, last, self.params[self._head_name])
         return logits
 
     # ------------------------------------------------------------------ backward
 
     def zero_grad(self):
         """Set every gradient to zero."""
+        self._require_float32("zero_grad()")
         with self._train_lock:
             self.grads  # allocate on first use
             _core.fill_zero(self._grad_buffer)
@@ -439,6 +495,7 @@ class GPT2:
         called after block l's backward (l = n_layer-1 .. 0): from then on the gradients of
         block l and of everything after it in the gradient buffer (blocks l.., ln_f, an untied
         lm_head) are final, so their reduction may start while the backward goes on."""
+        self._require_float32("backward()")
         with self._train_lock:
             self._backward(normalizer, on_layer_done)
 

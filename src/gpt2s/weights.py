@@ -206,8 +206,11 @@ def _convert_into(dst: np.ndarray, raw: memoryview, dtype: str, shape, path, nam
         np.copyto(dst, src, casting="unsafe")
 
 
-def load_into(path: Path, header: dict, data_start: int, mm, params: dict, config: GPT2Config):
-    """Copy every parameter from the mapped file into params (dict of float32 views)."""
+def load_into(path: Path, header: dict, data_start: int, mm, params: dict, config: GPT2Config,
+              store=None):
+    """Copy every parameter from the mapped file into params (dict of float32 views).  With
+    store, params only gives the names and shapes: each tensor is read into a float32
+    temporary, one at a time, and handed to store(name, array) (low-precision models)."""
     seen = {}
     for raw_name, info in header.items():
         name = canonical_name(raw_name)
@@ -231,11 +234,21 @@ def load_into(path: Path, header: dict, data_start: int, mm, params: dict, confi
         raise SafetensorsError(f"{path}: missing tensor {missing[0]!r}{more}{why}")
 
     for name, dst in params.items():
-        _read_tensor(path, header, seen[name], data_start, mm, dst)
+        if store is None:
+            _read_tensor(path, header, seen[name], data_start, mm, dst)
+        else:
+            tmp = np.empty(dst.shape, np.float32)
+            _read_tensor(path, header, seen[name], data_start, mm, tmp)
+            store(name, tmp)
+            del tmp
+            _drop_pages(mm, data_start, header[seen[name]])
 
     if HEAD in seen and HEAD not in params:
         raw_name = seen[HEAD]
         wte = params["wte.weight"]
+        if store is not None:
+            wte = np.empty(wte.shape, np.float32)
+            _read_tensor(path, header, seen["wte.weight"], data_start, mm, wte)
         lm = np.empty(wte.shape, np.float32)
         _read_tensor(path, header, raw_name, data_start, mm, lm)
         if not np.array_equal(lm, wte):
@@ -243,6 +256,22 @@ def load_into(path: Path, header: dict, data_start: int, mm, params: dict, confi
                 f"{path}: tensor {raw_name!r} differs from 'wte.weight', but the config ties the "
                 f"output head to the token embedding (tie_word_embeddings true, GPT-2's default); "
                 f"an untied model needs a config.json with \"tie_word_embeddings\": false")
+
+
+def _drop_pages(mm, data_start: int, info: dict):
+    """Let the kernel drop the file pages of a tensor already converted (they would otherwise
+    stay in this process's resident set until the mapping closes: a low-precision load would
+    peak at the file's size plus the compressed model)."""
+    if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise"):
+        return
+    begin, end = info["data_offsets"]
+    lo = (data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = (data_start + end) // mmap.PAGESIZE * mmap.PAGESIZE   # whole pages only
+    if hi > lo:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError, AttributeError):
+            pass
 
 
 def _read_tensor(path, header, raw_name, data_start, mm, dst):
