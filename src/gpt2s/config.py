@@ -107,6 +107,7 @@ class GPT2Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"GPT2Config.{name} must be a positive integer, got {value!r}")
+        self._check_bounds()
         if self.n_embd % self.n_head:
             raise ValueError(
                 f"GPT2Config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
@@ -126,6 +127,26 @@ class GPT2Config:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPT2Config.{name} must be true or false, got "
                                  f"{getattr(self, name)!r}")
+
+    # Upper bounds, so a hostile config.json or file header cannot ask for absurd sizes.  They
+    # are generous for the GPT-2 family (gpt2-xl: 48 layers, n_embd 1600, 1024 positions,
+    # vocab 50257); a model file must also back every parameter with its own bytes (weights.py).
+    MAX_SIZES = {"n_layer": 1024, "n_head": 1024, "n_embd": 65536, "n_ctx": 1 << 20,
+                 "vocab_size": 1 << 24}
+
+    def _check_bounds(self):
+        for name, bound in self.MAX_SIZES.items():
+            if getattr(self, name) > bound:
+                raise ValueError(f"GPT2Config.{name}={getattr(self, name)} is larger than "
+                                 f"gpt2s supports ({bound})")
+        inner = self.n_inner
+        if isinstance(inner, int) and inner > 4 * self.MAX_SIZES["n_embd"]:
+            raise ValueError(f"GPT2Config.n_inner={inner} is larger than gpt2s supports "
+                             f"({4 * self.MAX_SIZES['n_embd']})")
+        eps = self.layer_norm_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps < 1:
+            raise ValueError(f"GPT2Config.layer_norm_epsilon must be a number below 1, got "
+                             f"{eps!r}")
 
     @property
     def head_size(self) -> int:

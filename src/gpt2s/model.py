@@ -13,8 +13,7 @@ from . import generation as _generation
 from . import lowp as _lowp
 from .config import GPT2Config
 from .generation import EOT_ID
-from .weights import (ALIGN, canonical_name, infer_config, layer_views, load_into, open_mapped,
-                      param_layout, resolve_model_path, save_safetensors)
+from .weights import ALIGN, layer_views, load_into, open_model, param_layout, save_safetensors
 
 __all__ = ["GPT2"]
 
@@ -149,23 +148,18 @@ class GPT2:
 
         F32, F16 and BF16 tensors are converted to float32 once; keys may carry the
         ``transformer.`` prefix; ``h.N.attn.bias``/``masked_bias`` buffers are ignored; a
-        ``lm_head.weight`` must equal ``wte.weight`` unless config.json has
-        ``tie_word_embeddings: false``.  Without config.json the config is
-        inferred from the tensor shapes.  dtype "bfloat16" (BF16 tensors load exactly, others
-        round to nearest even) or "int8" (blocks of 32, gpt2s/lowp.py) makes an inference model
-        with compressed matmul weights, converted one tensor at a time from the file mapping
-        (never two full copies in memory).
+        ``lm_head.weight`` must equal ``wte.weight`` unless the config has
+        ``tie_word_embeddings: false``.  The config comes from config.json beside a
+        directory's model.safetensors, else from the file's metadata (gpt2s saves store it
+        there), else from the tensor shapes.  Every header is validated against the file
+        before anything is allocated; a bad or hostile file raises SafetensorsError.
+        dtype "bfloat16" (BF16 tensors load exactly, others round to nearest even) or "int8"
+        (blocks of 32, gpt2s/lowp.py) makes an inference model with compressed matmul weights,
+        converted one tensor at a time from the file mapping (never two full copies in memory).
         """
         _lowp.check_dtype(dtype)
-        file, cfg_file = resolve_model_path(path)
-        mm, header, data_start = open_mapped(file)
+        file, mm, header, data_start, config = open_model(path)  # validated, nothing allocated
         try:
-            if cfg_file is not None:
-                config = GPT2Config.from_json_file(cfg_file)
-            else:
-                shapes = {canonical_name(raw): tuple(info["shape"])
-                          for raw, info in header.items()}
-                config = infer_config(shapes, str(file))
             m = cls(config, dtype)
             if dtype == "float32":
                 load_into(file, header, data_start, mm, m.params, config)
@@ -173,8 +167,7 @@ class GPT2:
                 shapes = {n: np.broadcast_to(np.float32(0), w.shape) for n, w in m.params.items()}
                 load_into(file, header, data_start, mm, shapes, config, store=m._store_param)
         finally:
-            if hasattr(mm, "close"):
-                mm.close()
+            mm.close()
         return m
 
     @classmethod

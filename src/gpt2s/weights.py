@@ -15,9 +15,11 @@ package, because:
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import re
+import stat
 import struct
 import tempfile
 from pathlib import Path
@@ -28,7 +30,8 @@ from .config import GPT2Config
 
 __all__ = [
     "param_layout", "read_safetensors_header", "load_into", "infer_config",
-    "resolve_model_path", "save_safetensors", "SafetensorsError",
+    "resolve_model_path", "save_safetensors", "SafetensorsError", "open_model",
+    "check_against_config", "config_from_metadata", "CONFIG_METADATA_KEY",
 ]
 
 ALIGN = 16  # every tensor starts on a 64-byte boundary of the parameter buffer
@@ -89,76 +92,230 @@ def param_layout(config: GPT2Config):
     layout, offset = [], 0
     for name, shape in entries:
         layout.append((name, shape, offset))
-        size = int(np.prod(shape))
+        size = math.prod(shape)
         offset += (size + ALIGN - 1) // ALIGN * ALIGN
     return layout, offset
 
 
 # ------------------------------------------------------------------------------------------
 # Reading
+#
+# Everything in a file is validated before anything is allocated for it: the header against the
+# file (every byte range inside the data section, sizes equal to shape x dtype, ranges neither
+# overlapping nor leaving holes), then the config (config.json, the file's __metadata__, or the
+# shapes) against the header (every parameter present with its exact shape and a readable dtype).
+# Only then is the parameter buffer allocated, and since every parameter is backed by at least
+# two bytes of its own in the file, that buffer is at most twice the file's size.
+
+# Hugging Face's safetensors library refuses headers longer than this too
+MAX_HEADER_BYTES = 100_000_000
+# the JSON config stored in a file's __metadata__ (whose values must be strings)
+CONFIG_METADATA_KEY = "gpt2s_config"
+# bits per element of every dtype of the safetensors format (the library's closed list: a
+# file with any other dtype string is refused, even on a tensor gpt2s would not read)
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+               "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16,
+               "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
+               "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+_MAX_CONFIG_JSON_BYTES = 16 << 20
+
+
+def _file_kind(mode: int) -> str:
+    for is_kind, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                          (stat.S_ISSOCK, "a socket")):
+        if is_kind(mode):
+            return kind
+    return "not a regular file"
+
+
+def _not_regular(path, mode) -> SafetensorsError:
+    return SafetensorsError(f"{path}: is {_file_kind(mode)}, not a regular file; gpt2s reads "
+                            f"models only from regular files (or a directory holding "
+                            f"model.safetensors)")
+
+
+def _stat(path: Path, missing: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(missing) from None
 
 
 def resolve_model_path(path) -> tuple[Path, Path | None]:
-    """(the .safetensors file, config.json or None) for a file or a model directory."""
+    """(the .safetensors file, config.json or None) for a file or a model directory.  Only
+    regular files are accepted: a FIFO would block open() forever, a device never ends."""
     p = Path(path)
-    if p.is_dir():
+    try:
+        st = os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        from .hub import pretrained_hint
+        raise FileNotFoundError(f"{p}: no such file or directory{pretrained_hint(path)}") \
+            from None
+    if stat.S_ISDIR(st.st_mode):
         f = p / "model.safetensors"
-        if not f.is_file():
-            raise FileNotFoundError(f"{p}: directory has no model.safetensors")
+        st = _stat(f, f"{p}: directory has no model.safetensors")
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(f, st.st_mode)
         cfg = p / "config.json"
         return f, (cfg if cfg.is_file() else None)
-    if not p.exists():
-        from .hub import pretrained_hint
-        raise FileNotFoundError(f"{p}: no such file or directory{pretrained_hint(path)}")
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(p, st.st_mode)
     cfg = p.parent / "config.json"
     # a config.json beside a file counts only when the file is the directory's model.safetensors
     return p, (cfg if p.name == "model.safetensors" and cfg.is_file() else None)
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs):
+    # json.loads keeps the last of two equal keys; a header that names a tensor twice is corrupt
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def read_safetensors_header(path: Path, file_size: int, head: bytes) -> tuple[dict, int]:
     """Parse and validate the header; returns ({name: info}, offset of the data section)."""
+    tensors, _, data_start = _parse_header(path, file_size, head)
+    return tensors, data_start
+
+
+def _parse_header(path, file_size: int, head) -> tuple[dict, dict, int]:
+    """({name: info} of the tensors, the __metadata__ dict, offset of the data section), with
+    every tensor entry checked against the file (see the comment at the top of "Reading")."""
     if file_size < 8:
         raise SafetensorsError(f"{path}: not a safetensors file ({file_size} bytes, too short)")
     (n,) = struct.unpack("<Q", head[:8])
-    if n == 0 or n > 100_000_000:
+    if n == 0 or n > MAX_HEADER_BYTES:
         raise SafetensorsError(f"{path}: not a safetensors file (header length {n})")
     if 8 + n > file_size:
         raise SafetensorsError(
             f"{path}: truncated or not a safetensors file (header of {n} bytes, "
             f"file has {file_size})")
-    raw = head[8:8 + n]
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SafetensorsError(f"{path}: not a safetensors file (header is not JSON: {e})") \
+        header = json.loads(bytes(head[8:8 + n]).decode("utf-8"),
+                            object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise SafetensorsError(f"{path}: corrupt header: key {_r(e.args[0])} appears twice") \
             from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError: JSONDecodeError, and integers of more than 4300 digits
+        raise SafetensorsError(f"{path}: not a safetensors file (header is not JSON: "
+                               f"{str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: not a safetensors file (header is not a JSON object)")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise SafetensorsError(f"{path}: corrupt header: __metadata__ must map names to strings")
     data_start = 8 + n
     data_size = file_size - data_start
     for name, info in header.items():
-        if not (isinstance(info, dict) and "dtype" in info and "shape" in info
-                and "data_offsets" in info):
-            raise SafetensorsError(f"{path}: corrupt header entry for tensor {name!r}")
-        offsets, dtype, shape = info["data_offsets"], info["dtype"], info["shape"]
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(type(o) is int for o in offsets)):
-            raise SafetensorsError(f"{path}: tensor {name!r} has corrupt data offsets "
-                                   f"{offsets!r} (expected two integers)")
-        if not isinstance(dtype, str):
-            raise SafetensorsError(f"{path}: tensor {name!r} has a corrupt dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise SafetensorsError(f"{path}: tensor {name!r} has a corrupt shape {shape!r}")
-        begin, end = offsets
-        if not (0 <= begin <= end):
-            raise SafetensorsError(f"{path}: tensor {name!r} has corrupt data offsets "
-                                   f"{info['data_offsets']}")
-        if end > data_size:
+        _check_entry(path, name, info, data_size)
+    _check_spans(path, header, data_size)
+    return header, metadata, data_start
+
+
+def _check_entry(path, name: str, info, data_size: int):
+    """One tensor entry: well-formed, its bytes inside the data section, as many bytes as its
+    shape and dtype need (computed in Python ints and compared before NumPy sees the shape)."""
+    if not (isinstance(info, dict) and "dtype" in info and "shape" in info
+            and "data_offsets" in info):
+        raise SafetensorsError(f"{path}: corrupt header entry for tensor {_r(name)}")
+    offsets, dtype, shape = info["data_offsets"], info["dtype"], info["shape"]
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int for o in offsets)):
+        raise SafetensorsError(f"{path}: tensor {_r(name)} has corrupt data offsets "
+                               f"{_r(offsets)} (expected two integers)")
+    if not isinstance(dtype, str):
+        raise SafetensorsError(f"{path}: tensor {_r(name)} has a corrupt dtype {_r(dtype)}")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise SafetensorsError(f"{path}: tensor {_r(name)} has a corrupt shape {_r(shape)}")
+    begin, end = offsets
+    if not (0 <= begin <= end):
+        raise SafetensorsError(f"{path}: tensor {_r(name)} has corrupt data offsets "
+                               f"{_r(offsets)}")
+    if end > data_size:
+        raise SafetensorsError(
+            f"{path}: truncated file: tensor {_r(name)} needs bytes {_r(begin)}..{_r(end)} "
+            f"of the data section but only {data_size} are present")
+    bits = _DTYPE_BITS.get(dtype)
+    if bits is None:
+        raise SafetensorsError(f"{path}: tensor {_r(name)} has unknown dtype {_r(dtype)}")
+    # prod(shape) * bits, stopping as soon as it exceeds the span (a shape of 10^5 dims of
+    # 2^60 each must not build a 6-million-bit integer first)
+    span_bits, need_bits, at_least = 8 * (end - begin), bits, ""
+    if 0 in shape:
+        need_bits = 0
+    else:
+        for d in shape:
+            need_bits *= d
+            if need_bits > span_bits:
+                at_least = "at least "
+                break
+    if need_bits != span_bits:
+        raise SafetensorsError(
+            f"{path}: tensor {_r(name)} ({dtype} {_shape_str(shape)}) needs {at_least}"
+            f"{_bits_str(need_bits)} but its data_offsets {begin}..{end} hold {end - begin} "
+            f"bytes")
+
+
+def _shape_str(shape) -> str:
+    s = str(tuple(shape[:20]))
+    return s if len(s) <= 80 and len(shape) <= 20 else s[:76].rstrip(",)") + ", ...)"
+
+
+def _r(value, limit: int = 120) -> str:
+    """repr() of a value read from a file, cut short: a hostile name or shape can be megabytes."""
+    s = repr(value)
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def _bits_str(bits: int) -> str:
+    return f"{bits // 8} bytes" if bits % 8 == 0 else f"{bits} bits"
+
+
+def _check_spans(path, header: dict, data_size: int):
+    """The tensors' byte ranges, sorted, tile the data section exactly: no two overlap (else a
+    small file could describe many tensors over the same bytes and make us allocate far more
+    than its size), no holes and no trailing bytes (the safetensors format forbids them, so no
+    file we accept is one the safetensors library refuses, and nothing hides in the gaps)."""
+    spans = sorted((info["data_offsets"][0], info["data_offsets"][1], name)
+                   for name, info in header.items())
+    pos, prev = 0, None
+    for begin, end, name in spans:
+        if begin < pos:
             raise SafetensorsError(
-                f"{path}: truncated file: tensor {name!r} needs bytes {begin}..{end} of the "
-                f"data section but only {data_size} are present")
-    return header, data_start
+                f"{path}: tensor {_r(name)} (bytes {begin}..{end}) overlaps tensor {_r(prev[2])} "
+                f"(bytes {prev[0]}..{prev[1]})")
+        if begin > pos:
+            after = f"after tensor {_r(prev[2])}" if prev else "at the start of the data section"
+            raise SafetensorsError(
+                f"{path}: corrupt data offsets: bytes {pos}..{begin} {after} belong to no "
+                f"tensor (next: {_r(name)})")
+        pos, prev = end, (begin, end, name)
+    if pos != data_size:
+        last = f" after tensor {_r(prev[2])}" if prev else ""
+        raise SafetensorsError(
+            f"{path}: corrupt data offsets: {data_size - pos} trailing bytes{last} belong to "
+            f"no tensor")
+
+
+def _layer_index(path, name: str) -> int | None:
+    m = _LAYER_KEY.match(name)
+    if m is None:
+        return None
+    digits = m.group(1)
+    if len(digits) > 9:  # and int() of 5000 digits would raise a bare ValueError
+        raise SafetensorsError(f"{path}: tensor {_r(name)} has an impossible block index")
+    return int(digits)
 
 
 def infer_config(names_shapes: dict, source: str) -> GPT2Config:
@@ -171,13 +328,24 @@ def infer_config(names_shapes: dict, source: str) -> GPT2Config:
     for name in ("wte.weight", "wpe.weight"):
         shape = names_shapes[name]
         if len(shape) != 2 or min(shape) < 1:
-            raise SafetensorsError(f"{source}: tensor {name!r} has shape {tuple(shape)}, "
+            raise SafetensorsError(f"{source}: tensor {name!r} has shape {_shape_str(shape)}, "
                                    f"expected 2-D with no zero-sized dimension")
     V, C = names_shapes["wte.weight"]
     T = names_shapes["wpe.weight"][0]
-    layers = {int(m.group(1)) for n in names_shapes if (m := _LAYER_KEY.match(n))}
-    if not layers:
+    layer_of = {}  # block index -> one tensor name with it
+    for n in names_shapes:
+        if (index := _layer_index(source, n)) is not None:
+            layer_of.setdefault(index, n)
+    if not layer_of:
         raise SafetensorsError(f"{source}: no transformer blocks (no 'h.N.*' tensors)")
+    # the block indices must be exactly 0..n_layer-1: one stray h.999999999.* must not make a
+    # model of a billion blocks
+    if len(layer_of) != max(layer_of) + 1:
+        gap = next(i for i, index in enumerate(sorted(layer_of)) if i != index)
+        top = max(layer_of)
+        raise SafetensorsError(
+            f"{source}: block indices are not 0..n_layer-1: no 'h.{gap}.*' tensors, but there "
+            f"is {_r(layer_of[top])}")
     if C % 64:
         raise SafetensorsError(
             f"{source}: n_embd={C} is not a multiple of 64, so n_head cannot be inferred; "
@@ -186,18 +354,102 @@ def infer_config(names_shapes: dict, source: str) -> GPT2Config:
     n_inner = None
     if fc is not None and len(fc) == 2 and fc[0] == C and fc[1] >= 1 and fc[1] != 4 * C:
         n_inner = int(fc[1])   # any other shape is reported against the config when loading
-    return GPT2Config(n_layer=max(layers) + 1, n_head=C // 64, n_embd=C, vocab_size=V, n_ctx=T,
-                      n_inner=n_inner)
+    try:
+        return GPT2Config(n_layer=len(layer_of), n_head=C // 64, n_embd=C, vocab_size=V,
+                          n_ctx=T, n_inner=n_inner)
+    except ValueError as e:
+        raise SafetensorsError(
+            f"{source}: the config inferred from 'wte.weight' {(V, C)}, 'wpe.weight' "
+            f"{tuple(names_shapes['wpe.weight'])}, 'h.0.mlp.c_fc.weight' {_r(fc)} and "
+            f"{len(layer_of)} blocks is impossible: "
+            f"{e}") from None
+
+
+def config_from_metadata(path, metadata: dict) -> GPT2Config | None:
+    """The config a gpt2s save stored in the file's __metadata__, or None if there is none."""
+    if CONFIG_METADATA_KEY not in metadata:
+        return None
+    source = f"{path}: __metadata__[{CONFIG_METADATA_KEY!r}]"
+    try:
+        d = json.loads(metadata[CONFIG_METADATA_KEY])
+    except (ValueError, RecursionError) as e:
+        raise SafetensorsError(f"{source} is not JSON ({str(e)[:200]})") from None
+    if not isinstance(d, dict):
+        raise SafetensorsError(f"{source} is not a JSON object")
+    try:
+        return GPT2Config.from_hf_dict(d, source=source)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        raise SafetensorsError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+
+
+def _config_from_json(cfg_file: Path) -> GPT2Config:
+    size = os.stat(cfg_file).st_size
+    if size > _MAX_CONFIG_JSON_BYTES:
+        raise ValueError(f"{cfg_file}: {size} bytes is too large for a config.json")
+    return GPT2Config.from_json_file(cfg_file)
+
+
+def check_against_config(path, header: dict, data_size: int, config: GPT2Config) -> dict:
+    """Every parameter of config present in the header exactly once with its shape and a dtype
+    we read, nothing else but the ignored buffers and (tied) an lm_head equal in shape to wte;
+    returns {parameter name: header name}.  Reads no tensor data and allocates nothing of the model's size."""
+    # each parameter takes >= 2 bytes (F16/BF16) of its own in the data section
+    n_params = config.num_parameters()
+    if 2 * n_params > data_size:
+        raise SafetensorsError(
+            f"{path}: the config ({config}) has {n_params:,} parameters, at least "
+            f"{2 * n_params:,} bytes, but the file holds only {data_size:,} bytes of tensors")
+    layout, _ = param_layout(config)
+    expected = {name: shape for name, shape, _ in layout}
+    seen = {}
+    for raw_name in header:
+        name = canonical_name(raw_name)
+        index = _layer_index(path, name)
+        if index is not None and index >= config.n_layer:
+            raise SafetensorsError(f"{path}: unexpected tensor {_r(raw_name)} (block {index}, but "
+                                   f"the model has n_layer={config.n_layer} blocks: {config})")
+        if _IGNORED.fullmatch(name):
+            continue
+        tied_head = name == HEAD and HEAD not in expected   # checked against wte when read
+        if not tied_head and name not in expected:
+            raise SafetensorsError(f"{path}: unexpected tensor {_r(raw_name)} (not a GPT-2 "
+                                   f"parameter of this config: {config})")
+        if name in seen:
+            raise SafetensorsError(f"{path}: tensor {_r(name)} appears twice "
+                                   f"({_r(seen[name])} and {_r(raw_name)})")
+        seen[name] = raw_name
+    missing = [n for n in expected if n not in seen]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        why = (" (the config has tie_word_embeddings false: the output head is its own tensor)"
+               if missing[0] == HEAD else "")
+        raise SafetensorsError(f"{path}: missing tensor {missing[0]!r}{more}{why}")
+    if HEAD in seen and HEAD not in expected:
+        expected[HEAD] = expected["wte.weight"]
+    for name, shape in expected.items():
+        _check_readable(path, seen[name], header[seen[name]], shape)
+    return seen
+
+
+def _check_readable(path, raw_name, info, shape):
+    dtype = info["dtype"]
+    if dtype not in _DTYPES:
+        raise SafetensorsError(f"{path}: tensor {_r(raw_name)} has unsupported dtype {_r(dtype)} "
+                               f"(gpt2s reads F32, F16 and BF16)")
+    if tuple(info["shape"]) != tuple(shape):
+        raise SafetensorsError(f"{path}: tensor {_r(raw_name)} has shape "
+                               f"{_shape_str(info['shape'])}, expected {tuple(shape)}")
 
 
 def _convert_into(dst: np.ndarray, raw: memoryview, dtype: str, shape, path, name):
     np_dtype, itemsize = _DTYPES[dtype]
-    count = int(np.prod(shape))
-    if len(raw) != count * itemsize:
+    count = dst.size
+    if tuple(shape) != dst.shape or len(raw) != count * itemsize:
         raise SafetensorsError(
             f"{path}: tensor {name!r} has {len(raw)} bytes, expected {count * itemsize} for "
-            f"{dtype} {tuple(shape)}")
-    src = np.frombuffer(raw, dtype=np_dtype, count=count).reshape(shape)
+            f"{dtype} {dst.shape}")
+    src = np.frombuffer(raw, dtype=np_dtype, count=count).reshape(dst.shape)
     if dtype == "BF16":
         # bfloat16 is the top half of a float32: widen the bits in place into the destination
         bits = dst.view(np.uint32)
@@ -208,31 +460,11 @@ def _convert_into(dst: np.ndarray, raw: memoryview, dtype: str, shape, path, nam
 
 def load_into(path: Path, header: dict, data_start: int, mm, params: dict, config: GPT2Config,
               store=None):
-    """Copy every parameter from the mapped file into params (dict of float32 views).  With
-    store, params only gives the names and shapes: each tensor is read into a float32
-    temporary, one at a time, and handed to store(name, array) (low-precision models)."""
-    seen = {}
-    for raw_name, info in header.items():
-        name = canonical_name(raw_name)
-        if _IGNORED.fullmatch(name):
-            continue
-        if name == HEAD and HEAD not in params:   # tied: checked against wte below
-            seen[name] = raw_name
-            continue
-        if name not in params:
-            raise SafetensorsError(f"{path}: unexpected tensor {raw_name!r} (not a GPT-2 "
-                                   f"parameter of this config: {config})")
-        if name in seen:
-            raise SafetensorsError(f"{path}: tensor {name!r} appears twice "
-                                   f"({seen[name]!r} and {raw_name!r})")
-        seen[name] = raw_name
-    missing = [n for n in params if n not in seen]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        why = (" (the config has tie_word_embeddings false: the output head is its own tensor)"
-               if missing[0] == HEAD else "")
-        raise SafetensorsError(f"{path}: missing tensor {missing[0]!r}{more}{why}")
-
+    """Copy every parameter from the mapped file straight into its view in params (dict of
+    float32 views): no intermediate array of the model's size.  With store, params only gives
+    the names and shapes: each tensor is read into a float32 temporary, one at a time, and
+    handed to store(name, array) (low-precision models)."""
+    seen = check_against_config(path, header, len(mm) - data_start, config)
     for name, dst in params.items():
         if store is None:
             _read_tensor(path, header, seen[name], data_start, mm, dst)
@@ -276,33 +508,62 @@ def _drop_pages(mm, data_start: int, info: dict):
 
 def _read_tensor(path, header, raw_name, data_start, mm, dst):
     info = header[raw_name]
-    dtype, shape = info["dtype"], tuple(info["shape"])
-    if dtype not in _DTYPES:
-        raise SafetensorsError(f"{path}: tensor {raw_name!r} has unsupported dtype {dtype!r} "
-                               f"(gpt2s reads F32, F16 and BF16)")
-    if shape != dst.shape:
-        raise SafetensorsError(f"{path}: tensor {raw_name!r} has shape {shape}, expected "
-                               f"{dst.shape}")
+    _check_readable(path, raw_name, info, dst.shape)
     begin, end = info["data_offsets"]
     raw = memoryview(mm)[data_start + begin:data_start + end]
     try:
-        _convert_into(dst, raw, dtype, shape, path, raw_name)
+        _convert_into(dst, raw, info["dtype"], info["shape"], path, raw_name)
     finally:
         raw.release()
 
 
 def open_mapped(path: Path):
-    """(mmap, header, data_start) of a safetensors file; the caller closes the mmap."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) == 8:
-            (n,) = struct.unpack("<Q", head)
-            if 0 < n <= 100_000_000 and 8 + n <= size:
-                head += f.read(n)
-        header, data_start = read_safetensors_header(path, size, head)
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else b""
-    return mm, header, data_start
+    """(mmap, {name: info}, metadata, data_start) of a safetensors file whose header has been
+    validated against it; the caller closes the mmap.  The file is opened non-blocking and
+    checked to be a regular file on the open descriptor (no FIFO swapped in after a stat)."""
+    flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) \
+        | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        if st.st_size < 8:
+            raise SafetensorsError(f"{path}: not a safetensors file ({st.st_size} bytes, "
+                                   f"too short)")
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    try:
+        # validated against the mapping's own length, in case the file changed since fstat
+        header, metadata, data_start = _parse_header(path, len(mm), mm)
+    except BaseException:
+        mm.close()
+        raise
+    return mm, header, metadata, data_start
+
+
+def open_model(path):
+    """(file, mmap, header, data_start, config) for a model file or directory, everything
+    validated; the caller allocates the model, calls load_into and closes the mmap.
+
+    The config comes from config.json beside the directory's model.safetensors, else from the
+    file's __metadata__ (gpt2s saves), else from the tensor shapes."""
+    file, cfg_file = resolve_model_path(path)
+    mm, header, metadata, data_start = open_mapped(file)
+    try:
+        if cfg_file is not None:
+            config = _config_from_json(cfg_file)
+        else:
+            config = config_from_metadata(file, metadata)
+        if config is None:
+            shapes = {canonical_name(raw): tuple(info["shape"]) for raw, info in header.items()}
+            config = infer_config(shapes, str(file))
+        check_against_config(file, header, len(mm) - data_start, config)
+    except BaseException:
+        mm.close()
+        raise
+    return file, mm, header, data_start, config
 
 
 # ------------------------------------------------------------------------------------------
@@ -316,18 +577,22 @@ def save_safetensors(path, params: dict, config: GPT2Config, prefix: str = "tran
                      dtype: str = "float32"):
     """Write the parameters as a safetensors file (and config.json when path is a directory or
     ends without .safetensors), in float32, float16 or bfloat16 (rounded to nearest even).
-    Files are written to a temporary name and renamed, so an interrupted save never leaves a
-    half-written model behind."""
+    The file's __metadata__ carries the config too (as config.json's JSON text), so a lone
+    .safetensors file loads back with its n_head and layer_norm_epsilon.  Files are written
+    to a temporary name and renamed, so an interrupted save never leaves a half-written model
+    behind."""
     if dtype not in _SAVE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
     st_dtype = _SAVE_DTYPES[dtype]
+    metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_hf_dict())}
     p = Path(path)
     if p.suffix == ".safetensors":
         p.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(p, lambda f: _write_tensors(f, params, prefix, st_dtype))
+        atomic_write(p, lambda f: _write_tensors(f, params, prefix, st_dtype, metadata))
         return p
     p.mkdir(parents=True, exist_ok=True)
-    atomic_write(p / "model.safetensors", lambda f: _write_tensors(f, params, prefix, st_dtype))
+    atomic_write(p / "model.safetensors",
+                 lambda f: _write_tensors(f, params, prefix, st_dtype, metadata))
     cfg = json.dumps(config.to_hf_dict(), indent=2).encode()
     atomic_write(p / "config.json", lambda f: f.write(cfg))
     return p
@@ -344,7 +609,8 @@ def _encode(arr: np.ndarray, st_dtype: str) -> np.ndarray:
     return (rounded >> 16).astype("<u2")
 
 
-def _write_tensors(f, params: dict, prefix: str, st_dtype: str = "F32"):
+def _write_tensors(f, params: dict, prefix: str, st_dtype: str = "F32",
+                   metadata: dict | None = None):
     itemsize = _DTYPES[st_dtype][1]
     header, offset = {}, 0
     for name, arr in params.items():
@@ -353,7 +619,7 @@ def _write_tensors(f, params: dict, prefix: str, st_dtype: str = "F32"):
         header[(name if name == HEAD else prefix + name)] = {"dtype": st_dtype, "shape": list(arr.shape),
                                  "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
+    header["__metadata__"] = metadata if metadata is not None else {"format": "pt"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
     f.write(struct.pack("<Q", len(raw)))
