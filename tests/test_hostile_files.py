@@ -192,7 +192,8 @@ def test_file_without_config_is_inferred(tmp_path):
     (json.dumps({**hf_config_dict(CFG), "n_layer": 10**9}), ["n_layer", "1024"]),
     (json.dumps({**hf_config_dict(CFG), "vocab_size": 1 << 24}), ["parameters", "bytes"]),
     ("[" * 100000 + "]" * 100000, ["not JSON"]),
-])
+], ids=["not-json", "list", "missing-keys", "n_head-3", "eps-str", "n_layer-3", "n_layer-1",
+        "n_layer-1e9", "vocab-2^24", "deep"])
 def test_bad_config_in_metadata(tmp_path, value, words):
     header, data = base()
     header["__metadata__"]["gpt2s_config"] = value
@@ -364,6 +365,17 @@ def test_config_json_describing_a_bigger_model(tmp_path):
         n_layer=1000, n_head=64, n_embd=4096, vocab_size=50, n_ctx=16))))
     msg = load_hostile(d / "model.safetensors", source=d)
     assert "parameters" in msg
+
+
+@pytest.mark.parametrize("text", ["[" * 100000, json.dumps({"n_layer": "2"}),
+                                  " " * (17 << 20)], ids=["deep", "types", "17MB"])
+def test_hostile_config_json(tmp_path, text):
+    """config.json errors stay ValueError naming config.json (as established)."""
+    write(tmp_path, *base(False), name="model.safetensors")
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError) as e:
+        GPT2.from_safetensors(tmp_path)
+    assert "config.json" in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------

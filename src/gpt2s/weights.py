@@ -387,7 +387,10 @@ def _config_from_json(cfg_file: Path) -> GPT2Config:
     size = os.stat(cfg_file).st_size
     if size > _MAX_CONFIG_JSON_BYTES:
         raise ValueError(f"{cfg_file}: {size} bytes is too large for a config.json")
-    return GPT2Config.from_json_file(cfg_file)
+    try:
+        return GPT2Config.from_json_file(cfg_file)
+    except RecursionError:
+        raise ValueError(f"{cfg_file}: not valid JSON (nested too deeply)") from None
 
 
 def check_against_config(path, header: dict, data_size: int, config: GPT2Config) -> dict:
