@@ -145,6 +145,19 @@ def test_single_file_roundtrip_4_heads(tmp_path, dtype, make_params):
     assert ref.rel_err(logits2, ref.forward(m2.params, idx, n_head=2, eps=1e-3)[0]) > 1e-3
 
 
+def test_single_file_roundtrip_variant(tmp_path):
+    """Every config field goes through to_hf_dict/from_hf_dict, so the variant fields (an
+    untied head, another activation, n_inner) round-trip in one file too."""
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=128, vocab_size=90, n_ctx=24, n_inner=200,
+                     activation_function="relu", tie_word_embeddings=False)
+    m = GPT2.from_config(cfg, seed=1)
+    m.save_safetensors(tmp_path / "u.safetensors")
+    m2 = GPT2.from_safetensors(tmp_path / "u.safetensors")
+    assert m2.config == cfg
+    idx = np.arange(10)[None]
+    assert np.array_equal(m.forward(idx)[0], m2.forward(idx)[0])
+
+
 def test_config_is_in_the_metadata(tmp_path):
     """Read back with the safetensors library: __metadata__ holds config.json's keys as a
     JSON string (values there must be strings), beside format=pt for transformers."""
