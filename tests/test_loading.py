@@ -657,8 +657,9 @@ def test_save_roundtrip_and_transformers_loads_it(tmp_path, make_config, make_mo
 
 
 def test_save_to_file_path(tmp_path, make_config, make_model):
-    """A path ending in .safetensors writes just that file; loading it back infers the config
-    (n_embd multiple of 64 here), while n_embd=32 cannot be inferred and says so."""
+    """A path ending in .safetensors writes just that file, with the config in its metadata:
+    loading it back gives the same config, even one that shapes alone cannot tell (2 heads of
+    16); a file without a config and with n_embd=32 cannot be inferred and says so."""
     cfg = GPT2Config(n_layer=2, n_head=1, n_embd=64, vocab_size=70, n_ctx=20)
     m = make_model(cfg, seed=53)
     path = tmp_path / "sub" / "weights.safetensors"
@@ -671,9 +672,16 @@ def test_save_to_file_path(tmp_path, make_config, make_model):
     small = make_model(make_config(n_layer=1, n_head=2, head_size=16, vocab_size=30, n_ctx=8))
     p2 = tmp_path / "small.safetensors"
     small.save_safetensors(p2)
+    back = GPT2.from_safetensors(p2)
+    assert back.config == small.config
+    assert_params_equal(back, small.params)
+
+    st = pytest.importorskip("safetensors.numpy")   # a writer that stores no gpt2s config
+    p3 = tmp_path / "bare.safetensors"
+    st.save_file({name: np.ascontiguousarray(v) for name, v in small.params.items()}, str(p3))
     with pytest.raises(SafetensorsError) as e:
-        GPT2.from_safetensors(p2)
-    assert str(p2) in str(e.value) and "64" in str(e.value)
+        GPT2.from_safetensors(p3)
+    assert str(p3) in str(e.value) and "64" in str(e.value)
 
 
 class _Interrupted(Exception):
