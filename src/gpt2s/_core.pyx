@@ -5,7 +5,8 @@ One ``*_forward`` / ``*_backward`` pair per layer, outputs first, a comment with
 top (the llm.c convention).  Every kernel releases the GIL and runs its loops under ``prange``
 on our single OpenMP thread pool.  Matmuls go to a single-threaded BLAS ``sgemm`` (SciPy's,
 reached through its Cython capsule) called from inside that pool, one column or row block
-per thread, so BLAS's own pool never competes with OpenMP's (DESIGN.md, GEMM note).
+per thread, so BLAS's own pool never competes with OpenMP's (docs/architecture.md, "The GEMM
+note").
 
 Shapes: B batch, T time, C channels (n_embd), NH heads, HS = C / NH head size, V vocab,
 N = B * T rows, OC output channels of a matmul.
