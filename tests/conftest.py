@@ -5,7 +5,11 @@
   forward or backward can be wrong without the numbers showing it;
 * ``make_batch``: token ids and targets (some -1);
 * ``make_hf_model``: the same weights in transformers' GPT2LMHeadModel (a second reference);
-* ``record_error``: the worst relative errors seen, printed at the end of the run.
+* ``record_error``: the worst relative errors seen, printed at the end of the run;
+* ``train_step``: zero_grad, forward, backward (and an optimizer step) as every test takes it;
+* ``check_matmul``: a float32 product against float64 within the rounding bound of its sums;
+* ``assert_chi_square``: sampled counts against exact probabilities;
+* ``matmul_paths``: which dispatched matmul paths (_core.matmul_path_counts) a test ran.
 
 Nothing here downloads anything: checkpoints are built from random weights.
 """
@@ -171,6 +175,58 @@ def hf_logits_loss(model, idx, targets=None):
     return logits.numpy(), loss
 
 
+def train_step(m, idx, targets, opt=None):
+    """One training step: zero_grad, forward with targets, backward, then opt.step() when an
+    optimizer is given.  Returns (logits, loss, grads), grads a copy of every gradient as the
+    backward left it (before the optimizer step)."""
+    m.zero_grad()
+    logits, loss = m.forward(idx, targets)
+    m.backward()
+    grads = {k: v.copy() for k, v in m.grads.items()}
+    if opt is not None:
+        opt.step()
+    return logits, loss, grads
+
+
+U32 = 2.0 ** -24   # float32 unit roundoff
+
+
+def check_matmul(got, want, scale, K, what):
+    """|got - want| <= 4 sqrt(K) u scale elementwise, scale = the sum of |terms| of each output:
+    the usual size of rounding error in a float32 sum of K products (the worst case is K u);
+    an indexing mistake is off by O(scale)."""
+    err = np.abs(got.astype(np.float64) - want)
+    bound = 4.0 * np.sqrt(max(K, 1)) * U32 * scale
+    worst = float((err / bound).max()) if err.size else 0.0
+    assert worst <= 1.0, f"{what}: error {worst:.2f} x the rounding bound"
+
+
+def assert_chi_square(counts, probs, p_value=1e-4):
+    """Pearson's chi-square test of integer counts against exact probabilities (same index):
+    no count where the probability is 0; categories with expectations below 5 merged (smallest
+    first) so that the chi-square approximation holds; fails with probability p_value when the
+    sampler is right."""
+    from scipy import stats
+    counts = np.asarray(counts)
+    probs = np.asarray(probs, np.float64)
+    n = int(counts.sum())
+    support = probs > 0
+    assert counts[~support].sum() == 0, "samples outside the support"
+    expected = probs[support] / probs[support].sum() * n
+    order = np.argsort(expected)
+    obs, exp = counts[support][order].astype(np.float64), expected[order]
+    small = np.cumsum(exp) < 5
+    if small.any() and (~small).any():
+        k = np.count_nonzero(small)
+        obs = np.concatenate([[obs[:k + 1].sum()], obs[k + 1:]])
+        exp = np.concatenate([[exp[:k + 1].sum()], exp[k + 1:]])
+    if exp.size < 2:   # one category: nothing to test beyond the support
+        return 0.0
+    chi2 = float(np.sum((obs - exp) ** 2 / exp))
+    assert chi2 < stats.chi2.ppf(1 - p_value, exp.size - 1), (chi2, exp.size)
+    return chi2
+
+
 # ------------------------------------------------------------------------------------------
 # fixtures
 
@@ -217,6 +273,14 @@ def every_kernel_parallel(restore_threads):
     gpt2s._core.set_parallel_min_work(0)
     yield
     gpt2s._core.set_parallel_min_work(saved)
+
+
+@pytest.fixture
+def matmul_paths():
+    """Resets _core's matmul path counters and hands back a function returning them: the
+    calls of each dispatched path since (see _core.matmul_path_counts)."""
+    gpt2s._core.reset_matmul_path_counts()
+    return gpt2s._core.matmul_path_counts
 
 
 # worst relative errors, by what was compared; printed after the run

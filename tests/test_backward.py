@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import ref
+from conftest import train_step
 
 TOL = 1e-4
 
@@ -24,13 +25,6 @@ CONFIGS = [
 ]
 
 
-def _grads_of(m, idx, targets):
-    m.zero_grad()
-    _, loss = m.forward(idx, targets)
-    m.backward()
-    return loss, {k: v.copy() for k, v in m.grads.items()}
-
-
 @pytest.mark.parametrize("L,NH,HS,V,n_ctx,B,T,eps", CONFIGS)
 def test_gradients_match_reference(L, NH, HS, V, n_ctx, B, T, eps, make_config, make_model,
                                    make_batch, record_error, request):
@@ -38,7 +32,7 @@ def test_gradients_match_reference(L, NH, HS, V, n_ctx, B, T, eps, make_config, 
     m = make_model(cfg, seed=L * 10 + NH)
     idx, targets = make_batch(cfg, B, T, seed=T, ignore_frac=0.3)
     params = {k: v.copy() for k, v in m.params.items()}
-    _, grads = _grads_of(m, idx, targets)
+    _, _, grads = train_step(m, idx, targets)
     _, _, ref_grads = ref.loss_and_grads(params, idx, targets, n_head=NH, eps=eps)
 
     assert set(m.grads) == set(m.params)
@@ -68,7 +62,7 @@ def test_gradients_match_pytorch(L, NH, HS, V, n_ctx, B, T, make_config, make_mo
     idx, targets = make_batch(cfg, B, T, seed=32, ignore_frac=0.3)
     assert (targets == -1).any()
     params = {k: v.copy() for k, v in m.params.items()}
-    loss, grads = _grads_of(m, idx, targets)
+    _, loss, grads = train_step(m, idx, targets)
 
     hf = make_hf_model(cfg, params, dtype="float64")
     logits = hf(torch.from_numpy(idx)).logits
@@ -173,7 +167,7 @@ def fd_setup(make_config, make_model, make_batch):
     m = make_model(cfg, seed=51)
     idx, targets = make_batch(cfg, 2, 10, seed=52, ignore_frac=0.25)
     params64 = {k: v.astype(np.float64) for k, v in m.params.items()}
-    _, ours = _grads_of(m, idx, targets)
+    _, _, ours = train_step(m, idx, targets)
     _, _, theirs = ref.loss_and_grads(params64, idx, targets, n_head=2)
     return cfg, m, idx, targets, params64, ours, theirs
 
@@ -239,7 +233,7 @@ def test_gradient_accumulation_halves(make_config, make_model, make_batch):
     idx, targets = make_batch(cfg, 4, 40, seed=62, ignore_frac=0.0)
     targets[0, :7] = -1
     targets[2, 10:17] = -1  # 7 ignored in each half
-    whole_loss, whole = _grads_of(m, idx, targets)
+    _, whole_loss, whole = train_step(m, idx, targets)
 
     m.zero_grad()
     _, loss1 = m.forward(idx[:2], targets[:2])
@@ -259,9 +253,9 @@ def test_gradient_accumulation_unequal_weights(make_config, make_model, make_bat
     idx, targets = make_batch(cfg, 3, 32, seed=64, ignore_frac=0.4)
     n1, n2 = int((targets[:1] != -1).sum()), int((targets[1:] != -1).sum())
     assert n1 != n2
-    _, whole = _grads_of(m, idx, targets)
-    _, g1 = _grads_of(m, idx[:1], targets[:1])
-    _, g2 = _grads_of(m, idx[1:], targets[1:])
+    _, _, whole = train_step(m, idx, targets)
+    _, _, g1 = train_step(m, idx[:1], targets[:1])
+    _, _, g2 = train_step(m, idx[1:], targets[1:])
     m.zero_grad()
     m.forward(idx[:1], targets[:1])
     m.backward()
@@ -277,7 +271,7 @@ def test_zero_grad_clears(make_config, make_model, make_batch):
     cfg = make_config(n_layer=2, n_head=2, head_size=8, vocab_size=60, n_ctx=16)
     m = make_model(cfg, seed=71)
     idx, targets = make_batch(cfg, 2, 16, seed=72)
-    first_loss, first = _grads_of(m, idx, targets)
+    _, first_loss, first = train_step(m, idx, targets)
     assert all(np.abs(g).max() > 0 for k, g in first.items() if k != "wpe.weight")
     m.zero_grad()
     for name, g in m.grads.items():
@@ -298,7 +292,7 @@ def test_backward_accumulates_without_zero_grad(make_config, make_model, make_ba
     cfg = make_config(n_layer=1, n_head=2, head_size=8, vocab_size=60, n_ctx=16)
     m = make_model(cfg, seed=73)
     idx, targets = make_batch(cfg, 2, 16, seed=74)
-    _, once = _grads_of(m, idx, targets)
+    _, _, once = train_step(m, idx, targets)
     m.forward(idx, targets)
     m.backward()  # no zero_grad: adds to what is there
     for name, g in once.items():
@@ -336,7 +330,7 @@ def test_backward_after_larger_and_smaller_batches(make_config, make_model, make
     _, _, ref_big = ref.loss_and_grads(params, *big, n_head=2)
     for batch, expect in ((small, ref_small), (big, ref_big), (small, ref_small),
                           (big, ref_big)):
-        _, got = _grads_of(m, *batch)
+        _, _, got = train_step(m, *batch)
         for name in expect:
             assert ref.rel_err(got[name], expect[name]) < TOL, name
 

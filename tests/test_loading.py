@@ -3,7 +3,10 @@
 and BF16, config inference for the four GPT-2 sizes, every malformed input, and saving files
 that transformers loads.
 
-Every checkpoint is built here from random weights; nothing is downloaded.
+Every checkpoint is built here from random weights; nothing is downloaded.  Only the tests
+that need transformers (its save_pretrained files, its model as the judge) or torch (its
+bfloat16 rounding) skip without them, each on its own; every malformed-file, truncation,
+interrupted-save and layout test runs with safetensors and NumPy alone, judged by tests/ref.py.
 """
 
 from __future__ import annotations
@@ -16,17 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy as st_numpy   # a runtime dependency of gpt2s
 
 import ref
 from conftest import hf_logits_loss, param_shapes
 import gpt2s
 from gpt2s import GPT2, GPT2Config, SafetensorsError
 from gpt2s import weights as gw
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-st_numpy = pytest.importorskip("safetensors.numpy")
-st_torch = pytest.importorskip("safetensors.torch")
 
 TOL = 1e-5
 
@@ -43,8 +42,30 @@ def read_header(path) -> dict:
 
 
 def write_config_json(directory, cfg: GPT2Config):
-    from conftest import hf_config
-    hf_config(cfg).to_json_file(str(Path(directory) / "config.json"))
+    """The keys of transformers' GPT2Config.to_json_file that describe the model, written by
+    hand (test_load_save_pretrained reads transformers' own file)."""
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+              "activation_function": "gelu_new", "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+              "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size, "n_positions": cfg.n_ctx,
+              "n_ctx": cfg.n_ctx, "layer_norm_epsilon": cfg.layer_norm_epsilon,
+              "tie_word_embeddings": True, "torch_dtype": "float32"}
+    (Path(directory) / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def write_raw_safetensors(path, tensors: dict):
+    """A safetensors file written byte by byte: name -> (dtype tag, shape, raw bytes), for
+    dtypes NumPy cannot hold (BF16)."""
+    header, offset = {}, 0
+    for name, (tag, shape, raw) in tensors.items():
+        header[name] = {"dtype": tag, "shape": list(shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+    hraw = json.dumps(header).encode()
+    hraw += b" " * (-len(hraw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hraw)) + hraw)
+        for _, _, raw in tensors.values():
+            f.write(raw)
 
 
 def save_hf_dir(tmp_path, cfg, params, make_hf_model, dtype="float32", name="hf"):
@@ -54,6 +75,19 @@ def save_hf_dir(tmp_path, cfg, params, make_hf_model, dtype="float32", name="hf"
     model.save_pretrained(str(d))
     assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
     return d
+
+
+def compare_with_ref(m: GPT2, cfg, params64, make_batch, record_error, label, B=2, T=None):
+    """Our logits and loss against tests/ref.py (float64) on params64."""
+    T = T or min(cfg.n_ctx, 40)
+    idx, targets = make_batch(cfg, B, T, seed=17, ignore_frac=0.25)
+    want_logits, want_loss, _ = ref.forward(params64, idx, targets, n_head=cfg.n_head,
+                                            eps=cfg.layer_norm_epsilon)
+    logits, loss = m.forward(idx, targets)
+    e_logits = record_error("loaded model logits vs ref.py", ref.rel_err(logits, want_logits),
+                            label)
+    assert e_logits < TOL, f"{label}: logits relative error {e_logits:.3e}"
+    assert abs(loss - want_loss) < TOL * want_loss, f"{label}: loss {loss} vs {want_loss}"
 
 
 def compare_with_hf(m: GPT2, cfg, params64, make_hf_model, make_batch, record_error, label,
@@ -127,7 +161,7 @@ def test_load_save_pretrained(tmp_path, L, NH, HS, V, n_ctx, eps, make_config, m
     pytest.param(64, "prefix+buffers", id="C64-prefix+buffers"),
 ])
 def test_load_original_layout_without_config(tmp_path, C, layout, make_params, make_batch,
-                                             make_hf_model, record_error):
+                                             record_error):
     """No config.json: n_layer, n_embd, vocab and n_ctx come from the shapes, n_head = n_embd/64
     as in all four released sizes.  The openai layout has no prefix and carries the mask
     buffers h.N.attn.bias / h.N.attn.masked_bias, which are ignored."""
@@ -145,23 +179,43 @@ def test_load_original_layout_without_config(tmp_path, C, layout, make_params, m
         m = GPT2.from_safetensors(source)
         assert m.config == cfg, (source, m.config)
         assert_params_equal(m, params)
-    compare_with_hf(m, cfg, params, make_hf_model, make_batch, record_error, layout)
+    compare_with_ref(m, cfg, params, make_batch, record_error, layout)
 
 
-def test_config_json_beside_loose_file_is_not_used(tmp_path, make_config, make_params,
-                                                   make_hf_model):
+def test_config_json_beside_loose_file_is_not_used(tmp_path, make_config, make_params):
     """A config.json counts for model.safetensors in the same directory; another file name is a
     loose file whose config is inferred from shapes (here: n_head = 64/64 = 1, not 4)."""
     cfg = make_config(n_layer=1, n_head=4, head_size=16, vocab_size=60, n_ctx=20)
-    d = save_hf_dir(tmp_path, cfg, make_params(cfg, seed=3), make_hf_model)
+    d = tmp_path / "hf"
+    d.mkdir()
+    st_numpy.save_file({"transformer." + k: v for k, v in make_params(cfg, seed=3).items()},
+                       str(d / "model.safetensors"))
+    write_config_json(d, cfg)
     assert GPT2.from_safetensors(d / "model.safetensors").config.n_head == 4
     os.replace(d / "model.safetensors", d / "other.safetensors")
     assert GPT2.from_safetensors(d / "other.safetensors").config.n_head == 1
 
 
-def test_load_fp16(tmp_path, make_config, make_params, make_batch, make_hf_model, record_error):
-    """An F16 checkpoint (transformers' save_pretrained of a .half() model): the values are the
-    fp16 numbers exactly, and the model matches transformers run in float64 on them."""
+def test_load_fp16(tmp_path, make_config, make_params, make_batch, record_error):
+    """An F16 checkpoint (written by safetensors from NumPy float16): the values are the fp16
+    numbers exactly, and the model matches tests/ref.py in float64 on them."""
+    cfg = make_config(n_layer=2, n_head=2, head_size=16, vocab_size=120, n_ctx=40)
+    params = make_params(cfg, seed=21)
+    st_numpy.save_file({"transformer." + k: v.astype(np.float16) for k, v in params.items()},
+                       str(tmp_path / "model.safetensors"))
+    write_config_json(tmp_path, cfg)
+    assert {v["dtype"] for k, v in read_header(tmp_path / "model.safetensors").items()
+            if k != "__metadata__"} == {"F16"}
+    rounded = {k: v.astype(np.float16).astype(np.float64) for k, v in params.items()}
+    m = GPT2.from_safetensors(tmp_path)
+    assert_params_equal(m, rounded)
+    compare_with_ref(m, cfg, rounded, make_batch, record_error, "fp16")
+
+
+def test_load_fp16_saved_by_transformers(tmp_path, make_config, make_params, make_batch,
+                                         make_hf_model, record_error):
+    """transformers' save_pretrained of a .half() model: the fp16 numbers exactly, and the
+    model matches transformers run in float64 on them."""
     cfg = make_config(n_layer=2, n_head=2, head_size=16, vocab_size=120, n_ctx=40)
     params = make_params(cfg, seed=21)
     d = save_hf_dir(tmp_path, cfg, params, make_hf_model, dtype="float16")
@@ -176,6 +230,7 @@ def test_load_fp16(tmp_path, make_config, make_params, make_batch, make_hf_model
 def test_load_bf16(tmp_path, make_config, make_params, make_batch, make_hf_model, record_error):
     """A BF16 checkpoint: widened exactly to float32 (NumPy has no bfloat16; torch is the
     judge of the rounding), and the model matches transformers float64 on those values."""
+    torch = pytest.importorskip("torch")
     cfg = make_config(n_layer=2, n_head=2, head_size=16, vocab_size=120, n_ctx=40)
     params = make_params(cfg, seed=22)
     d = save_hf_dir(tmp_path, cfg, params, make_hf_model, dtype="bfloat16")
@@ -190,22 +245,24 @@ def test_load_bf16(tmp_path, make_config, make_params, make_batch, make_hf_model
 
 
 def test_bf16_special_values(tmp_path):
-    """Negative numbers, zeros, subnormals, infinities survive the BF16 widening bit-exactly."""
+    """Negative numbers, zeros, subnormals, infinities survive the BF16 widening bit-exactly:
+    a bfloat16 is the top half of a float32, so the widened value has exactly the stored 16
+    bits on top and zeros below (the file is written byte by byte, no torch needed)."""
     cfg = GPT2Config(n_layer=1, n_head=1, n_embd=64, vocab_size=8, n_ctx=4)
     shapes = param_shapes(1, 64, 8, 4)
     rng = np.random.default_rng(0)
-    tensors = {k: torch.from_numpy(rng.standard_normal(s).astype(np.float32) * 3)
-               for k, s in shapes.items()}
-    special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, float("inf"), -float("inf"), 3.0e38,
-                            -2.5, 65504.0, 1.0 / 3.0], dtype=torch.float32)
-    tensors["ln_f.bias"][:len(special)] = special
-    bf = {k: v.to(torch.bfloat16) for k, v in tensors.items()}
-    st_torch.save_file(bf, str(tmp_path / "m.safetensors"))
+    bits = {k: (rng.standard_normal(s).astype(np.float32) * 3).view(np.uint32) >> 16
+            for k, s in shapes.items()}
+    special = np.array([0.0, -0.0, 1e-40, -1e-40, np.inf, -np.inf, 3.0e38, -2.5, 65504.0,
+                        1.0 / 3.0], np.float32).view(np.uint32) >> 16
+    bits["ln_f.bias"][:len(special)] = special
+    tensors = {k: ("BF16", b.shape, b.astype("<u2").tobytes()) for k, b in bits.items()}
+    write_raw_safetensors(tmp_path / "m.safetensors", tensors)
     m = GPT2.from_safetensors(tmp_path / "m.safetensors")
     assert m.config == cfg
-    for k, v in bf.items():
-        expect = v.to(torch.float32).numpy()
-        assert m.params[k].view(np.uint32).tolist() == expect.view(np.uint32).tolist(), k
+    for k, b in bits.items():
+        assert m.params[k].view(np.uint32).tolist() == (b << 16).tolist(), k
+    assert np.isinf(m.params["ln_f.bias"][4:6]).all() and m.params["ln_f.bias"][2] > 0
 
 
 @pytest.mark.parametrize("prefix", ["", "transformer."])
@@ -612,8 +669,9 @@ def test_bad_config_json(good_checkpoint):
 # saving
 
 
-def test_save_roundtrip_and_transformers_loads_it(tmp_path, make_config, make_model, make_batch,
-                                                  record_error):
+def test_save_roundtrip(tmp_path, make_config, make_model):
+    """gpt2s and the safetensors package read a saved model back bit-exactly, with Hugging
+    Face names; saving again over it replaces it."""
     cfg = make_config(n_layer=2, n_head=2, head_size=16, vocab_size=150, n_ctx=48, eps=1e-4)
     m = make_model(cfg, seed=51)
     d = tmp_path / "saved"
@@ -633,8 +691,25 @@ def test_save_roundtrip_and_transformers_loads_it(tmp_path, make_config, make_mo
         assert keys == {"transformer." + k for k in m.params}
         for k in m.params:
             np.testing.assert_array_equal(f.get_tensor("transformer." + k), m.params[k])
+    config = json.loads((d / "config.json").read_text())
+    assert (config["n_head"], config["layer_norm_epsilon"]) == (2, 1e-4)
 
-    # transformers loads it (weights identical, logits equal within float32 rounding)
+    # saving again over an existing checkpoint replaces it
+    m.params["ln_f.bias"][...] += 1.0
+    m.save_safetensors(d)
+    assert_params_equal(GPT2.from_safetensors(d), m.params)
+
+
+def test_saved_model_loads_in_transformers(tmp_path, make_config, make_model, make_batch,
+                                           record_error):
+    """transformers loads a saved model: weights identical, config right, logits equal within
+    float32 rounding."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("torch")
+    cfg = make_config(n_layer=2, n_head=2, head_size=16, vocab_size=150, n_ctx=48, eps=1e-4)
+    m = make_model(cfg, seed=51)
+    d = tmp_path / "saved"
+    m.save_safetensors(d)
     hf = transformers.GPT2LMHeadModel.from_pretrained(str(d), attn_implementation="eager")
     hf.eval()
     assert hf.config.n_head == 2 and hf.config.layer_norm_epsilon == 1e-4
@@ -649,11 +724,6 @@ def test_save_roundtrip_and_transformers_loads_it(tmp_path, make_config, make_mo
                      ref.rel_err(logits, hf_logits))
     assert e < TOL
     assert abs(loss - hf_loss) < TOL * hf_loss
-
-    # saving again over an existing checkpoint replaces it
-    m.params["ln_f.bias"][...] += 1.0
-    m.save_safetensors(d)
-    assert_params_equal(GPT2.from_safetensors(d), m.params)
 
 
 def test_save_to_file_path(tmp_path, make_config, make_model):

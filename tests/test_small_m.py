@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import ref
+from conftest import check_matmul as check
 import gpt2s
 from gpt2s import _core
 
 HAVE = _core.have_small_m_kernels()
-U = 2.0 ** -24   # float32 unit roundoff
 
 
 @pytest.fixture(params=["kernels", "sgemm"])
@@ -32,20 +32,18 @@ def path(request):
 
 
 @pytest.fixture(params=[1, 3])
-def nthreads(request, every_kernel_parallel):
-    """1 thread, and 3 (uneven column splits) with every kernel forced onto its parallel path."""
-    gpt2s.set_num_threads(request.param)
-    return request.param
-
-
-def check(got, want, scale, K, what):
-    """|got - want| <= 4 sqrt(K) u scale elementwise, scale = the sum of |terms| of each output:
-    the usual size of rounding error in a float32 sum of K products (the worst case is K u);
-    an indexing mistake is off by O(scale)."""
-    err = np.abs(got.astype(np.float64) - want)
-    bound = 4.0 * np.sqrt(K) * U * scale
-    worst = float((err / bound).max())
-    assert worst <= 1.0, f"{what}: error {worst:.2f} x the rounding bound"
+def nthreads(request, every_kernel_parallel, matmul_paths):
+    """1 thread, and 3 (uneven column splits) with every kernel forced onto its parallel path:
+    afterwards no matmul of the test may have stayed on one thread (the path counters say)."""
+    n = request.param if _core.have_openmp() else 1
+    gpt2s.set_num_threads(n)
+    yield n
+    counts = matmul_paths()
+    if n > 1:
+        assert counts["serial"] == 0, counts
+        assert counts["split_columns"] + counts["split_rows"] + counts["gemv_split_k"] > 0
+    else:
+        assert counts["serial"] > 0 and counts["split_columns"] == counts["split_rows"] == 0
 
 
 # (K, N): K = 64 one block, 65/130 a block plus a tail, 7 and 13 below a vector; N = 16, 48 whole

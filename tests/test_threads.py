@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import ref
+from conftest import train_step
 import gpt2s
 from gpt2s import AdamW
 
@@ -37,23 +38,16 @@ def model_and_batch(make_config, make_model, make_batch):
     return m, idx, targets
 
 
-def _run(m, idx, targets):
-    m.zero_grad()
-    logits, loss = m.forward(idx, targets)
-    m.backward()
-    return logits, loss, {k: v.copy() for k, v in m.grads.items()}
-
-
 @pytest.mark.parametrize("n", [2, 3])
 def test_one_and_n_threads_agree(threads, model_and_batch, record_error, n):
     """2 threads (the machine's cores) and 3 (uneven splits of every parallel loop)."""
     m, idx, targets = model_and_batch
     threads(1)
     assert gpt2s.get_num_threads() == 1
-    logits1, loss1, grads1 = _run(m, idx, targets)
+    logits1, loss1, grads1 = train_step(m, idx, targets)
     threads(n)
     assert gpt2s.get_num_threads() == (n if gpt2s._core.have_openmp() else 1)
-    logits2, loss2, grads2 = _run(m, idx, targets)
+    logits2, loss2, grads2 = train_step(m, idx, targets)
 
     e = record_error(f"threads 1 vs {n}: logits", ref.rel_err(logits2, logits1))
     assert e < 1e-6
@@ -66,7 +60,7 @@ def test_one_and_n_threads_agree(threads, model_and_batch, record_error, n):
     record_error(f"threads 1 vs {n}: gradients (worst tensor)", worst)
 
     # and repeatable: the same thread count gives the same bits twice
-    logits3, loss3, grads3 = _run(m, idx, targets)
+    logits3, loss3, grads3 = train_step(m, idx, targets)
     np.testing.assert_array_equal(logits3, logits2)
     assert loss3 == loss2
     for name in grads2:
@@ -77,7 +71,7 @@ def test_thread_count_changed_between_forward_and_backward(threads, model_and_ba
     """The backward's per-thread scratch follows the current count, not the forward's."""
     m, idx, targets = model_and_batch
     threads(1)
-    _, _, expect = _run(m, idx, targets)
+    _, _, expect = train_step(m, idx, targets)
     for first, second in ((1, 2), (2, 1), (3, 2)):
         threads(first)
         m.zero_grad()
@@ -114,9 +108,7 @@ def test_adamw_and_clipping_thread_independent(threads, make_config, make_model,
         idx, targets = make_batch(cfg, 2, 64, seed=84)
         opt = AdamW(m, lr=1e-3)
         threads(1)  # the same gradients for both runs: only clipping and the update vary
-        m.zero_grad()
-        m.forward(idx, targets)
-        m.backward()
+        train_step(m, idx, targets)
         threads(n)
         norm = gpt2s.clip_grad_norm(m, 0.1)
         opt.step()

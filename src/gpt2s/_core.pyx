@@ -5,7 +5,8 @@ One ``*_forward`` / ``*_backward`` pair per layer, outputs first, a comment with
 top (the llm.c convention).  Every kernel releases the GIL and runs its loops under ``prange``
 on our single OpenMP thread pool.  Matmuls go to a single-threaded BLAS ``sgemm`` (SciPy's,
 reached through its Cython capsule) called from inside that pool, one column or row block
-per thread, so BLAS's own pool never competes with OpenMP's (DESIGN.md, GEMM note).
+per thread, so BLAS's own pool never competes with OpenMP's (docs/architecture.md, "The GEMM
+note").
 
 Shapes: B batch, T time, C channels (n_embd), NH heads, HS = C / NH head size, V vocab,
 N = B * T rows, OC output channels of a matmul.
@@ -402,8 +403,15 @@ cdef int _num_threads = 1
 # Below this much work (elements touched, or multiply-adds) a kernel runs on the calling
 # thread: waking the team costs more than it saves, and on a busy machine every parallel
 # region waits for its slowest thread to be scheduled (batch-1 decoding runs ~120 small
-# kernels per token).
+# kernels per token).  The one threshold for every kernel, matmuls included (gemm weighs
+# its multiply-adds by MATMUL_WORK_PER_MAC).
 cdef double PARALLEL_MIN_WORK = 65536.0
+
+
+# What one multiply-add of a matmul counts for against PARALLEL_MIN_WORK.  A quarter keeps
+# the split point gemm had before it shared the threshold (a fixed 5e5 flops): at the default
+# 65536 it is 262144 multiply-adds, 5.2e5 flops.
+cdef double MATMUL_WORK_PER_MAC = 0.25
 
 
 cdef inline int threads_for(double work) noexcept nogil:
@@ -411,8 +419,9 @@ cdef inline int threads_for(double work) noexcept nogil:
 
 
 def set_parallel_min_work(double work):
-    """Set the size below which kernels stay on one thread (default 65536); 0 makes every
-    kernel use the whole team (the thread tests use it to exercise every parallel path)."""
+    """Set the size below which kernels stay on one thread (default 65536), matmuls included;
+    0 makes every kernel and every matmul use the whole team (the thread tests use it to
+    exercise every parallel path)."""
     global PARALLEL_MIN_WORK
     if not work >= 0:
         raise ValueError(f"parallel min work must be >= 0, got {work}")
@@ -496,6 +505,63 @@ def set_small_m_kernels(bint enabled):
     return previous
 
 
+# Which way each matmul went: one counter per dispatched path, for the tests that force a
+# path and must prove it ran (matmul_path_counts).  Atomic (relaxed) increments, once per
+# gemm / gemm_serial call and never per element, so they are exact under threads and cost
+# nothing measurable.
+cdef extern from *:
+    """
+    enum { GPT2S_PATH_SERIAL, GPT2S_PATH_SPLIT_COLUMNS, GPT2S_PATH_SPLIT_ROWS,
+           GPT2S_PATH_GEMV_SPLIT_K, GPT2S_PATH_SMALLM_NN, GPT2S_PATH_SMALLM_NT,
+           GPT2S_PATH_GEMV, GPT2S_PATH_SGEMM, GPT2S_NPATHS };
+    static long long gpt2s_path_counts[GPT2S_NPATHS];
+    #if defined(_MSC_VER)
+    #include <intrin.h>
+    static void gpt2s_count_path(int path) {
+        _InterlockedIncrement64((volatile __int64 *)&gpt2s_path_counts[path]);
+    }
+    #else
+    static void gpt2s_count_path(int path) {
+        __atomic_fetch_add(&gpt2s_path_counts[path], 1, __ATOMIC_RELAXED);
+    }
+    #endif
+    """
+    enum:
+        GPT2S_PATH_SERIAL
+        GPT2S_PATH_SPLIT_COLUMNS
+        GPT2S_PATH_SPLIT_ROWS
+        GPT2S_PATH_GEMV_SPLIT_K
+        GPT2S_PATH_SMALLM_NN
+        GPT2S_PATH_SMALLM_NT
+        GPT2S_PATH_GEMV
+        GPT2S_PATH_SGEMM
+        GPT2S_NPATHS
+    long long gpt2s_path_counts[]
+    void gpt2s_count_path(int path) noexcept nogil
+
+
+# the names of the counters, in enum order: gemm's four top-level choices, then what
+# gemm_serial ran (the few-row kernels, sgemv for one row, and every sgemm call: a product
+# cut into row slices counts one per slice)
+_MATMUL_PATHS = ("serial", "split_columns", "split_rows", "gemv_split_k",
+                 "smallm_nn", "smallm_nt", "gemv", "sgemm")
+
+
+def matmul_path_counts():
+    """{path: calls} since the last reset_matmul_path_counts(): gemm's choice per matmul
+    ("serial", "split_columns", "split_rows", "gemv_split_k") and the leaf calls on each
+    thread ("smallm_nn", "smallm_nt", "gemv", "sgemm" per row slice).  Attention's own
+    per-head products count as leaf calls too.  For tests and benchmarks."""
+    return {name: int(gpt2s_path_counts[i]) for i, name in enumerate(_MATMUL_PATHS)}
+
+
+def reset_matmul_path_counts():
+    """Set every matmul path counter to zero."""
+    cdef int i
+    for i in range(GPT2S_NPATHS):
+        gpt2s_path_counts[i] = 0
+
+
 cdef inline void sgemm_colmajor(char ta, char tb, int m, int n, int k, float alpha,
                                 const float *a, int lda, const float *b, int ldb,
                                 float beta, float *c, int ldc) noexcept nogil:
@@ -533,11 +599,13 @@ cdef inline void gemm_serial(bint trans_a, bint trans_b, int M, int N, int K, fl
     if (_use_smallm and 2 <= M <= GPT2S_SMALLM_MAX and not trans_a and alpha == 1.0
             and (beta == 0.0 or beta == 1.0)):
         # a few rows (decoding a batch): kernels that read B once (_smallm.h)
+        gpt2s_count_path(GPT2S_PATH_SMALLM_NT if trans_b else GPT2S_PATH_SMALLM_NN)
         gpt2s_smallm(trans_b, M, N, K, A, lda, B, ldb, beta == 1.0, C, ldc)
         return
     if M == 1:
         # One row (batch-1 decoding): a matrix-vector product.  sgemm with one column runs
         # several times slower than sgemv on the same memory-bound work.
+        gpt2s_count_path(GPT2S_PATH_GEMV)
         inc_a = lda if trans_a else 1
         if trans_b:   # B (N, K) row-major is column-major (K x N): C = B_cm^T a
             t = b'T'
@@ -547,6 +615,7 @@ cdef inline void gemm_serial(bint trans_a, bint trans_b, int M, int N, int K, fl
             _sgemv(&t, &N, &K, &alpha, <float *>B, &ldb, <float *>A, &inc_a, &beta, C, &one)
         return
     while lo < M:   # slices of at most ROWS_PER_SGEMM rows (see there)
+        gpt2s_count_path(GPT2S_PATH_SGEMM)
         sgemm_colmajor(b'T' if trans_b else b'N', b'T' if trans_a else b'N', N,
                        min(M - lo, ROWS_PER_SGEMM), K, alpha, B, ldb,
                        (A + lo) if trans_a else (A + <int64_t>lo * lda), lda,
@@ -593,13 +662,14 @@ cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
                float beta, float *C, int ldc) noexcept nogil:
     # gemm_serial split into one block of C per thread (along the longer side of C), each
     # block a single-threaded sgemm, all inside our one OpenMP team.
-    cdef int nt = _num_threads
+    cdef int nt = threads_for(MATMUL_WORK_PER_MAC * M * N * K)
     cdef int nblocks, blk, i, lo, hi, step
-    cdef double flops = 2.0 * M * N * K
-    if nt <= 1 or flops < 5.0e5:
+    if nt <= 1:
+        gpt2s_count_path(GPT2S_PATH_SERIAL)
         gemm_serial(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
         return
     if M == 1 and not trans_b and N < 2048 and K >= 2 * nt:
+        gpt2s_count_path(GPT2S_PATH_GEMV_SPLIT_K)
         # a row vector times a row-major B (K, N) with short rows: split over K so each thread
         # streams its own contiguous block of B (halves of 3 KB rows read at ~17 GB/s against
         # ~31 for whole blocks), then add the partial results
@@ -607,6 +677,7 @@ cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
         return
     if N >= M:
         # split columns of C: columns of op(B)
+        gpt2s_count_path(GPT2S_PATH_SPLIT_COLUMNS)
         step = ((N + nt - 1) // nt + 15) // 16 * 16
         nblocks = (N + step - 1) // step
         for blk in prange(nblocks, num_threads=nt, schedule='static'):
@@ -616,6 +687,7 @@ cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
                         (B + <int64_t>lo * ldb) if trans_b else (B + lo), ldb,
                         beta, C + lo, ldc)
     else:
+        gpt2s_count_path(GPT2S_PATH_SPLIT_ROWS)
         step = ((M + nt - 1) // nt + 15) // 16 * 16
         nblocks = (M + step - 1) // step
         for blk in prange(nblocks, num_threads=nt, schedule='static'):
@@ -624,6 +696,25 @@ cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
             gemm_serial(trans_a, trans_b, hi - lo, N, K, alpha,
                         (A + lo) if trans_a else (A + <int64_t>lo * lda), lda, B, ldb,
                         beta, C + <int64_t>lo * ldc, ldc)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks.  The kernels run with boundscheck=False on raw row pointers: every exported
+# kernel checks its shapes (and the token ids, targets and positions it indexes with) once per
+# call, and raises a ValueError naming itself and the shapes it got.
+
+def _sh(x):
+    """The shape of a memoryview, for error messages: (2, 3)."""
+    return tuple(x.shape)
+
+
+cdef Py_ssize_t _first_outside(const int64_t[::1] ids, int64_t lo, int64_t hi) noexcept:
+    # index of the first id outside [lo, hi), or -1: one pass over N ints
+    cdef Py_ssize_t i
+    for i in range(ids.shape[0]):
+        if ids[i] < lo or ids[i] >= hi:
+            return i
+    return -1
 
 
 # --------------------------------------------------------------------------------------------
@@ -636,6 +727,15 @@ def embedding_forward(float[:, ::1] out, const int64_t[::1] idx, const float[:, 
     cdef float *o
     cdef const float *te
     cdef const float *pe
+    if (idx.shape[0] != N or wte.shape[1] != C or wpe.shape[1] != C or T < 1 or N % T != 0
+            or pos0 < 0 or pos0 + T > wpe.shape[0]):
+        raise ValueError(f"embedding_forward: out {_sh(out)}, idx {_sh(idx)}, wte {_sh(wte)}, "
+                         f"wpe {_sh(wpe)}, T={T}, pos0={pos0}: need out (B*T, C), idx (B*T,), "
+                         f"wte (V, C), wpe (n_ctx, C) and 0 <= pos0, pos0 + T <= n_ctx")
+    n = _first_outside(idx, 0, wte.shape[0])
+    if n >= 0:
+        raise ValueError(f"embedding_forward: token id {idx[n]} at {n} is outside "
+                         f"[0, {wte.shape[0]})")
     for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
         o = &out[n, 0]
         te = &wte[idx[n], 0]
@@ -651,9 +751,19 @@ def embedding_backward(float[:, ::1] dwte, float[:, ::1] dwpe, const float[:, ::
     # belongs to one prange iteration.
     cdef Py_ssize_t N = dout.shape[0], C = dout.shape[1], n, c, b, t
     cdef int nt = threads_for(N * C), k
-    cdef int B = N // T
+    cdef int B
     cdef float *d
     cdef const float *g
+    if (idx.shape[0] != N or dwte.shape[1] != C or dwpe.shape[1] != C or T < 1 or N % T != 0
+            or T > dwpe.shape[0]):
+        raise ValueError(f"embedding_backward: dwte {_sh(dwte)}, dwpe {_sh(dwpe)}, dout "
+                         f"{_sh(dout)}, idx {_sh(idx)}, T={T}: need dout (B*T, C), idx (B*T,), "
+                         f"dwte (V, C), dwpe (n_ctx, C) with T <= n_ctx")
+    n = _first_outside(idx, 0, dwte.shape[0])
+    if n >= 0:
+        raise ValueError(f"embedding_backward: token id {idx[n]} at {n} is outside "
+                         f"[0, {dwte.shape[0]})")
+    B = N // T
     for k in prange(nt, nogil=True, num_threads=nt, schedule='static'):
         for n in range(N):
             if idx[n] % nt == k:
@@ -676,8 +786,15 @@ def layernorm_forward(float[:, ::1] out, float[::1] mean, float[::1] rstd,
                       const float[:, ::1] inp, const float[::1] weight, const float[::1] bias,
                       float eps):
     # out (N, C) = (inp - mean) * rstd * weight + bias; mean, rstd (N,) kept for the backward
+    # (both empty: not kept)
     cdef Py_ssize_t N = inp.shape[0], n
     cdef int C = inp.shape[1]
+    if (out.shape[0] != N or out.shape[1] != C or weight.shape[0] != C or bias.shape[0] != C
+            or mean.shape[0] != rstd.shape[0] or (mean.shape[0] != 0 and mean.shape[0] != N)):
+        raise ValueError(f"layernorm_forward: out {_sh(out)}, mean {_sh(mean)}, rstd "
+                         f"{_sh(rstd)}, inp {_sh(inp)}, weight {_sh(weight)}, bias {_sh(bias)}: "
+                         f"need out like inp (N, C), weight and bias (C,), mean and rstd both "
+                         f"(N,) or both empty")
     cdef float *pm = &mean[0] if mean.shape[0] > 0 else NULL
     cdef float *pr = &rstd[0] if rstd.shape[0] > 0 else NULL
     for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
@@ -692,6 +809,15 @@ def residual_layernorm_forward(float[:, ::1] residual, float[:, ::1] out, float[
     # residual (N, C) = inp1 + inp2, then out = layernorm(residual): one pass over the rows
     cdef Py_ssize_t N = inp1.shape[0], n, c
     cdef int C = inp1.shape[1]
+    if (inp2.shape[0] != N or inp2.shape[1] != C or residual.shape[0] != N
+            or residual.shape[1] != C or out.shape[0] != N or out.shape[1] != C
+            or weight.shape[0] != C or bias.shape[0] != C or mean.shape[0] != rstd.shape[0]
+            or (mean.shape[0] != 0 and mean.shape[0] != N)):
+        raise ValueError(f"residual_layernorm_forward: residual {_sh(residual)}, out "
+                         f"{_sh(out)}, mean {_sh(mean)}, rstd {_sh(rstd)}, inp1 {_sh(inp1)}, "
+                         f"inp2 {_sh(inp2)}, weight {_sh(weight)}, bias {_sh(bias)}: need "
+                         f"residual, out, inp2 like inp1 (N, C), weight and bias (C,), mean "
+                         f"and rstd both (N,) or both empty")
     cdef float *r
     cdef const float *a
     cdef const float *b
@@ -717,6 +843,13 @@ def layernorm_backward(float[:, ::1] dinp, float[::1] dweight, float[::1] dbias,
     # at most one partial sum per scratch row: another Python thread may change the thread
     # count between the caller sizing scratch and this call
     cdef int C = inp.shape[1], nt = min(_num_threads, scratch.shape[0]), k, tid
+    if (dinp.shape[0] != N or dinp.shape[1] != C or dout.shape[0] != N or dout.shape[1] != C
+            or dweight.shape[0] != C or dbias.shape[0] != C or weight.shape[0] != C
+            or mean.shape[0] != N or rstd.shape[0] != N):
+        raise ValueError(f"layernorm_backward: dinp {_sh(dinp)}, dweight {_sh(dweight)}, "
+                         f"dbias {_sh(dbias)}, dout {_sh(dout)}, inp {_sh(inp)}, weight "
+                         f"{_sh(weight)}, mean {_sh(mean)}, rstd {_sh(rstd)}: need dinp, dout "
+                         f"like inp (N, C), dweight, dbias, weight (C,), mean, rstd (N,)")
     if nt < 1 or scratch.shape[1] < 2 * C:
         raise ValueError(f"layernorm_backward: scratch of shape ({scratch.shape[0]}, "
                          f"{scratch.shape[1]}) too small, need (>= 1, {2 * C})")
@@ -823,6 +956,8 @@ def gelu_forward(float[:, ::1] out, const float[:, ::1] inp):
     # out = 0.5 x (1 + tanh(u)) = x sigmoid(2u),  u = sqrt(2/pi) (x + 0.044715 x^3);  (N, D)
     cdef Py_ssize_t N = inp.shape[0], n
     cdef int D = inp.shape[1]
+    if out.shape[0] != N or out.shape[1] != D:
+        raise ValueError(f"gelu_forward: out {_sh(out)} and inp {_sh(inp)} differ in shape")
     for n in prange(N, nogil=True, num_threads=threads_for(N * D), schedule='static'):
         gpt2s_gelu_row(&out[n, 0], &inp[n, 0], D)
 
@@ -832,6 +967,9 @@ def gelu_backward(float[:, ::1] dinp, const float[:, ::1] inp, const float[:, ::
     # gelu' = s + x s (1 - s) 2 u',  u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
     cdef Py_ssize_t N = inp.shape[0], n
     cdef int D = inp.shape[1]
+    if dinp.shape[0] != N or dinp.shape[1] != D or dout.shape[0] != N or dout.shape[1] != D:
+        raise ValueError(f"gelu_backward: dinp {_sh(dinp)}, inp {_sh(inp)}, dout {_sh(dout)}: "
+                         f"need all three of one shape")
     for n in prange(N, nogil=True, num_threads=threads_for(N * D), schedule='static'):
         gpt2s_gelu_backward_row(&dinp[n, 0], &inp[n, 0], &dout[n, 0], D)
 
@@ -934,6 +1072,9 @@ def residual_forward(float[:, ::1] out, const float[:, ::1] inp1, const float[:,
     cdef float *o
     cdef const float *a
     cdef const float *b
+    if out.shape[0] != N or out.shape[1] != C or inp2.shape[0] != N or inp2.shape[1] != C:
+        raise ValueError(f"residual_forward: out {_sh(out)}, inp1 {_sh(inp1)}, inp2 "
+                         f"{_sh(inp2)}: need all three of one shape")
     for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
         o = &out[n, 0]
         a = &inp1[n, 0]
@@ -989,14 +1130,29 @@ def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
     # scale * q.k (GPT-2: scale = 1/sqrt(HS); GPT2Config.attention_scale has the variants).
     cdef int B = out.shape[0], Tq = out.shape[1], C = out.shape[2]
     cdef int ldq = q.shape[2], ldk = k.shape[2], Tkmax = k.shape[1]
-    cdef int HS = C // n_head, NH = n_head, bh, b, h
+    cdef int HS, NH = n_head, bh, b, h
     cdef float *S
     cdef bint keep_lse = lse.shape[0] > 0
+    cdef int no_memory = 0
+    if (n_head < 1 or C % n_head != 0 or q.shape[0] != B or q.shape[1] != Tq
+            or k.shape[0] < B or v.shape[0] < B or q_off < 0 or k_off < 0 or v_off < 0
+            or q_off + C > ldq or k_off + C > ldk or v_off + C > v.shape[2] or pos0 < 0
+            or (keep_lse and (lse.shape[0] != B or lse.shape[1] != n_head
+                              or lse.shape[2] != Tq))):
+        raise ValueError(f"attention_forward: out {_sh(out)}, lse {_sh(lse)}, q {_sh(q)} at "
+                         f"column {q_off}, k {_sh(k)} at {k_off}, v {_sh(v)} at {v_off}, "
+                         f"pos0={pos0}, n_head={n_head}: need out (B, Tq, C) with n_head "
+                         f"dividing C, lse (B, n_head, Tq) or empty, q (B, Tq, >= q_off + C), "
+                         f"k and v (B, Tk, >= off + C)")
+    HS = C // n_head
     if pos0 + Tq > Tkmax or v.shape[1] != Tkmax or v.shape[2] != ldk:
         raise ValueError("attention_forward: key/value buffers too short")
     with nogil, parallel(num_threads=threads_for(<double>B * NH * Tq * (pos0 + Tq) * HS)):
         S = <float *>malloc(sizeof(float) * QBLOCK * (pos0 + Tq))
         for bh in prange(B * NH, schedule='static'):
+            if S == NULL:   # this thread got no scratch: flag it, raise after the region
+                no_memory += 1
+                continue
             b = bh // NH
             h = bh % NH
             attention_head_forward(&out[b, 0, h * HS], C,
@@ -1005,6 +1161,9 @@ def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
                                    &k[b, 0, k_off + h * HS], &v[b, 0, v_off + h * HS], ldk,
                                    Tq, pos0, HS, scale, S)
         free(S)
+    if no_memory:
+        raise MemoryError(f"attention_forward: no memory for a thread's {QBLOCK} x "
+                          f"{pos0 + Tq} score scratch")
 
 
 cdef inline void attention_head_backward(float *dq, float *dk, float *dv, int ldd,
@@ -1049,15 +1208,29 @@ def attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
     # dqkv (B, T, 3C) is overwritten; dout, out (B, T, C); lse (B, NH, T); qkv (B, T, 3C);
     # scale: the forward's score scale
     cdef int B = out.shape[0], T = out.shape[1], C = out.shape[2]
-    cdef int HS = C // n_head, NH = n_head, bh, b, h, t
+    cdef int HS, NH = n_head, bh, b, h, t
     cdef float *P
     cdef float *dP
     cdef float *D
+    cdef int no_memory = 0
+    if (n_head < 1 or C % n_head != 0 or dout.shape[0] != B or dout.shape[1] != T
+            or dout.shape[2] != C or dqkv.shape[0] != B or dqkv.shape[1] != T
+            or dqkv.shape[2] != 3 * C or qkv.shape[0] != B or qkv.shape[1] != T
+            or qkv.shape[2] != 3 * C or lse.shape[0] != B or lse.shape[1] != n_head
+            or lse.shape[2] != T):
+        raise ValueError(f"attention_backward: dqkv {_sh(dqkv)}, dout {_sh(dout)}, out "
+                         f"{_sh(out)}, lse {_sh(lse)}, qkv {_sh(qkv)}, n_head={n_head}: need "
+                         f"dout like out (B, T, C) with n_head dividing C, dqkv and qkv "
+                         f"(B, T, 3C), lse (B, n_head, T)")
+    HS = C // n_head
     with nogil, parallel(num_threads=threads_for(<double>B * NH * T * T * HS)):
         P = <float *>malloc(sizeof(float) * QBLOCK * T)
         dP = <float *>malloc(sizeof(float) * QBLOCK * T)
         D = <float *>malloc(sizeof(float) * QBLOCK)
         for bh in prange(B * NH, schedule='static'):
+            if P == NULL or dP == NULL or D == NULL:   # flagged, raised after the region
+                no_memory += 1
+                continue
             b = bh // NH
             h = bh % NH
             for t in range(T):
@@ -1071,12 +1244,21 @@ def attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
         free(P)
         free(dP)
         free(D)
+    if no_memory:
+        raise MemoryError(f"attention_backward: no memory for a thread's 2 x {QBLOCK} x {T} "
+                          f"probability scratch")
 
 
 def kv_cache_write(float[:, :, ::1] kcache, float[:, :, ::1] vcache,
                    const float[:, :, ::1] qkv, int pos0):
     # kcache, vcache (B, n_ctx, C)[:, pos0:pos0+T] = k, v parts of qkv (B, T, 3C)
     cdef int B = qkv.shape[0], T = qkv.shape[1], C = kcache.shape[2], b, t
+    if (vcache.shape[0] != kcache.shape[0] or vcache.shape[1] != kcache.shape[1]
+            or vcache.shape[2] != C or qkv.shape[2] != 3 * C or B > kcache.shape[0]
+            or pos0 < 0 or pos0 + T > kcache.shape[1]):
+        raise ValueError(f"kv_cache_write: kcache {_sh(kcache)}, vcache {_sh(vcache)}, qkv "
+                         f"{_sh(qkv)}, pos0={pos0}: need kcache, vcache (>= B, n_ctx, C), qkv "
+                         f"(B, T, 3C) and 0 <= pos0, pos0 + T <= n_ctx")
     with nogil:
         for b in range(B):
             for t in range(T):
@@ -1093,6 +1275,14 @@ def crossentropy_forward(float[::1] losses, float[::1] lse, const float[:, ::1] 
     cdef Py_ssize_t N = logits.shape[0], n
     cdef int V = logits.shape[1]
     cdef float l
+    if losses.shape[0] != N or lse.shape[0] != N or targets.shape[0] != N:
+        raise ValueError(f"crossentropy_forward: losses {_sh(losses)}, lse {_sh(lse)}, logits "
+                         f"{_sh(logits)}, targets {_sh(targets)}: need losses, lse, targets (N,) "
+                         f"for logits (N, V)")
+    n = _first_outside(targets, -1, V)
+    if n >= 0:
+        raise ValueError(f"crossentropy_forward: target {targets[n]} at {n} is outside "
+                         f"[0, {V}) and not the ignore value -1")
     for n in prange(N, nogil=True, num_threads=threads_for(N * V), schedule='static'):
         l = gpt2s_logsumexp_row(&logits[n, 0], V)
         lse[n] = l
@@ -1111,6 +1301,15 @@ def crossentropy_backward(float[:, ::1] dlogits, const float[:, ::1] logits,
     cdef float *d
     cdef const float *x
     cdef float l
+    if (dlogits.shape[0] != N or dlogits.shape[1] != V or lse.shape[0] != N
+            or targets.shape[0] != N):
+        raise ValueError(f"crossentropy_backward: dlogits {_sh(dlogits)}, logits "
+                         f"{_sh(logits)}, lse {_sh(lse)}, targets {_sh(targets)}: need dlogits "
+                         f"like logits (N, V), lse and targets (N,)")
+    n = _first_outside(targets, -1, V)
+    if n >= 0:
+        raise ValueError(f"crossentropy_backward: target {targets[n]} at {n} is outside "
+                         f"[0, {V}) and not the ignore value -1")
     for n in prange(N, nogil=True, num_threads=threads_for(N * V), schedule='static'):
         d = &dlogits[n, 0]
         if targets[n] < 0:

@@ -2,7 +2,7 @@
 
 Our matmuls call a single-threaded sgemm from each OpenMP thread, so the BLAS library behind
 scipy.linalg.cython_blas is limited to one thread of its own; otherwise its pthreads would
-spin against libgomp's workers (DESIGN.md, GEMM note).  Only that library is limited: NumPy's
+spin against libgomp's workers (docs/architecture.md, "The GEMM note").  Only that library is limited: NumPy's
 own BLAS (a separate copy in the PyPI wheels) keeps its settings.
 """
 

@@ -1,0 +1,269 @@
+"""The exported kernels read through raw row pointers with bounds checking off: each checks its
+shapes, and the token ids, targets and positions it indexes with, once per call, and raises a
+ValueError naming the kernel (and the shapes) instead of reading past an array.  A thread of
+an attention kernel that cannot get its scratch memory raises MemoryError, never writes
+through NULL.
+
+(matmul_forward / matmul_backward / lm_head_*: tests/test_small_m.py; adamw_step and the
+sampling kernels: tests/test_optim.py and tests/test_sampling.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from gpt2s import _core
+
+
+def f32(*shape):
+    return np.zeros(shape, np.float32)
+
+
+def i64(*values):
+    return np.array(values, np.int64)
+
+
+N, C, V, NCTX, T = 6, 8, 11, 5, 3
+IDS = i64(1, 2, 3, 4, 5, 6)
+
+
+# (kernel name, call, text the message must contain): one bad argument per case
+BAD_CALLS = [
+    # embedding
+    ("embedding_forward", lambda: _core.embedding_forward(f32(N, C), IDS[:5], f32(V, C),
+                                                          f32(NCTX, C), T, 0), "idx (5,)"),
+    ("embedding_forward", lambda: _core.embedding_forward(f32(N, C), IDS, f32(V, C + 1),
+                                                          f32(NCTX, C), T, 0), "wte (11, 9)"),
+    ("embedding_forward", lambda: _core.embedding_forward(f32(N, C), IDS, f32(V, C),
+                                                          f32(NCTX, 4), T, 0), "wpe (5, 4)"),
+    ("embedding_forward", lambda: _core.embedding_forward(f32(N, C), IDS, f32(V, C),
+                                                          f32(NCTX, C), 4, 0), "T=4"),
+    ("embedding_forward", lambda: _core.embedding_forward(f32(N, C), IDS, f32(V, C),
+                                                          f32(NCTX, C), 0, 0), "T=0"),
+    ("embedding_forward", lambda: _core.embedding_forward(f32(N, C), IDS, f32(V, C),
+                                                          f32(NCTX, C), T, 3), "pos0=3"),
+    ("embedding_forward", lambda: _core.embedding_forward(f32(N, C), IDS, f32(V, C),
+                                                          f32(NCTX, C), T, -1), "pos0=-1"),
+    ("embedding_forward", lambda: _core.embedding_forward(f32(N, C), i64(1, 2, 11, 4, 5, 6),
+                                                          f32(V, C), f32(NCTX, C), T, 0),
+     "token id 11 at 2"),
+    ("embedding_forward", lambda: _core.embedding_forward(f32(N, C), i64(1, 2, 3, 4, 5, -1),
+                                                          f32(V, C), f32(NCTX, C), T, 0),
+     "token id -1 at 5"),
+    ("embedding_backward", lambda: _core.embedding_backward(f32(V, C), f32(NCTX, C),
+                                                            f32(N, C), IDS[:4], T), "idx (4,)"),
+    ("embedding_backward", lambda: _core.embedding_backward(f32(V, C), f32(2, C), f32(N, C),
+                                                            IDS, T), "dwpe (2, 8)"),
+    ("embedding_backward", lambda: _core.embedding_backward(f32(V, C - 1), f32(NCTX, C),
+                                                            f32(N, C), IDS, T), "dwte (11, 7)"),
+    ("embedding_backward", lambda: _core.embedding_backward(f32(V, C), f32(NCTX, C),
+                                                            f32(N, C), IDS, 4), "T=4"),
+    ("embedding_backward", lambda: _core.embedding_backward(f32(V, C), f32(NCTX, C), f32(N, C),
+                                                            i64(0, 0, 0, 0, 0, 99), T),
+     "token id 99 at 5"),
+    # layernorm
+    ("layernorm_forward", lambda: _core.layernorm_forward(f32(N, C + 1), f32(N), f32(N),
+                                                          f32(N, C), f32(C), f32(C), 1e-5),
+     "out (6, 9)"),
+    ("layernorm_forward", lambda: _core.layernorm_forward(f32(N, C), f32(N), f32(N), f32(N, C),
+                                                          f32(C - 1), f32(C), 1e-5),
+     "weight (7,)"),
+    ("layernorm_forward", lambda: _core.layernorm_forward(f32(N, C), f32(N), f32(N), f32(N, C),
+                                                          f32(C), f32(2), 1e-5), "bias (2,)"),
+    ("layernorm_forward", lambda: _core.layernorm_forward(f32(N, C), f32(N), f32(0), f32(N, C),
+                                                          f32(C), f32(C), 1e-5), "rstd (0,)"),
+    ("layernorm_forward", lambda: _core.layernorm_forward(f32(N, C), f32(N - 1), f32(N - 1),
+                                                          f32(N, C), f32(C), f32(C), 1e-5),
+     "mean (5,)"),
+    ("residual_layernorm_forward", lambda: _core.residual_layernorm_forward(
+        f32(N, C), f32(N, C), f32(N), f32(N), f32(N, C), f32(N - 1, C), f32(C), f32(C), 1e-5),
+     "inp2 (5, 8)"),
+    ("residual_layernorm_forward", lambda: _core.residual_layernorm_forward(
+        f32(N - 1, C), f32(N, C), f32(N), f32(N), f32(N, C), f32(N, C), f32(C), f32(C), 1e-5),
+     "residual (5, 8)"),
+    ("residual_layernorm_forward", lambda: _core.residual_layernorm_forward(
+        f32(N, C), f32(N, C), f32(N), f32(N), f32(N, C), f32(N, C), f32(C), f32(C + 3), 1e-5),
+     "bias (11,)"),
+    ("residual_layernorm_forward", lambda: _core.residual_layernorm_forward(
+        f32(N, C), f32(N, C), f32(0), f32(N), f32(N, C), f32(N, C), f32(C), f32(C), 1e-5),
+     "mean (0,)"),
+    ("layernorm_backward", lambda: _core.layernorm_backward(
+        f32(N, C), f32(C), f32(C), f32(N, C), f32(N, C), f32(C), f32(N), f32(N - 2),
+        f32(8, 2 * C)), "rstd (4,)"),
+    ("layernorm_backward", lambda: _core.layernorm_backward(
+        f32(N, C), f32(C), f32(C), f32(N + 1, C), f32(N, C), f32(C), f32(N), f32(N),
+        f32(8, 2 * C)), "dout (7, 8)"),
+    ("layernorm_backward", lambda: _core.layernorm_backward(
+        f32(N, C), f32(C + 1), f32(C), f32(N, C), f32(N, C), f32(C), f32(N), f32(N),
+        f32(8, 2 * C)), "dweight (9,)"),
+    # GELU, residual
+    ("gelu_forward", lambda: _core.gelu_forward(f32(N, C), f32(N + 1, C)), "inp (7, 8)"),
+    ("gelu_forward", lambda: _core.gelu_forward(f32(N, C - 1), f32(N, C)), "out (6, 7)"),
+    ("gelu_backward", lambda: _core.gelu_backward(f32(N, C), f32(N, C), f32(N, C + 1)),
+     "dout (6, 9)"),
+    ("gelu_backward", lambda: _core.gelu_backward(f32(N - 1, C), f32(N, C), f32(N, C)),
+     "dinp (5, 8)"),
+    ("residual_forward", lambda: _core.residual_forward(f32(N, C), f32(N, C), f32(N, 2)),
+     "inp2 (6, 2)"),
+    ("residual_forward", lambda: _core.residual_forward(f32(1, C), f32(N, C), f32(N, C)),
+     "out (1, 8)"),
+    # attention (B = 2, T = 3, C = 8 in 2 heads; qkv (2, 3, 24))
+    ("attention_forward", lambda: _core.attention_forward(
+        f32(2, 3, C), f32(2, 2, 3), f32(2, 3, 24), 0, f32(2, 3, 24), C, f32(2, 3, 24), 2 * C,
+        0, 3, 0.5), "n_head=3"),
+    ("attention_forward", lambda: _core.attention_forward(
+        f32(2, 3, C), f32(2, 2, 3), f32(2, 3, 24), 0, f32(2, 3, 24), C, f32(2, 3, 24), 2 * C,
+        0, 0, 0.5), "n_head=0"),
+    ("attention_forward", lambda: _core.attention_forward(
+        f32(2, 3, C), f32(2, 2, 4), f32(2, 3, 24), 0, f32(2, 3, 24), C, f32(2, 3, 24), 2 * C,
+        0, 2, 0.5), "lse (2, 2, 4)"),
+    ("attention_forward", lambda: _core.attention_forward(
+        f32(2, 3, C), f32(2, 2, 3), f32(1, 3, 24), 0, f32(2, 3, 24), C, f32(2, 3, 24), 2 * C,
+        0, 2, 0.5), "q (1, 3, 24)"),
+    ("attention_forward", lambda: _core.attention_forward(
+        f32(2, 3, C), f32(2, 2, 3), f32(2, 3, 24), 17, f32(2, 3, 24), C, f32(2, 3, 24), 2 * C,
+        0, 2, 0.5), "column 17"),
+    ("attention_forward", lambda: _core.attention_forward(
+        f32(2, 3, C), f32(2, 2, 3), f32(2, 3, 24), 0, f32(2, 3, 24), 20, f32(2, 3, 24), 2 * C,
+        0, 2, 0.5), "at 20"),
+    ("attention_forward", lambda: _core.attention_forward(
+        f32(2, 3, C), f32(2, 2, 3), f32(2, 3, 24), 0, f32(2, 3, 24), C, f32(2, 3, 24), -1,
+        0, 2, 0.5), "at -1"),
+    ("attention_forward", lambda: _core.attention_forward(
+        f32(2, 3, C), f32(2, 2, 3), f32(2, 3, 24), 0, f32(1, 3, 24), C, f32(1, 3, 24), 2 * C,
+        0, 2, 0.5), "k (1, 3, 24)"),
+    ("attention_forward", lambda: _core.attention_forward(
+        f32(2, 1, C), f32(0, 0, 0), f32(2, 1, 24), 0, f32(2, 5, C), 0, f32(2, 5, C), 0,
+        -1, 2, 0.5), "pos0=-1"),
+    ("attention_forward", lambda: _core.attention_forward(
+        f32(2, 1, C), f32(0, 0, 0), f32(2, 1, 24), 0, f32(2, 5, C), 0, f32(2, 5, C), 0,
+        5, 2, 0.5), "too short"),
+    ("attention_backward", lambda: _core.attention_backward(
+        f32(2, 3, 24), f32(2, 3, C), f32(2, 3, C), f32(2, 2, 3), f32(2, 3, 24), 3, 0.5),
+     "n_head=3"),
+    ("attention_backward", lambda: _core.attention_backward(
+        f32(2, 3, 24), f32(2, 3, C), f32(2, 3, C), f32(2, 2, 2), f32(2, 3, 24), 2, 0.5),
+     "lse (2, 2, 2)"),
+    ("attention_backward", lambda: _core.attention_backward(
+        f32(2, 3, 16), f32(2, 3, C), f32(2, 3, C), f32(2, 2, 3), f32(2, 3, 24), 2, 0.5),
+     "dqkv (2, 3, 16)"),
+    ("attention_backward", lambda: _core.attention_backward(
+        f32(2, 3, 24), f32(2, 3, C), f32(2, 3, C), f32(2, 2, 3), f32(2, 2, 24), 2, 0.5),
+     "qkv (2, 2, 24)"),
+    ("attention_backward", lambda: _core.attention_backward(
+        f32(2, 3, 24), f32(1, 3, C), f32(2, 3, C), f32(2, 2, 3), f32(2, 3, 24), 2, 0.5),
+     "dout (1, 3, 8)"),
+    # the KV cache (B = 2, n_ctx = 5, C = 8)
+    ("kv_cache_write", lambda: _core.kv_cache_write(f32(2, 5, C), f32(2, 5, C), f32(2, 2, 24), 4),
+     "pos0=4"),
+    ("kv_cache_write", lambda: _core.kv_cache_write(f32(2, 5, C), f32(2, 5, C), f32(2, 2, 24), -1),
+     "pos0=-1"),
+    ("kv_cache_write", lambda: _core.kv_cache_write(f32(2, 5, C), f32(2, 4, C), f32(2, 2, 24), 0),
+     "vcache (2, 4, 8)"),
+    ("kv_cache_write", lambda: _core.kv_cache_write(f32(2, 5, C), f32(2, 5, C), f32(2, 2, 20), 0),
+     "qkv (2, 2, 20)"),
+    ("kv_cache_write", lambda: _core.kv_cache_write(f32(1, 5, C), f32(1, 5, C), f32(2, 2, 24), 0),
+     "kcache (1, 5, 8)"),
+    # softmax cross-entropy (N = 6 rows, V = 11)
+    ("crossentropy_forward", lambda: _core.crossentropy_forward(
+        f32(N), f32(N), f32(N, V), i64(0, 1, 2, 3, 11, 5)), "target 11 at 4"),
+    ("crossentropy_forward", lambda: _core.crossentropy_forward(
+        f32(N), f32(N), f32(N, V), i64(0, 1, -2, 3, 4, 5)), "target -2 at 2"),
+    ("crossentropy_forward", lambda: _core.crossentropy_forward(
+        f32(N), f32(N), f32(N, V), i64(0, 1, 2)), "targets (3,)"),
+    ("crossentropy_forward", lambda: _core.crossentropy_forward(
+        f32(N), f32(N - 1), f32(N, V), IDS - 1), "lse (5,)"),
+    ("crossentropy_forward", lambda: _core.crossentropy_forward(
+        f32(N + 1), f32(N), f32(N, V), IDS - 1), "losses (7,)"),
+    ("crossentropy_backward", lambda: _core.crossentropy_backward(
+        f32(N, V), f32(N, V), f32(N), i64(0, 1, 2, 3, 4, 50), 1.0), "target 50 at 5"),
+    ("crossentropy_backward", lambda: _core.crossentropy_backward(
+        f32(N, V), f32(N, V), f32(N), i64(-7, 1, 2, 3, 4, 5), 1.0), "target -7 at 0"),
+    ("crossentropy_backward", lambda: _core.crossentropy_backward(
+        f32(N, V - 1), f32(N, V), f32(N), IDS - 1, 1.0), "dlogits (6, 10)"),
+    ("crossentropy_backward", lambda: _core.crossentropy_backward(
+        f32(N, V), f32(N, V), f32(N), IDS[:2], 1.0), "targets (2,)"),
+]
+
+
+@pytest.mark.parametrize("kernel,call,fragment", BAD_CALLS,
+                         ids=[f"{k}-{i}" for i, (k, _, _) in enumerate(BAD_CALLS)])
+def test_bad_arguments_raise_value_error_naming_kernel(kernel, call, fragment):
+    with pytest.raises(ValueError) as e:
+        call()
+    msg = str(e.value)
+    assert msg.startswith(kernel + ":"), msg
+    assert fragment in msg, msg
+
+
+def test_every_checked_kernel_is_covered():
+    """Each checked kernel has at least two bad calls here."""
+    names = [k for k, _, _ in BAD_CALLS]
+    for kernel in ("embedding_forward", "embedding_backward", "layernorm_forward",
+                   "residual_layernorm_forward", "layernorm_backward", "gelu_forward",
+                   "gelu_backward", "residual_forward", "attention_forward",
+                   "attention_backward", "kv_cache_write", "crossentropy_forward",
+                   "crossentropy_backward"):
+        assert names.count(kernel) >= 2, kernel
+
+
+def test_good_arguments_still_run():
+    """The boundaries the checks allow: the last token id, the last position, target -1 and
+    V - 1, layernorm without mean/rstd, a KV cache filled to n_ctx."""
+    wte = np.arange(V * C, dtype=np.float32).reshape(V, C)
+    wpe = np.ones((NCTX, C), np.float32)
+    out = f32(N, C)
+    _core.embedding_forward(out, i64(10, 0, 1, 2, 3, 10), wte, wpe, T, NCTX - T)
+    np.testing.assert_array_equal(out[0], wte[10] + 1)
+    _core.layernorm_forward(f32(N, C), f32(0), f32(0), out, f32(C) + 1, f32(C), 1e-5)
+    losses = f32(N)
+    logits = np.random.default_rng(0).standard_normal((N, V)).astype(np.float32)
+    _core.crossentropy_forward(losses, f32(N), logits, i64(-1, 10, 0, -1, 5, 3))
+    assert losses[0] == 0 and losses[3] == 0 and (losses[[1, 2, 4, 5]] > 0).all()
+    k, v = f32(2, 5, C), f32(2, 5, C)
+    qkv = np.ones((2, 2, 24), np.float32)
+    _core.kv_cache_write(k, v, qkv, 3)
+    assert k[:, 3:].all() and not k[:, :3].any()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc: Linux")
+@pytest.mark.parametrize("kernel", ["attention_forward", "attention_backward"])
+def test_attention_scratch_allocation_failure_raises_memory_error(kernel):
+    """With the address space capped just above what the process uses, a thread's 64 x T
+    scratch (51 MB at T = 200000) cannot be allocated: MemoryError after the parallel region,
+    and the process goes on."""
+    code = textwrap.dedent(f"""
+        import resource, numpy as np, gpt2s
+        from gpt2s import _core
+        gpt2s.set_num_threads(1)
+        T = 200_000
+        if "{kernel}" == "attention_forward":
+            args = (np.zeros((1, 1, 1), np.float32), np.zeros((0, 0, 0), np.float32),
+                    np.zeros((1, 1, 1), np.float32), 0, np.zeros((1, T, 1), np.float32), 0,
+                    np.zeros((1, T, 1), np.float32), 0, T - 1, 1, 1.0)
+        else:
+            args = (np.zeros((1, T, 3), np.float32), np.zeros((1, T, 1), np.float32),
+                    np.zeros((1, T, 1), np.float32), np.zeros((1, 1, T), np.float32),
+                    np.zeros((1, T, 3), np.float32), 1, 1.0)
+        kernel = getattr(_core, "{kernel}")
+        for line in open("/proc/self/status"):
+            if line.startswith("VmSize:"):
+                used = int(line.split()[1]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (used + (24 << 20), resource.RLIM_INFINITY))
+        try:
+            kernel(*args)
+        except MemoryError as e:
+            print("MemoryError:", e)
+        else:
+            print("no error")
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith(f"MemoryError: {kernel}: no memory"), (p.stdout, p.stderr)
