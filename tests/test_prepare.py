@@ -144,3 +144,37 @@ def test_cli(corpus, tmp_path):
                         "--val-fraction", "0.1", "--val-shards", "1"], capture_output=True,
                        text=True, timeout=60, cwd=tmp_path)
     assert p.returncode == 2 and "not allowed with argument" in p.stderr
+
+
+def test_prepare_then_train_and_eval(tmp_path, capsys):
+    """prepare -> train on the shards -> eval on the validation shards."""
+    from pathlib import Path
+    from gpt2s import GPT2, train
+    from gpt2s.eval import evaluate
+    from gpt2s.eval import main as eval_main
+    text_file = Path(__file__).parent / "data" / "tinyshakespeare_excerpt.txt"
+    out = tmp_path / "shards"
+    m = prepare([text_file], out, shard_size=3000, val_fraction=0.1, workers=1)
+    assert len(m["train"]) >= 2 and m["val"]
+    text_tokens = TokenData(text_file).tokens()
+    train_data = TokenData(str(out / "train_*.bin"))
+    assert np.array_equal(train_data.tokens(), text_tokens[:m["train_tokens"]])
+    assert train.main([str(out / "train_*.bin"), "--val-data", str(out / "val_*.bin"),
+                       "--init", "tiny", "--batch-size", "2", "--seq-len", "16", "--steps", "3",
+                       "--eval-every", "3", "--eval-batches", "1", "--quiet", "--no-plot",
+                       "--out", str(tmp_path / "run")]) == 0
+    state = json.loads((tmp_path / "run" / "train_state.json").read_text())
+    assert state["identity"]["train_data"] == train_data.fingerprint
+    # the training batches are windows of the text's tokens
+    x, y = train.train_batch(train_data, 0, 0, 0, 2, 16)
+    for row in x:
+        assert any(np.array_equal(text_tokens[s:s + 16], row)
+                   for s in range(m["train_tokens"] - 16))
+    capsys.readouterr()
+    assert eval_main(["--model", str(tmp_path / "run"), "--seq-len", "16", "--json", "-q",
+                      str(out / "val_*.bin")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    want = evaluate(GPT2.from_safetensors(tmp_path / "run"), text_tokens[m["train_tokens"]:],
+                    16)
+    assert result["tokens"] == m["val_tokens"] - 1
+    assert result["loss"] == pytest.approx(want["loss"], rel=1e-6)
