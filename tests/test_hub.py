@@ -173,8 +173,11 @@ def test_demo_and_paths(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFound, match="runs/mini: no such file or directory, and not a "
                                             "model name"):
         GPT2.from_pretrained("runs/mini")
-    with pytest.raises(ValueError, match="dtype 'bfloat16' is not supported"):
-        GPT2.from_pretrained("demo", dtype="bfloat16")
+    # the storage dtype goes through to from_safetensors
+    bf16 = GPT2.from_pretrained("demo", dtype="bfloat16")
+    assert bf16.dtype == "bfloat16"
+    with pytest.raises(ValueError, match="dtype"):
+        GPT2.from_pretrained("demo", dtype="float8")
     # from_safetensors("demo") with no such file points to from_pretrained
     with pytest.raises(FileNotFoundError, match=r"demo: no such file or directory; to load the "
                                                 r"bundled demo model by name use "

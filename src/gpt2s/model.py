@@ -176,14 +176,14 @@ class GPT2:
         """Load by name or path: ``"demo"`` (the model bundled with gpt2s), ``"gpt2"``,
         ``"gpt2-medium"``, ``"gpt2-large"``, ``"gpt2-xl"``, ``"openai-community/..."`` (from the
         local Hugging Face cache, else downloaded with huggingface_hub when it is installed,
-        the ``hub`` extra), or a path as in ``from_safetensors``.  Only ``dtype="float32"``
-        exists for now.  See gpt2s.hub.resolve_pretrained for the rules."""
+        the ``hub`` extra), or a path as in ``from_safetensors``.  ``dtype`` is the weight
+        storage, as in ``from_safetensors``: "float32", "bfloat16" or "int8" (the latter two
+        for inference).  See gpt2s.hub.resolve_pretrained for the rules."""
         from .hub import resolve_pretrained
-        if dtype not in ("float32", np.float32):
-            raise ValueError(f"dtype {dtype!r} is not supported yet: weights are stored as "
-                             f"float32 (dtype='float32')")
+        dtype = _lowp.check_dtype(dtype)
         return cls.from_safetensors(resolve_pretrained(name_or_path,
-                                                       local_files_only=local_files_only))
+                                                       local_files_only=local_files_only),
+                                    dtype=dtype)
 
     def _store_param(self, name: str, value: np.ndarray):
         """Set parameter name from a float32 array (compressed when this model's dtype says)."""

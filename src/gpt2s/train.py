@@ -197,7 +197,7 @@ data parallel over MPI (pip install "gpt2s[mpi]"; docs/distributed.md): under
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PATH",
                      help="fine-tune this model: a .safetensors file or a model directory "
-                          "(or a name such as gpt2 or demo, where GPT2.from_pretrained exists)"
+                          "(or a name such as gpt2 or demo: GPT2.from_pretrained)"
                           " (default: random weights of --init)")
     src.add_argument("--init", choices=GPT2Config.presets(), default=None, metavar="SIZE",
                      help="start from random weights of this size, one of "
@@ -842,8 +842,8 @@ def _run_inner(args) -> int:
             identity["model_source"] = ck.state.get("identity", {}).get("model_source")
             model = GPT2.from_safetensors(ck.dir)
         elif args.model:
-            # a path, or a name GPT2.from_pretrained knows (demo, gpt2, ...) where it exists
-            load = getattr(GPT2, "from_pretrained", GPT2.from_safetensors)
+            # a path, or a name GPT2.from_pretrained knows (demo, gpt2, ...)
+            load = GPT2.from_pretrained
             model = load(args.model)
         else:
             identity["model_source"] = "init:" + (args.init or "mini")
