@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2s import GPT2, AdamW, GPT2Config, clip_grad_norm, get_tokenizer
+from gpt2s import GPT2, AdamW, GPT2Config, get_tokenizer
 
 TEXT = Path(sys.argv[1]) if len(sys.argv) > 1 else \
     Path(__file__).resolve().parent.parent / "tests" / "data" / "tinyshakespeare_excerpt.txt"
@@ -73,10 +73,11 @@ for step in range(STEPS):
         _, micro_loss = model.forward(x, y, return_logits=False)
         model.backward()
         loss += micro_loss / ACCUM
-    for g in model.grads.values():        # accumulated over ACCUM micro-batches: average them
-        g *= 1.0 / ACCUM
-    norm = clip_grad_norm(model, MAX_NORM)   # returns the norm before clipping
-    opt.step()
+    # The gradients were summed over ACCUM micro-batches: grad_scale=1/ACCUM averages them,
+    # and max_norm clips the global norm, both folded into the one fused update pass (the
+    # gradient buffer is left as it is).  step() returns the norm before clipping.  The
+    # same, in two passes: clip_grad_norm(model, MAX_NORM) on averaged gradients, opt.step().
+    norm = opt.step(grad_scale=1.0 / ACCUM, max_norm=MAX_NORM)
     if (step + 1) % 10 == 0:
         print(f"step {step + 1:3d}  lr {opt.lr:.2e}  train loss {loss:.3f}  grad norm {norm:.2f}"
               f"  val loss {val_loss(model):.3f}")
