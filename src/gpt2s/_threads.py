@@ -57,8 +57,26 @@ def _default_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Threads for every gpt2s kernel (matmuls included).  Defaults to OMP_NUM_THREADS, else
-    the number of cores OpenMP sees.  Without OpenMP the kernels run on one thread."""
+    """Set the number of CPU threads every gpt2s kernel uses (matmuls included).
+
+    The default is ``$OMP_NUM_THREADS``, else the number of cores OpenMP sees.  It may be
+    called at any time; a call already running finishes with the count it started with.
+    Without OpenMP the kernels run on one thread whatever is set.
+
+    Args:
+        n: threads, >= 1.
+
+    Raises:
+        TypeError: n is not an int.
+        ValueError: n < 1.
+
+    Examples:
+        >>> import gpt2s
+        >>> before = gpt2s.get_num_threads()
+        >>> gpt2s.set_num_threads(1); gpt2s.get_num_threads()
+        1
+        >>> gpt2s.set_num_threads(before)
+    """
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
     if n < 1:
@@ -67,6 +85,13 @@ def set_num_threads(n: int) -> None:
 
 
 def get_num_threads() -> int:
+    """The number of CPU threads the kernels use (see `set_num_threads`).
+
+    Examples:
+        >>> import gpt2s
+        >>> gpt2s.get_num_threads() >= 1
+        True
+    """
     return _core.get_num_threads()
 
 
@@ -76,7 +101,23 @@ def init() -> None:
 
 
 def show_config(file=None) -> dict:
-    """Print (and return) the build and run-time configuration: OpenMP, threads, BLAS."""
+    """Print (and return) the build and run-time configuration: whether OpenMP is compiled in,
+    the thread count, which CPU kernels are in use, and the BLAS library behind the matmuls.
+
+    Args:
+        file: where to print (default: sys.stdout).
+
+    Returns:
+        the same facts as a dict (keys ``gpt2s``, ``openmp``, ``isa_clones``,
+        ``small_m_kernels``, ``threads``, ``omp_max_threads``, ``blas``, ``numpy``,
+        ``python``).
+
+    Examples:
+        >>> import io, gpt2s
+        >>> info = gpt2s.show_config(file=io.StringIO())
+        >>> info["threads"] == gpt2s.get_num_threads()
+        True
+    """
     import sys
     import numpy as np
     from . import __version__

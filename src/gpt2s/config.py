@@ -76,17 +76,38 @@ _PRESETS = {
 
 @dataclass(frozen=True)
 class GPT2Config:
-    """Sizes and variant flags of a GPT-2 model (Hugging Face's key names and defaults).
+    """The sizes and variant flags of a GPT-2 model, with Hugging Face's key names and defaults.
+    Frozen; checked when made.
 
-    ``n_inner``: width of the MLP (None: 4 * n_embd).  ``activation_function``: one of
-    ``ACTIVATION_KERNELS`` (the tanh GELUs gelu_new / gelu_pytorch_tanh / gelu_fast, the erf
-    GELU gelu, relu, silu / swish, quick_gelu).  ``scale_attn_weights``: scores are divided by
-    sqrt(head_size) (False: not scaled); ``scale_attn_by_inverse_layer_idx``: layer l's scores
-    are further divided by l + 1.  ``reorder_and_upcast_attn``: transformers computes the
-    scores in float32 under half-precision autocast; gpt2s always computes attention in
-    float32 with the scale folded into the Q K^T product, so the flag is carried (and saved)
-    but changes nothing here.  ``tie_word_embeddings=False``: the output head is its own
-    ``lm_head.weight`` (V, C) instead of ``wte.weight``.
+    Attributes:
+        n_layer: transformer blocks (12 for GPT-2 124M).
+        n_head: attention heads per block; must divide n_embd.
+        n_embd: channels of the residual stream (768).
+        vocab_size: tokens in the vocabulary (50257 for GPT-2's tokenizer).
+        n_ctx: the longest sequence the model reads (1024; Hugging Face's ``n_positions``).
+        layer_norm_epsilon: added to the variance in every layernorm.
+        n_inner: width of the MLP (None: 4 * n_embd).
+        activation_function: the MLP's activation, one of ``ACTIVATION_KERNELS``: the tanh
+            GELUs gelu_new / gelu_pytorch_tanh / gelu_fast, the erf GELU gelu, relu,
+            silu / swish, quick_gelu.
+        scale_attn_weights: attention scores are divided by sqrt(head_size) (False: not scaled).
+        scale_attn_by_inverse_layer_idx: layer l's scores are further divided by l + 1.
+        reorder_and_upcast_attn: transformers computes the scores in float32 under
+            half-precision autocast; gpt2s always computes attention in float32 with the scale
+            folded into the Q K^T product, so the flag is carried (and saved) but changes
+            nothing here.
+        tie_word_embeddings: True (GPT-2): the output head is ``wte.weight``; False: a separate
+            ``lm_head.weight`` (V, C).
+
+    Raises:
+        ValueError: a size that is not a positive integer, n_embd not divisible by n_head, or
+            a field value gpt2s does not support (named in the message).
+
+    Examples:
+        >>> GPT2Config(n_layer=6, n_head=8, n_embd=256, n_ctx=512).head_size
+        32
+        >>> GPT2Config.preset("gpt2-medium").n_layer
+        24
     """
 
     n_layer: int = 12
@@ -150,6 +171,8 @@ class GPT2Config:
 
     @property
     def head_size(self) -> int:
+        """Channels per attention head, ``n_embd // n_head``.
+        """
         return self.n_embd // self.n_head
 
     @property
@@ -174,16 +197,45 @@ class GPT2Config:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPT2Config":
-        """One of: gpt2, gpt2-medium, gpt2-large, gpt2-xl, tiny, mini, small-demo."""
+        """The config of a named size, optionally with some fields changed.
+
+        Args:
+            name: gpt2, gpt2-medium, gpt2-large, gpt2-xl (the released GPT-2 sizes), or tiny,
+                mini, small-demo (small sizes with a shorter context, for tests and demos).
+            **overrides: fields to change, e.g. ``n_ctx=256``.
+
+        Returns:
+            a new `GPT2Config`.
+
+        Raises:
+            ValueError: an unknown name or a bad override.
+
+        Examples:
+            >>> GPT2Config.preset("gpt2", n_ctx=256).n_ctx
+            256
+        """
         if name not in _PRESETS:
             raise ValueError(f"unknown GPT-2 preset {name!r}; choose one of {sorted(_PRESETS)}")
         return cls(**{**_PRESETS[name], **overrides})
 
     @staticmethod
     def presets() -> list[str]:
+        """The names `preset` accepts.
+
+        Examples:
+            >>> len(GPT2Config.presets()), "gpt2-xl" in GPT2Config.presets()
+            (7, True)
+        """
         return list(_PRESETS)
 
     def num_parameters(self) -> int:
+        """The number of parameters a model of these sizes has (``wte`` counted once: it is tied to
+        the output layer), without building it.
+
+        Examples:
+            >>> GPT2Config.preset("gpt2-xl").num_parameters()
+            1557611200
+        """
         C, L, V, T, H = self.n_embd, self.n_layer, self.vocab_size, self.n_ctx, self.inner_size
         per_layer = 2 * C + (C * 3 * C + 3 * C) + (C * C + C) + 2 * C + (C * H + H) \
             + (H * C + C)
@@ -194,9 +246,24 @@ class GPT2Config:
 
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> "GPT2Config":
-        """Read Hugging Face's GPT-2 config keys (n_positions or n_ctx for the context).
-        Keys that change the math are honoured or refused by name (ValueError); keys that do
-        not (dropouts, token ids, architectures, ...) are ignored."""
+        """The config from the keys of a Hugging Face GPT-2 ``config.json`` (``n_positions`` or
+        ``n_ctx`` for the context; other keys are ignored).
+
+        Args:
+            d: the parsed JSON object.
+            source: what to name in error messages.
+
+        Returns:
+            a new `GPT2Config`.
+
+        Raises:
+            ValueError: a key is missing or a value is invalid (the message names the source).
+
+        Examples:
+            >>> GPT2Config.from_hf_dict({"n_layer": 2, "n_head": 2, "n_embd": 64,
+            ...                          "vocab_size": 50257, "n_positions": 128}).n_ctx
+            128
+        """
         for name, value, why in _refusals(d):
             shown = json.dumps(value, default=str)
             raise ValueError(f"{source}: {name}={shown} is not supported: {why}")
@@ -221,6 +288,27 @@ class GPT2Config:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "GPT2Config":
+        """The config from a Hugging Face ``config.json`` file (see `from_hf_dict`).
+
+        Args:
+            path: the file.
+
+        Returns:
+            a new `GPT2Config`.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not valid JSON, not an object, or not a GPT-2 config (the message names
+                the file).
+
+        Examples:
+            >>> import json, tempfile, os
+            >>> path = os.path.join(tempfile.mkdtemp(), "config.json")
+            >>> with open(path, "w") as f:
+            ...     json.dump(GPT2Config.preset("tiny").to_hf_dict(), f)
+            >>> GPT2Config.from_json_file(path) == GPT2Config.preset("tiny")
+            True
+        """
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
@@ -231,7 +319,13 @@ class GPT2Config:
         return cls.from_hf_dict(d, source=str(path))
 
     def to_hf_dict(self) -> dict:
-        """config.json content that transformers' GPT2LMHeadModel loads."""
+        """The ``config.json`` content for these sizes that ``transformers.GPT2LMHeadModel`` loads
+        (GPT-2's activation, tied embeddings, no dropout).
+
+        Examples:
+            >>> GPT2Config.preset("tiny").to_hf_dict()["n_positions"]
+            128
+        """
         return {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
@@ -258,8 +352,20 @@ class GPT2Config:
         }
 
     def as_dict(self) -> dict:
+        """The fields as a dict.
+
+        Examples:
+            >>> GPT2Config.preset("tiny").as_dict()["n_embd"]
+            64
+        """
         return asdict(self)
 
     @classmethod
     def field_names(cls) -> list[str]:
+        """The names of the fields, in order.
+
+        Examples:
+            >>> GPT2Config.field_names()[:5]
+            ['n_layer', 'n_head', 'n_embd', 'vocab_size', 'n_ctx']
+        """
         return [f.name for f in fields(cls)]

@@ -71,13 +71,23 @@ class _Workspace:
 class GPT2:
     """GPT-2 with forward, backward and generation in Cython kernels.
 
-    ``m.params`` and ``m.grads`` map Hugging Face parameter names (without the
-    ``transformer.`` prefix) to float32 views of one contiguous buffer each.
+    Build one with `from_safetensors` (a Hugging Face checkpoint) or `from_config` (random
+    weights); ``GPT2(config)`` alone gives a model whose parameters are all zero.
 
-    ``dtype`` "bfloat16" or "int8" makes an inference model whose matmul weights (the Conv1D
-    weights and the tied wte) are stored compressed (gpt2s/lowp.py: their ``params`` entries
-    are ``BF16Weight`` / ``Q8Weight`` objects); it runs ``forward`` and ``generate*`` but not
-    ``backward``.
+    Attributes:
+        config: the model's sizes (a frozen `GPT2Config`).
+        params: Hugging Face parameter names (without the ``transformer.`` prefix) mapped to
+            float32 NumPy views of one contiguous buffer; matmul weights in GPT-2's Conv1D
+            layout ``[in, out]``.  Writing into a view changes the model.  ``grads`` (below)
+            has the same names and shapes.
+
+    Examples:
+        >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+        >>> m.params["h.0.attn.c_attn.weight"].shape
+        (64, 192)
+        >>> logits, loss = m.forward([[464, 3290, 318]], targets=[[3290, 318, 257]])
+        >>> logits.shape, round(loss, 1)
+        ((1, 3, 50257), 10.9)
     """
 
     def __init__(self, config: GPT2Config, dtype: str = "float32"):
@@ -123,9 +133,29 @@ class GPT2:
     @classmethod
     def from_config(cls, config: GPT2Config, seed: int | None = 0,
                     dtype: str = "float32") -> "GPT2":
-        """GPT-2's initialisation: normal(0, 0.02) weights and embeddings, residual projections
-        (``c_proj``) scaled by 1/sqrt(2 n_layer), layernorm weights 1, all biases 0.  dtype
-        "bfloat16" / "int8": an inference model with those weights compressed."""
+        """A model of the given sizes with GPT-2's random initialisation.
+
+        Weights and embeddings are drawn from normal(0, 0.02), the residual projections
+        (``c_proj``) from normal(0, 0.02 / sqrt(2 n_layer)); layernorm weights are 1 and all biases 0.
+
+        Args:
+            config: the sizes, e.g. ``GPT2Config.preset("gpt2")``.
+            seed: seed of NumPy's random generator; the same seed gives the same weights.  None
+                draws fresh entropy.
+            dtype: "float32" (trainable), or "bfloat16" / "int8": an inference model with the
+                matmul weights compressed (see `to_dtype`).
+
+        Returns:
+            a new `GPT2`.
+
+        Raises:
+            TypeError: config is not a `GPT2Config`.
+
+        Examples:
+            >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+            >>> m.num_parameters()
+            3324736
+        """
         if _lowp.check_dtype(dtype) != "float32":
             return cls.from_config(config, seed).to_dtype(dtype)
         m = cls(config)
@@ -144,18 +174,37 @@ class GPT2:
 
     @classmethod
     def from_safetensors(cls, path, dtype: str = "float32") -> "GPT2":
-        """Load a .safetensors file, or a directory with model.safetensors (+ config.json).
+        """Load a Hugging Face GPT-2 checkpoint.
 
         F32, F16 and BF16 tensors are converted to float32 once; keys may carry the
-        ``transformer.`` prefix; ``h.N.attn.bias``/``masked_bias`` buffers are ignored; a
-        ``lm_head.weight`` must equal ``wte.weight`` unless the config has
-        ``tie_word_embeddings: false``.  The config comes from config.json beside a
-        directory's model.safetensors, else from the file's metadata (gpt2s saves store it
-        there), else from the tensor shapes.  Every header is validated against the file
-        before anything is allocated; a bad or hostile file raises SafetensorsError.
-        dtype "bfloat16" (BF16 tensors load exactly, others round to nearest even) or "int8"
-        (blocks of 32, gpt2s/lowp.py) makes an inference model with compressed matmul weights,
-        converted one tensor at a time from the file mapping (never two full copies in memory).
+        ``transformer.`` prefix; the ``h.N.attn.bias`` / ``masked_bias`` buffers are ignored; an
+        ``lm_head.weight`` must equal ``wte.weight`` unless config.json has
+        ``tie_word_embeddings: false``.  Without config.json the sizes are inferred from the tensor
+        shapes.
+
+        Args:
+            path: a ``.safetensors`` file, or a directory with ``model.safetensors`` (and,
+                optionally, ``config.json``).
+            dtype: "float32" (trainable); "bfloat16" (BF16 tensors load exactly, others round to
+                nearest even) or "int8" (blocks of 32, gpt2s/lowp.py): an inference model with
+                compressed matmul weights, converted one tensor at a time from the file mapping
+                (never two full copies in memory).
+
+        Returns:
+            a new `GPT2` with the checkpoint's weights.
+
+        Raises:
+            FileNotFoundError: no such file, or a directory without model.safetensors.
+            SafetensorsError: the file is not a usable GPT-2 safetensors file (the message names
+                the file and the tensor: missing, wrong shape, unknown dtype, truncated).
+            ValueError: config.json is not valid or does not describe a GPT-2.
+
+        Examples:
+            >>> import tempfile
+            >>> d = tempfile.mkdtemp()
+            >>> _ = GPT2.from_config(GPT2Config.preset("tiny"), seed=0).save_safetensors(d)
+            >>> GPT2.from_safetensors(d).config.n_layer
+            2
         """
         _lowp.check_dtype(dtype)
         file, mm, header, data_start, config = open_model(path)  # validated, nothing allocated
@@ -229,6 +278,12 @@ class GPT2:
         return self._grads
 
     def num_parameters(self) -> int:
+        """The number of parameters (weights and biases; the tied ``wte`` counted once).
+
+        Examples:
+            >>> GPT2.from_config(GPT2Config.preset("mini"), seed=0).num_parameters()
+            7259008
+        """
         return sum(v.size for v in self.params.values())
 
     def __repr__(self):
@@ -284,17 +339,40 @@ class GPT2:
 
     def forward(self, idx, targets=None, *, return_logits: bool = True,
                 for_backward: bool = True):
-        """Logits (B, T, V) float32 and the mean cross-entropy over targets != -1 (or None).
+        """Logits for every position and, with targets, the mean cross-entropy loss.
 
-        idx: integer token ids, shape (B, T) or (T,) (then B = 1).  The logits array is new on
-        every call and never overwritten by the model.  With targets (and ``for_backward``,
-        the default), the activations are kept for ``backward()``: a training call, serialized
-        with the other training calls on this model.  ``for_backward=False`` computes the loss
-        only (evaluation): like a forward without targets it keeps nothing and may run in
-        several threads at once.  ``return_logits=False`` (training loops) returns
-        ``(None, loss)``: the logits then stay in a buffer the model reuses, and the backward
-        turns them into dlogits in place, saving a (B, T, V) array (51 MB for GPT-2 at B=4,
-        T=64).
+        With targets (and ``for_backward``, the default) the activations are kept for `backward`:
+        a training call, serialized with the other training calls on this model.  Without targets,
+        or with ``for_backward=False`` (evaluation), nothing is kept and any number of threads may
+        call it at once.  ``model(idx, targets)`` is the same call.
+
+        Args:
+            idx: integer token ids, shape (B, T) or (T,) (then B = 1), T <= ``config.n_ctx``.
+            targets: the token each position should predict, same shape as idx; -1 marks a position
+                that is not counted in the loss.  None: logits only.
+            return_logits: False returns ``(None, loss)`` (training loops): the logits then stay in
+                a buffer the model reuses and the backward turns them into their gradient in place,
+                saving a (B, T, V) array (51 MB for GPT-2 at B=4, T=64).
+            for_backward: False computes the loss only (evaluation), keeping nothing for backward.
+
+        Returns:
+            ``(logits, loss)``: logits a new float32 array (B, T, V) the model never overwrites (or
+            None, see ``return_logits``); loss a float, the mean over targets != -1 (nan if every
+            target is -1), or None without targets.
+
+        Raises:
+            TypeError: idx or targets is not an integer array.
+            ValueError: a bad shape, T > n_ctx, or a token id outside [0, vocab_size) (the message
+                names the position).
+
+        Examples:
+            >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+            >>> logits, loss = m.forward([464, 3290, 318])
+            >>> logits.shape, loss
+            ((1, 3, 50257), None)
+            >>> _, loss = m.forward([[464, 3290]], [[3290, -1]], for_backward=False)
+            >>> round(loss, 1)
+            10.8
         """
         idx = self._check_idx(idx)
         B, T = idx.shape
@@ -444,9 +522,16 @@ class GPT2:
         return np.empty(shape, np.float32), np.empty(shape, np.float32)
 
     def free_cache(self):
-        """Release the calling thread's inference buffers and, when no training call is under
-        way, the training activations and scratch; they are reallocated when next needed.
-        (Each generation's KV cache is its own and is freed when the generation ends.)"""
+        """Release the calling thread's inference buffers and, when no training call is under way,
+        the training activations and scratch; they are allocated again when next needed.
+
+        Each generation's KV cache is its own and is freed when the generation ends.
+
+        Examples:
+            >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+            >>> _ = m.forward([1, 2, 3])
+            >>> m.free_cache()
+        """
         self._local.ws = None
         with self._train_lock:
             self._train_ws = _Workspace()
@@ -473,21 +558,47 @@ class GPT2:
     # ------------------------------------------------------------------ backward
 
     def zero_grad(self):
-        """Set every gradient to zero."""
+        """Set every gradient in ``grads`` to zero (allocating them on first use).
+
+        `backward` adds to the gradients, so call this before each step's first backward.
+
+        Examples:
+            >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+            >>> m.zero_grad()
+            >>> float(abs(m.grads["wte.weight"]).max())
+            0.0
+        """
         self._require_float32("zero_grad()")
         with self._train_lock:
             self.grads  # allocate on first use
             _core.fill_zero(self._grad_buffer)
 
     def backward(self, *, normalizer: int | None = None, on_layer_done=None):
-        """Accumulate (+=) the gradient of the last forward's mean loss into ``grads``.
-        Each forward(idx, targets) supports one backward(), from the thread that made it.
+        """Add (+=) the gradient of the last forward's mean loss to ``grads``.
 
-        normalizer: divide the summed loss by this count instead of this forward's number of
-        valid targets (data parallel: the global count over all ranks).  on_layer_done(l) is
-        called after block l's backward (l = n_layer-1 .. 0): from then on the gradients of
-        block l and of everything after it in the gradient buffer (blocks l.., ln_f, an untied
-        lm_head) are final, so their reduction may start while the backward goes on."""
+        Each ``forward(idx, targets)`` supports one backward, from the thread that made it.  With
+        ``forward(..., return_logits=False)`` the backward overwrites the forward's logits buffer.
+
+        Args:
+            normalizer: divide the summed loss by this count instead of this forward's number of
+                valid targets (data parallel: the global count over all ranks).
+            on_layer_done: called as ``on_layer_done(l)`` after block l's backward (l = n_layer-1
+                .. 0): from then on the gradients of block l and of everything after it in the
+                gradient buffer (blocks l.., ln_f, an untied lm_head) are final, so their reduction
+                may start while the backward goes on.
+
+        Raises:
+            RuntimeError: no forward with targets (and ``for_backward``) before it, its backward was
+                already called, it came from another thread, or every target was -1.
+
+        Examples:
+            >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+            >>> m.zero_grad()
+            >>> _, loss = m.forward([[464, 3290, 318]], [[3290, 318, 257]])
+            >>> m.backward()
+            >>> bool(m.grads["wte.weight"].any())
+            True
+        """
         self._require_float32("backward()")
         with self._train_lock:
             self._backward(normalizer, on_layer_done)
@@ -574,9 +685,32 @@ class GPT2:
     # ------------------------------------------------------------------ saving
 
     def save_safetensors(self, path, dtype: str = "float32"):
-        """Write a file (``*.safetensors``) or a directory (model.safetensors + config.json)
-        that transformers' GPT2LMHeadModel loads; dtype "float32", "float16" or "bfloat16".
-        Written to a temporary name, then renamed."""
+        """Save the weights in Hugging Face's format.
+
+        A path ending in ``.safetensors`` is written as that one file; any other path is a
+        directory (created if needed) that receives ``model.safetensors`` and ``config.json``,
+        which ``transformers.GPT2LMHeadModel.from_pretrained`` and `from_safetensors` load.  Each
+        file is written to a temporary name and renamed, so an interrupted save never leaves a
+        half-written file.
+
+        Args:
+            path: a directory, or a file name ending in ``.safetensors``.
+            dtype: "float32", "float16" or "bfloat16" (rounded to nearest even).
+
+        Returns:
+            the path written (a `pathlib.Path`).
+
+        Raises:
+            ValueError: an unknown dtype.
+            OSError: the file cannot be written.
+
+        Examples:
+            >>> import tempfile, pathlib
+            >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+            >>> d = m.save_safetensors(tempfile.mkdtemp(), dtype="float16")
+            >>> sorted(p.name for p in pathlib.Path(d).iterdir())
+            ['config.json', 'model.safetensors']
+        """
         return save_safetensors(path, self.params, self.config, dtype=dtype)
 
     # ------------------------------------------------------------------ generation
@@ -607,7 +741,7 @@ class GPT2:
         Raises:
             TypeError, ValueError: a bad argument, named in the message.
 
-        Example:
+        Examples:
             >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
             >>> m.generate([464, 3290], 5, temperature=0).shape
             (1, 7)
@@ -619,13 +753,31 @@ class GPT2:
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         seed=None, *, num_samples=1, stop_at_eos=False, eos_token_id=EOT_ID,
                         context_full="slide"):
-        """Like :meth:`generate`, but an iterator over the new tokens as they are made.
+        """Like `generate`, but an iterator over the new tokens as they are made.
 
-        Yields Python ints when ``idx`` is 1-D and ``num_samples`` is 1, otherwise int64 arrays
-        of shape (B * num_samples,), one per step.  Arguments are as in :meth:`generate` and
-        are checked when this is called, not at the first ``next()``.
+        Arguments are checked when this is called, not at the first ``next()``.  Each stream owns
+        its KV cache, so streams may be interleaved or consumed in different threads.
 
-        Example:
+        Args:
+            idx: token ids, shape (B, T) or (T,).
+            max_new_tokens: how many tokens to make (>= 0).
+            temperature: 0 is greedy; > 0 samples from softmax(logits / temperature).
+            top_k: sample only among the k most likely tokens (None: all).
+            top_p: sample only within the nucleus of probability top_p, 0 < top_p <= 1.
+            seed: an int or a ``numpy.random.Generator`` makes sampling repeatable.
+            num_samples: continuations per prompt.
+            stop_at_eos: stop each row at ``eos_token_id``; the iterator ends when every row has.
+            eos_token_id: the end-of-text id (50256).
+            context_full: at n_ctx positions, "slide" the window or "stop" with a warning.
+
+        Returns:
+            an iterator yielding a Python int per step when ``idx`` is 1-D and ``num_samples`` is
+            1, otherwise an int64 array of shape (B * num_samples,) per step.
+
+        Raises:
+            TypeError, ValueError: a bad argument, named in the message.
+
+        Examples:
             >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
             >>> len(list(m.generate_stream([464, 3290], 4, temperature=0)))
             4
@@ -642,20 +794,25 @@ class GPT2:
 
         Args:
             prompt: a str, or a list of str that encode to the same number of tokens.
-            max_new_tokens, temperature, top_k, top_p, seed, num_samples, context_full: as in
-                :meth:`generate`.
+            max_new_tokens: how many tokens to make at most (>= 0).
+            temperature: 0 is greedy; > 0 samples from softmax(logits / temperature).
+            top_k: sample only among the k most likely tokens (None: all).
+            top_p: sample only within the nucleus of probability top_p, 0 < top_p <= 1.
+            seed: an int or a ``numpy.random.Generator`` makes sampling repeatable.
+            num_samples: continuations per prompt.
             stop_at_eos: end a continuation before the first ``<|endoftext|>`` it makes.
+            context_full: at n_ctx positions, "slide" the window or "stop" with a warning.
             tokenizer: a tiktoken ``Encoding`` (default: the bundled GPT-2 tokenizer).
 
         Returns:
-            a str for one prompt and num_samples=1; else a list per prompt or per sample (a
-            list of lists for several prompts with num_samples > 1).
+            a str for one prompt and num_samples=1; else a list per prompt or per sample (a list of
+            lists for several prompts with num_samples > 1).
 
         Raises:
-            TypeError, ValueError: a bad argument, an empty prompt, or a prompt longer than
-                n_ctx tokens.
+            TypeError, ValueError: a bad argument, an empty prompt, or a prompt longer than n_ctx
+                tokens.
 
-        Example:
+        Examples:
             >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
             >>> isinstance(m.generate_text("Hello", 3, temperature=0), str)
             True

@@ -23,17 +23,49 @@ __all__ = ["AdamW", "clip_grad_norm", "clip_coefficient", "grad_norm", "default_
 
 
 def default_decay_rule(name: str, shape: tuple) -> bool:
-    """nanoGPT's rule: weight decay for 2-D tensors (matmul weights and embeddings), none for
-    biases and layernorm parameters."""
+    """nanoGPT's rule for which tensors get weight decay: the 2-D ones (matmul weights and
+    embeddings), not biases or layernorm parameters.
+
+    Args:
+        name: the parameter's name (unused by this rule).
+        shape: its shape.
+
+    Returns:
+        True when the tensor gets weight decay.
+
+    Examples:
+        >>> default_decay_rule("h.0.mlp.c_fc.weight", (768, 3072)), default_decay_rule("ln_f.bias", (768,))
+        (True, False)
+    """
     return len(shape) == 2
 
 
 class AdamW:
-    """AdamW matching ``torch.optim.AdamW``: decoupled weight decay, bias correction.
+    """AdamW, with the update of ``torch.optim.AdamW``: decoupled weight decay, bias correction.
 
-    ``decay``: a function (name, shape) -> bool choosing the tensors that get weight decay
-    (default: ``default_decay_rule``, 2-D tensors only); ``opt.decayed`` lists them.
-    ``lr`` may be changed between steps (learning-rate schedules).
+    One fused Cython pass updates every parameter from ``model.grads``.  ``lr`` may be changed
+    between steps (learning-rate schedules); ``opt.decayed`` lists the tensors that get weight
+    decay.
+
+    Args:
+        model: the `GPT2` whose ``params`` it updates.
+        lr: learning rate (>= 0).
+        betas: (beta1, beta2), each in [0, 1).
+        eps: added to the denominator (> 0).
+        weight_decay: decoupled weight decay (>= 0), applied where ``decay`` says.
+        decay: a function (name, shape) -> bool choosing the tensors that get weight decay
+            (default: `default_decay_rule`, 2-D tensors only).
+
+    Raises:
+        ValueError: a hyperparameter out of range (named in the message).
+
+    Examples:
+        >>> from gpt2s import GPT2, GPT2Config
+        >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+        >>> opt = AdamW(m, lr=1e-3, weight_decay=0.1)
+        >>> m.zero_grad(); _, loss = m.forward([[1, 2, 3]], [[2, 3, 4]]); m.backward()
+        >>> opt.step(); opt.t
+        1
     """
 
     def __init__(self, model, lr: float = 3e-4, betas=(0.9, 0.95), eps: float = 1e-8,
@@ -64,14 +96,33 @@ class AdamW:
         self._seg_flag = np.array(flags, np.float32)
 
     def step(self, grad_scale: float = 1.0, max_norm: float | None = None) -> float | None:
-        """One update of every parameter from ``grad_scale * model.grads``.
+        """One update of every parameter from ``grad_scale * model.grads``, with the current ``lr``.
 
-        ``grad_scale`` multiplies each gradient as the fused update reads it (e.g.
-        ``1 / grad_accum`` after accumulating micro-batches whose losses were means).  With
-        ``max_norm``, the scaled gradients are clipped to that global L2 norm first, as
-        ``torch.nn.utils.clip_grad_norm_`` would, by folding the clip factor into the same
-        scale; returns the norm before clipping (None without ``max_norm``).  The gradient
-        buffer itself is left unchanged."""
+        ``grad_scale`` multiplies each gradient as the fused update reads it (e.g. ``1 / grad_accum``
+        after accumulating micro-batches whose losses were means).  With ``max_norm``, the scaled
+        gradients are clipped to that global L2 norm first, as ``torch.nn.utils.clip_grad_norm_``
+        would, by folding the clip factor into the same scale.  The gradient buffer itself is left
+        unchanged.  A training call: serialized with the model's backward and zero_grad.
+
+        Args:
+            grad_scale: factor applied to every gradient (finite, > 0).
+            max_norm: clip the scaled gradients' global norm to this (> 0); None: no clipping.
+
+        Returns:
+            the global norm of the scaled gradients before clipping, or None without ``max_norm``.
+
+        Raises:
+            ValueError: grad_scale or max_norm out of range.
+
+        Examples:
+            >>> from gpt2s import GPT2, GPT2Config
+            >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+            >>> opt = AdamW(m, lr=1e-3)
+            >>> m.zero_grad(); _, loss = m.forward([[1, 2, 3]], [[2, 3, 4]]); m.backward()
+            >>> norm = opt.step(max_norm=1.0)
+            >>> norm > 0, opt.t
+            (True, 1)
+        """
         grad_scale = float(grad_scale)
         if not (math.isfinite(grad_scale) and grad_scale > 0):
             raise ValueError(f"AdamW.step: grad_scale must be a finite number > 0, "
@@ -102,10 +153,24 @@ class AdamW:
     # ---------------------------------------------------------------- state
 
     def state_dict(self) -> dict:
+        """The optimizer state: step count, hyperparameters and copies of the moments ``m`` and ``v``.
+
+        Returns:
+            a dict that `load_state_dict` accepts.
+        """
         return {"step": self.t, "lr": self.lr, "betas": self.betas, "eps": self.eps,
                 "weight_decay": self.weight_decay, "m": self.m.copy(), "v": self.v.copy()}
 
     def load_state_dict(self, state: dict):
+        """Restore a state from `state_dict` (moments, step count, hyperparameters).
+
+        Args:
+            state: the dict.
+
+        Raises:
+            ValueError: the moments do not fit this model's parameters.
+            KeyError: a key is missing.
+        """
         for key in ("m", "v"):
             arr = np.asarray(state[key])
             if arr.shape != self.m.shape:
@@ -119,7 +184,20 @@ class AdamW:
         self.betas = tuple(float(b) for b in state["betas"])
 
     def save(self, path):
-        """Save the optimizer state (.npz), written to a temporary name and renamed."""
+        """Save the optimizer state to a ``.npz`` file, written to a temporary name and renamed.
+
+        Args:
+            path: the file to write.
+
+        Examples:
+            >>> import tempfile, os
+            >>> from gpt2s import GPT2, GPT2Config
+            >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+            >>> path = os.path.join(tempfile.mkdtemp(), "optimizer.npz")
+            >>> AdamW(m).save(path)
+            >>> opt = AdamW(m); opt.load(path); opt.t
+            0
+        """
         # the live moment buffers, not state_dict()'s copies: saving GPT-2 124M's optimizer
         # would otherwise hold another 1 GB while it writes
         atomic_write(Path(path), lambda f: np.savez(
@@ -127,6 +205,15 @@ class AdamW:
             weight_decay=self.weight_decay, m=self.m, v=self.v))
 
     def load(self, path):
+        """Restore the state saved by `save`.
+
+        Args:
+            path: the ``.npz`` file.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: the state does not fit this model.
+        """
         with np.load(path) as z:
             self.load_state_dict({k: z[k] for k in z.files})
 
@@ -137,8 +224,21 @@ def _check_max_norm(max_norm, where):
 
 
 def grad_norm(model) -> float:
-    """The global L2 norm of all gradients (one read pass; float32 partial sums per block,
-    added in double)."""
+    """The global L2 norm of all gradients of ``model`` (one read pass; float32 partial sums per
+    block, added in double).
+
+    Args:
+        model: a `GPT2`.
+
+    Returns:
+        the norm, a float.
+
+    Examples:
+        >>> from gpt2s import GPT2, GPT2Config
+        >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+        >>> m.zero_grad(); grad_norm(m)
+        0.0
+    """
     model.grads  # allocated
     with model._train_lock:
         return math.sqrt(_core.sum_squares(model._grad_buffer))
@@ -146,15 +246,49 @@ def grad_norm(model) -> float:
 
 def clip_coefficient(norm: float, max_norm: float) -> float:
     """The factor ``torch.nn.utils.clip_grad_norm_`` multiplies the gradients by:
-    ``max_norm / (norm + 1e-6)``, at most 1."""
+    ``max_norm / (norm + 1e-6)``, at most 1.
+
+    Args:
+        norm: the gradients' global norm.
+        max_norm: the largest norm allowed.
+
+    Returns:
+        the factor, in (0, 1].
+
+    Examples:
+        >>> clip_coefficient(4.0, 1.0) < 0.25 < clip_coefficient(4.0, 1.0) + 1e-6
+        True
+        >>> clip_coefficient(0.5, 1.0)
+        1.0
+    """
     return min(1.0, max_norm / (norm + 1e-6))
 
 
 def clip_grad_norm(model, max_norm: float) -> float:
-    """Scale all gradients so their global L2 norm is at most max_norm; returns the norm
-    before clipping (as torch.nn.utils.clip_grad_norm_).  A training step does better with
-    ``AdamW.step(max_norm=...)``, which folds the factor into the update instead of
-    rewriting the gradients."""
+    """Scale all gradients so that their global L2 norm is at most ``max_norm`` (as
+    ``torch.nn.utils.clip_grad_norm_``).
+
+    A training step does better with ``AdamW.step(max_norm=...)``, which folds the factor into
+    the update instead of rewriting the gradients.
+
+    Args:
+        model: the `GPT2` whose ``grads`` to clip.
+        max_norm: the largest norm allowed (> 0).
+
+    Returns:
+        the global norm before clipping.
+
+    Raises:
+        ValueError: max_norm <= 0.
+
+    Examples:
+        >>> from gpt2s import GPT2, GPT2Config
+        >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+        >>> m.zero_grad(); _, loss = m.forward([[1, 2, 3]], [[2, 3, 4]]); m.backward()
+        >>> norm = clip_grad_norm(m, 0.5)
+        >>> norm > 0.5, round(clip_grad_norm(m, 0.5), 3)
+        (True, 0.5)
+    """
     _check_max_norm(max_norm, "clip_grad_norm")
     with model._train_lock:
         norm = grad_norm(model)

@@ -58,11 +58,20 @@ def get_tokenizer():
     (same regex, the 50,256 BPE ranks, ``<|endoftext|>`` = 50256), built from the ranks file
     bundled with gpt2s; no network access.  Built once and cached.
 
-    >>> enc = get_tokenizer()
-    >>> enc.encode("Hello world")
-    [15496, 995]
-    >>> enc.decode([15496, 995])
-    'Hello world'
+    Returns:
+        the ``tiktoken.Encoding`` (``encode``, ``encode_ordinary``, ``decode``,
+        ``decode_single_token_bytes``, ...).
+
+    Raises:
+        FileNotFoundError: the bundled ranks file is missing (a broken installation).
+        ValueError: the ranks file is corrupt (its SHA-256 does not match).
+
+    Examples:
+        >>> enc = get_tokenizer()
+        >>> enc.encode("Hello world")
+        [15496, 995]
+        >>> enc.decode([15496, 995])
+        'Hello world'
     """
     import tiktoken
 

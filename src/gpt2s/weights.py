@@ -75,7 +75,24 @@ _DTYPES = {"F32": (np.dtype("<f4"), 4), "F16": (np.dtype("<f2"), 2), "BF16": (np
 
 
 class SafetensorsError(ValueError):
-    """A safetensors file that gpt2s cannot use; the message names the file and tensor."""
+    """A safetensors file that gpt2s cannot use; the message names the file and the tensor.
+
+    Raised by `GPT2.from_safetensors` for a file that is not safetensors, a truncated file, a
+    missing or unexpected tensor, a wrong shape or an unsupported dtype.  A subclass of
+    ``ValueError``.
+
+    Examples:
+        >>> import os, tempfile
+        >>> from gpt2s import GPT2
+        >>> path = os.path.join(tempfile.mkdtemp(), "bad.safetensors")
+        >>> with open(path, "wb") as f:
+        ...     _ = f.write(b"not a safetensors file")
+        >>> try:
+        ...     GPT2.from_safetensors(path)
+        ... except SafetensorsError as e:
+        ...     print("bad.safetensors" in str(e))
+        True
+    """
 
 
 def param_layout(config: GPT2Config):
