@@ -7,6 +7,9 @@ TEXT_FILE defaults to the Shakespeare excerpt in the repository's tests/data.  P
 exp(mean loss): how many tokens the model is, on average, choosing between.  An untrained
 model is close to the vocabulary size (50257); the demo model, trained on Shakespeare, is far
 lower on Shakespeare.
+
+The same measurement from the command line, with the sliding windows used to report GPT-2's
+perplexity: python -m gpt2s.eval --model demo tests/data/tinyshakespeare_excerpt.txt
 """
 
 import math
@@ -15,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-import gpt2s
 from gpt2s import GPT2, get_tokenizer
 
-DEMO = Path(gpt2s.__file__).parent / "assets" / "demo"   # the bundled demo model
 TEXT = Path(sys.argv[1]) if len(sys.argv) > 1 else \
     Path(__file__).resolve().parent.parent / "tests" / "data" / "tinyshakespeare_excerpt.txt"
 
@@ -46,7 +47,7 @@ def evaluate(model: GPT2, ids: np.ndarray, seq_len: int, batch: int = 8):
 ids = np.array(get_tokenizer().encode_ordinary(TEXT.read_text(encoding="utf-8")))
 print(f"{TEXT.name}: {len(ids):,} tokens")
 
-demo = GPT2.from_safetensors(DEMO)
+demo = GPT2.from_pretrained("demo")            # the bundled demo model
 untrained = GPT2.from_config(demo.config, seed=0)   # same sizes, random weights
 seq_len = demo.config.n_ctx                         # the longest window the model can read
 

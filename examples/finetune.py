@@ -16,10 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-import gpt2s
 from gpt2s import GPT2, get_tokenizer
 
-DEMO = Path(gpt2s.__file__).parent / "assets" / "demo"   # the bundled demo model
 FACTS = [("What colour is the sky?", "The sky is blue."),
          ("What colour is the grass?", "The grass is green."),
          ("What colour is the snow?", "The snow is white."),
@@ -56,14 +54,14 @@ with tempfile.TemporaryDirectory() as tmp:
     ids = np.array(get_tokenizer().encode_ordinary(data.read_text(encoding="utf-8")))
     print(f"training text: {data.name}, {len(ids):,} tokens")
 
-    before = GPT2.from_safetensors(DEMO)
+    before = GPT2.from_pretrained("demo")          # the bundled demo model
     loss_before = mean_loss(before, ids)
     sample_before = before.generate_text(PROMPT, 8, temperature=0)
 
     # The training command line, exactly as you would type it (see the CLI reference):
     # start from the demo weights, 40 steps, short warm-up, save into tmp/run.
     out = tmp / "run"
-    cmd = [sys.executable, "-m", "gpt2s.train", str(data), "--model", str(DEMO),
+    cmd = [sys.executable, "-m", "gpt2s.train", str(data), "--model", "demo",
            "--out", str(out), "--steps", "40", "--batch-size", "4", "--seq-len", "64",
            "--lr", "1e-3", "--warmup", "5", "--eval-every", "20", "--eval-batches", "2",
            "--quiet"]

@@ -10,17 +10,14 @@ GPT2.from_safetensors("assets/model.safetensors") for real text.
 
 import codecs
 import sys
-from pathlib import Path
 
 import numpy as np
 
-import gpt2s
 from gpt2s import GPT2, get_tokenizer
 
-# The demo model ships inside the package: a directory with model.safetensors + config.json.
-DEMO = Path(gpt2s.__file__).parent / "assets" / "demo"
-
-model = GPT2.from_safetensors(DEMO)
+# "demo": the small model bundled inside the package (nothing is downloaded).  The same
+# call takes "gpt2" (GPT-2 124M, from the Hugging Face cache) or a path to a model directory.
+model = GPT2.from_pretrained("demo")
 enc = get_tokenizer()                      # GPT-2's BPE tokenizer (tiktoken), offline
 print(model)
 

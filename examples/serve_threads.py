@@ -18,13 +18,10 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import gpt2s
 from gpt2s import GPT2
 
-DEMO = Path(gpt2s.__file__).parent / "assets" / "demo"   # the bundled demo model
-MODEL = GPT2.from_safetensors(DEMO)                        # loaded once, shared by every request
+MODEL = GPT2.from_pretrained("demo")      # the bundled demo model, loaded once, shared by every request
 
 
 class GenerateHandler(BaseHTTPRequestHandler):

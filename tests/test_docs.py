@@ -40,7 +40,8 @@ def test_docs_build_strict(tmp_path):
         assert f'id="{name}"' in api, f"the API reference has no entry {name}"
     cli = (site / "cli.html").read_text(encoding="utf-8")
     assert "cli-help" not in cli, "a --help marker was not replaced"
-    for option in ("--max-new-tokens", "--top-p", "--context-full", "--grad-clip", "--resume"):
+    for option in ("--max-new-tokens", "--top-p", "--context-full", "--grad-clip", "--resume",
+                   "--stride", "--shard-size"):
         assert option in cli, f"the CLI reference lacks {option}"
     examples = (site / "examples.html").read_text(encoding="utf-8")
     for path in sorted((ROOT / "examples").glob("*.py")):
