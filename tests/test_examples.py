@@ -153,7 +153,18 @@ def test_data_parallel(tmp_path):
     assert diff < 1e-4, out
 
 
-CHECKED = {"generate.py", "finetune.py", "training_loop.py", "evaluate.py", "serve_threads.py",
+def test_lowp_generate(tmp_path):
+    out = run_example("lowp_generate.py", tmp_path)
+    tv = {d: _float(rf"{d}\s+GPT2\(.*\n\s+max total-variation distance ([\d.]+)", out)
+          for d in ("float32", "bfloat16", "int8")}
+    assert tv["float32"] == 0.0, out
+    # compressed weights move the distribution a little, int8 more than bfloat16
+    assert 0.0 < tv["bfloat16"] < tv["int8"] < 0.1, out
+    assert "dtype='bfloat16'" in out and "dtype='int8'" in out
+    assert len(re.findall(r"greedy: ['\"].+['\"]", out)) == 3, out
+
+
+CHECKED = {"generate.py", "lowp_generate.py", "finetune.py", "training_loop.py", "evaluate.py", "serve_threads.py",
            "data_parallel.py"}
 
 
