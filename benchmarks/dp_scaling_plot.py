@@ -2,7 +2,7 @@
 124M vs the number of ranks N for 10, 25 and 100 Gb/s links, with and without overlapping the
 gradient reduction with the backward.
 
-    python benchmarks/dp_scaling_plot.py [--compute 2.1 --backward 1.3 --out docs/...png]
+    python benchmarks/dp_scaling_plot.py [--compute 4.05 --backward 2.41 --out docs/...png]
 
 Model (per optimizer step, every rank on its own node with a fixed per-rank batch):
     t_ar(N)   = 2 (N-1)/N * S / bw + 2 (N-1) * latency     ring allreduce of S bytes
@@ -15,9 +15,10 @@ with S = 497.8 MB (124.4M float32 gradients).  f = 0.683: the blocks and ln_f; t
 embedding (wte, 31% of the buffer) gets its last gradient contribution at the very end of the
 backward, so its bucket can only start then.  The overlapped curves assume the transfers
 progress on their own during the backward (RDMA, or an MPI progress thread): MPICH over shared
-memory on a busy 2-core machine hid only 7% (docs/distributed.md).  Default compute times: this
-2-core machine when idle (README: 1.09 s per fwd+bwd at B=4 T=64; x2 for B=8, + AdamW), the
-backward ~2/3 of fwd+bwd, 69% of it in the blocks (the rest is the lm_head).
+memory on an idle 2-core machine hid about 30% (docs/distributed.md).  Default compute times:
+this 2-core Zen 3 machine when idle (benchmarks/dp_step.py, 1 process x 2 threads, B=8 T=64:
+4.05 s per step, 2.41 s of it the backward), 69% of the backward in the blocks (the rest is
+the lm_head).
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ def t_step(n, gbit, compute, backward_window, overlap=True):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--compute", type=float, default=2.3,
+    p.add_argument("--compute", type=float, default=4.05,
                    help="seconds of forward + backward + AdamW per step on one node")
-    p.add_argument("--backward", type=float, default=1.45,
+    p.add_argument("--backward", type=float, default=2.41,
                    help="seconds of the backward on one node")
     p.add_argument("--window", type=float, default=0.69,
                    help="share of the backward after the first bucket is ready (the blocks)")
