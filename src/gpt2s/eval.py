@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
 import numpy as np
+
+from ._cli import UserError as _UserError
+from ._cli import run_main
 
 __all__ = ["main", "evaluate", "sliding_windows"]
 
@@ -183,9 +185,6 @@ examples:
     return p
 
 
-class _UserError(Exception):
-    pass
-
 
 def _run(args, out, err) -> int:
     import gpt2s
@@ -247,18 +246,7 @@ def _run(args, out, err) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return _run(args, sys.stdout, sys.stderr)
-    except _UserError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
+    return run_main(PROG, lambda: _run(args, sys.stdout, sys.stderr), sys.stderr)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from ._cli import UserError as _UserError
+from ._cli import run_main
 from .hub import DEMO_DIR, HF_DOWNLOAD, ModelNotFound, find_cached, resolve_pretrained
 
 __all__ = ["main", "find_model", "ModelNotFound", "crop_prompt"]
@@ -158,9 +160,6 @@ examples:
     return p
 
 
-class _UserError(Exception):
-    pass
-
 
 _OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "num_samples",
             "context_full")
@@ -285,20 +284,7 @@ def main(argv=None) -> int:
         out.reconfigure(errors="replace")
     except (AttributeError, ValueError):
         pass
-    try:
-        return _run(args, out, err)
-    except _UserError as e:
-        print(f"{PROG}: error: {e}", file=err)
-        return 2
-    except KeyboardInterrupt:
-        print("", file=err)
-        return 130
-    except BrokenPipeError:
-        # the reader went away (e.g. `| head`): stop quietly; point stdout at devnull so the
-        # flush at exit does not raise again (the recipe of Python's signal docs)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
+    return run_main(PROG, lambda: _run(args, out, err), err)
 
 
 if __name__ == "__main__":
