@@ -102,6 +102,24 @@ def compress(name: str, w: np.ndarray, dtype: str):
     return Q8Weight(q, scales, transposed)
 
 
+def is_row_major(name: str) -> bool:
+    """True for the (V, C) embedding / output head, stored as it is (output-major already):
+    it can be compressed a few rows at a time."""
+    return name in _ROW_MAJOR
+
+
+def compress_rows_into(w, row0: int, rows: np.ndarray):
+    """Compress float32 rows into rows row0 .. row0 + len(rows) of the row-major weight w
+    (a `BF16Weight` or an untransposed `Q8Weight`), so a big embedding is converted without a
+    float32 copy of the whole."""
+    rows = np.ascontiguousarray(rows, np.float32)
+    r1 = row0 + rows.shape[0]
+    if isinstance(w, BF16Weight):
+        _core.bf16_from_float32(w.bits[row0:r1].reshape(-1), rows.reshape(-1))
+    else:
+        _core.q8_quantize(w.q[row0:r1], w.scales[row0:r1], rows, False)
+
+
 def empty(name: str, shape, dtype: str):
     """A zero weight of the given logical shape in dtype's storage."""
     if dtype == "bfloat16":

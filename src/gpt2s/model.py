@@ -13,6 +13,7 @@ from . import generation as _generation
 from . import lowp as _lowp
 from .config import GPT2Config
 from .generation import EOT_ID
+from . import weights as _weights
 from .weights import ALIGN, layer_views, load_into, open_model, param_layout, save_safetensors
 
 __all__ = ["GPT2"]
@@ -77,9 +78,10 @@ class GPT2:
     Attributes:
         config: the model's sizes (a frozen `GPT2Config`).
         params: Hugging Face parameter names (without the ``transformer.`` prefix) mapped to
-            float32 NumPy views of one contiguous buffer; matmul weights in GPT-2's Conv1D
-            layout ``[in, out]``.  Writing into a view changes the model.  ``grads`` (below)
-            has the same names and shapes.
+            float32 NumPy views of one contiguous buffer (or, after `from_safetensors`, of the
+            file's copy-on-write mapping until training starts); matmul weights in GPT-2's
+            Conv1D layout ``[in, out]``.  Writing into a view changes the model.  ``grads``
+            (below) has the same names and shapes.
 
     Examples:
         >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
@@ -91,6 +93,12 @@ class GPT2:
     """
 
     def __init__(self, config: GPT2Config, dtype: str = "float32"):
+        self._setup(config, dtype, allocate=True)
+
+    def _setup(self, config: GPT2Config, dtype: str, allocate: bool):
+        """The model's state.  allocate=False leaves the float32 model's parameters, or the
+        compressed model's matmul weights, as zero-byte placeholders of the right shapes, for
+        a loader that replaces every one (`_set_param`)."""
         if not isinstance(config, GPT2Config):
             raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
         self.config = config
@@ -104,11 +112,23 @@ class GPT2:
                     layout.append((name, shape, size))
                     size += (int(np.prod(shape)) + ALIGN - 1) // ALIGN * ALIGN
             full, self._layout = self._layout, layout
-        self._param_buffer = np.zeros(size, np.float32)
-        self.params = _views(self._param_buffer, self._layout)
+        # the float32 parameters: one contiguous buffer (AdamW and the gradients share its
+        # layout), or None while a loaded model's parameters are views of its file mapping
+        # (from_safetensors, mmap=True): the first use of _param_buffer copies them in.
+        self._param_size = size
+        self._mapping = None   # the file mapping the parameters view, kept open while they do
+        if allocate or dtype != "float32":   # (a compressed model's small tensors: always)
+            self._flat = np.zeros(size, np.float32)
+            self.params = _views(self._flat, self._layout)
+        else:
+            self._flat = None
+            self.params = {name: np.broadcast_to(np.float32(0), shape)
+                           for name, shape, _ in self._layout}
         if dtype != "float32":   # every parameter, in the float32 model's order
             self.params = {name: self.params[name] if name in self.params
-                           else _lowp.empty(name, shape, dtype) for name, shape, _ in full}
+                           else _lowp.empty(name, shape, dtype) if allocate
+                           else np.broadcast_to(np.float32(0), shape)
+                           for name, shape, _ in full}
         self._grad_buffer = None
         self._grads = None
         # per-block dicts of the parameter views (and of the gradient views, with the grads)
@@ -173,22 +193,35 @@ class GPT2:
         return m
 
     @classmethod
-    def from_safetensors(cls, path, dtype: str = "float32") -> "GPT2":
+    def from_safetensors(cls, path, dtype: str = "float32", *, mmap: bool = True) -> "GPT2":
         """Load a Hugging Face GPT-2 checkpoint.
 
-        F32, F16 and BF16 tensors are converted to float32 once; keys may carry the
-        ``transformer.`` prefix; the ``h.N.attn.bias`` / ``masked_bias`` buffers are ignored; an
-        ``lm_head.weight`` must equal ``wte.weight`` unless config.json has
-        ``tie_word_embeddings: false``.  Without config.json the sizes are inferred from the tensor
-        shapes.
+        F32, F16 and BF16 tensors are read; keys may carry the ``transformer.`` prefix; the
+        ``h.N.attn.bias`` / ``masked_bias`` buffers are ignored; an ``lm_head.weight`` must equal
+        ``wte.weight`` unless config.json has ``tie_word_embeddings: false``.  Without
+        config.json the sizes come from the file's metadata (gpt2s saves) or the tensor shapes.
+
+        With ``mmap=True`` (the default) a tensor the file already stores in the model's dtype
+        (F32 for "float32", BF16 for "bfloat16") is not copied: the parameter is a view of a
+        private, copy-on-write mapping of the file, so loading takes no time and the weights
+        count once in memory (as file pages the OS can share between processes).  Writing
+        into such a view copies only that page; the file is never changed.  Every other tensor
+        is converted one at a time (the embedding a few rows at a time), so a load never holds
+        two full copies of the model.  Training a mapped float32 model first copies its
+        parameters into one buffer (the first use of ``m.grads`` or an optimizer); views
+        taken from ``m.params`` before then keep pointing at the mapping.  Do not modify the
+        file in place while a mapped model uses it (gpt2s's own saves write a new file and
+        rename it, which is safe); ``mmap=False`` reads everything into memory and closes the
+        file.
 
         Args:
             path: a ``.safetensors`` file, or a directory with ``model.safetensors`` (and,
                 optionally, ``config.json``).
             dtype: "float32" (trainable); "bfloat16" (BF16 tensors load exactly, others round to
                 nearest even) or "int8" (blocks of 32, gpt2s/lowp.py): an inference model with
-                compressed matmul weights, converted one tensor at a time from the file mapping
-                (never two full copies in memory).
+                compressed matmul weights.
+            mmap: map the file and view the tensors already in the right dtype (True), or
+                copy every tensor into memory (False).
 
         Returns:
             a new `GPT2` with the checkpoint's weights.
@@ -207,17 +240,108 @@ class GPT2:
             2
         """
         _lowp.check_dtype(dtype)
-        file, mm, header, data_start, config = open_model(path)  # validated, nothing allocated
+        # validated, nothing allocated
+        file, mm, header, data_start, config = open_model(path, copy_on_write=bool(mmap))
         try:
-            m = cls(config, dtype)
-            if dtype == "float32":
+            m = cls.__new__(cls)
+            # a float32 model whose file has no tensor to view reads into its one buffer
+            into_buffer = dtype == "float32" and not (
+                mmap and any(_weights.tensor_view(header, raw, data_start, mm, "F32") is not None
+                             for raw in header))
+            m._setup(config, dtype, allocate=into_buffer)
+            if into_buffer:
                 load_into(file, header, data_start, mm, m.params, config)
-            else:   # shape-only placeholders; store() gets each tensor as float32, in turn
-                shapes = {n: np.broadcast_to(np.float32(0), w.shape) for n, w in m.params.items()}
-                load_into(file, header, data_start, mm, shapes, config, store=m._store_param)
-        finally:
+                viewed = False
+            else:
+                viewed = m._load_tensors(file, header, data_start, mm, bool(mmap))
+        except BaseException:
+            m = None
+            try:
+                mm.close()
+            except BufferError:   # a view is still held (by the traceback): freed with it
+                pass
+            raise
+        if viewed:
+            m._mapping = mm
+        else:
             mm.close()
         return m
+
+    def _load_tensors(self, file, header, data_start, mm, mmap: bool) -> bool:
+        """Fill params from the file, each tensor a view of the mapping when it can be (mmap
+        and the file's dtype is the storage's), else converted, one tensor or a few embedding
+        rows at a time, with the file pages of what was converted dropped as it goes.
+        Returns True when some parameter views the mapping."""
+        seen = _weights.check_against_config(file, header, len(mm) - data_start, self.config)
+        viewed = False
+        for name in list(self.params):
+            raw = seen[name]
+            info = header[raw]
+            shape = self.params[name].shape
+            compressed = self.dtype != "float32" and _lowp.is_compressed(name)
+            want = ("BF16" if self.dtype == "bfloat16" else None) if compressed else "F32"
+            view = None
+            if mmap and want is not None and (compressed or self.dtype == "float32"):
+                view = _weights.tensor_view(header, raw, data_start, mm, want)
+            if view is not None:
+                viewed = True
+                self._set_param(name, _lowp.BF16Weight(view) if compressed else view)
+                continue
+            if compressed and _lowp.is_row_major(name):
+                w = _lowp.empty(name, shape, self.dtype)
+                rows = np.empty(0, np.float32)
+                for r0, r1 in _weights.row_chunks(*shape):
+                    if rows.shape[0] != r1 - r0:
+                        rows = np.empty((r1 - r0, shape[1]), np.float32)
+                    _weights.read_rows(file, header, raw, data_start, mm, rows, r0)
+                    _lowp.compress_rows_into(w, r0, rows)
+                self._set_param(name, w)
+            elif compressed:
+                tmp = np.empty(shape, np.float32)
+                _weights.read_tensor(file, header, raw, data_start, mm, tmp)
+                self._set_param(name, _lowp.compress(name, tmp, self.dtype))
+                del tmp
+            elif self._flat is None:       # a float32 model whose other tensors are mapped
+                tmp = np.empty(shape, np.float32)
+                _weights.read_tensor(file, header, raw, data_start, mm, tmp)
+                self._set_param(name, tmp)
+            else:
+                _weights.read_tensor(file, header, raw, data_start, mm, self.params[name])
+            _weights.drop_tensor_pages(mm, data_start, info)
+        _weights.check_tied_head(file, header, seen, data_start, mm, self.config)
+        return viewed
+
+    def _set_param(self, name: str, value):
+        """Make value (a float32 array, or a compressed weight) parameter name, in params and
+        in its block's dict."""
+        self.params[name] = value
+        if name.startswith("h."):
+            l, suffix = name[2:].split(".", 1)
+            self._layer_params[int(l)][suffix] = value
+
+    @property
+    def _param_buffer(self) -> np.ndarray:
+        """The float32 parameters as one contiguous vector (the layout of ``_layout``, shared
+        with the gradients and AdamW's moments).  A model whose parameters view its file
+        mapping copies them in here first (``mmap=True`` loads are zero-copy until trained)."""
+        if self._flat is None:
+            with self._train_lock:
+                if self._flat is None:
+                    flat = np.empty(self._param_size, np.float32)
+                    views = _views(flat, self._layout)
+                    for name, view in views.items():
+                        view[...] = self.params[name]
+                    for name, view in views.items():
+                        self._set_param(name, view)
+                    self._flat = flat
+                    self._mapping = None   # closed once no view of it is left
+        return self._flat
+
+    @property
+    def mapped(self) -> bool:
+        """True while some parameters are views of the file the model was loaded from
+        (``from_safetensors(..., mmap=True)``, the default), rather than copies in memory."""
+        return self._mapping is not None
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype: str = "float32", *,
@@ -237,10 +361,7 @@ class GPT2:
     def _store_param(self, name: str, value: np.ndarray):
         """Set parameter name from a float32 array (compressed when this model's dtype says)."""
         if _lowp.is_compressed(name) and self.dtype != "float32":
-            self.params[name] = _lowp.compress(name, value, self.dtype)
-            if name.startswith("h."):
-                l, suffix = name[2:].split(".", 1)
-                self._layer_params[int(l)][suffix] = self.params[name]
+            self._set_param(name, _lowp.compress(name, value, self.dtype))
         else:
             self.params[name][...] = value
 
@@ -291,7 +412,7 @@ class GPT2:
         return (f"GPT2(n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
                 f"vocab_size={c.vocab_size}, n_ctx={c.n_ctx}, "
                 f"parameters={self.num_parameters():,}, dtype={self.dtype!r}, "
-                f"kernels={_lowp.kernels_description(self.dtype)!r})")
+                f"mapped={self.mapped}, kernels={_lowp.kernels_description(self.dtype)!r})")
 
     # ------------------------------------------------------------------ input checks
 

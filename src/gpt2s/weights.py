@@ -478,52 +478,104 @@ def _convert_into(dst: np.ndarray, raw: memoryview, dtype: str, shape, path, nam
         np.copyto(dst, src, casting="unsafe")
 
 
-def load_into(path: Path, header: dict, data_start: int, mm, params: dict, config: GPT2Config,
-              store=None):
+def load_into(path: Path, header: dict, data_start: int, mm, params: dict, config: GPT2Config):
     """Copy every parameter from the mapped file straight into its view in params (dict of
-    float32 views): no intermediate array of the model's size.  With store, params only gives
-    the names and shapes: each tensor is read into a float32 temporary, one at a time, and
-    handed to store(name, array) (low-precision models)."""
+    float32 views): no intermediate array of the model's size."""
     seen = check_against_config(path, header, len(mm) - data_start, config)
     for name, dst in params.items():
-        if store is None:
-            _read_tensor(path, header, seen[name], data_start, mm, dst)
-        else:
-            tmp = np.empty(dst.shape, np.float32)
-            _read_tensor(path, header, seen[name], data_start, mm, tmp)
-            store(name, tmp)
-            del tmp
-            _drop_pages(mm, data_start, header[seen[name]])
+        _read_tensor(path, header, seen[name], data_start, mm, dst)
+    check_tied_head(path, header, seen, data_start, mm, config)
 
-    if HEAD in seen and HEAD not in params:
-        raw_name = seen[HEAD]
-        wte = params["wte.weight"]
-        if store is not None:
-            wte = np.empty(wte.shape, np.float32)
-            _read_tensor(path, header, seen["wte.weight"], data_start, mm, wte)
-        lm = np.empty(wte.shape, np.float32)
-        _read_tensor(path, header, raw_name, data_start, mm, lm)
-        if not np.array_equal(lm, wte):
+
+# Rows converted at a time when a big row-major tensor (wte, lm_head) is read in pieces: 4 MiB
+# of float32 for GPT-2's C = 768 .. 1600, so a low-precision load never holds a float32 copy
+# of the 160-320 MB embedding.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def tensor_view(header: dict, raw_name: str, data_start: int, mm, st_dtype: str):
+    """The tensor as a NumPy view of the mapping (no copy) when the file stores it as st_dtype
+    ("F32" as float32, "BF16" as uint16 bits) at an offset aligned to its element size; None
+    otherwise (the caller converts it).  Writable when the mapping is copy-on-write."""
+    info = header[raw_name]
+    if info["dtype"] != st_dtype:
+        return None
+    np_dtype, itemsize = _DTYPES[st_dtype]
+    begin, end = info["data_offsets"]
+    count = int(np.prod(info["shape"], dtype=np.int64))
+    if (data_start + begin) % itemsize or end - begin != count * itemsize:
+        return None
+    view = np.frombuffer(mm, dtype=np_dtype, count=count, offset=data_start + begin)
+    return view.reshape(tuple(info["shape"]))
+
+
+def read_rows(path, header: dict, raw_name: str, data_start: int, mm, dst: np.ndarray,
+              row0: int):
+    """Rows row0 .. row0 + len(dst) of a 2-d tensor, converted to float32 into dst, then the
+    file pages they came from dropped from this process's resident set."""
+    info = header[raw_name]
+    np_dtype, itemsize = _DTYPES[info["dtype"]]
+    begin, _ = info["data_offsets"]
+    row_bytes = int(info["shape"][1]) * itemsize
+    lo = data_start + begin + row0 * row_bytes
+    hi = lo + dst.shape[0] * row_bytes
+    raw = memoryview(mm)[lo:hi]
+    try:
+        _convert_into(dst, raw, info["dtype"], dst.shape, path, raw_name)
+    finally:
+        raw.release()
+    drop_pages(mm, lo, hi)
+
+
+def row_chunks(rows: int, cols: int):
+    """(start, stop) row ranges of about CHUNK_ELEMENTS elements covering rows."""
+    step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def check_tied_head(path, header: dict, seen: dict, data_start: int, mm, config: GPT2Config):
+    """A tied model's file may also hold lm_head.weight (transformers saves it for some
+    configs): it must equal wte.weight.  Compared a chunk of rows at a time."""
+    if HEAD not in seen or not config.tie_word_embeddings:
+        return
+    raw_wte, raw_head = seen["wte.weight"], seen[HEAD]
+    rows, cols = header[raw_wte]["shape"]
+    for r0, r1 in row_chunks(rows, cols):
+        a = np.empty((r1 - r0, cols), np.float32)
+        b = np.empty((r1 - r0, cols), np.float32)
+        read_rows(path, header, raw_wte, data_start, mm, a, r0)
+        read_rows(path, header, raw_head, data_start, mm, b, r0)
+        if not np.array_equal(a, b):
             raise SafetensorsError(
-                f"{path}: tensor {raw_name!r} differs from 'wte.weight', but the config ties the "
+                f"{path}: tensor {raw_head!r} differs from 'wte.weight', but the config ties the "
                 f"output head to the token embedding (tie_word_embeddings true, GPT-2's default); "
                 f"an untied model needs a config.json with \"tie_word_embeddings\": false")
 
 
-def _drop_pages(mm, data_start: int, info: dict):
-    """Let the kernel drop the file pages of a tensor already converted (they would otherwise
-    stay in this process's resident set until the mapping closes: a low-precision load would
-    peak at the file's size plus the compressed model)."""
+def drop_pages(mm, lo: int, hi: int):
+    """Let the kernel drop the whole file pages inside [lo, hi) of the mapping, once their
+    tensor has been converted: they would otherwise stay in this process's resident set until
+    the mapping closes, and a low-precision load would peak at the file's size plus the
+    compressed model.  Pages shared with a neighbouring tensor are kept."""
     if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise"):
         return
-    begin, end = info["data_offsets"]
-    lo = (data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
-    hi = (data_start + end) // mmap.PAGESIZE * mmap.PAGESIZE   # whole pages only
+    lo = -(-lo // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = hi // mmap.PAGESIZE * mmap.PAGESIZE
     if hi > lo:
         try:
             mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
         except (OSError, ValueError, AttributeError):
             pass
+
+
+def drop_tensor_pages(mm, data_start: int, info: dict):
+    begin, end = info["data_offsets"]
+    drop_pages(mm, data_start + begin, data_start + end)
+
+
+def read_tensor(path, header, raw_name, data_start, mm, dst):
+    """One tensor converted to float32 into dst (its shape checked against the file's)."""
+    _read_tensor(path, header, raw_name, data_start, mm, dst)
 
 
 def _read_tensor(path, header, raw_name, data_start, mm, dst):
@@ -537,9 +589,11 @@ def _read_tensor(path, header, raw_name, data_start, mm, dst):
         raw.release()
 
 
-def open_mapped(path: Path):
+def open_mapped(path: Path, copy_on_write: bool = False):
     """(mmap, {name: info}, metadata, data_start) of a safetensors file whose header has been
-    validated against it; the caller closes the mmap.  The file is opened non-blocking and
+    validated against it; the caller closes the mmap.  copy_on_write maps the file privately
+    and writable (MAP_PRIVATE: a write copies that page for this process, the file is never
+    changed), for parameters that are views of the mapping.  The file is opened non-blocking and
     checked to be a regular file on the open descriptor (no FIFO swapped in after a stat)."""
     flags = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0) \
         | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -551,7 +605,7 @@ def open_mapped(path: Path):
         if st.st_size < 8:
             raise SafetensorsError(f"{path}: not a safetensors file ({st.st_size} bytes, "
                                    f"too short)")
-        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_READ)
     finally:
         os.close(fd)
     try:
@@ -563,14 +617,14 @@ def open_mapped(path: Path):
     return mm, header, metadata, data_start
 
 
-def open_model(path):
+def open_model(path, copy_on_write: bool = False):
     """(file, mmap, header, data_start, config) for a model file or directory, everything
     validated; the caller allocates the model, calls load_into and closes the mmap.
 
     The config comes from config.json beside the directory's model.safetensors, else from the
     file's __metadata__ (gpt2s saves), else from the tensor shapes."""
     file, cfg_file = resolve_model_path(path)
-    mm, header, metadata, data_start = open_mapped(file)
+    mm, header, metadata, data_start = open_mapped(file, copy_on_write)
     try:
         if cfg_file is not None:
             config = _config_from_json(cfg_file)
