@@ -102,49 +102,71 @@ static void gpt2s_bf16_to_f32_n(float *out, const uint16_t *x, int64_t n) {
     }
 }
 
+/* One block of 32 contiguous weights x -> dst (int8) and its fp16 scale; 0, or -1 when the
+   block holds a non-finite weight or one too large for an fp16 scale (|w| > 127 * 65504).
+   Straight loops over 32 elements that GCC vectorises (-fno-trapping-math), in an x86-64-v3
+   clone where the platform has ifuncs: 4-wide double division and rounding. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) \
+    && !defined(GPT2S_NO_CLONES)
+#define GPT2S_Q8_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define GPT2S_Q8_CLONES
+#endif
+GPT2S_Q8_CLONES static int gpt2s_q8_quantize_block(int8_t *dst, uint16_t *scale,
+                                                   const float *x) {
+    float amax = 0.0f;
+    int bad = 0;
+    for (int i = 0; i < GPT2S_Q8_BLOCK; i++) {
+        float a = fabsf(x[i]);
+        bad |= !(a <= 3.4028234663852886e38f);   /* NaN or inf */
+        amax = a > amax ? a : amax;
+    }
+    if (bad) return -1;
+    /* the smallest fp16 d with 127 d >= amax (in exact arithmetic): no clipping */
+    uint16_t h = gpt2s_f32_to_f16_nonneg(amax / 127.0f);
+    while (h < 0x7c00u && (double)gpt2s_f16_to_f32(h) * 127.0 < (double)amax) h++;
+    if (h >= 0x7c00u) return -1;
+    *scale = h;
+    double d = gpt2s_f16_to_f32(h);
+    if (d == 0.0) {           /* an all-zero block */
+        memset(dst, 0, GPT2S_Q8_BLOCK);
+        return 0;
+    }
+    for (int i = 0; i < GPT2S_Q8_BLOCK; i++) {
+        double r = (double)x[i] / d;
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD == 0
+        /* round half to even, as nearbyint in the default mode, without its libm call:
+           adding and subtracting 1.5 * 2^52 leaves the integer nearest to |r| <= 127 + 1/2
+           (the sum's last bit is worth 1) */
+        r = (r + 6755399441055744.0) - 6755399441055744.0;
+#else   /* x87 excess precision would keep the fraction */
+        r = nearbyint(r);
+#endif
+        r = r > 127.0 ? 127.0 : (r < -127.0 ? -127.0 : r);
+        dst[i] = (int8_t)(int)r;
+    }
+    return 0;
+}
+
 /* Quantize rows [0, N) of a weight whose element (n, k) is w[n * sn + k * sk] into q [N][K]
    and scales [N][K/32] (fp16 bits).  K % 32 == 0.  Returns 0, or -1 when a block holds a
-   non-finite weight or one too large for an fp16 scale (|w| > 127 * 65504); the caller names
-   the tensor.  Blocks are visited block-row by block-row so that a [K, N] weight (sn = 1,
-   sk = N) reads 32 of its rows at a time, which stay in cache. */
+   non-finite weight or one too large for an fp16 scale; the caller names the tensor.  Blocks
+   are visited block-row by block-row so that a [K, N] weight (sn = 1, sk = N) reads 32 of its
+   rows at a time, which stay in cache; a strided block is gathered into a contiguous copy. */
 static int gpt2s_q8_quantize(int8_t *q, uint16_t *scales, const float *w, int64_t N,
                              int64_t K, int64_t sn, int64_t sk) {
     int64_t nb = K / GPT2S_Q8_BLOCK;
+    float x[GPT2S_Q8_BLOCK];
     for (int64_t b = 0; b < nb; b++) {
         for (int64_t n = 0; n < N; n++) {
             const float *src = w + n * sn + b * GPT2S_Q8_BLOCK * sk;
-            float amax = 0.0f;
-            int bad = 0;
-            for (int i = 0; i < GPT2S_Q8_BLOCK; i++) {
-                float a = fabsf(src[i * sk]);
-                if (!(a <= 3.4028234663852886e38f)) bad = 1;   /* NaN or inf */
-                amax = a > amax ? a : amax;
+            if (sk != 1) {
+                for (int i = 0; i < GPT2S_Q8_BLOCK; i++) x[i] = src[i * sk];
+                src = x;
             }
-            if (bad) return -1;
-            /* the smallest fp16 d with 127 d >= amax (in exact arithmetic): no clipping */
-            uint16_t h = gpt2s_f32_to_f16_nonneg(amax / 127.0f);
-            while (h < 0x7c00u && (double)gpt2s_f16_to_f32(h) * 127.0 < (double)amax) h++;
-            if (h >= 0x7c00u) return -1;
-            double d = gpt2s_f16_to_f32(h);
-            int8_t *dst = q + n * K + b * GPT2S_Q8_BLOCK;
-            if (d == 0.0) {           /* an all-zero block */
-                memset(dst, 0, GPT2S_Q8_BLOCK);
-            } else {
-                for (int i = 0; i < GPT2S_Q8_BLOCK; i++) {
-                    /* round half to even, as nearbyint in the default mode, without its libm
-                       call: adding and subtracting 1.5 * 2^52 leaves the integer nearest to
-                       |r| <= 127 + 1/2 (the sum's last bit is worth 1).  10x faster loads. */
-                    double r = (double)src[i * sk] / d;
-#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD == 0
-                    r = (r + 6755399441055744.0) - 6755399441055744.0;
-#else               /* x87 excess precision would keep the fraction */
-                    r = nearbyint(r);
-#endif
-                    r = r > 127.0 ? 127.0 : (r < -127.0 ? -127.0 : r);
-                    dst[i] = (int8_t)r;
-                }
-            }
-            scales[n * nb + b] = h;
+            if (gpt2s_q8_quantize_block(q + n * K + b * GPT2S_Q8_BLOCK, scales + n * nb + b,
+                                        src) != 0)
+                return -1;
         }
     }
     return 0;
