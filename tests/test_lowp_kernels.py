@@ -180,9 +180,12 @@ def test_q8_quantize_rejects_bad_input():
 # ------------------------------------------------------------------ products
 
 ROWS = [1, 2, 3, 5, 8, 13, 33]
-# (K, N): K 1/7 below a vector, 13 with a lane tail, 64 one block, 65/130 a block plus a tail;
-# N 1/5 below a strip or tile, 16 one strip, 17/37/100 with tails; 3072 x 100 spans two panels
-BF16_SHAPES = [(1, 5), (7, 1), (13, 37), (64, 16), (65, 17), (130, 100), (3072, 100)]
+# (K, N): K 1/7 below a vector, 13 with a lane tail, 48 = 32 + 16 (the one-row NT kernel's
+# two loops), 64 one block, 65/130 a block plus a tail, 8200 past the one-row NT kernel's
+# stack scratch (the generic tile); N 1/5 below a strip or tile, 16 one strip, 17/37/100 with
+# tails; 3072 x 100 spans two panels
+BF16_SHAPES = [(1, 5), (7, 1), (13, 37), (48, 9), (64, 16), (65, 17), (130, 100), (3072, 100),
+               (8200, 3)]
 # int8: K a multiple of 32 (1, 2, 3 blocks, GPT-2's 768 and 3072)
 Q8_SHAPES = [(32, 1), (32, 7), (64, 17), (96, 37), (768, 10), (3072, 100)]
 

@@ -205,6 +205,7 @@ static void gpt2s_bf16_to_f32_panel(float *out, int64_t ldo, const uint16_t *w, 
 #define GPT2S_LOWP_V3 __attribute__((target("avx2,fma,f16c"), noinline))
 #define GPT2S_LOWP_V3_INLINE static inline __attribute__((target("avx2,fma,f16c"), always_inline))
 #define GPT2S_LOWP_KB 64    /* rows of W per K block (bf16_nn), as _smallm.h */
+#define GPT2S_BF16_PF 2048   /* bf16_nt1 prefetch distance in bytes */
 #define GPT2S_LOWP_PF 64    /* bf16_nn prefetch distance in elements: 128 bytes, two lines */
 /* row i of a tile that starts at p, or row 0 again when the tile has only n rows */
 #define GPT2S_LROW(p, i, n, ld) ((p) + ((n) > (i) ? (int64_t)(i) * (ld) : 0))
@@ -460,11 +461,64 @@ GPT2S_LOWP_V3_INLINE void gpt2s_nt_tile_arch_x86_64_v3(const int RA, const int R
     }
 }
 
+/* c[0:n] (+)= a (K) @ W^T, W bf16 (n, K), one row of A (batch-1 decoding of the tied
+   lm_head: 77 MB of bf16 per token for GPT-2 124M).  Each 256-bit load of 16 bf16 is widened by
+   two unpacks with zero, which leaves the lanes in the order [0-3, 8-11] and [4-7, 12-15]; the
+   row a is permuted into that order once per call (xp, K floats of scratch), so each 16 weights
+   cost one load, two unpacks and two FMAs.  Four rows of W at a time (8 accumulators); with
+   ldw == K those rows are one contiguous block, read at 128 bytes per step: prefetched 2 KiB
+   ahead of that position, as gpt2s_q8_nt1 does (the generic 1 x 8 tile left the prefetchers
+   eight short streams: 7 GB/s on one core where this reads 12). */
+GPT2S_LOWP_V3 static void gpt2s_bf16_nt1_arch_x86_64_v3(int n, int K, const float *a,
+        const uint16_t *W, int ldw, int accumulate, float *c, float *xp) {
+    int k16 = K - K % 16;
+    const __m256i zero = _mm256_setzero_si256();
+    for (int k = 0; k < k16; k += 16) {
+        __m256 x0 = _mm256_loadu_ps(a + k), x1 = _mm256_loadu_ps(a + k + 8);
+        _mm256_storeu_ps(xp + k, _mm256_permute2f128_ps(x0, x1, 0x20));
+        _mm256_storeu_ps(xp + k + 8, _mm256_permute2f128_ps(x0, x1, 0x31));
+    }
+    int k32 = K - K % 32;
+    for (int v = 0; v < n; v++) {
+        const uint16_t *w = W + (int64_t)v * ldw;
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        int prefetch = v + 8 <= n;
+        int k = 0;
+        for (; k < k32; k += 32) {
+            if (prefetch) __builtin_prefetch((const char *)w + 2 * (int64_t)k + GPT2S_BF16_PF);
+            __m256i q0 = _mm256_loadu_si256((const __m256i *)(w + k));
+            __m256i q1 = _mm256_loadu_si256((const __m256i *)(w + k + 16));
+            s0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, q0)),
+                                 _mm256_loadu_ps(xp + k), s0);
+            s1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, q0)),
+                                 _mm256_loadu_ps(xp + k + 8), s1);
+            s2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, q1)),
+                                 _mm256_loadu_ps(xp + k + 16), s2);
+            s3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, q1)),
+                                 _mm256_loadu_ps(xp + k + 24), s3);
+        }
+        for (; k < k16; k += 16) {
+            __m256i q0 = _mm256_loadu_si256((const __m256i *)(w + k));
+            s0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, q0)),
+                                 _mm256_loadu_ps(xp + k), s0);
+            s1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, q0)),
+                                 _mm256_loadu_ps(xp + k + 8), s1);
+        }
+        float t = gpt2s_hsum_arch_x86_64_v3(_mm256_add_ps(_mm256_add_ps(s0, s1),
+                                                          _mm256_add_ps(s2, s3)));
+        for (k = k16; k < K; k++) t += a[k] * gpt2s_bf16_to_f32(w[k]);
+        c[v] = accumulate ? c[v] + t : t;
+    }
+}
+
 /* tile shapes by rows of A: one row streams 8 W rows at once (8 FMA chains); 2-3 rows 4;
    4 or more rows 4 x 2 (8 accumulators, 4 A vectors, a W vector and 2 scales in registers) */
 GPT2S_LOWP_V3 static void gpt2s_bf16_nt_arch_x86_64_v3(int M, int n, int K, const float *A,
         int lda, const uint16_t *W, int ldw, int accumulate, float *C, int ldc) {
-    if (M == 1)
+    if (M == 1 && K <= 8192) {   /* scratch on the stack: 32 KiB at most */
+        float xp[8192] __attribute__((aligned(32)));
+        gpt2s_bf16_nt1_arch_x86_64_v3(n, K, A, W, ldw, accumulate, C, xp);
+    } else if (M == 1)
         gpt2s_nt_tile_arch_x86_64_v3(1, 8, 0, M, n, K, A, lda, W, ldw, NULL, accumulate, C, ldc);
     else if (M < 4)
         gpt2s_nt_tile_arch_x86_64_v3(2, 4, 0, M, n, K, A, lda, W, ldw, NULL, accumulate, C, ldc);
