@@ -265,7 +265,14 @@ GPT2S_LOWP_V3 static void gpt2s_bf16_nn1_arch_x86_64_v3(int n, int K, const floa
         const uint16_t *w0 = W + (int64_t)k * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
         __m256 t0 = _mm256_broadcast_ss(a + k), t1 = _mm256_broadcast_ss(a + k + 1);
         __m256 t2 = _mm256_broadcast_ss(a + k + 2), t3 = _mm256_broadcast_ss(a + k + 3);
+        int prefetch = k + 12 <= k4;
         for (int j = 0; j < n16; j += 16) {
+            if (prefetch && (j & 31) == 0) {   /* the next 4 rows, one line each per 32 columns */
+                __builtin_prefetch(w0 + 8 * (int64_t)ldw + j);
+                __builtin_prefetch(w1 + 8 * (int64_t)ldw + j);
+                __builtin_prefetch(w2 + 8 * (int64_t)ldw + j);
+                __builtin_prefetch(w3 + 8 * (int64_t)ldw + j);
+            }
             __m256i v0 = _mm256_loadu_si256((const __m256i *)(w0 + j));
             __m256i v1 = _mm256_loadu_si256((const __m256i *)(w1 + j));
             __m256i v2 = _mm256_loadu_si256((const __m256i *)(w2 + j));
