@@ -502,12 +502,21 @@ def _table(header, rows) -> str:
     return "\n".join(lines)
 
 
+def _family(meta) -> str:
+    ls = meta.get("lscpu") or {}
+    if "CPU family" not in ls:
+        return ""
+    return f", family {ls['CPU family']} model {ls.get('Model', '?')}" + (
+        f", {ls['Hypervisor vendor']} guest" if ls.get("Hypervisor vendor") else "")
+
+
 def format_report(results: dict) -> str:
     meta, summ = results["meta"], results["summary"]
     lines = [f"## gpt2s vs llama.cpp: GPT-2 124M (random weights), {meta['threads']} threads, "
              f"medians of {meta['rounds']} rounds",
              "",
-             f"machine: {meta['cpu']} ({meta['lscpu'].get('CPU(s)', meta['cores'])} CPUs, "
+             f"machine: {meta['cpu']}{_family(meta)} "
+             f"({meta['lscpu'].get('CPU(s)', meta['cores'])} CPUs, "
              f"ISA {' '.join(meta['isa']) or 'none of avx2/avx512'}; "
              f"{_f(meta.get('mem_gib'))} GiB); {meta['platform']}",
              f"gpt2s {meta['git']}; llama.cpp {meta.get('llama_cpp') or 'n/a'}; "
