@@ -38,6 +38,7 @@ PAIRS = (("float32", "F32", "f32"), ("bfloat16", "F16", "f16"), ("int8", "Q8_0",
 DECODE_TARGETS = {"float32": 1.0, "bfloat16": 1.1, "int8": 1.1}
 BATCH8_TARGETS = {"bfloat16": 1.6, "int8": 2.5}
 RSS_SLACK_MIB = 64
+REDO = 2   # redos of a disturbed pair of runs
 # 16 GPT-2 BPE tokens (checked at start-up); the 512-token prompt is " the" 512 times, one
 # token each in both tokenizers (the count each engine saw is recorded and checked)
 PROMPT16 = "The meaning of life is a question that has puzzled philosophers and scientists " \
@@ -522,7 +523,8 @@ def format_report(results: dict) -> str:
              f"gpt2s {meta['git']}; llama.cpp {meta.get('llama_cpp') or 'n/a'}; "
              f"load average at start {meta['loadavg_start']}, at end {meta.get('loadavg_end')}; "
              f"other processes used {_f(meta.get('other_load_median'), '{:.2f}')} cores "
-             f"(median over runs, max {_f(meta.get('other_load_max'), '{:.2f}')})",
+             f"(median over the kept runs, max {_f(meta.get('other_load_max'), '{:.2f}')}; "
+             f"{len(results.get('discarded') or [])} disturbed pairs redone)",
              f"read bandwidth ceiling: {_f(summ['bandwidth_gbs'], '{:.2f}')} GB/s "
              f"({meta.get('bandwidth_method', '')})",
              ""]
@@ -592,6 +594,9 @@ def _parser():
                    help="array size of the read-bandwidth measurement (default: %(default)s)")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                    help="before each run wait up to S s for other processes to use < 0.1 cores")
+    p.add_argument("--max-other-load", type=float, default=0.25, metavar="CORES",
+                   help="redo a gpt2s/llama.cpp pair of runs during which other processes used "
+                        "more CPU than this (default: %(default)s; at most 2 redos)")
     p.add_argument("--skip-llama", action="store_true",
                    help="run only gpt2s's side (no llama.cpp needed)")
     p.add_argument("--cache", type=Path,
@@ -647,7 +652,7 @@ def main(argv=None) -> int:
                                  f"array on {args.threads} threads (gpt2s _core.sum_squares, "
                                  f"NumPy sum in {args.threads} Python threads), every round")
     results = {"meta": meta, "runs": {"gpt2s": {}, "llama.cpp": {}}, "bandwidth": [],
-               "quality": {}, "notes": [], "errors": []}
+               "quality": {}, "notes": [], "errors": [], "discarded": []}
     if args.skip_llama:
         results["notes"].append("--skip-llama: llama.cpp was not run")
     else:
@@ -676,48 +681,48 @@ def main(argv=None) -> int:
         run = Runner(args.threads, tmp, args.wait_quiet, log)
         loads = []
 
-        def pair(first_ours, ours_fn, llama_fn):
-            fns = [ours_fn] + ([] if args.skip_llama else [llama_fn])
+        def pair(first_ours, key, ours_fn, llama_fn):
+            """One gpt2s run and its llama.cpp counterpart, kept together: when other
+            processes used more than --max-other-load cores during either, both are redone
+            (at most REDO times; the discarded runs are counted in the JSON)."""
+            named = [("gpt2s", ours_fn)] + ([] if args.skip_llama else [("llama.cpp", llama_fn)])
             if not first_ours:
-                fns.reverse()
-            for fn in fns:
-                r = fn()
+                named.reverse()
+            for attempt in range(REDO + 1):
+                got = [(engine, fn()) for engine, fn in named]
+                worst = max((r.get("other_load") or 0.0) for _, r in got)
+                if worst <= args.max_other_load or attempt == REDO:
+                    break
+                results["discarded"].append({"round": rnd, "key": key, "other_load": worst})
+                log(f"  (other processes used {worst:.2f} cores: the pair is redone)")
+            for engine, r in got:
+                r["round"], r["attempt"] = rnd, attempt
                 loads.append(r.get("other_load"))
+                store = results["runs"][engine][dtype if engine == "gpt2s" else lq]
+                store[key].append(r)
 
         for rnd in range(args.rounds):
             first_ours = rnd % 2 == 0
             log(f"round {rnd + 1}/{args.rounds} (load average {os.getloadavg()[0]:.2f}; "
                 f"{'gpt2s' if first_ours else 'llama.cpp'} first)")
             bw = run([sys.executable, RUNNER, "bandwidth", "--threads", args.threads,
-                                "--mib", args.bandwidth_mib], "bandwidth")
+                      "--mib", args.bandwidth_mib], "bandwidth")
             ours_bw = json.loads(bw["stdout"].strip().splitlines()[-1])
-            ours_bw["loadavg"] = os.getloadavg()[0]
+            ours_bw.update(loadavg=os.getloadavg()[0], other_load=bw["proc"]["other_load"])
             results["bandwidth"].append(ours_bw)
             for dtype, lq, _ in pairs:
-                g, l = results["runs"]["gpt2s"][dtype], results["runs"]["llama.cpp"].get(lq)
                 gguf = ggufs[lq]
-
-                def keep(store, key, r):
-                    r["round"] = rnd
-                    store[key].append(r)
-                    return r
-
-                pair(first_ours,
-                     lambda: keep(g, "decode", ours(run, args, "decode", dtype, files["ids16"])),
-                     lambda: keep(l, "decode", llama_completion(
-                         run, args, gguf, tmp / "prompt16.txt", args.new, 256,
-                         f"llama-completion {lq} 16+{args.new}")))
-                pair(first_ours,
-                     lambda: keep(g, "prefill512", ours(run, args, "prefill", dtype,
-                                                        files["ids512"])),
-                     lambda: keep(l, "prefill512", llama_completion(
-                         run, args, gguf, tmp / "prompt512.txt", 1, 1024,
-                         f"llama-completion {lq} prefill 512")))
-                pair(first_ours,
-                     lambda: keep(g, "batch8", ours(run, args, "decode", dtype, files["ids16"],
-                                                    batch=8)),
-                     lambda: keep(l, "batch8", llama_batched(
-                         run, args, gguf, f"llama-batched-bench {lq}")))
+                pair(first_ours, "decode",
+                     lambda: ours(run, args, "decode", dtype, files["ids16"]),
+                     lambda: llama_completion(run, args, gguf, tmp / "prompt16.txt", args.new,
+                                              256, f"llama-completion {lq} 16+{args.new}"))
+                pair(first_ours, "prefill512",
+                     lambda: ours(run, args, "prefill", dtype, files["ids512"]),
+                     lambda: llama_completion(run, args, gguf, tmp / "prompt512.txt", 1, 1024,
+                                              f"llama-completion {lq} prefill 512"))
+                pair(first_ours, "batch8",
+                     lambda: ours(run, args, "decode", dtype, files["ids16"], batch=8),
+                     lambda: llama_batched(run, args, gguf, f"llama-batched-bench {lq}"))
 
         # bytes of weights per decoding step, as the gpt2s runner counted them
         for dtype, _, _ in pairs:

@@ -292,3 +292,26 @@ def test_llama_logits_match_gpt2s(vs, tmp_path):
     mine, _ = GPT2.from_safetensors(ANCHORS / "gpt2-random").forward(np.array([ids]))
     assert theirs.shape == mine[0].shape
     assert vs.rel_l2(theirs, mine[0]) < 2e-3
+
+
+def test_disturbed_pairs_are_redone(vs, tmp_path):
+    """--max-other-load below any possible load: every pair is redone twice, then kept, and the
+    JSON says so."""
+    from gpt2s import GPT2, GPT2Config
+    cfg = GPT2Config(n_layer=1, n_head=2, n_embd=64, vocab_size=50257, n_ctx=1024)
+    GPT2.from_config(cfg, seed=0).save_safetensors(tmp_path / "tiny")
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, str(SCRIPT), "--skip-llama", "--model",
+                        str(tmp_path / "tiny"), "--rounds", "1", "--new", "2", "--dtypes",
+                        "int8", "--bandwidth-mib", "16", "--quality-tokens", "4",
+                        "--max-other-load", "-1", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert sorted(d["key"] for d in res["discarded"]) == \
+        ["batch8", "batch8", "decode", "decode", "prefill512", "prefill512"]
+    for key in ("decode", "prefill512", "batch8"):
+        kept = res["runs"]["gpt2s"]["int8"][key]
+        assert len(kept) == 1 and kept[0]["attempt"] == vs.REDO
+    assert "6 disturbed pairs redone" in p.stdout
