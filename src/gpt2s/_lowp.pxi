@@ -168,6 +168,8 @@ cdef int lowp_gemm(int kind, int M, int N, int K, const float *A, int lda, const
     cdef int blk, lo, hi, step, nblocks, failed = 0
     if nt <= 1:
         return lowp_serial(kind, M, N, K, A, lda, W, ldw, S, accumulate, C, ldc)
+    if kind == LOWP_BF16_NN and M == 1 and N < 1024 * nt and K >= 64 * nt:
+        return lowp_nn1_split_k(nt, N, K, A, <const uint16_t *>W, ldw, accumulate, C)
     step = ((N + nt - 1) // nt + 15) // 16 * 16
     nblocks = (N + step - 1) // step
     for blk in prange(nblocks, num_threads=nt, schedule='static'):
@@ -186,6 +188,36 @@ cdef int lowp_gemm(int kind, int M, int N, int K, const float *A, int lda, const
                                   S + <int64_t>lo * (K // GPT2S_Q8_BLOCK), accumulate, C + lo,
                                   ldc)
     return failed
+
+
+cdef int lowp_nn1_split_k(int nt, int N, int K, const float *A, const uint16_t *W, int ldw,
+                          bint accumulate, float *C) noexcept nogil:
+    # C[0, 0:N] (+)= A (1, K) @ W (K, N) bf16 with the K rows split over the team.  A column
+    # split of a narrow weight (GPT-2's mlp.c_proj, 3072 x 768) gives each thread 768-byte
+    # pieces of every row, which the prefetchers hardly follow (8 GB/s on 2 threads); here each
+    # thread reads whole rows, one contiguous run of the weight (14 GB/s), into a partial sum
+    # of its own, and the partials are added in thread order (the same result on every run
+    # with the same team size).  Returns -1 when the partials cannot be allocated.
+    cdef float *part = <float *>malloc(sizeof(float) * <int64_t>nt * N)
+    cdef int t, lo, hi, j, step = ((K + nt - 1) // nt + 3) // 4 * 4
+    cdef float s
+    if part == NULL:
+        return -1
+    for t in prange(nt, num_threads=nt, schedule='static'):
+        lo = t * step
+        hi = min(K, lo + step)
+        if lo < hi:
+            lowp_serial(LOWP_BF16_NN, 1, N, hi - lo, A + lo, hi - lo, W + <int64_t>lo * ldw, ldw,
+                        NULL, False, part + <int64_t>t * N, N)
+        else:
+            memset(part + <int64_t>t * N, 0, N * sizeof(float))
+    for j in range(N):
+        s = C[j] if accumulate else 0.0
+        for t in range(nt):
+            s = s + part[<int64_t>t * N + j]
+        C[j] = s
+    free(part)
+    return 0
 
 
 cdef void lowp_lay_bias(float[:, ::1] out, const float[::1] bias) noexcept nogil:
