@@ -83,23 +83,19 @@ class Q8Weight:
 def compress(name: str, w: np.ndarray, dtype: str):
     """The stored form of float32 tensor w (its parameter name says its layout)."""
     w = np.ascontiguousarray(w, np.float32)
-    if dtype == "bfloat16":
-        bits = np.empty(w.shape, np.uint16)
-        _core.bf16_from_float32(bits.reshape(-1), w.reshape(-1))
-        return BF16Weight(bits)
-    transposed = name not in _ROW_MAJOR   # Conv1D weights are (in = K, out = N)
-    N, K = (w.shape[1], w.shape[0]) if transposed else w.shape
-    if K % Q8_BLOCK:
-        raise ValueError(f"int8 weights need the reduction dimension of {name!r} {tuple(w.shape)}"
-                         f" to be a multiple of {Q8_BLOCK}, got {K} (n_embd must be a multiple "
-                         f"of {Q8_BLOCK})")
-    q = np.empty((N, K), np.int8)
-    scales = np.empty((N, K // Q8_BLOCK), np.uint16)
+    out = empty(name, w.shape, dtype)
+    if isinstance(out, BF16Weight):
+        _core.bf16_from_float32(out.bits.reshape(-1), w.reshape(-1))
+    else:
+        _quantize(name, out.q, out.scales, w, out.transposed)
+    return out
+
+
+def _quantize(name, q, scales, w, transposed):
     try:
         _core.q8_quantize(q, scales, w, transposed)
     except ValueError as e:
         raise ValueError(f"tensor {name!r}: {e}") from None
-    return Q8Weight(q, scales, transposed)
 
 
 def is_row_major(name: str) -> bool:
@@ -108,16 +104,16 @@ def is_row_major(name: str) -> bool:
     return name in _ROW_MAJOR
 
 
-def compress_rows_into(w, row0: int, rows: np.ndarray):
+def compress_rows_into(name: str, w, row0: int, rows: np.ndarray):
     """Compress float32 rows into rows row0 .. row0 + len(rows) of the row-major weight w
-    (a `BF16Weight` or an untransposed `Q8Weight`), so a big embedding is converted without a
-    float32 copy of the whole."""
+    (parameter name: a `BF16Weight` or an untransposed `Q8Weight`), so a big embedding is
+    converted without a float32 copy of the whole."""
     rows = np.ascontiguousarray(rows, np.float32)
     r1 = row0 + rows.shape[0]
     if isinstance(w, BF16Weight):
         _core.bf16_from_float32(w.bits[row0:r1].reshape(-1), rows.reshape(-1))
     else:
-        _core.q8_quantize(w.q[row0:r1], w.scales[row0:r1], rows, False)
+        _quantize(name, w.q[row0:r1], w.scales[row0:r1], rows, False)
 
 
 def empty(name: str, shape, dtype: str):

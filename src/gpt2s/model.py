@@ -246,8 +246,8 @@ class GPT2:
             m = cls.__new__(cls)
             # a float32 model whose file has no tensor to view reads into its one buffer
             into_buffer = dtype == "float32" and not (
-                mmap and any(_weights.tensor_view(header, raw, data_start, mm, "F32") is not None
-                             for raw in header))
+                mmap and any(_weights.viewable(info, data_start, "F32")
+                             for info in header.values()))
             m._setup(config, dtype, allocate=into_buffer)
             if into_buffer:
                 load_into(file, header, data_start, mm, m.params, config)
@@ -274,41 +274,44 @@ class GPT2:
         Returns True when some parameter views the mapping."""
         seen = _weights.check_against_config(file, header, len(mm) - data_start, self.config)
         viewed = False
-        # one float32 scratch for every tensor converted whole: a temporary per tensor would
-        # leave the heap full of freed holes between the compressed weights (+300 MiB of
-        # resident memory over GPT-2 XL's 48 blocks)
+        # one float32 scratch for every tensor converted: a temporary per tensor would leave
+        # the heap full of freed holes between the compressed weights (+300 MiB of resident
+        # memory over GPT-2 XL's 48 blocks)
         scratch = np.empty(0, np.float32)
+
+        def temporary(shape):
+            nonlocal scratch
+            size = int(np.prod(shape))
+            if scratch.size < size:
+                scratch = np.empty(0, np.float32)   # (the old one freed first)
+                scratch = np.empty(size, np.float32)
+            return scratch[:size].reshape(shape)
+
         for name in list(self.params):
             raw = seen[name]
             info = header[raw]
             shape = self.params[name].shape
             compressed = self.dtype != "float32" and _lowp.is_compressed(name)
-            want = ("BF16" if self.dtype == "bfloat16" else None) if compressed else "F32"
-            view = None
-            if mmap and want is not None and (compressed or self.dtype == "float32"):
-                view = _weights.tensor_view(header, raw, data_start, mm, want)
+            # the file dtype a parameter can be used in place from
+            want = "F32" if self.dtype == "float32" else \
+                "BF16" if compressed and self.dtype == "bfloat16" else None
+            view = _weights.tensor_view(header, raw, data_start, mm, want) if mmap and want \
+                else None
             if view is not None:
                 viewed = True
                 self._set_param(name, _lowp.BF16Weight(view) if compressed else view)
                 continue
             if compressed and _lowp.is_row_major(name):
                 w = _lowp.empty(name, shape, self.dtype)
-                rows = np.empty(0, np.float32)
                 for r0, r1 in _weights.row_chunks(*shape):
-                    if rows.shape[0] != r1 - r0:
-                        rows = np.empty((r1 - r0, shape[1]), np.float32)
+                    rows = temporary((r1 - r0, shape[1]))
                     _weights.read_rows(file, header, raw, data_start, mm, rows, r0)
-                    _lowp.compress_rows_into(w, r0, rows)
+                    _lowp.compress_rows_into(name, w, r0, rows)
                 self._set_param(name, w)
             elif compressed:
-                size = int(np.prod(shape))
-                if scratch.size < size:
-                    scratch = np.empty(0, np.float32)   # (the old one freed first)
-                    scratch = np.empty(size, np.float32)
-                tmp = scratch[:size].reshape(shape)
+                tmp = temporary(shape)
                 _weights.read_tensor(file, header, raw, data_start, mm, tmp)
                 self._set_param(name, _lowp.compress(name, tmp, self.dtype))
-                del tmp
             elif self._flat is None:       # a float32 model whose other tensors are mapped
                 tmp = np.empty(shape, np.float32)
                 _weights.read_tensor(file, header, raw, data_start, mm, tmp)

@@ -483,7 +483,7 @@ def load_into(path: Path, header: dict, data_start: int, mm, params: dict, confi
     float32 views): no intermediate array of the model's size."""
     seen = check_against_config(path, header, len(mm) - data_start, config)
     for name, dst in params.items():
-        _read_tensor(path, header, seen[name], data_start, mm, dst)
+        read_tensor(path, header, seen[name], data_start, mm, dst)
     check_tied_head(path, header, seen, data_start, mm, config)
 
 
@@ -493,19 +493,27 @@ def load_into(path: Path, header: dict, data_start: int, mm, params: dict, confi
 CHUNK_ELEMENTS = 1 << 20
 
 
-def tensor_view(header: dict, raw_name: str, data_start: int, mm, st_dtype: str):
-    """The tensor as a NumPy view of the mapping (no copy) when the file stores it as st_dtype
-    ("F32" as float32, "BF16" as uint16 bits) at an offset aligned to its element size; None
-    otherwise (the caller converts it).  Writable when the mapping is copy-on-write."""
-    info = header[raw_name]
+def viewable(info: dict, data_start: int, st_dtype: str) -> bool:
+    """True when a tensor can be used in place: the file stores it as st_dtype ("F32" or
+    "BF16") at an offset aligned to its element size."""
     if info["dtype"] != st_dtype:
-        return None
-    np_dtype, itemsize = _DTYPES[st_dtype]
+        return False
+    _, itemsize = _DTYPES[st_dtype]
     begin, end = info["data_offsets"]
     count = int(np.prod(info["shape"], dtype=np.int64))
-    if (data_start + begin) % itemsize or end - begin != count * itemsize:
+    return (data_start + begin) % itemsize == 0 and end - begin == count * itemsize
+
+
+def tensor_view(header: dict, raw_name: str, data_start: int, mm, st_dtype: str):
+    """The tensor as a NumPy view of the mapping (no copy: F32 as float32, BF16 as uint16 bits)
+    when it is `viewable`; None otherwise (the caller converts it).  Writable when the mapping
+    is copy-on-write."""
+    info = header[raw_name]
+    if not viewable(info, data_start, st_dtype):
         return None
-    view = np.frombuffer(mm, dtype=np_dtype, count=count, offset=data_start + begin)
+    np_dtype, _ = _DTYPES[st_dtype]
+    count = int(np.prod(info["shape"], dtype=np.int64))
+    view = np.frombuffer(mm, dtype=np_dtype, count=count, offset=data_start + info["data_offsets"][0])
     return view.reshape(tuple(info["shape"]))
 
 
@@ -540,9 +548,11 @@ def check_tied_head(path, header: dict, seen: dict, data_start: int, mm, config:
         return
     raw_wte, raw_head = seen["wte.weight"], seen[HEAD]
     rows, cols = header[raw_wte]["shape"]
-    for r0, r1 in row_chunks(rows, cols):
-        a = np.empty((r1 - r0, cols), np.float32)
-        b = np.empty((r1 - r0, cols), np.float32)
+    chunks = row_chunks(rows, cols)
+    a_buf = np.empty((chunks[0][1] if chunks else 0, cols), np.float32)
+    b_buf = np.empty_like(a_buf)
+    for r0, r1 in chunks:
+        a, b = a_buf[:r1 - r0], b_buf[:r1 - r0]
         read_rows(path, header, raw_wte, data_start, mm, a, r0)
         read_rows(path, header, raw_head, data_start, mm, b, r0)
         if not np.array_equal(a, b):
@@ -575,10 +585,6 @@ def drop_tensor_pages(mm, data_start: int, info: dict):
 
 def read_tensor(path, header, raw_name, data_start, mm, dst):
     """One tensor converted to float32 into dst (its shape checked against the file's)."""
-    _read_tensor(path, header, raw_name, data_start, mm, dst)
-
-
-def _read_tensor(path, header, raw_name, data_start, mm, dst):
     info = header[raw_name]
     _check_readable(path, raw_name, info, dst.shape)
     begin, end = info["data_offsets"]
