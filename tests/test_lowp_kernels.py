@@ -206,6 +206,26 @@ def test_matmul_forward_bf16(route, nthreads, M):
         check(out, x64 @ w64, scale, K, ("no bias", M, K, N))
 
 
+@pytest.mark.parametrize("split_k", [True, False], ids=["split-k", "split-columns"])
+def test_matmul_forward_bf16_one_row_team_splits(route, every_kernel_parallel, split_k):
+    """One row on a team of 3: K split in three runs of whole rows (partials added in thread
+    order) or the columns split in three blocks; both give the product."""
+    gpt2s.set_num_threads(3)
+    previous = _core.set_lowp_split_k(split_k)
+    try:
+        rng = np.random.default_rng(50)
+        for K, N in [(192, 5), (200, 37), (768, 100), (3072, 48)]:
+            x = rng.standard_normal((1, K)).astype(np.float32)
+            wh = bf16_round(rng.standard_normal((K, N)).astype(np.float32))
+            b = rng.standard_normal(N).astype(np.float32)
+            x64, w64 = x.astype(np.float64), bf16_widen(wh).astype(np.float64)
+            out = np.full((1, N), np.nan, np.float32)
+            _core.matmul_forward_bf16(out, x, wh, b)
+            check(out, x64 @ w64 + b, np.abs(x64) @ np.abs(w64) + np.abs(b), K + 1, (K, N))
+    finally:
+        _core.set_lowp_split_k(previous)
+
+
 @pytest.mark.parametrize("M", ROWS)
 def test_lm_head_forward_bf16(route, nthreads, M):
     rng = np.random.default_rng(100 + M)

@@ -54,6 +54,7 @@ LOWP_PATH_NAMES = ("portable", "avx2", "avx512")
 cdef int _lowp_path = LOWP_AVX2 if gpt2s_lowp_avx2_ok() else LOWP_PORTABLE
 cdef int _lowp_direct_max = 32            # most rows the direct kernels take
 cdef int64_t LOWP_PANEL_BYTES = 1 << 20   # float32 panel per thread on the panel route
+cdef bint _lowp_split_k = True             # one-row bf16 NN products split K over the team
 
 
 def have_lowp_avx2():
@@ -83,6 +84,15 @@ def set_lowp_kernels(str path):
         raise ValueError("low-precision kernels 'avx512': not built (no AVX-512 kernels yet)")
     else:
         raise ValueError(f"low-precision kernels must be 'auto', 'avx2' or 'portable', got {path!r}")
+    return previous
+
+
+def set_lowp_split_k(bint enabled):
+    """Whether a one-row bfloat16 product x @ W (W [K, N]) splits K over the team (the
+    default) or the output columns; returns the previous setting.  For tests and benchmarks."""
+    global _lowp_split_k
+    previous = bool(_lowp_split_k)
+    _lowp_split_k = enabled
     return previous
 
 
@@ -168,7 +178,7 @@ cdef int lowp_gemm(int kind, int M, int N, int K, const float *A, int lda, const
     cdef int blk, lo, hi, step, nblocks, failed = 0
     if nt <= 1:
         return lowp_serial(kind, M, N, K, A, lda, W, ldw, S, accumulate, C, ldc)
-    if kind == LOWP_BF16_NN and M == 1 and N < 1024 * nt and K >= 64 * nt:
+    if kind == LOWP_BF16_NN and M == 1 and _lowp_split_k and K >= 64 * nt:
         return lowp_nn1_split_k(nt, N, K, A, <const uint16_t *>W, ldw, accumulate, C)
     step = ((N + nt - 1) // nt + 15) // 16 * 16
     nblocks = (N + step - 1) // step
@@ -192,12 +202,15 @@ cdef int lowp_gemm(int kind, int M, int N, int K, const float *A, int lda, const
 
 cdef int lowp_nn1_split_k(int nt, int N, int K, const float *A, const uint16_t *W, int ldw,
                           bint accumulate, float *C) noexcept nogil:
-    # C[0, 0:N] (+)= A (1, K) @ W (K, N) bf16 with the K rows split over the team.  A column
-    # split of a narrow weight (GPT-2's mlp.c_proj, 3072 x 768) gives each thread 768-byte
-    # pieces of every row, which the prefetchers hardly follow (8 GB/s on 2 threads); here each
-    # thread reads whole rows, one contiguous run of the weight (14 GB/s), into a partial sum
-    # of its own, and the partials are added in thread order (the same result on every run
-    # with the same team size).  Returns -1 when the partials cannot be allocated.
+    # C[0, 0:N] (+)= A (1, K) @ W (K, N) bf16 with the K rows split over the team: each
+    # thread reads whole rows, one contiguous run of the weight, into a partial sum of its
+    # own, and the partials are added in thread order (the same result on every run with the
+    # same team size).  A column split gives each thread a piece of every row (for GPT-2's
+    # mlp.c_proj, 3072 x 768, 768-byte pieces), more streams than the prefetchers follow:
+    # measured on 2 threads, one process alternating the two (medians of 9), c_attn 768 x
+    # 2304 read 14.0-14.9 GB/s split by columns and 15.2-16.7 split by K, c_fc 768 x 3072
+    # 14.4-17.0 and 17.2-18.4, mlp.c_proj 8.3 and 10.8-12.1 (an earlier run).  Returns -1
+    # when the partials cannot be allocated.
     cdef float *part = <float *>malloc(sizeof(float) * <int64_t>nt * N)
     cdef int t, lo, hi, j, step = ((K + nt - 1) // nt + 3) // 4 * 4
     cdef float s
