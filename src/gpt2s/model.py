@@ -29,21 +29,33 @@ def _views(buffer: np.ndarray, layout) -> dict:
 
 class _Arena:
     """Named float32 arrays carved from one allocation, regrown only when a larger request
-    arrives (no allocation per step)."""
+    arrives (no allocation per step).  The views of the last few layouts are kept: a decoding
+    step asks for the same one every token, and building its twenty views cost ~0.4 ms a
+    token (2% of a bfloat16 GPT-2 step)."""
+
+    _KEEP = 8   # layouts whose views are kept
 
     def __init__(self):
         self._buf = np.empty(0, np.float32)
+        self._carved = {}
 
     def carve(self, spec: dict) -> dict:
-        sizes = {k: int(np.prod(s)) for k, s in spec.items()}
-        total = sum((n + 15) // 16 * 16 for n in sizes.values())
-        if total > self._buf.size:
-            self._buf = np.empty(total, np.float32)
-        out, off = {}, 0
-        for k, shape in spec.items():
-            out[k] = self._buf[off:off + sizes[k]].reshape(shape)
-            off += (sizes[k] + 15) // 16 * 16
-        return out
+        key = tuple(spec.items())
+        views = self._carved.get(key)
+        if views is None:
+            sizes = {k: math.prod(s) for k, s in spec.items()}
+            total = sum((n + 15) // 16 * 16 for n in sizes.values())
+            if total > self._buf.size:
+                self._buf = np.empty(total, np.float32)
+                self._carved.clear()   # views of the old buffer
+            views, off = {}, 0
+            for k, shape in spec.items():
+                views[k] = self._buf[off:off + sizes[k]].reshape(shape)
+                off += (sizes[k] + 15) // 16 * 16
+            if len(self._carved) >= self._KEEP:
+                del self._carved[next(iter(self._carved))]
+            self._carved[key] = views
+        return dict(views)
 
     @property
     def nbytes(self) -> int:
