@@ -309,63 +309,74 @@ GPT2S_LOWP_V3 static void gpt2s_bf16_nn1_arch_x86_64_v3(int n, int K, const floa
     }
 }
 
-/* C[:, 0:n] (+)= A (M, K) @ W (K, n) bf16.  A tile of 4 rows of C x 16 columns (8 accumulator
-   registers) runs down a block of 64 rows of W; as in _smallm.h's NN kernel, all strips of
-   a block are visited left to right so that each of its rows is read sequentially, and rows
-   of C past M repeat row m0 (computed, never stored).  With one row of A the 4 aliased rows
-   are 4 independent FMA chains, which keeps the FMA latency out of the way. */
-GPT2S_LOWP_V3 static void gpt2s_bf16_nn_arch_x86_64_v3(int M, int n, int K, const float *A,
-        int lda, const uint16_t *W, int ldw, int accumulate, float *C, int ldc) {
-    if (M == 1) {
-        gpt2s_bf16_nn1_arch_x86_64_v3(n, K, A, W, ldw, accumulate, C);
-        return;
-    }
-    int n16 = n - n % 16;
+/* C[:, 0:n16] (+)= A (M, K) @ W (K, n16) bf16, n16 a multiple of 16.  A tile of RA rows of C x
+   16 columns (2 RA accumulator registers) runs down a block of 64 rows of W; as in
+   _smallm.h's NN kernel, all strips of a block are visited left to right so that each of
+   its rows is read sequentially, and rows of C past M repeat row m0 (computed, never
+   stored).  Each row of W's strip is widened once (a load, a zero-extend and a shift per 8)
+   for the RA rows: with RA = 4 those 6 operations went with 8 FMAs and shared their ports;
+   with RA = 6, 12 FMAs (12 accumulators, 2 weight vectors and a broadcast: 15 registers). */
+GPT2S_LOWP_V3_INLINE void gpt2s_bf16_nn_tile_arch_x86_64_v3(const int RA, int M, int n16, int K,
+        const float *A, int lda, const uint16_t *W, int ldw, int accumulate, float *C, int ldc) {
     for (int k0 = 0; k0 < K; k0 += GPT2S_LOWP_KB) {
         int k1 = k0 + GPT2S_LOWP_KB < K ? k0 + GPT2S_LOWP_KB : K;
         int load = accumulate || k0 > 0;
         for (int j = 0; j < n16; j += 16) {
             int pf = j + 16 + GPT2S_LOWP_PF <= n16;
-            for (int m0 = 0; m0 < M; m0 += 4) {
-                int mr = M - m0 < 4 ? M - m0 : 4;
-                const float *a0 = A + (int64_t)m0 * lda;
-                const float *a1 = GPT2S_LROW(a0, 1, mr, lda), *a2 = GPT2S_LROW(a0, 2, mr, lda);
-                const float *a3 = GPT2S_LROW(a0, 3, mr, lda);
-                float *c0 = C + (int64_t)m0 * ldc + j;
-                float *c1 = GPT2S_LROW(c0, 1, mr, ldc), *c2 = GPT2S_LROW(c0, 2, mr, ldc);
-                float *c3 = GPT2S_LROW(c0, 3, mr, ldc);
-                __m256 s00, s01, s10, s11, s20, s21, s30, s31;
-                if (load) {
-                    s00 = _mm256_loadu_ps(c0); s01 = _mm256_loadu_ps(c0 + 8);
-                    s10 = _mm256_loadu_ps(c1); s11 = _mm256_loadu_ps(c1 + 8);
-                    s20 = _mm256_loadu_ps(c2); s21 = _mm256_loadu_ps(c2 + 8);
-                    s30 = _mm256_loadu_ps(c3); s31 = _mm256_loadu_ps(c3 + 8);
-                } else {
-                    s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = _mm256_setzero_ps();
+            for (int m0 = 0; m0 < M; m0 += RA) {
+                int mr = M - m0 < RA ? M - m0 : RA;
+                const float *a[6];
+                float *c[6];
+                __m256 s[6][2];
+#pragma GCC unroll 6
+                for (int i = 0; i < RA; i++) {
+                    a[i] = GPT2S_LROW(A + (int64_t)m0 * lda, i, mr, lda);
+                    c[i] = GPT2S_LROW(C + (int64_t)m0 * ldc + j, i, mr, ldc);
+                    if (load) {
+                        s[i][0] = _mm256_loadu_ps(c[i]);
+                        s[i][1] = _mm256_loadu_ps(c[i] + 8);
+                    } else {
+                        s[i][0] = s[i][1] = _mm256_setzero_ps();
+                    }
                 }
                 const uint16_t *w = W + (int64_t)k0 * ldw + j;
                 int prefetch = pf && m0 == 0;
                 for (int k = k0; k < k1; k++, w += ldw) {
                     if (prefetch) __builtin_prefetch(w + GPT2S_LOWP_PF);
                     __m256 w0 = gpt2s_ld_bf16x8_arch_x86_64_v3(w);
-                    __m256 w1 = gpt2s_ld_bf16x8_arch_x86_64_v3(w + 8), t;
-                    t = _mm256_broadcast_ss(a0 + k);
-                    s00 = _mm256_fmadd_ps(t, w0, s00); s01 = _mm256_fmadd_ps(t, w1, s01);
-                    t = _mm256_broadcast_ss(a1 + k);
-                    s10 = _mm256_fmadd_ps(t, w0, s10); s11 = _mm256_fmadd_ps(t, w1, s11);
-                    t = _mm256_broadcast_ss(a2 + k);
-                    s20 = _mm256_fmadd_ps(t, w0, s20); s21 = _mm256_fmadd_ps(t, w1, s21);
-                    t = _mm256_broadcast_ss(a3 + k);
-                    s30 = _mm256_fmadd_ps(t, w0, s30); s31 = _mm256_fmadd_ps(t, w1, s31);
+                    __m256 w1 = gpt2s_ld_bf16x8_arch_x86_64_v3(w + 8);
+#pragma GCC unroll 6
+                    for (int i = 0; i < RA; i++) {
+                        __m256 t = _mm256_broadcast_ss(a[i] + k);
+                        s[i][0] = _mm256_fmadd_ps(t, w0, s[i][0]);
+                        s[i][1] = _mm256_fmadd_ps(t, w1, s[i][1]);
+                    }
                 }
                 /* aliased rows (past mr) point at row m0: store them first, row m0 last */
-                _mm256_storeu_ps(c3, s30); _mm256_storeu_ps(c3 + 8, s31);
-                _mm256_storeu_ps(c2, s20); _mm256_storeu_ps(c2 + 8, s21);
-                _mm256_storeu_ps(c1, s10); _mm256_storeu_ps(c1 + 8, s11);
-                _mm256_storeu_ps(c0, s00); _mm256_storeu_ps(c0 + 8, s01);
+#pragma GCC unroll 6
+                for (int i = RA - 1; i >= 0; i--) {
+                    _mm256_storeu_ps(c[i], s[i][0]);
+                    _mm256_storeu_ps(c[i] + 8, s[i][1]);
+                }
             }
         }
     }
+}
+
+/* C[:, 0:n] (+)= A (M, K) @ W (K, n) bf16: one row by gpt2s_bf16_nn1; more in tiles of 6 rows
+   and the last 1-5 rows in tiles of 4 (M = 16: 6 + 6 + 4). */
+GPT2S_LOWP_V3 static void gpt2s_bf16_nn_arch_x86_64_v3(int M, int n, int K, const float *A,
+        int lda, const uint16_t *W, int ldw, int accumulate, float *C, int ldc) {
+    if (M == 1) {
+        gpt2s_bf16_nn1_arch_x86_64_v3(n, K, A, W, ldw, accumulate, C);
+        return;
+    }
+    int n16 = n - n % 16, m6 = M - M % 6;
+    if (m6 > 0)
+        gpt2s_bf16_nn_tile_arch_x86_64_v3(6, m6, n16, K, A, lda, W, ldw, accumulate, C, ldc);
+    if (M > m6)
+        gpt2s_bf16_nn_tile_arch_x86_64_v3(4, M - m6, n16, K, A + (int64_t)m6 * lda, lda, W, ldw,
+                                          accumulate, C + (int64_t)m6 * ldc, ldc);
     /* the last n % 16 columns: plain loops */
     for (int m = 0; m < M; m++) {
         for (int j = n16; j < n; j++) {
