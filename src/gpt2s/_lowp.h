@@ -363,15 +363,25 @@ GPT2S_LOWP_V3_INLINE void gpt2s_bf16_nn_tile_arch_x86_64_v3(const int RA, int M,
     }
 }
 
-/* C[:, 0:n] (+)= A (M, K) @ W (K, n) bf16: one row by gpt2s_bf16_nn1; more in tiles of 6 rows
-   and the last 1-5 rows in tiles of 4 (M = 16: 6 + 6 + 4). */
+/* C[:, 0:n] (+)= A (M, K) @ W (K, n) bf16: one row by gpt2s_bf16_nn1; more in tiles of 6 and
+   of 4 rows. */
 GPT2S_LOWP_V3 static void gpt2s_bf16_nn_arch_x86_64_v3(int M, int n, int K, const float *A,
         int lda, const uint16_t *W, int ldw, int accumulate, float *C, int ldc) {
     if (M == 1) {
         gpt2s_bf16_nn1_arch_x86_64_v3(n, K, A, W, ldw, accumulate, C);
         return;
     }
-    int n16 = n - n % 16, m6 = M - M % 6;
+    /* m6 rows in tiles of 6, the rest in tiles of 4: the split that computes the fewest
+       rows (aliased ones included), the most tiles of 6 among equals -- M = 8: 4 + 4, not
+       6 + 4 with 2 rows wasted; M = 5: one tile of 6; M = 16: 6 + 6 + 4 */
+    int n16 = n - n % 16, m6 = 0, best = 4 * ((M + 3) / 4);
+    for (int t = 6; t < M + 6; t += 6) {   /* t rows in tiles of 6, the last maybe partial */
+        int rows = t + (M > t ? 4 * ((M - t + 3) / 4) : 0);
+        if (rows <= best) {
+            best = rows;
+            m6 = t < M ? t : M;
+        }
+    }
     if (m6 > 0)
         gpt2s_bf16_nn_tile_arch_x86_64_v3(6, m6, n16, K, A, lda, W, ldw, accumulate, C, ldc);
     if (M > m6)
