@@ -2,7 +2,7 @@
 path counters (_core.matmul_path_counts) and checked against float64 NumPy:
 
     gemm        serial (one thread, or below the work threshold), column split (N >= M),
-                row split (M > N), gemv_split_k (one row times a short-rowed B, split over K)
+                row split (M > N), gemv_split_k (one row times B (K, N), split over K)
     gemm_serial few-row AVX2 kernels NN and NT (_smallm.h, 2 <= M <= 32), sgemv (M = 1),
                 sgemm (in slices of at most set_rows_per_sgemm rows)
 
@@ -107,30 +107,33 @@ def test_row_split(team, matmul_paths, sgemm_only, nt):
 @pytest.mark.parametrize("nt", [2, 3])
 @pytest.mark.parametrize("bias", [True, False], ids=["beta1", "beta0"])
 def test_gemv_split_k(team, matmul_paths, nt, bias):
-    """One row times B (K, N) with N < 2048: B's rows split in nt blocks, partial sums added
-    (accumulating onto the bias, or overwriting)."""
+    """One row times B (K, N): B's rows split in nt blocks, partial sums added (accumulating
+    onto the bias, or overwriting); also with rows of 3000 floats."""
     team(nt)
     forward_and_check(1, 301, 100, seed=4, bias=bias)
+    only(matmul_paths(), gemv_split_k=1)
+    _core.reset_matmul_path_counts()
+    forward_and_check(1, 64, 3000, seed=5, bias=bias)
     only(matmul_paths(), gemv_split_k=1)
 
 
 @NEED_OPENMP
 def test_gemv_split_k_at_gpt2_decode_shapes(team, matmul_paths):
-    """The batch-1 decode products of GPT-2 small: attn.c_proj (768 x 768) and mlp.c_proj
-    (3072 x 768) split over K; c_attn (N = 2304) and c_fc (N = 3072) have rows too long for
-    that and split columns, as does the lm_head (B transposed)."""
+    """The batch-1 decode products of GPT-2 small: c_attn (768 x 2304), attn.c_proj (768 x
+    768), c_fc (768 x 3072) and mlp.c_proj (3072 x 768) split over K; the lm_head (B
+    transposed) splits its columns, and one row shorter than the team splits columns too."""
     team(2)
     for seed, (K, N) in enumerate([(768, 2304), (768, 768), (768, 3072), (3072, 768)]):
         gpt2s._core.reset_matmul_path_counts()
         forward_and_check(1, K, N, seed=10 + seed)
-        counts = matmul_paths()
-        if N < 2048:
-            only(counts, gemv_split_k=1)
-        else:   # rows too long to split over K: a column split of sgemv calls
-            only(counts, split_columns=1, gemv=2)
+        only(matmul_paths(), gemv_split_k=1)
     gpt2s._core.reset_matmul_path_counts()
     lm_head_and_check(1, 64, 1000, seed=20)
     only(matmul_paths(), split_columns=1, gemv=2)
+    team(3)
+    gpt2s._core.reset_matmul_path_counts()
+    forward_and_check(1, 5, 40, seed=21)   # K = 5 < 2 x 3 threads
+    only(matmul_paths(), split_columns=1, gemv=3)
 
 
 def test_gemv_one_row(restore_threads, matmul_paths):
