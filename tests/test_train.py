@@ -107,6 +107,33 @@ def test_steps_is_the_total_and_a_finished_run_can_be_extended(tmp_path, capsys)
     assert b[-1]["lr"] == pytest.approx(1e-3 * 0.1)
 
 
+def test_resume_removes_what_a_kill_in_the_last_cleanup_left(tmp_path, capsys):
+    """A kill after the last save's commit but during its cleanup leaves older or half-written
+    checkpoint directories; no save follows when the run is already at --steps, so --resume
+    itself removes them (and a refused --resume touches nothing)."""
+    from gpt2s.checkpoint import load_checkpoint
+    assert run(tmp_path, "--steps", "2", "--save-every", "1") == 0
+    out = tmp_path / "run"
+    ckdir = out / ".checkpoints"
+    current = load_checkpoint(out).dir.name
+    left = [ckdir / "step-00000001-abcdef", ckdir / ".partial-step-00000003-123456"]
+    for d in left:
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    stray = [ckdir / ".current.0badc0de.tmp", out / ".model.safetensors.0badc0de.tmp"]
+    stray[0].symlink_to(current)
+    stray[1].write_bytes(b"x")
+    planted = left + stray
+    assert run(tmp_path, "--steps", "2", "--resume", "--seed", "8") == 2   # a different run
+    assert all(os.path.lexists(p) for p in planted)
+    capsys.readouterr()
+    assert run(tmp_path, "--steps", "2", "--resume") == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert not any(os.path.lexists(p) for p in planted)
+    assert sorted(p.name for p in ckdir.iterdir()) == sorted(["current", current])
+    assert load_checkpoint(out).step == 2
+
+
 def test_resume_of_a_stopped_run_is_bitwise_the_uninterrupted_run(tmp_path):
     assert run(tmp_path, "--steps", "6", "--grad-accum", "2", out="whole") == 0
     # the same run, stopped after its step-3 checkpoint (as a SIGTERM would stop it)

@@ -7,7 +7,8 @@ symlink ``OUT/.checkpoints/current`` is switched to the new directory by a singl
 one atomic step: before it a kill leaves the previous checkpoint, after it the new one.
 Loading resolves ``current`` once and refuses the directory unless every file matches the
 manifest; everything else under ``.checkpoints`` (older checkpoints, half-written ones, stray
-temporary files) is deleted by the next successful save.
+temporary files) is deleted by the next successful save, or by ``--resume`` once it has
+verified the current checkpoint (remove_leftovers).
 
 The run directory itself looks like a model directory: ``OUT/model.safetensors``,
 ``OUT/config.json``, ``OUT/optimizer.npz`` and ``OUT/train_state.json`` are fixed relative
@@ -35,7 +36,7 @@ from pathlib import Path
 from .weights import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "has_checkpoint", "CheckpointError",
-           "Checkpoint", "strict_json", "check_run_dir", "CHECKPOINT_FILES"]
+           "Checkpoint", "strict_json", "check_run_dir", "remove_leftovers", "CHECKPOINT_FILES"]
 
 CHECKPOINT_DIR = ".checkpoints"
 CURRENT = "current"
@@ -169,8 +170,20 @@ def save_checkpoint(out, model, optimizer, state: dict) -> Path:
     _fsync_dir(ckdir)
 
     # 4. garbage: older checkpoints, half-written ones, temporary links
+    remove_leftovers(out, name)
+    return ckdir / name
+
+
+def remove_leftovers(out, keep: str):
+    """Delete what saves of run directory ``out`` left besides its current checkpoint (the
+    directory ``keep`` under .checkpoints): older checkpoints, half-written ones and temporary
+    links, and the temporary names of our own atomic writes in ``out``.  A save calls it after
+    its commit; ``--resume`` calls it once the checkpoint is verified, so a kill during the last
+    save's cleanup leaves nothing behind even when no further save comes."""
+    out = Path(out)
+    ckdir = out / CHECKPOINT_DIR
     for entry in ckdir.iterdir():
-        if entry.name in (CURRENT, name):
+        if entry.name in (CURRENT, keep):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -187,7 +200,6 @@ def save_checkpoint(out, model, optimizer, state: dict) -> Path:
                 entry.unlink()
             except (FileNotFoundError, IsADirectoryError, PermissionError):
                 pass
-    return ckdir / name
 
 
 def check_run_dir(out):

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import (CheckpointError, check_run_dir, has_checkpoint, load_checkpoint,
-                         save_checkpoint, strict_json)
+                         remove_leftovers, save_checkpoint, strict_json)
 from .weights import atomic_write
 
 __all__ = ["main", "build_parser", "lr_at", "effective_warmup", "train_batch", "eval_batch",
@@ -875,6 +875,8 @@ def _run_inner(args) -> int:
         return _train_loop(args, out, model, opt, train, val, run, identity, _NoMetrics(),
                            first, last_val, elapsed0, dp)
     out.mkdir(parents=True, exist_ok=True)
+    if ck is not None:   # what a kill during the last save's cleanup left
+        remove_leftovers(out, ck.dir.name)
     metrics = Metrics(out, Path(args.log) if args.log else None, upto=first)
     print(f"{model!r}\ndata: {described}\n"
           f"{'resuming at step ' + str(first) + ' of ' if first else ''}{run.steps} steps of "
