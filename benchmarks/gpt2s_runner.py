@@ -70,14 +70,17 @@ def _prompts(args):
     return np.stack([np.roll(ids, b) for b in range(args.batch)])
 
 
-def _warm_up(model, idx):
+def _ready(args):
+    """(model, load seconds, prompts) after the warm-up generation every timed mode runs
+    first (llama.cpp warms up with a two-token decode)."""
+    model, load_s = _load(args)
+    idx = _prompts(args)
     list(model.generate_stream(idx[:, :2], 2, temperature=0))
+    return model, load_s, idx
 
 
 def run_decode(args) -> dict:
-    model, load_s = _load(args)
-    idx = _prompts(args)
-    _warm_up(model, idx)
+    model, load_s, idx = _ready(args)
     B, T = idx.shape
     t_start = time.perf_counter()
     steps = model.generate_stream(idx, args.new, temperature=0, context_full="stop")
@@ -97,9 +100,7 @@ def run_decode(args) -> dict:
 
 
 def run_prefill(args) -> dict:
-    model, load_s = _load(args)
-    idx = _prompts(args)
-    _warm_up(model, idx)
+    model, load_s, idx = _ready(args)
     B, T = idx.shape
     t0 = time.perf_counter()
     steps = model.generate_stream(idx, 1, temperature=0, context_full="stop")
