@@ -16,11 +16,13 @@ from cython.parallel cimport prange, parallel, threadid
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 from libc.math cimport sqrtf, sqrt, isfinite  # isfinite: _sampling.pxi
-from libc.stdint cimport int64_t, int32_t
+from libc.stdint cimport int64_t, int32_t, uint16_t, int8_t, INT32_MAX
+
+import numpy as np
 from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_GetName
 
-# The row kernels (activations, softmax, layernorm rows; gpt2s_expf, gpt2s_dot): _rows.h
-cdef extern from "_rows.h":
+# The row kernels (activations, softmax, layernorm rows; gpt2s_expf, gpt2s_dot)
+cdef extern from "kernels/rows.h":
     int gpt2s_have_clones() noexcept nogil
     void gpt2s_gelu_row(float *out, const float *x, int n) noexcept nogil
     void gpt2s_gelu_backward_row(float *dinp, const float *x, const float *dout, int n) noexcept nogil
@@ -44,17 +46,10 @@ cdef extern from "_rows.h":
     float gpt2s_dot(const float *x, const float *y, int n) noexcept nogil
 
 
-# whether OpenMP was compiled in: _runtime.h (with the matmul path counters below)
-cdef extern from "_runtime.h":
+# whether OpenMP was compiled in (with the matmul path counters below)
+cdef extern from "kernels/runtime.h":
     int gpt2s_have_openmp() noexcept nogil
     int gpt2s_omp_max_threads() noexcept nogil
-
-
-cdef extern from "_smallm.h":
-    int GPT2S_SMALLM_MAX
-    int gpt2s_smallm_ok() noexcept nogil
-    void gpt2s_smallm(int trans_b, int M, int n, int K, const float *A, int lda,
-                      const float *B, int ldb, int accumulate, float *C, int ldc) noexcept nogil
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,27 +145,9 @@ def _load_blas():
 _load_blas()
 
 
-cdef bint _use_smallm = gpt2s_smallm_ok()
-
-
-def have_small_m_kernels():
-    """True when this CPU and build have the few-row matmul kernels (AVX2 + FMA, _smallm.h)
-    that decoding a batch uses instead of sgemm."""
-    return bool(gpt2s_smallm_ok())
-
-
-def set_small_m_kernels(bint enabled):
-    """Use (True, the default where available) or bypass (False: sgemm) the few-row matmul
-    kernels; returns the previous setting.  For tests and benchmarks."""
-    global _use_smallm
-    previous = bool(_use_smallm)
-    _use_smallm = enabled and gpt2s_smallm_ok()
-    return previous
-
-
 # Which way each matmul went: one counter per dispatched path, for the tests that force a
 # path and must prove it ran (atomic increments in _runtime.h, which says why they are cheap).
-cdef extern from "_runtime.h":
+cdef extern from "kernels/runtime.h":
     enum:
         GPT2S_PATH_SERIAL
         GPT2S_PATH_SPLIT_COLUMNS
@@ -237,15 +214,21 @@ cdef inline void gemm_serial(bint trans_a, bint trans_b, int M, int N, int K, fl
                              float beta, float *C, int ldc) noexcept nogil:
     # Row-major C[M, N] = alpha op(A)[M, K] op(B)[K, N] + beta C, on the calling thread.
     # A row-major matrix is its column-major transpose, so we ask BLAS for C^T = op(B)^T op(A)^T.
-    cdef int one = 1, inc_a, lo = 0
+    cdef int one = 1, inc_a, lo = 0, m
     cdef char t
+    cdef gpt2s_direct_fn direct = NULL
     if M <= 0 or N <= 0:
         return
-    if (_use_smallm and 2 <= M <= GPT2S_SMALLM_MAX and not trans_a and alpha == 1.0
-            and (beta == 0.0 or beta == 1.0)):
-        # a few rows (decoding a batch): kernels that read B once (_smallm.h)
+    if not trans_a and alpha == 1.0 and (beta == 0.0 or beta == 1.0):
+        direct = direct_kernel(GPT2S_WTYPE_F32, trans_b, M)
+    if direct != NULL:
+        # a few rows (decoding a batch): kernels that read B once (kernels/f32.h)
         gpt2s_count_path(GPT2S_PATH_SMALLM_NT if trans_b else GPT2S_PATH_SMALLM_NN)
-        gpt2s_smallm(trans_b, M, N, K, A, lda, B, ldb, beta == 1.0, C, ldc)
+        if K > 0:
+            direct(M, N, K, A, lda, B, ldb, NULL, beta == 1.0, C, ldc)
+        elif beta == 0.0:   # an empty sum
+            for m in range(M):
+                memset(C + <int64_t>m * ldc, 0, N * sizeof(float))
         return
     if M == 1:
         # One row (batch-1 decoding): a matrix-vector product.  sgemm with one column runs
@@ -277,29 +260,56 @@ cdef inline void sgemv_rows(int N, int rows, float alpha, const float *B, int ld
     _sgemv(&no_trans, &N, &rows, &alpha, <float *>B, &ldb, <float *>a, &inc_a, &zero, out, &one)
 
 
-cdef void gemv_split_k(int nt, int N, int K, float alpha, const float *a, int inc_a,
-                       const float *B, int ldb, float beta, float *y) noexcept nogil:
-    # y (N,) = alpha a (K,) @ B (K, N) + beta y, with B's rows split into nt blocks
-    cdef float *part = <float *>malloc(sizeof(float) * nt * N)
-    cdef int blk, lo, hi, step = (K + nt - 1) // nt, j, t
-    cdef float acc
-    if part == NULL:  # out of memory for the partial sums: one thread does it all
-        gemm_serial(inc_a != 1, False, 1, N, K, alpha, a, inc_a, B, ldb, beta, y, N)
-        return
-    for blk in prange(nt, num_threads=nt, schedule='static'):
-        lo = blk * step
+# The partial product of rows lo .. hi of K into part (N,): one thread's share of split_k.
+ctypedef void (*partial_product_t)(const void *ctx, int lo, int hi, float *part,
+                                   int N) noexcept nogil
+
+
+cdef int split_k(int nt, int N, int K, int align, partial_product_t partial, const void *ctx,
+                 float *y, float beta, bint onto_y) noexcept nogil:
+    # y (N,) = the sum over K of a one-row product, + beta y: K cut into nt blocks (a multiple
+    # of align rows each), each thread's partial product into a buffer of its own, the
+    # partials added in thread order (the same result on every run with the same team).  Each
+    # thread streams whole rows of W, one contiguous run: a split of the columns gives each
+    # thread a piece of every row, more streams than the prefetchers follow (one process
+    # alternating the two, 2 threads: GPT-2's mlp.c_fc 768 x 3072 in bfloat16 14.4-17.0 GB/s
+    # by columns, 17.2-18.4 by K).  The float32 product (onto_y False) adds the partials,
+    # then beta y; the other types add each partial onto beta y.  Returns -1 when the
+    # partials cannot be allocated.
+    cdef float *part = <float *>malloc(sizeof(float) * <int64_t>nt * N)
+    cdef int t, lo, hi, j, step = ((K + nt - 1) // nt + align - 1) // align * align
+    cdef float s
+    if part == NULL:
+        return -1
+    for t in prange(nt, num_threads=nt, schedule='static'):
+        lo = t * step
         hi = min(K, lo + step)
-        if hi > lo:
-            sgemv_rows(N, hi - lo, alpha, B + <int64_t>lo * ldb, ldb,
-                       a + <int64_t>lo * inc_a, inc_a, part + <int64_t>blk * N)
+        if lo < hi:
+            partial(ctx, lo, hi, part + <int64_t>t * N, N)
         else:
-            memset(part + <int64_t>blk * N, 0, N * sizeof(float))
+            memset(part + <int64_t>t * N, 0, N * sizeof(float))
     for j in range(N):
-        acc = 0.0
+        s = beta * y[j] if onto_y and beta != 0.0 else 0.0
         for t in range(nt):
-            acc = acc + part[<int64_t>t * N + j]
-        y[j] = acc + beta * y[j] if beta != 0.0 else acc
+            s = s + part[<int64_t>t * N + j]
+        y[j] = s + beta * y[j] if not onto_y and beta != 0.0 else s
     free(part)
+    return 0
+
+
+cdef struct gemv_rows_ctx:
+    float alpha
+    const float *a
+    int inc_a
+    const float *B
+    int ldb
+
+
+cdef void gemv_rows_partial(const void *ctx, int lo, int hi, float *part, int N) noexcept nogil:
+    # part (N,) = alpha a[lo:hi] @ B[lo:hi, :]
+    cdef const gemv_rows_ctx *c = <const gemv_rows_ctx *>ctx
+    sgemv_rows(N, hi - lo, c.alpha, c.B + <int64_t>lo * c.ldb, c.ldb,
+               c.a + <int64_t>lo * c.inc_a, c.inc_a, part)
 
 
 cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
@@ -309,18 +319,19 @@ cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
     # block a single-threaded sgemm, all inside our one OpenMP team.
     cdef int nt = threads_for(MATMUL_WORK_PER_MAC * M * N * K)
     cdef int nblocks, blk, i, lo, hi, step
+    cdef gemv_rows_ctx ctx
     if nt <= 1:
         gpt2s_count_path(GPT2S_PATH_SERIAL)
         gemm_serial(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
         return
     if M == 1 and not trans_b and K >= 2 * nt:
         gpt2s_count_path(GPT2S_PATH_GEMV_SPLIT_K)
-        # a row vector times a row-major B (K, N): split over K so each thread streams its own
-        # contiguous block of B (halves of 3 KB rows read at ~17 GB/s against ~31 for whole
-        # blocks on a Zen 4), then add the partial results.  GPT-2's c_attn and c_fc (rows of
-        # 9 and 12 KB) split their columns until float32 decoding measured 31.6-32.0 tokens/s
-        # that way and 34.0-34.2 split over K (one process alternating the two, medians of 5)
-        gemv_split_k(nt, N, K, alpha, A, lda if trans_a else 1, B, ldb, beta, C)
+        # a row vector times a row-major B (K, N): each thread streams its own contiguous
+        # block of B's rows (split_k)
+        ctx.alpha, ctx.a, ctx.inc_a, ctx.B, ctx.ldb = alpha, A, lda if trans_a else 1, B, ldb
+        if split_k(nt, N, K, 1, gemv_rows_partial, &ctx, C, beta, False) != 0:
+            # out of memory for the partial sums: one thread does it all
+            gemm_serial(trans_a, False, 1, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
         return
     if N >= M:
         # split columns of C: columns of op(B)
@@ -345,6 +356,9 @@ cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
                         beta, C + <int64_t>lo * ldc, ldc)
 
 
+include "kernels/matmul.pxi"   # products with a weight of any type of kernels/types.h
+
+
 # --------------------------------------------------------------------------------------------
 # Argument checks.  The kernels run with boundscheck=False on raw row pointers: every exported
 # kernel checks its shapes (and the token ids, targets and positions it indexes with) once per
@@ -367,28 +381,55 @@ cdef Py_ssize_t _first_outside(const int64_t[::1] ids, int64_t lo, int64_t hi) n
 # --------------------------------------------------------------------------------------------
 # Embedding
 
-def embedding_forward(float[:, ::1] out, const int64_t[::1] idx, const float[:, ::1] wte,
-                      const float[:, ::1] wpe, int T, int pos0):
-    # out (N, C) = wte[idx] + wpe[pos0 + t];  idx (N,) with N = B * T, row n at time n % T
-    cdef Py_ssize_t N = out.shape[0], C = out.shape[1], n, c
+def embedding_forward(float[:, ::1] out, const int64_t[::1] idx, wte, const float[:, ::1] wpe,
+                      int T, int pos0):
+    # out (N, C) = wte[idx] + wpe[pos0 + t];  idx (N,) with N = B * T, row n at time n % T;
+    # wte (V, C) float32, or a PackedWeight stored untransposed (its rows widened)
+    cdef Py_ssize_t N = out.shape[0], C = out.shape[1], n, c, V, nb = 0
     cdef float *o
     cdef const float *te
     cdef const float *pe
-    if (idx.shape[0] != N or wte.shape[1] != C or wpe.shape[1] != C or T < 1 or N % T != 0
+    cdef const float[:, ::1] wf
+    cdef PackedWeight pw = None
+    cdef gpt2s_widen_fn widen = NULL
+    cdef int t = GPT2S_WTYPE_F32
+    if isinstance(wte, PackedWeight):
+        pw = wte
+        t = pw.wtype
+        if pw.transposed:
+            raise ValueError(f"embedding_forward: wte {pw!r} is stored transposed; an embedding "
+                             f"is stored as its rows (V, C)")
+        V = pw.rows
+        wshape = (pw.rows, pw.cols)
+        widen = gpt2s_wtype_widen(t, gpt2s_wtype_variant[t])
+        nb = pw.cols // gpt2s_wtypes[t].block if gpt2s_wtypes[t].block else 0
+    else:
+        wf = wte
+        V = wf.shape[0]
+        wshape = (wf.shape[0], wf.shape[1])
+    if (idx.shape[0] != N or wshape[1] != C or wpe.shape[1] != C or T < 1 or N % T != 0
             or pos0 < 0 or pos0 + T > wpe.shape[0]):
-        raise ValueError(f"embedding_forward: out {_sh(out)}, idx {_sh(idx)}, wte {_sh(wte)}, "
+        raise ValueError(f"embedding_forward: out {_sh(out)}, idx {_sh(idx)}, wte {wshape}, "
                          f"wpe {_sh(wpe)}, T={T}, pos0={pos0}: need out (B*T, C), idx (B*T,), "
                          f"wte (V, C), wpe (n_ctx, C) and 0 <= pos0, pos0 + T <= n_ctx")
-    n = _first_outside(idx, 0, wte.shape[0])
+    n = _first_outside(idx, 0, V)
     if n >= 0:
-        raise ValueError(f"embedding_forward: token id {idx[n]} at {n} is outside "
-                         f"[0, {wte.shape[0]})")
+        raise ValueError(f"embedding_forward: token id {idx[n]} at {n} is outside [0, {V})")
+    if pw is None:
+        for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
+            o = &out[n, 0]
+            te = &wf[idx[n], 0]
+            pe = &wpe[pos0 + n % T, 0]
+            for c in range(C):
+                o[c] = te[c] + pe[c]
+        return
     for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
         o = &out[n, 0]
-        te = &wte[idx[n], 0]
         pe = &wpe[pos0 + n % T, 0]
+        widen(o, C, weight_at(t, pw.ptr, idx[n] * C), C,
+              pw.sptr + idx[n] * nb if pw.sptr != NULL else NULL, 1, C)
         for c in range(C):
-            o[c] = te[c] + pe[c]
+            o[c] = o[c] + pe[c]
 
 
 def embedding_backward(float[:, ::1] dwte, float[:, ::1] dwpe, const float[:, ::1] dout,
@@ -516,24 +557,64 @@ def layernorm_backward(float[:, ::1] dinp, float[::1] dweight, float[::1] dbias,
 # --------------------------------------------------------------------------------------------
 # Matmul (Hugging Face Conv1D layout: weight (C, OC), out = inp @ weight + bias)
 
-def matmul_forward(float[:, ::1] out, const float[:, ::1] inp, const float[:, ::1] weight,
-                   const float[::1] bias):
-    # out (N, OC) = inp (N, C) @ weight (C, OC) + bias (OC,)
-    cdef Py_ssize_t N = inp.shape[0], n
-    cdef int C = inp.shape[1], OC = weight.shape[1]
-    cdef float beta = 0.0
-    if (weight.shape[0] != C or out.shape[0] != N or out.shape[1] != OC
+cdef const void *_weight_operand(str kernel, weight, bint head, Py_ssize_t *K, Py_ssize_t *N,
+                                 int *wtype, bint *out_major, int *ldw,
+                                 const uint16_t **scales) except? NULL:
+    # The stored form of a product's weight: x @ W with W (K, N) (head False), or x @ E^T with
+    # E (N, K) (head True, the lm_head).  Sets K, N, the type, the layout and ldw; returns the
+    # first element (NULL when the weight is empty).
+    cdef const float[:, ::1] wf
+    cdef PackedWeight pw
+    if isinstance(weight, PackedWeight):
+        pw = weight
+        wtype[0] = pw.wtype
+        out_major[0] = pw.transposed != head
+        ldw[0] = pw.cols
+        scales[0] = pw.sptr
+        if head:
+            N[0], K[0] = pw.shape
+        else:
+            K[0], N[0] = pw.shape
+        if gpt2s_wtypes[pw.wtype].block and not out_major[0]:
+            raise ValueError(f"{kernel}: a {pw.type_name} weight must be stored output-major "
+                             f"(transposed for a Conv1D weight), got {pw!r}")
+        return pw.ptr if pw.rows > 0 and pw.cols > 0 else NULL
+    wf = weight
+    wtype[0] = GPT2S_WTYPE_F32
+    out_major[0] = head
+    ldw[0] = wf.shape[1]
+    scales[0] = NULL
+    if head:
+        N[0], K[0] = wf.shape[0], wf.shape[1]
+    else:
+        K[0], N[0] = wf.shape[0], wf.shape[1]
+    return &wf[0, 0] if wf.shape[0] > 0 and wf.shape[1] > 0 else NULL
+
+
+def matmul_forward(float[:, ::1] out, const float[:, ::1] inp, weight, const float[::1] bias):
+    # out (N, OC) = inp (N, C) @ weight (C, OC) + bias (OC,) (empty: none); weight float32, or
+    # a PackedWeight of that logical shape
+    cdef Py_ssize_t N = inp.shape[0], n, K, OC
+    cdef int C = inp.shape[1], wtype, ldw, failed = 0
+    cdef bint out_major
+    cdef const uint16_t *S
+    cdef const void *W = _weight_operand("matmul_forward", weight, False, &K, &OC, &wtype,
+                                         &out_major, &ldw, &S)
+    if (K != C or out.shape[0] != N or out.shape[1] != OC
             or (bias.shape[0] != 0 and bias.shape[0] != OC)):
-        raise ValueError(f"matmul_forward: shapes ({N},{C}) @ ({weight.shape[0]},{OC}) "
+        raise ValueError(f"matmul_forward: shapes ({N},{C}) @ ({K},{OC}) "
                          f"+ bias ({bias.shape[0]},) -> ({out.shape[0]},{out.shape[1]})")
+    if N == 0 or OC == 0:
+        return
     with nogil:
         if bias.shape[0] > 0:
-            # the bias is laid down first and sgemm accumulates onto it (beta = 1)
+            # the bias is laid down first and the product accumulates onto it
             for n in prange(N, num_threads=threads_for(N * OC), schedule='static'):
                 memcpy(&out[n, 0], &bias[0], OC * sizeof(float))
-            beta = 1.0
-        gemm(False, False, N, OC, C, 1.0, &inp[0, 0], C, &weight[0, 0], OC, beta,
-             &out[0, 0], OC)
+        failed = weight_gemm(wtype, out_major, N, OC, C, &inp[0, 0] if C > 0 else NULL, C, W,
+                             ldw, S, bias.shape[0] > 0, &out[0, 0], OC)
+    if failed:
+        raise MemoryError("matmul_forward: out of memory for a weight panel")
 
 
 def matmul_backward(float[:, ::1] dinp, float[:, ::1] dweight, float[::1] dbias,
@@ -570,14 +651,25 @@ def matmul_backward(float[:, ::1] dinp, float[:, ::1] dweight, float[::1] dbias,
                         db[o] += g[o]
 
 
-def lm_head_forward(float[:, ::1] logits, const float[:, ::1] inp, const float[:, ::1] wte):
-    # logits (N, V) = inp (N, C) @ wte (V, C)^T   (the output head is tied to the embedding)
-    cdef int N = inp.shape[0], C = inp.shape[1], V = wte.shape[0]
-    if wte.shape[1] != C or logits.shape[0] != N or logits.shape[1] != V:
-        raise ValueError(f"lm_head_forward: shapes ({N},{C}) @ ({V},{wte.shape[1]})^T -> "
+def lm_head_forward(float[:, ::1] logits, const float[:, ::1] inp, wte):
+    # logits (N, V) = inp (N, C) @ wte (V, C)^T   (the output head, tied to the embedding or
+    # its own lm_head.weight); wte float32, or a PackedWeight of that logical shape
+    cdef Py_ssize_t N = inp.shape[0], K, V
+    cdef int C = inp.shape[1], wtype, ldw, failed = 0
+    cdef bint out_major
+    cdef const uint16_t *S
+    cdef const void *W = _weight_operand("lm_head_forward", wte, True, &K, &V, &wtype,
+                                         &out_major, &ldw, &S)
+    if K != C or logits.shape[0] != N or logits.shape[1] != V:
+        raise ValueError(f"lm_head_forward: shapes ({N},{C}) @ ({V},{K})^T -> "
                          f"({logits.shape[0]},{logits.shape[1]})")
+    if N == 0 or V == 0:
+        return
     with nogil:
-        gemm(False, True, N, V, C, 1.0, &inp[0, 0], C, &wte[0, 0], C, 0.0, &logits[0, 0], V)
+        failed = weight_gemm(wtype, out_major, N, V, C, &inp[0, 0] if C > 0 else NULL, C, W,
+                             ldw, S, False, &logits[0, 0], V)
+    if failed:
+        raise MemoryError("lm_head_forward: out of memory for a weight panel")
 
 
 def lm_head_backward(float[:, ::1] dinp, float[:, ::1] dwte, const float[:, ::1] dlogits,
@@ -592,33 +684,6 @@ def lm_head_backward(float[:, ::1] dinp, float[:, ::1] dwte, const float[:, ::1]
     with nogil:
         gemm(False, False, N, C, V, 1.0, &dlogits[0, 0], V, &wte[0, 0], C, 0.0, &dinp[0, 0], C)
         gemm(True, False, V, C, N, 1.0, &dlogits[0, 0], V, &inp[0, 0], C, 1.0, &dwte[0, 0], C)
-
-
-# --------------------------------------------------------------------------------------------
-# GELU (tanh approximation, "gelu_new")
-
-
-
-def gelu_forward(float[:, ::1] out, const float[:, ::1] inp):
-    # out = 0.5 x (1 + tanh(u)) = x sigmoid(2u),  u = sqrt(2/pi) (x + 0.044715 x^3);  (N, D)
-    cdef Py_ssize_t N = inp.shape[0], n
-    cdef int D = inp.shape[1]
-    if out.shape[0] != N or out.shape[1] != D:
-        raise ValueError(f"gelu_forward: out {_sh(out)} and inp {_sh(inp)} differ in shape")
-    for n in prange(N, nogil=True, num_threads=threads_for(N * D), schedule='static'):
-        gpt2s_gelu_row(&out[n, 0], &inp[n, 0], D)
-
-
-def gelu_backward(float[:, ::1] dinp, const float[:, ::1] inp, const float[:, ::1] dout):
-    # dinp = dout * gelu'(inp), elementwise; dinp may alias dout.  With s = sigmoid(2u):
-    # gelu' = s + x s (1 - s) 2 u',  u' = sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-    cdef Py_ssize_t N = inp.shape[0], n
-    cdef int D = inp.shape[1]
-    if dinp.shape[0] != N or dinp.shape[1] != D or dout.shape[0] != N or dout.shape[1] != D:
-        raise ValueError(f"gelu_backward: dinp {_sh(dinp)}, inp {_sh(inp)}, dout {_sh(dout)}: "
-                         f"need all three of one shape")
-    for n in prange(N, nogil=True, num_threads=threads_for(N * D), schedule='static'):
-        gpt2s_gelu_backward_row(&dinp[n, 0], &inp[n, 0], &dout[n, 0], D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -645,34 +710,24 @@ cdef int _activation_index(str activation) except -1:
                          f"{list(_ACTIVATION_KERNELS)}") from None
 
 
-cdef activation_row_t _activation_forward_row(int kind) noexcept nogil:
-    if kind == 1:
-        return gpt2s_gelu_erf_row
-    if kind == 2:
-        return gpt2s_relu_row
-    if kind == 3:
-        return gpt2s_silu_row
-    if kind == 4:
-        return gpt2s_quick_gelu_row
-    return gpt2s_gelu_row
+cdef struct activation_kernel_t:
+    activation_row_t forward
+    activation_backward_row_t backward
 
 
-cdef activation_backward_row_t _activation_backward_row(int kind) noexcept nogil:
-    if kind == 1:
-        return gpt2s_gelu_erf_backward_row
-    if kind == 2:
-        return gpt2s_relu_backward_row
-    if kind == 3:
-        return gpt2s_silu_backward_row
-    if kind == 4:
-        return gpt2s_quick_gelu_backward_row
-    return gpt2s_gelu_backward_row
+# in the order of _ACTIVATION_KERNELS
+cdef activation_kernel_t _activations[5]
+_activations[0] = activation_kernel_t(gpt2s_gelu_row, gpt2s_gelu_backward_row)
+_activations[1] = activation_kernel_t(gpt2s_gelu_erf_row, gpt2s_gelu_erf_backward_row)
+_activations[2] = activation_kernel_t(gpt2s_relu_row, gpt2s_relu_backward_row)
+_activations[3] = activation_kernel_t(gpt2s_silu_row, gpt2s_silu_backward_row)
+_activations[4] = activation_kernel_t(gpt2s_quick_gelu_row, gpt2s_quick_gelu_backward_row)
 
 
 def activation_forward(float[:, ::1] out, const float[:, ::1] inp, str activation):
     # out (N, D) = act(inp (N, D)) elementwise; out may be inp.  act: gelu_tanh (gelu_new),
     # gelu_erf = x Phi(x), relu = max(x, 0), silu = x sigmoid(x), quick_gelu = x sigmoid(1.702 x)
-    cdef activation_row_t row = _activation_forward_row(_activation_index(activation))
+    cdef activation_row_t row = _activations[_activation_index(activation)].forward
     cdef Py_ssize_t N = inp.shape[0], n
     cdef int D = inp.shape[1]
     if out.shape[0] != N or out.shape[1] != D:
@@ -685,7 +740,7 @@ def activation_forward(float[:, ::1] out, const float[:, ::1] inp, str activatio
 def activation_backward(float[:, ::1] dinp, const float[:, ::1] inp, const float[:, ::1] dout,
                         str activation):
     # dinp (N, D) = dout * act'(inp), elementwise; dinp may alias dout (docs/backward.md)
-    cdef activation_backward_row_t row = _activation_backward_row(_activation_index(activation))
+    cdef activation_backward_row_t row = _activations[_activation_index(activation)].backward
     cdef Py_ssize_t N = inp.shape[0], n
     cdef int D = inp.shape[1]
     if (dinp.shape[0] != N or dinp.shape[1] != D or dout.shape[0] != N
@@ -709,25 +764,6 @@ def erf_forward(float[:, ::1] out, const float[:, ::1] inp, bint complement=Fals
             gpt2s_erfc_row(&out[n, 0], &inp[n, 0], D)
         else:
             gpt2s_erf_row(&out[n, 0], &inp[n, 0], D)
-
-
-# --------------------------------------------------------------------------------------------
-# Residual
-
-def residual_forward(float[:, ::1] out, const float[:, ::1] inp1, const float[:, ::1] inp2):
-    cdef Py_ssize_t N = inp1.shape[0], C = inp1.shape[1], n, c
-    cdef float *o
-    cdef const float *a
-    cdef const float *b
-    if out.shape[0] != N or out.shape[1] != C or inp2.shape[0] != N or inp2.shape[1] != C:
-        raise ValueError(f"residual_forward: out {_sh(out)}, inp1 {_sh(inp1)}, inp2 "
-                         f"{_sh(inp2)}: need all three of one shape")
-    for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
-        o = &out[n, 0]
-        a = &inp1[n, 0]
-        b = &inp2[n, 0]
-        for c in range(C):
-            o[c] = a[c] + b[c]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1050,5 +1086,4 @@ def scale_inplace(float[::1] buf, float factor):
 # --------------------------------------------------------------------------------------------
 # Sampling (greedy, temperature, top-k, top-p) lives in its own file, compiled into _core.
 
-include "_sampling.pxi"
-include "_lowp.pxi"   # low-precision (bfloat16, int8) weights for inference: _lowp.h
+include "kernels/sampling.pxi"

@@ -109,8 +109,8 @@ def show_config(file=None) -> dict:
 
     Returns:
         the same facts as a dict (keys ``gpt2s``, ``openmp``, ``isa_clones``,
-        ``small_m_kernels``, ``threads``, ``omp_max_threads``, ``blas``, ``numpy``,
-        ``python``).
+        ``kernels`` (weight type -> the instruction-set variant its products run),
+        ``threads``, ``omp_max_threads``, ``blas``, ``numpy``, ``python``).
 
     Examples:
         >>> import io, gpt2s
@@ -125,8 +125,7 @@ def show_config(file=None) -> dict:
         "gpt2s": __version__,
         "openmp": _core.have_openmp(),
         "isa_clones": _core.have_isa_clones(),
-        "small_m_kernels": _core.have_small_m_kernels(),
-        "lowp_kernels": _core.get_lowp_kernels(),
+        "kernels": {t: _core.get_kernel_variant(t) for t in _core.weight_types()},
         "threads": _core.get_num_threads(),
         "omp_max_threads": _core.omp_max_threads(),
         "blas": [{k: lib.get(k) for k in ("internal_api", "version", "num_threads",
@@ -139,12 +138,9 @@ def show_config(file=None) -> dict:
     print(f"  OpenMP: {'yes' if info['openmp'] else 'no (kernels run on one thread)'}", file=out)
     print(f"  threads: {info['threads']} (OpenMP default {info['omp_max_threads']})", file=out)
     print(f"  row kernels: {'baseline + x86-64-v3 (AVX2/FMA), chosen at load' if info['isa_clones'] else 'baseline ISA only'}", file=out)
-    print(f"  matmuls of 2-32 rows (decoding): "
-          f"{'few-row AVX2/FMA kernels' if info['small_m_kernels'] else 'BLAS sgemm'}",
-          file=out)
-    print(f"  bfloat16/int8 weights: "
-          f"{'AVX2+FMA+F16C kernels (direct for 1-32 rows, widened panels + sgemm beyond)' if info['lowp_kernels'] == 'avx2' else 'portable C, widened panels + BLAS'}",
-          file=out)
+    from .weight_types import get
+    for name in info["kernels"]:
+        print(f"  {get(name).kernels()}", file=out)
     for lib in info["blas"]:
         print(f"  BLAS for matmuls: {lib['internal_api']} {lib['version']} "
               f"({lib['architecture']}), {lib['num_threads']} thread(s) of its own: "

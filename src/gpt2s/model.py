@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _core
 from . import generation as _generation
-from . import lowp as _lowp
+from . import weight_types as _wt
 from .config import GPT2Config
 from .generation import EOT_ID
 from . import weights as _weights
@@ -114,13 +114,13 @@ class GPT2:
         if not isinstance(config, GPT2Config):
             raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
         self.config = config
-        self.dtype = _lowp.check_dtype(dtype)
+        self.dtype = _wt.check_dtype(dtype)
         self._layout, size = param_layout(config)
         if dtype != "float32":
             # only the small tensors (biases, layernorms, wpe) in the float32 buffer
             layout, size = [], 0
             for name, shape, _ in self._layout:
-                if not _lowp.is_compressed(name):
+                if not _wt.is_compressed(name):
                     layout.append((name, shape, size))
                     size += (int(np.prod(shape)) + ALIGN - 1) // ALIGN * ALIGN
             full, self._layout = self._layout, layout
@@ -138,7 +138,7 @@ class GPT2:
                            for name, shape, _ in self._layout}
         if dtype != "float32":   # every parameter, in the float32 model's order
             self.params = {name: self.params[name] if name in self.params
-                           else _lowp.empty(name, shape, dtype) if allocate
+                           else _wt.get(dtype).empty(name, shape) if allocate
                            else np.broadcast_to(np.float32(0), shape)
                            for name, shape, _ in full}
         self._grad_buffer = None
@@ -188,7 +188,7 @@ class GPT2:
             >>> m.num_parameters()
             3324736
         """
-        if _lowp.check_dtype(dtype) != "float32":
+        if _wt.check_dtype(dtype) != "float32":
             return cls.from_config(config, seed).to_dtype(dtype)
         m = cls(config)
         rng = np.random.default_rng(seed)
@@ -230,7 +230,7 @@ class GPT2:
             path: a ``.safetensors`` file, or a directory with ``model.safetensors`` (and,
                 optionally, ``config.json``).
             dtype: "float32" (trainable); "bfloat16" (BF16 tensors load exactly, others round to
-                nearest even) or "int8" (blocks of 32, gpt2s/lowp.py): an inference model with
+                nearest even) or "int8" (blocks of 32, gpt2s/weight_types.py): an inference model with
                 compressed matmul weights.
             mmap: map the file and view the tensors already in the right dtype (True), or
                 copy every tensor into memory (False).
@@ -251,7 +251,7 @@ class GPT2:
             >>> GPT2.from_safetensors(d).config.n_layer
             2
         """
-        _lowp.check_dtype(dtype)
+        _wt.check_dtype(dtype)
         # validated, nothing allocated
         file, mm, header, data_start, config = open_model(path, copy_on_write=bool(mmap))
         try:
@@ -303,7 +303,7 @@ class GPT2:
             raw = seen[name]
             info = header[raw]
             shape = self.params[name].shape
-            compressed = self.dtype != "float32" and _lowp.is_compressed(name)
+            compressed = self.dtype != "float32" and _wt.is_compressed(name)
             # the file dtype a parameter can be used in place from
             want = "F32" if self.dtype == "float32" else \
                 "BF16" if compressed and self.dtype == "bfloat16" else None
@@ -311,19 +311,20 @@ class GPT2:
                 else None
             if view is not None:
                 viewed = True
-                self._set_param(name, _lowp.BF16Weight(view) if compressed else view)
+                self._set_param(name, _wt.get(self.dtype).from_stored(name, view) if compressed
+                                else view)
                 continue
-            if compressed and _lowp.is_row_major(name):
-                w = _lowp.empty(name, shape, self.dtype)
+            if compressed and _wt.is_row_major(name):
+                w = _wt.get(self.dtype).empty(name, shape)
                 for r0, r1 in _weights.row_chunks(*shape):
                     rows = temporary((r1 - r0, shape[1]))
                     _weights.read_rows(file, header, raw, data_start, mm, rows, r0)
-                    _lowp.compress_rows_into(name, w, r0, rows)
+                    _wt.get(self.dtype).compress_rows_into(name, w, r0, rows)
                 self._set_param(name, w)
             elif compressed:
                 tmp = temporary(shape)
                 _weights.read_tensor(file, header, raw, data_start, mm, tmp)
-                self._set_param(name, _lowp.compress(name, tmp, self.dtype))
+                self._set_param(name, _wt.get(self.dtype).compress(name, tmp))
             elif self._flat is None:       # a float32 model whose other tensors are mapped
                 tmp = np.empty(shape, np.float32)
                 _weights.read_tensor(file, header, raw, data_start, mm, tmp)
@@ -376,15 +377,15 @@ class GPT2:
         storage, as in ``from_safetensors``: "float32", "bfloat16" or "int8" (the latter two
         for inference).  See gpt2s.hub.resolve_pretrained for the rules."""
         from .hub import resolve_pretrained
-        dtype = _lowp.check_dtype(dtype)
+        dtype = _wt.check_dtype(dtype)
         return cls.from_safetensors(resolve_pretrained(name_or_path,
                                                        local_files_only=local_files_only),
                                     dtype=dtype)
 
     def _store_param(self, name: str, value: np.ndarray):
         """Set parameter name from a float32 array (compressed when this model's dtype says)."""
-        if _lowp.is_compressed(name) and self.dtype != "float32":
-            self._set_param(name, _lowp.compress(name, value, self.dtype))
+        if _wt.is_compressed(name) and self.dtype != "float32":
+            self._set_param(name, _wt.get(self.dtype).compress(name, value))
         else:
             self.params[name][...] = value
 
@@ -392,7 +393,7 @@ class GPT2:
         """A new inference model with this one's weights stored in dtype ("bfloat16" or
         "int8": compressed matmul weights; "float32": a copy, widened back from a compressed
         model).  Tensors are converted one at a time; this model is left as it is."""
-        m = GPT2(self.config, _lowp.check_dtype(dtype))
+        m = GPT2(self.config, _wt.check_dtype(dtype))
         for name, w in self.params.items():
             m._store_param(name, w if isinstance(w, np.ndarray) else np.asarray(w))
         return m
@@ -435,7 +436,7 @@ class GPT2:
         return (f"GPT2(n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, "
                 f"vocab_size={c.vocab_size}, n_ctx={c.n_ctx}, "
                 f"parameters={self.num_parameters():,}, dtype={self.dtype!r}, "
-                f"mapped={self.mapped}, kernels={_lowp.kernels_description(self.dtype)!r})")
+                f"mapped={self.mapped}, kernels={_wt.get(self.dtype).kernels()!r})")
 
     # ------------------------------------------------------------------ input checks
 
@@ -535,7 +536,7 @@ class GPT2:
         ws = self._thread_workspace()
         logits = np.empty((B, T, self.config.vocab_size), np.float32)
         lnf = self._run_blocks(idx, ws.acts, keep_layers=False)
-        _lowp.lm_head(logits.reshape(B * T, -1), lnf, self.params[self._head_name])
+        _core.lm_head_forward(logits.reshape(B * T, -1), lnf, self.params[self._head_name])
         if tgt is None:
             return logits, None
         loss, _ = self._loss(logits, tgt)
@@ -604,7 +605,8 @@ class GPT2:
             "lnf": (N, C), "lnf_mean": (N,), "lnf_rstd": (N,),
         })
         P = self.params
-        _lowp.embedding(a["encoded"], idx.reshape(-1), P["wte.weight"], P["wpe.weight"], T, pos0)
+        _core.embedding_forward(a["encoded"], idx.reshape(-1), P["wte.weight"], P["wpe.weight"], T,
+                                pos0)
         _core.layernorm_forward(a["ln1"], a["ln1_mean"][0], a["ln1_rstd"][0], a["encoded"],
                                 P["h.0.ln_1.weight"], P["h.0.ln_1.bias"], cfg.layer_norm_epsilon)
         res_in = a["encoded"]
@@ -622,7 +624,7 @@ class GPT2:
         C, eps = cfg.n_embd, cfg.layer_norm_epsilon
         w = self._layer_params[l]
         qkv = a["qkv"][s]
-        mm = _lowp.matmul   # float32, bfloat16 or int8 weights
+        mm = _core.matmul_forward   # float32, bfloat16 or int8 weights
         mm(qkv, a["ln1"], w["attn.c_attn.weight"], w["attn.c_attn.bias"])
         qkv3 = qkv.reshape(B, T, 3 * C)
         if kv is None:
@@ -696,7 +698,7 @@ class GPT2:
                                pos0=pos0)
         last = np.ascontiguousarray(lnf.reshape(B, T, -1)[:, -1, :])
         logits = np.empty((B, self.config.vocab_size), np.float32)
-        _lowp.lm_head(logits, last, self.params[self._head_name])
+        _core.lm_head_forward(logits, last, self.params[self._head_name])
         return logits
 
     # ------------------------------------------------------------------ backward

@@ -1,8 +1,7 @@
 /* Run-time facts and counters of _core: whether OpenMP was compiled in and its default team
    size (the Threads section of _core.pyx: have_openmp, omp_max_threads), and the matmul path
    counters (gemm and gemm_serial in _core.pyx count their choices here; matmul_path_counts /
-   reset_matmul_path_counts read and clear them).  Declared in _core.pyx in `cdef extern from
-   "_runtime.h"`. */
+   reset_matmul_path_counts read and clear them).  */
 
 #ifndef GPT2S_RUNTIME_H
 #define GPT2S_RUNTIME_H

@@ -1,7 +1,6 @@
-/* Bit helpers of the sampling kernels (_sampling.pxi, which declares them in `cdef extern
-   from "_sampling.h"`): the binary searches for the top-k threshold and the top-p threshold
-   run over the 32-bit patterns of floats, so they need float <-> bits conversions that
-   order like the floats. */
+/* Bit helpers of the sampling kernels (sampling.pxi): the binary searches for the top-k
+   threshold and the top-p threshold run over the 32-bit patterns of floats, so they need
+   float <-> bits conversions that order like the floats. */
 
 #ifndef GPT2S_SAMPLING_H
 #define GPT2S_SAMPLING_H

@@ -4,16 +4,13 @@
    - gpt2s_expf, a polynomial exp that vectorises (libm's expf stays scalar);
    - the 16-lane row reductions (gpt2s_max, gpt2s_sum, gpt2s_dot, ...), which vectorise
      without -ffast-math;
-   - GPT2S_CLONES, the target_clones attribute that builds each exported row kernel twice
-     (baseline and x86-64-v3), and gpt2s_have_clones() saying whether it did;
    - the activations (GELU tanh and erf, erf/erfc, relu, silu, quick_gelu) forward and
      backward, the softmax rows (log-sum-exp, causal softmax, its backward, crossentropy's
      scaled softmax) and the layernorm rows forward and backward.
 
-   Called from _core.pyx (layernorm_*, gelu_*, activation_*, erf_forward, attention_*,
-   crossentropy_*) and _sampling.pxi (gpt2s_expf); declared there in `cdef extern from
-   "_rows.h"`.  The x86-64-v3 clones carry "arch_x86_64_v3" in their symbol names, which
-   tools/check_wheel.sh relies on (AVX registers are allowed there and nowhere else). */
+   Each exported row kernel is built for the baseline and for x86-64-v3 (GPT2S_CLONES, isa.h).
+   Called from _core.pyx (layernorm_*, activation_*, erf_forward, attention_*,
+   crossentropy_*) and kernels/sampling.pxi (gpt2s_expf). */
 
 #ifndef GPT2S_ROWS_H
 #define GPT2S_ROWS_H
@@ -21,6 +18,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include "isa.h"
 
 /* exp(x) for float32 without libm, so that loops calling it vectorise at -O3 (libm's
    expf stays scalar).  x = n ln2 + r with |r| <= ln2/2; exp(r) by its degree-7 Taylor
@@ -122,18 +120,9 @@ static inline float gpt2s_exp_store_sum(float *out, const float *x, float shift,
     return s;
 }
 
-/* Row kernels built twice on x86-64 Linux: for the baseline ISA a wheel must run on, and
-   for x86-64-v3 (AVX2 + FMA), chosen once at load time by the dynamic linker (GCC's
-   target_clones, an ifunc).  The polynomial exp runs 3.5x faster with 8-wide FMA.  Where
-   ifuncs are unavailable (musl, macOS, MSVC) only the baseline version is built. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) \
-    && !defined(GPT2S_NO_CLONES)
-#define GPT2S_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-static int gpt2s_have_clones(void) { return 1; }
-#else
-#define GPT2S_CLONES
-static int gpt2s_have_clones(void) { return 0; }
-#endif
+/* Row kernels are built twice on x86-64 Linux (GPT2S_CLONES, isa.h): for the baseline ISA a
+   wheel must run on, and for x86-64-v3, chosen once at load time by the dynamic linker.  The
+   polynomial exp runs 3.5x faster with 8-wide FMA. */
 
 /* The logistic sigmoid 1 / (1 + exp(-z)).  GELU uses 0.5 (1 + tanh(u)) = sigmoid(2u),
    which, unlike 1 + tanh(u), keeps its relative precision in the far negative tail. */

@@ -20,8 +20,8 @@
 
 from libc.stdint cimport uint32_t
 
-# the float <-> 32-bit key conversions of the binary searches: _sampling.h
-cdef extern from "_sampling.h":
+# the float <-> 32-bit key conversions of the binary searches
+cdef extern from "kernels/sampling.h":
     uint32_t gpt2s_float_key(float x) noexcept nogil
     float gpt2s_key_float(uint32_t k) noexcept nogil
     float gpt2s_bits_float(uint32_t u) noexcept nogil

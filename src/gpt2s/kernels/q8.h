@@ -1,0 +1,260 @@
+/* int8 weights ("q8"): symmetric blocks of 32 weights along the reduction dimension K, one
+   fp16 scale per block (llama.cpp's Q8_0: 34 bytes per 32 weights, 1.0625 bytes a weight
+   against 1.125 with float32 scales; decoding reads every weight byte once per token, so 6%
+   fewer bytes are 6% fewer seconds, and F16C widens a scale in one instruction).  A block's
+   scale is the smallest fp16 >= max|w| / 127 (rounded up, not to nearest, so no weight ever
+   clips: |w - q d| <= d / 2 for every element, fp16 subnormal scales included).
+
+   Layout: always output-major, q [N][K] and scales [N][K / 32]: a Conv1D weight [K, N] is
+   transposed once when it is quantized, the embedding [V, C] already is that layout.  Then
+   every int8 product, Conv1D or lm_head, streams contiguous rows (the blocks of a [K, N]
+   weight would be 32 rows apart), and an output's block sums finish in registers.  K must be
+   a multiple of 32 (every GPT-2 width is); _core refuses other K.
+
+   Portable: quantization, and the widening of rows into float32 for the panel route.
+   x86-64-v3: direct kernels for 1 to 32 rows (the nt tile of tile.h, and an integer one-row
+   kernel) and a vector widening. */
+
+#ifndef GPT2S_Q8_H
+#define GPT2S_Q8_H
+
+#include <stdint.h>
+#include <string.h>
+#include <float.h>
+#include <math.h>
+#include "tile.h"
+
+#define GPT2S_Q8_BLOCK 32
+
+/* ------------------------------------------------------------------ portable */
+
+static inline float gpt2s_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    float f;
+    if (e == 0) {   /* zero or subnormal: man 2^-24, exact in float32 */
+        f = (float)man * 5.9604644775390625e-08f;
+        return sign ? -f : f;
+    }
+    u = sign | (e == 31 ? 0x7f800000u | (man << 13) : ((e + 112u) << 23) | (man << 13));
+    memcpy(&f, &u, sizeof(f));
+    return f;
+}
+
+/* the fp16 nearest to x >= 0 (finite), ties to even; 0x7c00 (inf) past the fp16 range */
+static inline uint16_t gpt2s_f32_to_f16_nonneg(float x) {
+    if (x >= 65520.0f) return 0x7c00u;
+    if (x < 6.103515625e-05f)   /* below 2^-14: subnormal, units of 2^-24 (1024 = 2^-14) */
+        return (uint16_t)lrint((double)x * 16777216.0);
+    uint32_t u;
+    memcpy(&u, &x, sizeof(u));
+    uint32_t h = ((((u >> 23) & 0xffu) - 112u) << 10) | ((u & 0x7fffffu) >> 13);
+    uint32_t rest = u & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;   /* carries into the exponent */
+    return (uint16_t)h;
+}
+
+/* One block of 32 contiguous weights x -> dst (int8) and its fp16 scale; 0, or -1 when the
+   block holds a non-finite weight or one too large for an fp16 scale (|w| > 127 * 65504).
+   Straight loops over 32 elements that GCC vectorises (-fno-trapping-math), built twice
+   (GPT2S_CLONES): 4-wide double division and rounding on x86-64-v3. */
+GPT2S_CLONES static int gpt2s_q8_quantize_block(int8_t *dst, uint16_t *scale, const float *x) {
+    float amax = 0.0f;
+    int bad = 0;
+    for (int i = 0; i < GPT2S_Q8_BLOCK; i++) {
+        float a = fabsf(x[i]);
+        bad |= !(a <= 3.4028234663852886e38f);   /* NaN or inf */
+        amax = a > amax ? a : amax;
+    }
+    if (bad) return -1;
+    /* the smallest fp16 d with 127 d >= amax (in exact arithmetic): no clipping */
+    uint16_t h = gpt2s_f32_to_f16_nonneg(amax / 127.0f);
+    while (h < 0x7c00u && (double)gpt2s_f16_to_f32(h) * 127.0 < (double)amax) h++;
+    if (h >= 0x7c00u) return -1;
+    *scale = h;
+    double d = gpt2s_f16_to_f32(h);
+    if (d == 0.0) {           /* an all-zero block */
+        memset(dst, 0, GPT2S_Q8_BLOCK);
+        return 0;
+    }
+    for (int i = 0; i < GPT2S_Q8_BLOCK; i++) {
+        double r = (double)x[i] / d;
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD == 0
+        /* round half to even, as nearbyint in the default mode, without its libm call:
+           adding and subtracting 1.5 * 2^52 leaves the integer nearest to |r| <= 127 + 1/2
+           (the sum's last bit is worth 1) */
+        r = (r + 6755399441055744.0) - 6755399441055744.0;
+#else   /* x87 excess precision would keep the fraction */
+        r = nearbyint(r);
+#endif
+        r = r > 127.0 ? 127.0 : (r < -127.0 ? -127.0 : r);
+        dst[i] = (int8_t)(int)r;
+    }
+    return 0;
+}
+
+/* Stored rows [0, N) of a weight whose element (n, k) is x[n * sn + k * sk] into q [N][K]
+   and scales [N][K/32].  K % 32 == 0.  0, or -1 when a block holds a non-finite weight or
+   one too large for an fp16 scale (the caller names the tensor).  Blocks are visited
+   block-row by block-row so that a [K, N] weight (sn = 1, sk = N) reads 32 of its rows at a
+   time, which stay in cache; a strided block is gathered into a contiguous copy first. */
+static int gpt2s_q8_quantize(void *W, uint16_t *scales, const float *x, int64_t N, int64_t K,
+                             int64_t sn, int64_t sk) {
+    int8_t *q = (int8_t *)W;
+    int64_t nb = K / GPT2S_Q8_BLOCK;
+    float tmp[GPT2S_Q8_BLOCK];
+    for (int64_t b = 0; b < nb; b++) {
+        for (int64_t n = 0; n < N; n++) {
+            const float *src = x + n * sn + b * GPT2S_Q8_BLOCK * sk;
+            if (sk != 1) {
+                for (int i = 0; i < GPT2S_Q8_BLOCK; i++) tmp[i] = src[i * sk];
+                src = tmp;
+            }
+            if (gpt2s_q8_quantize_block(q + n * K + b * GPT2S_Q8_BLOCK, scales + n * nb + b,
+                                        src) != 0)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+/* out[r][k] = q[r][k] * scale(r, k / 32) for `rows` rows of K = cols weights (ldw = K: the
+   rows of q are contiguous; S the scales of row 0) */
+static void gpt2s_q8_widen(float *out, int64_t ldo, const void *W, int64_t ldw,
+                           const uint16_t *S, int rows, int cols) {
+    int nb = cols / GPT2S_Q8_BLOCK;
+    for (int j = 0; j < rows; j++) {
+        const int8_t *qr = (const int8_t *)W + (int64_t)j * ldw;
+        const uint16_t *sr = S + (int64_t)j * nb;
+        float *o = out + (int64_t)j * ldo;
+        for (int b = 0; b < nb; b++) {
+            float d = gpt2s_f16_to_f32(sr[b]);
+            for (int i = 0; i < GPT2S_Q8_BLOCK; i++)
+                o[b * GPT2S_Q8_BLOCK + i] = d * (float)qr[b * GPT2S_Q8_BLOCK + i];
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ x86-64-v3 */
+
+#if GPT2S_HAVE_X86_64_V3
+
+/* c[0:n] (+)= a (K) @ W^T, W q8 (n, K), one row (batch-1 decoding).  Widening every weight
+   to float32 costs 4 operations per 8 weights (sign-extend, convert, scale, FMA) and one row
+   leaves nothing to share them with: compute bound below the memory bandwidth.  Instead the
+   row is rounded once per call to int16 per block of 32, xq = round(x / dx), dx = max|x| /
+   32767 (|x - xq dx| <= dx / 2: relative 2^-16 of the block's largest element, far below the
+   weights' own int8 rounding), and each block of a W row is an exact integer dot product:
+   sign-extend 2 x 16 weights to int16, vpmaddwd against xq, add, convert, one FMA by d_w dx
+   -- 8 vector operations per 32 weights instead of 16.  (llama.cpp rounds the activations to
+   int8; int16 keeps them float32-accurate at the same cost on AVX2, whose vpmaddubsw would
+   need the weights unsigned.)  xq and dx: K and K / 32 elements of scratch.  Returns 0, or -1
+   (nothing written) when the row is not finite. */
+GPT2S_V3_INLINE int gpt2s_q8_nt1_arch_x86_64_v3(int n, int K, const float *a,
+        const int8_t *Q, const uint16_t *S, int accumulate, float *c, int16_t *xq, float *dx) {
+    int nb = K / GPT2S_Q8_BLOCK;
+    for (int b = 0; b < nb; b++) {
+        const float *x = a + b * GPT2S_Q8_BLOCK;
+        __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
+        __m256 x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);
+        __m256 sign = _mm256_set1_ps(-0.0f);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_andnot_ps(sign, x1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, x2), _mm256_andnot_ps(sign, x3)));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float amax = _mm_cvtss_f32(h);
+        /* x * 0 is NaN exactly for inf and NaN (max_ps would drop a NaN): the float path */
+        __m256 zero = _mm256_setzero_ps();
+        __m256 z = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(x0, zero), _mm256_mul_ps(x1, zero)),
+                                 _mm256_add_ps(_mm256_mul_ps(x2, zero), _mm256_mul_ps(x3, zero)));
+        if (_mm256_movemask_ps(_mm256_cmp_ps(z, z, _CMP_UNORD_Q))) return -1;
+        float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        dx[b] = amax / 32767.0f;
+        __m256 vi = _mm256_set1_ps(inv);
+        __m256i p0 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(x0, vi)),
+                                        _mm256_cvtps_epi32(_mm256_mul_ps(x1, vi)));
+        __m256i p1 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(x2, vi)),
+                                        _mm256_cvtps_epi32(_mm256_mul_ps(x3, vi)));
+        /* packs interleaves 128-bit lanes: [0-3, 8-11, 4-7, 12-15] -> natural order */
+        _mm256_storeu_si256((__m256i *)(xq + b * 32), _mm256_permute4x64_epi64(p0, 0xD8));
+        _mm256_storeu_si256((__m256i *)(xq + b * 32 + 16), _mm256_permute4x64_epi64(p1, 0xD8));
+    }
+    for (int v = 0; v < n; v += 4) {
+        int vr = n - v < 4 ? n - v : 4;
+        const int8_t *q0 = Q + (int64_t)v * K;
+        const int8_t *q1 = GPT2S_ROW(q0, 1, vr, K), *q2 = GPT2S_ROW(q0, 2, vr, K);
+        const int8_t *q3 = GPT2S_ROW(q0, 3, vr, K);
+        const uint16_t *d0 = S + (int64_t)v * nb;
+        const uint16_t *d1 = GPT2S_ROW(d0, 1, vr, nb), *d2 = GPT2S_ROW(d0, 2, vr, nb);
+        const uint16_t *d3 = GPT2S_ROW(d0, 3, vr, nb);
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        int prefetch = v + 8 <= n;
+        for (int b = 0; b < nb; b++) {
+            int k = b * GPT2S_Q8_BLOCK;
+            __m256i xa = _mm256_loadu_si256((const __m256i *)(xq + k));
+            __m256i xb = _mm256_loadu_si256((const __m256i *)(xq + k + 16));
+            float db = dx[b];
+            if (prefetch) {   /* the tile's 4 rows are one contiguous 4K bytes, read at
+                                 128 bytes per block: keep 2 KiB ahead of that position */
+                __builtin_prefetch(q0 + 4 * k + 2048);
+                __builtin_prefetch(q0 + 4 * k + 2048 + 64);
+            }
+#define GPT2S_Q8_ROW(qr, dr, sr) do { \
+                __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)((qr) + k))); \
+                __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)((qr) + k + 16))); \
+                __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, xa), _mm256_madd_epi16(hi, xb)); \
+                sr = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss((dr)[b]) * db), sr); \
+            } while (0)
+            GPT2S_Q8_ROW(q0, d0, s0);
+            GPT2S_Q8_ROW(q1, d1, s1);
+            GPT2S_Q8_ROW(q2, d2, s2);
+            GPT2S_Q8_ROW(q3, d3, s3);
+#undef GPT2S_Q8_ROW
+        }
+        float t[4] = {gpt2s_hsum_arch_x86_64_v3(s0), gpt2s_hsum_arch_x86_64_v3(s1),
+                      gpt2s_hsum_arch_x86_64_v3(s2), gpt2s_hsum_arch_x86_64_v3(s3)};
+        for (int r = 0; r < vr; r++) c[v + r] = accumulate ? c[v + r] + t[r] : t[r];
+    }
+    return 0;
+}
+
+/* C[:, 0:n] (+)= A (M, K) @ W (n, K)^T, W q8 (ldw = K) with scales S [n][K/32] */
+GPT2S_V3 static void gpt2s_q8_nt_arch_x86_64_v3(int M, int n, int K, const float *A, int lda,
+        const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    const int8_t *Q = (const int8_t *)W;
+    (void)ldw;
+    if (M == 1 && K <= 16384) {   /* scratch on the stack: 32 KiB + 2 KiB at most */
+        int16_t xq[16384] __attribute__((aligned(32)));
+        float dx[16384 / GPT2S_Q8_BLOCK];
+        if (gpt2s_q8_nt1_arch_x86_64_v3(n, K, A, Q, S, accumulate, C, xq, dx) == 0) return;
+    }
+    if (M == 1)
+        gpt2s_nt_tile_arch_x86_64_v3(GPT2S_ELEM_Q8, 1, 8, M, n, K, A, lda, Q, K, S,
+                                     accumulate, C, ldc);
+    else if (M < 4)
+        gpt2s_nt_tile_arch_x86_64_v3(GPT2S_ELEM_Q8, 2, 4, M, n, K, A, lda, Q, K, S,
+                                     accumulate, C, ldc);
+    else
+        gpt2s_nt_tile_arch_x86_64_v3(GPT2S_ELEM_Q8, 4, 2, M, n, K, A, lda, Q, K, S,
+                                     accumulate, C, ldc);
+}
+
+/* the portable gpt2s_q8_widen, 8 at a time */
+GPT2S_V3 static void gpt2s_q8_widen_arch_x86_64_v3(float *out, int64_t ldo, const void *W,
+        int64_t ldw, const uint16_t *S, int rows, int cols) {
+    int nb = cols / GPT2S_Q8_BLOCK;
+    for (int j = 0; j < rows; j++) {
+        const int8_t *qr = (const int8_t *)W + (int64_t)j * ldw;
+        const uint16_t *sr = S + (int64_t)j * nb;
+        float *o = out + (int64_t)j * ldo;
+        for (int b = 0; b < nb; b++) {
+            __m256 d = _mm256_set1_ps(_cvtsh_ss(sr[b]));
+            for (int c = 0; c < GPT2S_Q8_BLOCK; c += 8)
+                _mm256_storeu_ps(o + b * GPT2S_Q8_BLOCK + c, _mm256_mul_ps(
+                    d, gpt2s_ld8_arch_x86_64_v3(GPT2S_ELEM_Q8, qr, b * GPT2S_Q8_BLOCK + c)));
+        }
+    }
+}
+
+#endif
+#endif
