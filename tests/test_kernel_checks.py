@@ -102,17 +102,17 @@ BAD_CALLS = [
     ("layernorm_backward", lambda: _core.layernorm_backward(
         f32(N, C), f32(C + 1), f32(C), f32(N, C), f32(N, C), f32(C), f32(N), f32(N),
         f32(8, 2 * C)), "dweight (9,)"),
-    # GELU, residual
-    ("gelu_forward", lambda: _core.gelu_forward(f32(N, C), f32(N + 1, C)), "inp (7, 8)"),
-    ("gelu_forward", lambda: _core.gelu_forward(f32(N, C - 1), f32(N, C)), "out (6, 7)"),
-    ("gelu_backward", lambda: _core.gelu_backward(f32(N, C), f32(N, C), f32(N, C + 1)),
-     "dout (6, 9)"),
-    ("gelu_backward", lambda: _core.gelu_backward(f32(N - 1, C), f32(N, C), f32(N, C)),
-     "dinp (5, 8)"),
-    ("residual_forward", lambda: _core.residual_forward(f32(N, C), f32(N, C), f32(N, 2)),
-     "inp2 (6, 2)"),
-    ("residual_forward", lambda: _core.residual_forward(f32(1, C), f32(N, C), f32(N, C)),
-     "out (1, 8)"),
+    # activations
+    ("activation_forward", lambda: _core.activation_forward(f32(N, C), f32(N + 1, C), "gelu_tanh"),
+     "inp (7,8)"),
+    ("activation_forward", lambda: _core.activation_forward(f32(N, C - 1), f32(N, C), "relu"),
+     "out (6,7)"),
+    ("activation_backward", lambda: _core.activation_backward(f32(N, C), f32(N, C),
+                                                              f32(N, C + 1), "gelu_tanh"),
+     "dout (6,9)"),
+    ("activation_backward", lambda: _core.activation_backward(f32(N - 1, C), f32(N, C),
+                                                              f32(N, C), "silu"),
+     "dinp (5,8)"),
     # attention (B = 2, T = 3, C = 8 in 2 heads; qkv (2, 3, 24))
     ("attention_forward", lambda: _core.attention_forward(
         f32(2, 3, C), f32(2, 2, 3), f32(2, 3, 24), 0, f32(2, 3, 24), C, f32(2, 3, 24), 2 * C,
@@ -206,8 +206,8 @@ def test_every_checked_kernel_is_covered():
     """Each checked kernel has at least two bad calls here."""
     names = [k for k, _, _ in BAD_CALLS]
     for kernel in ("embedding_forward", "embedding_backward", "layernorm_forward",
-                   "residual_layernorm_forward", "layernorm_backward", "gelu_forward",
-                   "gelu_backward", "residual_forward", "attention_forward",
+                   "residual_layernorm_forward", "layernorm_backward", "activation_forward",
+                   "activation_backward", "attention_forward",
                    "attention_backward", "kv_cache_write", "crossentropy_forward",
                    "crossentropy_backward"):
         assert names.count(kernel) >= 2, kernel

@@ -15,7 +15,7 @@ import pytest
 
 import gpt2s
 from gpt2s import GPT2, GPT2Config, _core
-from gpt2s.lowp import BF16Weight, Q8Weight, is_compressed
+from gpt2s.weight_types import PackedWeight, is_compressed
 
 LOWP = ["bfloat16", "int8"]
 BOUND = {"bfloat16": 1e-2, "int8": 3e-2}
@@ -34,24 +34,26 @@ def model(make_config, make_model):
     return make_model(cfg, seed=3)
 
 
-@pytest.fixture(params=["avx2", "portable"])
+VARIANTS = sorted(set(_core.kernel_variants("bfloat16")) & set(_core.kernel_variants("int8")))
+
+
+@pytest.fixture(params=VARIANTS)
 def lowp_path(request):
-    if request.param == "avx2" and not _core.have_lowp_avx2():
-        pytest.skip("no AVX2 + FMA + F16C low-precision kernels on this CPU/build")
-    prev = _core.set_lowp_kernels(request.param)
+    prev = [_core.set_kernel_variant(t, request.param) for t in LOWP]
     yield request.param
-    _core.set_lowp_kernels(prev)
+    for t, p in zip(LOWP, prev):
+        _core.set_kernel_variant(t, p)
 
 
 def widened_float32_model(m: GPT2) -> GPT2:
     """A float32 model holding exactly the weights m stores (NumPy widening)."""
     f = GPT2(m.config)
     for name, w in m.params.items():
-        if isinstance(w, BF16Weight):
-            f.params[name][...] = (w.bits.astype(np.uint32) << 16).view(np.float32)
-        elif isinstance(w, Q8Weight):
+        if isinstance(w, PackedWeight) and w.type_name == "bfloat16":
+            f.params[name][...] = (w.data.astype(np.uint32) << 16).view(np.float32)
+        elif isinstance(w, PackedWeight):
             d = np.repeat(w.scales.view(np.float16).astype(np.float32), 32, axis=1)
-            deq = w.q.astype(np.float32) * d
+            deq = w.data.astype(np.float32) * d
             f.params[name][...] = deq.T if w.transposed else deq
         else:
             f.params[name][...] = w
@@ -89,22 +91,21 @@ def test_gpt2_initialised_weights(dtype):
 
 @pytest.mark.parametrize("dtype", LOWP)
 def test_paths_and_rows_agree(model, make_batch, dtype):
-    """AVX2 direct kernels, AVX2 panels and the portable route: the same logits to float32
-    rounding, for a 40-row prefill (panels) and a few-row decode step (direct)."""
-    if not _core.have_lowp_avx2():
-        pytest.skip("only the portable route exists on this CPU/build")
+    """Every variant's direct kernels and panels and the portable route: the same logits to
+    float32 rounding, for a 40-row prefill (panels) and a few-row decode step (direct)."""
     m = model.to_dtype(dtype)
     idx, _ = make_batch(model.config, 1, 40, seed=5)
     out = {}
-    prev_path, prev_rows = _core.get_lowp_kernels(), _core.set_lowp_direct_max_rows(32)
+    prev_path, prev_rows = _core.get_kernel_variant(dtype), _core.set_direct_max_rows(32)
     try:
-        for path, rows in [("avx2", 32), ("avx2", 0), ("avx2", 1 << 20), ("portable", 32)]:
-            _core.set_lowp_kernels(path)
-            _core.set_lowp_direct_max_rows(rows)
-            out[path, rows] = m.forward(idx)[0]
+        for path in _core.kernel_variants(dtype):
+            for rows in ([32] if path == "portable" else [32, 0, 1 << 20]):
+                _core.set_kernel_variant(dtype, path)
+                _core.set_direct_max_rows(rows)
+                out[path, rows] = m.forward(idx)[0]
     finally:
-        _core.set_lowp_kernels(prev_path)
-        _core.set_lowp_direct_max_rows(prev_rows)
+        _core.set_kernel_variant(dtype, prev_path)
+        _core.set_direct_max_rows(prev_rows)
     base = out["portable", 32]
     for k, v in out.items():
         assert rel_l2(v, base) < 1e-5, k
@@ -148,7 +149,7 @@ def test_bfloat16_file_loads_exactly_and_saves_back(model, tmp_path):
         np.testing.assert_array_equal(np.asarray(w), f.params[name])
         if is_compressed(name):
             want = (f.params[name].view(np.uint32) >> 16).astype(np.uint16)
-            np.testing.assert_array_equal(w.bits, want)
+            np.testing.assert_array_equal(w.data, want)
     m.save_safetensors(tmp_path / "again", dtype="bfloat16")
     assert ((tmp_path / "again" / "model.safetensors").read_bytes()
             == (tmp_path / "b16" / "model.safetensors").read_bytes())
@@ -192,8 +193,9 @@ def test_repr_and_show_config(model, capsys):
         assert f"dtype='{dtype}'" in r and "kernels=" in r
     assert "dtype='float32'" in repr(model)
     info = gpt2s.show_config()
-    assert info["lowp_kernels"] == _core.get_lowp_kernels()
-    assert "bfloat16/int8 weights" in capsys.readouterr().out
+    assert info["kernels"] == {t: _core.get_kernel_variant(t) for t in _core.weight_types()}
+    out = capsys.readouterr().out
+    assert "bfloat16:" in out and "int8:" in out
 
 
 def test_compressed_storage_sizes(model):
@@ -218,7 +220,8 @@ def test_untied_head_is_compressed_too(dtype, tmp_path):
         f.params["lm_head.weight"].shape).astype(np.float32) * 0.1
     idx = np.random.default_rng(4).integers(0, 300, (2, 12))
     m = f.to_dtype(dtype)
-    assert isinstance(m.params["lm_head.weight"], BF16Weight if dtype == "bfloat16" else Q8Weight)
+    assert isinstance(m.params["lm_head.weight"], PackedWeight)
+    assert m.params["lm_head.weight"].type_name == dtype
     assert rel_l2(m.forward(idx)[0], f.forward(idx)[0]) <= BOUND[dtype]
     f.save_safetensors(tmp_path / "untied")
     loaded = GPT2.from_safetensors(tmp_path / "untied", dtype=dtype)

@@ -3,7 +3,7 @@ path counters (_core.matmul_path_counts) and checked against float64 NumPy:
 
     gemm        serial (one thread, or below the work threshold), column split (N >= M),
                 row split (M > N), gemv_split_k (one row times B (K, N), split over K)
-    gemm_serial few-row AVX2 kernels NN and NT (_smallm.h, 2 <= M <= 32), sgemv (M = 1),
+    gemm_serial few-row float32 kernels NN and NT (kernels/f32.h, 2 <= M <= 32), sgemv (M = 1),
                 sgemm (in slices of at most set_rows_per_sgemm rows)
 
 set_parallel_min_work is the one switch for all kernels, matmuls included.  A batch-1 decode
@@ -20,7 +20,7 @@ from conftest import check_matmul
 import gpt2s
 from gpt2s import _core
 
-HAVE_SMALLM = _core.have_small_m_kernels()
+HAVE_SMALLM = _core.kernel_variants("float32")[-1] != "portable"
 NEED_OPENMP = pytest.mark.skipif(not _core.have_openmp(),
                                  reason="built without OpenMP: every matmul runs on one thread")
 
@@ -34,9 +34,9 @@ def team(every_kernel_parallel):
 @pytest.fixture
 def sgemm_only():
     """The few-row kernels bypassed, so that 2..32-row products go to sgemm."""
-    previous = _core.set_small_m_kernels(False)
+    previous = _core.set_kernel_variant("float32", "portable")
     yield
-    _core.set_small_m_kernels(previous)
+    _core.set_kernel_variant("float32", previous)
 
 
 def _rand(rng, *shape):

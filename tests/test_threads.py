@@ -148,9 +148,10 @@ def test_show_config_reports_openmp_and_threads(threads, capsys):
     assert f"threads: {expected}" in out
     assert info["openmp"] is have and info["threads"] == expected
     assert "BLAS" in out
-    assert info["small_m_kernels"] is gpt2s._core.have_small_m_kernels()
-    line = out.split("(decoding): ", 1)[1].splitlines()[0]
-    assert line == ("few-row AVX2/FMA kernels" if info["small_m_kernels"] else "BLAS sgemm")
+    assert info["kernels"]["float32"] == gpt2s._core.get_kernel_variant("float32")
+    for t, variant in info["kernels"].items():   # one line per weight type, naming its variant
+        line = next(l for l in out.splitlines() if l.strip().startswith(t))
+        assert (variant in line) or (variant == "portable" and "BLAS" in line), line
 
     threads(1)
     buf = io.StringIO()

@@ -1,11 +1,11 @@
-"""The few-row matmul kernels (src/gpt2s/_smallm.h) that replace sgemm when 2 <= M <= 32 rows
-(decoding a batch, short prompts): every product against float64 NumPy, with the kernels on
-and bypassed, over shapes that hit each tail (rows past a 6- or 4-row tile, columns past a
-16-column strip, K past a 64-row block or an 8-lane vector), bias accumulation, the thread
-split, and a model forward and batch decode against tests/ref.py.
+"""The float32 GEMM (gemm / gemm_serial in _core.pyx) beyond the weight products that
+tests/test_kernel_matrix.py covers: the backward products with few rows (the transposed direct
+kernel with accumulation), the empty inner dimension, tall products cut into sgemm slices, the
+shape checks, and a model forward and batch decode that give the same logits and tokens with
+the float32 direct kernels and with sgemm, and match tests/ref.py.
 
-Where the CPU or build lacks AVX2 + FMA the kernels do not exist: the "kernels" cases are
-skipped with that reason and the "sgemm" cases still run.
+Where the CPU or build has no direct float32 kernels, the "direct" cases run the portable
+route (BLAS) twice.
 """
 
 from __future__ import annotations
@@ -18,17 +18,15 @@ from conftest import check_matmul as check
 import gpt2s
 from gpt2s import _core
 
-HAVE = _core.have_small_m_kernels()
+VARIANTS = _core.kernel_variants("float32")
 
 
-@pytest.fixture(params=["kernels", "sgemm"])
+@pytest.fixture(params=VARIANTS)
 def path(request):
-    """Run the test with the few-row kernels in use, then with them bypassed."""
-    if request.param == "kernels" and not HAVE:
-        pytest.skip("no AVX2 + FMA few-row kernels on this CPU/build")
-    previous = _core.set_small_m_kernels(request.param == "kernels")
+    """Run the test with each variant of the float32 kernels (portable: sgemm only)."""
+    previous = _core.set_kernel_variant("float32", request.param)
     yield request.param
-    _core.set_small_m_kernels(previous)
+    _core.set_kernel_variant("float32", previous)
 
 
 @pytest.fixture(params=[1, 3])
@@ -44,40 +42,6 @@ def nthreads(request, every_kernel_parallel, matmul_paths):
         assert counts["split_columns"] + counts["split_rows"] + counts["gemv_split_k"] > 0
     else:
         assert counts["serial"] > 0 and counts["split_columns"] == counts["split_rows"] == 0
-
-
-# (K, N): K = 64 one block, 65/130 a block plus a tail, 7 and 13 below a vector; N = 16, 48 whole
-# strips, 17/37/100 with a column tail, 5 below one strip; 768 x 2304 and 3072 x 768 are GPT-2's
-SHAPES = [(64, 16), (65, 48), (130, 37), (7, 5), (13, 100), (40, 17), (768, 2304), (3072, 768)]
-ROWS = [2, 3, 5, 6, 7, 8, 12, 13, 31, 32, 33]
-
-
-@pytest.mark.parametrize("M", ROWS)
-def test_matmul_forward_few_rows(path, nthreads, M):
-    rng = np.random.default_rng(M)
-    for K, N in SHAPES:
-        x = rng.standard_normal((M, K)).astype(np.float32)
-        w = rng.standard_normal((K, N)).astype(np.float32)
-        b = rng.standard_normal(N).astype(np.float32)
-        out = np.full((M, N), np.nan, np.float32)
-        x64, w64 = x.astype(np.float64), w.astype(np.float64)
-        scale = np.abs(x64) @ np.abs(w64)
-        _core.matmul_forward(out, x, w, b)              # bias laid down, then accumulated onto
-        check(out, x64 @ w64 + b, scale + np.abs(b), K + 1, (M, K, N))
-        _core.matmul_forward(out, x, w, np.empty(0, np.float32))   # no bias: overwritten
-        check(out, x64 @ w64, scale, K, (M, K, N))
-
-
-@pytest.mark.parametrize("M", ROWS)
-def test_lm_head_forward_few_rows(path, nthreads, M):
-    rng = np.random.default_rng(100 + M)
-    for K, V in [(8, 3), (16, 4), (13, 29), (64, 211), (768, 1000), (21, 50)]:
-        x = rng.standard_normal((M, K)).astype(np.float32)
-        wte = rng.standard_normal((V, K)).astype(np.float32)
-        logits = np.full((M, V), np.nan, np.float32)
-        _core.lm_head_forward(logits, x, wte)
-        x64, e64 = x.astype(np.float64), wte.astype(np.float64)
-        check(logits, x64 @ e64.T, np.abs(x64) @ np.abs(e64).T, K, (M, K, V))
 
 
 def test_empty_inner_dimension(path):
@@ -113,8 +77,6 @@ def test_matmul_backward_few_rows_accumulates_dinp(path, nthreads, M):
 def test_kernels_and_sgemm_agree_on_a_model(make_config, make_model, make_batch):
     """A forward with B*T = 12 rows (every matmul few-row) and a batch-of-5 greedy decode: the
     same logits and tokens with the kernels and with sgemm, and the logits match ref.py."""
-    if not HAVE:
-        pytest.skip("no AVX2 + FMA few-row kernels on this CPU/build")
     cfg = make_config(n_layer=2, n_head=2, head_size=16, vocab_size=211, n_ctx=64)
     m = make_model(cfg, seed=5)
     idx, _ = make_batch(cfg, 3, 4, seed=6)
@@ -122,26 +84,17 @@ def test_kernels_and_sgemm_agree_on_a_model(make_config, make_model, make_batch)
     want = ref.forward(params64, idx, n_head=cfg.n_head, eps=cfg.layer_norm_epsilon)[0]
     prompt, _ = make_batch(cfg, 5, 3, seed=7)
     got = {}
-    for on in (True, False):
-        previous = _core.set_small_m_kernels(on)
+    for variant in (VARIANTS[-1], "portable"):
+        previous = _core.set_kernel_variant("float32", variant)
         try:
             logits, _ = m.forward(idx)
             tokens = np.asarray(m.generate(prompt, 6, temperature=0.0))
         finally:
-            _core.set_small_m_kernels(previous)
+            _core.set_kernel_variant("float32", previous)
         assert ref.rel_err(logits, want) < 1e-5
-        got[on] = (logits, tokens)
-    assert ref.rel_err(got[True][0], got[False][0]) < 1e-6
-    np.testing.assert_array_equal(got[True][1], got[False][1])
-
-
-def test_set_small_m_kernels_returns_previous():
-    previous = _core.set_small_m_kernels(False)
-    try:
-        assert _core.set_small_m_kernels(True) is False
-        assert _core.set_small_m_kernels(True) is HAVE   # True only where the kernels exist
-    finally:
-        _core.set_small_m_kernels(previous)
+        got[variant] = (logits, tokens)
+    assert ref.rel_err(got[VARIANTS[-1]][0], got["portable"][0]) < 1e-6
+    np.testing.assert_array_equal(got[VARIANTS[-1]][1], got["portable"][1])
 
 
 @pytest.mark.parametrize("call, match", [
