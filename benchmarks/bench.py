@@ -22,14 +22,11 @@ case that crashes makes it 1; a case whose API is missing is reported as "n/a: <
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import io
 import json
 import math
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,9 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
+import harness
+from harness import (QuietGuard, cpu_snapshot, max_rel_error, median, numpy_blas_threads,
+                     other_load, rel_l2, run_alternating, wait_quiet)
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
 
 ALL_CASES = ("sgemm", "bandwidth", "train", "forward", "generate", "decode_matmul", "memory",
              "scaling")
@@ -89,171 +89,29 @@ class Settings:
 
 # ----------------------------------------------------------------------------------- timing
 
-def summarize(times: list[float]) -> dict:
-    return {"median_s": float(np.median(times)), "min_s": float(min(times)),
-            "max_s": float(max(times)), "n": len(times), "times_s": [float(t) for t in times]}
-
-
 # Shared machines: with --wait-quiet S, a round of timed runs (one run of each function) during
-# which other processes used more than QUIET_THRESHOLD cores is discarded, and redone (at most
-# MAX_REDO times per round) after waiting up to S seconds for the machine to go quiet.
-QUIET = {"wait_s": 0.0, "loads": [], "discarded": 0}   # loads/discarded: whole-run tallies
-QUIET_THRESHOLD = 0.15
-MAX_REDO = 5
-
-
-def run_alternating(fns: dict, repeats: int, warmup: int, settle: float) -> dict:
-    """Warm up each function, then time them in turn (A B A B ...), repeats times each.
-    Before every timed run the process sleeps `settle` seconds: OpenMP and OpenBLAS workers
-    spin for a few ms after a parallel region and must not steal the cores of the next run."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    loads, discarded = [], 0
-    for _ in range(repeats):
-        for attempt in range(MAX_REDO + 1):
-            snap = cpu_snapshot()
-            round_times = {}
-            for k, fn in fns.items():
-                time.sleep(settle)
-                t0 = time.perf_counter()
-                fn()
-                round_times[k] = time.perf_counter() - t0
-            load = other_load(snap, cpu_snapshot())
-            if (QUIET["wait_s"] <= 0 or load is None or load < QUIET_THRESHOLD
-                    or attempt == MAX_REDO):
-                break
-            discarded += 1
-            QUIET["discarded"] += 1
-            wait_quiet(QUIET["wait_s"])
-        loads.append(load)
-        if load is not None:
-            QUIET["loads"].append(load)
-        for k, t in round_times.items():
-            times[k].append(t)
-    out = {k: summarize(v) for k, v in times.items()}
-    for r in out.values():
-        r["other_load_per_round"] = loads
-        r["rounds_discarded"] = discarded
-    return out
-
-
-def cpu_snapshot():
-    """(wall s, CPU s used by every process on the machine, CPU s used by this process and
-    its reaped children), from /proc/stat and getrusage; None where /proc is missing."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = (sum(vals[:8]) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-    own = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        ru = resource.getrusage(who)
-        own += ru.ru_utime + ru.ru_stime
-    return time.perf_counter(), busy, own
-
-
-def other_load(before, after):
-    """Cores' worth of CPU time that other processes used between two snapshots: timings
-    taken while this is well above 0 are disturbed."""
-    if before is None or after is None or after[0] <= before[0]:
-        return None
-    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))
-
-
-def wait_quiet(limit_s: float, threshold: float = 0.1):
-    """Sleep in 1 s windows until other processes used < threshold cores in one, or limit_s
-    has passed; returns (seconds waited, other load of the last window)."""
-    t0 = time.perf_counter()
-    busy = None
-    while True:
-        snap = cpu_snapshot()
-        if snap is None:
-            return 0.0, 0.0
-        time.sleep(1.0)
-        busy = other_load(snap, cpu_snapshot()) or 0.0
-        waited = time.perf_counter() - t0
-        if busy < threshold or waited >= limit_s:
-            return waited, busy
-
-
-def rel_l2(a, b) -> float:
-    a = np.asarray(a, np.float64).ravel()
-    b = np.asarray(b, np.float64).ravel()
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+# which other processes used more than 0.15 cores is discarded, and redone (at most 5 times per
+# round) after waiting up to S seconds for the machine to go quiet.  Its loads and discarded
+# rounds are whole-run tallies.
+QUIET = QuietGuard(max_load=0.15, max_redo=5)
 
 
 # ----------------------------------------------------------------------------------- machine
 
 def machine_info(args, threadpool) -> dict:
-    cpu, family, model, flags = platform.processor() or platform.machine(), "", "", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key == "model name" and cpu in ("", platform.machine(), platform.processor()):
-                    cpu = value
-                elif key == "cpu family" and not family:
-                    family = value
-                elif key == "model" and not model:
-                    model = value
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    mem_gib = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem_gib = int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    core = _amd_core(cpu, family, model)
-    if core and core not in cpu:
-        cpu = f"{cpu} ({core})"
-    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "neon") if f in flags]
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    versions = {"python": platform.python_version()}
+    info = harness.machine_description(REPO)
+    core = harness.amd_core(info["cpu"], info["cpu_family"], info["cpu_model"])
+    if core and core not in info["cpu"]:
+        info["cpu"] = f"{info['cpu']} ({core})"
+    versions = {"python": info.pop("python")}
     for mod in ("gpt2s", "numpy", "scipy", "torch", "transformers", "matplotlib"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception as e:  # noqa: BLE001 - a missing optional package is information
             versions[mod] = f"n/a ({type(e).__name__})"
-    commit = None
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                                capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        pass
-    return {
-        "cpu": cpu, "cpu_family": family, "cpu_model": model, "isa": isa,
-        "cores": cores, "os_cpu_count": os.cpu_count(), "mem_gib": mem_gib,
-        "platform": platform.platform(), "versions": versions, "git": commit,
-        "env": {k: os.environ.get(k) for k in ENV_VARS},
-        "threadpools": threadpool, "loadavg_start": list(os.getloadavg()),
-    }
-
-
-def _amd_core(cpu: str, family: str, model: str) -> str | None:
-    """AMD's core generation from /proc/cpuinfo's family and model numbers (model names such as
-    "AMD EPYC" in a VM often omit it)."""
-    if "AMD" not in cpu or not family.isdigit() or not model.isdigit():
-        return None
-    fam, mod = int(family), int(model)
-    if fam == 0x17:
-        return "Zen 2" if mod >= 0x30 else "Zen / Zen+"
-    if fam == 0x19:
-        return "Zen 4" if 0x10 <= mod <= 0x1F or 0x60 <= mod <= 0xAF else "Zen 3"
-    if fam == 0x1A:
-        return "Zen 5"
-    return None
+    info.update(versions=versions, env={k: os.environ.get(k) for k in ENV_VARS},
+                threadpools=threadpool)
+    return info
 
 
 def threadpool_snapshot() -> list:
@@ -352,23 +210,6 @@ class Bench:
 
 # ----------------------------------------------------------------------------------- cases
 
-def numpy_blas_threads(n: int):
-    """A context limiting numpy's own BLAS to n threads, and only numpy's: gpt2s's BLAS (SciPy's
-    OpenBLAS, 1 thread, called from inside OpenMP regions) must stay as gpt2s set it, or its
-    matmuls oversubscribe the cores ("OpenBLAS Warning: Detect OpenMP Loop")."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return contextlib.nullcontext()
-    ctl = ThreadpoolController()
-    libs = [lib.filepath for lib in ctl.lib_controllers
-            if lib.user_api == "blas" and "numpy" in os.path.basename(os.path.dirname(
-                lib.filepath))]
-    if not libs:
-        return contextlib.nullcontext()
-    return ctl.select(filepath=libs[0]).limit(limits=n)
-
-
 def case_sgemm(b: Bench) -> dict:
     """float32 C = A @ B at GPT-2 shapes (M rows = B*T, K = n_embd, N = 4 n_embd) through
     numpy (its OpenBLAS, limited to --threads), torch (MKL/oneDNN) and gpt2s's own matmul
@@ -410,7 +251,8 @@ def case_sgemm(b: Bench) -> dict:
         # numpy's OpenBLAS workers busy-wait ~0.1 s after a call (OPENBLAS_THREAD_TIMEOUT's
         # default 2^28 cycles): a longer idle gap keeps them off the next provider's cores
         with limit:
-            res = run_alternating(fns, max(b.args.repeats, 5), 1, max(b.st.settle, 0.25))
+            res = run_alternating(fns, max(b.args.repeats, 5), 1, max(b.st.settle, 0.25),
+                                  guard=QUIET)
         time.sleep(0.3)
         for name, r in res.items():
             r.update(provider=name, M=M, K=K, N=N, calls_per_run=inner,
@@ -444,7 +286,7 @@ def case_bandwidth(b: Bench) -> dict:
     except (ImportError, AttributeError):
         pass
     try:
-        res = run_alternating(fns, max(b.args.repeats, 5), 1, b.st.settle)
+        res = run_alternating(fns, max(b.args.repeats, 5), 1, b.st.settle, guard=QUIET)
     finally:
         pool.shutdown()
     rows = []
@@ -462,7 +304,8 @@ def case_bandwidth(b: Bench) -> dict:
 def time_against_torch(b: Bench, row: dict, g_fn, t_fn, flops: float, repeats: int):
     """Time g_fn (gpt2s) and t_fn (torch) alternately; row gets their timings, the GFLOP of one
     call, each side's GFLOP/s and % of the sgemm rate, and the time ratio gpt2s / torch."""
-    res = run_alternating({"gpt2s": g_fn, "torch": t_fn}, repeats, b.args.warmup, b.st.settle)
+    res = run_alternating({"gpt2s": g_fn, "torch": t_fn}, repeats, b.args.warmup, b.st.settle,
+                          guard=QUIET)
     row.update(res)
     row["gflop"] = flops / 1e9
     for lib in ("gpt2s", "torch"):
@@ -495,7 +338,7 @@ def measure_train(b: Bench, B: int, T: int, repeats=None) -> dict:
         return loss
 
     loss_g, loss_t = float(g_step()), float(t_step().item())
-    rel = abs(loss_g - loss_t) / abs(loss_t)
+    rel = max_rel_error(loss_g, loss_t)
     out = {"B": B, "T": T, "loss_gpt2s": loss_g, "loss_torch": loss_t, "loss_rel_diff": rel,
            "threads": {"gpt2s": key[2], "torch": key[3]}}
     # a gradient too (informational): c_fc of the first layer, Conv1D [in, out] vs Linear
@@ -632,7 +475,7 @@ def case_generate(b: Bench) -> dict:
                 first = [int(np.argmin(r)) if not r.all() else None for r in same]
                 row["tokens_match"] = float(same.mean())
                 row["first_mismatch"] = first
-            res = run_alternating(fns, b.args.repeats, b.args.warmup, st.settle)
+            res = run_alternating(fns, b.args.repeats, b.args.warmup, st.settle, guard=QUIET)
             for k, r in res.items():
                 r["tokens_per_s"] = B * st.gen_new / r["median_s"]
                 if steps_per_s:
@@ -653,23 +496,6 @@ def case_generate(b: Bench) -> dict:
 
 # ----------------------------------------------------------------------------------- memory
 
-def _vm_hwm_mb():
-    """Peak RSS of this address space since exec (Linux /proc), MiB; None elsewhere."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _ru_maxrss_mb():
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / 2**20 if sys.platform == "darwin" else r / 1024   # bytes on macOS, KiB else
-
-
 def memory_worker(kind: str, cfg_json: str, B: int, T: int, threads: int) -> dict:
     """Runs in a fresh interpreter: build one model, two fwd+bwd steps (+ optimizer step),
     report ru_maxrss (the peak resident set) after the imports and at the end."""
@@ -680,7 +506,7 @@ def memory_worker(kind: str, cfg_json: str, B: int, T: int, threads: int) -> dic
     if kind.startswith("gpt2s"):
         import gpt2s
         gpt2s.set_num_threads(threads)
-        base = _ru_maxrss_mb()
+        base = harness.ru_maxrss_mib()
         m = gpt2s.GPT2.from_config(gpt2s.GPT2Config(**cfg), seed=0)
         kw = {"return_logits": False} if "return_logits" in inspect.signature(
             m.forward).parameters else {}
@@ -695,7 +521,7 @@ def memory_worker(kind: str, cfg_json: str, B: int, T: int, threads: int) -> dic
         import torch
         from torch_gpt2 import TorchGPT2
         torch.set_num_threads(threads)
-        base = _ru_maxrss_mb()
+        base = harness.ru_maxrss_mib()
         tm = TorchGPT2(cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["vocab_size"],
                        cfg["n_ctx"], cfg["layer_norm_epsilon"])
         opt = torch.optim.AdamW(tm.parameters(), lr=3e-4) if kind.endswith("adamw") else None
@@ -706,9 +532,9 @@ def memory_worker(kind: str, cfg_json: str, B: int, T: int, threads: int) -> dic
             loss.backward()
             if opt is not None:
                 opt.step()
-    peak = _ru_maxrss_mb()
+    peak = harness.ru_maxrss_mib()
     return {"kind": kind, "peak_rss_mb": peak, "rss_after_imports_mb": base,
-            "peak_minus_imports_mb": peak - base, "vm_hwm_mb": _vm_hwm_mb()}
+            "peak_minus_imports_mb": peak - base, "vm_hwm_mb": harness.vm_hwm_mib()}
 
 
 # A fork of this (large) process would carry our RSS into the worker's ru_maxrss: Linux keeps
@@ -763,7 +589,7 @@ def case_decode_matmul(b: Bench) -> dict:
         if have:   # without the kernels "gpt2s" already is the sgemm path
             fns["gpt2s via sgemm"] = sgemm_run
         fns["torch.mm"] = torch_run
-        res = run_alternating(fns, max(b.args.repeats, 5), 1, b.st.settle)
+        res = run_alternating(fns, max(b.args.repeats, 5), 1, b.st.settle, guard=QUIET)
         for provider, r in res.items():
             gbs = nbytes * copies / r["median_s"] / 1e9
             r.update(provider=provider, matrix=name, M=M, K=kdim, N=ndim, calls_per_run=copies,
@@ -1008,7 +834,7 @@ def _json_safe(x):
 def _run_case(b: Bench, name: str, fn) -> dict:
     t0 = time.perf_counter()
     snap = cpu_snapshot()
-    n_loads, n_discarded = len(QUIET["loads"]), QUIET["discarded"]
+    n_loads, n_discarded = len(QUIET.loads), QUIET.discarded
     try:
         res = fn(b)
     except Exception as e:  # noqa: BLE001 - one broken case must not hide the others
@@ -1016,10 +842,10 @@ def _run_case(b: Bench, name: str, fn) -> dict:
         res = {"status": f"error: {type(e).__name__}: {e}"}
     res["wall_s"] = time.perf_counter() - t0
     res["other_load_cores"] = other_load(snap, cpu_snapshot())   # whole case, waits included
-    timed = QUIET["loads"][n_loads:]
-    res["other_load_timed_median"] = float(np.median(timed)) if timed else None
+    timed = QUIET.loads[n_loads:]
+    res["other_load_timed_median"] = median(timed)
     res["other_load_timed_max"] = max(timed) if timed else None
-    res["rounds_discarded"] = QUIET["discarded"] - n_discarded
+    res["rounds_discarded"] = QUIET.discarded - n_discarded
     return res
 
 
@@ -1087,7 +913,7 @@ def main(argv=None) -> int:
         args.plot = str(HERE / "results" / ("step_vs_T_quick.png" if st.quick
                                             else "step_vs_T.png"))
 
-    QUIET["wait_s"] = args.wait_quiet
+    QUIET.wait_s = args.wait_quiet
     b = Bench(args, st)
     b.info = machine_info(args, threadpool_snapshot())
     snap = cpu_snapshot()
@@ -1119,10 +945,10 @@ def main(argv=None) -> int:
             print(f"   ({r['rounds_discarded']} round(s) of runs discarded and redone: other "
                   "processes were using the CPUs)")
         ol, mx = r["other_load_timed_median"], r["other_load_timed_max"]
-        if ol is not None and (ol > QUIET_THRESHOLD or mx > 2 * QUIET_THRESHOLD):
+        if ol is not None and (ol > QUIET.max_load or mx > 2 * QUIET.max_load):
             print(f"   !! during the timed runs of '{name}' other processes used {ol:.2f} cores "
                   f"(median; max {mx:.2f}): these timings are disturbed\n")
-        elif ol is None and (r["other_load_cores"] or 0) > QUIET_THRESHOLD:
+        elif ol is None and (r["other_load_cores"] or 0) > QUIET.max_load:
             print(f"   !! other processes used {r['other_load_cores']:.2f} cores during "
                   f"'{name}'\n")
         sys.stdout.flush()

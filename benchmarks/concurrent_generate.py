@@ -8,7 +8,8 @@ alone, then N threads at once (a barrier starts them together), alternating; med
 --rounds.  The kernel thread count (``gpt2s.set_num_threads``) is reported: with N Python
 threads each kernel call still uses that many OpenMP threads, so the cores are shared.
 Memory: growth of the peak resident set in the first concurrent round (each thread's activation
-buffers and each generation's KV cache), measured from /proc/self/status (Linux).
+buffers and each generation's KV cache), the kernel's VmHWM from /proc/self/status (the peak,
+not the current size: a thread's buffers are freed when it ends; ru_maxrss without /proc).
 """
 
 from __future__ import annotations
@@ -22,15 +23,7 @@ import numpy as np
 
 import gpt2s
 from gpt2s import GPT2, GPT2Config
-
-
-def peak_rss_mib() -> float:
-    """The process's peak resident set so far (a thread's buffers are freed when it ends)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from harness import peak_rss_mib
 
 
 def timed_generate(m, prompt, new):

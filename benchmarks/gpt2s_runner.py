@@ -21,20 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 
-
-def _vm_hwm_mib():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+from harness import ru_maxrss_mib, run_alternating, vm_hwm_mib
 
 
 def read_ids(path) -> list[int]:
@@ -136,20 +126,12 @@ def run_bandwidth(args) -> dict:
     nbytes = args.mib << 20
     x = np.ones(nbytes // 4, np.float32)
     parts = np.array_split(x, args.threads)
-    readers = {}
     with ThreadPoolExecutor(args.threads) as pool:
         fns = {"gpt2s _core.sum_squares": lambda: _core.sum_squares(x),
                f"numpy sum, {args.threads} Python threads": lambda: sum(pool.map(np.sum, parts))}
-        times = {k: [] for k in fns}
-        for rep in range(6):
-            for name, fn in fns.items():   # alternate the readers
-                t0 = time.perf_counter()
-                fn()
-                if rep:
-                    times[name].append(time.perf_counter() - t0)
-    for name, ts in times.items():
-        med = sorted(ts)[len(ts) // 2]
-        readers[name] = {"times_s": ts, "median_s": med, "gbs": nbytes / med / 1e9}
+        timed = run_alternating(fns, repeats=5, warmup=1)
+    readers = {name: {"times_s": r["times_s"], "median_s": r["median_s"],
+                      "gbs": nbytes / r["median_s"] / 1e9} for name, r in timed.items()}
     best = max(readers, key=lambda k: readers[k]["gbs"])
     return {"mode": "bandwidth", "bytes": nbytes, "threads": args.threads, "readers": readers,
             "reference": best, "gbs": readers[best]["gbs"]}
@@ -173,8 +155,8 @@ def main(argv=None) -> int:
         p.error("logits needs --out")
     res = {"decode": run_decode, "prefill": run_prefill, "logits": run_logits,
            "bandwidth": run_bandwidth}[args.mode](args)
-    res["ru_maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    res["vm_hwm_mib"] = _vm_hwm_mib()
+    res["ru_maxrss_mib"] = ru_maxrss_mib()
+    res["vm_hwm_mib"] = vm_hwm_mib()
     json.dump(res, sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -25,6 +25,7 @@ import numpy as np
 
 import gpt2s
 from gpt2s import _core
+from harness import run_alternating
 
 SHAPES = [  # (name, K, N, lm_head): out = x (M, K) @ W (K, N); the lm_head is x @ wte (V, K)^T
     ("attn.c_attn", 768, 2304, False), ("attn.c_proj", 768, 768, False),
@@ -94,18 +95,11 @@ def bench_shape(name, K, N, lm_head, M, rounds, rng, clock=time.perf_counter):
     for path in paths:
         fns[("bfloat16", path)] = on_path(run_b16, path)
         fns[("int8", path)] = on_path(run_q8, path)
-    times = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()   # warm-up
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t0 = clock()
-            fn()
-            times[k].append(clock() - t0)
-    base = float(np.median(times[("float32", "gpt2s")]))
+    timed = run_alternating(fns, rounds, warmup=1, clock=clock)
+    base = timed[("float32", "gpt2s")]["median_s"]
     rows = []
-    for (dtype, path), ts in times.items():
-        med = float(np.median(ts))
+    for (dtype, path), r in timed.items():
+        med = r["median_s"]
         rows.append(dict(matrix=name, M=M, K=K, N=N, dtype=dtype, path=path, copies=copies,
                          median_s=med / copies, gbs=nbytes[dtype] * copies / med / 1e9,
                          time_vs_float32=med / base))

@@ -23,17 +23,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from bench import cpu_snapshot, numpy_blas_threads, other_load, wait_quiet  # noqa: E402
+from harness import cpu_snapshot, numpy_blas_threads, other_load, time_call, wait_quiet
 
 NOT_KERNELS = {"have_openmp", "omp_max_threads", "set_num_threads", "get_num_threads"}
 
@@ -148,12 +144,12 @@ def measure_sgemm(N: int, C: int, threads: int) -> float:
     with limit:
         for fn in (lambda: np.matmul(A, W, out=out), lambda: torch.mm(tA, tW, out=tout)):
             fn()
-            ts = []
-            for _ in range(7):
-                t0 = time.perf_counter()
+
+            def five_calls(fn=fn):
                 for _ in range(5):
                     fn()
-                ts.append((time.perf_counter() - t0) / 5)
+
+            ts = [time_call(five_calls) / 5 for _ in range(7)]
             best = max(best, 2.0 * N * C * 4 * C / np.median(ts) / 1e9)
     time.sleep(0.3)  # let numpy's OpenBLAS workers go idle
     return best
@@ -168,14 +164,8 @@ def quiet_first(args):
 
 
 def timed_runs(step, n: int) -> list:
-    """Wall times of n calls of step, each after 50 ms idle (as the benchmark harness does)."""
-    times = []
-    for _ in range(n):
-        time.sleep(0.05)
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return times
+    """Wall times of n calls of step, each after 50 ms idle (as bench.py's full runs do)."""
+    return [time_call(step, settle=0.05) for _ in range(n)]
 
 
 def report_load(load):

@@ -15,9 +15,7 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import re
-import resource
 import shutil
 import struct
 import subprocess
@@ -25,6 +23,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import harness
+from harness import cpu_snapshot, median, other_load, redo_while_disturbed, rel_l2, wait_quiet
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -195,17 +196,6 @@ def gguf_matmul_types(tensors: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- machine, load
 
 def machine_info(threads: int) -> dict:
-    cpu, flags = platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and cpu == platform.machine():
-                    cpu = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
     lscpu = {}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -216,61 +206,13 @@ def machine_info(threads: int) -> dict:
                 lscpu[k.strip()] = v.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    mem_gib = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem_gib = int(next(l for l in f if l.startswith("MemTotal:")).split()[1]) / 2**20
-    except (OSError, StopIteration):
-        pass
-    commit = None
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-                                capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"cpu": cpu, "lscpu": lscpu,
-            "isa": sorted(f for f in flags if f in ("avx2", "fma", "f16c") or
-                          f.startswith(("avx512", "amx"))),
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else os.cpu_count(), "mem_gib": mem_gib, "platform": platform.platform(),
-            "python": platform.python_version(), "git": commit, "threads": threads,
+    machine = harness.machine_description(REPO)
+    return {"cpu": machine["cpu"], "lscpu": lscpu, "isa": machine["isa"],
+            "cores": machine["cores"], "mem_gib": machine["mem_gib"],
+            "platform": machine["platform"], "python": machine["python"],
+            "git": machine["git"], "threads": threads,
             "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                      "OPENBLAS_CORETYPE", "GPT2S_LOWP")}}
-
-
-def cpu_snapshot():
-    """(wall s, CPU s of every process on the machine, CPU s of this process and its reaped
-    children), or None without /proc/stat."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    busy = (sum(vals[:8]) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")
-    own = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF,
-              resource.RUSAGE_CHILDREN) for a in ("ru_utime", "ru_stime"))
-    return time.perf_counter(), busy, own
-
-
-def other_load(before, after):
-    """Cores' worth of CPU that other processes used between two snapshots."""
-    if before is None or after is None or after[0] <= before[0]:
-        return None
-    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))
-
-
-def wait_quiet(limit_s: float, threshold: float = 0.1) -> float:
-    """Wait (1 s windows) until other processes use < threshold cores, at most limit_s."""
-    t0 = time.perf_counter()
-    while limit_s > 0:
-        snap = cpu_snapshot()
-        if snap is None:
-            break
-        time.sleep(1.0)
-        load = other_load(snap, cpu_snapshot())
-        if (load or 0.0) < threshold or time.perf_counter() - t0 >= limit_s:
-            break
-    return time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------ subprocesses
@@ -310,7 +252,7 @@ class Runner:
 
     def __call__(self, cmd: list, label: str, timeout: float = 1800) -> dict:
         self.n += 1
-        waited = wait_quiet(self.quiet_s)
+        waited, _ = wait_quiet(self.quiet_s)
         report = self.tmp / f"time{self.n}.txt"
         snap = cpu_snapshot()
         t0 = time.perf_counter()
@@ -396,21 +338,6 @@ def compile_llama_logits(anchors: Path, cache: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------- statistics
-
-def median(xs):
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
-def rel_l2(a, b) -> float:
-    import numpy as np
-    a = np.asarray(a, np.float64).ravel()
-    b = np.asarray(b, np.float64).ravel()
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
 
 def logits_compare(x, ref) -> dict:
     import numpy as np
@@ -688,13 +615,16 @@ def main(argv=None) -> int:
             named = [("gpt2s", ours_fn)] + ([] if args.skip_llama else [("llama.cpp", llama_fn)])
             if not first_ours:
                 named.reverse()
-            for attempt in range(REDO + 1):
+
+            def run_pair():
                 got = [(engine, fn()) for engine, fn in named]
-                worst = max((r.get("other_load") or 0.0) for _, r in got)
-                if worst <= args.max_other_load or attempt == REDO:
-                    break
+                return got, max((r.get("other_load") or 0.0) for _, r in got)
+
+            def discard(worst):
                 results["discarded"].append({"round": rnd, "key": key, "other_load": worst})
                 log(f"  (other processes used {worst:.2f} cores: the pair is redone)")
+
+            got, _, attempt = redo_while_disturbed(run_pair, args.max_other_load, REDO, discard)
             for engine, r in got:
                 r["round"], r["attempt"] = rnd, attempt
                 loads.append(r.get("other_load"))

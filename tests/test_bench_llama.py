@@ -4,7 +4,6 @@ run end to end on a tiny model.  llama.cpp itself (built by ../shared/peers/setu
 /tmp/anchors) is only used where present; CI has none, and those tests skip saying so.
 Nothing here looks at how fast anything is."""
 
-import importlib.util
 import json
 import os
 import struct
@@ -25,10 +24,8 @@ pytestmark = pytest.mark.skipif(not SCRIPT.exists(), reason="benchmarks/ is not 
 
 @pytest.fixture(scope="module")
 def vs():
-    spec = importlib.util.spec_from_file_location("vs_llama_cpp", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import vs_llama_cpp   # benchmarks/ is on sys.path: pyproject.toml's pytest pythonpath
+    return vs_llama_cpp
 
 
 def _need_llama():
