@@ -553,7 +553,7 @@ def case_decode_matmul(b: Bench) -> dict:
     from gpt2s import _core
     M = b.st.decode_rows
     rows = []
-    have = _core.have_small_m_kernels()
+    have = _core.kernel_variants("float32")[-1] != "portable"
     for name, K, N, trans in b.st.decode_shapes:
         rng = np.random.default_rng(1)
         wshape = (K, N)   # (V, K) for the lm_head, which runs x @ W^T
@@ -575,11 +575,11 @@ def case_decode_matmul(b: Bench) -> dict:
                     _core.matmul_forward(out, x, W, no_bias)
 
         def sgemm_run():
-            previous = _core.set_small_m_kernels(False)
+            previous = _core.set_kernel_variant("float32", "portable")
             try:
                 gpt2s_run()
             finally:
-                _core.set_small_m_kernels(previous)
+                _core.set_kernel_variant("float32", previous)
 
         def torch_run():
             for tW in tWs:

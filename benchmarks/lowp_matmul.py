@@ -1,7 +1,7 @@
-"""Microbenchmark of the low-precision matmul kernels (issue 11): GB/s of weight bytes read by
-out (M, N) = x (M, K) @ W at GPT-2 124M's shapes, W float32 (gpt2s's own path: sgemv for one
-row, the few-row kernels of _smallm.h for 2-32), bfloat16 and int8 blocks (each through its
-AVX2 kernels and its portable route), for M = 1 and M = 8 (batch-1 and batch-8 decoding).
+"""Microbenchmark of the weight products: GB/s of weight bytes read by out (M, N) = x (M, K) @ W
+at GPT-2 124M's shapes, for every weight type (float32, bfloat16, int8 blocks, ...) on every
+kernel variant this CPU runs (the direct kernels of x86-64-v3, ...; "portable": widened panels
+into BLAS, or BLAS itself for float32), for M = 1 and M = 8 (batch-1 and batch-8 decoding).
 
 The weights are not in cache: each run cycles through copies totalling >= 64 MiB of that
 storage.  Providers alternate (A B C ... A B C ...) and the median of the rounds is reported,
@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 import gpt2s
-from gpt2s import _core
+from gpt2s import _core, weight_types
 from harness import run_alternating
 
 SHAPES = [  # (name, K, N, lm_head): out = x (M, K) @ W (K, N); the lm_head is x @ wte (V, K)^T
@@ -33,70 +33,35 @@ SHAPES = [  # (name, K, N, lm_head): out = x (M, K) @ W (K, N); the lm_head is x
     ("lm_head", 768, 50257, True)]
 
 
-def to_bf16(w: np.ndarray) -> np.ndarray:
-    out = np.empty(w.size, np.uint16)
-    _core.bf16_from_float32(out, np.ascontiguousarray(w, np.float32).ravel())
-    return out.reshape(w.shape)
-
-
-def to_q8(w: np.ndarray, lm_head: bool):
-    """(q (N, K), scales (N, K/32)) from a Conv1D weight (K, N) or an embedding (N, K)."""
-    N, K = (w.shape[0], w.shape[1]) if lm_head else (w.shape[1], w.shape[0])
-    q = np.empty((N, K), np.int8)
-    s = np.empty((N, K // 32), np.uint16)
-    _core.q8_quantize(q, s, w, not lm_head)
-    return q, s
-
-
 def bench_shape(name, K, N, lm_head, M, rounds, rng, clock=time.perf_counter):
+    """Every weight type on every kernel variant this CPU has: one product entry for all."""
     wshape = (N, K) if lm_head else (K, N)
+    pname = "wte.weight" if lm_head else f"h.0.{name}.weight"
     x = rng.standard_normal((M, K), dtype=np.float32)
     out = np.empty((M, N), np.float32)
     no_bias = np.empty(0, np.float32)
-    n32 = 4 * K * N
     copies = max(2, -(-(64 << 20) // (N * K)))   # >= 64 MiB of int8 (more of the others)
     f32 = [rng.standard_normal(wshape, dtype=np.float32) * 0.02 for _ in range(copies)]
-    b16 = [to_bf16(w) for w in f32]
-    q8 = [to_q8(w, lm_head) for w in f32]
-    nbytes = {"float32": n32, "bfloat16": 2 * K * N, "int8": K * N + 2 * (K // 32) * N}
+    stored = {t: [weight_types.get(t).compress(pname, w) for w in f32]
+              for t in weight_types.DTYPES}
+    nbytes = {t: stored[t][0].nbytes for t in stored}
 
-    def run_f32():
-        for w in f32:
-            if lm_head:
-                _core.lm_head_forward(out, x, w)
-            else:
-                _core.matmul_forward(out, x, w, no_bias)
-
-    def run_b16():
-        for w in b16:
-            if lm_head:
-                _core.lm_head_forward_bf16(out, x, w)
-            else:
-                _core.matmul_forward_bf16(out, x, w, no_bias)
-
-    def run_q8():
-        for q, s in q8:
-            if lm_head:
-                _core.lm_head_forward_q8(out, x, q, s)
-            else:
-                _core.matmul_forward_q8(out, x, q, s, no_bias)
-
-    def on_path(fn, path):
-        def run():
-            prev = _core.set_lowp_kernels(path)
+    def run(dtype, variant):
+        def go():
+            prev = _core.set_kernel_variant(dtype, variant)
             try:
-                fn()
+                for w in stored[dtype]:
+                    if lm_head:
+                        _core.lm_head_forward(out, x, w)
+                    else:
+                        _core.matmul_forward(out, x, w, no_bias)
             finally:
-                _core.set_lowp_kernels(prev)
-        return run
+                _core.set_kernel_variant(dtype, prev)
+        return go
 
-    fns = {("float32", "gpt2s"): run_f32}
-    paths = (["avx2"] if _core.have_lowp_avx2() else []) + ["portable"]
-    for path in paths:
-        fns[("bfloat16", path)] = on_path(run_b16, path)
-        fns[("int8", path)] = on_path(run_q8, path)
+    fns = {(t, v): run(t, v) for t in weight_types.DTYPES for v in _core.kernel_variants(t)[::-1]}
     timed = run_alternating(fns, rounds, warmup=1, clock=clock)
-    base = timed[("float32", "gpt2s")]["median_s"]
+    base = timed[("float32", _core.kernel_variants("float32")[-1])]["median_s"]
     rows = []
     for (dtype, path), r in timed.items():
         med = r["median_s"]
@@ -119,15 +84,16 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     rows = []
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    print(f"threads {args.threads}, clock {args.clock}, lowp avx2 kernels: {_core.have_lowp_avx2()}")
-    print(f"{'matrix':12} {'M':>2} {'dtype':9} {'path':9} {'GB/s':>6} {'us/call':>8} {'t/f32':>6}")
+    print(f"threads {args.threads}, clock {args.clock}, kernel variants: "
+          + ", ".join(f"{t} {'/'.join(_core.kernel_variants(t))}" for t in weight_types.DTYPES))
+    print(f"{'matrix':12} {'M':>2} {'dtype':9} {'path':10} {'GB/s':>6} {'us/call':>8} {'t/f32':>6}")
     for M in args.rows:
         for name, K, N, lm_head in SHAPES:
             if args.only and name not in args.only:
                 continue
             for r in bench_shape(name, K, N, lm_head, M, args.rounds, rng, clock):
                 rows.append(r)
-                print(f"{r['matrix']:12} {M:2d} {r['dtype']:9} {r['path']:9} {r['gbs']:6.1f} "
+                print(f"{r['matrix']:12} {M:2d} {r['dtype']:9} {r['path']:10} {r['gbs']:6.1f} "
                       f"{r['median_s'] * 1e6:8.1f} {r['time_vs_float32']:6.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
