@@ -1,4 +1,4 @@
-"""The sampling kernels (_sampling.pxi) against an independent float64 NumPy definition:
+"""The sampling kernels (kernels/sampling.pxi) against an independent float64 NumPy definition:
 exact supports for top-k / top-p, the distribution itself, inverse-CDF sampling on a grid
 of uniforms, and chi-square goodness of fit of seeded samples."""
 

@@ -2,7 +2,7 @@
 
 The prompt is run once (prefill) and its keys and values stay in the model's KV cache; each
 new token then costs one position per layer.  Sampling runs in the Cython kernels of
-``_sampling.pxi`` (``_core.argmax_rows``, ``_core.sample_rows``).
+``kernels/sampling.pxi`` (``_core.argmax_rows``, ``_core.sample_rows``).
 
 Semantics shared by every entry point:
 
