@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gpt2s.weights import MAX_HEADER_BYTES, MAX_JSON_TOKENS, MAX_TENSORS
@@ -109,8 +110,9 @@ AT_THE_CAPS = {
 }
 
 
-def run_worker(path: Path) -> dict:
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(path)],
+def run_worker(path: Path, headroom: int = ADDRESS_HEADROOM) -> dict:
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(path),
+                           str(headroom)],
                           capture_output=True, text=True, timeout=TIMEOUT,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     lines = [l for l in proc.stdout.splitlines() if l.startswith("REPORT ")]
@@ -160,6 +162,44 @@ def test_caps_are_exact(tmp_path, name):
     assert past["json_characters"] == 0 and past["json_containers"] == 0, past
 
 
+@posix_only
+@pytest.mark.parametrize("headroom", [32 << 20, 120 << 20], ids=["mapping", "buffer"])
+def test_out_of_memory_names_the_file(tmp_path, headroom):
+    """A valid model that does not fit in the address space left: the 74 MB file cannot be
+    mapped, or the 149 MB float32 parameter buffer cannot be allocated.  The MemoryError
+    becomes a SafetensorsError naming the file (it was a bare MemoryError, or an OSError)."""
+    n_embd, vocab = 1024, 24_000
+    shapes = {"wte.weight": (vocab, n_embd), "wpe.weight": (8, n_embd),
+              "ln_f.weight": (n_embd,), "ln_f.bias": (n_embd,)}
+    for suffix, shape in {"ln_1.weight": (n_embd,), "ln_1.bias": (n_embd,),
+                          "attn.c_attn.weight": (n_embd, 3 * n_embd),
+                          "attn.c_attn.bias": (3 * n_embd,),
+                          "attn.c_proj.weight": (n_embd, n_embd), "attn.c_proj.bias": (n_embd,),
+                          "ln_2.weight": (n_embd,), "ln_2.bias": (n_embd,),
+                          "mlp.c_fc.weight": (n_embd, 4 * n_embd),
+                          "mlp.c_fc.bias": (4 * n_embd,),
+                          "mlp.c_proj.weight": (4 * n_embd, n_embd),
+                          "mlp.c_proj.bias": (n_embd,)}.items():
+        shapes["h.0." + suffix] = shape
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * int(np.prod(shape))
+        header[name] = {"dtype": "F16", "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"gpt2s_config": json.dumps(
+        {"n_layer": 1, "n_head": 16, "n_embd": n_embd, "vocab_size": vocab, "n_positions": 8})}
+    path = header_file(tmp_path / "big.safetensors", json.dumps(header).encode())
+    with open(path, "ab") as f:
+        f.truncate(path.stat().st_size + offset)   # zeros: a valid F16 model
+    try:
+        report = run_worker(path, headroom)
+    finally:
+        path.unlink()
+    assert report["error"] == "SafetensorsError", report
+    assert str(path) in report["message"] and "memory" in report["message"], report
+
+
 # ------------------------------------------------------------------------------------------
 # the worker
 
@@ -185,7 +225,7 @@ def _containers(value) -> int:
     return count
 
 
-def worker(path: str):
+def worker(path: str, headroom: int):
     import json.decoder
     import resource
 
@@ -201,7 +241,7 @@ def worker(path: str):
         return result
 
     json.decoder.JSONDecoder.raw_decode = counting_raw_decode
-    limit = _status("VmSize:") + ADDRESS_HEADROOM
+    limit = _status("VmSize:") + headroom
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     before = _status("VmRSS:")
     try:   # reset VmHWM to the current resident set (Linux >= 4.0)
@@ -221,4 +261,4 @@ def worker(path: str):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    worker(sys.argv[1], int(sys.argv[2]))

@@ -14,6 +14,7 @@ package, because:
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -692,9 +693,10 @@ def tensor_view(header: dict, raw_name: str, data_start: int, mm, st_dtype: str)
 
 
 def read_rows(path, header: dict, raw_name: str, data_start: int, mm, dst: np.ndarray,
-              row0: int):
-    """Rows row0 .. row0 + len(dst) of a 2-d tensor, converted to float32 into dst, then the
-    file pages they came from dropped from this process's resident set."""
+              row0: int, storage: str = "float32"):
+    """Rows row0 .. row0 + len(dst) of a 2-d tensor, converted to float32 into dst and checked
+    to fit storage (`check_values`), then the file pages they came from dropped from this
+    process's resident set."""
     info = header[raw_name]
     np_dtype, itemsize = _DTYPES[info["dtype"]]
     begin, _ = info["data_offsets"]
@@ -707,6 +709,8 @@ def read_rows(path, header: dict, raw_name: str, data_start: int, mm, dst: np.nd
     finally:
         raw.release()
     drop_pages(mm, lo, hi)
+    check_values(path, raw_name, dst, storage, first=row0 * dst.shape[1],
+                 shape=tuple(info["shape"]))
 
 
 def row_chunks(rows: int, cols: int):
@@ -757,8 +761,9 @@ def drop_tensor_pages(mm, data_start: int, info: dict):
     drop_pages(mm, data_start + begin, data_start + end)
 
 
-def read_tensor(path, header, raw_name, data_start, mm, dst):
-    """One tensor converted to float32 into dst (its shape checked against the file's)."""
+def read_tensor(path, header, raw_name, data_start, mm, dst, storage: str = "float32"):
+    """One tensor converted to float32 into dst (its shape checked against the file's), its
+    values checked to fit storage (`check_values`)."""
     info = header[raw_name]
     _check_readable(path, raw_name, info, dst.shape)
     begin, end = info["data_offsets"]
@@ -767,6 +772,57 @@ def read_tensor(path, header, raw_name, data_start, mm, dst):
         _convert_into(dst, raw, info["dtype"], info["shape"], path, raw_name)
     finally:
         raw.release()
+    check_values(path, raw_name, dst, storage)
+
+
+# The largest magnitude each weight storage holds, for float32 values: float32's own; the
+# largest float32 that rounds to a finite bfloat16 (0x7f7f8000, halfway to the next binade,
+# rounds up to infinity); int8 blocks with an fp16 scale: 127 x 65504, the largest fp16.
+STORAGE_LIMITS = {"float32": float(np.finfo(np.float32).max),
+                  "bfloat16": float(np.array(0x7F7F7FFF, np.uint32).view(np.float32)),
+                  "int8": 127.0 * 65504.0}
+# Elements checked at a time: the reductions stay in the L2 cache, no tensor-sized temporary.
+VALUE_CHUNK = 1 << 16
+
+
+def check_values(path, raw_name: str, values: np.ndarray, storage: str = "float32", *,
+                 first: int = 0, shape=None):
+    """Refuse (SafetensorsError naming the file, the tensor and the first bad index) a NaN, an
+    infinity, or a value beyond what storage ("float32", "bfloat16", "int8") holds among
+    float32 values (a tensor, or the part of it from flat index first on, of shape shape).
+    Two reductions (min, max) a chunk at a time: the data is read once."""
+    limit = STORAGE_LIMITS[storage]
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, VALUE_CHUNK):
+        chunk = flat[start:start + VALUE_CHUNK]
+        if chunk.min() >= -limit and chunk.max() <= limit:   # False for NaN
+            continue
+        bad = start + int(np.flatnonzero(~(np.abs(chunk) <= limit))[0])
+        value = float(flat[bad])
+        at = np.unravel_index(first + bad, shape if shape is not None else values.shape)
+        where = f"{path}: tensor {raw_name!r} holds {value!r} at index {tuple(map(int, at))}"
+        if not math.isfinite(value):
+            raise SafetensorsError(f"{where}: a weight must be a finite number (the file is "
+                                   f"broken)")
+        raise SafetensorsError(f"{where}, beyond the largest magnitude {storage} weights hold "
+                               f"({limit:.7g}); load it with a wider dtype")
+
+
+def check_bfloat16_bits(path, raw_name: str, bits: np.ndarray):
+    """check_values for a tensor of bfloat16 bits (uint16) used in place: the exponent bits all
+    set (bits & 0x7f80 == 0x7f80) is an infinity or a NaN."""
+    flat = bits.reshape(-1)
+    exponent = np.empty(min(VALUE_CHUNK, flat.size), np.uint16)
+    for start in range(0, flat.size, VALUE_CHUNK):
+        chunk = flat[start:start + VALUE_CHUNK]
+        masked = np.bitwise_and(chunk, 0x7F80, out=exponent[:chunk.size])
+        if masked.max() != 0x7F80:
+            continue
+        bad = start + int(np.flatnonzero(masked == 0x7F80)[0])
+        value = float(np.array(int(flat[bad]) << 16, np.uint32).view(np.float32))
+        at = tuple(map(int, np.unravel_index(bad, bits.shape)))
+        raise SafetensorsError(f"{path}: tensor {raw_name!r} holds {value!r} at index {at}: a "
+                               f"weight must be a finite number (the file is broken)")
 
 
 def open_mapped(path: Path, copy_on_write: bool = False):
@@ -785,7 +841,13 @@ def open_mapped(path: Path, copy_on_write: bool = False):
         if st.st_size < 8:
             raise SafetensorsError(f"{path}: not a safetensors file ({st.st_size} bytes, "
                                    f"too short)")
-        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_READ)
+        try:
+            mm = mmap.mmap(fd, 0,
+                           access=mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_READ)
+        except OSError as e:
+            if e.errno != errno.ENOMEM:
+                raise
+            raise MemoryError from None   # no address space left for the mapping
     finally:
         os.close(fd)
     try:
