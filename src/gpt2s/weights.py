@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import GPT2Config
+from .config import GPT2Config, parse_config_json
 
 __all__ = [
     "param_layout", "read_safetensors_header", "load_into", "infer_config",
@@ -563,15 +563,10 @@ def config_from_metadata(path, metadata: dict) -> GPT2Config | None:
         return None
     source = f"{path}: __metadata__[{CONFIG_METADATA_KEY!r}]"
     try:
-        d = json.loads(metadata[CONFIG_METADATA_KEY])
-    except (ValueError, RecursionError) as e:
-        raise SafetensorsError(f"{source} is not JSON ({str(e)[:200]})") from None
-    if not isinstance(d, dict):
-        raise SafetensorsError(f"{source} is not a JSON object")
-    try:
+        d = parse_config_json(metadata[CONFIG_METADATA_KEY], source)
         return GPT2Config.from_hf_dict(d, source=source)
     except (ValueError, TypeError) as e:
-        msg = str(e)
+        msg = str(e)[:len(source) + 300]
         raise SafetensorsError(msg if msg.startswith(source) else f"{source}: {msg}") from None
 
 
@@ -579,10 +574,7 @@ def _config_from_json(cfg_file: Path) -> GPT2Config:
     size = os.stat(cfg_file).st_size
     if size > _MAX_CONFIG_JSON_BYTES:
         raise ValueError(f"{cfg_file}: {size} bytes is too large for a config.json")
-    try:
-        return GPT2Config.from_json_file(cfg_file)
-    except RecursionError:
-        raise ValueError(f"{cfg_file}: not valid JSON (nested too deeply)") from None
+    return GPT2Config.from_json_file(cfg_file)
 
 
 def check_against_config(path, header: dict, data_size: int, config: GPT2Config) -> dict:
