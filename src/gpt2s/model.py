@@ -241,8 +241,11 @@ class GPT2:
         Raises:
             FileNotFoundError: no such file, or a directory without model.safetensors.
             SafetensorsError: the file is not a usable GPT-2 safetensors file (the message names
-                the file and the tensor: missing, wrong shape, unknown dtype, truncated).
-            ValueError: config.json is not valid or does not describe a GPT-2.
+                the file and the tensor: missing, wrong shape, unknown dtype, truncated, a
+                header past the limits of docs/checkpoints.md, a NaN or infinite weight, a
+                value dtype cannot hold), or there is not enough memory to load it.
+            ValueError: config.json is not valid or does not describe a GPT-2 (the message
+                names the file and the field).
 
         Examples:
             >>> import tempfile

@@ -9,7 +9,10 @@ package, because:
   float32 copies of the model;
 * BF16 needs no torch (NumPy has no bfloat16: we widen the 16 bits into float32 ourselves);
 * every problem can name the file and the tensor (missing, wrong shape, unknown dtype,
-  truncated data, not a safetensors file).
+  truncated data, not a safetensors file, a NaN weight);
+* a hostile header is bounded before Python's json parses it (the library caps it at 100 MB,
+  which json.loads turns into ~1 GB of objects), and every header the library refuses is
+  refused here too.
 """
 
 from __future__ import annotations
@@ -79,7 +82,9 @@ class SafetensorsError(ValueError):
     """A safetensors file that gpt2s cannot use; the message names the file and the tensor.
 
     Raised by `GPT2.from_safetensors` for a file that is not safetensors, a truncated file, a
-    missing or unexpected tensor, a wrong shape or an unsupported dtype.  A subclass of
+    missing or unexpected tensor, a wrong shape or an unsupported dtype, a header past the
+    limits (``MAX_HEADER_BYTES``, ``MAX_TENSORS``, ...), a NaN or infinite weight or one the
+    storage dtype cannot hold, and when memory runs out while loading.  A subclass of
     ``ValueError``.
 
     Examples:
