@@ -63,8 +63,9 @@ def cache_folders(repo_id: str) -> list[str]:
     return names
 
 
-# what huggingface_hub writes to refs/main: the commit's hash (SHA-1 hex; SHA-256 too)
-_COMMIT_HASH = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+# what huggingface_hub writes to refs/main: the commit's hash (40 hex digits; abbreviated,
+# or SHA-256, accepted too): hex digits alone cannot name anything but a child of snapshots/
+_COMMIT_HASH = re.compile(r"[0-9a-fA-F]{4,64}")
 
 
 class CacheError(ValueError):
