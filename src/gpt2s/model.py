@@ -241,8 +241,11 @@ class GPT2:
         Raises:
             FileNotFoundError: no such file, or a directory without model.safetensors.
             SafetensorsError: the file is not a usable GPT-2 safetensors file (the message names
-                the file and the tensor: missing, wrong shape, unknown dtype, truncated).
-            ValueError: config.json is not valid or does not describe a GPT-2.
+                the file and the tensor: missing, wrong shape, unknown dtype, truncated, a
+                header past the limits of docs/checkpoints.md, a NaN or infinite weight, a
+                value dtype cannot hold), or there is not enough memory to load it.
+            ValueError: config.json is not valid or does not describe a GPT-2 (the message
+                names the file and the field).
 
         Examples:
             >>> import tempfile
@@ -252,27 +255,33 @@ class GPT2:
             2
         """
         _lowp.check_dtype(dtype)
-        # validated, nothing allocated
-        file, mm, header, data_start, config = open_model(path, copy_on_write=bool(mmap))
+        file, config = path, None
         try:
-            m = cls.__new__(cls)
-            # a float32 model whose file has no tensor to view reads into its one buffer
-            into_buffer = dtype == "float32" and not (
-                mmap and any(_weights.viewable(info, data_start, "F32")
-                             for info in header.values()))
-            m._setup(config, dtype, allocate=into_buffer)
-            if into_buffer:
-                load_into(file, header, data_start, mm, m.params, config)
-                viewed = False
-            else:
-                viewed = m._load_tensors(file, header, data_start, mm, bool(mmap))
-        except BaseException:
-            m = None
+            # validated, nothing allocated
+            file, mm, header, data_start, config = open_model(path, copy_on_write=bool(mmap))
             try:
-                mm.close()
-            except BufferError:   # a view is still held (by the traceback): freed with it
-                pass
-            raise
+                m = cls.__new__(cls)
+                # a float32 model whose file has no tensor to view reads into its one buffer
+                into_buffer = dtype == "float32" and not (
+                    mmap and any(_weights.viewable(info, data_start, "F32")
+                                 for info in header.values()))
+                m._setup(config, dtype, allocate=into_buffer)
+                if into_buffer:
+                    load_into(file, header, data_start, mm, m.params, config)
+                    viewed = False
+                else:
+                    viewed = m._load_tensors(file, header, data_start, mm, bool(mmap))
+            except BaseException:
+                m = None
+                try:
+                    mm.close()
+                except BufferError:   # a view is still held (by the traceback): freed with it
+                    pass
+                raise
+        except MemoryError:
+            size = f" ({config.num_parameters():,} parameters)" if config is not None else ""
+            raise _weights.SafetensorsError(
+                f"{file}: not enough memory to load it as {dtype}{size}") from None
         if viewed:
             m._mapping = mm
         else:
@@ -311,18 +320,25 @@ class GPT2:
                 else None
             if view is not None:
                 viewed = True
-                self._set_param(name, _lowp.BF16Weight(view) if compressed else view)
+                if compressed:
+                    _weights.check_bfloat16_bits(file, raw, view)
+                    self._set_param(name, _lowp.BF16Weight(view))
+                else:
+                    _weights.check_values(file, raw, view)
+                    self._set_param(name, view)
                 continue
+            # values the storage cannot hold are refused as they are read, before compressing
+            storage = self.dtype if compressed else "float32"
             if compressed and _lowp.is_row_major(name):
                 w = _lowp.empty(name, shape, self.dtype)
                 for r0, r1 in _weights.row_chunks(*shape):
                     rows = temporary((r1 - r0, shape[1]))
-                    _weights.read_rows(file, header, raw, data_start, mm, rows, r0)
+                    _weights.read_rows(file, header, raw, data_start, mm, rows, r0, storage)
                     _lowp.compress_rows_into(name, w, r0, rows)
                 self._set_param(name, w)
             elif compressed:
                 tmp = temporary(shape)
-                _weights.read_tensor(file, header, raw, data_start, mm, tmp)
+                _weights.read_tensor(file, header, raw, data_start, mm, tmp, storage)
                 self._set_param(name, _lowp.compress(name, tmp, self.dtype))
             elif self._flat is None:       # a float32 model whose other tensors are mapped
                 tmp = np.empty(shape, np.float32)
