@@ -214,16 +214,18 @@ def save_checkpoint(out, model, optimizer, state: dict) -> Path:
         committed = True
         _fsync_dir(ckdir)
     except BaseException as e:
-        if not committed:
-            # never current: nothing refers to it, and a full disk wants its space back now
-            for d in (partial, final):
-                _remove_entry(d)
+        where = None
         if isinstance(e, OSError) and e.filename is None:
             # a failed write says only "No space left on device": name the file it was
             # writing, the first of the checkpoint's files (written in this order) missing
             missing = next((f for f in CHECKPOINT_FILES + (MANIFEST,)
-                            if not os.path.lexists(partial / f)), None) if not committed else None
-            where = partial / missing if missing else ckdir
+                            if not os.path.lexists(partial / f)), None)
+            where = partial / missing if missing and partial.is_dir() else ckdir
+        if not committed:
+            # never current: nothing refers to it, and a full disk wants its space back now
+            for d in (partial, final):
+                _remove_entry(d)
+        if where is not None:
             raise OSError(e.errno, e.strerror, str(where)) from e
         raise
 

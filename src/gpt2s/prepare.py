@@ -123,8 +123,11 @@ def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fracti
     bar = Progress(total_bytes, "bytes", enabled=progress, stream=err)
     tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
     t0 = time.perf_counter()
+    # the file being written: a write that fails (disk full) says only why, not where
+    writing = None
     try:
         writer = ShardWriter(tmp, "part", shard_size)
+        writing = lambda: writer.out_dir / f"{writer.prefix}_{len(writer.paths):06d}.bin"  # noqa: E731
         eot = np.array([EOT_ID], np.uint16)
 
         def consume(index, size, tokens):
@@ -185,6 +188,7 @@ def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fracti
                                     ("val", tokens[split - start:])):
                     name = f"{kind}_{len(names[kind]):06d}.bin"
                     names[kind].append(name)
+                    writing = lambda: tmp / name  # noqa: E731
                     write_shard(tmp / name, piece)
                     moves.append((tmp / name, name))
                 del tokens
@@ -204,8 +208,13 @@ def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fracti
         }
         from .weights import atomic_write
         text = (json.dumps(manifest, indent=1) + "\n").encode()
+        writing = lambda: out_dir / "prepare.json"  # noqa: E731
         atomic_write(out_dir / "prepare.json", lambda f: f.write(text))
         return manifest
+    except OSError as e:
+        if e.filename is None and writing is not None:
+            raise OSError(e.errno, e.strerror or str(e), str(writing())) from e
+        raise
     finally:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -268,6 +277,12 @@ def main(argv=None) -> int:
     except PrepareError as e:
         print(f"{PROG}: error: {e}", file=err)
         return 2
+    except OSError as e:
+        # disk full, a read-only or unwritable --out, an unreadable input: the file and why
+        cause = e.strerror or str(e) or type(e).__name__
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else e.filename
+        print(f"{PROG}: error: {f'{where}: ' if where is not None else ''}{cause}", file=err)
+        return 1
     except KeyboardInterrupt:
         print("", file=err)
         return 130

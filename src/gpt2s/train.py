@@ -795,6 +795,9 @@ def _check_resume(saved: dict, run: RunConfig, identity: dict, allow: bool, lega
         old_fp, new_fp = old_id.get(key), identity[key]
         if old_fp == new_fp:
             continue
+        if key == "val_data" and broken and broken[-1].startswith("the training data") and \
+                identity.get("val_files") is None and old_id.get("val_files") is None:
+            continue   # a split of the same files: what changed is already named
         older = isinstance(old_fp, str) and not old_fp.startswith(FINGERPRINT_PREFIX)
         if older and legacy is not None and legacy(key) == old_fp:
             notes.append(f"{what}: the checkpoint holds the fingerprint of an earlier gpt2s "
