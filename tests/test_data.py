@@ -195,23 +195,27 @@ def _settled(monkeypatch):
 
 def test_fingerprint_covers_every_byte_and_not_the_name(tmp_path):
     """A same-size edit in the middle of a file changes the fingerprint; the same bytes under
-    another name (and another directory) are the same data."""
-    tokens = np.arange(100_000, dtype=np.uint16) % 50257
-    tokens.tofile(tmp_path / "a.bin")
-    f1 = TokenData(tmp_path / "a.bin").fingerprint
-    raw = bytearray((tmp_path / "a.bin").read_bytes())
-    raw[100_000] ^= 1                                  # 100 KB into a 200 KB file
-    (tmp_path / "edited.bin").write_bytes(bytes(raw))
-    assert TokenData(tmp_path / "edited.bin").fingerprint != f1
-    (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "elsewhere" / "renamed.bin").write_bytes((tmp_path / "a.bin").read_bytes())
-    assert TokenData(tmp_path / "elsewhere" / "renamed.bin").fingerprint == f1
-    # the records name each file and carry the SHA-256 of its bytes
+    another name (and in another directory) are the same data."""
     import hashlib
-    (rec,) = TokenData(tmp_path / "edited.bin").files()
-    assert rec["path"] == str(tmp_path / "edited.bin") and rec["size"] == 200_000
+    data = tmp_path / "a.bin"
+    (np.arange(100_000, dtype=np.uint16) % 50257).tofile(data)
+    original = data.read_bytes()
+    f1 = TokenData(data).fingerprint
+    raw = bytearray(original)
+    raw[100_000] ^= 1                                  # 100 KB into a 200 KB file
+    data.write_bytes(bytes(raw))
+    edited = TokenData(data)
+    assert edited.fingerprint != f1
+    # the records name each file and carry the SHA-256 of its bytes
+    (rec,) = edited.files()
+    assert rec["path"] == str(data) and rec["size"] == 200_000
     assert rec["sha256"] == hashlib.sha256(bytes(raw)).hexdigest()
     assert rec["kind"] == "uint16" and rec["tokens"] == 100_000
+    data.write_bytes(original)
+    assert TokenData(data).fingerprint == f1
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "renamed.bin").write_bytes(original)
+    assert TokenData(tmp_path / "elsewhere" / "renamed.bin").fingerprint == f1
 
 
 def test_file_hashes_are_read_once_and_cached_by_stat(tmp_path, monkeypatch):

@@ -556,28 +556,25 @@ def _settled(monkeypatch):
     """Data files count as settled (their hashes cacheable) 50 ms after their last change
     instead of 2 s; wait that long."""
     import time
-    from gpt2s.data import FileHashes
-    monkeypatch.setattr(FileHashes, "RACY_S", 0.05)
+    import gpt2s.data
+    if hasattr(gpt2s.data, "FileHashes"):
+        monkeypatch.setattr(gpt2s.data.FileHashes, "RACY_S", 0.05)
     time.sleep(0.06)
+
+
+def _random_bin(path: Path, n: int, seed: int) -> Path:
+    np.random.default_rng(seed).integers(0, 50257, n).astype(np.uint16).tofile(path)
+    return path
 
 
 def test_resume_refuses_a_same_size_edit_in_the_middle_naming_the_file(tmp_path, capsys,
                                                                        monkeypatch):
-    import gpt2s.data
-    data = tmp_path / "train.bin"
-    np.random.default_rng(0).integers(0, 50257, 40_000).astype(np.uint16).tofile(data)
+    data = _random_bin(tmp_path / "train.bin", 40_000, 0)
     _settled(monkeypatch)
-    reads = []
-    real = gpt2s.data._sha256_file
-    monkeypatch.setattr(gpt2s.data, "_sha256_file", lambda p: reads.append(p) or real(p))
     assert run(tmp_path, "--steps", "1", data=(str(data),)) == 0
-    assert len(reads) == 1
-    cache = json.loads((tmp_path / "run" / ".data-hashes.json").read_text())
-    assert list(cache["files"]) == [os.path.realpath(data)]
-    # unchanged: resumes without reading the file in full again
     assert run(tmp_path, "--steps", "2", "--resume", data=(str(data),)) == 0
-    assert len(reads) == 1
     # one token changed 40 KB into the 80 KB file, the size and the modification time kept
+    # (the file's hash is cached in the run directory: the cache must not hide the edit)
     t = os.stat(data).st_mtime_ns
     raw = bytearray(data.read_bytes())
     raw[40_000] ^= 1
@@ -593,10 +590,26 @@ def test_resume_refuses_a_same_size_edit_in_the_middle_naming_the_file(tmp_path,
     assert json.loads((tmp_path / "run" / "train_state.json").read_text())["step"] == 2
 
 
+def test_resume_reads_each_data_file_in_full_once(tmp_path, monkeypatch):
+    """The content hash is computed once and cached in the run directory by the file's
+    resolved path, size, times and inode: a resume does not read the data in full again."""
+    import gpt2s.data
+    data = _random_bin(tmp_path / "train.bin", 40_000, 0)
+    _settled(monkeypatch)
+    reads = []
+    real = gpt2s.data._sha256_file
+    monkeypatch.setattr(gpt2s.data, "_sha256_file", lambda p: reads.append(p) or real(p))
+    assert run(tmp_path, "--steps", "1", data=(str(data),)) == 0
+    assert reads == [os.path.realpath(data)]
+    cache = json.loads((tmp_path / "run" / ".data-hashes.json").read_text())
+    assert list(cache["files"]) == [os.path.realpath(data)]
+    assert run(tmp_path, "--steps", "2", "--resume", data=(str(data),)) == 0
+    assert len(reads) == 1
+
+
 def test_resume_accepts_the_same_data_under_another_name(tmp_path, capsys):
-    a = tmp_path / "a" / "train.bin"
-    a.parent.mkdir()
-    np.random.default_rng(1).integers(0, 50257, 20_000).astype(np.uint16).tofile(a)
+    (tmp_path / "a").mkdir()
+    a = _random_bin(tmp_path / "a" / "train.bin", 20_000, 1)
     assert run(tmp_path, "--steps", "1", data=(str(a),)) == 0
     b = tmp_path / "b" / "renamed.bin"
     b.parent.mkdir()
@@ -654,7 +667,8 @@ def test_resume_of_a_checkpoint_with_the_earlier_fingerprint(tmp_path, capsys):
     def to_earlier(state, fp=earlier):
         ident = state["identity"]
         ident["train_data"] = fp
-        del ident["train_files"], ident["val_files"]
+        ident.pop("train_files", None)
+        ident.pop("val_files", None)
     _rewrite_state(out, to_earlier)
     capsys.readouterr()
     assert run(tmp_path, "--steps", "2", "--resume", "--val-fraction", "0") == 0
