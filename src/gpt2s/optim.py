@@ -221,11 +221,13 @@ class AdamW:
                 the file and the array).
         """
         path = Path(path)
-        _check_npz(path, {"step": ((), "iu"), "lr": ((), "f"), "eps": ((), "f"),
-                          "weight_decay": ((), "f"), "betas": ((2,), "f"),
-                          "m": (self.m.shape, "f"), "v": (self.v.shape, "f")})
+        expected = {"step": ((), "iu"), "lr": ((), "f"), "eps": ((), "f"),
+                    "weight_decay": ((), "f"), "betas": ((2,), "f"),
+                    "m": (self.m.shape, "f"), "v": (self.v.shape, "f")}
+        _check_npz(path, expected)
         with np.load(path) as z:
-            self.load_state_dict({k: z[k] for k in z.files})
+            # only the checked arrays: any other member is never read
+            self.load_state_dict({k: z[k] for k in expected})
 
 
 def _check_npz(path: Path, expected: dict):
@@ -256,7 +258,8 @@ def _check_npz(path: Path, expected: dict):
                     else:
                         raise ValueError(f".npy format version {version} (1.0 or 2.0 expected)")
                     header_bytes = f.tell()
-            except (ValueError, zipfile.BadZipFile, EOFError) as e:
+            except (ValueError, zipfile.BadZipFile, EOFError, NotImplementedError,
+                    RuntimeError) as e:   # a bad header, compression method or encryption
                 raise ValueError(f"{path}: array {name!r}: not a readable .npy header "
                                  f"({e})") from None
             if dtype.hasobject or dtype.kind not in kinds or dtype.subdtype is not None:
