@@ -684,3 +684,10 @@ def test_resume_of_a_checkpoint_with_the_earlier_fingerprint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the training data differ (the checkpoint holds the fingerprint of an earlier " \
            "gpt2s, 0123456789abcdef" in err, err
+    # validation data the checkpoint's run had (an earlier fingerprint) and this one has not
+    _rewrite_state(out, lambda s: (to_earlier(s), s["identity"].update(
+        val_data="fedcba9876543210")))
+    assert run(tmp_path, "--steps", "3", "--resume", "--val-fraction", "0") == 2
+    err = capsys.readouterr().err
+    assert "the validation data differ (the checkpoint holds the fingerprint of an earlier " \
+           "gpt2s, fedcba9876543210" in err, err

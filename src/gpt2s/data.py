@@ -373,8 +373,9 @@ class TokenData:
     the windows ``tokens[s : s + T + 1]`` for each start as an int64 array ``(B, T + 1)``,
     read across file boundaries without copying the corpus; ``data.fingerprint`` is a short
     string that changes when the content of the files changes (for checking a resumed run
-    uses the same data; ``data.files()`` says which file changed); ``data.subset(lo, hi)`` is the token range ``[lo, hi)`` as a TokenData sharing the
-    same files (e.g. a validation split).
+    uses the same data; ``data.files()`` says which file changed); ``data.subset(lo, hi)``
+    is the token range ``[lo, hi)`` as a TokenData sharing the same files (e.g. a
+    validation split).
     """
 
     def __init__(self, sources, *, format: str = "auto"):

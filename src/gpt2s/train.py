@@ -540,7 +540,7 @@ class Metrics:
         try:
             self._flush_csv()
         finally:
-            for f, path in ((self._f, self.path), (self._csv, self.csv_path)):
+            for f in (self._f, self._csv):
                 if f is not None:
                     try:
                         f.close()
@@ -1011,9 +1011,10 @@ def _run_locked(args, out: Path, mpi, world: int, rank: int) -> int:
 
     try:
         if ck is not None:
+            by_key = {"train_data": train, "val_data": val}
             _check_resume(ck.state, run, identity, args.allow_changes,
-                          legacy=lambda key: (train if key == "train_data" else val)
-                          .legacy_fingerprint())
+                          legacy=lambda key: by_key[key].legacy_fingerprint()
+                          if by_key[key] is not None else None)
             identity["model_source"] = ck.state.get("identity", {}).get("model_source")
             model = GPT2.from_safetensors(ck.dir)
         elif args.model:
