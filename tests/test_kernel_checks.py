@@ -269,6 +269,20 @@ def test_attention_scratch_allocation_failure_raises_memory_error(kernel):
     assert p.stdout.startswith(f"MemoryError: {kernel}: no memory"), (p.stdout, p.stderr)
 
 
+@pytest.mark.parametrize("empty", [[], [[]], np.zeros((1, 0), np.int64), np.zeros(0)])
+def test_facade_names_empty_token_ids(empty):
+    """In front of the kernels, the façade's own check: no token ids is "idx is empty" (an
+    empty list is a float64 array to NumPy, which must not turn into a dtype complaint), for
+    forward and for generate."""
+    from gpt2s import GPT2, GPT2Config
+    m = GPT2(GPT2Config(n_layer=1, n_head=1, n_embd=8, vocab_size=11, n_ctx=5))
+    for call in (lambda: m.forward(empty), lambda: m.generate(empty, 2),
+                 lambda: m.generate_stream(empty, 2)):
+        with pytest.raises(ValueError, match=r"^idx is empty \(shape .*\): give at least one "
+                                             r"token id$"):
+            call()
+
+
 # Integer arguments: any Python integer is taken and checked in 64 bits (a Cython `int`
 # parameter raised OverflowError naming neither kernel nor argument, and took 1.5 as 1).
 QKV = (f32(2, 3, 24), f32(2, 2, 3), f32(2, 3, 24))
