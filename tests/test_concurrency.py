@@ -12,6 +12,7 @@ kernels release the GIL, so the threads really overlap (a barrier starts them to
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -252,9 +253,12 @@ def test_a_call_keeps_its_thread_count_while_another_thread_flips_it(
     and every step of a generation ran on the same count as its other steps."""
     if not gpt2s._core.have_openmp():
         pytest.skip("without OpenMP every kernel runs on one thread")
-    cfg = make_config(n_layer=2, n_head=4, head_size=16, vocab_size=389, n_ctx=96)
+    # kernels long enough (and a GIL switch interval short enough) that the flipping thread
+    # runs during most forwards: before calls kept their count, 17-21 of 40 forwards here
+    # matched neither answer (three runs)
+    cfg = make_config(n_layer=2, n_head=4, head_size=64, vocab_size=389, n_ctx=96)
     m = make_model(cfg, seed=31)
-    x = batches(cfg, 1, 2, 40, seed=18)[0]
+    x = batches(cfg, 1, 2, 64, seed=18)[0]
     prompt = batches(cfg, 1, 2, 20, seed=19)[0]
     steps = []
     forward_cached = m._forward_cached
@@ -285,6 +289,8 @@ def test_a_call_keeps_its_thread_count_while_another_thread_flips_it(
             flips[0] += 1
 
     flipper = threading.Thread(target=flip)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-3)
     flipper.start()
     try:
         mixed = 0
@@ -301,6 +307,7 @@ def test_a_call_keeps_its_thread_count_while_another_thread_flips_it(
     finally:
         stop.set()
         flipper.join()
+        sys.setswitchinterval(interval)
     assert flips[0] > 40, "the flipping thread hardly ran"
     assert mixed == 0, f"{mixed} of 40 forwards match neither the 1- nor the 2-thread logits"
     assert mixed_generations == 0, f"{mixed_generations} of 3 generations mixed thread counts"

@@ -398,15 +398,15 @@ def test_positions_near_int_max_are_refused_not_overflowed():
     assert len(lines) == 8 and err == "", (out, err)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5])
-def test_matmuls_with_an_empty_reduction_write_zeros_and_print_nothing(rows):
+def test_matmuls_with_an_empty_reduction_write_zeros_and_print_nothing():
     """K = 0 is an empty sum: the output is the bias, or zeros.  With one row it went to
     sgemv, which printed "** On entry to SGEMV parameter number 6 had an illegal value" and
-    returned without writing the output (and the one-row lm_head backward's dinp likewise)."""
-    rc, out, err = _run_isolated(f"""
+    returned without writing the output (and the one-row lm_head backward's dinp likewise).
+    (Products of several rows: tests/test_small_m.py and the fuzzer.)"""
+    rc, out, err = _run_isolated("""
         import numpy as np
         from gpt2s import _core
-        M = {rows}
+        M = 1
         nan = lambda *s: np.full(s, np.nan, np.float32)
         e = lambda *s: np.zeros(s, np.float32)
         out = nan(M, 24)
