@@ -262,3 +262,18 @@ def test_pins_are_per_python_thread(threads, matmul_paths):
         t.start()
         t.join()
     assert seen == [0]   # the other thread split its product over the current count, 2
+
+
+@pytest.mark.parametrize("cli,args", [
+    ("gpt2s.generate", ["hello", "--max-new-tokens", "1"]),
+    ("gpt2s.eval", ["no-such-data.bin"]),
+    ("gpt2s.train", ["no-such-data.bin", "--out", "no-such-run"]),
+])
+def test_clis_refuse_a_thread_count_beyond_the_cap_in_one_line(cli, args, tmp_path):
+    p = subprocess.run([sys.executable, "-m", cli, *args, "--threads", "5000"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
+    assert lines[0].startswith(f"python -m {cli}: error: ") and "1024" in lines[0] \
+        and "5000" in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == []
