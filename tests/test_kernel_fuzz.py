@@ -701,11 +701,23 @@ def run_case(case, index, config):
     return "ok", ""
 
 
+def _c_stdio_flush():
+    """fflush(NULL) of the C library, so that what BLAS printf-ed during a call reaches the
+    capture file before it is read; a no-op where the C library cannot be found (the
+    parent then still sees the output, unattributed, when the worker ends)."""
+    try:
+        libc = ctypes.CDLL(None) if sys.platform != "win32" else ctypes.cdll.msvcrt
+        return lambda: libc.fflush(None)
+    except (OSError, AttributeError):
+        return lambda: None
+
+
 def worker(config_name, sweep, start, results_path):
     config = CONFIGS[config_name]
     apply_config(config)
     all_cases = cases(sweep)
-    libc = ctypes.CDLL(None)
+    flush_c_stdio = _c_stdio_flush()
+    alarm = getattr(signal, "alarm", lambda seconds: None)   # (Windows: the parent's timeout)
     log = os.open(results_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     capture = tempfile.TemporaryFile()
     cfd = capture.fileno()
@@ -718,12 +730,12 @@ def worker(config_name, sweep, start, results_path):
         os.lseek(cfd, 0, 0)
         os.dup2(cfd, 1)
         os.dup2(cfd, 2)
-        signal.alarm(CASE_SECONDS)
+        alarm(CASE_SECONDS)
         try:
             outcome, detail = run_case(all_cases[index], index, config)
         finally:
-            signal.alarm(0)
-            libc.fflush(None)
+            alarm(0)
+            flush_c_stdio()
             os.dup2(saved[0], 1)
             os.dup2(saved[1], 2)
         printed = os.fstat(cfd).st_size
@@ -767,6 +779,9 @@ def run_fuzz(config_name, sweep="single", timeout=900):
                     if r["outcome"] == "BAD":
                         failures.append(f"{describe(all_cases[r['i']])}: {r['detail']}")
             if p.returncode == 0 and started is None:
+                if p.stdout or p.stderr:   # printed outside the captured calls
+                    counts["BAD"] += 1
+                    failures.append(f"the worker printed: {(p.stdout + p.stderr)[-500:]!r}")
                 break
             if started is None:   # died between cases: the worker itself is broken
                 raise AssertionError(f"fuzz worker exited {p.returncode} after case {last}: "
