@@ -96,14 +96,15 @@ def set_lowp_split_k(bint enabled):
     return previous
 
 
-def set_lowp_direct_max_rows(int rows):
+def set_lowp_direct_max_rows(rows):
     """Set the most rows of A the direct (AVX2) kernels take (default 32); products with more
     rows widen panels of W for the float32 gemm.  Returns the previous value.  For tests."""
     global _lowp_direct_max
-    if rows < 0:
-        raise ValueError(f"direct max rows must be >= 0, got {rows}")
+    cdef Py_ssize_t n = _int_arg("set_lowp_direct_max_rows", "rows", rows)
+    if n < 0:
+        raise ValueError(f"set_lowp_direct_max_rows: direct max rows must be >= 0, got {n}")
     previous = _lowp_direct_max
-    _lowp_direct_max = rows
+    _lowp_direct_max = <int>min(n, INT_MAX)   # no product has more rows than an int holds
     return previous
 
 
@@ -175,25 +176,26 @@ cdef int lowp_gemm(int kind, int M, int N, int K, const float *A, int lda, const
     # lowp_serial split over blocks of output columns, one per thread of our team (a block of
     # rows of W for the NT forms: each thread streams its own contiguous part of the weight)
     cdef int nt = threads_for(<double>M * N * K)
-    cdef int blk, lo, hi, step, nblocks, failed = 0
-    if nt <= 1:
+    cdef int failed = 0
+    cdef int64_t blk, lo, hi, step, nblocks   # 64 bits: N + nt - 1 may pass INT_MAX
+    if nt <= 1 or M <= 0 or N <= 0 or K <= 0:
         return lowp_serial(kind, M, N, K, A, lda, W, ldw, S, accumulate, C, ldc)
     if kind == LOWP_BF16_NN and M == 1 and _lowp_split_k and K >= 64 * nt:
         return lowp_nn1_split_k(nt, N, K, A, <const uint16_t *>W, ldw, accumulate, C)
-    step = ((N + nt - 1) // nt + 15) // 16 * 16
+    step = ((<int64_t>N + nt - 1) // nt + 15) // 16 * 16
     nblocks = (N + step - 1) // step
     for blk in prange(nblocks, num_threads=nt, schedule='static'):
         lo = blk * step
-        hi = min(N, lo + step)
+        hi = min(<int64_t>N, lo + step)
         if kind == LOWP_BF16_NN:
-            failed += lowp_serial(kind, M, hi - lo, K, A, lda, <const uint16_t *>W + lo, ldw,
+            failed += lowp_serial(kind, M, <int>(hi - lo), K, A, lda, <const uint16_t *>W + lo, ldw,
                                   S, accumulate, C + lo, ldc)
         elif kind == LOWP_BF16_NT:
-            failed += lowp_serial(kind, M, hi - lo, K, A, lda,
+            failed += lowp_serial(kind, M, <int>(hi - lo), K, A, lda,
                                   <const uint16_t *>W + <int64_t>lo * ldw, ldw, S, accumulate,
                                   C + lo, ldc)
         else:
-            failed += lowp_serial(kind, M, hi - lo, K, A, lda,
+            failed += lowp_serial(kind, M, <int>(hi - lo), K, A, lda,
                                   <const int8_t *>W + <int64_t>lo * ldw, ldw,
                                   S + <int64_t>lo * (K // GPT2S_Q8_BLOCK), accumulate, C + lo,
                                   ldc)
@@ -212,7 +214,8 @@ cdef int lowp_nn1_split_k(int nt, int N, int K, const float *A, const uint16_t *
     # 14.4-17.0 and 17.2-18.4, mlp.c_proj 8.3 and 10.8-12.1 (an earlier run).  Returns -1
     # when the partials cannot be allocated.
     cdef float *part = <float *>malloc(sizeof(float) * <int64_t>nt * N)
-    cdef int t, lo, hi, j, step = ((K + nt - 1) // nt + 3) // 4 * 4
+    cdef int t, j
+    cdef int64_t lo, hi, step = ((<int64_t>K + nt - 1) // nt + 3) // 4 * 4
     cdef float s
     if part == NULL:
         return -1
@@ -220,7 +223,7 @@ cdef int lowp_nn1_split_k(int nt, int N, int K, const float *A, const uint16_t *
         lo = t * step
         hi = min(K, lo + step)
         if lo < hi:
-            lowp_serial(LOWP_BF16_NN, 1, N, hi - lo, A + lo, hi - lo, W + <int64_t>lo * ldw, ldw,
+            lowp_serial(LOWP_BF16_NN, 1, N, <int>(hi - lo), A + lo, <int>(hi - lo), W + <int64_t>lo * ldw, ldw,
                         NULL, False, part + <int64_t>t * N, N)
         else:
             memset(part + <int64_t>t * N, 0, N * sizeof(float))
@@ -239,7 +242,7 @@ cdef void lowp_lay_bias(float[:, ::1] out, const float[::1] bias) noexcept nogil
         memcpy(&out[n, 0], &bias[0], OC * sizeof(float))
 
 
-def _q8_check_k(int K, str what):
+def _q8_check_k(Py_ssize_t K, str what):
     if K % GPT2S_Q8_BLOCK != 0:
         raise ValueError(f"{what}: int8 weights need a reduction dimension that is a multiple "
                          f"of {GPT2S_Q8_BLOCK} (blocks of {GPT2S_Q8_BLOCK}), got {K}")
@@ -305,19 +308,19 @@ def q8_quantize(int8_t[:, ::1] q, uint16_t[:, ::1] scales, const float[:, ::1] w
 
 def q8_dequantize(float[:, ::1] out, const int8_t[:, ::1] q, const uint16_t[:, ::1] scales):
     # out (N, K) = q (N, K) * scales (N, K / 32) (each scale over its block of 32)
-    cdef int64_t N = q.shape[0], lo, blk, step = 64
-    cdef int K = q.shape[1]
+    cdef int64_t N = q.shape[0], K = q.shape[1], lo, blk, step = 64
     _q8_check_k(K, "q8_dequantize")
     if (out.shape[0] != N or out.shape[1] != K or scales.shape[0] != N
-            or scales.shape[1] != K // GPT2S_Q8_BLOCK):
+            or scales.shape[1] != K // GPT2S_Q8_BLOCK or _over_int(K)):
         raise ValueError(f"q8_dequantize: q ({N},{K}), scales ({scales.shape[0]},"
-                         f"{scales.shape[1]}) -> out ({out.shape[0]},{out.shape[1]})")
+                         f"{scales.shape[1]}) -> out ({out.shape[0]},{out.shape[1]}), K < 2^31")
     if N == 0 or K == 0:
         return
     for blk in prange((N + step - 1) // step, nogil=True, num_threads=threads_for(<double>N * K),
                       schedule='static'):
         lo = blk * step
-        gpt2s_q8_to_f32_rows(&out[lo, 0], K, &q[lo, 0], &scales[lo, 0], min(step, N - lo), K)
+        gpt2s_q8_to_f32_rows(&out[lo, 0], K, &q[lo, 0], &scales[lo, 0], <int>min(step, N - lo),
+                             <int>K)
 
 
 # ---------------------------------------------------------------------- products
@@ -325,19 +328,22 @@ def q8_dequantize(float[:, ::1] out, const int8_t[:, ::1] q, const uint16_t[:, :
 def matmul_forward_bf16(float[:, ::1] out, const float[:, ::1] inp,
                         const uint16_t[:, ::1] weight, const float[::1] bias):
     # out (N, OC) = inp (N, C) @ weight (C, OC) bfloat16 + bias (OC,)
-    cdef int N = inp.shape[0], C = inp.shape[1], OC = weight.shape[1], failed
+    cdef Py_ssize_t N = inp.shape[0], C = inp.shape[1], OC = weight.shape[1]
+    cdef int failed
     if (weight.shape[0] != C or out.shape[0] != N or out.shape[1] != OC
-            or (bias.shape[0] != 0 and bias.shape[0] != OC)):
+            or (bias.shape[0] != 0 and bias.shape[0] != OC) or _blas_sizes_over(N, C, OC)):
         raise ValueError(f"matmul_forward_bf16: shapes ({N},{C}) @ ({weight.shape[0]},{OC}) "
-                         f"+ bias ({bias.shape[0]},) -> ({out.shape[0]},{out.shape[1]})")
+                         f"+ bias ({bias.shape[0]},) -> ({out.shape[0]},{out.shape[1]}), "
+                         f"each size < 2^31")
     if N == 0 or OC == 0:
         return
     with nogil:
         if bias.shape[0] > 0:
             lowp_lay_bias(out, bias)
-        failed = lowp_gemm(LOWP_BF16_NN, N, OC, C, &inp[0, 0] if C > 0 else NULL, C,
-                           &weight[0, 0] if C > 0 else NULL, OC, NULL, bias.shape[0] > 0,
-                           &out[0, 0], OC)
+        failed = lowp_gemm(LOWP_BF16_NN, <int>N, <int>OC, <int>C,
+                           &inp[0, 0] if C > 0 else NULL, <int>C,
+                           &weight[0, 0] if C > 0 else NULL, <int>OC, NULL, bias.shape[0] > 0,
+                           &out[0, 0], <int>OC)
     if failed:
         raise MemoryError("matmul_forward_bf16: out of memory for a weight panel")
 
@@ -345,15 +351,19 @@ def matmul_forward_bf16(float[:, ::1] out, const float[:, ::1] inp,
 def lm_head_forward_bf16(float[:, ::1] logits, const float[:, ::1] inp,
                          const uint16_t[:, ::1] wte):
     # logits (N, V) = inp (N, C) @ wte (V, C)^T bfloat16
-    cdef int N = inp.shape[0], C = inp.shape[1], V = wte.shape[0], failed
-    if wte.shape[1] != C or logits.shape[0] != N or logits.shape[1] != V:
+    cdef Py_ssize_t N = inp.shape[0], C = inp.shape[1], V = wte.shape[0]
+    cdef int failed
+    if (wte.shape[1] != C or logits.shape[0] != N or logits.shape[1] != V
+            or _blas_sizes_over(N, C, V)):
         raise ValueError(f"lm_head_forward_bf16: shapes ({N},{C}) @ ({V},{wte.shape[1]})^T -> "
-                         f"({logits.shape[0]},{logits.shape[1]})")
+                         f"({logits.shape[0]},{logits.shape[1]}), each size < 2^31")
     if N == 0 or V == 0:
         return
     with nogil:
-        failed = lowp_gemm(LOWP_BF16_NT, N, V, C, &inp[0, 0] if C > 0 else NULL, C,
-                           &wte[0, 0] if C > 0 else NULL, C, NULL, False, &logits[0, 0], V)
+        failed = lowp_gemm(LOWP_BF16_NT, <int>N, <int>V, <int>C,
+                           &inp[0, 0] if C > 0 else NULL, <int>C,
+                           &wte[0, 0] if C > 0 else NULL, <int>C, NULL, False, &logits[0, 0],
+                           <int>V)
     if failed:
         raise MemoryError("lm_head_forward_bf16: out of memory for a weight panel")
 
@@ -362,22 +372,25 @@ def matmul_forward_q8(float[:, ::1] out, const float[:, ::1] inp, const int8_t[:
                       const uint16_t[:, ::1] scales, const float[::1] bias):
     # out (N, OC) = inp (N, C) @ W + bias (OC,), W (C, OC) stored as q (OC, C) int8 and
     # scales (OC, C / 32) fp16: out[n, o] = sum_c inp[n, c] q[o, c] scales[o, c / 32]
-    cdef int N = inp.shape[0], C = inp.shape[1], OC = q.shape[0], failed
+    cdef Py_ssize_t N = inp.shape[0], C = inp.shape[1], OC = q.shape[0]
+    cdef int failed
     _q8_check_k(C, "matmul_forward_q8")
     if (q.shape[1] != C or scales.shape[0] != OC or scales.shape[1] != C // GPT2S_Q8_BLOCK
             or out.shape[0] != N or out.shape[1] != OC
-            or (bias.shape[0] != 0 and bias.shape[0] != OC)):
+            or (bias.shape[0] != 0 and bias.shape[0] != OC) or _blas_sizes_over(N, C, OC)):
         raise ValueError(f"matmul_forward_q8: shapes ({N},{C}) @ q ({OC},{q.shape[1]})^T, "
                          f"scales ({scales.shape[0]},{scales.shape[1]}) + bias ({bias.shape[0]},)"
-                         f" -> ({out.shape[0]},{out.shape[1]})")
+                         f" -> ({out.shape[0]},{out.shape[1]}), each size < 2^31")
     if N == 0 or OC == 0:
         return
     with nogil:
         if bias.shape[0] > 0:
             lowp_lay_bias(out, bias)
-        failed = lowp_gemm(LOWP_Q8_NT, N, OC, C, &inp[0, 0] if C > 0 else NULL, C,
-                           &q[0, 0] if C > 0 else NULL, C, &scales[0, 0] if C > 0 else NULL,
-                           bias.shape[0] > 0, &out[0, 0], OC)
+        failed = lowp_gemm(LOWP_Q8_NT, <int>N, <int>OC, <int>C,
+                           &inp[0, 0] if C > 0 else NULL, <int>C,
+                           &q[0, 0] if C > 0 else NULL, <int>C,
+                           &scales[0, 0] if C > 0 else NULL, bias.shape[0] > 0, &out[0, 0],
+                           <int>OC)
     if failed:
         raise MemoryError("matmul_forward_q8: out of memory for a weight panel")
 
@@ -385,19 +398,21 @@ def matmul_forward_q8(float[:, ::1] out, const float[:, ::1] inp, const int8_t[:
 def lm_head_forward_q8(float[:, ::1] logits, const float[:, ::1] inp, const int8_t[:, ::1] q,
                        const uint16_t[:, ::1] scales):
     # logits (N, V) = inp (N, C) @ wte (V, C)^T, wte stored as q (V, C), scales (V, C / 32)
-    cdef int N = inp.shape[0], C = inp.shape[1], V = q.shape[0], failed
+    cdef Py_ssize_t N = inp.shape[0], C = inp.shape[1], V = q.shape[0]
+    cdef int failed
     _q8_check_k(C, "lm_head_forward_q8")
     if (q.shape[1] != C or scales.shape[0] != V or scales.shape[1] != C // GPT2S_Q8_BLOCK
-            or logits.shape[0] != N or logits.shape[1] != V):
+            or logits.shape[0] != N or logits.shape[1] != V or _blas_sizes_over(N, C, V)):
         raise ValueError(f"lm_head_forward_q8: shapes ({N},{C}) @ q ({V},{q.shape[1]})^T, "
                          f"scales ({scales.shape[0]},{scales.shape[1]}) -> "
-                         f"({logits.shape[0]},{logits.shape[1]})")
+                         f"({logits.shape[0]},{logits.shape[1]}), each size < 2^31")
     if N == 0 or V == 0:
         return
     with nogil:
-        failed = lowp_gemm(LOWP_Q8_NT, N, V, C, &inp[0, 0] if C > 0 else NULL, C,
-                           &q[0, 0] if C > 0 else NULL, C, &scales[0, 0] if C > 0 else NULL,
-                           False, &logits[0, 0], V)
+        failed = lowp_gemm(LOWP_Q8_NT, <int>N, <int>V, <int>C,
+                           &inp[0, 0] if C > 0 else NULL, <int>C,
+                           &q[0, 0] if C > 0 else NULL, <int>C,
+                           &scales[0, 0] if C > 0 else NULL, False, &logits[0, 0], <int>V)
     if failed:
         raise MemoryError("lm_head_forward_q8: out of memory for a weight panel")
 
@@ -412,45 +427,53 @@ def _check_tokens(const int64_t[::1] idx, int64_t V, str what):
 
 
 def embedding_forward_bf16(float[:, ::1] out, const int64_t[::1] idx,
-                           const uint16_t[:, ::1] wte, const float[:, ::1] wpe, int T, int pos0):
+                           const uint16_t[:, ::1] wte, const float[:, ::1] wpe, T, pos0):
     # out (N, C) = float(wte[idx]) + wpe[pos0 + t];  idx (N,), row n at time n % T
     cdef Py_ssize_t N = out.shape[0], C = out.shape[1], n, c
+    cdef Py_ssize_t steps = _int_arg("embedding_forward_bf16", "T", T)
+    cdef Py_ssize_t first = _int_arg("embedding_forward_bf16", "pos0", pos0)
     cdef float *o
     cdef const uint16_t *te
     cdef const float *pe
-    if (idx.shape[0] != N or wte.shape[1] != C or wpe.shape[1] != C or T <= 0
-            or pos0 < 0 or pos0 + min(T, N) > wpe.shape[0]):
+    if (idx.shape[0] != N or wte.shape[1] != C or wpe.shape[1] != C or steps <= 0
+            or _span_outside(first, min(steps, N), wpe.shape[0])):
         raise ValueError(f"embedding_forward_bf16: out ({N},{C}), idx ({idx.shape[0]},), wte "
                          f"({wte.shape[0]},{wte.shape[1]}), wpe ({wpe.shape[0]},{wpe.shape[1]}),"
                          f" T={T}, pos0={pos0}")
     _check_tokens(idx, wte.shape[0], "embedding_forward_bf16")
+    if N == 0 or C == 0:
+        return
     for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
         o = &out[n, 0]
         te = &wte[idx[n], 0]
-        pe = &wpe[pos0 + n % T, 0]
+        pe = &wpe[first + n % steps, 0]
         gpt2s_bf16_to_f32_n(o, te, C)
         for c in range(C):
             o[c] = o[c] + pe[c]
 
 
 def embedding_forward_q8(float[:, ::1] out, const int64_t[::1] idx, const int8_t[:, ::1] q,
-                         const uint16_t[:, ::1] scales, const float[:, ::1] wpe, int T, int pos0):
+                         const uint16_t[:, ::1] scales, const float[:, ::1] wpe, T, pos0):
     # out (N, C) = dequantized wte[idx] + wpe[pos0 + t];  wte (V, C) as q (V, C), scales (V, C/32)
     cdef Py_ssize_t N = out.shape[0], C = out.shape[1], n, c
+    cdef Py_ssize_t steps = _int_arg("embedding_forward_q8", "T", T)
+    cdef Py_ssize_t first = _int_arg("embedding_forward_q8", "pos0", pos0)
     cdef float *o
     cdef const float *pe
     _q8_check_k(C, "embedding_forward_q8")
     if (idx.shape[0] != N or q.shape[1] != C or scales.shape[0] != q.shape[0]
-            or scales.shape[1] != C // GPT2S_Q8_BLOCK or wpe.shape[1] != C or T <= 0
-            or pos0 < 0 or pos0 + min(T, N) > wpe.shape[0]):
+            or scales.shape[1] != C // GPT2S_Q8_BLOCK or wpe.shape[1] != C or steps <= 0
+            or _span_outside(first, min(steps, N), wpe.shape[0]) or _over_int(C)):
         raise ValueError(f"embedding_forward_q8: out ({N},{C}), idx ({idx.shape[0]},), q "
                          f"({q.shape[0]},{q.shape[1]}), scales ({scales.shape[0]},"
                          f"{scales.shape[1]}), wpe ({wpe.shape[0]},{wpe.shape[1]}), T={T}, "
                          f"pos0={pos0}")
     _check_tokens(idx, q.shape[0], "embedding_forward_q8")
+    if N == 0 or C == 0:
+        return
     for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
         o = &out[n, 0]
-        pe = &wpe[pos0 + n % T, 0]
-        gpt2s_q8_to_f32_rows(o, C, &q[idx[n], 0], &scales[idx[n], 0], 1, C)
+        pe = &wpe[first + n % steps, 0]
+        gpt2s_q8_to_f32_rows(o, C, &q[idx[n], 0], &scales[idx[n], 0], 1, <int>C)
         for c in range(C):
             o[c] = o[c] + pe[c]

@@ -457,6 +457,8 @@ class GPT2:
 
     def _check_idx(self, idx, name="idx") -> np.ndarray:
         a = np.asarray(idx)
+        if a.size == 0:   # before the dtype: np.asarray([]) is float64
+            raise ValueError(f"{name} is empty (shape {a.shape}): give at least one token id")
         if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
             raise TypeError(f"{name} must be an integer array of token ids, got dtype {a.dtype}")
         if a.ndim == 1:
@@ -464,8 +466,6 @@ class GPT2:
         if a.ndim != 2:
             raise ValueError(f"{name} must have shape (B, T) or (T,), got shape {a.shape}")
         B, T = a.shape
-        if B == 0 or T == 0:
-            raise ValueError(f"{name} is empty (shape {a.shape})")
         if T > self.config.n_ctx:
             raise ValueError(f"{name} has T={T} positions, longer than the model's context "
                              f"n_ctx={self.config.n_ctx}")
@@ -522,8 +522,8 @@ class GPT2:
 
         Raises:
             TypeError: idx or targets is not an integer array.
-            ValueError: a bad shape, T > n_ctx, or a token id outside [0, vocab_size) (the message
-                names the position).
+            ValueError: no token ids, a bad shape, T > n_ctx, or a token id outside
+                [0, vocab_size) (the message names the position).
 
         Examples:
             >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
@@ -538,8 +538,13 @@ class GPT2:
         B, T = idx.shape
         tgt = None if targets is None else self._check_targets(targets, (B, T))
         if tgt is not None and for_backward and self.dtype == "float32":
-            with self._train_lock:
+            with self._train_lock, _core.pinned_num_threads():
                 return self._forward_train(idx, tgt, return_logits)
+        with _core.pinned_num_threads():   # every kernel of this call on one team size
+            return self._forward_inference(idx, tgt, return_logits)
+
+    def _forward_inference(self, idx, tgt, return_logits):
+        B, T = idx.shape
         me = threading.get_ident()
         last = self._last
         if last is not None and last["thread"] == me:
@@ -708,11 +713,12 @@ class GPT2:
         if pos0 + T > kv[0].shape[2]:
             raise ValueError(f"position {pos0 + T - 1} is beyond the KV cache's "
                              f"{kv[0].shape[2]} positions")
-        lnf = self._run_blocks(idx, self._thread_workspace().acts, keep_layers=False, kv=kv,
-                               pos0=pos0)
-        last = np.ascontiguousarray(lnf.reshape(B, T, -1)[:, -1, :])
-        logits = np.empty((B, self.config.vocab_size), np.float32)
-        _lowp.lm_head(logits, last, self.params[self._head_name])
+        with _core.pinned_num_threads():
+            lnf = self._run_blocks(idx, self._thread_workspace().acts, keep_layers=False,
+                                   kv=kv, pos0=pos0)
+            last = np.ascontiguousarray(lnf.reshape(B, T, -1)[:, -1, :])
+            logits = np.empty((B, self.config.vocab_size), np.float32)
+            _lowp.lm_head(logits, last, self.params[self._head_name])
         return logits
 
     # ------------------------------------------------------------------ backward
@@ -760,10 +766,10 @@ class GPT2:
             True
         """
         self._require_float32("backward()")
-        with self._train_lock:
-            self._backward(normalizer, on_layer_done)
+        with self._train_lock, _core.pinned_num_threads() as nt:
+            self._backward(normalizer, on_layer_done, nt)
 
-    def _backward(self, normalizer, on_layer_done):
+    def _backward(self, normalizer, on_layer_done, nt):
         last = self._last
         if last is None:
             raise RuntimeError("backward() needs a preceding forward(idx, targets) with targets; "
@@ -789,7 +795,6 @@ class GPT2:
         B, T = idx.shape
         N, C, L, NH, V, H = B * T, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size, \
             cfg.inner_size
-        nt = _core.get_num_threads()
         in_place = last["logits_owned"]  # nobody else sees these logits: dlogits in place
         spec = {"dres": (N, C), "dln": (N, C), "datty": (N, C), "dqkv": (N, 3 * C),
                 "dfch": (N, H), "ln_scratch": (nt, 2 * C)}

@@ -131,8 +131,8 @@ class AdamW:
         if max_norm is not None:
             _check_max_norm(max_norm, "AdamW.step")
         # a training call: the norm and the update see the same gradients, serialized with
-        # backward and zero_grad (the lock is reentrant)
-        with self.model._train_lock:
+        # backward and zero_grad (the lock is reentrant), on one thread count
+        with self.model._train_lock, _core.pinned_num_threads():
             if max_norm is not None:
                 norm = grad_norm(self.model) * grad_scale
                 grad_scale *= clip_coefficient(norm, max_norm)

@@ -936,7 +936,10 @@ def _run_inner(args) -> int:
     world, rank = (mpi[1], mpi[2]) if mpi else (1, 0)
     # every check that needs no data or model first
     if args.threads:
-        gpt2s.set_num_threads(args.threads)
+        try:
+            gpt2s.set_num_threads(args.threads)
+        except ValueError as e:
+            raise UsageError(f"--threads: {e}") from None
     elif mpi and not os.environ.get("OMP_NUM_THREADS"):
         from .distributed import default_threads
         gpt2s.set_num_threads(default_threads())
