@@ -12,6 +12,7 @@ kernels release the GIL, so the threads really overlap (a barrier starts them to
 
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -242,3 +243,71 @@ def test_set_num_threads_from_another_thread_during_backward(restore_threads, ma
     finally:
         stop.set()
         flipper.join()
+
+
+def test_a_call_keeps_its_thread_count_while_another_thread_flips_it(
+        restore_threads, make_config, make_model, every_kernel_parallel):
+    """One thread flips set_num_threads between 1 and 2 as fast as it can while this thread
+    runs forwards and greedy generations.  A public call reads the count once, when it
+    starts: every forward's logits equal the 1-thread or the 2-thread answer bit for bit,
+    and every step of a generation ran on the same count as its other steps."""
+    if not gpt2s._core.have_openmp():
+        pytest.skip("without OpenMP every kernel runs on one thread")
+    # kernels long enough (and a GIL switch interval short enough) that the flipping thread
+    # runs during most forwards: before calls kept their count, 17-21 of 40 forwards here
+    # matched neither answer (three runs)
+    cfg = make_config(n_layer=2, n_head=4, head_size=64, vocab_size=389, n_ctx=96)
+    m = make_model(cfg, seed=31)
+    x = batches(cfg, 1, 2, 64, seed=18)[0]
+    prompt = batches(cfg, 1, 2, 20, seed=19)[0]
+    steps = []
+    forward_cached = m._forward_cached
+
+    def recording(*args):   # the logits of every step of a generation
+        logits = forward_cached(*args)
+        steps.append(logits.copy())
+        return logits
+
+    m._forward_cached = recording
+    answers, generations = [], []
+    for n in (1, 2):
+        gpt2s.set_num_threads(n)
+        answers.append(m.forward(x)[0])
+        steps.clear()
+        m.generate(prompt, 12, temperature=0)
+        generations.append(list(steps))
+    # the two counts give different bits (otherwise this test could not fail)
+    assert not np.array_equal(answers[0], answers[1])
+    assert any(not np.array_equal(a, b) for a, b in zip(*generations))
+
+    stop = threading.Event()
+    flips = [0]
+
+    def flip():
+        while not stop.is_set():
+            gpt2s.set_num_threads(1 + flips[0] % 2)
+            flips[0] += 1
+
+    flipper = threading.Thread(target=flip)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-3)
+    flipper.start()
+    try:
+        mixed = 0
+        for _ in range(40):
+            logits = m.forward(x)[0]
+            mixed += not any(np.array_equal(logits, a) for a in answers)
+        mixed_generations = 0
+        for _ in range(3):
+            steps.clear()
+            m.generate(prompt, 12, temperature=0)
+            mixed_generations += not any(
+                len(g) == len(steps) and all(np.array_equal(s, t) for s, t in zip(steps, g))
+                for g in generations)
+    finally:
+        stop.set()
+        flipper.join()
+        sys.setswitchinterval(interval)
+    assert flips[0] > 40, "the flipping thread hardly ran"
+    assert mixed == 0, f"{mixed} of 40 forwards match neither the 1- nor the 2-thread logits"
+    assert mixed_generations == 0, f"{mixed_generations} of 3 generations mixed thread counts"

@@ -183,3 +183,83 @@ def test_fingerprint_is_stable_and_sensitive(tmp_path):
     assert TokenData(tmp_path / "a.bin").fingerprint != f1
     D.write_shard(tmp_path / "a.bin", np.arange(5001) % 50257)
     assert TokenData(tmp_path / "a.bin").fingerprint != f1
+
+
+def _settled(monkeypatch):
+    """Files count as settled (cacheable) 50 ms after their last change instead of 2 s; wait
+    that long.  (The file system's clock tick is far below 50 ms on Linux.)"""
+    import time
+    monkeypatch.setattr(D.FileHashes, "RACY_S", 0.05)
+    time.sleep(0.06)
+
+
+def test_fingerprint_covers_every_byte_and_not_the_name(tmp_path):
+    """A same-size edit in the middle of a file changes the fingerprint; the same bytes under
+    another name (and in another directory) are the same data."""
+    import hashlib
+    data = tmp_path / "a.bin"
+    (np.arange(100_000, dtype=np.uint16) % 50257).tofile(data)
+    original = data.read_bytes()
+    f1 = TokenData(data).fingerprint
+    raw = bytearray(original)
+    raw[100_000] ^= 1                                  # 100 KB into a 200 KB file
+    data.write_bytes(bytes(raw))
+    edited = TokenData(data)
+    assert edited.fingerprint != f1
+    # the records name each file and carry the SHA-256 of its bytes
+    (rec,) = edited.files()
+    assert rec["path"] == str(data) and rec["size"] == 200_000
+    assert rec["sha256"] == hashlib.sha256(bytes(raw)).hexdigest()
+    assert rec["kind"] == "uint16" and rec["tokens"] == 100_000
+    data.write_bytes(original)
+    assert TokenData(data).fingerprint == f1
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "renamed.bin").write_bytes(original)
+    assert TokenData(tmp_path / "elsewhere" / "renamed.bin").fingerprint == f1
+
+
+def test_file_hashes_are_read_once_and_cached_by_stat(tmp_path, monkeypatch):
+    data = tmp_path / "a.bin"
+    (np.arange(5000, dtype=np.uint16) % 50257).tofile(data)
+    t = os.stat(data).st_mtime_ns - 3600 * 10**9
+    os.utime(data, ns=(t, t))
+    _settled(monkeypatch)
+    cache = tmp_path / "run" / "hashes.json"
+    cache.parent.mkdir()
+    h = D.FileHashes(cache)
+    d = TokenData(data)
+    d.hash_files(h)
+    fp = d.fingerprint
+    h.save()
+    assert h.hashed == 1 and cache.is_file()
+    # a new process (a new cache object): the stat matches, the file is not read
+    h2 = D.FileHashes(cache)
+    d2 = TokenData(data)
+    d2.hash_files(h2)
+    assert h2.hashed == 0 and d2.fingerprint == fp
+    # a same-size edit whose mtime is set back: the change time and the hash tell
+    raw = bytearray(data.read_bytes())
+    raw[5000] ^= 1
+    data.write_bytes(bytes(raw))
+    os.utime(data, ns=(t, t))
+    h3 = D.FileHashes(cache)
+    d3 = TokenData(data)
+    d3.hash_files(h3)
+    assert h3.hashed == 1 and d3.fingerprint != fp
+    # a file changed just now is hashed but not remembered (a write in the same clock tick
+    # would keep its size and times)
+    monkeypatch.setattr(D.FileHashes, "RACY_S", 2.0)
+    fresh = tmp_path / "fresh.bin"
+    (np.arange(10, dtype=np.uint16)).tofile(fresh)
+    h4 = D.FileHashes(cache)
+    TokenData(fresh).hash_files(h4)
+    h4.save()
+    h5 = D.FileHashes(cache)
+    TokenData(fresh).hash_files(h5)
+    assert h4.hashed == h5.hashed == 1
+    # a damaged cache is only a cache
+    cache.write_text("{not json")
+    h6 = D.FileHashes(cache)
+    d6 = TokenData(data)
+    d6.hash_files(h6)
+    assert h6.hashed == 1 and d6.fingerprint == d3.fingerprint

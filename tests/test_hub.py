@@ -207,3 +207,54 @@ def test_generate_shares_the_resolver(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert f"model: {snap}" in p.stderr
+
+
+def crafted_refs(hub_dir: Path, tmp_path: Path) -> dict:
+    """refs/main contents that name no snapshot of the cache, each pointing at a model of its
+    own placed where the path would lead (outside the cache, or not a direct child of
+    snapshots/), so that following it would load that model."""
+    repo = hub_dir / "models--openai-community--gpt2"
+    outside = tmp_path / "outside"
+    tiny_model(20).save_safetensors(outside)
+    tiny_model(21).save_safetensors(repo / "snapshots" / "nested" / "deeper")
+    tiny_model(22).save_safetensors(repo / "snapshots")   # the folder itself
+    return {"relative path out of the cache": "../../../outside",
+            "absolute path": str(outside),
+            "name with a slash": "nested/deeper",
+            "empty file": "",
+            "whitespace": "  \n",
+            "a hash with a path after it": COMMIT_MAIN + "/../../../../outside",
+            "very long file": "a" * 100_000}
+
+
+def test_crafted_refs_main_is_refused(tmp_path):
+    """refs/main must hold a commit hash, which names a direct child of snapshots/; anything
+    else is refused naming refs/main, rather than followed out of the cache (or into a nested
+    folder) or silently replaced by another snapshot."""
+    hub_dir = tmp_path / "hub"
+    add_to_cache(hub_dir, "openai-community/gpt2", tiny_model(2), COMMIT_MAIN)
+    ref = hub_dir / "models--openai-community--gpt2" / "refs" / "main"
+    for name, text in crafted_refs(hub_dir, tmp_path).items():
+        ref.write_text(text)
+        with pytest.raises(hub.CacheError) as e:
+            GPT2.from_pretrained("gpt2")
+        assert str(e.value).startswith(f"{ref}: does not hold a commit hash"), (name, e.value)
+        assert len(str(e.value)) < len(str(ref)) + 300, (name, e.value)
+    ref.write_text(COMMIT_MAIN + "\n")   # as huggingface_hub writes it, give or take a newline
+    assert hub.resolve_pretrained("gpt2") == ref.parent.parent / "snapshots" / COMMIT_MAIN
+
+
+def test_crafted_refs_main_at_the_command_line(tmp_path):
+    hub_dir = tmp_path / "hub"
+    add_to_cache(hub_dir, "openai-community/gpt2", tiny_model(2), COMMIT_MAIN)
+    ref = hub_dir / "models--openai-community--gpt2" / "refs" / "main"
+    ref.write_text(crafted_refs(hub_dir, tmp_path)["relative path out of the cache"])
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_CACHE=str(hub_dir), HF_HUB_OFFLINE="1")
+    env.pop("GPT2S_MODEL", None)
+    p = subprocess.run([sys.executable, "-m", "gpt2s.generate", "--model", "gpt2", "Hi", "-n",
+                        "2"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    assert p.stdout == "" and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"python -m gpt2s.generate: error: {ref}: does not hold a "
+                               f"commit hash"), p.stderr

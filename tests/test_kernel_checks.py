@@ -4,7 +4,7 @@ ValueError naming the kernel (and the shapes) instead of reading past an array. 
 an attention kernel that cannot get its scratch memory raises MemoryError, never writes
 through NULL.
 
-(matmul_forward / matmul_backward / lm_head_*: tests/test_small_m.py; adamw_step and the
+(matmul_forward / matmul_backward / lm_head_*: tests/test_gemm.py; adamw_step and the
 sampling kernels: tests/test_optim.py and tests/test_sampling.py.)
 """
 
@@ -267,3 +267,165 @@ def test_attention_scratch_allocation_failure_raises_memory_error(kernel):
                        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith(f"MemoryError: {kernel}: no memory"), (p.stdout, p.stderr)
+
+
+@pytest.mark.parametrize("empty", [[], [[]], np.zeros((1, 0), np.int64), np.zeros(0)])
+def test_facade_names_empty_token_ids(empty):
+    """In front of the kernels, the façade's own check: no token ids is "idx is empty" (an
+    empty list is a float64 array to NumPy, which must not turn into a dtype complaint), for
+    forward and for generate."""
+    from gpt2s import GPT2, GPT2Config
+    m = GPT2(GPT2Config(n_layer=1, n_head=1, n_embd=8, vocab_size=11, n_ctx=5))
+    for call in (lambda: m.forward(empty), lambda: m.generate(empty, 2),
+                 lambda: m.generate_stream(empty, 2)):
+        with pytest.raises(ValueError, match=r"^idx is empty \(shape .*\): give at least one "
+                                             r"token id$"):
+            call()
+
+
+# Integer arguments: any Python integer is taken and checked in 64 bits (a Cython `int`
+# parameter raised OverflowError naming neither kernel nor argument, and took 1.5 as 1).
+QKV = (f32(2, 3, 24), f32(2, 2, 3), f32(2, 3, 24))
+INT_ARGUMENTS = [
+    ("embedding_forward", "pos0", lambda x: _core.embedding_forward(
+        f32(N, C), IDS, f32(V, C), f32(NCTX, C), T, x)),
+    ("embedding_forward", "T", lambda x: _core.embedding_forward(
+        f32(N, C), IDS, f32(V, C), f32(NCTX, C), x, 0)),
+    ("embedding_backward", "T", lambda x: _core.embedding_backward(
+        f32(V, C), f32(NCTX, C), f32(N, C), IDS, x)),
+    ("embedding_forward", "pos0", lambda x: _core.embedding_forward(
+        f32(N, C), IDS, _core.PackedWeight(_core.WTYPE_BFLOAT16, np.zeros((V, C), np.uint16),
+                                           None, (V, C), False), f32(NCTX, C), T, x)),
+    ("embedding_forward", "pos0", lambda x: _core.embedding_forward(
+        f32(N, 32), IDS, _core.PackedWeight(_core.WTYPE_INT8, np.zeros((V, 32), np.int8),
+                                            np.zeros((V, 1), np.uint16), (V, 32), False),
+        f32(NCTX, 32), T, x)),
+    ("attention_forward", "q_off", lambda x: _core.attention_forward(
+        f32(2, 3, C), f32(2, 2, 3), f32(2, 3, 24), x, f32(2, 3, 24), C, f32(2, 3, 24), 2 * C,
+        0, 2, 0.5)),
+    ("attention_forward", "k_off", lambda x: _core.attention_forward(
+        f32(2, 3, C), f32(2, 2, 3), f32(2, 3, 24), 0, f32(2, 3, 24), x, f32(2, 3, 24), 2 * C,
+        0, 2, 0.5)),
+    ("attention_forward", "pos0", lambda x: _core.attention_forward(
+        f32(2, 1, C), f32(0, 0, 0), f32(2, 1, 24), 0, f32(2, 5, C), 0, f32(2, 5, C), 0,
+        x, 2, 0.5)),
+    ("attention_forward", "n_head", lambda x: _core.attention_forward(
+        f32(2, 3, C), f32(2, 2, 3), f32(2, 3, 24), 0, f32(2, 3, 24), C, f32(2, 3, 24), 2 * C,
+        0, x, 0.5)),
+    ("attention_backward", "n_head", lambda x: _core.attention_backward(
+        f32(2, 3, 24), f32(2, 3, C), f32(2, 3, C), f32(2, 2, 3), f32(2, 3, 24), x, 0.5)),
+    ("kv_cache_write", "pos0", lambda x: _core.kv_cache_write(
+        f32(2, 5, C), f32(2, 5, C), f32(2, 2, 24), x)),
+    # (a segment out of range: refused also where the step itself is valid)
+    ("adamw_step", "step", lambda x: _core.adamw_step(
+        f32(4), f32(4), f32(4), f32(4), i64(0), i64(5), f32(1), 1e-3, 0.9, 0.95, 1e-8, x, 1.0)),
+]
+
+
+@pytest.mark.parametrize("value", [2**31, 2**63 - 1, 2**64, -2**63 - 1])
+@pytest.mark.parametrize("kernel,argument,call", INT_ARGUMENTS,
+                         ids=[f"{k}-{a}" for k, a, _ in INT_ARGUMENTS])
+def test_integer_arguments_beyond_c_int_are_the_kernels_value_error(kernel, argument, call,
+                                                                    value):
+    """2^31 and beyond (and below -2^63): the kernel's ValueError with the value in it (for
+    adamw_step a segment out of range, the step being valid)."""
+    with pytest.raises(ValueError) as e:
+        call(value)
+    msg = str(e.value)
+    assert msg.startswith(kernel + ":"), msg
+    assert str(value) in msg or kernel == "adamw_step", msg
+
+
+@pytest.mark.parametrize("value", [1.5, None, "3"])
+@pytest.mark.parametrize("kernel,argument,call", INT_ARGUMENTS,
+                         ids=[f"{k}-{a}" for k, a, _ in INT_ARGUMENTS])
+def test_integer_arguments_refuse_non_integers(kernel, argument, call, value):
+    with pytest.raises(TypeError) as e:
+        call(value)
+    assert str(e.value).startswith(f"{kernel}: {argument} must be an integer"), str(e.value)
+
+
+def test_adamw_step_refuses_a_step_below_one():
+    """Step 0 divided by 1 - beta^0 = 0 and wrote NaN into every parameter."""
+    params = np.ones(4, np.float32)
+    for step in (0, -1):
+        with pytest.raises(ValueError, match=f"^adamw_step: step must be >= 1.*got {step}$"):
+            _core.adamw_step(params, f32(4), f32(4), f32(4), i64(0), i64(4), f32(1), 1e-3, 0.9,
+                             0.95, 1e-8, step, 1.0)
+    assert (params == 1).all()
+
+
+def _run_isolated(code):
+    """Run code in a fresh interpreter (a crash there fails the test, not the session);
+    returns (returncode, stdout, stderr)."""
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                       text=True, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def test_positions_near_int_max_are_refused_not_overflowed():
+    """pos0 = 2^31 - 1: pos0 + T overflowed a C int, so the bound check passed and
+    kv_cache_write and embedding_forward wrote and read far outside their arrays (a
+    segmentation fault), and attention_forward asked for a negative scratch (MemoryError)."""
+    rc, out, err = _run_isolated("""
+        import numpy as np
+        from gpt2s import _core
+        f32 = lambda *s: np.zeros(s, np.float32)
+        big = 2**31 - 1
+        calls = {
+            "kv_cache_write": lambda: _core.kv_cache_write(f32(2, 5, 8), f32(2, 5, 8),
+                                                           f32(2, 2, 24), big),
+            "embedding_forward": lambda: _core.embedding_forward(
+                f32(6, 8), np.arange(6), f32(11, 8), f32(5, 8), 3, big),
+            "embedding_forward (bfloat16)": lambda: _core.embedding_forward(
+                f32(6, 8), np.arange(6),
+                _core.PackedWeight(_core.WTYPE_BFLOAT16, np.zeros((11, 8), np.uint16), None,
+                                   (11, 8), False), f32(5, 8), 3, big),
+            "attention_forward": lambda: _core.attention_forward(
+                f32(2, 1, 8), f32(0, 0, 0), f32(2, 1, 24), 0, f32(2, 5, 8), 0, f32(2, 5, 8),
+                0, big, 2, 0.5),
+        }
+        for name, call in calls.items():
+            print(name, "...", flush=True)
+            try:
+                call()
+                print("no error")
+            except Exception as e:
+                print(type(e).__name__, e)
+    """)
+    assert rc == 0, f"the process died (status {rc}) after:\n{out}{err}"
+    lines = out.splitlines()
+    for name, result in zip(lines[::2], lines[1::2]):
+        name = name.split()[0]
+        assert result.startswith(f"ValueError {name}: "), result
+        assert "pos0=2147483647" in result, result
+    assert len(lines) == 8 and err == "", (out, err)
+
+
+def test_matmuls_with_an_empty_reduction_write_zeros_and_print_nothing():
+    """K = 0 is an empty sum: the output is the bias, or zeros.  With one row it went to
+    sgemv, which printed "** On entry to SGEMV parameter number 6 had an illegal value" and
+    returned without writing the output (and the one-row lm_head backward's dinp likewise).
+    (Products of several rows: tests/test_gemm.py and the fuzzer.)"""
+    rc, out, err = _run_isolated("""
+        import numpy as np
+        from gpt2s import _core
+        M = 1
+        nan = lambda *s: np.full(s, np.nan, np.float32)
+        e = lambda *s: np.zeros(s, np.float32)
+        out = nan(M, 24)
+        _core.matmul_forward(out, e(M, 0), e(0, 24), e(0))
+        logits = nan(M, 37)
+        _core.lm_head_forward(logits, e(M, 0), e(37, 0))
+        dinp, dwte = nan(M, 40), e(0, 40)
+        _core.lm_head_backward(dinp, dwte, e(M, 0), e(M, 40), e(0, 40))
+        dinp2 = nan(M, 40)
+        _core.matmul_backward(dinp2, e(40, 0), e(0), e(M, 0), e(M, 40), e(40, 0), False)
+        for name, a in (("matmul_forward", out), ("lm_head_forward", logits),
+                        ("lm_head_backward", dinp), ("matmul_backward", dinp2)):
+            print(name, "zeros" if (a == 0).all() else "NOT WRITTEN")
+    """)
+    assert rc == 0, err
+    assert out.split("\n") == ["matmul_forward zeros", "lm_head_forward zeros",
+                               "lm_head_backward zeros", "matmul_backward zeros", ""], out
+    assert err == ""

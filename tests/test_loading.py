@@ -245,16 +245,17 @@ def test_load_bf16(tmp_path, make_config, make_params, make_batch, make_hf_model
 
 
 def test_bf16_special_values(tmp_path):
-    """Negative numbers, zeros, subnormals, infinities survive the BF16 widening bit-exactly:
-    a bfloat16 is the top half of a float32, so the widened value has exactly the stored 16
-    bits on top and zeros below (the file is written byte by byte, no torch needed)."""
+    """Negative numbers, zeros, subnormals, the largest values survive the BF16 widening
+    bit-exactly: a bfloat16 is the top half of a float32, so the widened value has exactly the
+    stored 16 bits on top and zeros below (the file is written byte by byte, no torch needed).
+    (Infinities are refused: tests/test_nonfinite_weights.py.)"""
     cfg = GPT2Config(n_layer=1, n_head=1, n_embd=64, vocab_size=8, n_ctx=4)
     shapes = param_shapes(1, 64, 8, 4)
     rng = np.random.default_rng(0)
     bits = {k: (rng.standard_normal(s).astype(np.float32) * 3).view(np.uint32) >> 16
             for k, s in shapes.items()}
-    special = np.array([0.0, -0.0, 1e-40, -1e-40, np.inf, -np.inf, 3.0e38, -2.5, 65504.0,
-                        1.0 / 3.0], np.float32).view(np.uint32) >> 16
+    special = np.array([0.0, -0.0, 1e-40, -1e-40, 3.3895314e38, -3.3895314e38, 3.0e38, -2.5,
+                        65504.0, 1.0 / 3.0], np.float32).view(np.uint32) >> 16
     bits["ln_f.bias"][:len(special)] = special
     tensors = {k: ("BF16", b.shape, b.astype("<u2").tobytes()) for k, b in bits.items()}
     write_raw_safetensors(tmp_path / "m.safetensors", tensors)
@@ -262,7 +263,7 @@ def test_bf16_special_values(tmp_path):
     assert m.config == cfg
     for k, b in bits.items():
         assert m.params[k].view(np.uint32).tolist() == (b << 16).tolist(), k
-    assert np.isinf(m.params["ln_f.bias"][4:6]).all() and m.params["ln_f.bias"][2] > 0
+    assert m.params["ln_f.bias"][2] > 0
 
 
 @pytest.mark.parametrize("prefix", ["", "transformer."])

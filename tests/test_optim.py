@@ -10,6 +10,7 @@ argument checks run everywhere.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -355,3 +356,86 @@ def test_step_with_zero_grads_and_no_decay_changes_nothing(setup):
     opt.step()
     for k, v in m.params.items():
         np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------
+# optimizer.npz: every array's header checked before any array is read
+
+
+def _npz_with(tmp_path, opt, name: str, member: bytes):
+    """opt's saved state with the .npy member `name` replaced by the bytes `member`."""
+    import zipfile
+    good = tmp_path / "good.npz"
+    opt.save(good)
+    bad = tmp_path / "optimizer.npz"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, member if info.filename == name + ".npy"
+                         else src.read(info))
+    return bad
+
+
+def _npy(shape, descr="<f4", data=b""):
+    """A .npy file's bytes, written from the format's definition (magic, version 1.0, a
+    padded dict header), then `data`."""
+    header = repr({"descr": descr, "fortran_order": False, "shape": tuple(shape)})
+    header = header + " " * (63 - (10 + len(header)) % 64) + "\n"
+    import struct
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode() + data
+
+
+def test_load_refuses_a_declared_8_gib_array_without_allocating_it(tmp_path, setup):
+    """m.npy declares (2**31,) float32, 8 GiB, in a file of a few KB: refused naming the
+    file and the array, in a process whose address space (2 GiB) cannot hold the array.  An
+    extra member declaring as much is never read at all."""
+    import os
+    import subprocess
+    import sys
+    import zipfile
+    cfg, m, _ = setup
+    (tmp_path / "bomb").mkdir()
+    bomb = _npz_with(tmp_path / "bomb", AdamW(m), "m", _npy((2**31,), data=b"\0" * 4096))
+    assert bomb.stat().st_size < 1 << 20
+    extra = tmp_path / "extra.npz"
+    AdamW(m).save(extra)
+    with zipfile.ZipFile(extra, "a") as z:
+        z.writestr("junk.npy", _npy((2**31,), data=b"\0" * 4096))
+    weights = tmp_path / "model"
+    m.save_safetensors(weights)
+    code = f"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from gpt2s import GPT2, AdamW
+opt = AdamW(GPT2.from_safetensors({str(weights)!r}))
+for path in sys.argv[1:]:
+    try:
+        opt.load(path)
+        print("loaded")
+    except BaseException as e:
+        print(type(e).__name__ + ": " + str(e))
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(bomb), str(extra)], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    refused, loaded = r.stdout.strip().splitlines()
+    assert refused.startswith("ValueError: ") and str(bomb) in refused, refused
+    assert "array 'm' has shape (2147483648,)" in refused and \
+        f"needs ({m._param_buffer.size},)" in refused, refused
+    assert loaded == "loaded"
+
+
+@pytest.mark.parametrize("name, member, message", [
+    ("v", lambda n: _npy((n,), data=b"\0" * (4 * n + 64)), "array 'v' declares"),
+    ("m", lambda n: _npy((n,), descr="<i8", data=b"\0" * (8 * n)), "array 'm' has dtype int64"),
+    ("betas", lambda n: _npy((3,), descr="<f8", data=b"\0" * 24), "array 'betas' has shape (3,)"),
+])
+def test_load_refuses_members_that_do_not_fit_the_model(tmp_path, setup, name, member, message):
+    cfg, m, _ = setup
+    opt = AdamW(m)
+    opt.m[:] = 0.5
+    path = _npz_with(tmp_path, opt, name, member(m._param_buffer.size))
+    fresh = AdamW(m)
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        fresh.load(path)
+    assert str(path) in str(e.value)
+    assert not fresh.m.any()          # nothing loaded

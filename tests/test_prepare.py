@@ -178,3 +178,57 @@ def test_prepare_then_train_and_eval(tmp_path, capsys):
                     16)
     assert result["tokens"] == m["val_tokens"] - 1
     assert result["loss"] == pytest.approx(want["loss"], rel=1e-6)
+
+
+def test_disk_full_is_one_line_naming_the_shard_and_leaves_nothing(corpus, tmp_path, capsys,
+                                                                   monkeypatch):
+    """A shard's write fails half-way as a full disk fails it (an OSError without a file
+    name): one line naming the shard and the cause, exit status 1, and the temporary
+    directory is gone."""
+    import errno
+    import gpt2s.data
+    d, _ = corpus
+    real = gpt2s.data.atomic_write
+    written = []
+
+    def disk_full(dest, write):
+        if len(written) == 1:          # the second shard
+            def half(f):
+                f.write(b"\0" * 100)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(dest, half)
+        written.append(dest)
+        return real(dest, write)
+    monkeypatch.setattr(gpt2s.data, "atomic_write", disk_full)
+    out = tmp_path / "o"
+    assert main([str(d / "b.txt"), "--out", str(out), "--shard-size", "50", "--workers", "1",
+                 "-q"]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("python -m gpt2s.prepare: error: ") and \
+        lines[0].endswith("part_000001.bin: No space left on device"), err
+    assert str(out) in lines[0]
+    assert list(out.iterdir()) == []
+
+
+def test_a_real_write_error_is_one_line(corpus, tmp_path):
+    """A real OS error: RLIMIT_FSIZE below one shard's size gives EFBIG on its write."""
+    import signal
+
+    def limited():
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    d, _ = corpus
+    out = tmp_path / "o"
+    out.mkdir()
+    p = subprocess.run([sys.executable, "-m", "gpt2s.prepare", str(d / "b.txt"), "--out",
+                        str(out), "--workers", "1", "-q"], capture_output=True, text=True,
+                       timeout=300, preexec_fn=limited)
+    assert p.returncode == 1, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith(f"python -m gpt2s.prepare: error: {out}") and \
+        lines[0].endswith(".bin: File too large"), p.stderr
+    assert list(out.iterdir()) == []

@@ -172,3 +172,110 @@ def test_omp_num_threads_sets_the_default(env, expected):
     n, have_openmp, blas_threads = json.loads(out.strip().splitlines()[-1])
     assert n == (expected if have_openmp else 1)
     assert all(t == 1 for t in blas_threads), blas_threads
+
+
+def test_set_num_threads_refuses_counts_no_team_can_have(threads):
+    """Above max_num_threads() (1024) is refused: libgomp crashed the process (segmentation
+    fault) when asked for a team of 100000, and the C int took 2^31 as an OverflowError."""
+    top = gpt2s._core.max_num_threads()
+    assert top == 1024
+    for bad in (top + 1, 100_000, 2**31, 2**63):
+        with pytest.raises(ValueError, match=f"set_num_threads: .*1024.*got {bad}"):
+            gpt2s.set_num_threads(bad)
+        with pytest.raises(ValueError, match=f"^set_num_threads: .*{bad}"):
+            gpt2s._core.set_num_threads(bad)
+    with pytest.raises(TypeError, match="^set_num_threads: n must be an integer"):
+        gpt2s._core.set_num_threads(1.5)
+    threads(top)   # the largest count is taken
+    assert gpt2s.get_num_threads() == (top if gpt2s._core.have_openmp() else 1)
+
+
+def test_huge_omp_num_threads_is_capped():
+    """OMP_NUM_THREADS=100000 in the environment: the default count is capped and the
+    kernels run (they crashed the process before)."""
+    code = ("import gpt2s, numpy as np; from gpt2s import _core; "
+            "_core.set_parallel_min_work(0); x = np.ones((64, 64), np.float32); "
+            "_core.activation_forward(np.empty_like(x), x, 'gelu_tanh'); "
+            "print(gpt2s.get_num_threads())")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "100000"}, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert int(p.stdout.split()[-1]) == (1024 if gpt2s._core.have_openmp() else 1)
+
+
+def test_pinned_thread_count_holds_inside_a_call(threads, matmul_paths):
+    """Inside pinned_num_threads (what every public call runs in) the kernels use the count
+    read on entry, even when the count changes meanwhile; a nested block keeps the outer
+    count; on exit the current setting applies again.  Seen through the matmul paths: one
+    thread runs gemm's serial path, two split the product."""
+    if not gpt2s._core.have_openmp():
+        pytest.skip("without OpenMP every kernel runs on one thread")
+    from gpt2s._threads import pinned_num_threads
+    x = np.ones((64, 64), np.float32)
+    out, bias = np.empty_like(x), np.empty(0, np.float32)
+
+    def path():
+        gpt2s._core.reset_matmul_path_counts()
+        gpt2s._core.matmul_forward(out, x, x, bias)
+        counts = matmul_paths()
+        return "serial" if counts["serial"] else "split"
+
+    threads(1)
+    with pinned_num_threads() as n:
+        assert n == 1
+        threads(2)
+        assert path() == "serial"
+        with pinned_num_threads() as inner:
+            assert inner == 1
+            assert path() == "serial"
+        assert path() == "serial"
+    assert path() == "split"
+    with pinned_num_threads() as n:
+        assert n == 2
+        threads(1)
+        assert path() == "split"
+        try:
+            with pinned_num_threads():
+                raise KeyError("leaves the block")
+        except KeyError:
+            pass
+        assert path() == "split"   # the inner block's exit left the outer pin in place
+    assert path() == "serial"
+
+
+def test_pins_are_per_python_thread(threads, matmul_paths):
+    """A pin on one Python thread does not hold the kernels another thread calls."""
+    if not gpt2s._core.have_openmp():
+        pytest.skip("without OpenMP every kernel runs on one thread")
+    import threading
+    from gpt2s._threads import pinned_num_threads
+    x = np.ones((64, 64), np.float32)
+    seen = []
+
+    def other():
+        gpt2s._core.reset_matmul_path_counts()
+        gpt2s._core.matmul_forward(np.empty_like(x), x, x, np.empty(0, np.float32))
+        seen.append(matmul_paths()["serial"])
+
+    threads(1)
+    with pinned_num_threads():
+        threads(2)
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert seen == [0]   # the other thread split its product over the current count, 2
+
+
+@pytest.mark.parametrize("cli,args", [
+    ("gpt2s.generate", ["hello", "--max-new-tokens", "1"]),
+    ("gpt2s.eval", ["no-such-data.bin"]),
+    ("gpt2s.train", ["no-such-data.bin", "--out", "no-such-run"]),
+])
+def test_clis_refuse_a_thread_count_beyond_the_cap_in_one_line(cli, args, tmp_path):
+    p = subprocess.run([sys.executable, "-m", cli, *args, "--threads", "5000"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
+    assert lines[0].startswith(f"python -m {cli}: error: ") and "1024" in lines[0] \
+        and "5000" in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == []

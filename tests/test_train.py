@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -286,15 +287,17 @@ def test_progress_shows_the_last_validation_loss_and_never_nan(tmp_path, capsys)
 
 
 def test_metrics_and_train_state_are_strict_json_with_null_for_nan(tmp_path):
-    """A diverging run (huge learning rate, no clipping) produces NaN losses: they are null."""
-    assert run(tmp_path, "--steps", "6", "--lr", "1e4", "--grad-clip", "0", "--warmup", "0",
-               "--eval-every", "3") == 0
+    """A last update that blows the weights up (huge learning rate, no clipping) after a
+    finite training loss gives a NaN validation loss: it is null.  (A non-finite training
+    loss stops the run instead: test_a_diverging_run_stops_and_saves_nothing.)"""
+    assert run(tmp_path, "--steps", "1", "--lr", "1e30", "--grad-clip", "0", "--warmup", "0",
+               "--eval-every", "1") == 0
     out = tmp_path / "run"
     rows = metrics(out)   # parse_constant rejects NaN and Infinity
-    assert any(r.get("train_loss") is None or r.get("val_loss") is None for r in rows), rows
+    assert any(r.get("val_loss") is None for r in rows), rows
     text = (out / "train_state.json").read_text()
     state = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in train_state.json"))
-    assert state["last_val"]["step"] == 6
+    assert state["last_val"] == {"step": 1, "loss": None}
     assert "NaN" not in text and "Infinity" not in text
 
 
@@ -543,3 +546,148 @@ def test_fused_accumulation_and_clipping_match_torch(make_config, make_model, ma
             ours = np.concatenate([ours[:C], ours[2 * C:]])
             theirs = np.concatenate([theirs[:C], theirs[2 * C:]])
         assert ref.rel_err(ours, theirs) < 1e-5, name
+
+
+# ------------------------------------------------------------------------------------------
+# The data of a resumed run: every byte counts, the name does not
+
+
+def _settled(monkeypatch):
+    """Data files count as settled (their hashes cacheable) 50 ms after their last change
+    instead of 2 s; wait that long."""
+    import time
+    import gpt2s.data
+    if hasattr(gpt2s.data, "FileHashes"):
+        monkeypatch.setattr(gpt2s.data.FileHashes, "RACY_S", 0.05)
+    time.sleep(0.06)
+
+
+def _random_bin(path: Path, n: int, seed: int) -> Path:
+    np.random.default_rng(seed).integers(0, 50257, n).astype(np.uint16).tofile(path)
+    return path
+
+
+def test_resume_refuses_a_same_size_edit_in_the_middle_naming_the_file(tmp_path, capsys,
+                                                                       monkeypatch):
+    data = _random_bin(tmp_path / "train.bin", 40_000, 0)
+    _settled(monkeypatch)
+    assert run(tmp_path, "--steps", "1", data=(str(data),)) == 0
+    assert run(tmp_path, "--steps", "2", "--resume", data=(str(data),)) == 0
+    # one token changed 40 KB into the 80 KB file, the size and the modification time kept
+    # (the file's hash is cached in the run directory: the cache must not hide the edit)
+    t = os.stat(data).st_mtime_ns
+    raw = bytearray(data.read_bytes())
+    raw[40_000] ^= 1
+    data.write_bytes(bytes(raw))
+    os.utime(data, ns=(t, t))
+    capsys.readouterr()
+    assert run(tmp_path, "--steps", "3", "--resume", data=(str(data),)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"the training data differ: {data}: its content changed since the checkpoint " \
+           f"(same size)" in err, err
+    assert "the validation data differ" not in err     # the same file, named once
+    assert json.loads((tmp_path / "run" / "train_state.json").read_text())["step"] == 2
+
+
+def test_resume_reads_each_data_file_in_full_once(tmp_path, monkeypatch):
+    """The content hash is computed once and cached in the run directory by the file's
+    resolved path, size, times and inode: a resume does not read the data in full again."""
+    import gpt2s.data
+    data = _random_bin(tmp_path / "train.bin", 40_000, 0)
+    _settled(monkeypatch)
+    reads = []
+    real = gpt2s.data._sha256_file
+    monkeypatch.setattr(gpt2s.data, "_sha256_file", lambda p: reads.append(p) or real(p))
+    assert run(tmp_path, "--steps", "1", data=(str(data),)) == 0
+    assert reads == [os.path.realpath(data)]
+    cache = json.loads((tmp_path / "run" / ".data-hashes.json").read_text())
+    assert list(cache["files"]) == [os.path.realpath(data)]
+    assert run(tmp_path, "--steps", "2", "--resume", data=(str(data),)) == 0
+    assert len(reads) == 1
+
+
+def test_resume_accepts_the_same_data_under_another_name(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    a = _random_bin(tmp_path / "a" / "train.bin", 20_000, 1)
+    assert run(tmp_path, "--steps", "1", data=(str(a),)) == 0
+    b = tmp_path / "b" / "renamed.bin"
+    b.parent.mkdir()
+    shutil.copyfile(a, b)
+    a.unlink()
+    assert run(tmp_path, "--steps", "2", "--resume", data=(str(b),)) == 0
+    # another file of the same size is not
+    np.fromfile(b, np.uint16)[::-1].tofile(b)
+    capsys.readouterr()
+    assert run(tmp_path, "--steps", "3", "--resume", data=(str(b),)) == 2
+    assert f"{b}: its content changed since the checkpoint (same size)" in \
+        capsys.readouterr().err
+
+
+def _earlier_fingerprint(path: Path, kind: str, n_tokens: int, lo: int, hi: int) -> str:
+    """The data fingerprint earlier gpt2s releases stored, written out from their definition:
+    SHA-256 of the file's name, format, size and token count, its first 4 KiB and its last
+    4 KiB (from byte 4096 on at least), then the token range; 16 hex digits."""
+    import hashlib
+    h = hashlib.sha256()
+    raw = path.read_bytes()
+    h.update(f"{path.name}\0{kind}\0{len(raw)}\0{n_tokens}\0".encode())
+    h.update(raw[:4096])
+    if len(raw) > 4096:
+        h.update(raw[max(4096, len(raw) - 4096):])
+    h.update(f"{lo}:{hi}".encode())
+    return h.hexdigest()[:16]
+
+
+def _rewrite_state(out: Path, edit):
+    """Change the current checkpoint's train_state.json and its manifest entry to match."""
+    import hashlib
+    from gpt2s.checkpoint import load_checkpoint
+    d = load_checkpoint(out).dir
+    state = json.loads((d / "train_state.json").read_text())
+    edit(state)
+    raw = json.dumps(state, indent=1).encode()
+    (d / "train_state.json").write_bytes(raw)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["files"]["train_state.json"] = {"size": len(raw),
+                                             "sha256": hashlib.sha256(raw).hexdigest()}
+    (d / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_resume_of_a_checkpoint_with_the_earlier_fingerprint(tmp_path, capsys):
+    """A checkpoint saved by an earlier release holds the weaker fingerprint: --resume checks
+    the data against it, says so, and the next checkpoint records the content hashes; data
+    that does not match it is refused."""
+    from gpt2s.data import TokenData
+    assert run(tmp_path, "--steps", "1", "--val-fraction", "0") == 0
+    out = tmp_path / "run"
+    n = len(TokenData(DATA))
+    earlier = _earlier_fingerprint(DATA, "text", n, 0, n)
+
+    def to_earlier(state, fp=earlier):
+        ident = state["identity"]
+        ident["train_data"] = fp
+        ident.pop("train_files", None)
+        ident.pop("val_files", None)
+    _rewrite_state(out, to_earlier)
+    capsys.readouterr()
+    assert run(tmp_path, "--steps", "2", "--resume", "--val-fraction", "0") == 0
+    err = capsys.readouterr().err
+    assert "the checkpoint holds the fingerprint of an earlier gpt2s" in err and \
+        "which matches" in err, err
+    ident = json.loads((out / "train_state.json").read_text())["identity"]
+    assert ident["train_data"].startswith("sha256:")
+    assert ident["train_files"][0]["path"] == str(DATA)
+    # an earlier fingerprint that does not match is refused, saying what it covered
+    _rewrite_state(out, lambda s: to_earlier(s, "0123456789abcdef"))
+    assert run(tmp_path, "--steps", "3", "--resume", "--val-fraction", "0") == 2
+    err = capsys.readouterr().err
+    assert "the training data differ (the checkpoint holds the fingerprint of an earlier " \
+           "gpt2s, 0123456789abcdef" in err, err
+    # validation data the checkpoint's run had (an earlier fingerprint) and this one has not
+    _rewrite_state(out, lambda s: (to_earlier(s), s["identity"].update(
+        val_data="fedcba9876543210")))
+    assert run(tmp_path, "--steps", "3", "--resume", "--val-fraction", "0") == 2
+    err = capsys.readouterr().err
+    assert "the validation data differ (the checkpoint holds the fingerprint of an earlier " \
+           "gpt2s, fedcba9876543210" in err, err

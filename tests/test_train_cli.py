@@ -94,7 +94,10 @@ def kill_and_resume(tmp_path: Path, steps: int, kills: int, threads: int, seed: 
         at = json.loads((out / "train_state.json").read_text())["step"] if resume else 0
         if resume:
             resumed_at.append(at)
-        p = subprocess.Popen(_args(out, steps, ["--resume"] if resume else []),
+        # a kill during the first save, after its checkpoint directory is complete but before
+        # it is current, leaves a previous run that a new run starts over only when told
+        restart = ["--resume"] if resume else ["--overwrite"] if k else []
+        p = subprocess.Popen(_args(out, steps, restart),
                              env=_env(threads), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
         if k == kills:

@@ -15,11 +15,15 @@ N = B * T rows, OC output channels of a matmul.
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
-from libc.math cimport sqrtf, sqrt, isfinite  # isfinite: _sampling.pxi
-from libc.stdint cimport int64_t, int32_t, uint16_t, int8_t, INT32_MAX
+from libc.math cimport sqrtf, sqrt, isfinite  # isfinite: kernels/sampling.pxi
+from libc.stdint cimport int64_t, int32_t, uint16_t, int8_t
+from libc.limits cimport INT_MAX
+from cpython.number cimport PyNumber_Index
+from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_GetName
+
+import numbers
 
 import numpy as np
-from cpython.pycapsule cimport PyCapsule_GetPointer, PyCapsule_GetName
 
 # The row kernels (activations, softmax, layernorm rows; gpt2s_expf, gpt2s_dot)
 cdef extern from "kernels/rows.h":
@@ -46,16 +50,54 @@ cdef extern from "kernels/rows.h":
     float gpt2s_dot(const float *x, const float *y, int n) noexcept nogil
 
 
-# whether OpenMP was compiled in (with the matmul path counters below)
+# whether OpenMP was compiled in, the team size pinned for this thread's public call (with
+# the matmul path counters below)
 cdef extern from "kernels/runtime.h":
     int gpt2s_have_openmp() noexcept nogil
     int gpt2s_omp_max_threads() noexcept nogil
+    int gpt2s_call_threads() noexcept nogil
+    void gpt2s_set_call_threads(int n) noexcept nogil
+
+
+# --------------------------------------------------------------------------------------------
+# Integer arguments.  An exported kernel takes its integer arguments (positions, offsets,
+# head counts, steps) as Python objects and converts them here: a Cython `int` parameter
+# would raise OverflowError (naming neither the kernel nor the argument) for 2^31, and take
+# 1.5 as 1.  Every bound the kernel then computes is Py_ssize_t arithmetic written so that
+# it cannot overflow (`_span_outside`), and every size handed to a C `int` (BLAS's M, N, K,
+# leading dimensions; the row kernels' widths) is checked against INT_MAX first.
+
+cdef Py_ssize_t _int_arg(str kernel, str name, object value) except? -1:
+    cdef object v
+    try:
+        v = PyNumber_Index(value)
+    except TypeError:
+        raise TypeError(f"{kernel}: {name} must be an integer, got "
+                        f"{type(value).__name__} {value!r:.40}") from None
+    if not -0x8000000000000000 <= v <= 0x7fffffffffffffff:
+        raise ValueError(f"{kernel}: {name}={v} does not fit in 64 bits")
+    return v
+
+
+cdef inline bint _span_outside(Py_ssize_t start, Py_ssize_t length,
+                               Py_ssize_t total) noexcept nogil:
+    # whether [start, start + length) is not inside [0, total), without computing the sum
+    return start < 0 or length < 0 or start > total or length > total - start
+
+
+cdef inline bint _over_int(Py_ssize_t n) noexcept nogil:
+    return n > INT_MAX
 
 
 # --------------------------------------------------------------------------------------------
 # Threads
 
 cdef int _num_threads = 1
+
+# The most threads set_num_threads takes: far more than any CPU has cores, and far fewer than
+# the threads a process may start (libgomp crashes when it cannot create the team it was
+# asked for: 100000 did, here).
+cdef int MAX_THREADS = 1024
 
 
 # Below this much work (elements touched, or multiply-adds) a kernel runs on the calling
@@ -72,17 +114,46 @@ cdef double PARALLEL_MIN_WORK = 65536.0
 cdef double MATMUL_WORK_PER_MAC = 0.25
 
 
+cdef inline int team_size() noexcept nogil:
+    # the count pinned for the public call running on this thread (pinned_num_threads), else
+    # the current setting
+    cdef int n = gpt2s_call_threads()
+    return n if n > 0 else _num_threads
+
+
 cdef inline int threads_for(double work) noexcept nogil:
-    return _num_threads if work >= PARALLEL_MIN_WORK else 1
+    return team_size() if work >= PARALLEL_MIN_WORK else 1
 
 
-def set_parallel_min_work(double work):
+cdef class pinned_num_threads:
+    """``with pinned_num_threads() as n:`` runs every kernel called inside on the same team of
+    n threads, the count set when the block was entered, whatever set_num_threads does
+    meanwhile in other threads.  Per Python thread, and re-entrant: a block inside another
+    keeps the outer block's count.  The façade wraps each public call in one."""
+
+    cdef int previous
+
+    def __enter__(self):
+        self.previous = gpt2s_call_threads()
+        if self.previous == 0:
+            gpt2s_set_call_threads(_num_threads)
+        return gpt2s_call_threads()
+
+    def __exit__(self, exc_type, exc, tb):
+        gpt2s_set_call_threads(self.previous)
+        return False
+
+
+def set_parallel_min_work(work):
     """Set the size below which kernels stay on one thread (default 65536), matmuls included;
     0 makes every kernel and every matmul use the whole team (the thread tests use it to
     exercise every parallel path)."""
     global PARALLEL_MIN_WORK
+    if isinstance(work, bool) or not isinstance(work, numbers.Real):
+        raise TypeError(f"set_parallel_min_work: work must be a number, got "
+                        f"{type(work).__name__}")
     if not work >= 0:
-        raise ValueError(f"parallel min work must be >= 0, got {work}")
+        raise ValueError(f"set_parallel_min_work: parallel min work must be >= 0, got {work}")
     PARALLEL_MIN_WORK = work
 
 
@@ -106,12 +177,20 @@ def omp_max_threads():
     return gpt2s_omp_max_threads()
 
 
-def set_num_threads(int n):
-    """Set the team size every kernel uses.  Without OpenMP this stays 1."""
+def set_num_threads(n):
+    """Set the team size every kernel uses, 1 to 1024.  Without OpenMP this stays 1.  A public
+    call already running keeps the count it pinned (pinned_num_threads)."""
     global _num_threads
-    if n < 1:
-        raise ValueError(f"number of threads must be >= 1, got {n}")
-    _num_threads = n if gpt2s_have_openmp() else 1
+    cdef Py_ssize_t count = _int_arg("set_num_threads", "n", n)
+    if count < 1 or count > MAX_THREADS:
+        raise ValueError(f"set_num_threads: number of threads must be between 1 and "
+                         f"{MAX_THREADS}, got {count}")
+    _num_threads = <int>count if gpt2s_have_openmp() else 1
+
+
+def max_num_threads():
+    """The largest count set_num_threads takes."""
+    return MAX_THREADS
 
 
 def get_num_threads():
@@ -198,14 +277,15 @@ cdef inline void sgemm_colmajor(char ta, char tb, int m, int n, int k, float alp
 cdef int ROWS_PER_SGEMM = 4096
 
 
-def set_rows_per_sgemm(int n):
+def set_rows_per_sgemm(n):
     """Set the most rows of C one sgemm call gets (default 4096); returns the previous
     value.  For tests and benchmarks."""
     global ROWS_PER_SGEMM
-    if n < 1:
-        raise ValueError(f"rows per sgemm must be >= 1, got {n}")
+    cdef Py_ssize_t rows = _int_arg("set_rows_per_sgemm", "n", n)
+    if rows < 1:
+        raise ValueError(f"set_rows_per_sgemm: rows per sgemm must be >= 1, got {rows}")
     previous = ROWS_PER_SGEMM
-    ROWS_PER_SGEMM = n
+    ROWS_PER_SGEMM = <int>min(rows, INT_MAX)   # no product has more rows than an int holds
     return previous
 
 
@@ -214,21 +294,28 @@ cdef inline void gemm_serial(bint trans_a, bint trans_b, int M, int N, int K, fl
                              float beta, float *C, int ldc) noexcept nogil:
     # Row-major C[M, N] = alpha op(A)[M, K] op(B)[K, N] + beta C, on the calling thread.
     # A row-major matrix is its column-major transpose, so we ask BLAS for C^T = op(B)^T op(A)^T.
-    cdef int one = 1, inc_a, lo = 0, m
+    cdef int one = 1, inc_a, lo = 0, m, j
     cdef char t
     cdef gpt2s_direct_fn direct = NULL
     if M <= 0 or N <= 0:
+        return
+    if K <= 0:
+        # an empty sum: C = beta C.  BLAS must not see it: sgemv refuses the zero leading
+        # dimension of an empty operand (it prints an error and returns), and returns early
+        # without applying beta = 0 for an empty sum
+        for m in range(M):
+            if beta == 0.0:
+                memset(C + <int64_t>m * ldc, 0, N * sizeof(float))
+            elif beta != 1.0:
+                for j in range(N):
+                    C[<int64_t>m * ldc + j] *= beta
         return
     if not trans_a and alpha == 1.0 and (beta == 0.0 or beta == 1.0):
         direct = direct_kernel(GPT2S_WTYPE_F32, trans_b, M)
     if direct != NULL:
         # a few rows (decoding a batch): kernels that read B once (kernels/f32.h)
         gpt2s_count_path(GPT2S_PATH_SMALLM_NT if trans_b else GPT2S_PATH_SMALLM_NN)
-        if K > 0:
-            direct(M, N, K, A, lda, B, ldb, NULL, beta == 1.0, C, ldc)
-        elif beta == 0.0:   # an empty sum
-            for m in range(M):
-                memset(C + <int64_t>m * ldc, 0, N * sizeof(float))
+        direct(M, N, K, A, lda, B, ldb, NULL, beta == 1.0, C, ldc)
         return
     if M == 1:
         # One row (batch-1 decoding): a matrix-vector product.  sgemm with one column runs
@@ -277,15 +364,17 @@ cdef int split_k(int nt, int N, int K, int align, partial_product_t partial, con
     # then beta y; the other types add each partial onto beta y.  Returns -1 when the
     # partials cannot be allocated.
     cdef float *part = <float *>malloc(sizeof(float) * <int64_t>nt * N)
-    cdef int t, lo, hi, j, step = ((K + nt - 1) // nt + align - 1) // align * align
+    # block bounds in 64 bits: K + nt - 1 may pass INT_MAX
+    cdef int64_t lo, hi, step = ((<int64_t>K + nt - 1) // nt + align - 1) // align * align
+    cdef int t, j
     cdef float s
     if part == NULL:
         return -1
     for t in prange(nt, num_threads=nt, schedule='static'):
         lo = t * step
-        hi = min(K, lo + step)
+        hi = min(<int64_t>K, lo + step)
         if lo < hi:
-            partial(ctx, lo, hi, part + <int64_t>t * N, N)
+            partial(ctx, <int>lo, <int>hi, part + <int64_t>t * N, N)
         else:
             memset(part + <int64_t>t * N, 0, N * sizeof(float))
     for j in range(N):
@@ -318,9 +407,12 @@ cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
     # gemm_serial split into one block of C per thread (along the longer side of C), each
     # block a single-threaded sgemm, all inside our one OpenMP team.
     cdef int nt = threads_for(MATMUL_WORK_PER_MAC * M * N * K)
-    cdef int nblocks, blk, i, lo, hi, step
+    # block bounds in 64 bits: N + nt - 1 and the rounding up to 16 may pass INT_MAX
+    cdef int64_t nblocks, blk, lo, hi, step
     cdef gemv_rows_ctx ctx
-    if nt <= 1:
+    if M <= 0 or N <= 0:
+        return   # (no block size to split an empty side by, and sgemv refuses it)
+    if nt <= 1 or K <= 0:
         gpt2s_count_path(GPT2S_PATH_SERIAL)
         gemm_serial(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
         return
@@ -336,22 +428,22 @@ cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
     if N >= M:
         # split columns of C: columns of op(B)
         gpt2s_count_path(GPT2S_PATH_SPLIT_COLUMNS)
-        step = ((N + nt - 1) // nt + 15) // 16 * 16
+        step = ((<int64_t>N + nt - 1) // nt + 15) // 16 * 16
         nblocks = (N + step - 1) // step
         for blk in prange(nblocks, num_threads=nt, schedule='static'):
             lo = blk * step
-            hi = min(N, lo + step)
-            gemm_serial(trans_a, trans_b, M, hi - lo, K, alpha, A, lda,
+            hi = min(<int64_t>N, lo + step)
+            gemm_serial(trans_a, trans_b, M, <int>(hi - lo), K, alpha, A, lda,
                         (B + <int64_t>lo * ldb) if trans_b else (B + lo), ldb,
                         beta, C + lo, ldc)
     else:
         gpt2s_count_path(GPT2S_PATH_SPLIT_ROWS)
-        step = ((M + nt - 1) // nt + 15) // 16 * 16
+        step = ((<int64_t>M + nt - 1) // nt + 15) // 16 * 16
         nblocks = (M + step - 1) // step
         for blk in prange(nblocks, num_threads=nt, schedule='static'):
             lo = blk * step
-            hi = min(M, lo + step)
-            gemm_serial(trans_a, trans_b, hi - lo, N, K, alpha,
+            hi = min(<int64_t>M, lo + step)
+            gemm_serial(trans_a, trans_b, <int>(hi - lo), N, K, alpha,
                         (A + lo) if trans_a else (A + <int64_t>lo * lda), lda, B, ldb,
                         beta, C + <int64_t>lo * ldc, ldc)
 
@@ -382,10 +474,12 @@ cdef Py_ssize_t _first_outside(const int64_t[::1] ids, int64_t lo, int64_t hi) n
 # Embedding
 
 def embedding_forward(float[:, ::1] out, const int64_t[::1] idx, wte, const float[:, ::1] wpe,
-                      int T, int pos0):
+                      T, pos0):
     # out (N, C) = wte[idx] + wpe[pos0 + t];  idx (N,) with N = B * T, row n at time n % T;
     # wte (V, C) float32, or a PackedWeight stored untransposed (its rows widened)
     cdef Py_ssize_t N = out.shape[0], C = out.shape[1], n, c, V, nb = 0
+    cdef Py_ssize_t steps = _int_arg("embedding_forward", "T", T)
+    cdef Py_ssize_t first = _int_arg("embedding_forward", "pos0", pos0)
     cdef float *o
     cdef const float *te
     cdef const float *pe
@@ -407,43 +501,46 @@ def embedding_forward(float[:, ::1] out, const int64_t[::1] idx, wte, const floa
         wf = wte
         V = wf.shape[0]
         wshape = (wf.shape[0], wf.shape[1])
-    if (idx.shape[0] != N or wshape[1] != C or wpe.shape[1] != C or T < 1 or N % T != 0
-            or pos0 < 0 or pos0 + T > wpe.shape[0]):
+    if (idx.shape[0] != N or wshape[1] != C or wpe.shape[1] != C or steps < 1
+            or N % steps != 0 or _span_outside(first, steps, wpe.shape[0])
+            or (pw is not None and _over_int(C))):
         raise ValueError(f"embedding_forward: out {_sh(out)}, idx {_sh(idx)}, wte {wshape}, "
                          f"wpe {_sh(wpe)}, T={T}, pos0={pos0}: need out (B*T, C), idx (B*T,), "
                          f"wte (V, C), wpe (n_ctx, C) and 0 <= pos0, pos0 + T <= n_ctx")
     n = _first_outside(idx, 0, V)
     if n >= 0:
         raise ValueError(f"embedding_forward: token id {idx[n]} at {n} is outside [0, {V})")
+    if N == 0 or C == 0:
+        return
     if pw is None:
         for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
             o = &out[n, 0]
             te = &wf[idx[n], 0]
-            pe = &wpe[pos0 + n % T, 0]
+            pe = &wpe[first + n % steps, 0]
             for c in range(C):
                 o[c] = te[c] + pe[c]
         return
     for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
         o = &out[n, 0]
-        pe = &wpe[pos0 + n % T, 0]
+        pe = &wpe[first + n % steps, 0]
         widen(o, C, weight_at(t, pw.ptr, idx[n] * C), C,
-              pw.sptr + idx[n] * nb if pw.sptr != NULL else NULL, 1, C)
+              pw.sptr + idx[n] * nb if pw.sptr != NULL else NULL, 1, <int>C)
         for c in range(C):
             o[c] = o[c] + pe[c]
 
 
 def embedding_backward(float[:, ::1] dwte, float[:, ::1] dwpe, const float[:, ::1] dout,
-                       const int64_t[::1] idx, int T):
+                       const int64_t[::1] idx, T):
     # dwte[idx[n]] += dout[n];  dwpe[t] += sum_b dout[b * T + t].
     # Race-free: thread k owns the vocabulary rows v with v % nt == k, and each position row t
     # belongs to one prange iteration.
-    cdef Py_ssize_t N = dout.shape[0], C = dout.shape[1], n, c, b, t
+    cdef Py_ssize_t N = dout.shape[0], C = dout.shape[1], n, c, b, t, B
+    cdef Py_ssize_t steps = _int_arg("embedding_backward", "T", T)
     cdef int nt = threads_for(N * C), k
-    cdef int B
     cdef float *d
     cdef const float *g
-    if (idx.shape[0] != N or dwte.shape[1] != C or dwpe.shape[1] != C or T < 1 or N % T != 0
-            or T > dwpe.shape[0]):
+    if (idx.shape[0] != N or dwte.shape[1] != C or dwpe.shape[1] != C or steps < 1
+            or N % steps != 0 or steps > dwpe.shape[0]):
         raise ValueError(f"embedding_backward: dwte {_sh(dwte)}, dwpe {_sh(dwpe)}, dout "
                          f"{_sh(dout)}, idx {_sh(idx)}, T={T}: need dout (B*T, C), idx (B*T,), "
                          f"dwte (V, C), dwpe (n_ctx, C) with T <= n_ctx")
@@ -451,7 +548,9 @@ def embedding_backward(float[:, ::1] dwte, float[:, ::1] dwpe, const float[:, ::
     if n >= 0:
         raise ValueError(f"embedding_backward: token id {idx[n]} at {n} is outside "
                          f"[0, {dwte.shape[0]})")
-    B = N // T
+    if N == 0 or C == 0:
+        return
+    B = N // steps
     for k in prange(nt, nogil=True, num_threads=nt, schedule='static'):
         for n in range(N):
             if idx[n] % nt == k:
@@ -459,10 +558,10 @@ def embedding_backward(float[:, ::1] dwte, float[:, ::1] dwpe, const float[:, ::
                 g = &dout[n, 0]
                 for c in range(C):
                     d[c] += g[c]
-    for t in prange(T, nogil=True, num_threads=nt, schedule='static'):
+    for t in prange(steps, nogil=True, num_threads=nt, schedule='static'):
         d = &dwpe[t, 0]
         for b in range(B):
-            g = &dout[b * T + t, 0]
+            g = &dout[b * steps + t, 0]
             for c in range(C):
                 d[c] += g[c]
 
@@ -475,14 +574,16 @@ def layernorm_forward(float[:, ::1] out, float[::1] mean, float[::1] rstd,
                       float eps):
     # out (N, C) = (inp - mean) * rstd * weight + bias; mean, rstd (N,) kept for the backward
     # (both empty: not kept)
-    cdef Py_ssize_t N = inp.shape[0], n
-    cdef int C = inp.shape[1]
+    cdef Py_ssize_t N = inp.shape[0], C = inp.shape[1], n
     if (out.shape[0] != N or out.shape[1] != C or weight.shape[0] != C or bias.shape[0] != C
-            or mean.shape[0] != rstd.shape[0] or (mean.shape[0] != 0 and mean.shape[0] != N)):
+            or mean.shape[0] != rstd.shape[0] or (mean.shape[0] != 0 and mean.shape[0] != N)
+            or C < 1 or _over_int(C)):
         raise ValueError(f"layernorm_forward: out {_sh(out)}, mean {_sh(mean)}, rstd "
                          f"{_sh(rstd)}, inp {_sh(inp)}, weight {_sh(weight)}, bias {_sh(bias)}: "
-                         f"need out like inp (N, C), weight and bias (C,), mean and rstd both "
-                         f"(N,) or both empty")
+                         f"need out like inp (N, C) with 1 <= C < 2^31, weight and bias (C,), "
+                         f"mean and rstd both (N,) or both empty")
+    if N == 0:
+        return
     cdef float *pm = &mean[0] if mean.shape[0] > 0 else NULL
     cdef float *pr = &rstd[0] if rstd.shape[0] > 0 else NULL
     for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
@@ -495,17 +596,18 @@ def residual_layernorm_forward(float[:, ::1] residual, float[:, ::1] out, float[
                                const float[:, ::1] inp2, const float[::1] weight,
                                const float[::1] bias, float eps):
     # residual (N, C) = inp1 + inp2, then out = layernorm(residual): one pass over the rows
-    cdef Py_ssize_t N = inp1.shape[0], n, c
-    cdef int C = inp1.shape[1]
+    cdef Py_ssize_t N = inp1.shape[0], C = inp1.shape[1], n, c
     if (inp2.shape[0] != N or inp2.shape[1] != C or residual.shape[0] != N
             or residual.shape[1] != C or out.shape[0] != N or out.shape[1] != C
             or weight.shape[0] != C or bias.shape[0] != C or mean.shape[0] != rstd.shape[0]
-            or (mean.shape[0] != 0 and mean.shape[0] != N)):
+            or (mean.shape[0] != 0 and mean.shape[0] != N) or C < 1 or _over_int(C)):
         raise ValueError(f"residual_layernorm_forward: residual {_sh(residual)}, out "
                          f"{_sh(out)}, mean {_sh(mean)}, rstd {_sh(rstd)}, inp1 {_sh(inp1)}, "
                          f"inp2 {_sh(inp2)}, weight {_sh(weight)}, bias {_sh(bias)}: need "
-                         f"residual, out, inp2 like inp1 (N, C), weight and bias (C,), mean "
-                         f"and rstd both (N,) or both empty")
+                         f"residual, out, inp2 like inp1 (N, C) with 1 <= C < 2^31, weight "
+                         f"and bias (C,), mean and rstd both (N,) or both empty")
+    if N == 0:
+        return
     cdef float *r
     cdef const float *a
     cdef const float *b
@@ -527,20 +629,23 @@ def layernorm_backward(float[:, ::1] dinp, float[::1] dweight, float[::1] dbias,
                        float[:, ::1] scratch):
     # dinp (N, C) += d/dinp;  dweight, dbias (C,) += column sums.
     # scratch (nt, 2C): per-thread partial dweight/dbias, reduced after the parallel loop.
-    cdef Py_ssize_t N = inp.shape[0], n, c
-    # at most one partial sum per scratch row: another Python thread may change the thread
-    # count between the caller sizing scratch and this call
-    cdef int C = inp.shape[1], nt = min(_num_threads, scratch.shape[0]), k, tid
+    cdef Py_ssize_t N = inp.shape[0], C = inp.shape[1], n, c
+    # at most one partial sum per scratch row: the caller may have sized scratch for another
+    # thread count (a call outside pinned_num_threads, with set_num_threads in between)
+    cdef int nt = <int>min(<Py_ssize_t>team_size(), scratch.shape[0]), k, tid
     if (dinp.shape[0] != N or dinp.shape[1] != C or dout.shape[0] != N or dout.shape[1] != C
             or dweight.shape[0] != C or dbias.shape[0] != C or weight.shape[0] != C
-            or mean.shape[0] != N or rstd.shape[0] != N):
+            or mean.shape[0] != N or rstd.shape[0] != N or C < 1 or _over_int(C)):
         raise ValueError(f"layernorm_backward: dinp {_sh(dinp)}, dweight {_sh(dweight)}, "
                          f"dbias {_sh(dbias)}, dout {_sh(dout)}, inp {_sh(inp)}, weight "
                          f"{_sh(weight)}, mean {_sh(mean)}, rstd {_sh(rstd)}: need dinp, dout "
-                         f"like inp (N, C), dweight, dbias, weight (C,), mean, rstd (N,)")
+                         f"like inp (N, C) with 1 <= C < 2^31, dweight, dbias, weight (C,), "
+                         f"mean, rstd (N,)")
     if nt < 1 or scratch.shape[1] < 2 * C:
         raise ValueError(f"layernorm_backward: scratch of shape ({scratch.shape[0]}, "
                          f"{scratch.shape[1]}) too small, need (>= 1, {2 * C})")
+    if N == 0:
+        return
     with nogil:
         memset(&scratch[0, 0], 0, nt * scratch.shape[1] * sizeof(float))
         with parallel(num_threads=nt):
@@ -556,6 +661,11 @@ def layernorm_backward(float[:, ::1] dinp, float[::1] dweight, float[::1] dbias,
 
 # --------------------------------------------------------------------------------------------
 # Matmul (Hugging Face Conv1D layout: weight (C, OC), out = inp @ weight + bias)
+
+cdef inline bint _blas_sizes_over(Py_ssize_t a, Py_ssize_t b, Py_ssize_t c) noexcept nogil:
+    # BLAS takes M, N, K and the leading dimensions as C ints
+    return a > INT_MAX or b > INT_MAX or c > INT_MAX
+
 
 cdef const void *_weight_operand(str kernel, weight, bint head, Py_ssize_t *K, Py_ssize_t *N,
                                  int *wtype, bint *out_major, int *ldw,
@@ -580,9 +690,11 @@ cdef const void *_weight_operand(str kernel, weight, bint head, Py_ssize_t *K, P
                              f"(transposed for a Conv1D weight), got {pw!r}")
         return pw.ptr if pw.rows > 0 and pw.cols > 0 else NULL
     wf = weight
+    if _blas_sizes_over(wf.shape[0], wf.shape[1], 0):
+        raise ValueError(f"{kernel}: weight {_sh(wf)}, each size < 2^31")
     wtype[0] = GPT2S_WTYPE_F32
     out_major[0] = head
-    ldw[0] = wf.shape[1]
+    ldw[0] = <int>wf.shape[1]
     scales[0] = NULL
     if head:
         N[0], K[0] = wf.shape[0], wf.shape[1]
@@ -594,16 +706,17 @@ cdef const void *_weight_operand(str kernel, weight, bint head, Py_ssize_t *K, P
 def matmul_forward(float[:, ::1] out, const float[:, ::1] inp, weight, const float[::1] bias):
     # out (N, OC) = inp (N, C) @ weight (C, OC) + bias (OC,) (empty: none); weight float32, or
     # a PackedWeight of that logical shape
-    cdef Py_ssize_t N = inp.shape[0], n, K, OC
-    cdef int C = inp.shape[1], wtype, ldw, failed = 0
+    cdef Py_ssize_t N = inp.shape[0], C = inp.shape[1], n, K, OC
+    cdef int wtype, ldw, failed = 0
     cdef bint out_major
     cdef const uint16_t *S
     cdef const void *W = _weight_operand("matmul_forward", weight, False, &K, &OC, &wtype,
                                          &out_major, &ldw, &S)
     if (K != C or out.shape[0] != N or out.shape[1] != OC
-            or (bias.shape[0] != 0 and bias.shape[0] != OC)):
+            or (bias.shape[0] != 0 and bias.shape[0] != OC) or _blas_sizes_over(N, C, OC)):
         raise ValueError(f"matmul_forward: shapes ({N},{C}) @ ({K},{OC}) "
-                         f"+ bias ({bias.shape[0]},) -> ({out.shape[0]},{out.shape[1]})")
+                         f"+ bias ({bias.shape[0]},) -> ({out.shape[0]},{out.shape[1]}), "
+                         f"each size < 2^31")
     if N == 0 or OC == 0:
         return
     with nogil:
@@ -611,8 +724,9 @@ def matmul_forward(float[:, ::1] out, const float[:, ::1] inp, weight, const flo
             # the bias is laid down first and the product accumulates onto it
             for n in prange(N, num_threads=threads_for(N * OC), schedule='static'):
                 memcpy(&out[n, 0], &bias[0], OC * sizeof(float))
-        failed = weight_gemm(wtype, out_major, N, OC, C, &inp[0, 0] if C > 0 else NULL, C, W,
-                             ldw, S, bias.shape[0] > 0, &out[0, 0], OC)
+        failed = weight_gemm(wtype, out_major, <int>N, <int>OC, <int>C,
+                             &inp[0, 0] if C > 0 else NULL, <int>C, W, ldw, S,
+                             bias.shape[0] > 0, &out[0, 0], <int>OC)
     if failed:
         raise MemoryError("matmul_forward: out of memory for a weight panel")
 
@@ -622,22 +736,26 @@ def matmul_backward(float[:, ::1] dinp, float[:, ::1] dweight, float[::1] dbias,
                     const float[:, ::1] weight, bint accumulate_dinp):
     # dinp (N, C) (+)= dout (N, OC) @ weight^T;  dweight (C, OC) += inp^T @ dout;
     # dbias (OC,) += column sums of dout
-    cdef Py_ssize_t N = inp.shape[0], n, o, lo, hi, blk, nblocks, step
-    cdef int C = inp.shape[1], OC = weight.shape[1], nt = threads_for(N * OC)
+    cdef Py_ssize_t N = inp.shape[0], C = inp.shape[1], OC = weight.shape[1]
+    cdef Py_ssize_t n, o, lo, hi, blk, nblocks, step
+    cdef int nt = threads_for(N * OC)
     cdef float *db
     cdef const float *g
     if (weight.shape[0] != C or dout.shape[0] != N or dout.shape[1] != OC
             or dinp.shape[0] != N or dinp.shape[1] != C or dweight.shape[0] != C
-            or dweight.shape[1] != OC or (dbias.shape[0] != 0 and dbias.shape[0] != OC)):
+            or dweight.shape[1] != OC or (dbias.shape[0] != 0 and dbias.shape[0] != OC)
+            or _blas_sizes_over(N, C, OC)):
         raise ValueError(f"matmul_backward: inp ({N},{C}), weight ({weight.shape[0]},{OC}), "
                          f"dout ({dout.shape[0]},{dout.shape[1]}), dinp ({dinp.shape[0]},"
                          f"{dinp.shape[1]}), dweight ({dweight.shape[0]},{dweight.shape[1]}), "
-                         f"dbias ({dbias.shape[0]},)")
+                         f"dbias ({dbias.shape[0]},), each size < 2^31")
+    if N == 0:
+        return
     with nogil:
-        gemm(False, True, N, C, OC, 1.0, &dout[0, 0], OC, &weight[0, 0], OC,
-             1.0 if accumulate_dinp else 0.0, &dinp[0, 0], C)
-        gemm(True, False, C, OC, N, 1.0, &inp[0, 0], C, &dout[0, 0], OC, 1.0,
-             &dweight[0, 0], OC)
+        gemm(False, True, <int>N, <int>C, <int>OC, 1.0, &dout[0, 0], <int>OC, &weight[0, 0],
+             <int>OC, 1.0 if accumulate_dinp else 0.0, &dinp[0, 0], <int>C)
+        gemm(True, False, <int>C, <int>OC, <int>N, 1.0, &inp[0, 0], <int>C, &dout[0, 0],
+             <int>OC, 1.0, &dweight[0, 0], <int>OC)
         if dbias.shape[0] > 0:
             step = ((OC + nt - 1) // nt + 15) // 16 * 16
             nblocks = (OC + step - 1) // step
@@ -654,20 +772,22 @@ def matmul_backward(float[:, ::1] dinp, float[:, ::1] dweight, float[::1] dbias,
 def lm_head_forward(float[:, ::1] logits, const float[:, ::1] inp, wte):
     # logits (N, V) = inp (N, C) @ wte (V, C)^T   (the output head, tied to the embedding or
     # its own lm_head.weight); wte float32, or a PackedWeight of that logical shape
-    cdef Py_ssize_t N = inp.shape[0], K, V
-    cdef int C = inp.shape[1], wtype, ldw, failed = 0
+    cdef Py_ssize_t N = inp.shape[0], C = inp.shape[1], K, V
+    cdef int wtype, ldw, failed = 0
     cdef bint out_major
     cdef const uint16_t *S
     cdef const void *W = _weight_operand("lm_head_forward", wte, True, &K, &V, &wtype,
                                          &out_major, &ldw, &S)
-    if K != C or logits.shape[0] != N or logits.shape[1] != V:
+    if (K != C or logits.shape[0] != N or logits.shape[1] != V
+            or _blas_sizes_over(N, C, V)):
         raise ValueError(f"lm_head_forward: shapes ({N},{C}) @ ({V},{K})^T -> "
-                         f"({logits.shape[0]},{logits.shape[1]})")
+                         f"({logits.shape[0]},{logits.shape[1]}), each size < 2^31")
     if N == 0 or V == 0:
         return
     with nogil:
-        failed = weight_gemm(wtype, out_major, N, V, C, &inp[0, 0] if C > 0 else NULL, C, W,
-                             ldw, S, False, &logits[0, 0], V)
+        failed = weight_gemm(wtype, out_major, <int>N, <int>V, <int>C,
+                             &inp[0, 0] if C > 0 else NULL, <int>C, W, ldw, S, False,
+                             &logits[0, 0], <int>V)
     if failed:
         raise MemoryError("lm_head_forward: out of memory for a weight panel")
 
@@ -675,20 +795,26 @@ def lm_head_forward(float[:, ::1] logits, const float[:, ::1] inp, wte):
 def lm_head_backward(float[:, ::1] dinp, float[:, ::1] dwte, const float[:, ::1] dlogits,
                      const float[:, ::1] inp, const float[:, ::1] wte):
     # dinp (N, C) = dlogits (N, V) @ wte (V, C);  dwte (V, C) += dlogits^T @ inp
-    cdef int N = inp.shape[0], C = inp.shape[1], V = wte.shape[0]
+    cdef Py_ssize_t N = inp.shape[0], C = inp.shape[1], V = wte.shape[0]
     if (wte.shape[1] != C or dwte.shape[0] != V or dwte.shape[1] != C or dinp.shape[0] != N
-            or dinp.shape[1] != C or dlogits.shape[0] != N or dlogits.shape[1] != V):
+            or dinp.shape[1] != C or dlogits.shape[0] != N or dlogits.shape[1] != V
+            or _blas_sizes_over(N, C, V)):
         raise ValueError(f"lm_head_backward: inp ({N},{C}), wte ({V},{wte.shape[1]}), dlogits "
                          f"({dlogits.shape[0]},{dlogits.shape[1]}), dinp ({dinp.shape[0]},"
-                         f"{dinp.shape[1]}), dwte ({dwte.shape[0]},{dwte.shape[1]})")
+                         f"{dinp.shape[1]}), dwte ({dwte.shape[0]},{dwte.shape[1]}), each size "
+                         f"< 2^31")
+    if N == 0 or C == 0:
+        return
     with nogil:
-        gemm(False, False, N, C, V, 1.0, &dlogits[0, 0], V, &wte[0, 0], C, 0.0, &dinp[0, 0], C)
-        gemm(True, False, V, C, N, 1.0, &dlogits[0, 0], V, &inp[0, 0], C, 1.0, &dwte[0, 0], C)
+        gemm(False, False, <int>N, <int>C, <int>V, 1.0, &dlogits[0, 0], <int>V, &wte[0, 0],
+             <int>C, 0.0, &dinp[0, 0], <int>C)
+        gemm(True, False, <int>V, <int>C, <int>N, 1.0, &dlogits[0, 0], <int>V, &inp[0, 0],
+             <int>C, 1.0, &dwte[0, 0], <int>C)
 
 
 # --------------------------------------------------------------------------------------------
 # Activations by name (Hugging Face's activation_function, see config.ACTIVATION_KERNELS):
-# the row kernel is chosen once per call, so the loop over rows is the same as GELU's.
+# the row kernels are chosen once per call from one table.
 
 ctypedef void (*activation_row_t)(float *out, const float *x, int n) noexcept nogil
 ctypedef void (*activation_backward_row_t)(float *dinp, const float *x, const float *dout,
@@ -702,11 +828,11 @@ def activation_kernels():
     return _ACTIVATION_KERNELS
 
 
-cdef int _activation_index(str activation) except -1:
+cdef int _activation_index(str kernel, str activation) except -1:
     try:
         return _ACTIVATION_KERNELS.index(activation)
     except ValueError:
-        raise ValueError(f"unknown activation kernel {activation!r}; one of "
+        raise ValueError(f"{kernel}: unknown activation kernel {activation!r}; one of "
                          f"{list(_ACTIVATION_KERNELS)}") from None
 
 
@@ -727,12 +853,14 @@ _activations[4] = activation_kernel_t(gpt2s_quick_gelu_row, gpt2s_quick_gelu_bac
 def activation_forward(float[:, ::1] out, const float[:, ::1] inp, str activation):
     # out (N, D) = act(inp (N, D)) elementwise; out may be inp.  act: gelu_tanh (gelu_new),
     # gelu_erf = x Phi(x), relu = max(x, 0), silu = x sigmoid(x), quick_gelu = x sigmoid(1.702 x)
-    cdef activation_row_t row = _activations[_activation_index(activation)].forward
-    cdef Py_ssize_t N = inp.shape[0], n
-    cdef int D = inp.shape[1]
-    if out.shape[0] != N or out.shape[1] != D:
+    cdef activation_row_t row = _activations[
+        _activation_index("activation_forward", activation)].forward
+    cdef Py_ssize_t N = inp.shape[0], D = inp.shape[1], n
+    if out.shape[0] != N or out.shape[1] != D or _over_int(D):
         raise ValueError(f"activation_forward: out ({out.shape[0]},{out.shape[1]}) and inp "
-                         f"({N},{D}) differ in shape")
+                         f"({N},{D}): need one shape (N, D) with D < 2^31")
+    if N == 0 or D == 0:
+        return
     for n in prange(N, nogil=True, num_threads=threads_for(N * D), schedule='static'):
         row(&out[n, 0], &inp[n, 0], D)
 
@@ -740,13 +868,16 @@ def activation_forward(float[:, ::1] out, const float[:, ::1] inp, str activatio
 def activation_backward(float[:, ::1] dinp, const float[:, ::1] inp, const float[:, ::1] dout,
                         str activation):
     # dinp (N, D) = dout * act'(inp), elementwise; dinp may alias dout (docs/backward.md)
-    cdef activation_backward_row_t row = _activations[_activation_index(activation)].backward
-    cdef Py_ssize_t N = inp.shape[0], n
-    cdef int D = inp.shape[1]
+    cdef activation_backward_row_t row = _activations[
+        _activation_index("activation_backward", activation)].backward
+    cdef Py_ssize_t N = inp.shape[0], D = inp.shape[1], n
     if (dinp.shape[0] != N or dinp.shape[1] != D or dout.shape[0] != N
-            or dout.shape[1] != D):
+            or dout.shape[1] != D or _over_int(D)):
         raise ValueError(f"activation_backward: dinp ({dinp.shape[0]},{dinp.shape[1]}), inp "
-                         f"({N},{D}) and dout ({dout.shape[0]},{dout.shape[1]}) differ in shape")
+                         f"({N},{D}) and dout ({dout.shape[0]},{dout.shape[1]}): need one shape "
+                         f"(N, D) with D < 2^31")
+    if N == 0 or D == 0:
+        return
     for n in prange(N, nogil=True, num_threads=threads_for(N * D), schedule='static'):
         row(&dinp[n, 0], &inp[n, 0], &dout[n, 0], D)
 
@@ -754,11 +885,12 @@ def activation_backward(float[:, ::1] dinp, const float[:, ::1] inp, const float
 def erf_forward(float[:, ::1] out, const float[:, ::1] inp, bint complement=False):
     # out (N, D) = erf(inp), or erfc(inp) with complement: the float32 erf of the gelu_erf
     # kernel, exported so that its accuracy can be measured against math.erf
-    cdef Py_ssize_t N = inp.shape[0], n
-    cdef int D = inp.shape[1]
-    if out.shape[0] != N or out.shape[1] != D:
+    cdef Py_ssize_t N = inp.shape[0], D = inp.shape[1], n
+    if out.shape[0] != N or out.shape[1] != D or _over_int(D):
         raise ValueError(f"erf_forward: out ({out.shape[0]},{out.shape[1]}) and inp "
-                         f"({N},{D}) differ in shape")
+                         f"({N},{D}): need one shape (N, D) with D < 2^31")
+    if N == 0 or D == 0:
+        return
     for n in prange(N, nogil=True, num_threads=threads_for(N * D), schedule='static'):
         if complement:
             gpt2s_erfc_row(&out[n, 0], &inp[n, 0], D)
@@ -806,51 +938,63 @@ cdef inline void attention_head_forward(float *out, int ldo, float *lse, const f
 
 
 def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
-                      const float[:, :, ::1] q, int q_off, const float[:, :, ::1] k, int k_off,
-                      const float[:, :, ::1] v, int v_off, int pos0, int n_head, float scale):
+                      const float[:, :, ::1] q, q_off, const float[:, :, ::1] k, k_off,
+                      const float[:, :, ::1] v, v_off, pos0, n_head, float scale):
     # out (B, Tq, C); lse (B, NH, Tq) or empty; q (B, Tq, ldq) at column q_off; k, v
     # (B, Tkmax, ldk) at columns k_off, v_off with Tkmax >= pos0 + Tq.  The scores are
     # scale * q.k (GPT-2: scale = 1/sqrt(HS); GPT2Config.attention_scale has the variants).
-    cdef int B = out.shape[0], Tq = out.shape[1], C = out.shape[2]
-    cdef int ldq = q.shape[2], ldk = k.shape[2], Tkmax = k.shape[1]
-    cdef int HS, NH = n_head, bh, b, h
+    cdef Py_ssize_t B = out.shape[0], Tq = out.shape[1], C = out.shape[2]
+    cdef Py_ssize_t ldq = q.shape[2], ldk = k.shape[2], Tkmax = k.shape[1]
+    cdef Py_ssize_t qo = _int_arg("attention_forward", "q_off", q_off)
+    cdef Py_ssize_t ko = _int_arg("attention_forward", "k_off", k_off)
+    cdef Py_ssize_t vo = _int_arg("attention_forward", "v_off", v_off)
+    cdef Py_ssize_t first = _int_arg("attention_forward", "pos0", pos0)
+    cdef Py_ssize_t NH = _int_arg("attention_forward", "n_head", n_head)
+    cdef Py_ssize_t HS, bh, b, h
     cdef float *S
     cdef bint keep_lse = lse.shape[0] > 0
     cdef int no_memory = 0
-    if (n_head < 1 or C % n_head != 0 or q.shape[0] != B or q.shape[1] != Tq
-            or k.shape[0] < B or v.shape[0] < B or q_off < 0 or k_off < 0 or v_off < 0
-            or q_off + C > ldq or k_off + C > ldk or v_off + C > v.shape[2] or pos0 < 0
-            or (keep_lse and (lse.shape[0] != B or lse.shape[1] != n_head
+    if (NH < 1 or C < NH or C % NH != 0 or q.shape[0] != B or q.shape[1] != Tq
+            or k.shape[0] < B or v.shape[0] < B or _span_outside(qo, C, ldq)
+            or _span_outside(ko, C, ldk) or _span_outside(vo, C, v.shape[2]) or first < 0
+            or (keep_lse and (lse.shape[0] != B or lse.shape[1] != NH
                               or lse.shape[2] != Tq))):
         raise ValueError(f"attention_forward: out {_sh(out)}, lse {_sh(lse)}, q {_sh(q)} at "
                          f"column {q_off}, k {_sh(k)} at {k_off}, v {_sh(v)} at {v_off}, "
-                         f"pos0={pos0}, n_head={n_head}: need out (B, Tq, C) with n_head "
-                         f"dividing C, lse (B, n_head, Tq) or empty, q (B, Tq, >= q_off + C), "
+                         f"pos0={pos0}, n_head={n_head}: need out (B, Tq, C) with C a "
+                         f"positive multiple of n_head, lse (B, n_head, Tq) or empty, q (B, Tq, >= q_off + C), "
                          f"k and v (B, Tk, >= off + C)")
-    HS = C // n_head
-    if pos0 + Tq > Tkmax or v.shape[1] != Tkmax or v.shape[2] != ldk:
-        raise ValueError("attention_forward: key/value buffers too short")
+    HS = C // NH
+    if _span_outside(first, Tq, Tkmax) or v.shape[1] != Tkmax or v.shape[2] != ldk:
+        raise ValueError(f"attention_forward: key/value buffers too short: k {_sh(k)}, "
+                         f"v {_sh(v)} for pos0={pos0} and {Tq} queries (need the same shape "
+                         f"with pos0 + Tq <= Tk)")
+    if _over_int(ldq) or _over_int(ldk) or _over_int(Tkmax):
+        raise ValueError(f"attention_forward: q {_sh(q)}, k {_sh(k)}: sizes beyond 2^31 - 1 "
+                         f"(BLAS takes C ints)")
+    if B == 0 or Tq == 0:
+        return
     # a few queries (decoding) read the cache once for little arithmetic: count each key and
     # value they read as 4 multiply-adds' worth of work (GPT-2 decoding, 12 layers' caches of
     # 80 positions: one thread 106-117 us a layer, two 80 us)
-    with nogil, parallel(num_threads=threads_for(<double>B * NH * max(Tq, 4) * (pos0 + Tq)
+    with nogil, parallel(num_threads=threads_for(<double>B * NH * max(Tq, 4) * (first + Tq)
                                                  * HS)):
-        S = <float *>malloc(sizeof(float) * QBLOCK * (pos0 + Tq))
+        S = <float *>malloc(sizeof(float) * QBLOCK * (first + Tq))
         for bh in prange(B * NH, schedule='static'):
             if S == NULL:   # this thread got no scratch: flag it, raise after the region
                 no_memory += 1
                 continue
             b = bh // NH
             h = bh % NH
-            attention_head_forward(&out[b, 0, h * HS], C,
+            attention_head_forward(&out[b, 0, h * HS], <int>C,
                                    &lse[b, h, 0] if keep_lse else NULL,
-                                   &q[b, 0, q_off + h * HS], ldq,
-                                   &k[b, 0, k_off + h * HS], &v[b, 0, v_off + h * HS], ldk,
-                                   Tq, pos0, HS, scale, S)
+                                   &q[b, 0, qo + h * HS], <int>ldq,
+                                   &k[b, 0, ko + h * HS], &v[b, 0, vo + h * HS], <int>ldk,
+                                   <int>Tq, <int>first, <int>HS, scale, S)
         free(S)
     if no_memory:
         raise MemoryError(f"attention_forward: no memory for a thread's {QBLOCK} x "
-                          f"{pos0 + Tq} score scratch")
+                          f"{first + Tq} score scratch")
 
 
 cdef inline void attention_head_backward(float *dq, float *dk, float *dv, int ldd,
@@ -891,25 +1035,31 @@ cdef inline void attention_head_backward(float *dq, float *dk, float *dv, int ld
 
 def attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
                        const float[:, :, ::1] out, const float[:, :, ::1] lse,
-                       const float[:, :, ::1] qkv, int n_head, float scale):
+                       const float[:, :, ::1] qkv, n_head, float scale):
     # dqkv (B, T, 3C) is overwritten; dout, out (B, T, C); lse (B, NH, T); qkv (B, T, 3C);
     # scale: the forward's score scale
-    cdef int B = out.shape[0], T = out.shape[1], C = out.shape[2]
-    cdef int HS, NH = n_head, bh, b, h, t
+    cdef Py_ssize_t B = out.shape[0], T = out.shape[1], C = out.shape[2]
+    cdef Py_ssize_t NH = _int_arg("attention_backward", "n_head", n_head)
+    cdef Py_ssize_t HS, bh, b, h, t
     cdef float *P
     cdef float *dP
     cdef float *D
     cdef int no_memory = 0
-    if (n_head < 1 or C % n_head != 0 or dout.shape[0] != B or dout.shape[1] != T
+    if (NH < 1 or C < NH or C % NH != 0 or dout.shape[0] != B or dout.shape[1] != T
             or dout.shape[2] != C or dqkv.shape[0] != B or dqkv.shape[1] != T
             or dqkv.shape[2] != 3 * C or qkv.shape[0] != B or qkv.shape[1] != T
-            or qkv.shape[2] != 3 * C or lse.shape[0] != B or lse.shape[1] != n_head
+            or qkv.shape[2] != 3 * C or lse.shape[0] != B or lse.shape[1] != NH
             or lse.shape[2] != T):
         raise ValueError(f"attention_backward: dqkv {_sh(dqkv)}, dout {_sh(dout)}, out "
                          f"{_sh(out)}, lse {_sh(lse)}, qkv {_sh(qkv)}, n_head={n_head}: need "
-                         f"dout like out (B, T, C) with n_head dividing C, dqkv and qkv "
+                         f"dout like out (B, T, C) with C a positive multiple of n_head, dqkv and qkv "
                          f"(B, T, 3C), lse (B, n_head, T)")
-    HS = C // n_head
+    if _over_int(3 * C) or _over_int(T):
+        raise ValueError(f"attention_backward: qkv {_sh(qkv)}: sizes beyond 2^31 - 1 (BLAS "
+                         f"takes C ints)")
+    if B == 0 or T == 0:
+        return
+    HS = C // NH
     with nogil, parallel(num_threads=threads_for(<double>B * NH * T * T * HS)):
         P = <float *>malloc(sizeof(float) * QBLOCK * T)
         dP = <float *>malloc(sizeof(float) * QBLOCK * T)
@@ -924,10 +1074,11 @@ def attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
                 memset(&dqkv[b, t, C + h * HS], 0, HS * sizeof(float))
                 memset(&dqkv[b, t, 2 * C + h * HS], 0, HS * sizeof(float))
             attention_head_backward(&dqkv[b, 0, h * HS], &dqkv[b, 0, C + h * HS],
-                                    &dqkv[b, 0, 2 * C + h * HS], 3 * C,
-                                    &dout[b, 0, h * HS], &out[b, 0, h * HS], C, &lse[b, h, 0],
-                                    &qkv[b, 0, h * HS], &qkv[b, 0, C + h * HS],
-                                    &qkv[b, 0, 2 * C + h * HS], 3 * C, T, HS, scale, P, dP, D)
+                                    &dqkv[b, 0, 2 * C + h * HS], <int>(3 * C),
+                                    &dout[b, 0, h * HS], &out[b, 0, h * HS], <int>C,
+                                    &lse[b, h, 0], &qkv[b, 0, h * HS], &qkv[b, 0, C + h * HS],
+                                    &qkv[b, 0, 2 * C + h * HS], <int>(3 * C), <int>T, <int>HS,
+                                    scale, P, dP, D)
         free(P)
         free(dP)
         free(D)
@@ -937,20 +1088,23 @@ def attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
 
 
 def kv_cache_write(float[:, :, ::1] kcache, float[:, :, ::1] vcache,
-                   const float[:, :, ::1] qkv, int pos0):
+                   const float[:, :, ::1] qkv, pos0):
     # kcache, vcache (B, n_ctx, C)[:, pos0:pos0+T] = k, v parts of qkv (B, T, 3C)
-    cdef int B = qkv.shape[0], T = qkv.shape[1], C = kcache.shape[2], b, t
+    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C = kcache.shape[2], b, t
+    cdef Py_ssize_t first = _int_arg("kv_cache_write", "pos0", pos0)
     if (vcache.shape[0] != kcache.shape[0] or vcache.shape[1] != kcache.shape[1]
             or vcache.shape[2] != C or qkv.shape[2] != 3 * C or B > kcache.shape[0]
-            or pos0 < 0 or pos0 + T > kcache.shape[1]):
+            or _span_outside(first, T, kcache.shape[1])):
         raise ValueError(f"kv_cache_write: kcache {_sh(kcache)}, vcache {_sh(vcache)}, qkv "
                          f"{_sh(qkv)}, pos0={pos0}: need kcache, vcache (>= B, n_ctx, C), qkv "
                          f"(B, T, 3C) and 0 <= pos0, pos0 + T <= n_ctx")
+    if B == 0 or T == 0 or C == 0:
+        return
     with nogil:
         for b in range(B):
             for t in range(T):
-                memcpy(&kcache[b, pos0 + t, 0], &qkv[b, t, C], C * sizeof(float))
-                memcpy(&vcache[b, pos0 + t, 0], &qkv[b, t, 2 * C], C * sizeof(float))
+                memcpy(&kcache[b, first + t, 0], &qkv[b, t, C], C * sizeof(float))
+                memcpy(&vcache[b, first + t, 0], &qkv[b, t, 2 * C], C * sizeof(float))
 
 
 # --------------------------------------------------------------------------------------------
@@ -959,19 +1113,21 @@ def kv_cache_write(float[:, :, ::1] kcache, float[:, :, ::1] vcache,
 def crossentropy_forward(float[::1] losses, float[::1] lse, const float[:, ::1] logits,
                          const int64_t[::1] targets):
     # losses (N,) = lse - logits[n, target]; 0 where target == -1.  lse (N,) kept for backward.
-    cdef Py_ssize_t N = logits.shape[0], n
-    cdef int V = logits.shape[1]
+    cdef Py_ssize_t N = logits.shape[0], V = logits.shape[1], n
     cdef float l
-    if losses.shape[0] != N or lse.shape[0] != N or targets.shape[0] != N:
+    if (losses.shape[0] != N or lse.shape[0] != N or targets.shape[0] != N or V < 1
+            or _over_int(V)):
         raise ValueError(f"crossentropy_forward: losses {_sh(losses)}, lse {_sh(lse)}, logits "
                          f"{_sh(logits)}, targets {_sh(targets)}: need losses, lse, targets (N,) "
-                         f"for logits (N, V)")
+                         f"for logits (N, V) with 1 <= V < 2^31")
     n = _first_outside(targets, -1, V)
     if n >= 0:
         raise ValueError(f"crossentropy_forward: target {targets[n]} at {n} is outside "
                          f"[0, {V}) and not the ignore value -1")
+    if N == 0:
+        return
     for n in prange(N, nogil=True, num_threads=threads_for(N * V), schedule='static'):
-        l = gpt2s_logsumexp_row(&logits[n, 0], V)
+        l = gpt2s_logsumexp_row(&logits[n, 0], <int>V)
         lse[n] = l
         if targets[n] < 0:
             losses[n] = 0.0
@@ -983,26 +1139,25 @@ def crossentropy_backward(float[:, ::1] dlogits, const float[:, ::1] logits,
                           const float[::1] lse, const int64_t[::1] targets, float dloss):
     # dlogits (N, V) = dloss * (softmax(logits) - onehot(target)); zero rows where target == -1.
     # dlogits may be logits itself (in place).
-    cdef Py_ssize_t N = logits.shape[0], n
-    cdef int V = logits.shape[1], j
+    cdef Py_ssize_t N = logits.shape[0], V = logits.shape[1], n
     cdef float *d
-    cdef const float *x
-    cdef float l
     if (dlogits.shape[0] != N or dlogits.shape[1] != V or lse.shape[0] != N
-            or targets.shape[0] != N):
+            or targets.shape[0] != N or V < 1 or _over_int(V)):
         raise ValueError(f"crossentropy_backward: dlogits {_sh(dlogits)}, logits "
                          f"{_sh(logits)}, lse {_sh(lse)}, targets {_sh(targets)}: need dlogits "
-                         f"like logits (N, V), lse and targets (N,)")
+                         f"like logits (N, V) with 1 <= V < 2^31, lse and targets (N,)")
     n = _first_outside(targets, -1, V)
     if n >= 0:
         raise ValueError(f"crossentropy_backward: target {targets[n]} at {n} is outside "
                          f"[0, {V}) and not the ignore value -1")
+    if N == 0:
+        return
     for n in prange(N, nogil=True, num_threads=threads_for(N * V), schedule='static'):
         d = &dlogits[n, 0]
         if targets[n] < 0:
             memset(d, 0, V * sizeof(float))
             continue
-        gpt2s_scaled_softmax_row(d, &logits[n, 0], lse[n], dloss, V)
+        gpt2s_scaled_softmax_row(d, &logits[n, 0], lse[n], dloss, <int>V)
         d[targets[n]] -= dloss
 
 
@@ -1012,6 +1167,8 @@ def crossentropy_backward(float[:, ::1] dlogits, const float[:, ::1] logits,
 def fill_zero(float[::1] buf):
     cdef Py_ssize_t n = buf.shape[0], i, lo, hi, step
     cdef int nt = threads_for(n), k
+    if n == 0:
+        return
     step = (n + nt - 1) // nt
     for k in prange(nt, nogil=True, num_threads=nt, schedule='static'):
         lo = k * step
@@ -1029,17 +1186,18 @@ def sum_squares(const float[::1] buf):
     for blk in prange(nb, nogil=True, num_threads=threads_for(n), schedule='static'):
         lo = blk * 4096
         hi = min(n, lo + 4096)
-        part = gpt2s_dot(&buf[lo], &buf[lo], hi - lo)
+        part = gpt2s_dot(&buf[lo], &buf[lo], <int>(hi - lo))
         total += part
     return total
 
 
 cdef void adamw_segment(float *pp, const float *pg, float *pm, float *pv, Py_ssize_t lo,
                         Py_ssize_t hi, float shrink, float beta1, float beta2, float eps,
-                        float step_size, float inv_sqrt_bc2, float grad_scale) noexcept nogil:
+                        float step_size, float inv_sqrt_bc2, float grad_scale,
+                        int nt) noexcept nogil:
     cdef Py_ssize_t i
     cdef float g, mi, vi
-    for i in prange(lo, hi, num_threads=threads_for(hi - lo), schedule='static'):
+    for i in prange(lo, hi, num_threads=nt, schedule='static'):
         g = pg[i] * grad_scale
         mi = beta1 * pm[i] + (<float>1.0 - beta1) * g
         vi = beta2 * pv[i] + (<float>1.0 - beta2) * g * g
@@ -1051,16 +1209,19 @@ cdef void adamw_segment(float *pp, const float *pg, float *pm, float *pv, Py_ssi
 def adamw_step(float[::1] params, const float[::1] grads, float[::1] m, float[::1] v,
                const int64_t[::1] seg_start, const int64_t[::1] seg_stop,
                const float[::1] seg_decay, float lr, double beta1, double beta2, float eps,
-               int step, float grad_scale):
+               step, float grad_scale):
     """One fused AdamW pass over the parameter segments, in torch.optim.AdamW's order:
     p *= 1 - lr * wd;  m, v updated;  p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps).
     Segment s covers params[seg_start[s]:seg_stop[s]] with weight decay seg_decay[s];
-    grad_scale multiplies every gradient (gradient-norm clipping)."""
+    grad_scale multiplies every gradient (gradient-norm clipping); step >= 1 counts the
+    updates, this one included (the bias corrections divide by 1 - beta^step)."""
     cdef Py_ssize_t nseg = seg_start.shape[0], s
-    # bias corrections in double from the exact betas, as torch computes them in Python floats
-    cdef double bc1 = 1.0 - beta1 ** step, bc2 = 1.0 - beta2 ** step
-    cdef float step_size = <float>(lr / bc1)
-    cdef float inv_sqrt_bc2 = <float>(1.0 / sqrt(bc2))
+    cdef Py_ssize_t t = _int_arg("adamw_step", "step", step)
+    cdef double bc1, bc2
+    cdef float step_size, inv_sqrt_bc2
+    if t < 1:
+        raise ValueError(f"adamw_step: step must be >= 1 (the bias corrections divide by "
+                         f"1 - beta^step), got {step}")
     if grads.shape[0] != params.shape[0] or m.shape[0] != params.shape[0] \
             or v.shape[0] != params.shape[0]:
         raise ValueError("adamw_step: params, grads and state differ in length")
@@ -1069,16 +1230,27 @@ def adamw_step(float[::1] params, const float[::1] grads, float[::1] m, float[::
     for s in range(nseg):
         if seg_start[s] < 0 or seg_stop[s] > params.shape[0] or seg_start[s] > seg_stop[s]:
             raise ValueError(f"adamw_step: segment {s} out of range")
+    # bias corrections in double from the exact betas, as torch computes them in Python floats
+    bc1 = 1.0 - beta1 ** <double>t
+    bc2 = 1.0 - beta2 ** <double>t
+    step_size = <float>(lr / bc1)
+    inv_sqrt_bc2 = <float>(1.0 / sqrt(bc2))
+    if params.shape[0] == 0:
+        return
     with nogil:
         for s in range(nseg):
             adamw_segment(&params[0], &grads[0], &m[0], &v[0], seg_start[s], seg_stop[s],
                           <float>1.0 - lr * seg_decay[s], beta1, beta2, eps, step_size,
-                          inv_sqrt_bc2, grad_scale)
+                          inv_sqrt_bc2, grad_scale,
+                          threads_for(seg_stop[s] - seg_start[s]))
 
 
 def scale_inplace(float[::1] buf, float factor):
     cdef Py_ssize_t n = buf.shape[0], i
-    cdef float *p = &buf[0]
+    cdef float *p
+    if n == 0:
+        return
+    p = &buf[0]
     for i in prange(n, nogil=True, num_threads=threads_for(n), schedule='static'):
         p[i] = p[i] * factor
 

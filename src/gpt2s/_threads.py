@@ -50,25 +50,36 @@ def _default_threads() -> int:
         try:
             n = int(env)
             if n >= 1:
-                return n
+                return min(n, _core.max_num_threads())
         except ValueError:
             pass
-    return max(1, _core.omp_max_threads())
+    return min(max(1, _core.omp_max_threads()), _core.max_num_threads())
+
+
+#: ``with pinned_num_threads() as n:`` -- every kernel called inside runs on the same n
+#: threads, the count read when the block is entered, whatever `set_num_threads` does
+#: meanwhile in other threads (a C thread-local in _runtime.h, which ``threads_for`` in
+#: _core.pyx reads before the global count).  Each public call of the façade (a forward, a
+#: backward, an optimizer step, a generation or one step of a stream) runs inside one, so
+#: its float32 sums are all ordered for one team size.  Re-entrant: a block inside another,
+#: on the same thread, keeps the outer count.
+pinned_num_threads = _core.pinned_num_threads
 
 
 def set_num_threads(n: int) -> None:
     """Set the number of CPU threads every gpt2s kernel uses (matmuls included).
 
     The default is ``$OMP_NUM_THREADS``, else the number of cores OpenMP sees.  It may be
-    called at any time; a call already running finishes with the count it started with.
-    Without OpenMP the kernels run on one thread whatever is set.
+    called at any time, from any thread: a call already running (a forward, a backward, an
+    optimizer step, a generation, one step of a stream) finishes with the count it started
+    with.  Without OpenMP the kernels run on one thread whatever is set.
 
     Args:
-        n: threads, >= 1.
+        n: threads, 1 to 1024.
 
     Raises:
         TypeError: n is not an int.
-        ValueError: n < 1.
+        ValueError: n < 1 or n > 1024.
 
     Examples:
         >>> import gpt2s
@@ -79,8 +90,9 @@ def set_num_threads(n: int) -> None:
     """
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
-    if n < 1:
-        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    if not 1 <= n <= _core.max_num_threads():
+        raise ValueError(f"set_num_threads: n must be between 1 and {_core.max_num_threads()}, "
+                         f"got {n}")
     _core.set_num_threads(n)
 
 

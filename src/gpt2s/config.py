@@ -61,6 +61,56 @@ def _refusals(d: dict):
     return out
 
 
+class _Unreadable:
+    """A number in a config.json that Python's json would turn into an error without naming
+    the file (an integer past Python's 4300-digit conversion limit) or accept though JSON does
+    not allow it (NaN, Infinity): kept as a marker until its field can be named."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+
+def _first_unreadable(value, field: str = ""):
+    """(field path, _Unreadable) of the first marker inside a parsed config, or None."""
+    stack = [(field, value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, _Unreadable):
+            return where, v
+        if isinstance(v, dict):
+            stack.extend(reversed([(f"{where}.{k}" if where else k, x) for k, x in v.items()]))
+        elif isinstance(v, list):
+            stack.extend(reversed([(f"{where}[{i}]", x) for i, x in enumerate(v)]))
+    return None
+
+
+def parse_config_json(text: str, source: str) -> dict:
+    """The object of a config.json text.  Raises ValueError naming source (and the field,
+    when one is at fault): not JSON, not an object, a NaN or Infinity literal (not JSON), an
+    integer longer than Python converts (4300 digits)."""
+    def integer(digits: str):
+        if len(digits.lstrip("-")) > 4300:
+            return _Unreadable(f"an integer of {len(digits.lstrip('-'))} digits")
+        return int(digits)
+
+    def constant(name: str):
+        return _Unreadable(f"{name}, which is not a JSON number")
+
+    try:
+        d = json.loads(text, parse_int=integer, parse_constant=constant)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: not JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{source}: not JSON (nested too deeply)") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: not a JSON object")
+    bad = _first_unreadable(d)
+    if bad is not None:
+        field, value = bad
+        raise ValueError(f"{source}: {field} is {value.what}")
+    return d
+
+
 _PRESETS = {
     # the four released GPT-2 sizes
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),
@@ -139,7 +189,8 @@ class GPT2Config:
                                          or isinstance(self.n_inner, bool) or self.n_inner < 1):
             raise ValueError(f"GPT2Config.n_inner must be a positive integer or None (4 * n_embd),"
                              f" got {self.n_inner!r}")
-        if self.activation_function not in ACTIVATION_KERNELS:
+        if not isinstance(self.activation_function, str) \
+                or self.activation_function not in ACTIVATION_KERNELS:
             raise ValueError(
                 f"GPT2Config.activation_function={self.activation_function!r} is not supported; "
                 f"gpt2s computes {sorted(ACTIVATION_KERNELS)}")
@@ -167,6 +218,9 @@ class GPT2Config:
         eps = self.layer_norm_epsilon
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps < 1:
             raise ValueError(f"GPT2Config.layer_norm_epsilon must be a number below 1, got "
+                             f"{eps!r}")
+        if not math.isfinite(eps):
+            raise ValueError(f"GPT2Config.layer_norm_epsilon must be a finite number, got "
                              f"{eps!r}")
 
     @property
@@ -284,7 +338,11 @@ class GPT2Config:
         try:
             return cls(**kwargs)
         except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
+            # name the key as the file spells it
+            msg = str(e).removeprefix("GPT2Config.")
+            if msg.startswith("n_ctx") and "n_positions" in d:
+                msg = "n_positions" + msg[len("n_ctx"):]
+            raise ValueError(f"{source}: {msg}") from None
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "GPT2Config":
@@ -298,8 +356,9 @@ class GPT2Config:
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: not valid JSON, not an object, or not a GPT-2 config (the message names
-                the file).
+            ValueError: not UTF-8, not JSON (NaN, Infinity and integers of more than 4300
+                digits included), not an object, or not a GPT-2 config: a value missing, of
+                the wrong type or out of bounds (the message names the file and the field).
 
         Examples:
             >>> import json, tempfile, os
@@ -309,14 +368,14 @@ class GPT2Config:
             >>> GPT2Config.from_json_file(path) == GPT2Config.preset("tiny")
             True
         """
+        with open(path, "rb") as f:
+            raw = f.read()
         try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_hf_dict(d, source=str(path))
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                             f"{e.start}), so not a config.json") from None
+        return cls.from_hf_dict(parse_config_json(text, str(path)), source=str(path))
 
     def to_hf_dict(self) -> dict:
         """The ``config.json`` content for these sizes that ``transformers.GPT2LMHeadModel`` loads

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import glob as _glob
 import hashlib
+import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,9 +41,9 @@ import numpy as np
 from .tokenizer import EOT_ID, EOT_TOKEN, N_VOCAB
 from .weights import atomic_write
 
-__all__ = ["TokenData", "DataError", "expand_paths", "read_shard_header", "write_shard",
-           "ShardWriter", "tokenize_text", "SHARD_MAGIC", "SHARD_VERSION", "HEADER_WORDS",
-           "HEADER_BYTES"]
+__all__ = ["TokenData", "DataError", "FileHashes", "expand_paths", "read_shard_header",
+           "write_shard", "ShardWriter", "tokenize_text", "SHARD_MAGIC", "SHARD_VERSION",
+           "HEADER_WORDS", "HEADER_BYTES"]
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -51,7 +53,8 @@ HEADER_BYTES = HEADER_WORDS * 4
 MAX_SHARD_TOKENS = 2**31 - 1
 FORMATS = ("auto", "llmc", "uint16", "text")
 _GLOB_CHARS = set("*?[")
-_FINGERPRINT_EDGE = 4096   # bytes hashed at each end of a file for its fingerprint
+_LEGACY_EDGE = 4096   # bytes at each end of a file in the legacy fingerprint
+FINGERPRINT_PREFIX = "sha256:"
 
 
 class DataError(ValueError):
@@ -241,6 +244,92 @@ def _read_text(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------
+# Content hashes
+
+
+def _stat_key(st) -> list:
+    # any write to a file changes its mtime and ctime (ctime cannot be set back by touch -r or
+    # os.utime), a replaced file has another inode
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+class FileHashes:
+    """SHA-256 of whole files, computed once and remembered by (resolved path, size, mtime,
+    ctime, inode) in a small JSON file (``path``; None: in memory only), so a corpus is read
+    in full once, not at every start of a run.
+
+    A file changed within ``RACY_S`` seconds of its hashing is not remembered: a second write
+    in the same clock tick of the file system would keep its size and times, and must not
+    pass for the hashed content (git's "racy" entries).  ``readonly`` keeps the file as it is
+    (ranks other than the writer of a data-parallel run).  ``save()`` writes the entries of
+    the files hashed or looked up through this object, atomically."""
+
+    FORMAT = "gpt2s-file-hashes"
+    RACY_S = 2.0
+
+    def __init__(self, path=None, readonly: bool = False):
+        self.path = Path(path) if path is not None else None
+        self.readonly = readonly
+        self._known: dict[str, dict] = {}
+        self._used: dict[str, dict] = {}
+        self.hashed = 0            # files read in full by this object (the rest came cached)
+        if self.path is not None:
+            try:
+                doc = json.loads(self.path.read_bytes())
+            except (OSError, ValueError):
+                doc = None           # missing or damaged: a cache, recomputed
+            if isinstance(doc, dict) and doc.get("format") == self.FORMAT and \
+                    isinstance(doc.get("files"), dict):
+                self._known = {k: v for k, v in doc["files"].items() if isinstance(v, dict)}
+        self._loaded = dict(self._known)
+
+    def sha256(self, path) -> str:
+        """Hex SHA-256 of the file's bytes (from the cache when its stat matches)."""
+        key = os.path.realpath(path)
+        before = os.stat(key)
+        entry = self._used.get(key) or self._known.get(key)
+        if entry is not None and entry.get("stat") == _stat_key(before) and \
+                isinstance(entry.get("sha256"), str):
+            self._used[key] = entry
+            return entry["sha256"]
+        started = time.time_ns()
+        digest = _sha256_file(key)
+        self.hashed += 1
+        after = os.stat(key)
+        entry = {"stat": _stat_key(after), "sha256": digest}
+        changed_during = _stat_key(before) != _stat_key(after)
+        racy = started - max(after.st_mtime_ns, after.st_ctime_ns) < self.RACY_S * 1e9
+        if changed_during or racy:
+            self._known.pop(key, None)
+            self._used.pop(key, None)
+        else:
+            self._used[key] = entry
+        return digest
+
+    def save(self):
+        """Write the entries used (atomically); nothing when in memory or read-only, or when
+        the file already holds exactly them."""
+        if self.path is None or self.readonly:
+            return
+        if self._used == self._loaded:
+            return
+        doc = {"format": self.FORMAT, "version": 1, "files": dict(sorted(self._used.items()))}
+        text = (json.dumps(doc, indent=1) + "\n").encode()
+        atomic_write(self.path, lambda f: f.write(text))
+        self._loaded = dict(self._used)
+
+
+def _sha256_file(path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------
 # The corpus
 
 
@@ -283,9 +372,10 @@ class TokenData:
     detecting it.  ``len(data)`` is the number of tokens; ``data.windows(starts, T)`` returns
     the windows ``tokens[s : s + T + 1]`` for each start as an int64 array ``(B, T + 1)``,
     read across file boundaries without copying the corpus; ``data.fingerprint`` is a short
-    hex string that changes when the files change (for checking a resumed run uses the same
-    data); ``data.subset(lo, hi)`` is the token range ``[lo, hi)`` as a TokenData sharing the
-    same files (e.g. a validation split).
+    string that changes when the content of the files changes (for checking a resumed run
+    uses the same data; ``data.files()`` says which file changed); ``data.subset(lo, hi)``
+    is the token range ``[lo, hi)`` as a TokenData sharing the same files (e.g. a
+    validation split).
     """
 
     def __init__(self, sources, *, format: str = "auto"):
@@ -316,29 +406,55 @@ class TokenData:
         self._arrays = [a for a in arrays if len(a)]
         self._bounds = np.cumsum([0] + [len(a) for a in self._arrays], dtype=np.int64)
         self._lo, self._hi = 0, int(self._bounds[-1])
-        self._fingerprint = self._compute_fingerprint()
+        # the files' SHA-256, shared with subsets; computed when first asked for
+        self._digests: list = [None]
 
     # ---------------------------------------------------------------- size and identity
 
     def __len__(self) -> int:
         return self._hi - self._lo
 
+    def hash_files(self, hashes: FileHashes | None = None) -> None:
+        """Compute the SHA-256 of every file (once per corpus and its subsets), through
+        ``hashes`` (a FileHashes cache) when given; ``fingerprint`` and ``files()`` then use
+        them."""
+        if self._digests[0] is None:
+            hashes = hashes if hashes is not None else FileHashes()
+            self._digests[0] = [hashes.sha256(s.path) for s in self.sources]
+
     @property
     def fingerprint(self) -> str:
-        """Hex digest of every file's name, size and first and last 4 KiB (shard headers
-        included), the formats and the token range: cheap (no full read), and unchanged when
-        the files are copied or touched."""
-        return self._fingerprint
+        """``"sha256:"`` and 32 hex digits of a hash of every file's content (its SHA-256,
+        read in full once: hash_files), format and token count, in order, and of the token
+        range: any edit of a file changes it; a file's name, location and times do not (the
+        same content copied, renamed or touched is the same data)."""
+        self.hash_files()
+        h = hashlib.sha256()
+        for s, digest in zip(self.sources, self._digests[0]):
+            h.update(f"{s.kind}\0{s.n_tokens}\0{digest}\0".encode())
+        h.update(f"{self._lo}:{self._hi}".encode())
+        return FINGERPRINT_PREFIX + h.hexdigest()[:32]
 
-    def _compute_fingerprint(self) -> str:
+    def files(self) -> list[dict]:
+        """One record per file, in order: its path (as given), format, token count, size and
+        SHA-256; what a run stores to name the files whose content changed."""
+        self.hash_files()
+        return [{"path": str(s.path), "kind": s.kind, "tokens": s.n_tokens,
+                 "size": os.stat(s.path).st_size, "sha256": digest}
+                for s, digest in zip(self.sources, self._digests[0])]
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint earlier gpt2s releases stored (each file's name, size and first and
+        last 4 KiB, the formats and the token range; 16 hex digits), to check a checkpoint
+        saved with it against the data."""
         h = hashlib.sha256()
         for s in self.sources:
             size = s.path.stat().st_size
             h.update(f"{s.path.name}\0{s.kind}\0{size}\0{s.n_tokens}\0".encode())
             with open(s.path, "rb") as f:
-                h.update(f.read(_FINGERPRINT_EDGE))
-                if size > _FINGERPRINT_EDGE:
-                    f.seek(max(_FINGERPRINT_EDGE, size - _FINGERPRINT_EDGE))
+                h.update(f.read(_LEGACY_EDGE))
+                if size > _LEGACY_EDGE:
+                    f.seek(max(_LEGACY_EDGE, size - _LEGACY_EDGE))
                     h.update(f.read())
         h.update(f"{self._lo}:{self._hi}".encode())
         return h.hexdigest()[:16]
@@ -365,7 +481,7 @@ class TokenData:
         sub = object.__new__(TokenData)
         sub.sources, sub._arrays, sub._bounds = self.sources, self._arrays, self._bounds
         sub._lo, sub._hi = self._lo + lo, self._lo + hi
-        sub._fingerprint = sub._compute_fingerprint()
+        sub._digests = self._digests
         return sub
 
     def split(self, val_fraction: float) -> tuple["TokenData", "TokenData"]:

@@ -45,6 +45,7 @@ import warnings
 import numpy as np
 
 from . import _core
+from ._threads import pinned_num_threads
 
 __all__ = ["generate", "generate_stream", "generate_text", "stream_text", "EOT_ID"]
 
@@ -172,7 +173,7 @@ def _decode(model, prompt, seq, max_new_tokens, sampler, num_samples, stop_at_eo
                 f"generation stopped after {step} of {max_new_tokens} new tokens: the "
                 f"sequence reached the model's context of n_ctx={n_ctx} positions (pass "
                 f"context_full='slide' to go on with a sliding window)",
-                RuntimeWarning, stacklevel=3)
+                RuntimeWarning, stacklevel=4)
             return
         tok = sampler(logits)
         if stop_at_eos:
@@ -193,6 +194,20 @@ def _decode(model, prompt, seq, max_new_tokens, sampler, num_samples, stop_at_eo
             logits = model._forward_cached(seq[:, cur - 1:cur], cur - 1 - start, kv)
 
 
+def _pinned_steps(steps):
+    """The steps of a generation, each computed (the forward of the last token, the sampling
+    of the next) on one thread count: the one set when that step starts.  A generator must
+    not hold the pin across a yield: the consumer's other calls, on this thread or another,
+    would run under it."""
+    while True:
+        with pinned_num_threads():
+            try:
+                tok = next(steps)
+            except StopIteration:
+                return
+        yield tok
+
+
 def _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
              stop_at_eos, eos_token_id, context_full, token_limit=None):
     args = check_sampling_args(temperature, top_k, top_p, seed, num_samples, max_new_tokens,
@@ -207,8 +222,9 @@ def _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed, num_sa
     seq[:, :T] = np.repeat(prompt, ns, axis=0) if ns > 1 else prompt
     sampler = _Sampler(B * ns, model.config.vocab_size, args["temperature"], args["top_k"],
                        args["top_p"], args["seed"], token_limit)
-    steps = _decode(model, prompt, seq, n_new, sampler, ns, stop_at_eos, eos_token_id,
-                    args["context_full"]) if n_new > 0 else iter(())
+    steps = _pinned_steps(_decode(model, prompt, seq, n_new, sampler, ns, stop_at_eos,
+                                  eos_token_id, args["context_full"])) if n_new > 0 \
+        else iter(())
     return seq, steps
 
 
@@ -229,8 +245,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
                           num_samples, stop_at_eos, eos_token_id, context_full)
     T = seq.shape[1] - max_new_tokens
     n = 0
-    for _ in steps:
-        n += 1
+    with pinned_num_threads():   # the whole generation on one thread count
+        for _ in steps:
+            n += 1
     return seq[:, :T + n] if n < max_new_tokens else seq
 
 
@@ -337,7 +354,8 @@ def generate_text(model, prompt, max_new_tokens, temperature=1.0, top_k=None, to
     ids = _encode_prompts(enc, prompt, model.config)
     seq, steps = _prepare(model, ids, max_new_tokens, temperature, top_k, top_p, seed,
                           num_samples, stop_at_eos, EOT_ID, context_full, token_limit=enc.n_vocab)
-    n = sum(1 for _ in steps)
+    with pinned_num_threads():   # the whole generation on one thread count
+        n = sum(1 for _ in steps)
     T = ids.shape[1]
     texts = []
     for row in seq[:, T:T + n]:

@@ -7,6 +7,7 @@ is read as huggingface_hub lays it out, without importing it::
     $HF_HUB_CACHE (else $HF_HOME/hub, else ~/.cache/huggingface/hub)
       models--openai-community--gpt2/
         refs/main                       the commit hash of the snapshot "main" points to
+                                        (nothing else is followed: a path there is refused)
         snapshots/<hash>/model.safetensors, config.json   (symlinks into ../../blobs/)
 
 so a model downloaded once by transformers, huggingface-cli or gpt2s loads with no network.
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 
-__all__ = ["resolve_pretrained", "ModelNotFound", "hub_cache_dirs", "cached_snapshot",
-           "PRETRAINED", "DEMO_DIR", "HF_DOWNLOAD", "pretrained_hint"]
+__all__ = ["resolve_pretrained", "ModelNotFound", "CacheError", "hub_cache_dirs",
+           "cached_snapshot", "PRETRAINED", "DEMO_DIR", "HF_DOWNLOAD", "pretrained_hint"]
 
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 # short names -> Hugging Face repo ids (the official GPT-2 checkpoints moved from "gpt2" to
@@ -61,12 +63,37 @@ def cache_folders(repo_id: str) -> list[str]:
     return names
 
 
+# what huggingface_hub writes to refs/main: the commit's hash (40 hex digits; abbreviated,
+# or SHA-256, accepted too): hex digits alone cannot name anything but a child of snapshots/
+_COMMIT_HASH = re.compile(r"[0-9a-fA-F]{4,64}")
+
+
+class CacheError(ValueError):
+    """A Hugging Face cache entry gpt2s will not follow (the message names the file)."""
+
+
+def _main_commit(ref: Path) -> str:
+    """The commit hash refs/main holds.  Anything else (a path, a name with a slash, an empty
+    or a huge file) would point outside the repo's snapshots/ directory: refused."""
+    with open(ref, "rb") as f:
+        raw = f.read(129)
+    text = raw.decode("ascii", "replace").strip()
+    if not _COMMIT_HASH.fullmatch(text):
+        shown = "more than 128 bytes" if len(raw) > 128 else repr(text) if text else "empty"
+        raise CacheError(f"{ref}: does not hold a commit hash ({shown}), so it names no "
+                         f"snapshot of this cache; delete it, or the cached repo, and "
+                         f"download again")
+    return text
+
+
 def cached_snapshot(repo_dir: Path) -> Path | None:
     """The snapshot directory of a cached repo that has model.safetensors: the one refs/main
-    names, else the most recently modified.  A dangling symlink (blob deleted) does not count."""
+    names (a commit hash: a direct child of snapshots/), else the most recently modified.  A
+    dangling symlink (blob deleted) does not count.  Raises CacheError when refs/main holds
+    anything but a commit hash."""
     ref = repo_dir / "refs" / "main"
     if ref.is_file():
-        snap = repo_dir / "snapshots" / ref.read_text().strip()
+        snap = repo_dir / "snapshots" / _main_commit(ref)
         if (snap / "model.safetensors").is_file():
             return snap
     snaps = [Path(p).parent for p in glob.glob(str(repo_dir / "snapshots" / "*" /
@@ -133,7 +160,8 @@ def resolve_pretrained(name_or_path, *, env=None, local_files_only: bool = False
       cache, else downloaded with huggingface_hub (unless ``local_files_only`` or
       ``HF_HUB_OFFLINE=1``).
 
-    Raises ModelNotFound saying where it looked and how to get the model.
+    Raises ModelNotFound saying where it looked and how to get the model, CacheError when a
+    cached repo's refs/main holds anything but a commit hash.
     """
     env = os.environ if env is None else env
     text = os.fspath(name_or_path)

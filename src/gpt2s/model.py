@@ -241,8 +241,11 @@ class GPT2:
         Raises:
             FileNotFoundError: no such file, or a directory without model.safetensors.
             SafetensorsError: the file is not a usable GPT-2 safetensors file (the message names
-                the file and the tensor: missing, wrong shape, unknown dtype, truncated).
-            ValueError: config.json is not valid or does not describe a GPT-2.
+                the file and the tensor: missing, wrong shape, unknown dtype, truncated, a
+                header past the limits of docs/checkpoints.md, a NaN or infinite weight, a
+                value dtype cannot hold), or there is not enough memory to load it.
+            ValueError: config.json is not valid or does not describe a GPT-2 (the message
+                names the file and the field).
 
         Examples:
             >>> import tempfile
@@ -252,27 +255,33 @@ class GPT2:
             2
         """
         _wt.check_dtype(dtype)
-        # validated, nothing allocated
-        file, mm, header, data_start, config = open_model(path, copy_on_write=bool(mmap))
+        file, config = path, None
         try:
-            m = cls.__new__(cls)
-            # a float32 model whose file has no tensor to view reads into its one buffer
-            into_buffer = dtype == "float32" and not (
-                mmap and any(_weights.viewable(info, data_start, "F32")
-                             for info in header.values()))
-            m._setup(config, dtype, allocate=into_buffer)
-            if into_buffer:
-                load_into(file, header, data_start, mm, m.params, config)
-                viewed = False
-            else:
-                viewed = m._load_tensors(file, header, data_start, mm, bool(mmap))
-        except BaseException:
-            m = None
+            # validated, nothing allocated
+            file, mm, header, data_start, config = open_model(path, copy_on_write=bool(mmap))
             try:
-                mm.close()
-            except BufferError:   # a view is still held (by the traceback): freed with it
-                pass
-            raise
+                m = cls.__new__(cls)
+                # a float32 model whose file has no tensor to view reads into its one buffer
+                into_buffer = dtype == "float32" and not (
+                    mmap and any(_weights.viewable(info, data_start, "F32")
+                                 for info in header.values()))
+                m._setup(config, dtype, allocate=into_buffer)
+                if into_buffer:
+                    load_into(file, header, data_start, mm, m.params, config)
+                    viewed = False
+                else:
+                    viewed = m._load_tensors(file, header, data_start, mm, bool(mmap))
+            except BaseException:
+                m = None
+                try:
+                    mm.close()
+                except BufferError:   # a view is still held (by the traceback): freed with it
+                    pass
+                raise
+        except MemoryError:
+            size = f" ({config.num_parameters():,} parameters)" if config is not None else ""
+            raise _weights.SafetensorsError(
+                f"{file}: not enough memory to load it as {dtype}{size}") from None
         if viewed:
             m._mapping = mm
         else:
@@ -311,19 +320,25 @@ class GPT2:
                 else None
             if view is not None:
                 viewed = True
-                self._set_param(name, _wt.get(self.dtype).from_stored(name, view) if compressed
-                                else view)
+                if compressed:
+                    _weights.check_bfloat16_bits(file, raw, view)
+                    self._set_param(name, _wt.get(self.dtype).from_stored(name, view))
+                else:
+                    _weights.check_values(file, raw, view)
+                    self._set_param(name, view)
                 continue
+            # values the storage cannot hold are refused as they are read, before compressing
+            storage = self.dtype if compressed else "float32"
             if compressed and _wt.is_row_major(name):
                 w = _wt.get(self.dtype).empty(name, shape)
                 for r0, r1 in _weights.row_chunks(*shape):
                     rows = temporary((r1 - r0, shape[1]))
-                    _weights.read_rows(file, header, raw, data_start, mm, rows, r0)
+                    _weights.read_rows(file, header, raw, data_start, mm, rows, r0, storage)
                     _wt.get(self.dtype).compress_rows_into(name, w, r0, rows)
                 self._set_param(name, w)
             elif compressed:
                 tmp = temporary(shape)
-                _weights.read_tensor(file, header, raw, data_start, mm, tmp)
+                _weights.read_tensor(file, header, raw, data_start, mm, tmp, storage)
                 self._set_param(name, _wt.get(self.dtype).compress(name, tmp))
             elif self._flat is None:       # a float32 model whose other tensors are mapped
                 tmp = np.empty(shape, np.float32)
@@ -442,6 +457,8 @@ class GPT2:
 
     def _check_idx(self, idx, name="idx") -> np.ndarray:
         a = np.asarray(idx)
+        if a.size == 0:   # before the dtype: np.asarray([]) is float64
+            raise ValueError(f"{name} is empty (shape {a.shape}): give at least one token id")
         if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
             raise TypeError(f"{name} must be an integer array of token ids, got dtype {a.dtype}")
         if a.ndim == 1:
@@ -449,8 +466,6 @@ class GPT2:
         if a.ndim != 2:
             raise ValueError(f"{name} must have shape (B, T) or (T,), got shape {a.shape}")
         B, T = a.shape
-        if B == 0 or T == 0:
-            raise ValueError(f"{name} is empty (shape {a.shape})")
         if T > self.config.n_ctx:
             raise ValueError(f"{name} has T={T} positions, longer than the model's context "
                              f"n_ctx={self.config.n_ctx}")
@@ -507,8 +522,8 @@ class GPT2:
 
         Raises:
             TypeError: idx or targets is not an integer array.
-            ValueError: a bad shape, T > n_ctx, or a token id outside [0, vocab_size) (the message
-                names the position).
+            ValueError: no token ids, a bad shape, T > n_ctx, or a token id outside
+                [0, vocab_size) (the message names the position).
 
         Examples:
             >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
@@ -523,8 +538,13 @@ class GPT2:
         B, T = idx.shape
         tgt = None if targets is None else self._check_targets(targets, (B, T))
         if tgt is not None and for_backward and self.dtype == "float32":
-            with self._train_lock:
+            with self._train_lock, _core.pinned_num_threads():
                 return self._forward_train(idx, tgt, return_logits)
+        with _core.pinned_num_threads():   # every kernel of this call on one team size
+            return self._forward_inference(idx, tgt, return_logits)
+
+    def _forward_inference(self, idx, tgt, return_logits):
+        B, T = idx.shape
         me = threading.get_ident()
         last = self._last
         if last is not None and last["thread"] == me:
@@ -694,11 +714,12 @@ class GPT2:
         if pos0 + T > kv[0].shape[2]:
             raise ValueError(f"position {pos0 + T - 1} is beyond the KV cache's "
                              f"{kv[0].shape[2]} positions")
-        lnf = self._run_blocks(idx, self._thread_workspace().acts, keep_layers=False, kv=kv,
-                               pos0=pos0)
-        last = np.ascontiguousarray(lnf.reshape(B, T, -1)[:, -1, :])
-        logits = np.empty((B, self.config.vocab_size), np.float32)
-        _core.lm_head_forward(logits, last, self.params[self._head_name])
+        with _core.pinned_num_threads():
+            lnf = self._run_blocks(idx, self._thread_workspace().acts, keep_layers=False,
+                                   kv=kv, pos0=pos0)
+            last = np.ascontiguousarray(lnf.reshape(B, T, -1)[:, -1, :])
+            logits = np.empty((B, self.config.vocab_size), np.float32)
+            _core.lm_head_forward(logits, last, self.params[self._head_name])
         return logits
 
     # ------------------------------------------------------------------ backward
@@ -746,10 +767,10 @@ class GPT2:
             True
         """
         self._require_float32("backward()")
-        with self._train_lock:
-            self._backward(normalizer, on_layer_done)
+        with self._train_lock, _core.pinned_num_threads() as nt:
+            self._backward(normalizer, on_layer_done, nt)
 
-    def _backward(self, normalizer, on_layer_done):
+    def _backward(self, normalizer, on_layer_done, nt):
         last = self._last
         if last is None:
             raise RuntimeError("backward() needs a preceding forward(idx, targets) with targets; "
@@ -775,7 +796,6 @@ class GPT2:
         B, T = idx.shape
         N, C, L, NH, V, H = B * T, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size, \
             cfg.inner_size
-        nt = _core.get_num_threads()
         in_place = last["logits_owned"]  # nobody else sees these logits: dlogits in place
         spec = {"dres": (N, C), "dln": (N, C), "datty": (N, C), "dqkv": (N, 3 * C),
                 "dfch": (N, H), "ln_scratch": (nt, 2 * C)}

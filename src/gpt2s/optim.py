@@ -131,8 +131,8 @@ class AdamW:
         if max_norm is not None:
             _check_max_norm(max_norm, "AdamW.step")
         # a training call: the norm and the update see the same gradients, serialized with
-        # backward and zero_grad (the lock is reentrant)
-        with self.model._train_lock:
+        # backward and zero_grad (the lock is reentrant), on one thread count
+        with self.model._train_lock, _core.pinned_num_threads():
             if max_norm is not None:
                 norm = grad_norm(self.model) * grad_scale
                 grad_scale *= clip_coefficient(norm, max_norm)
@@ -207,15 +207,72 @@ class AdamW:
     def load(self, path):
         """Restore the state saved by `save`.
 
+        Every array's shape and dtype are read from its ``.npy`` header inside the zip, and the
+        member's declared size checked against them, before any array is read: a file that
+        declares arrays other than this model's (a zip bomb among them) is refused without
+        allocating them.
+
         Args:
             path: the ``.npz`` file.
 
         Raises:
             FileNotFoundError: no such file.
-            ValueError: the state does not fit this model.
+            ValueError: the file is not an optimizer state of this model (the message names
+                the file and the array).
         """
+        path = Path(path)
+        expected = {"step": ((), "iu"), "lr": ((), "f"), "eps": ((), "f"),
+                    "weight_decay": ((), "f"), "betas": ((2,), "f"),
+                    "m": (self.m.shape, "f"), "v": (self.v.shape, "f")}
+        _check_npz(path, expected)
         with np.load(path) as z:
-            self.load_state_dict({k: z[k] for k in z.files})
+            # only the checked arrays: any other member is never read
+            self.load_state_dict({k: z[k] for k in expected})
+
+
+def _check_npz(path: Path, expected: dict):
+    """Refuse an .npz unless each array named in ``expected`` (name -> (shape, dtype kinds))
+    is there as a plain numeric .npy member of that shape whose declared size is exactly its
+    header plus shape x itemsize; reads only the zip directory and the .npy headers."""
+    import zipfile
+    from numpy.lib import format as npy
+
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path}: not an optimizer state (.npz): {e}") from None
+    with zf:
+        for name, (shape, kinds) in expected.items():
+            try:
+                info = zf.getinfo(name + ".npy")
+            except KeyError:
+                raise ValueError(f"{path}: no array {name!r} (not an optimizer state saved by "
+                                 f"AdamW.save)") from None
+            try:
+                with zf.open(info) as f:
+                    version = npy.read_magic(f)
+                    if version == (1, 0):
+                        got_shape, fortran, dtype = npy.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        got_shape, fortran, dtype = npy.read_array_header_2_0(f)
+                    else:
+                        raise ValueError(f".npy format version {version} (1.0 or 2.0 expected)")
+                    header_bytes = f.tell()
+            except (ValueError, zipfile.BadZipFile, EOFError, NotImplementedError,
+                    RuntimeError) as e:   # a bad header, compression method or encryption
+                raise ValueError(f"{path}: array {name!r}: not a readable .npy header "
+                                 f"({e})") from None
+            if dtype.hasobject or dtype.kind not in kinds or dtype.subdtype is not None:
+                raise ValueError(f"{path}: array {name!r} has dtype {dtype}, expected "
+                                 f"{'an integer' if kinds == 'iu' else 'a float'} dtype")
+            if tuple(got_shape) != tuple(shape):
+                raise ValueError(f"{path}: array {name!r} has shape {tuple(got_shape)}, this "
+                                 f"model needs {tuple(shape)}")
+            want = header_bytes + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if info.file_size != want:
+                raise ValueError(f"{path}: array {name!r} declares {info.file_size:,} bytes, "
+                                 f"its header and shape {tuple(shape)} of {dtype} make "
+                                 f"{want:,}")
 
 
 def _check_max_norm(max_norm, where):

@@ -123,8 +123,15 @@ def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fracti
     bar = Progress(total_bytes, "bytes", enabled=progress, stream=err)
     tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out_dir))
     t0 = time.perf_counter()
+    # the file being written (or a function giving it): a write that fails (disk full) says
+    # only why, not where
+    writing = None
     try:
         writer = ShardWriter(tmp, "part", shard_size)
+
+        def next_shard():
+            return writer.out_dir / f"{writer.prefix}_{len(writer.paths):06d}.bin"
+        writing = next_shard
         eot = np.array([EOT_ID], np.uint16)
 
         def consume(index, size, tokens):
@@ -185,6 +192,7 @@ def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fracti
                                     ("val", tokens[split - start:])):
                     name = f"{kind}_{len(names[kind]):06d}.bin"
                     names[kind].append(name)
+                    writing = tmp / name
                     write_shard(tmp / name, piece)
                     moves.append((tmp / name, name))
                 del tokens
@@ -204,8 +212,14 @@ def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fracti
         }
         from .weights import atomic_write
         text = (json.dumps(manifest, indent=1) + "\n").encode()
+        writing = out_dir / "prepare.json"
         atomic_write(out_dir / "prepare.json", lambda f: f.write(text))
         return manifest
+    except OSError as e:
+        if e.filename is None and writing is not None:
+            where = writing() if callable(writing) else writing
+            raise OSError(e.errno, e.strerror or str(e), str(where)) from e
+        raise
     finally:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -231,6 +245,9 @@ output: DIR/train_NNNNNN.bin (and val_NNNNNN.bin) in llm.c's format: 256 int32 h
 
 validation: --val-fraction F puts the last F of the tokens in val_*.bin; --val-shards K the
   last K shards.  Without either, everything goes to train_*.bin.
+
+errors: one line naming the file and the cause; exit status 2 for a bad input or option, 1
+  when reading or writing fails (disk full, a read-only or unwritable --out).
 
 examples:
   {PROG} input.txt --out data/shakespeare --val-fraction 0.1
@@ -268,6 +285,12 @@ def main(argv=None) -> int:
     except PrepareError as e:
         print(f"{PROG}: error: {e}", file=err)
         return 2
+    except OSError as e:
+        # disk full, a read-only or unwritable --out, an unreadable input: the file and why
+        cause = e.strerror or str(e) or type(e).__name__
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else e.filename
+        print(f"{PROG}: error: {f'{where}: ' if where is not None else ''}{cause}", file=err)
+        return 1
     except KeyboardInterrupt:
         print("", file=err)
         return 130

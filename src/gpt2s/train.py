@@ -21,8 +21,16 @@ manifest of their sizes and SHA-256 hashes are written into a new directory, and
 a symlink makes it current; ``--resume`` loads only a checkpoint its manifest vouches for.
 ``OUT/model.safetensors`` and ``OUT/config.json`` always show the current checkpoint, so OUT
 loads with ``GPT2.from_safetensors`` and with transformers.  Saved every ``--save-every``
-steps, at the end, and after the step in progress on Ctrl-C or SIGTERM.  Beside it: 
+steps, at the end, and after the step in progress on Ctrl-C or SIGTERM.  Beside it:
 ``metrics.jsonl`` (a JSON object per step and per evaluation, NaN as null) and ``loss.png``.
+
+A run directory has one writer: the trainer holds ``OUT/.lock`` (an advisory lock the system
+drops when the process ends) from before it reads or writes anything in OUT, so a second
+trainer on the same OUT stops at once.  Nothing is written or deleted through a symlink out of
+OUT, and a new run never replaces a previous run's checkpoints unless told (``--overwrite``).
+A step whose loss or gradient norm is not finite stops the run before its update, saving
+nothing (``TrainingDiverged``).  Exit status: 0 done, 2 a usage error or a refused directory,
+1 a failed run (diverged, disk full, unwritable), 128 + N stopped by signal N.
 
 Exact resume: the kernels split work over threads statically, so a run is bitwise
 reproducible on the same machine with the same thread count; resuming on another thread count
@@ -48,12 +56,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import (CheckpointError, check_run_dir, has_checkpoint, load_checkpoint,
-                         remove_leftovers, save_checkpoint, strict_json)
+from .checkpoint import (DATA_HASHES, LOG_FILES, CheckpointError, check_run_dir,
+                         load_checkpoint, lock_run_dir, previous_run, remove_leftovers,
+                         remove_run, save_checkpoint, strict_json)
+from .optim import clip_coefficient, grad_norm
 from .weights import atomic_write
 
 __all__ = ["main", "build_parser", "lr_at", "effective_warmup", "train_batch", "eval_batch",
-           "train_step", "evaluate", "RunConfig", "plot_metrics"]
+           "train_step", "evaluate", "RunConfig", "plot_metrics", "TrainingDiverged"]
 
 PROG = "python -m gpt2s.train"
 STATE_FORMAT = "gpt2s-train"
@@ -64,6 +74,27 @@ WARMUP_CLAMP = 0.1   # a warm-up of --steps or more is cut to this fraction of t
 
 class UsageError(Exception):
     """A mistake in the command line or its inputs: reported in one line, no traceback."""
+
+
+class RunFailed(Exception):
+    """A run that cannot go on (it diverged): reported in one line, exit status 1; every rank
+    of a data-parallel run raises it at the same step."""
+
+
+class TrainingDiverged(FloatingPointError):
+    """A training step whose loss or gradient norm is not finite (NaN or infinity).  Raised
+    before the step's update, so the model and optimizer keep the previous step's values;
+    ``step`` is the step's 1-based number (as in metrics.jsonl), ``what`` "training loss" or
+    "gradient norm"."""
+
+    def __init__(self, step: int, what: str, value: float):
+        super().__init__(f"step {step}: the {what} is {value} (not finite)")
+        self.step, self.what, self.value = step, what, value
+
+
+def _stop_unless_finite(value, step: int, what: str):
+    if not math.isfinite(value):
+        raise TrainingDiverged(step + 1, what, float(value))
 
 
 # ------------------------------------------------------------------------------------------
@@ -162,7 +193,12 @@ schedule: --steps is the total number of optimizer steps of the run; each one av
 output in --out: model.safetensors + config.json (loadable by gpt2s and transformers),
   optimizer.npz, train_state.json, metrics.jsonl (one JSON object per step and per
   evaluation) and loss.png (when matplotlib is installed).  A run stopped in any way
-  (Ctrl-C, kill, power loss) continues exactly with the same command plus --resume.
+  (Ctrl-C, kill, power loss) continues exactly with the same command plus --resume.  One
+  trainer at a time per --out (a second one stops at once, naming the first one's PID); a
+  new run refuses a directory that holds a previous run's checkpoints unless --overwrite.
+  A step whose loss or gradient norm is not finite stops the run, saving nothing (the last
+  checkpoint stays the resume point).  Exit status: 0 done, 2 a usage error or a refused
+  --out, 1 a failed run (diverged, disk full, no permission), 128+N stopped by signal N.
 
 examples:
   {PROG} input.txt --init mini --steps 2000 --out runs/mini
@@ -207,6 +243,11 @@ data parallel over MPI (pip install "gpt2s[mpi]"; docs/distributed.md): under
                         "(required)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out from its checkpoint, to --steps")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds a previous run: delete that "
+                        "run's checkpoints (.checkpoints and the four links to it), "
+                        "metrics.jsonl and loss.png, and nothing else (default: refuse; "
+                        "continue it with --resume)")
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: continue even if the batch size, sequence length, "
                         "gradient accumulation, seed, data or model differ from the "
@@ -338,19 +379,26 @@ def _lr_of(cfg: RunConfig, step: int) -> float:
 def train_step(model, opt, data, cfg: RunConfig, step: int) -> tuple[float, float | None]:
     """Optimizer step ``step`` (0-based): ``grad_accum`` micro-batches, their gradients
     averaged, clipped and applied in one fused AdamW pass.  Returns (the mean training loss,
-    the gradient norm before clipping or None)."""
+    the gradient norm before clipping or None).  Raises TrainingDiverged, before updating
+    anything, when a micro-batch's loss or the gradient norm is not finite."""
     opt.lr = _lr_of(cfg, step)
     model.zero_grad()
     loss = 0.0
     for micro in range(cfg.grad_accum):
         x, y = train_batch(data, cfg.seed, step, micro, cfg.batch_size, cfg.seq_len)
         _, micro_loss = model.forward(x, y, return_logits=False)
+        _stop_unless_finite(micro_loss, step, "training loss")
         model.backward()
         loss += micro_loss
     # each micro-batch loss is a mean, so the step's gradient is the mean of theirs: 1/N
     # rides along in the fused update instead of a pass of its own over the gradients
-    norm = opt.step(grad_scale=1.0 / cfg.grad_accum,
-                    max_norm=cfg.grad_clip if cfg.grad_clip > 0 else None)
+    scale, norm = 1.0 / cfg.grad_accum, None
+    if cfg.grad_clip > 0:
+        # the norm AdamW.step(max_norm=) would take, checked before it reaches the weights
+        norm = grad_norm(model) * scale
+        _stop_unless_finite(norm, step, "gradient norm")
+        scale *= clip_coefficient(norm, cfg.grad_clip)
+    opt.step(grad_scale=scale)
     return loss / cfg.grad_accum, norm
 
 
@@ -358,19 +406,22 @@ def _train_step_dp(model, opt, data, cfg: RunConfig, step: int, dp):
     """train_step on N ranks (dp: a DataParallel): this rank trains on its rows of each
     global micro-batch of ``cfg.batch_size`` windows; the gradients are summed over the ranks
     during the last micro-batch's backward."""
-    from .optim import clip_coefficient
     opt.lr = _lr_of(cfg, step)
     model.zero_grad()
     loss = 0.0
     for micro in range(cfg.grad_accum):
         x, y = dp.shard(*train_batch(data, cfg.seed, step, micro, cfg.batch_size, cfg.seq_len))
-        loss += dp.forward(x, y)      # the global mean loss of the micro-batch
+        micro_loss = dp.forward(x, y)      # the global mean loss of the micro-batch
+        # the same value on every rank, so every rank stops here together
+        _stop_unless_finite(micro_loss, step, "training loss")
+        loss += micro_loss
         # the last micro-batch's reduction carries the gradients of all of them
         dp.backward(sync=micro == cfg.grad_accum - 1)
     scale, norm = 1.0 / cfg.grad_accum, None
     if cfg.grad_clip > 0:
         # the same norm on every rank (AdamW's own would be each rank's local sum)
         norm = dp.grad_norm() * scale
+        _stop_unless_finite(norm, step, "gradient norm")
         scale *= clip_coefficient(norm, cfg.grad_clip)
     opt.step(grad_scale=scale)
     return loss / cfg.grad_accum, norm
@@ -407,16 +458,18 @@ class Metrics:
     def __init__(self, out: Path, csv_path: Path | None, upto: int):
         self.path = out / METRICS
         self.csv_path = csv_path
-        self.rows = self._cut_jsonl(self.path, upto)
-        self._f = open(self.path, "a", encoding="utf-8")
-        self._csv = None
+        self._f = self._csv = None
         self._csv_pending = None
+        with _naming(self.path):
+            self.rows = self._cut_jsonl(self.path, upto)
+            self._f = open(self.path, "a", encoding="utf-8")
         if csv_path is not None:
-            self._cut_csv(csv_path, upto)
-            self._csv = open(csv_path, "a", encoding="utf-8")
-            if self._csv.tell() == 0:
-                self._csv.write(self.CSV_HEADER)
-                self._csv.flush()
+            with _naming(csv_path):
+                self._cut_csv(csv_path, upto)
+                self._csv = open(csv_path, "a", encoding="utf-8")
+                if self._csv.tell() == 0:
+                    self._csv.write(self.CSV_HEADER)
+                    self._csv.flush()
 
     @staticmethod
     def _cut_jsonl(path: Path, upto: int) -> list:
@@ -466,15 +519,17 @@ class Metrics:
 
     def _write(self, row: dict):
         self.rows.append(row)
-        self._f.write(strict_json(row) + "\n")
-        self._f.flush()
+        with _naming(self.path):
+            self._f.write(strict_json(row) + "\n")
+            self._f.flush()
 
     def _flush_csv(self):
         if self._csv is not None and self._csv_pending is not None:
             step, lr, loss, val, tps = self._csv_pending
             val_text = "" if val is None or not math.isfinite(val) else f"{val:.6f}"
-            self._csv.write(f"{step},{lr:.6g},{loss:.6f},{val_text},{tps:.1f}\n")
-            self._csv.flush()
+            with _naming(self.csv_path):
+                self._csv.write(f"{step},{lr:.6g},{loss:.6f},{val_text},{tps:.1f}\n")
+                self._csv.flush()
         self._csv_pending = None
 
     def sync(self):
@@ -482,10 +537,33 @@ class Metrics:
         self._flush_csv()
 
     def close(self):
-        self._flush_csv()
-        self._f.close()
-        if self._csv is not None:
-            self._csv.close()
+        try:
+            self._flush_csv()
+        finally:
+            for f in (self._f, self._csv):
+                if f is not None:
+                    try:
+                        f.close()
+                    except OSError:
+                        # a failed flush of what a failed write left buffered: the write
+                        # already reported it
+                        pass
+
+
+class _naming:
+    """Give an OSError raised inside the block the file's name when it has none (a write
+    that fails says only "No space left on device")."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if isinstance(e, OSError) and e.filename is None:
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from e
+        return False
 
 
 def plot_metrics(metrics_path, png_path, title: str = "") -> Path:
@@ -670,9 +748,41 @@ def _model_source(args) -> str | None:
     return None
 
 
-def _check_resume(saved: dict, run: RunConfig, identity: dict, allow: bool):
+def _data_difference(old_files, new_files) -> str:
+    """Which files differ between the checkpoint's data (``old_files``, the records
+    TokenData.files() made then) and this run's, by position; "" when the checkpoint has no
+    records."""
+    if not isinstance(old_files, list) or not isinstance(new_files, list):
+        return ""
+    notes = []
+    for i in range(max(len(old_files), len(new_files))):
+        old = old_files[i] if i < len(old_files) and isinstance(old_files[i], dict) else None
+        new = new_files[i] if i < len(new_files) else None
+        if new is None:
+            notes.append(f"{old.get('path') if old else f'file {i + 1}'}: in the checkpoint's "
+                         f"run, not in this one")
+        elif old is None:
+            notes.append(f"{new['path']}: not in the checkpoint's run")
+        elif old.get("sha256") != new["sha256"]:
+            size = (f" ({new['size']:,} bytes, were {old['size']:,})"
+                    if isinstance(old.get("size"), int) and old["size"] != new["size"] else
+                    " (same size)")
+            if old.get("path") == new["path"]:
+                notes.append(f"{new['path']}: its content changed since the checkpoint{size}")
+            else:
+                notes.append(f"{new['path']}: its content differs from {old.get('path')}, "
+                             f"the checkpoint's run's file {i + 1}{size}")
+        elif old.get("kind") != new["kind"]:
+            notes.append(f"{new['path']}: read as {new['kind']}, the checkpoint's run read "
+                         f"it as {old.get('kind')}")
+    return ", ".join(notes) if notes else "the same files, another token range"
+
+
+def _check_resume(saved: dict, run: RunConfig, identity: dict, allow: bool, legacy=None):
     """Refuse (or with --allow-changes, warn about) what breaks an exact continuation; note
-    schedule changes, which the user asked for explicitly."""
+    schedule changes, which the user asked for explicitly.  ``legacy(key)`` gives the data's
+    fingerprint in the format of earlier gpt2s releases, for a checkpoint that holds one."""
+    from .data import FINGERPRINT_PREFIX
     old_run, old_id = saved.get("run", {}), saved.get("identity", {})
     broken, notes = [], []
     for key, flag in (("batch_size", "--batch-size"), ("seq_len", "--seq-len"),
@@ -682,9 +792,29 @@ def _check_resume(saved: dict, run: RunConfig, identity: dict, allow: bool):
             broken.append(f"{flag} {getattr(run, key)} (the checkpoint's run used "
                           f"{old_run[key]})")
     for key, what in (("train_data", "the training data"), ("val_data", "the validation data")):
-        if old_id.get(key) != identity[key]:
-            broken.append(f"{what} differ (fingerprint {identity[key]}, the checkpoint's run "
-                          f"used {old_id.get(key)})")
+        old_fp, new_fp = old_id.get(key), identity[key]
+        if old_fp == new_fp:
+            continue
+        if key == "val_data" and broken and broken[-1].startswith("the training data") and \
+                identity.get("val_files") is None and old_id.get("val_files") is None:
+            continue   # a split of the same files: what changed is already named
+        older = isinstance(old_fp, str) and not old_fp.startswith(FINGERPRINT_PREFIX)
+        if older and legacy is not None and legacy(key) == old_fp:
+            notes.append(f"{what}: the checkpoint holds the fingerprint of an earlier gpt2s "
+                         f"(each file's name, size and first and last 4 KiB), which matches; "
+                         f"the next checkpoint records the files' content hashes")
+            continue
+        files_key = key.replace("_data", "_files")
+        detail = _data_difference(old_id.get(files_key), identity.get(files_key))
+        if detail:
+            broken.append(f"{what} differ: {detail}")
+        elif older:
+            broken.append(f"{what} differ (the checkpoint holds the fingerprint of an earlier "
+                          f"gpt2s, {old_fp}, of each file's name, size and first and last "
+                          f"4 KiB: a file was renamed, resized or changed at an end)")
+        else:
+            broken.append(f"{what} differ (fingerprint {new_fp}, the checkpoint's run used "
+                          f"{old_fp})")
     if identity["model_source"] is not None and old_id.get("model_source") != \
             identity["model_source"]:
         broken.append(f"the model ({identity['model_source'].split(':', 1)[1]}; the "
@@ -693,7 +823,8 @@ def _check_resume(saved: dict, run: RunConfig, identity: dict, allow: bool):
                       ("warmup", "--warmup"), ("weight_decay", "--weight-decay"),
                       ("grad_clip", "--grad-clip"), ("eval_batches", "--eval-batches")):
         if key in old_run and old_run[key] != getattr(run, key):
-            notes.append(f"{flag} is now {getattr(run, key)} (was {old_run[key]})")
+            notes.append(f"{flag} is now {getattr(run, key)} (was {old_run[key]}); the run "
+                         f"continues with the new value")
     if broken and not allow:
         raise UsageError("--resume: this run differs from the checkpoint's in: "
                          + "; ".join(broken) + ". Resume with the same arguments, or pass "
@@ -701,7 +832,7 @@ def _check_resume(saved: dict, run: RunConfig, identity: dict, allow: bool):
     for b in broken:
         print(f"warning: --allow-changes: {b}", file=sys.stderr)
     for n in notes:
-        print(f"note: {n}; the run continues with the new value", file=sys.stderr)
+        print(f"note: {n}", file=sys.stderr)
 
 
 def save_run(out: Path, model, opt, step: int, run: RunConfig, identity: dict, last_val,
@@ -730,9 +861,27 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         _abort_other_ranks(2)
         return 2
+    except RunFailed as e:
+        # every rank stopped at the same step: no abort needed, one message is enough
+        if _MPI_WORLD is None or _MPI_WORLD[1] == 0:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{PROG}: error: {_os_error_text(e)}", file=sys.stderr)
+        _abort_other_ranks(1)
+        return 1
     except KeyboardInterrupt:
         print(f"\n{PROG}: stopped; the last checkpoint in {args.out} is intact", file=sys.stderr)
         return 130
+
+
+def _os_error_text(e: OSError) -> str:
+    """One line: the file, then the cause (e.g. "No space left on device")."""
+    cause = e.strerror or str(e) or type(e).__name__
+    if e.filename is None:
+        return cause
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else f"{e.filename}"
+    return f"{where}: {cause}"
 
 
 _MPI_WORLD = None   # the MPI world (size, rank) of a data-parallel run, else None
@@ -768,7 +917,7 @@ def _setup_mpi(args):
 def _run(args) -> int:
     try:
         return _run_inner(args)
-    except (UsageError, CheckpointError, KeyboardInterrupt):
+    except (UsageError, CheckpointError, RunFailed, OSError, KeyboardInterrupt):
         raise
     except BaseException as e:
         if _MPI_WORLD is not None and _MPI_WORLD[0] > 1 and not isinstance(e, SystemExit):
@@ -782,16 +931,15 @@ def _run(args) -> int:
 
 def _run_inner(args) -> int:
     import gpt2s
-    from .config import GPT2Config
-    from .data import DataError
-    from .model import GPT2
-    from .optim import AdamW
 
     mpi = _setup_mpi(args)
     world, rank = (mpi[1], mpi[2]) if mpi else (1, 0)
     # every check that needs no data or model first
     if args.threads:
-        gpt2s.set_num_threads(args.threads)
+        try:
+            gpt2s.set_num_threads(args.threads)
+        except ValueError as e:
+            raise UsageError(f"--threads: {e}") from None
     elif mpi and not os.environ.get("OMP_NUM_THREADS"):
         from .distributed import default_threads
         gpt2s.set_num_threads(default_threads())
@@ -799,6 +947,8 @@ def _run_inner(args) -> int:
         args.quiet, args.plot, args.no_plot, args.log = True, False, True, None
     if args.allow_changes and not args.resume:
         raise UsageError("--allow-changes is for --resume only")
+    if args.overwrite and args.resume:
+        raise UsageError("--overwrite starts a new run, --resume continues one: give one")
     if args.val_data and args.val_fraction != build_parser().get_default("val_fraction"):
         raise UsageError("--val-fraction and --val-data exclude each other")
     if args.plot and not _have_matplotlib():
@@ -807,6 +957,20 @@ def _run_inner(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a directory")
+    if rank > 0:
+        return _run_locked(args, out, mpi, world, rank)
+    # the one writer: held from before anything in OUT is read for writing until the end
+    with lock_run_dir(out):
+        return _run_locked(args, out, mpi, world, rank)
+
+
+def _run_locked(args, out: Path, mpi, world: int, rank: int) -> int:
+    import gpt2s
+    from .config import GPT2Config
+    from .data import DataError, FileHashes
+    from .model import GPT2
+    from .optim import AdamW
+
     warmup, warning = effective_warmup(args.warmup, args.steps)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
@@ -818,27 +982,42 @@ def _run_inner(args) -> int:
                     eval_batches=args.eval_batches)
 
     ck = None
+    check_run_dir(out)     # no symlink where the run writes or deletes
     if args.resume:
         try:
             ck = load_checkpoint(out)
         except CheckpointError as e:
-            raise UsageError(f"--resume: {e}") from None
-    elif has_checkpoint(out):
-        raise UsageError(f"--out {out} already holds a run; continue it with --resume, or "
-                         f"choose another --out")
-    else:
-        check_run_dir(out)
+            hint = ""
+            if "does not exist" in str(e) and previous_run(out):
+                hint = f" (it holds {previous_run(out)}; --overwrite starts a new run there)"
+            raise UsageError(f"--resume: {e}{hint}") from None
+    elif not args.overwrite:
+        previous = previous_run(out)
+        if previous:
+            raise UsageError(f"--out {out} already holds a run; continue it with --resume, "
+                             f"start over with --overwrite (deletes its checkpoints, "
+                             f"{' and '.join(LOG_FILES)}), or choose another --out "
+                             f"(found {previous})")
 
     try:
         train, val, described = _load_data(args)
+        # content hashes, cached in OUT by the writer (a data-parallel rank only reads them)
+        hashes = FileHashes(out / DATA_HASHES, readonly=rank > 0)
+        train.hash_files(hashes)
+        if val is not None:
+            val.hash_files(hashes)
     except DataError as e:
         raise UsageError(str(e)) from None
     identity = {"train_data": train.fingerprint, "val_data": val.fingerprint if val else None,
-                "model_source": _model_source(args)}
+                "model_source": _model_source(args), "train_files": train.files(),
+                "val_files": val.files() if val is not None and args.val_data else None}
 
     try:
         if ck is not None:
-            _check_resume(ck.state, run, identity, args.allow_changes)
+            by_key = {"train_data": train, "val_data": val}
+            _check_resume(ck.state, run, identity, args.allow_changes,
+                          legacy=lambda key: by_key[key].legacy_fingerprint()
+                          if by_key[key] is not None else None)
             identity["model_source"] = ck.state.get("identity", {}).get("model_source")
             model = GPT2.from_safetensors(ck.dir)
         elif args.model:
@@ -856,7 +1035,10 @@ def _run_inner(args) -> int:
     opt = AdamW(model, lr=run.lr, weight_decay=run.weight_decay)
     first, last_val, elapsed0 = 0, None, 0.0
     if ck is not None:
-        opt.load(ck.path("optimizer.npz"))
+        try:
+            opt.load(ck.path("optimizer.npz"))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--resume: {e}") from None
         opt.weight_decay = run.weight_decay
         first, last_val = ck.step, ck.state.get("last_val")
         elapsed0 = float(ck.state.get("elapsed_s") or 0.0)
@@ -874,9 +1056,21 @@ def _run_inner(args) -> int:
     if rank > 0:
         return _train_loop(args, out, model, opt, train, val, run, identity, _NoMetrics(),
                            first, last_val, elapsed0, dp)
+    # the first writes: every check has passed
     out.mkdir(parents=True, exist_ok=True)
-    if ck is not None:   # what a kill during the last save's cleanup left
+    if args.overwrite:
+        removed = remove_run(out)
+        for fname in LOG_FILES:
+            p = out / fname
+            if p.is_file() and not p.is_symlink():   # check_run_dir refused links
+                p.unlink()
+                removed.append(fname)
+        if removed:
+            print(f"--overwrite: deleted the previous run's {', '.join(removed)} in {out}",
+                  file=sys.stderr)
+    elif ck is not None:   # what a kill during the last save's cleanup left
         remove_leftovers(out, ck.dir.name)
+    hashes.save()
     metrics = Metrics(out, Path(args.log) if args.log else None, upto=first)
     print(f"{model!r}\ndata: {described}\n"
           f"{'resuming at step ' + str(first) + ' of ' if first else ''}{run.steps} steps of "
@@ -927,11 +1121,27 @@ def _train_loop(args, out, model, opt, train, val, run, identity, metrics, first
     t0 = time.perf_counter()
     saved = first
     step = first
+
+    def save(step):
+        try:
+            save_run(out, model, opt, step, run, identity, last_val,
+                     elapsed0 + time.perf_counter() - t0)
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror or e}; the checkpoint of step {step} was not "
+                                   f"saved, {_resume_point(out, saved)}", e.filename) from e
+
     with _StopRequests() as stop:
         while step < run.steps and _no_stop(stop, dp):
             t_step = time.perf_counter()
-            loss, norm = (train_step(model, opt, train, run, step) if dp is None
-                          else _train_step_dp(model, opt, train, run, step, dp))
+            try:
+                loss, norm = (train_step(model, opt, train, run, step) if dp is None
+                              else _train_step_dp(model, opt, train, run, step, dp))
+            except TrainingDiverged as e:
+                # every rank sees the same loss and norm: all stop at this step, none saves
+                progress.close()
+                metrics.sync()
+                raise RunFailed(f"{e}: the run diverged (lower --lr, or check the data); "
+                                f"nothing was saved, {_resume_point(out, saved)}") from None
             step += 1
             now = time.perf_counter()
             metrics.step(step, opt.lr, loss, norm, tokens_per_step / (now - t_step),
@@ -950,14 +1160,12 @@ def _train_loop(args, out, model, opt, train, val, run, identity, metrics, first
             if args.save_every and step % args.save_every == 0:
                 metrics.sync()
                 if writer:
-                    save_run(out, model, opt, step, run, identity, last_val,
-                             elapsed0 + time.perf_counter() - t0)
+                    save(step)
                 saved = step
         progress.close()
         metrics.sync()
         if saved != step and writer:
-            save_run(out, model, opt, step, run, identity, last_val,
-                     elapsed0 + time.perf_counter() - t0)
+            save(step)
     took = time.perf_counter() - t0
     if dp is not None:
         # the other ranks wait for rank 0's checkpoint, so none reports success before it is
@@ -975,6 +1183,12 @@ def _train_loop(args, out, model, opt, train, val, run, identity, metrics, first
         val_text = f", validation loss {last_val['loss']:.4f} at step {last_val['step']}"
     print(f"saved {out} after {step} steps ({took:.0f} s{val_text})", file=sys.stderr)
     return 0
+
+
+def _resume_point(out: Path, saved: int) -> str:
+    if saved:
+        return f"{out} keeps the checkpoint of step {saved} (continue from it with --resume)"
+    return f"{out} holds no checkpoint"
 
 
 if __name__ == "__main__":

@@ -9,11 +9,15 @@ package, because:
   float32 copies of the model;
 * BF16 needs no torch (NumPy has no bfloat16: we widen the 16 bits into float32 ourselves);
 * every problem can name the file and the tensor (missing, wrong shape, unknown dtype,
-  truncated data, not a safetensors file).
+  truncated data, not a safetensors file, a NaN weight);
+* a hostile header is bounded before Python's json parses it (the library caps it at 100 MB,
+  which json.loads turns into ~1 GB of objects), and every header the library refuses is
+  refused here too.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import GPT2Config
+from .config import GPT2Config, parse_config_json
 
 __all__ = [
     "param_layout", "read_safetensors_header", "load_into", "infer_config",
@@ -78,7 +82,9 @@ class SafetensorsError(ValueError):
     """A safetensors file that gpt2s cannot use; the message names the file and the tensor.
 
     Raised by `GPT2.from_safetensors` for a file that is not safetensors, a truncated file, a
-    missing or unexpected tensor, a wrong shape or an unsupported dtype.  A subclass of
+    missing or unexpected tensor, a wrong shape or an unsupported dtype, a header past the
+    limits (``MAX_HEADER_BYTES``, ``MAX_TENSORS``, ...), a NaN or infinite weight or one the
+    storage dtype cannot hold, and when memory runs out while loading.  A subclass of
     ``ValueError``.
 
     Examples:
@@ -124,8 +130,25 @@ def param_layout(config: GPT2Config):
 # Only then is the parameter buffer allocated, and since every parameter is backed by at least
 # two bytes of its own in the file, that buffer is at most twice the file's size.
 
-# Hugging Face's safetensors library refuses headers longer than this too
-MAX_HEADER_BYTES = 100_000_000
+# What a header may hold, derived from the config bounds (GPT2Config.MAX_SIZES) so that a
+# hostile header costs little to refuse: json.loads of the library's 100 MB cap builds ~1 GB of
+# Python objects and takes minutes.  A block of any family gpt2s reads has at most 16 tensors
+# (GPT-2: 12 parameters and 2 mask buffers; GPT-NeoX: 12 and 3; Llama/Qwen2: 9 to 13), a model
+# at most n_layer 1024 blocks, plus a few embeddings, norms and heads.
+MAX_TENSORS_PER_BLOCK = 16
+MAX_TENSORS = MAX_TENSORS_PER_BLOCK * GPT2Config.MAX_SIZES["n_layer"] + 16
+# an entry is ~150 bytes ("model.layers.1023.self_attn.q_proj.weight": dtype, a 2-d shape,
+# two 12-digit offsets); 512 each leaves room for long names and the __metadata__, and keeps
+# the parse of any header under the cap below ~100 MB (a non-BMP character makes Python hold
+# the text, and a string parsed from it, at 4 bytes per character)
+MAX_HEADER_BYTES = MAX_TENSORS * 512
+# the tensors of these families have at most 4 dimensions (GPT-2's mask buffer [1, 1, T, T])
+MAX_DIMS = 8
+# JSON values and strings (counted as the commas, colons, brackets and quotes that delimit
+# them) per entry: a full entry uses 23, the rest is room for __metadata__ keys
+MAX_JSON_TOKENS = 32 * MAX_TENSORS
+# the safetensors library's JSON parser (serde_json) refuses deeper nesting
+MAX_JSON_DEPTH = 127
 # the JSON config stored in a file's __metadata__ (whose values must be strings)
 CONFIG_METADATA_KEY = "gpt2s_config"
 # bits per element of every dtype of the safetensors format (the library's closed list: a
@@ -134,6 +157,8 @@ _DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0
                "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16,
                "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64,
                "C64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+# offsets and dimensions are Rust usize in the library: 64-bit on the platforms it ships for
+_USIZE_END = 1 << 64
 _MAX_CONFIG_JSON_BYTES = 16 << 20
 
 
@@ -183,18 +208,123 @@ def resolve_model_path(path) -> tuple[Path, Path | None]:
     return p, (cfg if p.name == "model.safetensors" and cfg.is_file() else None)
 
 
-class _DuplicateKey(Exception):
+class _Number:
+    """A JSON number the safetensors format's parser does not read as Python does: ``-0`` (a
+    float there, so never an offset or a dimension), NaN and Infinity (not JSON), and numbers
+    beyond float64 ("number out of range").  Stands in for the value so that the entry that
+    holds it can be named."""
+
+    def __init__(self, text: str, valid: bool):
+        self.text, self.valid = text, valid
+
+    def __repr__(self):
+        return self.text if len(self.text) <= 40 else f"{self.text[:20]}...({len(self.text)} characters)"
+
+
+class _DuplicateKeys(dict):
+    """A JSON object with a repeated key (json.loads would keep the last silently)."""
+
+    def __init__(self, pairs, duplicate: str):
+        super().__init__(pairs)
+        self.duplicate = duplicate
+
+
+class _JSONReader:
+    """json.loads hooks that record what the safetensors library's parser would refuse or read
+    differently, instead of letting Python's json accept it silently."""
+
+    def __init__(self):
+        self.invalid: list[_Number] = []
+
+    def object_pairs(self, pairs):
+        out = dict(pairs)
+        if len(out) == len(pairs):
+            return out
+        seen = set()
+        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))
+        return _DuplicateKeys(pairs, duplicate)
+
+    def integer(self, text: str):
+        if text == "-0":
+            return _Number(text, valid=True)
+        if len(text) > 19 and not math.isfinite(float(text)):
+            if len(text) > 4300:   # Python's own limit for int(str); far out of range anyway
+                raise _NotJSON(f"an integer of {len(text)} digits")
+            return self._invalid(text)
+        return int(text)
+
+    def real(self, text: str):
+        value = float(text)
+        return value if math.isfinite(value) else self._invalid(text)
+
+    def constant(self, text: str):   # NaN, Infinity, -Infinity: Python's extension of JSON
+        return self._invalid(text)
+
+    def _invalid(self, text):
+        number = _Number(text, valid=False)
+        self.invalid.append(number)
+        return number
+
+    def loads(self, text: str):
+        return json.loads(text, object_pairs_hook=self.object_pairs, parse_int=self.integer,
+                          parse_float=self.real, parse_constant=self.constant)
+
+
+class _NotJSON(Exception):
     pass
 
 
-def _no_duplicate_keys(pairs):
-    # json.loads keeps the last of two equal keys; a header that names a tensor twice is corrupt
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
+def _refuse_header(path, why: str):
+    return SafetensorsError(f"{path}: not a safetensors file (header is not JSON: {why})")
+
+
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_SCAN_CHUNK = 1 << 20
+
+
+def _scan_header(path, raw: bytes):
+    """Bound what json.loads would build before it builds it: count the tensor entries, the
+    JSON tokens and the nesting depth from the raw bytes, in a few passes of C-speed bytes
+    methods.  A JSON parser accepts a prefix only where this scan reads the same structure
+    (backslashes occur only inside strings there), so even a header that is not JSON costs the
+    parser no more than the counts admit."""
+    # every backslash of a JSON text starts a two-character escape inside a string: drop the
+    # escaped backslashes, then the escaped quotes; each quote left opens or closes a string
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    quotes = text.count(b'"')
+    if quotes % 2:
+        raise _refuse_header(path, "a string is not terminated")
+    outside, in_string = [], False
+    for start in range(0, len(text), _SCAN_CHUNK):   # pieces of 1 MiB: few small objects
+        pieces = text[start:start + _SCAN_CHUNK].split(b'"')
+        outside.append(b"".join(pieces[1 if in_string else 0::2]))
+        in_string ^= bool((len(pieces) - 1) % 2)
+    del text
+    structure = b"".join(outside)
+    del outside
+    objects = structure.count(b"{")
+    if objects > MAX_TENSORS + 2:
+        raise SafetensorsError(
+            f"{path}: header has {objects:,} JSON objects, more than the {MAX_TENSORS:,} tensor "
+            f"entries a model of gpt2s can have (at most {MAX_TENSORS_PER_BLOCK} tensors in "
+            f"each of up to {GPT2Config.MAX_SIZES['n_layer']} blocks); not a model file")
+    tokens = quotes // 2 + objects + sum(structure.count(c) for c in (b"[", b",", b":"))
+    if tokens > MAX_JSON_TOKENS:
+        raise SafetensorsError(
+            f"{path}: header has {tokens:,} JSON values and strings, more than the "
+            f"{MAX_JSON_TOKENS:,} that {MAX_TENSORS:,} tensor entries of up to {MAX_DIMS} "
+            f"dimensions need; not a model file")
+    brackets = np.frombuffer(structure.translate(None, _NOT_BRACKETS), np.uint8)
+    depth = 0
+    for start in range(0, brackets.size, 1 << 16):
+        chunk = brackets[start:start + (1 << 16)]
+        # +1 for [ and { (0x5b, 0x7b: bit 1 set), -1 for ] and } (0x5d, 0x7d: clear)
+        levels = np.cumsum((chunk & 2).view(np.int8) - 1, dtype=np.int32)
+        levels += depth
+        if levels.max() > MAX_JSON_DEPTH:
+            raise _refuse_header(path, f"nested more than {MAX_JSON_DEPTH} levels deep, the "
+                                       f"most the safetensors format's parser reads")
+        depth = int(levels[-1])
 
 
 def read_safetensors_header(path: Path, file_size: int, head: bytes) -> tuple[dict, int]:
@@ -203,60 +333,109 @@ def read_safetensors_header(path: Path, file_size: int, head: bytes) -> tuple[di
     return tensors, data_start
 
 
+def _decode_header(path, head, n: int):
+    """The header's JSON (head[8:8 + n]), bounded by _scan_header, parsed with _JSONReader."""
+    raw = bytes(head[8:8 + n])
+    _scan_header(path, raw)
+    del raw
+    reader = _JSONReader()
+    try:
+        with memoryview(head) as view, view[8:8 + n] as header_bytes:
+            text = str(header_bytes, "utf-8")
+        header = reader.loads(text)
+    except _NotJSON as e:
+        raise _refuse_header(path, e.args[0]) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError: JSONDecodeError
+        raise _refuse_header(path, str(e)[:200]) from None
+    # a string with an unpaired UTF-16 surrogate escape ("\ud800") is not text: the library
+    # refuses it, Python keeps it as a lone surrogate that cannot be encoded
+    if "\\u" in text:
+        try:
+            json.dumps(header, ensure_ascii=False, default=repr).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _refuse_header(path, "a string holds an unpaired UTF-16 surrogate "
+                                       "escape") from None
+    return header, reader
+
+
 def _parse_header(path, file_size: int, head) -> tuple[dict, dict, int]:
     """({name: info} of the tensors, the __metadata__ dict, offset of the data section), with
     every tensor entry checked against the file (see the comment at the top of "Reading")."""
     if file_size < 8:
         raise SafetensorsError(f"{path}: not a safetensors file ({file_size} bytes, too short)")
     (n,) = struct.unpack("<Q", head[:8])
-    if n == 0 or n > MAX_HEADER_BYTES:
-        raise SafetensorsError(f"{path}: not a safetensors file (header length {n})")
+    if n == 0:
+        raise SafetensorsError(f"{path}: not a safetensors file (header length 0)")
+    if n > MAX_HEADER_BYTES:
+        raise SafetensorsError(
+            f"{path}: not a safetensors file of a model gpt2s reads (header length {n:,} bytes; "
+            f"at most {MAX_HEADER_BYTES:,}: 512 bytes for each of the {MAX_TENSORS:,} tensors a "
+            f"model can have)")
     if 8 + n > file_size:
         raise SafetensorsError(
             f"{path}: truncated or not a safetensors file (header of {n} bytes, "
             f"file has {file_size})")
     try:
-        header = json.loads(bytes(head[8:8 + n]).decode("utf-8"),
-                            object_pairs_hook=_no_duplicate_keys)
-    except _DuplicateKey as e:
-        raise SafetensorsError(f"{path}: corrupt header: key {_r(e.args[0])} appears twice") \
-            from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        # ValueError: JSONDecodeError, and integers of more than 4300 digits
-        raise SafetensorsError(f"{path}: not a safetensors file (header is not JSON: "
-                               f"{str(e)[:200]})") from None
+        header, reader = _decode_header(path, head, n)
+    except MemoryError:
+        raise SafetensorsError(f"{path}: out of memory reading its {n:,}-byte header") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: not a safetensors file (header is not a JSON object)")
+    if isinstance(header, _DuplicateKeys):
+        raise SafetensorsError(f"{path}: corrupt header: key {_r(header.duplicate)} appears twice")
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}
     if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise SafetensorsError(f"{path}: corrupt header: __metadata__ must map names to strings")
+    if isinstance(metadata, _DuplicateKeys):
+        raise SafetensorsError(f"{path}: corrupt header: __metadata__ key "
+                               f"{_r(metadata.duplicate)} appears twice")
+    if len(header) > MAX_TENSORS:
+        raise SafetensorsError(f"{path}: header has {len(header):,} tensors, more than the "
+                               f"{MAX_TENSORS:,} a model of gpt2s can have; not a model file")
     data_start = 8 + n
     data_size = file_size - data_start
     for name, info in header.items():
         _check_entry(path, name, info, data_size)
     _check_spans(path, header, data_size)
+    if reader.invalid:   # in a place no check above reads (a tensor entry's extra key)
+        raise _refuse_header(path, f"the number {reader.invalid[0]!r} is out of the range "
+                                   f"JSON numbers have (or not JSON at all)")
     return header, metadata, data_start
+
+
+_ENTRY_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+def _is_usize(value) -> bool:
+    return type(value) is int and 0 <= value < _USIZE_END
 
 
 def _check_entry(path, name: str, info, data_size: int):
     """One tensor entry: well-formed, its bytes inside the data section, as many bytes as its
-    shape and dtype need (computed in Python ints and compared before NumPy sees the shape)."""
-    if not (isinstance(info, dict) and "dtype" in info and "shape" in info
-            and "data_offsets" in info):
+    shape and dtype need (computed as the safetensors library does, in 64 bits, before NumPy
+    sees the shape).  Keys besides the three fields are ignored, as the library does."""
+    if not (isinstance(info, dict) and all(field in info for field in _ENTRY_FIELDS)):
         raise SafetensorsError(f"{path}: corrupt header entry for tensor {_r(name)}")
+    if isinstance(info, _DuplicateKeys) and info.duplicate in _ENTRY_FIELDS:
+        raise SafetensorsError(f"{path}: corrupt header: key {_r(info.duplicate)} appears "
+                               f"twice in the entry of tensor {_r(name)}")
     offsets, dtype, shape = info["data_offsets"], info["dtype"], info["shape"]
-    if not (isinstance(offsets, list) and len(offsets) == 2
-            and all(type(o) is int for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_usize, offsets))):
         raise SafetensorsError(f"{path}: tensor {_r(name)} has corrupt data offsets "
                                f"{_r(offsets)} (expected two integers)")
     if not isinstance(dtype, str):
         raise SafetensorsError(f"{path}: tensor {_r(name)} has a corrupt dtype {_r(dtype)}")
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(map(_is_usize, shape))):
         raise SafetensorsError(f"{path}: tensor {_r(name)} has a corrupt shape {_r(shape)}")
+    if len(shape) > MAX_DIMS:
+        raise SafetensorsError(f"{path}: tensor {_r(name)} has {len(shape)} dimensions "
+                               f"{_shape_str(shape)}; gpt2s reads tensors of at most "
+                               f"{MAX_DIMS}")
     begin, end = offsets
-    if not (0 <= begin <= end):
+    if not begin <= end:
         raise SafetensorsError(f"{path}: tensor {_r(name)} has corrupt data offsets "
                                f"{_r(offsets)}")
     if end > data_size:
@@ -266,20 +445,21 @@ def _check_entry(path, name: str, info, data_size: int):
     bits = _DTYPE_BITS.get(dtype)
     if bits is None:
         raise SafetensorsError(f"{path}: tensor {_r(name)} has unknown dtype {_r(dtype)}")
-    # prod(shape) * bits, stopping as soon as it exceeds the span (a shape of 10^5 dims of
-    # 2^60 each must not build a 6-million-bit integer first)
-    span_bits, need_bits, at_least = 8 * (end - begin), bits, ""
-    if 0 in shape:
-        need_bits = 0
-    else:
-        for d in shape:
-            need_bits *= d
-            if need_bits > span_bits:
-                at_least = "at least "
-                break
-    if need_bits != span_bits:
+    # the element count folded left to right in 64 bits, as the library does: a product
+    # that overflows is refused even when a later dimension is 0
+    count = 1
+    for d in shape:
+        count *= d
+        if count >= _USIZE_END:
+            break
+    need_bits = count * bits
+    if need_bits >= _USIZE_END:
         raise SafetensorsError(
-            f"{path}: tensor {_r(name)} ({dtype} {_shape_str(shape)}) needs {at_least}"
+            f"{path}: tensor {_r(name)} ({dtype} {_shape_str(shape)}) has more elements than "
+            f"a 64-bit size can count")
+    if need_bits != 8 * (end - begin):
+        raise SafetensorsError(
+            f"{path}: tensor {_r(name)} ({dtype} {_shape_str(shape)}) needs "
             f"{_bits_str(need_bits)} but its data_offsets {begin}..{end} hold {end - begin} "
             f"bytes")
 
@@ -388,15 +568,10 @@ def config_from_metadata(path, metadata: dict) -> GPT2Config | None:
         return None
     source = f"{path}: __metadata__[{CONFIG_METADATA_KEY!r}]"
     try:
-        d = json.loads(metadata[CONFIG_METADATA_KEY])
-    except (ValueError, RecursionError) as e:
-        raise SafetensorsError(f"{source} is not JSON ({str(e)[:200]})") from None
-    if not isinstance(d, dict):
-        raise SafetensorsError(f"{source} is not a JSON object")
-    try:
+        d = parse_config_json(metadata[CONFIG_METADATA_KEY], source)
         return GPT2Config.from_hf_dict(d, source=source)
     except (ValueError, TypeError) as e:
-        msg = str(e)
+        msg = str(e)[:len(source) + 300]
         raise SafetensorsError(msg if msg.startswith(source) else f"{source}: {msg}") from None
 
 
@@ -404,10 +579,7 @@ def _config_from_json(cfg_file: Path) -> GPT2Config:
     size = os.stat(cfg_file).st_size
     if size > _MAX_CONFIG_JSON_BYTES:
         raise ValueError(f"{cfg_file}: {size} bytes is too large for a config.json")
-    try:
-        return GPT2Config.from_json_file(cfg_file)
-    except RecursionError:
-        raise ValueError(f"{cfg_file}: not valid JSON (nested too deeply)") from None
+    return GPT2Config.from_json_file(cfg_file)
 
 
 def check_against_config(path, header: dict, data_size: int, config: GPT2Config) -> dict:
@@ -518,9 +690,10 @@ def tensor_view(header: dict, raw_name: str, data_start: int, mm, st_dtype: str)
 
 
 def read_rows(path, header: dict, raw_name: str, data_start: int, mm, dst: np.ndarray,
-              row0: int):
-    """Rows row0 .. row0 + len(dst) of a 2-d tensor, converted to float32 into dst, then the
-    file pages they came from dropped from this process's resident set."""
+              row0: int, storage: str = "float32"):
+    """Rows row0 .. row0 + len(dst) of a 2-d tensor, converted to float32 into dst and checked
+    to fit storage (`check_values`), then the file pages they came from dropped from this
+    process's resident set."""
     info = header[raw_name]
     np_dtype, itemsize = _DTYPES[info["dtype"]]
     begin, _ = info["data_offsets"]
@@ -533,6 +706,8 @@ def read_rows(path, header: dict, raw_name: str, data_start: int, mm, dst: np.nd
     finally:
         raw.release()
     drop_pages(mm, lo, hi)
+    check_values(path, raw_name, dst, storage, first=row0 * dst.shape[1],
+                 shape=tuple(info["shape"]))
 
 
 def row_chunks(rows: int, cols: int):
@@ -583,8 +758,9 @@ def drop_tensor_pages(mm, data_start: int, info: dict):
     drop_pages(mm, data_start + begin, data_start + end)
 
 
-def read_tensor(path, header, raw_name, data_start, mm, dst):
-    """One tensor converted to float32 into dst (its shape checked against the file's)."""
+def read_tensor(path, header, raw_name, data_start, mm, dst, storage: str = "float32"):
+    """One tensor converted to float32 into dst (its shape checked against the file's), its
+    values checked to fit storage (`check_values`)."""
     info = header[raw_name]
     _check_readable(path, raw_name, info, dst.shape)
     begin, end = info["data_offsets"]
@@ -593,6 +769,57 @@ def read_tensor(path, header, raw_name, data_start, mm, dst):
         _convert_into(dst, raw, info["dtype"], info["shape"], path, raw_name)
     finally:
         raw.release()
+    check_values(path, raw_name, dst, storage)
+
+
+# The largest magnitude each weight storage holds, for float32 values: float32's own; the
+# largest float32 that rounds to a finite bfloat16 (0x7f7f8000, halfway to the next binade,
+# rounds up to infinity); int8 blocks with an fp16 scale: 127 x 65504, the largest fp16.
+STORAGE_LIMITS = {"float32": float(np.finfo(np.float32).max),
+                  "bfloat16": float(np.array(0x7F7F7FFF, np.uint32).view(np.float32)),
+                  "int8": 127.0 * 65504.0}
+# Elements checked at a time: the reductions stay in the L2 cache, no tensor-sized temporary.
+VALUE_CHUNK = 1 << 16
+
+
+def check_values(path, raw_name: str, values: np.ndarray, storage: str = "float32", *,
+                 first: int = 0, shape=None):
+    """Refuse (SafetensorsError naming the file, the tensor and the first bad index) a NaN, an
+    infinity, or a value beyond what storage ("float32", "bfloat16", "int8") holds among
+    float32 values (a tensor, or the part of it from flat index first on, of shape shape).
+    Two reductions (min, max) a chunk at a time: the data is read once."""
+    limit = STORAGE_LIMITS[storage]
+    flat = values.reshape(-1)
+    for start in range(0, flat.size, VALUE_CHUNK):
+        chunk = flat[start:start + VALUE_CHUNK]
+        if chunk.min() >= -limit and chunk.max() <= limit:   # False for NaN
+            continue
+        bad = start + int(np.flatnonzero(~(np.abs(chunk) <= limit))[0])
+        value = float(flat[bad])
+        at = np.unravel_index(first + bad, shape if shape is not None else values.shape)
+        where = f"{path}: tensor {raw_name!r} holds {value!r} at index {tuple(map(int, at))}"
+        if not math.isfinite(value):
+            raise SafetensorsError(f"{where}: a weight must be a finite number (the file is "
+                                   f"broken)")
+        raise SafetensorsError(f"{where}, beyond the largest magnitude {storage} weights hold "
+                               f"({limit:.7g}); load it with a wider dtype")
+
+
+def check_bfloat16_bits(path, raw_name: str, bits: np.ndarray):
+    """check_values for a tensor of bfloat16 bits (uint16) used in place: the exponent bits all
+    set (bits & 0x7f80 == 0x7f80) is an infinity or a NaN."""
+    flat = bits.reshape(-1)
+    exponent = np.empty(min(VALUE_CHUNK, flat.size), np.uint16)
+    for start in range(0, flat.size, VALUE_CHUNK):
+        chunk = flat[start:start + VALUE_CHUNK]
+        masked = np.bitwise_and(chunk, 0x7F80, out=exponent[:chunk.size])
+        if masked.max() != 0x7F80:
+            continue
+        bad = start + int(np.flatnonzero(masked == 0x7F80)[0])
+        value = float(np.array(int(flat[bad]) << 16, np.uint32).view(np.float32))
+        at = tuple(map(int, np.unravel_index(bad, bits.shape)))
+        raise SafetensorsError(f"{path}: tensor {raw_name!r} holds {value!r} at index {at}: a "
+                               f"weight must be a finite number (the file is broken)")
 
 
 def open_mapped(path: Path, copy_on_write: bool = False):
@@ -611,7 +838,13 @@ def open_mapped(path: Path, copy_on_write: bool = False):
         if st.st_size < 8:
             raise SafetensorsError(f"{path}: not a safetensors file ({st.st_size} bytes, "
                                    f"too short)")
-        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_READ)
+        try:
+            mm = mmap.mmap(fd, 0,
+                           access=mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_READ)
+        except OSError as e:
+            if e.errno != errno.ENOMEM:
+                raise
+            raise MemoryError from None   # no address space left for the mapping
     finally:
         os.close(fd)
     try:

@@ -136,15 +136,16 @@ def set_split_k(bint enabled):
     return previous
 
 
-def set_direct_max_rows(int rows):
+def set_direct_max_rows(rows):
     """Set the most rows of A the direct kernels take (default 32); products with more rows
     widen panels (compressed types) or call sgemm (float32).  Returns the previous value.  For
     tests."""
     global _direct_max_rows
-    if rows < 0:
-        raise ValueError(f"direct max rows must be >= 0, got {rows}")
+    cdef Py_ssize_t n = _int_arg("set_direct_max_rows", "rows", rows)
+    if n < 0:
+        raise ValueError(f"set_direct_max_rows: direct max rows must be >= 0, got {n}")
     previous = _direct_max_rows
-    _direct_max_rows = rows
+    _direct_max_rows = <int>min(n, INT_MAX)   # no product has more rows than an int holds
     return previous
 
 
@@ -224,7 +225,8 @@ cdef int weight_gemm(int wtype, bint out_major, int M, int N, int K, const float
     # weight_serial on blocks of output columns (blocks of rows of an output-major W: each
     # thread streams its own contiguous part of the weight), or, for one row of an
     # input-major W, on blocks of K (split_k).  Returns -1 when out of memory.
-    cdef int nt, blk, lo, hi, step, nblocks, failed = 0
+    cdef int nt, failed = 0
+    cdef int64_t blk, lo, hi, step, nblocks   # 64 bits: N + nt - 1 may pass INT_MAX
     cdef int nb = K // gpt2s_wtypes[wtype].block if gpt2s_wtypes[wtype].block else 0
     cdef weight_rows_ctx ctx
     if wtype == GPT2S_WTYPE_F32:
@@ -232,24 +234,24 @@ cdef int weight_gemm(int wtype, bint out_major, int M, int N, int K, const float
              1.0 if accumulate else 0.0, C, ldc)
         return 0
     nt = threads_for(<double>M * N * K)
-    if nt <= 1:
+    if nt <= 1 or M <= 0 or N <= 0 or K <= 0:
         return weight_serial(wtype, out_major, M, N, K, A, lda, W, ldw, S, accumulate, C, ldc)
     if not out_major and M == 1 and _split_k and K >= 64 * nt:
         ctx.wtype, ctx.a, ctx.W, ctx.ldw = wtype, A, W, ldw
         return split_k(nt, N, K, 4, weight_rows_partial, &ctx, C, 1.0 if accumulate else 0.0,
                        True)
-    step = ((N + nt - 1) // nt + 15) // 16 * 16
+    step = ((<int64_t>N + nt - 1) // nt + 15) // 16 * 16
     nblocks = (N + step - 1) // step
     for blk in prange(nblocks, num_threads=nt, schedule='static'):
         lo = blk * step
-        hi = min(N, lo + step)
+        hi = min(<int64_t>N, lo + step)
         if out_major:
-            failed += weight_serial(wtype, True, M, hi - lo, K, A, lda,
+            failed += weight_serial(wtype, True, M, <int>(hi - lo), K, A, lda,
                                     weight_at(wtype, W, <int64_t>lo * ldw), ldw,
                                     S + <int64_t>lo * nb if S != NULL else NULL, accumulate,
                                     C + lo, ldc)
         else:
-            failed += weight_serial(wtype, False, M, hi - lo, K, A, lda,
+            failed += weight_serial(wtype, False, M, <int>(hi - lo), K, A, lda,
                                     weight_at(wtype, W, lo), ldw, NULL, accumulate, C + lo,
                                     ldc)
     return -1 if failed else 0
@@ -300,7 +302,7 @@ cdef class PackedWeight:
             self.sptr = &s[0, 0] if s.shape[0] * s.shape[1] > 0 else NULL
         elif scales is not None:
             raise ValueError(f"PackedWeight: {gpt2s_wtypes[wtype].name.decode()} has no scales")
-        if data.shape[0] > INT32_MAX or data.shape[1] > INT32_MAX:
+        if data.shape[0] > INT_MAX or data.shape[1] > INT_MAX:
             raise ValueError(f"PackedWeight: {tuple(data.shape)} exceeds 2**31 - 1 rows or "
                              f"columns")
         self.wtype, self.data, self.scales, self.shape = wtype, data, scales, shape
@@ -341,42 +343,43 @@ cdef class PackedWeight:
                 f"transposed={bool(self.transposed)})")
 
 
-def quantize_into(PackedWeight w, const float[:, ::1] x, Py_ssize_t row0=0):
+def quantize_into(PackedWeight w, const float[:, ::1] x, row0=0):
     """Store float32 x into w: x is the whole float32 tensor (x.shape == w.shape), or, for a
     weight stored untransposed, rows row0 .. row0 + len(x) of it (a big embedding converted a
     few rows at a time).  Raises ValueError when a value cannot be stored (non-finite, or too
     large for the type's scales)."""
     cdef int t = w.wtype, bad = 0, nt
     cdef int64_t N, K, sn, sk, lo, blk, step = 64, nb
+    cdef Py_ssize_t first = _int_arg("quantize_into", "row0", row0)
     cdef const float *src
     cdef char *dst
     cdef int block = gpt2s_wtypes[t].block
     cdef gpt2s_quantize_fn quantize = gpt2s_wtypes[t].quantize
     if w.transposed:
-        if row0 != 0 or (x.shape[1], x.shape[0]) != (w.rows, w.cols):
-            raise ValueError(f"quantize_into: x ({x.shape[0]},{x.shape[1]}) for a weight "
-                             f"{w.shape} stored transposed (whole tensors only)")
+        if first != 0 or (x.shape[1], x.shape[0]) != (w.rows, w.cols):
+            raise ValueError(f"quantize_into: x ({x.shape[0]},{x.shape[1]}), row0={first} for a "
+                             f"weight {w.shape} stored transposed (whole tensors only)")
         N, K, sn, sk = w.rows, w.cols, 1, w.rows
     else:
-        if x.shape[1] != w.cols or row0 < 0 or row0 + x.shape[0] > w.rows:
-            raise ValueError(f"quantize_into: rows {row0}..{row0 + x.shape[0]} of width "
+        if x.shape[1] != w.cols or _span_outside(first, x.shape[0], w.rows):
+            raise ValueError(f"quantize_into: rows {first}..{first}+{x.shape[0]} of width "
                              f"{x.shape[1]} into a weight of {w.rows} rows of {w.cols}")
         N, K, sn, sk = x.shape[0], w.cols, w.cols, 1
     if N == 0 or K == 0:
         return
     nb = K // block if block else 0
     src = &x[0, 0]
-    dst = <char *>w.ptr + row0 * K * gpt2s_wtype_elem_bytes(t)
+    dst = <char *>w.ptr + first * K * gpt2s_wtype_elem_bytes(t)
     nt = threads_for(<double>N * K)
     with nogil:
         for blk in prange((N + step - 1) // step, num_threads=nt, schedule='static'):
             lo = blk * step
             bad += quantize(dst + lo * K * gpt2s_wtype_elem_bytes(t),
-                            <uint16_t *>w.sptr + (row0 + lo) * nb if block else NULL,
+                            <uint16_t *>w.sptr + (first + lo) * nb if block else NULL,
                             src + lo * sn, min(step, N - lo), K, sn, sk) != 0
     if bad:
-        raise ValueError(f"{gpt2s_wtypes[t].name.decode()} weights: the tensor holds a "
-                         f"non-finite value or one too large for its scales")
+        raise ValueError(f"quantize_into: the tensor holds a non-finite value or one too large "
+                         f"for {gpt2s_wtypes[t].name.decode()} weights")
 
 
 def widen_into(float[:, ::1] out, PackedWeight w):

@@ -1,5 +1,6 @@
 /* Run-time facts and counters of _core: whether OpenMP was compiled in and its default team
-   size (the Threads section of _core.pyx: have_openmp, omp_max_threads), and the matmul path
+   size (the Threads section of _core.pyx: have_openmp, omp_max_threads), the team size pinned
+   for the public call running on this thread, and the matmul path
    counters (gemm and gemm_serial in _core.pyx count their choices here; matmul_path_counts /
    reset_matmul_path_counts read and clear them).  */
 
@@ -14,6 +15,21 @@ static int gpt2s_omp_max_threads(void) { return omp_get_max_threads(); }
 static int gpt2s_have_openmp(void) { return 0; }
 static int gpt2s_omp_max_threads(void) { return 1; }
 #endif
+
+/* The team size of the public call running on this (Python) thread, 0 when none is: a call
+   reads gpt2s.set_num_threads's count once when it starts (_core.pinned_num_threads) and
+   every kernel it runs takes its team from here, so a set_num_threads from another thread
+   during the call cannot run part of it on another team, whose float32 sums would be
+   ordered otherwise.  Thread-local: each Python thread has its own call.  Kernels read it on
+   the calling thread only (before they open a parallel region), never inside one. */
+#if defined(_MSC_VER)
+#define GPT2S_THREAD_LOCAL __declspec(thread)
+#else
+#define GPT2S_THREAD_LOCAL __thread
+#endif
+static GPT2S_THREAD_LOCAL int gpt2s_call_team;
+static int gpt2s_call_threads(void) { return gpt2s_call_team; }
+static void gpt2s_set_call_threads(int n) { gpt2s_call_team = n; }
 
 /* Which way each matmul went: one counter per dispatched path, for the tests that force a
    path and must prove it ran (matmul_path_counts).  Atomic (relaxed) increments, once per

@@ -151,64 +151,86 @@ cdef inline int inverse_cdf(const float *w, int V, double total, double u) noexc
     return last
 
 
+cdef inline int _rows_team(Py_ssize_t B, Py_ssize_t V) noexcept nogil:
+    # one row per thread at most
+    return <int>min(B, <Py_ssize_t>threads_for(<double>B * V))
+
+
 def argmax_rows(int64_t[::1] out, const float[:, ::1] logits):
     """out (B,) = the index of the largest logit of each row of logits (B, V); the first one
     on ties (greedy decoding)."""
-    cdef Py_ssize_t B = logits.shape[0], b
-    cdef int V = logits.shape[1]
+    cdef Py_ssize_t B = logits.shape[0], V = logits.shape[1], b
     if out.shape[0] != B:
         raise ValueError(f"argmax_rows: out has {out.shape[0]} rows, logits {B}")
-    if V < 1:
-        raise ValueError("argmax_rows: empty vocabulary")
-    for b in prange(B, nogil=True, num_threads=min(<int>B, threads_for(<double>B * V)), schedule='static'):
-        out[b] = row_argmax(&logits[b, 0], V)
+    if V < 1 or _over_int(V):
+        raise ValueError(f"argmax_rows: logits {_sh(logits)}: need a vocabulary of 1 to "
+                         f"2^31 - 1 tokens")
+    if B == 0:
+        return
+    for b in prange(B, nogil=True, num_threads=_rows_team(B, V), schedule='static'):
+        out[b] = row_argmax(&logits[b, 0], <int>V)
 
 
-cdef inline float _check_filters(const float[:, ::1] logits, float[:, ::1] weights,
+cdef inline float _check_filters(str kernel, const float[:, ::1] logits, float[:, ::1] weights,
                                  float temperature, float top_p) except -1.0:
     if weights.shape[0] != logits.shape[0] or weights.shape[1] != logits.shape[1]:
-        raise ValueError(f"weights has shape ({weights.shape[0]}, {weights.shape[1]}), logits "
-                         f"({logits.shape[0]}, {logits.shape[1]})")
-    if logits.shape[1] < 1:
-        raise ValueError("empty vocabulary")
+        raise ValueError(f"{kernel}: weights has shape ({weights.shape[0]}, "
+                         f"{weights.shape[1]}), logits ({logits.shape[0]}, {logits.shape[1]})")
+    if logits.shape[1] < 1 or _over_int(logits.shape[1]):
+        raise ValueError(f"{kernel}: logits {_sh(logits)}: need a vocabulary of 1 to "
+                         f"2^31 - 1 tokens")
     if not (temperature > 0.0 and isfinite(temperature)):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        raise ValueError(f"{kernel}: temperature must be a finite number > 0, got "
+                         f"{temperature}")
     if not (top_p > 0.0 and top_p <= 1.0):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise ValueError(f"{kernel}: top_p must be in (0, 1], got {top_p}")
     return <float>(1.0 / temperature)
 
 
+cdef inline int _top_k(str kernel, object top_k, Py_ssize_t V) except -1:
+    # top_k <= 0 or >= V keeps every token (0 here)
+    cdef Py_ssize_t k = _int_arg(kernel, "top_k", top_k)
+    return <int>k if 0 < k < V else 0
+
+
 def sample_rows(int64_t[::1] out, const float[:, ::1] logits, const double[::1] uniforms,
-                float temperature, int top_k, float top_p, float[:, ::1] weights):
+                float temperature, top_k, float top_p, float[:, ::1] weights):
     """out (B,) = one token per row of logits (B, V), sampled from softmax(logits / temperature)
     restricted to the top_k largest logits (top_k <= 0: all) and then to the top_p nucleus
     (top_p = 1: all), by inverse CDF with uniforms (B,) in [0, 1).  weights (B, V) is scratch;
     on return it holds each row's unnormalised filtered distribution."""
     cdef Py_ssize_t B = logits.shape[0], b
-    cdef int V = logits.shape[1]
-    cdef float inv_temp = _check_filters(logits, weights, temperature, top_p)
+    cdef float inv_temp = _check_filters("sample_rows", logits, weights, temperature, top_p)
+    cdef int V = <int>logits.shape[1]
+    cdef int k = _top_k("sample_rows", top_k, V)
     cdef double total
     if out.shape[0] != B or uniforms.shape[0] != B:
         raise ValueError(f"sample_rows: out has {out.shape[0]} rows, uniforms "
                          f"{uniforms.shape[0]}, logits {B}")
-    for b in prange(B, nogil=True, num_threads=min(<int>B, threads_for(<double>B * V)), schedule='static'):
-        total = filtered_weights(&weights[b, 0], &logits[b, 0], V, inv_temp, top_k, top_p)
+    if B == 0:
+        return
+    for b in prange(B, nogil=True, num_threads=_rows_team(B, V), schedule='static'):
+        total = filtered_weights(&weights[b, 0], &logits[b, 0], V, inv_temp, k, top_p)
         out[b] = inverse_cdf(&weights[b, 0], V, total, uniforms[b])
 
 
 def sampling_distribution(float[:, ::1] probs, const float[:, ::1] logits, float temperature,
-                          int top_k, float top_p):
+                          top_k, float top_p):
     """probs (B, V) = the distribution sample_rows draws from for each row of logits (B, V):
     softmax(logits / temperature) after top-k and top-p filtering, normalised."""
     cdef Py_ssize_t B = logits.shape[0], b
-    cdef int V = logits.shape[1], j
-    cdef float inv_temp = _check_filters(logits, probs, temperature, top_p)
+    cdef float inv_temp = _check_filters("sampling_distribution", logits, probs, temperature,
+                                         top_p)
+    cdef int V = <int>logits.shape[1], j
+    cdef int k = _top_k("sampling_distribution", top_k, V)
     cdef double total
     cdef float scale
     cdef float *p
-    for b in prange(B, nogil=True, num_threads=min(<int>B, threads_for(<double>B * V)), schedule='static'):
+    if B == 0:
+        return
+    for b in prange(B, nogil=True, num_threads=_rows_team(B, V), schedule='static'):
         p = &probs[b, 0]
-        total = filtered_weights(p, &logits[b, 0], V, inv_temp, top_k, top_p)
+        total = filtered_weights(p, &logits[b, 0], V, inv_temp, k, top_p)
         scale = <float>(1.0 / total)
         for j in range(V):
             p[j] = p[j] * scale
