@@ -226,6 +226,10 @@ class DataParallel:
         print(f"gpt2s.distributed: rank {self.rank} of {self.size}: {message}", file=sys.stderr,
               flush=True)
         sys.stdout.flush()
+        # the launcher forwards each rank's output through its proxies and tears the job down
+        # on Abort: give it a moment to pass this message on first (on a loaded machine the
+        # message was lost)
+        time.sleep(0.5)
         self.MPI.COMM_WORLD.Abort(status)
         os._exit(status)  # pragma: no cover - Abort does not return
 
