@@ -24,13 +24,13 @@ class ParameterStore:
     """The parameters of one model (``GPT2.store``), their gradients and the training lock.
 
     The float32 parameters live in one contiguous vector, `buffer`: tensor ``name`` is
-    ``buffer[offset:offset + size]`` for its entry ``(name, shape, offset)`` of `layout`, and
+    ``buffer[offset:offset + size]`` for its entry ``(name, shape, offset)`` of ``layout``, and
     ``params[name]`` is that slice as an array of its shape.  The gradients (`grad_buffer`,
     `grads`) and AdamW's moments use the same layout, so an optimizer step or a gradient
     reduction is one pass over one vector.  A store of another dtype ("bfloat16", "int8",
     inference only) keeps its matmul weights compressed in ``params`` (one
     `gpt2s._core.PackedWeight` each) and only the small float32 tensors (biases, layernorms,
-    ``wpe``) in `buffer` and `layout`.
+    ``wpe``) in `buffer` and ``layout``.
 
     A store loaded with ``mmap=True`` (`GPT2.from_safetensors`) starts with its float32
     parameters viewing the file's copy-on-write mapping (`mapped` is True, `buffer` does not
@@ -38,7 +38,7 @@ class ParameterStore:
     in and lets the mapping go.
 
     Training calls (a forward with targets, ``backward``, `zero_grad`, ``AdamW.step``, the
-    gradient clipping and reduction) hold `lock`, a reentrant lock: they write the gradients,
+    gradient clipping and reduction) hold ``lock``, a reentrant lock: they write the gradients,
     the parameters and the model's training buffers, one at a time.
 
     Args:
@@ -113,7 +113,7 @@ class ParameterStore:
 
     def set_param(self, name: str, value):
         """Make value (a float32 array of the parameter's shape, or a compressed weight) the
-        parameter ``name``, in `params` and in its block's dict of `layer_params`.  The value
+        parameter ``name``, in ``params`` and in its block's dict of ``layer_params``.  The value
         is used as it is, not copied (a loader passes views of a file mapping)."""
         self.params[name] = value
         if name.startswith("h."):
@@ -130,7 +130,7 @@ class ParameterStore:
 
     @property
     def buffer(self) -> np.ndarray:
-        """The float32 parameters as one contiguous vector in the order of `layout`.  While the
+        """The float32 parameters as one contiguous vector in the order of ``layout``.  While the
         parameters view a file mapping (`mapped`), the first use copies them into a new vector
         and makes ``params`` views of it; views taken from ``params`` before then keep
         pointing at the mapping."""
@@ -170,7 +170,7 @@ class ParameterStore:
     @property
     def grads(self) -> dict:
         """name -> gradient, float32 views of `grad_buffer` with the names and shapes of the
-        float32 `params` (allocated, as zeros, on first use).
+        float32 ``params`` (allocated, as zeros, on first use).
 
         Raises:
             RuntimeError: the store is not float32.
@@ -197,12 +197,12 @@ class ParameterStore:
 
     @property
     def layer_grads(self) -> list:
-        """Per transformer block, the dict {suffix: gradient} (as `layer_params`)."""
+        """Per transformer block, the dict {suffix: gradient} (as ``layer_params``)."""
         self.grads  # allocated
         return self._layer_grads
 
     def zero_grad(self):
-        """Set every gradient to zero (allocating them on first use), under `lock`.
+        """Set every gradient to zero (allocating them on first use), under ``lock``.
 
         Raises:
             RuntimeError: the store is not float32.

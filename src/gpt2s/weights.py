@@ -881,9 +881,10 @@ def open_model(path, copy_on_write: bool = False):
 
 def load_parameters(path, dtype: str = "float32", *, mmap: bool = True):
     """The `ParameterStore` (of dtype, its config ``store.config``) of a model file or
-    directory: what `GPT2.from_safetensors` does (its docstring states the rules: which tensors are viewed
-    in place, which converted, the errors).  A store whose parameters view the file keeps
-    the mapping open (`ParameterStore.mapped`); otherwise it is closed before returning."""
+    directory: what `GPT2.from_safetensors` does (its docstring states the rules: which
+    tensors are viewed in place, which converted, the errors).  A store whose parameters view
+    the file keeps the mapping open (`ParameterStore.mapped`); otherwise it is closed before
+    returning."""
     # imported here: params imports this module's layout
     from . import weight_types as _wt
     from .params import ParameterStore
