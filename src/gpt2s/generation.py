@@ -46,8 +46,8 @@ import warnings
 import numpy as np
 
 from . import _core
-from ._threads import pinned_num_threads
 from .inputs import check_int, check_token_ids
+from ._threads import pinned_num_threads
 
 __all__ = ["generate", "generate_stream", "generate_text", "stream_text", "EOT_ID"]
 
@@ -154,9 +154,9 @@ def _decode(model, prompt, seq, max_new_tokens, sampler, num_samples, stop_at_eo
         # its samples, b*ns .. b*ns + ns-1; from the last prompt down, so no source row is
         # overwritten before it is copied
         logits = model.forward_cached(prompt, 0, kv.view_rows(0, B))
-        for cache in (kv.keys, kv.values):
+        for array in (kv.keys, kv.values):
             for b in reversed(range(B)):
-                cache[:, b * ns:(b + 1) * ns, :T] = cache[:, b:b + 1, :T]
+                array[:, b * ns:(b + 1) * ns, :T] = array[:, b:b + 1, :T]
         logits = np.repeat(logits, ns, axis=0)
     keep = n_ctx - n_ctx // 2
     start, cur = 0, T       # seq[:, start:cur] is the window whose keys/values are cached

@@ -14,10 +14,10 @@ from . import weight_types as _wt
 from .buffers import KVCache, Workspace
 from .config import GPT2Config
 from .generation import EOT_ID
+from . import weights as _weights
 from .inputs import check_int, check_targets, check_token_ids
 from .params import ParameterStore
 from .passes import Passes, TrainingForward, cross_entropy
-from .weights import load_parameters, save_safetensors
 
 __all__ = ["GPT2"]
 
@@ -158,7 +158,7 @@ class GPT2:
             2
         """
         m = cls.__new__(cls)
-        m._setup(load_parameters(path, dtype, mmap=mmap))
+        m._setup(_weights.load_parameters(path, dtype, mmap=mmap))
         return m
 
     @classmethod
@@ -476,7 +476,7 @@ class GPT2:
             >>> sorted(p.name for p in pathlib.Path(d).iterdir())
             ['config.json', 'model.safetensors']
         """
-        return save_safetensors(path, self.params, self.config, dtype=dtype)
+        return _weights.save_safetensors(path, self.params, self.config, dtype=dtype)
 
     # ------------------------------------------------------------------ generation
     # The decoding loop, sampling and text helpers live in generation.py; these are the
