@@ -56,7 +56,7 @@ def run_single(args, out=sys.stdout):
             model.backward()
             loss += micro_loss / args.accum
         if args.accum > 1:
-            _core.scale_inplace(model._grad_buffer, 1.0 / args.accum)
+            _core.scale_inplace(model.store.grad_buffer, 1.0 / args.accum)
         clip_grad_norm(model, args.clip)
         opt.step()
         print(f"step {step} loss {loss!r}", file=out, flush=True)
@@ -97,7 +97,7 @@ def run_dp(args):
             # accumulate locally; the last micro-batch's reduction carries them all
             dp.backward(sync=micro == args.accum - 1)
         if args.accum > 1:
-            _core.scale_inplace(model._grad_buffer, 1.0 / args.accum)
+            _core.scale_inplace(model.store.grad_buffer, 1.0 / args.accum)
         dp.clip_grad_norm(args.clip)
         opt.step()
         if rank == 0:
@@ -106,7 +106,7 @@ def run_dp(args):
         print(f"rank {rank}: parameters differ between ranks", file=sys.stderr, flush=True)
         return 4
     if rank == 0 and args.out:
-        np.save(args.out, model._param_buffer)
+        np.save(args.out, model.store.buffer)
     return 0
 
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     if args.mode == "single":
         model = run_single(args)
         if args.out:
-            np.save(args.out, model._param_buffer)
+            np.save(args.out, model.store.buffer)
         return 0
     return run_dp(args)
 

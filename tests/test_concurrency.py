@@ -261,14 +261,14 @@ def test_a_call_keeps_its_thread_count_while_another_thread_flips_it(
     x = batches(cfg, 1, 2, 64, seed=18)[0]
     prompt = batches(cfg, 1, 2, 20, seed=19)[0]
     steps = []
-    forward_cached = m._forward_cached
+    forward_cached = m.forward_cached
 
     def recording(*args):   # the logits of every step of a generation
         logits = forward_cached(*args)
         steps.append(logits.copy())
         return logits
 
-    m._forward_cached = recording
+    m.forward_cached = recording
     answers, generations = [], []
     for n in (1, 2):
         gpt2s.set_num_threads(n)

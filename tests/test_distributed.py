@@ -81,7 +81,7 @@ def _single(tmp_path, *args):
         sys.path.remove(str(HERE))
     out = io.StringIO()
     model = mpi_worker.run_single(mpi_worker.parser().parse_args(["single", *args]), out)
-    return model._param_buffer.copy(), _losses(out.getvalue())
+    return model.store.buffer.copy(), _losses(out.getvalue())
 
 
 def _dp(mpiexec, tmp_path, name, *args):
@@ -111,7 +111,7 @@ def _single_init():
         import mpi_worker
     finally:
         sys.path.remove(str(HERE))
-    return mpi_worker.make_model(0)._param_buffer
+    return mpi_worker.make_model(0).store.buffer
 
 
 def test_import_gpt2s_does_not_import_mpi4py():
@@ -192,15 +192,15 @@ def test_backward_hook_marks_final_gradients_and_normalizer_scales():
     model = mpi_worker.make_model(0)
     L = model.config.n_layer
     x, y = mpi_worker.global_batch(0, 1, 4, 16, model.config.vocab_size, uneven=True)
-    starts = {l: min(off for name, _, off in model._layout if name.startswith(f"h.{l}."))
+    starts = {l: min(off for name, _, off in model.store.layout if name.startswith(f"h.{l}."))
               for l in range(L)}
     snapshots = []
     model.zero_grad()
     _, loss = model.forward(x, y)
     n_valid = int(np.count_nonzero(y != -1))
     model.backward(on_layer_done=lambda l: snapshots.append(
-        (l, model._grad_buffer[starts[l]:].copy())))
-    final = model._grad_buffer.copy()
+        (l, model.store.grad_buffer[starts[l]:].copy())))
+    final = model.store.grad_buffer.copy()
     assert [l for l, _ in snapshots] == list(reversed(range(L)))
     for l, snap in snapshots:
         assert np.array_equal(snap, final[starts[l]:]), f"block {l}: gradients changed later"
@@ -209,7 +209,7 @@ def test_backward_hook_marks_final_gradients_and_normalizer_scales():
     model.forward(x, y)
     model.backward(normalizer=3 * n_valid)
     # float32: dloss 1/(3n) is rounded differently from (1/n)/3, so compare in L2
-    rel = np.linalg.norm(model._grad_buffer - final / 3) / np.linalg.norm(final / 3)
+    rel = np.linalg.norm(model.store.grad_buffer - final / 3) / np.linalg.norm(final / 3)
     assert rel < 1e-5, rel
     model.forward(x, y)
     with pytest.raises(ValueError, match="normalizer"):
@@ -251,7 +251,7 @@ def _metrics(out):
 
 def _params(out):
     from gpt2s import GPT2
-    return GPT2.from_safetensors(out)._param_buffer.copy()
+    return GPT2.from_safetensors(out).store.buffer.copy()
 
 
 def test_train_cli_two_ranks_match_one_process(mpiexec, tmp_path):

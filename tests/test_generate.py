@@ -67,23 +67,23 @@ def test_cached_logits_equal_full_forward_at_every_position(model):
     B, T = 3, NCTX
     idx = prompts(B, T, seed=1)
     full, _ = model.forward(idx)
-    kv = model._kv_cache(B)
+    kv = model.kv_cache(B)
     # prefill 5 positions, then one position at a time up to the end of the context
-    got = model._forward_cached(idx[:, :5], 0, kv)
+    got = model.forward_cached(idx[:, :5], 0, kv)
     assert rel_err(got, full[:, 4]) < 1e-5
     for t in range(5, T):
-        got = model._forward_cached(idx[:, t:t + 1], t, kv)
+        got = model.forward_cached(idx[:, t:t + 1], t, kv)
         assert got.shape == (B, V)
         assert rel_err(got, full[:, t]) < 1e-5, t
         for b in range(B):
             assert rel_err(got[b], full[b, t]) < 1e-5, (t, b)
     # chunks of several positions after a prefill
-    got = model._forward_cached(idx[:, :11], 0, kv)
+    got = model.forward_cached(idx[:, :11], 0, kv)
     assert rel_err(got, full[:, 10]) < 1e-5
-    got = model._forward_cached(idx[:, 11:30], 11, kv)
+    got = model.forward_cached(idx[:, 11:30], 11, kv)
     assert rel_err(got, full[:, 29]) < 1e-5
     with pytest.raises(ValueError, match="n_ctx"):
-        model._forward_cached(idx[:, :2], T - 1, kv)
+        model.forward_cached(idx[:, :2], T - 1, kv)
 
 
 def test_greedy_kv_cache_equals_full_recompute(model):
@@ -127,10 +127,10 @@ def test_greedy_equals_transformers_argmax(tmp_path):
     assert len(set(expected[0, 8:].tolist())) > 5
     np.testing.assert_array_equal(m.generate(idx, n_new, temperature=0), expected)
     # and the logits along the way, from the cache, match transformers'
-    kv = m._kv_cache(2)
-    m._forward_cached(expected[:, :8], 0, kv)
+    kv = m.kv_cache(2)
+    m.forward_cached(expected[:, :8], 0, kv)
     for t in range(8, expected.shape[1]):
-        got = m._forward_cached(expected[:, t:t + 1], t, kv)
+        got = m.forward_cached(expected[:, t:t + 1], t, kv)
         assert rel_err(got, hf_logits[:, t]) < 1e-5, t
 
 

@@ -498,7 +498,7 @@ def test_loading_allocates_only_the_parameter_buffer(tmp_path, st_dtype):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    buffer = m2._param_buffer.nbytes
+    buffer = m2.store.buffer.nbytes
     assert buffer > 7_000_000
     assert peak < buffer + 512 * 1024, (peak, buffer)
     if st_dtype == "F32":

@@ -230,10 +230,10 @@ def test_batch1_decode_on_two_threads_takes_gemv_split_k(team, matmul_paths, mak
     # the decode logits themselves, one step at a time, against the float64 reference
     params64 = {k: v.astype(np.float64) for k, v in m.params.items()}
     want = ref.forward(params64, two, n_head=cfg.n_head, eps=cfg.layer_norm_epsilon)[0]
-    kv = m._kv_cache(1)
-    m._forward_cached(two[:, :4], 0, kv)
+    kv = m.kv_cache(1)
+    m.forward_cached(two[:, :4], 0, kv)
     for t in range(4, two.shape[1]):
         _core.reset_matmul_path_counts()
-        got = m._forward_cached(two[:, t:t + 1], t, kv)
+        got = m.forward_cached(two[:, t:t + 1], t, kv)
         assert matmul_paths()["gemv_split_k"] == 4 * cfg.n_layer, t
         assert ref.rel_err(got[0], want[0, t]) < 1e-5, t

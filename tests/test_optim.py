@@ -420,7 +420,7 @@ for path in sys.argv[1:]:
     refused, loaded = r.stdout.strip().splitlines()
     assert refused.startswith("ValueError: ") and str(bomb) in refused, refused
     assert "array 'm' has shape (2147483648,)" in refused and \
-        f"needs ({m._param_buffer.size},)" in refused, refused
+        f"needs ({m.store.buffer.size},)" in refused, refused
     assert loaded == "loaded"
 
 
@@ -433,7 +433,7 @@ def test_load_refuses_members_that_do_not_fit_the_model(tmp_path, setup, name, m
     cfg, m, _ = setup
     opt = AdamW(m)
     opt.m[:] = 0.5
-    path = _npz_with(tmp_path, opt, name, member(m._param_buffer.size))
+    path = _npz_with(tmp_path, opt, name, member(m.store.buffer.size))
     fresh = AdamW(m)
     with pytest.raises(ValueError, match=re.escape(message)) as e:
         fresh.load(path)

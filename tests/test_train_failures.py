@@ -219,11 +219,11 @@ def test_train_step_raises_before_touching_the_weights(monkeypatch):
     cfg = train.RunConfig(steps=3, batch_size=2, seq_len=16, grad_accum=1, lr=1e-3,
                           min_lr_ratio=0.1, warmup=0, weight_decay=0.1, grad_clip=1.0, seed=0,
                           val_fraction=0.0, eval_batches=1)
-    before = model._param_buffer.copy()
+    before = model.store.buffer.copy()
     monkeypatch.setattr(gpt2s._core, "sum_squares", lambda buf: float("nan"))
     with pytest.raises(train.TrainingDiverged, match="step 1: the gradient norm is nan"):
         train.train_step(model, opt, data, cfg, 0)
-    assert (model._param_buffer == before).all() and opt.t == 0
+    assert (model.store.buffer == before).all() and opt.t == 0
 
 
 # ------------------------------------------------------------------------------------------

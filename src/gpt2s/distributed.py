@@ -141,7 +141,7 @@ class DataParallel:
         self.timeout = float(timeout)
         model.grads  # the gradient buffer exists from here on
         self._plan_buckets(int(bucket_mb * 1e6) // 4)
-        self._counted = None        # the forward (model._last) whose global count is known
+        self._counted = None        # the model's pending_backward whose global count is known
         self._global_valid = 0
         self.last_backward_s = 0.0
         self.last_wait_s = 0.0
@@ -153,8 +153,8 @@ class DataParallel:
         After block l's backward, [start of h.l, end) is final; a bucket is cut there once
         the not-yet-sent final region holds min_floats.  The rest (embeddings and the blocks
         not yet sent) is one last bucket after the backward."""
-        layout = self.model._layout
-        total = self.model._grad_buffer.size
+        layout = self.model.store.layout
+        total = self.model.store.grad_buffer.size
         L = self.model.config.n_layer
         block_start = [None] * L
         for name, _shape, off in layout:
@@ -172,7 +172,7 @@ class DataParallel:
 
     def _start(self, bucket):
         lo, hi = bucket
-        buf = self.model._grad_buffer[lo:hi]
+        buf = self.model.store.grad_buffer[lo:hi]
         return self.comm.Iallreduce(self.MPI.IN_PLACE, [buf, self.MPI.FLOAT], op=self.MPI.SUM)
 
     # ------------------------------------------------------------------ waiting with a deadline
@@ -247,7 +247,7 @@ class DataParallel:
 
     def broadcast_parameters(self, root: int = 0):
         """Give every rank root's parameters: one broadcast of the contiguous buffer."""
-        self.broadcast(self.model._param_buffer, root)
+        self.broadcast(self.model.store.buffer, root)
 
     def check_consistent(self, **fields):
         """Refuse (ValueError on every rank) unless every rank holds the same model config
@@ -269,7 +269,7 @@ class DataParallel:
 
     def parameters_in_sync(self) -> bool:
         """Whether every rank holds bit-identical parameters (a CRC-32 per rank, gathered)."""
-        crc = zlib.crc32(memoryview(self.model._param_buffer).cast("B"))
+        crc = zlib.crc32(memoryview(self.model.store.buffer).cast("B"))
         crcs = self._allgather_bytes(crc.to_bytes(4, "little"), "the parameter check")
         return len(set(crcs)) == 1
 
@@ -293,21 +293,21 @@ class DataParallel:
         every rank: the summed losses and valid-target counts of all ranks, reduced)."""
         model = self.model
         _, loss = model.forward(idx, targets, return_logits=False)
-        n_local = model._last["n_valid"]
+        record = model.pending_backward
+        n_local = record.n_valid
         local_sum = loss * n_local if n_local else 0.0
         total = self._allreduce(np.array([local_sum, n_local], np.float64), "the loss reduction")
-        self._counted, self._global_valid = model._last, int(total[1])
+        self._counted, self._global_valid = record, int(total[1])
         return float(total[0] / total[1]) if total[1] else float("nan")
 
     def _global_count(self) -> int:
-        model = self.model
-        if model._last is None:
+        record = self.model.pending_backward
+        if record is None:
             raise RuntimeError("DataParallel.backward() needs a preceding forward with targets "
                                "on this rank")
-        if self._counted is not model._last:
-            n = self._allreduce(np.array([model._last["n_valid"]], np.int64),
-                                "the valid-target count")
-            self._counted, self._global_valid = model._last, int(n[0])
+        if self._counted is not record:
+            n = self._allreduce(np.array([record.n_valid], np.int64), "the valid-target count")
+            self._counted, self._global_valid = record, int(n[0])
         if self._global_valid == 0:
             raise RuntimeError("backward(): every target of the global batch was -1 (ignored) "
                                "on every rank; the loss is undefined")
@@ -351,7 +351,7 @@ class DataParallel:
         rank sums the squares of its 1/N of the buffer and the N partial sums are added in rank
         order everywhere (a local norm could round differently on ranks with different thread
         counts, and the ranks' parameters would drift apart)."""
-        buf = self.model._grad_buffer
+        buf = self.model.store.grad_buffer
         per = -(-buf.size // self.size)
         lo, hi = min(buf.size, self.rank * per), min(buf.size, (self.rank + 1) * per)
         part = _core.sum_squares(buf[lo:hi]) if hi > lo else 0.0
@@ -368,5 +368,5 @@ class DataParallel:
         norm = self.grad_norm()
         coef = max_norm / (norm + 1e-6)
         if coef < 1.0:
-            _core.scale_inplace(self.model._grad_buffer, coef)
+            _core.scale_inplace(self.model.store.grad_buffer, coef)
         return norm

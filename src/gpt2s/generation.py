@@ -1,8 +1,9 @@
 """Text generation: KV-cache decoding with greedy, temperature, top-k and top-p sampling.
 
-The prompt is run once (prefill) and its keys and values stay in the model's KV cache; each
-new token then costs one position per layer.  Sampling runs in the Cython kernels of
-``kernels/sampling.pxi`` (``_core.argmax_rows``, ``_core.sample_rows``).
+The prompt is run once (prefill) and its keys and values stay in the generation's KV cache
+(`GPT2.kv_cache`, `GPT2.forward_cached`); each new token then costs one position per layer.
+Sampling runs in the Cython kernels of ``kernels/sampling.pxi`` (``_core.argmax_rows``,
+``_core.sample_rows``).
 
 Semantics shared by every entry point:
 
@@ -45,6 +46,7 @@ import warnings
 import numpy as np
 
 from . import _core
+from .inputs import check_int, check_token_ids
 from ._threads import pinned_num_threads
 
 __all__ = ["generate", "generate_stream", "generate_text", "stream_text", "EOT_ID"]
@@ -55,19 +57,11 @@ _CONTEXT_FULL = ("slide", "stop")
 
 # ---------------------------------------------------------------------------------- checks
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def check_sampling_args(temperature=1.0, top_k=None, top_p=None, seed=None, num_samples=1,
                         max_new_tokens=0, context_full="slide"):
     """Validate the sampling arguments (shared with the CLI); returns them normalised.
     Raises TypeError/ValueError naming the bad value."""
-    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"temperature must be a number, got {temperature!r}")
     temperature = float(temperature)
@@ -77,7 +71,7 @@ def check_sampling_args(temperature=1.0, top_k=None, top_p=None, seed=None, num_
     if temperature < 1e-30:
         temperature = 0.0  # below float32's range: the limit of sampling is argmax anyway
     if top_k is not None:
-        top_k = _check_int("top_k", top_k, 1)
+        top_k = check_int("top_k", top_k, 1)
     if top_p is not None:
         if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
             raise TypeError(f"top_p must be a number, got {top_p!r}")
@@ -91,7 +85,7 @@ def check_sampling_args(temperature=1.0, top_k=None, top_p=None, seed=None, num_
         if seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
         seed = int(seed)
-    num_samples = _check_int("num_samples", num_samples, 1)
+    num_samples = check_int("num_samples", num_samples, 1)
     if context_full not in _CONTEXT_FULL:
         raise ValueError(f"context_full must be one of {_CONTEXT_FULL}, got {context_full!r}")
     return dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -151,18 +145,18 @@ def _decode(model, prompt, seq, max_new_tokens, sampler, num_samples, stop_at_eo
     # the cache belongs to this generation alone (so generations on one model, interleaved
     # or in several threads, never disturb each other), sized for what it can reach: the
     # prompt and the new tokens, at most the context (a sliding window restarts at 0)
-    kv = model._kv_cache(rows, min(n_ctx, T + max_new_tokens))
+    kv = model.kv_cache(rows, min(n_ctx, T + max_new_tokens))
     if ns == 1:
-        logits = model._forward_cached(prompt, 0, kv)
+        logits = model.forward_cached(prompt, 0, kv)
     else:
         # prefill each distinct prompt once, into cache rows 0..B-1 (each layer's (B, n_ctx, C)
         # block of them is contiguous), then copy prompt b's keys and values to the rows of
         # its samples, b*ns .. b*ns + ns-1; from the last prompt down, so no source row is
         # overwritten before it is copied
-        logits = model._forward_cached(prompt, 0, (kv[0][:, :B], kv[1][:, :B]))
-        for cache in kv:
+        logits = model.forward_cached(prompt, 0, kv.view_rows(0, B))
+        for array in (kv.keys, kv.values):
             for b in reversed(range(B)):
-                cache[:, b * ns:(b + 1) * ns, :T] = cache[:, b:b + 1, :T]
+                array[:, b * ns:(b + 1) * ns, :T] = array[:, b:b + 1, :T]
         logits = np.repeat(logits, ns, axis=0)
     keep = n_ctx - n_ctx // 2
     start, cur = 0, T       # seq[:, start:cur] is the window whose keys/values are cached
@@ -189,9 +183,9 @@ def _decode(model, prompt, seq, max_new_tokens, sampler, num_samples, stop_at_eo
         if cur - start > n_ctx:
             # slide: recompute the cache of the last `keep` tokens, at positions 0..keep-1
             start = cur - keep
-            logits = model._forward_cached(seq[:, start:cur], 0, kv)
+            logits = model.forward_cached(seq[:, start:cur], 0, kv)
         else:
-            logits = model._forward_cached(seq[:, cur - 1:cur], cur - 1 - start, kv)
+            logits = model.forward_cached(seq[:, cur - 1:cur], cur - 1 - start, kv)
 
 
 def _pinned_steps(steps):
@@ -212,9 +206,9 @@ def _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed, num_sa
              stop_at_eos, eos_token_id, context_full, token_limit=None):
     args = check_sampling_args(temperature, top_k, top_p, seed, num_samples, max_new_tokens,
                                context_full)
-    prompt = model._check_idx(idx, "idx")
+    prompt = check_token_ids(idx, model.config, "idx")
     if stop_at_eos:
-        eos_token_id = _check_int("eos_token_id", eos_token_id, 0)
+        eos_token_id = check_int("eos_token_id", eos_token_id, 0)
     B, T = prompt.shape
     ns = args["num_samples"]
     n_new = args["max_new_tokens"]

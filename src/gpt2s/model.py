@@ -1,84 +1,25 @@
-"""The GPT2 façade: owns the buffers, validates input, calls one _core kernel per layer step."""
+"""The GPT2 façade: validates input, picks the buffers, holds the training lock and the
+thread-count pin, and runs the passes of passes.py over its parameter store (params.py)."""
 
 from __future__ import annotations
 
 import math
 import threading
-from pathlib import Path
 
 import numpy as np
 
 from . import _core
 from . import generation as _generation
 from . import weight_types as _wt
+from .buffers import KVCache, Workspace
 from .config import GPT2Config
 from .generation import EOT_ID
 from . import weights as _weights
-from .weights import ALIGN, layer_views, load_into, open_model, param_layout, save_safetensors
+from .inputs import check_int, check_targets, check_token_ids
+from .params import ParameterStore
+from .passes import Passes, TrainingForward, cross_entropy
 
 __all__ = ["GPT2"]
-
-_EMPTY1 = np.empty(0, np.float32)
-_EMPTY3 = np.empty((0, 0, 0), np.float32)
-
-
-def _views(buffer: np.ndarray, layout) -> dict:
-    return {name: buffer[off:off + int(np.prod(shape))].reshape(shape)
-            for name, shape, off in layout}
-
-
-class _Arena:
-    """Named float32 arrays carved from one allocation, regrown only when a larger request
-    arrives (no allocation per step).  The views of the last few layouts are kept: a decoding
-    step asks for the same one every token, and building its twenty views cost ~0.4 ms a
-    token (2% of a bfloat16 GPT-2 step)."""
-
-    _KEEP = 8   # layouts whose views are kept
-
-    def __init__(self):
-        self._buf = np.empty(0, np.float32)
-        self._carved = {}
-
-    def carve(self, spec: dict) -> dict:
-        key = tuple(spec.items())
-        views = self._carved.get(key)
-        if views is None:
-            sizes = {k: math.prod(s) for k, s in spec.items()}
-            total = sum((n + 15) // 16 * 16 for n in sizes.values())
-            if total > self._buf.size:
-                self._buf = np.empty(total, np.float32)
-                self._carved.clear()   # views of the old buffer
-            views, off = {}, 0
-            for k, shape in spec.items():
-                views[k] = self._buf[off:off + sizes[k]].reshape(shape)
-                off += (sizes[k] + 15) // 16 * 16
-            if len(self._carved) >= self._KEEP:
-                del self._carved[next(iter(self._carved))]
-            self._carved[key] = views
-        return dict(views)
-
-    @property
-    def nbytes(self) -> int:
-        return self._buf.nbytes
-
-
-class _Workspace:
-    """Everything one call writes besides its result: the activations of a forward, the
-    backward's temporaries and the logits of ``forward(..., return_logits=False)``.
-
-    Inference calls use a workspace of their own thread, so any number of threads can run
-    ``forward`` (no targets) and ``generate`` on one model at once: the weights are only
-    read.  Training calls share the model's one training workspace under its training lock.
-    """
-
-    def __init__(self):
-        self.acts = _Arena()
-        self.scratch = _Arena()
-        self.logits = _Arena()
-
-    @property
-    def nbytes(self) -> int:
-        return self.acts.nbytes + self.scratch.nbytes + self.logits.nbytes
 
 
 class GPT2:
@@ -94,6 +35,9 @@ class GPT2:
             file's copy-on-write mapping until training starts); matmul weights in GPT-2's
             Conv1D layout ``[in, out]``.  Writing into a view changes the model.  ``grads``
             (below) has the same names and shapes.
+        store: the `ParameterStore` that holds ``params`` and ``grads``: the flat buffers and
+            their layout, the per-block views and the training lock (what an optimizer or a
+            gradient reduction works on).
 
     Examples:
         >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
@@ -105,59 +49,18 @@ class GPT2:
     """
 
     def __init__(self, config: GPT2Config, dtype: str = "float32"):
-        self._setup(config, dtype, allocate=True)
+        self._setup(ParameterStore(config, dtype))
 
-    def _setup(self, config: GPT2Config, dtype: str, allocate: bool):
-        """The model's state.  allocate=False leaves the float32 model's parameters, or the
-        compressed model's matmul weights, as zero-byte placeholders of the right shapes, for
-        a loader that replaces every one (`_set_param`)."""
-        if not isinstance(config, GPT2Config):
-            raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
-        self.config = config
-        self.dtype = _wt.check_dtype(dtype)
-        self._layout, size = param_layout(config)
-        if dtype != "float32":
-            # only the small tensors (biases, layernorms, wpe) in the float32 buffer
-            layout, size = [], 0
-            for name, shape, _ in self._layout:
-                if not _wt.is_compressed(name):
-                    layout.append((name, shape, size))
-                    size += (int(np.prod(shape)) + ALIGN - 1) // ALIGN * ALIGN
-            full, self._layout = self._layout, layout
-        # the float32 parameters: one contiguous buffer (AdamW and the gradients share its
-        # layout), or None while a loaded model's parameters are views of its file mapping
-        # (from_safetensors, mmap=True): the first use of _param_buffer copies them in.
-        self._param_size = size
-        self._mapping = None   # the file mapping the parameters view, kept open while they do
-        if allocate or dtype != "float32":   # (a compressed model's small tensors: always)
-            self._flat = np.zeros(size, np.float32)
-            self.params = _views(self._flat, self._layout)
-        else:
-            self._flat = None
-            self.params = {name: np.broadcast_to(np.float32(0), shape)
-                           for name, shape, _ in self._layout}
-        if dtype != "float32":   # every parameter, in the float32 model's order
-            self.params = {name: self.params[name] if name in self.params
-                           else _wt.get(dtype).empty(name, shape) if allocate
-                           else np.broadcast_to(np.float32(0), shape)
-                           for name, shape, _ in full}
-        self._grad_buffer = None
-        self._grads = None
-        # per-block dicts of the parameter views (and of the gradient views, with the grads)
-        self._layer_params = [layer_views(self.params, l) for l in range(config.n_layer)]
-        self._layer_grads = None
-        # the variant's choices, made once: the MLP activation kernel, each layer's attention
-        # score scale, and the output head (wte, or its own lm_head.weight when untied)
-        self._activation = config.activation_kernel
-        self._attn_scales = [config.attention_scale(l) for l in range(config.n_layer)]
-        self._head_name = "wte.weight" if config.tie_word_embeddings else "lm_head.weight"
+    def _setup(self, store: ParameterStore):
+        self.store = store
+        self.config, self.dtype = store.config, store.dtype
+        self._passes = Passes(store)
         # Threading contract (README, "Threads"): inference calls write only their own
         # thread's workspace and their own KV cache; training calls (forward with targets,
-        # backward, zero_grad, the optimizer step) hold this lock, so they are serialized, and
-        # a backward checks that the forward it consumes is its own thread's.
-        self._train_lock = threading.RLock()
-        self._train_ws = _Workspace()
-        self._last = None            # what backward needs from the last training forward
+        # backward, zero_grad, the optimizer step) hold the store's lock, so they are
+        # serialized, and a backward checks that the forward it consumes is its own thread's.
+        self._train_ws = Workspace()
+        self._last = None            # the TrainingForward the next backward consumes
         self._local = threading.local()   # .ws: this thread's inference workspace
 
     # ------------------------------------------------------------------ construction
@@ -254,133 +157,9 @@ class GPT2:
             >>> GPT2.from_safetensors(d).config.n_layer
             2
         """
-        _wt.check_dtype(dtype)
-        file, config = path, None
-        try:
-            # validated, nothing allocated
-            file, mm, header, data_start, config = open_model(path, copy_on_write=bool(mmap))
-            try:
-                m = cls.__new__(cls)
-                # a float32 model whose file has no tensor to view reads into its one buffer
-                into_buffer = dtype == "float32" and not (
-                    mmap and any(_weights.viewable(info, data_start, "F32")
-                                 for info in header.values()))
-                m._setup(config, dtype, allocate=into_buffer)
-                if into_buffer:
-                    load_into(file, header, data_start, mm, m.params, config)
-                    viewed = False
-                else:
-                    viewed = m._load_tensors(file, header, data_start, mm, bool(mmap))
-            except BaseException:
-                m = None
-                try:
-                    mm.close()
-                except BufferError:   # a view is still held (by the traceback): freed with it
-                    pass
-                raise
-        except MemoryError:
-            size = f" ({config.num_parameters():,} parameters)" if config is not None else ""
-            raise _weights.SafetensorsError(
-                f"{file}: not enough memory to load it as {dtype}{size}") from None
-        if viewed:
-            m._mapping = mm
-        else:
-            mm.close()
+        m = cls.__new__(cls)
+        m._setup(_weights.load_parameters(path, dtype, mmap=mmap))
         return m
-
-    def _load_tensors(self, file, header, data_start, mm, mmap: bool) -> bool:
-        """Fill params from the file, each tensor a view of the mapping when it can be (mmap
-        and the file's dtype is the storage's), else converted, one tensor or a few embedding
-        rows at a time, with the file pages of what was converted dropped as it goes.
-        Returns True when some parameter views the mapping."""
-        seen = _weights.check_against_config(file, header, len(mm) - data_start, self.config)
-        viewed = False
-        # one float32 scratch for every tensor converted: a temporary per tensor would leave
-        # the heap full of freed holes between the compressed weights (+300 MiB of resident
-        # memory over GPT-2 XL's 48 blocks)
-        scratch = np.empty(0, np.float32)
-
-        def temporary(shape):
-            nonlocal scratch
-            size = int(np.prod(shape))
-            if scratch.size < size:
-                scratch = np.empty(0, np.float32)   # (the old one freed first)
-                scratch = np.empty(size, np.float32)
-            return scratch[:size].reshape(shape)
-
-        for name in list(self.params):
-            raw = seen[name]
-            info = header[raw]
-            shape = self.params[name].shape
-            compressed = self.dtype != "float32" and _wt.is_compressed(name)
-            # the file dtype a parameter can be used in place from
-            want = "F32" if self.dtype == "float32" else \
-                "BF16" if compressed and self.dtype == "bfloat16" else None
-            view = _weights.tensor_view(header, raw, data_start, mm, want) if mmap and want \
-                else None
-            if view is not None:
-                viewed = True
-                if compressed:
-                    _weights.check_bfloat16_bits(file, raw, view)
-                    self._set_param(name, _wt.get(self.dtype).from_stored(name, view))
-                else:
-                    _weights.check_values(file, raw, view)
-                    self._set_param(name, view)
-                continue
-            # values the storage cannot hold are refused as they are read, before compressing
-            storage = self.dtype if compressed else "float32"
-            if compressed and _wt.is_row_major(name):
-                w = _wt.get(self.dtype).empty(name, shape)
-                for r0, r1 in _weights.row_chunks(*shape):
-                    rows = temporary((r1 - r0, shape[1]))
-                    _weights.read_rows(file, header, raw, data_start, mm, rows, r0, storage)
-                    _wt.get(self.dtype).compress_rows_into(name, w, r0, rows)
-                self._set_param(name, w)
-            elif compressed:
-                tmp = temporary(shape)
-                _weights.read_tensor(file, header, raw, data_start, mm, tmp, storage)
-                self._set_param(name, _wt.get(self.dtype).compress(name, tmp))
-            elif self._flat is None:       # a float32 model whose other tensors are mapped
-                tmp = np.empty(shape, np.float32)
-                _weights.read_tensor(file, header, raw, data_start, mm, tmp)
-                self._set_param(name, tmp)
-            else:
-                _weights.read_tensor(file, header, raw, data_start, mm, self.params[name])
-            _weights.drop_tensor_pages(mm, data_start, info)
-        _weights.check_tied_head(file, header, seen, data_start, mm, self.config)
-        return viewed
-
-    def _set_param(self, name: str, value):
-        """Make value (a float32 array, or a compressed weight) parameter name, in params and
-        in its block's dict."""
-        self.params[name] = value
-        if name.startswith("h."):
-            l, suffix = name[2:].split(".", 1)
-            self._layer_params[int(l)][suffix] = value
-
-    @property
-    def _param_buffer(self) -> np.ndarray:
-        """The float32 parameters as one contiguous vector (the layout of ``_layout``, shared
-        with the gradients and AdamW's moments).  A model whose parameters view its file
-        mapping copies them in here first (``mmap=True`` loads are zero-copy until trained)."""
-        if self._flat is None:
-            with self._train_lock:
-                if self._flat is None:
-                    flat = np.empty(self._param_size, np.float32)
-                    views = _views(flat, self._layout)
-                    for name, view in views.items():
-                        view[...] = self.params[name]
-                    for name, view in views.items():
-                        self._set_param(name, view)
-                    self._flat = flat
-                    self._mapping = None   # closed once no view of it is left
-        return self._flat
-
-    @property
-    def mapped(self) -> bool:
-        """True while some parameters are views of the file the model was loaded from
-        (``from_safetensors(..., mmap=True)``, the default), rather than copies in memory."""
-        return self._mapping is not None
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype: str = "float32", *,
@@ -397,45 +176,38 @@ class GPT2:
                                                        local_files_only=local_files_only),
                                     dtype=dtype)
 
-    def _store_param(self, name: str, value: np.ndarray):
-        """Set parameter name from a float32 array (compressed when this model's dtype says)."""
-        if _wt.is_compressed(name) and self.dtype != "float32":
-            self._set_param(name, _wt.get(self.dtype).compress(name, value))
-        else:
-            self.params[name][...] = value
-
     def to_dtype(self, dtype: str) -> "GPT2":
         """A new inference model with this one's weights stored in dtype ("bfloat16" or
         "int8": compressed matmul weights; "float32": a copy, widened back from a compressed
         model).  Tensors are converted one at a time; this model is left as it is."""
         m = GPT2(self.config, _wt.check_dtype(dtype))
         for name, w in self.params.items():
-            m._store_param(name, w if isinstance(w, np.ndarray) else np.asarray(w))
+            m.store.copy_param(name, w if isinstance(w, np.ndarray) else np.asarray(w))
         return m
-
-    def _require_float32(self, what: str):
-        if self.dtype != "float32":
-            raise RuntimeError(f"{what}: this model stores its weights in {self.dtype}, for "
-                               f"inference only (forward, generate); training needs a float32 "
-                               f"model (GPT2.from_safetensors(path) or m.to_dtype('float32'))")
 
     # ------------------------------------------------------------------ properties
 
     @property
+    def params(self) -> dict:
+        """The parameters by name (see the class docstring; ``store.params``)."""
+        return self.store.params
+
+    @property
     def grads(self) -> dict:
         """Gradients, same names and shapes as ``params`` (allocated on first use)."""
-        if self._grads is None:
-            self._require_float32("grads")
-            with self._train_lock:
-                if self._grads is None:
-                    buffer = np.zeros_like(self._param_buffer)
-                    self._layer_grads = None
-                    grads = _views(buffer, self._layout)
-                    self._layer_grads = [layer_views(grads, l)
-                                         for l in range(self.config.n_layer)]
-                    self._grad_buffer = buffer
-                    self._grads = grads
-        return self._grads
+        return self.store.grads
+
+    @property
+    def mapped(self) -> bool:
+        """True while some parameters are views of the file the model was loaded from
+        (``from_safetensors(..., mmap=True)``, the default), rather than copies in memory."""
+        return self.store.mapped
+
+    @property
+    def pending_backward(self) -> TrainingForward | None:
+        """The record of the last training forward, which the next `backward` consumes (its
+        ``n_valid`` is the number of targets it counted), or None when there is none."""
+        return self._last
 
     def num_parameters(self) -> int:
         """The number of parameters (weights and biases; the tied ``wte`` counted once).
@@ -452,45 +224,6 @@ class GPT2:
                 f"vocab_size={c.vocab_size}, n_ctx={c.n_ctx}, "
                 f"parameters={self.num_parameters():,}, dtype={self.dtype!r}, "
                 f"mapped={self.mapped}, kernels={_wt.get(self.dtype).kernels()!r})")
-
-    # ------------------------------------------------------------------ input checks
-
-    def _check_idx(self, idx, name="idx") -> np.ndarray:
-        a = np.asarray(idx)
-        if a.size == 0:   # before the dtype: np.asarray([]) is float64
-            raise ValueError(f"{name} is empty (shape {a.shape}): give at least one token id")
-        if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
-            raise TypeError(f"{name} must be an integer array of token ids, got dtype {a.dtype}")
-        if a.ndim == 1:
-            a = a[None, :]
-        if a.ndim != 2:
-            raise ValueError(f"{name} must have shape (B, T) or (T,), got shape {a.shape}")
-        B, T = a.shape
-        if T > self.config.n_ctx:
-            raise ValueError(f"{name} has T={T} positions, longer than the model's context "
-                             f"n_ctx={self.config.n_ctx}")
-        lo, hi = int(a.min()), int(a.max())
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = lo if lo < 0 else hi
-            where = tuple(int(i) for i in np.argwhere(a == bad)[0])
-            raise ValueError(f"{name} contains token id {bad} at {where}, outside "
-                             f"[0, {self.config.vocab_size})")
-        return np.ascontiguousarray(a, dtype=np.int64)
-
-    def _check_targets(self, targets, shape) -> np.ndarray:
-        t = np.asarray(targets)
-        if t.dtype == np.bool_ or not np.issubdtype(t.dtype, np.integer):
-            raise TypeError(f"targets must be an integer array, got dtype {t.dtype}")
-        if t.ndim == 1:
-            t = t[None, :]
-        if t.shape != shape:
-            raise ValueError(f"targets has shape {np.asarray(targets).shape}, idx has {shape}")
-        bad = (t < -1) | (t >= self.config.vocab_size)
-        if bad.any():
-            where = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"targets contains {int(t[where])} at {where}, outside "
-                             f"[0, {self.config.vocab_size}) and not the ignore value -1")
-        return np.ascontiguousarray(t, dtype=np.int64)
 
     # ------------------------------------------------------------------ forward
 
@@ -534,32 +267,30 @@ class GPT2:
             >>> round(loss, 1)
             10.8
         """
-        idx = self._check_idx(idx)
+        idx = check_token_ids(idx, self.config)
         B, T = idx.shape
-        tgt = None if targets is None else self._check_targets(targets, (B, T))
+        tgt = None if targets is None else check_targets(targets, (B, T), self.config.vocab_size)
         if tgt is not None and for_backward and self.dtype == "float32":
-            with self._train_lock, _core.pinned_num_threads():
+            with self.store.lock, _core.pinned_num_threads():
                 return self._forward_train(idx, tgt, return_logits)
         with _core.pinned_num_threads():   # every kernel of this call on one team size
             return self._forward_inference(idx, tgt, return_logits)
 
     def _forward_inference(self, idx, tgt, return_logits):
         B, T = idx.shape
-        me = threading.get_ident()
         last = self._last
-        if last is not None and last["thread"] == me:
+        if last is not None and last.thread == threading.get_ident():
             # this thread's pending backward refers to an earlier forward: as before, only the
             # last forward of a thread can be differentiated
-            with self._train_lock:
+            with self.store.lock:
                 if self._last is last:
                     self._last = None
-        ws = self._thread_workspace()
         logits = np.empty((B, T, self.config.vocab_size), np.float32)
-        lnf = self._run_blocks(idx, ws.acts, keep_layers=False)
-        _core.lm_head_forward(logits.reshape(B * T, -1), lnf, self.params[self._head_name])
+        lnf = self._passes.forward(idx, self._thread_workspace().acts, keep_layers=False)["lnf"]
+        self._passes.head(logits.reshape(B * T, -1), lnf)
         if tgt is None:
             return logits, None
-        loss, _ = self._loss(logits, tgt)
+        loss, _ = cross_entropy(logits, tgt)
         return (logits if return_logits else None), loss
 
     def _forward_train(self, idx, tgt, return_logits):
@@ -570,122 +301,80 @@ class GPT2:
         else:
             logits = ws.logits.carve({"logits": (B, T, self.config.vocab_size)})["logits"]
         self._last = None
-        acts = self._run_blocks(idx, ws.acts, keep_layers=True, return_all=True)
-        _core.lm_head_forward(logits.reshape(B * T, -1), acts["lnf"],
-                              self.params[self._head_name])
-        loss, lse = self._loss(logits, tgt)
-        flat_t = tgt.reshape(-1)
-        self._last = dict(idx=idx, targets=flat_t, lse=lse,
-                          n_valid=int(np.count_nonzero(flat_t != -1)), logits=logits,
-                          logits_owned=not return_logits, acts=acts,
-                          thread=threading.get_ident())
+        acts = self._passes.forward(idx, ws.acts, keep_layers=True)
+        self._passes.head(logits.reshape(B * T, -1), acts["lnf"])
+        loss, lse = cross_entropy(logits, tgt)
+        self._last = TrainingForward(idx, tgt.reshape(-1), lse, logits,
+                                     logits_owned=not return_logits, acts=acts)
         return (logits if return_logits else None), loss
 
-    @staticmethod
-    def _loss(logits, tgt):
-        """(mean cross-entropy over targets != -1 or nan, the rows' log-sum-exp)."""
-        N = tgt.size
-        losses = np.empty(N, np.float32)
-        lse = np.empty(N, np.float32)
-        flat_t = tgt.reshape(-1)
-        _core.crossentropy_forward(losses, lse, logits.reshape(N, -1), flat_t)
-        n_valid = int(np.count_nonzero(flat_t != -1))
-        loss = float(np.sum(losses, dtype=np.float64) / n_valid) if n_valid else float("nan")
-        return loss, lse
-
-    def _thread_workspace(self) -> _Workspace:
+    def _thread_workspace(self) -> Workspace:
         ws = getattr(self._local, "ws", None)
         if ws is None:
-            ws = self._local.ws = _Workspace()
+            ws = self._local.ws = Workspace()
         return ws
-
-    def _run_blocks(self, idx: np.ndarray, arena: _Arena, keep_layers: bool, kv=None,
-                    pos0: int = 0, return_all: bool = False):
-        """Embedding, the transformer blocks and the final layernorm; returns lnf (N, C), or
-        with return_all the dict of every activation (what the backward reads).
-
-        keep_layers (training): every activation the backward needs is kept, one slice per
-        layer.  Otherwise one layer's worth is reused, and the residual stream alternates
-        between two buffers.  With kv = (keys, values), each (L, B, capacity, C), idx holds
-        positions pos0 .. pos0 + T - 1: their keys and values are appended to the cache and
-        attention reads the cache (KV-cache decoding)."""
-        cfg = self.config
-        B, T = idx.shape
-        N, C, L, H = B * T, cfg.n_embd, cfg.n_layer, cfg.inner_size
-        LS = L if keep_layers else 1
-        a = arena.carve({
-            "encoded": (N, C),
-            # the layernorm outputs are not kept per layer: the backward recomputes them from
-            # the residual stream (one cheap pass, bit-identical) and saves 2 x L x N x C floats
-            "ln1": (N, C), "ln1_mean": (LS, N), "ln1_rstd": (LS, N),
-            "qkv": (LS, N, 3 * C), "atty": (LS, N, C), "att_lse": (LS, B, cfg.n_head, T),
-            "res2": (LS, N, C), "ln2": (N, C), "ln2_mean": (LS, N), "ln2_rstd": (LS, N),
-            "fch": (LS, N, H), "fch_gelu": (N, H),
-            "res3": (L if keep_layers else 2, N, C), "proj": (N, C),
-            "lnf": (N, C), "lnf_mean": (N,), "lnf_rstd": (N,),
-        })
-        P = self.params
-        _core.embedding_forward(a["encoded"], idx.reshape(-1), P["wte.weight"], P["wpe.weight"], T,
-                                pos0)
-        _core.layernorm_forward(a["ln1"], a["ln1_mean"][0], a["ln1_rstd"][0], a["encoded"],
-                                P["h.0.ln_1.weight"], P["h.0.ln_1.bias"], cfg.layer_norm_epsilon)
-        res_in = a["encoded"]
-        for l in range(L):
-            res_out = a["res3"][l if keep_layers else l % 2]
-            self._block_forward(l, a, l if keep_layers else 0, res_in, res_out, B, T, kv, pos0)
-            res_in = res_out
-        return a if return_all else a["lnf"]
-
-    def _block_forward(self, l, a, s, res_in, res_out, B, T, kv, pos0):
-        """Block l: res_out = res2 + mlp(ln_2(res2)), res2 = res_in + attn(ln1), where ln1 (the
-        layernorm of res_in) is already in a["ln1"]; then the next block's ln_1 (or ln_f) of
-        res_out.  s is the slice of the per-layer activations this block writes."""
-        cfg = self.config
-        C, eps = cfg.n_embd, cfg.layer_norm_epsilon
-        w = self._layer_params[l]
-        qkv = a["qkv"][s]
-        mm = _core.matmul_forward   # float32, bfloat16 or int8 weights
-        mm(qkv, a["ln1"], w["attn.c_attn.weight"], w["attn.c_attn.bias"])
-        qkv3 = qkv.reshape(B, T, 3 * C)
-        if kv is None:
-            _core.attention_forward(a["atty"][s].reshape(B, T, C), a["att_lse"][s],
-                                    qkv3, 0, qkv3, C, qkv3, 2 * C, 0, cfg.n_head,
-                                    self._attn_scales[l])
-        else:
-            keys, values = kv[0][l], kv[1][l]
-            _core.kv_cache_write(keys, values, qkv3, pos0)
-            _core.attention_forward(a["atty"][s].reshape(B, T, C), _EMPTY3, qkv3, 0,
-                                    keys, 0, values, 0, pos0, cfg.n_head,
-                                    self._attn_scales[l])
-        mm(a["proj"], a["atty"][s], w["attn.c_proj.weight"], w["attn.c_proj.bias"])
-        _core.residual_layernorm_forward(a["res2"][s], a["ln2"], a["ln2_mean"][s],
-                                         a["ln2_rstd"][s], res_in, a["proj"],
-                                         w["ln_2.weight"], w["ln_2.bias"], eps)
-        mm(a["fch"][s], a["ln2"], w["mlp.c_fc.weight"], w["mlp.c_fc.bias"])
-        # act(fch) is not kept per layer: the backward recomputes it (one cheap pass)
-        _core.activation_forward(a["fch_gelu"], a["fch"][s], self._activation)
-        mm(a["proj"], a["fch_gelu"], w["mlp.c_proj.weight"], w["mlp.c_proj.bias"])
-        if l + 1 < cfg.n_layer:   # the next block's ln_1, into ln1 and this slot's stats
-            nxt = self._layer_params[l + 1]
-            s_next = s + 1 if a["ln1_mean"].shape[0] > 1 else 0
-            _core.residual_layernorm_forward(res_out, a["ln1"], a["ln1_mean"][s_next],
-                                             a["ln1_rstd"][s_next], a["res2"][s], a["proj"],
-                                             nxt["ln_1.weight"], nxt["ln_1.bias"], eps)
-        else:
-            P = self.params
-            _core.residual_layernorm_forward(res_out, a["lnf"], a["lnf_mean"], a["lnf_rstd"],
-                                             a["res2"][s], a["proj"], P["ln_f.weight"],
-                                             P["ln_f.bias"], eps)
 
     # ------------------------------------------------------------------ KV-cache decoding
 
-    def _kv_cache(self, B: int, positions: int | None = None):
-        """A new KV cache: keys and values (L, B, positions, C), positions <= n_ctx (default
-        n_ctx).  Each generation owns its cache, so generations on one model never share one."""
+    def kv_cache(self, rows: int, positions: int | None = None) -> KVCache:
+        """A new, empty KV cache for `forward_cached`: rows sequences of up to ``positions``
+        positions each (default, and at most, ``config.n_ctx``).
+
+        Raises:
+            TypeError, ValueError: rows or positions is not an integer >= 1.
+        """
         cfg = self.config
-        positions = cfg.n_ctx if positions is None else min(int(positions), cfg.n_ctx)
-        shape = (cfg.n_layer, B, positions, cfg.n_embd)
-        return np.empty(shape, np.float32), np.empty(shape, np.float32)
+        rows = check_int("rows", rows, 1)
+        positions = cfg.n_ctx if positions is None else \
+            min(check_int("positions", positions, 1), cfg.n_ctx)
+        return KVCache.empty(cfg.n_layer, rows, positions, cfg.n_embd)
+
+    def forward_cached(self, idx, pos0: int, cache: KVCache) -> np.ndarray:
+        """The logits of the last position of idx, running only idx's positions: attention
+        reads the earlier ones' keys and values from cache (KV-cache decoding).
+
+        idx (B, T) holds positions pos0 .. pos0 + T - 1 of B sequences.  Their keys and
+        values are written into rows 0 .. B-1 of the cache at those positions, and attention
+        reads positions 0 .. pos0 + T - 1 from it: a generation runs its prompt with pos0 = 0
+        (the prefill), then each new token with pos0 = the positions run so far.  The logits
+        equal ``forward(sequence)[0][:, pos0 + T - 1]`` up to float32 rounding.  An inference
+        call: any number of threads may run it on one model at once, each with a cache of
+        its own (a cache shared by two calls at once would mix their positions).
+
+        Args:
+            idx: token ids, shape (B, T) or (T,).
+            pos0: the position of idx's first token (>= 0).
+            cache: a `KVCache` of this model (`kv_cache`) with B rows.
+
+        Returns:
+            a new float32 array (B, vocab_size).
+
+        Raises:
+            TypeError, ValueError: bad token ids (as in `forward`), pos0 not an integer >= 0, a
+                cache of another model or row count, or pos0 + T beyond n_ctx or the cache.
+
+        Examples:
+            >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+            >>> cache = m.kv_cache(1)
+            >>> _ = m.forward_cached([464, 3290], 0, cache)   # positions 0, 1
+            >>> step = m.forward_cached([318], 2, cache)       # position 2
+            >>> bool(np.allclose(step, m.forward([464, 3290, 318])[0][:, 2], atol=1e-4))
+            True
+        """
+        cfg = self.config
+        idx = check_token_ids(idx, cfg)
+        pos0 = check_int("pos0", pos0, 0)
+        B, T = idx.shape
+        if pos0 + T > cfg.n_ctx:
+            raise ValueError(f"position {pos0 + T - 1} is beyond the context n_ctx={cfg.n_ctx}")
+        KVCache.check(cache, cfg, B, pos0 + T)
+        with _core.pinned_num_threads():
+            acts = self._passes.forward(idx, self._thread_workspace().acts, keep_layers=False,
+                                        kv=cache, pos0=pos0)
+            last = np.ascontiguousarray(acts["lnf"].reshape(B, T, -1)[:, -1, :])
+            logits = np.empty((B, cfg.vocab_size), np.float32)
+            self._passes.head(logits, last)
+        return logits
 
     def free_cache(self):
         """Release the calling thread's inference buffers and, when no training call is under way,
@@ -699,28 +388,9 @@ class GPT2:
             >>> m.free_cache()
         """
         self._local.ws = None
-        with self._train_lock:
-            self._train_ws = _Workspace()
+        with self.store.lock:
+            self._train_ws = Workspace()
             self._last = None
-
-    def _forward_cached(self, idx: np.ndarray, pos0: int, kv) -> np.ndarray:
-        """Logits (B, V) of the last position of idx (B, T) int64, which holds positions
-        pos0 .. pos0 + T - 1; positions before pos0 must already be in the cache kv."""
-        idx = np.ascontiguousarray(idx, dtype=np.int64)
-        B, T = idx.shape
-        if pos0 + T > self.config.n_ctx:
-            raise ValueError(f"position {pos0 + T - 1} is beyond the context n_ctx="
-                             f"{self.config.n_ctx}")
-        if pos0 + T > kv[0].shape[2]:
-            raise ValueError(f"position {pos0 + T - 1} is beyond the KV cache's "
-                             f"{kv[0].shape[2]} positions")
-        with _core.pinned_num_threads():
-            lnf = self._run_blocks(idx, self._thread_workspace().acts, keep_layers=False,
-                                   kv=kv, pos0=pos0)
-            last = np.ascontiguousarray(lnf.reshape(B, T, -1)[:, -1, :])
-            logits = np.empty((B, self.config.vocab_size), np.float32)
-            _core.lm_head_forward(logits, last, self.params[self._head_name])
-        return logits
 
     # ------------------------------------------------------------------ backward
 
@@ -735,10 +405,7 @@ class GPT2:
             >>> float(abs(m.grads["wte.weight"]).max())
             0.0
         """
-        self._require_float32("zero_grad()")
-        with self._train_lock:
-            self.grads  # allocate on first use
-            _core.fill_zero(self._grad_buffer)
+        self.store.zero_grad()
 
     def backward(self, *, normalizer: int | None = None, on_layer_done=None):
         """Add (+=) the gradient of the last forward's mean loss to ``grads``.
@@ -766,87 +433,19 @@ class GPT2:
             >>> bool(m.grads["wte.weight"].any())
             True
         """
-        self._require_float32("backward()")
-        with self._train_lock, _core.pinned_num_threads() as nt:
-            self._backward(normalizer, on_layer_done, nt)
-
-    def _backward(self, normalizer, on_layer_done, nt):
-        last = self._last
-        if last is None:
-            raise RuntimeError("backward() needs a preceding forward(idx, targets) with targets; "
-                               "the last forward had no targets, there was none, or its "
-                               "backward() was already called")
-        if last["thread"] != threading.get_ident():
-            raise RuntimeError("backward(): the last forward(idx, targets) on this model was "
-                               "made by another thread; training calls on one model must come "
-                               "from one thread at a time (forward and its backward from the "
-                               "same thread)")
-        if normalizer is None:
-            if last["n_valid"] == 0:
-                raise RuntimeError("backward(): every target of the last forward was -1 "
-                                   "(ignored); the loss is undefined")
-            normalizer = last["n_valid"]
-        elif isinstance(normalizer, bool) or int(normalizer) != normalizer or normalizer < 1:
-            raise ValueError(f"backward(): normalizer must be a positive integer, "
-                             f"got {normalizer!r}")
-        cfg = self.config
-        eps = cfg.layer_norm_epsilon
-        G, P, a = self.grads, self.params, last["acts"]
-        idx = last["idx"]
-        B, T = idx.shape
-        N, C, L, NH, V, H = B * T, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.vocab_size, \
-            cfg.inner_size
-        in_place = last["logits_owned"]  # nobody else sees these logits: dlogits in place
-        spec = {"dres": (N, C), "dln": (N, C), "datty": (N, C), "dqkv": (N, 3 * C),
-                "dfch": (N, H), "ln_scratch": (nt, 2 * C)}
-        if not in_place:
-            spec["dlogits"] = (N, V)
-        d = self._train_ws.scratch.carve(spec)
-        logits = last["logits"].reshape(N, V)
-        dlogits = logits if in_place else d["dlogits"]
-        _core.crossentropy_backward(dlogits, logits, last["lse"], last["targets"],
-                                    np.float32(1.0 / int(normalizer)))
-        # like PyTorch without retain_graph, a backward consumes its forward (and here the
-        # logits may now hold dlogits)
-        self._last = None
-        _core.lm_head_backward(d["dln"], G[self._head_name], dlogits, a["lnf"],
-                               P[self._head_name])
-        dres = d["dres"]
-        dres.fill(0.0)
-        _core.layernorm_backward(dres, G["ln_f.weight"], G["ln_f.bias"], d["dln"], a["res3"][L - 1],
-                                 P["ln_f.weight"], a["lnf_mean"], a["lnf_rstd"], d["ln_scratch"])
-        for l in reversed(range(L)):
-            w, g = self._layer_params[l], self._layer_grads[l]
-            res_in = a["encoded"] if l == 0 else a["res3"][l - 1]
-            # MLP: res3 = res2 + act(ln2 @ Wfc + bfc) @ Wproj + bproj
-            _core.activation_forward(a["fch_gelu"], a["fch"][l], self._activation)
-            _core.matmul_backward(d["dfch"], g["mlp.c_proj.weight"], g["mlp.c_proj.bias"], dres,
-                                  a["fch_gelu"], w["mlp.c_proj.weight"], False)
-            _core.activation_backward(d["dfch"], a["fch"][l], d["dfch"], self._activation)
-            _core.layernorm_forward(a["ln2"], _EMPTY1, _EMPTY1, a["res2"][l], w["ln_2.weight"],
-                                    w["ln_2.bias"], eps)
-            _core.matmul_backward(d["dln"], g["mlp.c_fc.weight"], g["mlp.c_fc.bias"], d["dfch"],
-                                  a["ln2"], w["mlp.c_fc.weight"], False)
-            _core.layernorm_backward(dres, g["ln_2.weight"], g["ln_2.bias"], d["dln"], a["res2"][l],
-                                     w["ln_2.weight"], a["ln2_mean"][l], a["ln2_rstd"][l],
-                                     d["ln_scratch"])
-            # attention: res2 = res_in + attn(ln1) @ Wproj + bproj
-            _core.matmul_backward(d["datty"], g["attn.c_proj.weight"], g["attn.c_proj.bias"],
-                                  dres, a["atty"][l], w["attn.c_proj.weight"], False)
-            _core.attention_backward(d["dqkv"].reshape(B, T, 3 * C), d["datty"].reshape(B, T, C),
-                                     a["atty"][l].reshape(B, T, C), a["att_lse"][l],
-                                     a["qkv"][l].reshape(B, T, 3 * C), NH,
-                                     self._attn_scales[l])
-            _core.layernorm_forward(a["ln1"], _EMPTY1, _EMPTY1, res_in, w["ln_1.weight"],
-                                    w["ln_1.bias"], eps)
-            _core.matmul_backward(d["dln"], g["attn.c_attn.weight"], g["attn.c_attn.bias"],
-                                  d["dqkv"], a["ln1"], w["attn.c_attn.weight"], False)
-            _core.layernorm_backward(dres, g["ln_1.weight"], g["ln_1.bias"], d["dln"], res_in,
-                                     w["ln_1.weight"], a["ln1_mean"][l], a["ln1_rstd"][l],
-                                     d["ln_scratch"])
-            if on_layer_done is not None:
-                on_layer_done(l)
-        _core.embedding_backward(G["wte.weight"], G["wpe.weight"], dres, idx.reshape(-1), T)
+        self.store.check_trainable("backward()")
+        with self.store.lock, _core.pinned_num_threads() as nt:
+            last = self._last
+            if last is None:
+                raise RuntimeError("backward() needs a preceding forward(idx, targets) with "
+                                   "targets; the last forward had no targets, there was none, "
+                                   "or its backward() was already called")
+            normalizer = last.backward_normalizer(normalizer)
+            d = self._passes.loss_backward(last, normalizer, self._train_ws.scratch, nt)
+            # like PyTorch without retain_graph, a backward consumes its forward (and here the
+            # logits may now hold dlogits)
+            self._last = None
+            self._passes.backward(last, d, on_layer_done)
 
     # ------------------------------------------------------------------ saving
 
@@ -877,7 +476,7 @@ class GPT2:
             >>> sorted(p.name for p in pathlib.Path(d).iterdir())
             ['config.json', 'model.safetensors']
         """
-        return save_safetensors(path, self.params, self.config, dtype=dtype)
+        return _weights.save_safetensors(path, self.params, self.config, dtype=dtype)
 
     # ------------------------------------------------------------------ generation
     # The decoding loop, sampling and text helpers live in generation.py; these are the

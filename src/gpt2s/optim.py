@@ -80,14 +80,15 @@ class AdamW:
         self.model = model
         self.lr, self.betas, self.eps, self.weight_decay = float(lr), (float(b1), float(b2)), \
             float(eps), float(weight_decay)
-        n = model._param_buffer.size
+        store = model.store
+        n = store.buffer.size
         self.m = np.zeros(n, np.float32)
         self.v = np.zeros(n, np.float32)
         self.t = 0
         self.decayed = [name for name, arr in model.params.items() if decay(name, arr.shape)]
         decayed = set(self.decayed)
         starts, stops, flags = [], [], []
-        for name, shape, off in model._layout:
+        for name, shape, off in store.layout:
             starts.append(off)
             stops.append(off + int(np.prod(shape)))
             flags.append(1.0 if name in decayed else 0.0)
@@ -132,7 +133,7 @@ class AdamW:
             _check_max_norm(max_norm, "AdamW.step")
         # a training call: the norm and the update see the same gradients, serialized with
         # backward and zero_grad (the lock is reentrant), on one thread count
-        with self.model._train_lock, _core.pinned_num_threads():
+        with self.model.store.lock, _core.pinned_num_threads():
             if max_norm is not None:
                 norm = grad_norm(self.model) * grad_scale
                 grad_scale *= clip_coefficient(norm, max_norm)
@@ -141,11 +142,11 @@ class AdamW:
 
     def _update(self, grad_scale: float):
         b1, b2 = self.betas
-        model = self.model
-        model.grads  # allocated
+        store = self.model.store
+        store.grads  # allocated
         self.t += 1
-        with model._train_lock:   # a training call: serialized with backward and zero_grad
-            _core.adamw_step(model._param_buffer, model._grad_buffer, self.m, self.v,
+        with store.lock:   # a training call: serialized with backward and zero_grad
+            _core.adamw_step(store.buffer, store.grad_buffer, self.m, self.v,
                              self._seg_start, self._seg_stop,
                              self._seg_flag * np.float32(self.weight_decay), self.lr, b1, b2,
                              self.eps, self.t, grad_scale)
@@ -296,9 +297,10 @@ def grad_norm(model) -> float:
         >>> m.zero_grad(); grad_norm(m)
         0.0
     """
-    model.grads  # allocated
-    with model._train_lock:
-        return math.sqrt(_core.sum_squares(model._grad_buffer))
+    store = model.store
+    store.grads  # allocated
+    with store.lock:
+        return math.sqrt(_core.sum_squares(store.grad_buffer))
 
 
 def clip_coefficient(norm: float, max_norm: float) -> float:
@@ -347,9 +349,9 @@ def clip_grad_norm(model, max_norm: float) -> float:
         (True, 0.5)
     """
     _check_max_norm(max_norm, "clip_grad_norm")
-    with model._train_lock:
+    with model.store.lock:
         norm = grad_norm(model)
         coef = clip_coefficient(norm, max_norm)
         if coef < 1.0:
-            _core.scale_inplace(model._grad_buffer, coef)
+            _core.scale_inplace(model.store.grad_buffer, coef)
     return norm

@@ -879,6 +879,112 @@ def open_model(path, copy_on_write: bool = False):
     return file, mm, header, data_start, config
 
 
+def load_parameters(path, dtype: str = "float32", *, mmap: bool = True):
+    """The `ParameterStore` (of dtype, its config ``store.config``) of a model file or
+    directory: what `GPT2.from_safetensors` does (its docstring states the rules: which
+    tensors are viewed in place, which converted, the errors).  A store whose parameters view
+    the file keeps the mapping open (`ParameterStore.mapped`); otherwise it is closed before
+    returning."""
+    # imported here: params imports this module's layout
+    from . import weight_types as _wt
+    from .params import ParameterStore
+    _wt.check_dtype(dtype)
+    file, config = path, None
+    try:
+        # validated, nothing allocated
+        file, mm, header, data_start, config = open_model(path, copy_on_write=bool(mmap))
+        try:
+            # a float32 model whose file has no tensor to view reads into its one buffer
+            into_buffer = dtype == "float32" and not (
+                mmap and any(viewable(info, data_start, "F32") for info in header.values()))
+            store = ParameterStore(config, dtype, allocate=into_buffer)
+            if into_buffer:
+                load_into(file, header, data_start, mm, store.params, config)
+                viewed = False
+            else:
+                viewed = _load_tensors(store, file, header, data_start, mm, bool(mmap))
+        except BaseException:
+            store = None
+            try:
+                mm.close()
+            except BufferError:   # a view is still held (by the traceback): freed with it
+                pass
+            raise
+    except MemoryError:
+        size = f" ({config.num_parameters():,} parameters)" if config is not None else ""
+        raise SafetensorsError(
+            f"{file}: not enough memory to load it as {dtype}{size}") from None
+    if viewed:
+        store.keep_mapping(mm)
+    else:
+        mm.close()
+    return store
+
+
+def _load_tensors(store, file, header, data_start, mm, mmap: bool) -> bool:
+    """Fill the store's params from the file, each tensor a view of the mapping when it can
+    be (mmap and the file's dtype is the storage's), else converted, one tensor or a few
+    embedding rows at a time, with the file pages of what was converted dropped as it goes.
+    Returns True when some parameter views the mapping."""
+    from . import weight_types as _wt
+    dtype = store.dtype
+    seen = check_against_config(file, header, len(mm) - data_start, store.config)
+    viewed = False
+    # one float32 scratch for every tensor converted: a temporary per tensor would leave
+    # the heap full of freed holes between the compressed weights (+300 MiB of resident
+    # memory over GPT-2 XL's 48 blocks)
+    scratch = np.empty(0, np.float32)
+
+    def temporary(shape):
+        nonlocal scratch
+        size = int(np.prod(shape))
+        if scratch.size < size:
+            scratch = np.empty(0, np.float32)   # (the old one freed first)
+            scratch = np.empty(size, np.float32)
+        return scratch[:size].reshape(shape)
+
+    for name in list(store.params):
+        raw = seen[name]
+        info = header[raw]
+        shape = store.params[name].shape
+        compressed = dtype != "float32" and _wt.is_compressed(name)
+        # the file dtype a parameter can be used in place from
+        want = "F32" if dtype == "float32" else \
+            "BF16" if compressed and dtype == "bfloat16" else None
+        view = tensor_view(header, raw, data_start, mm, want) if mmap and want else None
+        if view is not None:
+            viewed = True
+            if compressed:
+                check_bfloat16_bits(file, raw, view)
+                store.set_param(name, _wt.get(dtype).from_stored(name, view))
+            else:
+                check_values(file, raw, view)
+                store.set_param(name, view)
+            continue
+        # values the storage cannot hold are refused as they are read, before compressing
+        storage = dtype if compressed else "float32"
+        if compressed and _wt.is_row_major(name):
+            w = _wt.get(dtype).empty(name, shape)
+            for r0, r1 in row_chunks(*shape):
+                rows = temporary((r1 - r0, shape[1]))
+                read_rows(file, header, raw, data_start, mm, rows, r0, storage)
+                _wt.get(dtype).compress_rows_into(name, w, r0, rows)
+            store.set_param(name, w)
+        elif compressed:
+            tmp = temporary(shape)
+            read_tensor(file, header, raw, data_start, mm, tmp, storage)
+            store.set_param(name, _wt.get(dtype).compress(name, tmp))
+        elif dtype == "float32":   # no buffer: the tensors not viewed get arrays of their own
+            tmp = np.empty(shape, np.float32)
+            read_tensor(file, header, raw, data_start, mm, tmp)
+            store.set_param(name, tmp)
+        else:                      # a small tensor of a compressed model, into its buffer
+            read_tensor(file, header, raw, data_start, mm, store.params[name])
+        drop_tensor_pages(mm, data_start, info)
+    check_tied_head(file, header, seen, data_start, mm, store.config)
+    return viewed
+
+
 # ------------------------------------------------------------------------------------------
 # Writing
 
