@@ -39,8 +39,9 @@ import pytest
 HERE = Path(__file__).resolve().parent
 DEFAULT_CASES = 3000
 SLOW_CASES = 60000
-CASE_WALL_LIMIT = 10.0   # seconds of wall clock per case before the test calls it a hang
-CASE_CPU_LIMIT = 1.0     # seconds of CPU per case ("well under a second" on an idle machine)
+# seconds of wall clock per case before the test calls it a hang (a case takes milliseconds;
+# no speed is asserted: the work of a case is bounded by the address-space limit instead)
+CASE_WALL_LIMIT = 60.0
 HEADROOM = 256 << 20     # address space the worker may use beyond its warmed-up footprint
 
 posix_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -483,8 +484,6 @@ def worker(seed: int, start: int, count: int, tmpdir: str):
     for i in range(start, start + count):
         try:
             kind, outcome, cpu = run_case(seed, i, bases, path, GPT2, SafetensorsError)
-            if cpu > CASE_CPU_LIMIT:
-                raise AssertionError(f"took {cpu:.2f} s of CPU")
         except BaseException as e:  # noqa: BLE001 - every other exception is the failure
             try:
                 kind = mutate(np.random.default_rng([seed, i]), *bases[i % len(bases)])[0]

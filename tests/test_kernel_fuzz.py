@@ -168,8 +168,11 @@ class Spec:
         for arg, (wtype, data, scales, transposed) in self.pack.items():
             a = out.pop(data)
             sc = out.pop(scales) if scales else None
-            out[arg] = _core.PackedWeight(_core.weight_type_info(wtype)["id"], a, sc,
-                                          a.shape[::-1] if transposed else a.shape,
+            info = _core.weight_type_info(wtype)
+            rows = a.shape[0]
+            cols = a.shape[1] * 8 * np.dtype(info["store"]).itemsize // info["bits"]
+            out[arg] = _core.PackedWeight(info["id"], a, sc,
+                                          (cols, rows) if transposed else (rows, cols),
                                           transposed)
         return out
 
@@ -198,17 +201,29 @@ def spec(kernel, variant, dims, outputs, ints=None, int_arrays=(), result=None, 
     return register
 
 
+PACKED = _core.weight_types()[1:]   # every type but float32
+
+
 def packed_arrays(b, wtype, rows, cols):
     """(data, scales or None) of random stored weights of a type"""
+    info = _core.weight_type_info(wtype)
     if wtype == "bfloat16":
-        return b.bf16(rows, cols), None
-    return b.q8(rows, cols), b.f16(rows, cols // 32)
+        data = b.bf16(rows, cols)
+    elif wtype == "int8":
+        data = b.q8(rows, cols)
+    else:   # random bytes of the stored elements
+        per = 8 * np.dtype(info["store"]).itemsize // info["bits"]
+        shape = _shape((rows, cols // per))
+        data = b.rng.integers(0, 256, size=shape).astype(info["store"])
+    scales = b.f16(rows, cols // info["block"]) if info["block"] else None
+    return data, scales
 
 
 # ---------------------------------------------------------------------------- the table
 
 # embedding (B rows of T tokens, C channels, V tokens, P positions), every weight type
-for _kind in ("float32", "bfloat16", "int8"):
+for _kind in ("float32",) + PACKED:
+    _blocked = _kind != "float32" and _core.weight_type_info(_kind)["block"] > 0
     def _embedding(d, i, b, _kind=_kind):
         a = dict(out=b.f32(d.B * d.T, d.C), idx=b.ids(d.B * d.T, d.V))
         if _kind == "float32":
@@ -220,9 +235,9 @@ for _kind in ("float32", "bfloat16", "int8"):
         a.update(wpe=b.f32(d.P, d.C), T=i["T"], pos0=i["pos0"])
         return a
     _pack = None if _kind == "float32" else \
-        {"wte": (_kind, "wte_data", "wte_scales" if _kind == "int8" else None, False)}
+        {"wte": (_kind, "wte_data", "wte_scales" if _blocked else None, False)}
     spec("embedding_forward", f"prefill {_kind}",
-         dict(B=2, T=3, C=64 if _kind == "int8" else 24, V=11, P=6), {"out": W},
+         dict(B=2, T=3, C=64 if _blocked else 24, V=11, P=6), {"out": W},
          ints=lambda d: dict(T=d.T, pos0=2), int_arrays=("idx",), pack=_pack)(_embedding)
     spec("embedding_forward", f"decode {_kind}", dict(B=3, T=1, C=32, V=7, P=9), {"out": W},
          ints=lambda d: dict(T=d.T, pos0=8), int_arrays=("idx",), pack=_pack)(_embedding)
@@ -292,8 +307,9 @@ for _N in (1, 5, 70):
 # the packed-weight products: direct kernels (<= 32 rows), widened panels (more rows), one
 # row of a bfloat16 Conv1D weight split over K (K >= 64 per thread)
 for _N, _C in ((3, 64), (40, 64), (1, 256)):
-    for _kind in ("bfloat16", "int8"):
-        _t = _kind == "int8"   # int8 Conv1D weights are stored transposed (output-major)
+    for _kind in PACKED:
+        # output-major types store a Conv1D weight transposed
+        _t = _core.weight_type_info(_kind)["output_major"]
         for _bias in (True, False):
             @spec("matmul_forward", f"{_kind} N={_N} C={_C} bias={_bias}",
                   dict(N=_N, C=_C, OC=24), {"out": W},
@@ -317,19 +333,25 @@ for _N, _C in ((3, 64), (40, 64), (1, 256)):
 
 
 # conversions: float32 into a packed weight (whole, transposed, or some of its rows) and back
-for _kind, _t in (("bfloat16", False), ("int8", False), ("int8", True)):
-    _pk = {"w": (_kind, "w_data", "w_scales" if _kind == "int8" else None, _t)}
+for _kind, _t in [(k, t) for k in PACKED for t in (False, True)
+                  if t is False or _core.weight_type_info(k)["output_major"]]:
+    _blocked = _core.weight_type_info(_kind)["block"] > 0
+    _pk = {"w": (_kind, "w_data", "w_scales" if _blocked else None, _t)}
 
     # untransposed: the rows row0 .. row0 + len(x) are written
     _rows = None if _t else (lambda a: slice(a["row0"], a["row0"] + a["x"].shape[0]))
     @spec("quantize_into", f"{_kind} transposed={_t}", dict(N=5, K=64),
-          {"w_data": written(_rows), "w_scales": written(_rows)} if _kind == "int8"
-          else {"w_data": written(_rows)}, pack=_pk, ints=lambda d: dict(row0=0))
+          # (every byte of 4-bit data is a valid pair of weights: no sentinel; its scales
+          # are checked)
+          {"w_data": SCRATCH if _core.weight_type_info(_kind)["store"] == "uint8"
+           else written(_rows), **({"w_scales": written(_rows)} if _blocked else {})},
+          pack=_pk, ints=lambda d: dict(row0=0))
     def _(d, i, b, _kind=_kind, _t=_t):
-        data = b.i8(d.N, d.K) if _kind == "int8" else b.u16(d.N, d.K)
-        a = dict(w_data=data, x=b.f32(d.K, d.N) if _t else b.f32(d.N, d.K), row0=i["row0"])
-        if _kind == "int8":
-            a["w_scales"] = b.u16(d.N, d.K // 32)
+        data, scales = packed_arrays(b, _kind, d.N, d.K)
+        a = dict(w_data=np.zeros_like(data), x=b.f32(d.K, d.N) if _t else b.f32(d.N, d.K),
+                 row0=i["row0"])
+        if scales is not None:
+            a["w_scales"] = np.zeros_like(scales)
         return a
 
     @spec("widen_into", f"{_kind} transposed={_t}", dict(N=5, K=64), {"out": W}, pack=_pk)

@@ -46,6 +46,14 @@ def _q8_widen(q, s):
     return q.astype(np.float64) * np.repeat(d, 32, axis=1)
 
 
+def _q4_widen(p, s):
+    """4-bit blocks: byte j of a block of 16 holds weight j (low nibble) and j + 16 (high)."""
+    rows, nb = s.shape
+    b = p.reshape(rows, nb, 16)
+    q = np.concatenate([b & 15, b >> 4], axis=2).reshape(rows, nb * 32).astype(np.float64) - 8
+    return q * np.repeat(s.view(np.float16).astype(np.float64), 32, axis=1)
+
+
 REFERENCE = {
     # type: (widen(data, scales) -> float64 of the stored layout, draw(rng, rows, cols))
     "float32": (lambda d, s: d.astype(np.float64),
@@ -55,6 +63,10 @@ REFERENCE = {
     "int8": (lambda d, s: _q8_widen(d, s),
              lambda rng, r, c: (rng.integers(-127, 128, (r, c)).astype(np.int8),
                                 rng.uniform(1e-3, 0.1, (r, c // 32)).astype(np.float16)
+                                .view(np.uint16))),
+    "int4": (lambda d, s: _q4_widen(d, s),
+             lambda rng, r, c: (rng.integers(0, 256, (r, c // 2)).astype(np.uint8),
+                                rng.uniform(-0.1, 0.1, (r, c // 32)).astype(np.float16)
                                 .view(np.uint16))),
 }
 
@@ -115,9 +127,10 @@ def check(got, want, scale, K, what, extra=0.0):
 
 
 def activation_rounding(wtype, variant, route, x64, w_out64):
-    """The error the one-row int8 kernel adds by rounding the activation row to int16 per block
-    of 32 (|x - xq dx| <= max|x of the block| / 65534), times |w|, summed; 0 elsewhere."""
-    if wtype != "int8" or route != "direct" or variant == "portable" or x64.shape[0] != 1:
+    """The error the one-row int8 and 4-bit kernels add by rounding the activation row to int16
+    per block of 32 (|x - xq dx| <= max|x of the block| / 65534), times |w|, summed; 0 elsewhere."""
+    if wtype not in ("int8", "int4") or route != "direct" or variant == "portable" \
+            or x64.shape[0] != 1:
         return 0.0
     M, K = x64.shape
     amax = np.repeat(np.abs(x64).reshape(M, K // 32, 32).max(axis=2), 32, axis=1)

@@ -187,6 +187,67 @@ def test_q8_quantize_rejects_bad_input():
             quantize(w, False)
 
 
+def q4_reference(w: np.ndarray):
+    """float32 (N, K) -> (nibbles (N, K/2) uint8, scales (N, K/32) fp16 bits) by the format's
+    definition: d = the fp16 nearest m / -8 (m: the block's element of largest magnitude, the
+    first of equals), q = round(w / d) + 8 clamped to 0..15 (half to even), byte j of a block
+    = q[j] | q[j + 16] << 4."""
+    N, K = w.shape
+    blocks = w.astype(np.float32).reshape(N, K // 32, 32)
+    first = np.abs(blocks).argmax(axis=2)
+    m = np.take_along_axis(blocks, first[..., None], axis=2)[..., 0]
+    d = (np.abs(m) / np.float32(8)).astype(np.float16)
+    d = np.where(m > 0, -d, d)
+    d32 = d.astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d32 != 0, np.float32(1) / d32, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(blocks * inv[..., None] + np.float32(8)), 0, 15).astype(np.uint8)
+    nibbles = q[..., :16] | (q[..., 16:] << 4)
+    return nibbles.reshape(N, K // 2), d.view(np.uint16)
+
+
+Q4 = weight_types.get("int4")
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_q4_quantize_matches_the_definition(nthreads, transpose):
+    rng = np.random.default_rng(12)
+    N, K = 45, 128
+    w = (rng.standard_normal((N, K)) * np.exp(rng.uniform(-10, 3, (N, 1)))).astype(np.float32)
+    w[2, :32] = 0.0                                     # an all-zero block
+    w[4, 32:64] = np.abs(w[4, 32:64])                   # a positive extreme: d < 0
+    w[6, 64] = 3e-6                                     # a block with a subnormal fp16 scale
+    w[6, 65:96] = 0.0
+    packed = Q4.compress("h.0.mlp.c_fc.weight" if transpose else "wte.weight",
+                         np.ascontiguousarray(w.T) if transpose else w)
+    want_q, want_d = q4_reference(w)
+    np.testing.assert_array_equal(packed.scales, want_d)
+    np.testing.assert_array_equal(packed.data, want_q)
+    # widened: d (q - 8).  An element whose w / d + 8 lies within the levels (+- 1/2) is within
+    # |d| / 2 of w; one beyond the top level (the far side of the extreme, at most |m|) is
+    # clipped to 7 d, within |d| (and the fp16 rounding of d)
+    got = np.asarray(packed)
+    got = got.T if transpose else got
+    d = np.repeat(want_d.view(np.float16).astype(np.float64), 32, axis=1)
+    err = np.abs(got - w.astype(np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        level = np.where(d != 0, w / d + 8, 8)
+    inside = (level >= -0.5) & (level <= 15.5)
+    assert (err[inside] <= np.abs(d[inside]) / 2 * (1 + 1e-6) + 1e-30).all()
+    assert (err <= np.abs(d) * (1 + 2.0 ** -8) + 1e-30).all()
+    assert (~inside).sum() < w.size // 32      # clipping is the exception
+
+
+def test_q4_quantize_rejects_bad_input():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Q4.empty("wte.weight", (4, 48))
+    for bad in (np.nan, -np.inf, 8 * 65520.0):
+        w = np.zeros((4, 32), np.float32)
+        w[1, 3] = bad
+        with pytest.raises(ValueError, match="non-finite|too large"):
+            Q4.compress("wte.weight", w)
+
+
 # ------------------------------------------------------------------ products
 
 def test_q8_product_of_a_quantized_conv1d_weight(route):
@@ -268,7 +329,7 @@ def test_kernel_variant_switch():
         finally:
             _core.set_kernel_variant(t, prev)
     with pytest.raises(ValueError, match="unknown weight type"):
-        _core.set_kernel_variant("int4", "portable")
+        _core.set_kernel_variant("int3", "portable")
     if "x86-64-v3" not in _core.kernel_variants("int8"):
         with pytest.raises(ValueError, match="not available"):
             _core.set_kernel_variant("int8", "x86-64-v3")

@@ -50,6 +50,7 @@ class WeightType:
     name = ""
     description = ""
     trainable = False   # only float32 weights have gradients and an optimizer
+    max_abs = float(np.finfo(np.float32).max)   # the largest magnitude the type stores
 
     def __init__(self):
         info = _core.weight_type_info(self.name)
@@ -57,6 +58,8 @@ class WeightType:
         self.block = info["block"]
         self.output_major = info["output_major"]
         self.store = np.dtype(info["store"])
+        self.bits = info["bits"]
+        self.per_element = 8 * self.store.itemsize // self.bits   # weights per stored element
 
     def __repr__(self):
         return f"<weight type {self.name}>"
@@ -74,14 +77,15 @@ class WeightType:
         """A zero weight of the given float32 shape in this type's storage."""
         (rows, cols), transposed = self._stored_shape(name, shape)
         scales = np.zeros((rows, cols // self.block), np.uint16) if self.block else None
-        return PackedWeight(self.id, np.zeros((rows, cols), self.store), scales, shape,
-                            transposed)
+        return PackedWeight(self.id, np.zeros((rows, cols // self.per_element), self.store),
+                            scales, shape, transposed)
 
     def from_stored(self, name: str, data: np.ndarray, scales=None) -> PackedWeight:
         """A weight whose stored arrays already exist (a view of a file mapping)."""
         transposed = self.output_major and not is_row_major(name)
-        shape = data.shape[::-1] if transposed else data.shape
-        return PackedWeight(self.id, data, scales, shape, transposed)
+        rows, cols = data.shape[0], data.shape[1] * self.per_element
+        return PackedWeight(self.id, data, scales, (cols, rows) if transposed else (rows, cols),
+                            transposed)
 
     def compress(self, name: str, w: np.ndarray) -> PackedWeight:
         """The stored form of float32 tensor w (its parameter name says its layout)."""
@@ -142,6 +146,9 @@ class BFloat16(WeightType):
 
     name = "bfloat16"
     description = "bfloat16 (inference)"
+    # the largest float32 that rounds to a finite bfloat16 (0x7f7f8000, halfway to the next
+    # binade, rounds up to infinity)
+    max_abs = float(np.array(0x7F7F7FFF, np.uint32).view(np.float32))
 
 
 class Int8(WeightType):
@@ -150,9 +157,20 @@ class Int8(WeightType):
 
     name = "int8"
     description = "int8 blocks of 32 with fp16 scales (inference)"
+    max_abs = 127.0 * 65504.0   # 127 times the largest fp16 scale
 
 
-_REGISTRY = {t.name: t for t in (Float32(), BFloat16(), Int8())}
+class Int4(WeightType):
+    """4-bit blocks of 32 weights along the reduction dimension with an fp16 scale each,
+    weight = scale (q - 8), q in 0..15 (llama.cpp's Q4_0 format), stored output-major, two
+    weights a byte."""
+
+    name = "int4"
+    description = "4-bit blocks of 32 with fp16 scales (inference)"
+    max_abs = 8.0 * 65504.0     # the block's extreme is -8 times its fp16 scale
+
+
+_REGISTRY = {t.name: t for t in (Float32(), BFloat16(), Int8(), Int4())}
 DTYPES = tuple(_REGISTRY)
 
 

@@ -772,12 +772,6 @@ def read_tensor(path, header, raw_name, data_start, mm, dst, storage: str = "flo
     check_values(path, raw_name, dst, storage)
 
 
-# The largest magnitude each weight storage holds, for float32 values: float32's own; the
-# largest float32 that rounds to a finite bfloat16 (0x7f7f8000, halfway to the next binade,
-# rounds up to infinity); int8 blocks with an fp16 scale: 127 x 65504, the largest fp16.
-STORAGE_LIMITS = {"float32": float(np.finfo(np.float32).max),
-                  "bfloat16": float(np.array(0x7F7F7FFF, np.uint32).view(np.float32)),
-                  "int8": 127.0 * 65504.0}
 # Elements checked at a time: the reductions stay in the L2 cache, no tensor-sized temporary.
 VALUE_CHUNK = 1 << 16
 
@@ -785,10 +779,12 @@ VALUE_CHUNK = 1 << 16
 def check_values(path, raw_name: str, values: np.ndarray, storage: str = "float32", *,
                  first: int = 0, shape=None):
     """Refuse (SafetensorsError naming the file, the tensor and the first bad index) a NaN, an
-    infinity, or a value beyond what storage ("float32", "bfloat16", "int8") holds among
-    float32 values (a tensor, or the part of it from flat index first on, of shape shape).
-    Two reductions (min, max) a chunk at a time: the data is read once."""
-    limit = STORAGE_LIMITS[storage]
+    infinity, or a value beyond what the weight type storage ("float32", "bfloat16", ...)
+    holds (its max_abs) among float32 values (a tensor, or the part of it from flat index
+    first on, of shape shape).  Two reductions (min, max) a chunk at a time: the data is read
+    once."""
+    from .weight_types import get
+    limit = get(storage).max_abs
     flat = values.reshape(-1)
     for start in range(0, flat.size, VALUE_CHUNK):
         chunk = flat[start:start + VALUE_CHUNK]

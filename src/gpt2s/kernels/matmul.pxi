@@ -22,10 +22,12 @@ cdef extern from "kernels/types.h":
         GPT2S_WTYPE_F32
         GPT2S_WTYPE_BF16
         GPT2S_WTYPE_Q8
+        GPT2S_WTYPE_Q4
         GPT2S_NWTYPES
         GPT2S_STORE_FLOAT
         GPT2S_STORE_UINT16
         GPT2S_STORE_INT8
+        GPT2S_STORE_UINT8
     ctypedef void (*gpt2s_direct_fn)(int M, int n, int K, const float *A, int lda,
                                      const void *W, int ldw, const uint16_t *S, int accumulate,
                                      float *C, int ldc) noexcept nogil
@@ -36,6 +38,7 @@ cdef extern from "kernels/types.h":
     ctypedef struct gpt2s_wtype_traits:
         const char *name
         int store
+        int bits
         int block
         int output_major
         int direct_min_rows
@@ -48,12 +51,16 @@ cdef extern from "kernels/types.h":
     gpt2s_widen_fn gpt2s_wtype_widen(int t, int isa) noexcept nogil
     int gpt2s_wtype_has_variant(int t, int isa) noexcept nogil
     int gpt2s_wtype_best_variant(int t) noexcept nogil
-    int gpt2s_wtype_elem_bytes(int t) noexcept nogil
+    int64_t gpt2s_wtype_bytes(int t, int64_t n) noexcept nogil
+    int gpt2s_wtype_per_element(int t) noexcept nogil
 
 
 WTYPE_FLOAT32 = GPT2S_WTYPE_F32
 WTYPE_BFLOAT16 = GPT2S_WTYPE_BF16
 WTYPE_INT8 = GPT2S_WTYPE_Q8
+WTYPE_INT4 = GPT2S_WTYPE_Q4
+_STORE_DTYPES = {GPT2S_STORE_FLOAT: "float32", GPT2S_STORE_UINT16: "uint16",
+                 GPT2S_STORE_INT8: "int8", GPT2S_STORE_UINT8: "uint8"}
 
 cdef int _direct_max_rows = 32            # most rows of A the direct kernels take
 cdef int64_t PANEL_BYTES = 1 << 20        # float32 panel per thread on the panel route
@@ -84,14 +91,14 @@ def weight_types():
 
 
 def weight_type_info(name):
-    """{"id", "block", "output_major", "store"} of a weight type: the id the kernels take,
-    weights per scale block along K (0: no scales), whether a Conv1D weight is stored
-    transposed ([out][in]), and the NumPy dtype of the stored elements."""
+    """{"id", "block", "output_major", "store", "bits"} of a weight type: the id the kernels
+    take, weights per scale block along K (0: no scales), whether a Conv1D weight is stored
+    transposed ([out][in]), the NumPy dtype of the stored array's elements and the bits of
+    storage per weight (a uint8 element of a 4-bit type holds two weights)."""
     cdef int t = _wtype_id(name)
-    store = {GPT2S_STORE_FLOAT: "float32", GPT2S_STORE_UINT16: "uint16",
-             GPT2S_STORE_INT8: "int8"}[gpt2s_wtypes[t].store]
     return {"id": t, "block": gpt2s_wtypes[t].block,
-            "output_major": bool(gpt2s_wtypes[t].output_major), "store": store}
+            "output_major": bool(gpt2s_wtypes[t].output_major),
+            "store": _STORE_DTYPES[gpt2s_wtypes[t].store], "bits": gpt2s_wtypes[t].bits}
 
 
 def kernel_variants(name):
@@ -156,8 +163,10 @@ cdef inline gpt2s_direct_fn direct_kernel(int wtype, bint out_major, int M) noex
     return gpt2s_wtype_direct(wtype, out_major, gpt2s_wtype_variant[wtype])
 
 
-cdef inline const void *weight_at(int wtype, const void *W, int64_t elements) noexcept nogil:
-    return <const char *>W + elements * gpt2s_wtype_elem_bytes(wtype)
+cdef inline const void *weight_at(int wtype, const void *W, int64_t weights) noexcept nogil:
+    # the stored weight `weights` weights into a row-major array (a block boundary for the
+    # blocked types)
+    return <const char *>W + gpt2s_wtype_bytes(wtype, weights)
 
 
 cdef int weight_serial(int wtype, bint out_major, int M, int n, int K, const float *A,
@@ -261,11 +270,11 @@ cdef int weight_gemm(int wtype, bint out_major, int M, int N, int K, const float
 
 cdef class PackedWeight:
     """A weight stored in a type of the table other than float32: ``data``, its stored
-    elements (uint16 bfloat16 bits, int8 blocks, ...) in the type's layout, ``scales`` (fp16
-    bits, [rows of data][K / block]) for a blocked type, and the shape of the float32 tensor
-    it stands for.  ``transposed``: data holds the tensor transposed (an output-major type's
-    Conv1D weight [in, out] is stored [out][in]).  np.asarray(w) widens it to that float32
-    tensor."""
+    elements (uint16 bfloat16 bits, int8 blocks, two 4-bit weights a byte, ...) in the type's
+    layout, ``scales`` (fp16 bits, [rows of data][weights per row / block]) for a blocked
+    type, and the shape of the float32 tensor it stands for.  ``transposed``: data holds the
+    tensor transposed (an output-major type's Conv1D weight [in, out] is stored [out][in]).
+    np.asarray(w) widens it to that float32 tensor."""
 
     cdef readonly int wtype
     cdef readonly object data
@@ -274,40 +283,41 @@ cdef class PackedWeight:
     cdef readonly bint transposed
     cdef const void *ptr
     cdef const uint16_t *sptr
-    cdef int rows, cols              # of data: rows x cols stored elements
+    cdef int rows, cols              # of the stored layout, in weights
 
     def __init__(self, int wtype, data, scales, shape, bint transposed):
-        cdef int block
+        cdef int block, per
         cdef const uint16_t[:, ::1] s
         if not 0 < wtype < GPT2S_NWTYPES:
             raise ValueError(f"PackedWeight: weight type id {wtype} is not a packed type")
-        store = ("float32", "uint16", "int8")[gpt2s_wtypes[wtype].store]
+        name = gpt2s_wtypes[wtype].name.decode()
+        store = _STORE_DTYPES[gpt2s_wtypes[wtype].store]
         if not (isinstance(data, np.ndarray) and data.dtype == store and data.ndim == 2
                 and data.flags.c_contiguous):
-            raise ValueError(f"PackedWeight: {gpt2s_wtypes[wtype].name.decode()} data must be "
-                             f"a C-contiguous 2-D {store} array")
+            raise ValueError(f"PackedWeight: {name} data must be a C-contiguous 2-D {store} "
+                             f"array")
+        per = gpt2s_wtype_per_element(wtype)
+        rows, cols = int(data.shape[0]), int(data.shape[1]) * per
         shape = tuple(int(d) for d in shape)
-        if shape != ((data.shape[1], data.shape[0]) if transposed else tuple(data.shape)):
-            raise ValueError(f"PackedWeight: data {tuple(data.shape)} does not hold a "
+        if shape != ((cols, rows) if transposed else (rows, cols)):
+            raise ValueError(f"PackedWeight: {name} data {tuple(data.shape)} does not hold a "
                              f"tensor {shape} (transposed={bool(transposed)})")
         block = gpt2s_wtypes[wtype].block
         if block:
-            if data.shape[1] % block:
-                raise ValueError(f"PackedWeight: {gpt2s_wtypes[wtype].name.decode()} needs rows "
-                                 f"of a multiple of {block} weights, got {data.shape[1]}")
-            if scales is None or scales.shape != (data.shape[0], data.shape[1] // block):
-                raise ValueError(f"PackedWeight: scales must have shape "
-                                 f"{(data.shape[0], data.shape[1] // block)}")
+            if cols % block:
+                raise ValueError(f"PackedWeight: {name} needs rows of a multiple of {block} "
+                                 f"weights, got {cols}")
+            if scales is None or scales.shape != (rows, cols // block):
+                raise ValueError(f"PackedWeight: scales must have shape {(rows, cols // block)}")
             s = scales
             self.sptr = &s[0, 0] if s.shape[0] * s.shape[1] > 0 else NULL
         elif scales is not None:
-            raise ValueError(f"PackedWeight: {gpt2s_wtypes[wtype].name.decode()} has no scales")
-        if data.shape[0] > INT_MAX or data.shape[1] > INT_MAX:
-            raise ValueError(f"PackedWeight: {tuple(data.shape)} exceeds 2**31 - 1 rows or "
-                             f"columns")
+            raise ValueError(f"PackedWeight: {name} has no scales")
+        if rows > INT_MAX or cols > INT_MAX:
+            raise ValueError(f"PackedWeight: {rows} x {cols} exceeds 2**31 - 1 rows or columns")
         self.wtype, self.data, self.scales, self.shape = wtype, data, scales, shape
         self.transposed = transposed
-        self.rows, self.cols = data.shape[0], data.shape[1]
+        self.rows, self.cols = rows, cols
         self.ptr = <const void *><size_t>data.ctypes.data
 
     @property
@@ -353,6 +363,7 @@ def quantize_into(PackedWeight w, const float[:, ::1] x, row0=0):
     cdef Py_ssize_t first = _int_arg("quantize_into", "row0", row0)
     cdef const float *src
     cdef char *dst
+    cdef int64_t row_bytes = gpt2s_wtype_bytes(t, w.cols)
     cdef int block = gpt2s_wtypes[t].block
     cdef gpt2s_quantize_fn quantize = gpt2s_wtypes[t].quantize
     if w.transposed:
@@ -369,12 +380,12 @@ def quantize_into(PackedWeight w, const float[:, ::1] x, row0=0):
         return
     nb = K // block if block else 0
     src = &x[0, 0]
-    dst = <char *>w.ptr + first * K * gpt2s_wtype_elem_bytes(t)
+    dst = <char *>w.ptr + first * row_bytes
     nt = threads_for(<double>N * K)
     with nogil:
         for blk in prange((N + step - 1) // step, num_threads=nt, schedule='static'):
             lo = blk * step
-            bad += quantize(dst + lo * K * gpt2s_wtype_elem_bytes(t),
+            bad += quantize(dst + lo * row_bytes,
                             <uint16_t *>w.sptr + (first + lo) * nb if block else NULL,
                             src + lo * sn, min(step, N - lo), K, sn, sk) != 0
     if bad:

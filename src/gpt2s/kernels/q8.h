@@ -149,8 +149,10 @@ static void gpt2s_q8_widen(float *out, int64_t ldo, const void *W, int64_t ldw,
    int8; int16 keeps them float32-accurate at the same cost on AVX2, whose vpmaddubsw would
    need the weights unsigned.)  xq and dx: K and K / 32 elements of scratch.  Returns 0, or -1
    (nothing written) when the row is not finite. */
-GPT2S_V3_INLINE int gpt2s_q8_nt1_arch_x86_64_v3(int n, int K, const float *a,
-        const int8_t *Q, const uint16_t *S, int accumulate, float *c, int16_t *xq, float *dx) {
+/* xq (K) = a rounded to int16 per block of 32, dx (K / 32) the blocks' steps: xq dx ~ a
+   within dx / 2 = max|a of the block| / 65534.  Returns -1 when the row is not finite. */
+GPT2S_V3_INLINE int gpt2s_q8_round_row_arch_x86_64_v3(int K, const float *a, int16_t *xq,
+                                                      float *dx) {
     int nb = K / GPT2S_Q8_BLOCK;
     for (int b = 0; b < nb; b++) {
         const float *x = a + b * GPT2S_Q8_BLOCK;
@@ -179,6 +181,13 @@ GPT2S_V3_INLINE int gpt2s_q8_nt1_arch_x86_64_v3(int n, int K, const float *a,
         _mm256_storeu_si256((__m256i *)(xq + b * 32), _mm256_permute4x64_epi64(p0, 0xD8));
         _mm256_storeu_si256((__m256i *)(xq + b * 32 + 16), _mm256_permute4x64_epi64(p1, 0xD8));
     }
+    return 0;
+}
+
+GPT2S_V3_INLINE int gpt2s_q8_nt1_arch_x86_64_v3(int n, int K, const float *a,
+        const int8_t *Q, const uint16_t *S, int accumulate, float *c, int16_t *xq, float *dx) {
+    int nb = K / GPT2S_Q8_BLOCK;
+    if (gpt2s_q8_round_row_arch_x86_64_v3(K, a, xq, dx) != 0) return -1;
     for (int v = 0; v < n; v += 4) {
         int vr = n - v < 4 ? n - v : 4;
         const int8_t *q0 = Q + (int64_t)v * K;

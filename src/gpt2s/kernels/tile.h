@@ -1,7 +1,7 @@
 /* The register tiles of the direct kernels, written once for every weight type whose
    weights they widen in registers (float32, bfloat16, int8 blocks): C (M, n) (+)= A (M, K)
    float32 @ W, with W either input-major [K][n] ("nn", the Conv1D weights) or output-major
-   [n][K] ("nt", the tied lm_head and every int8 weight).  ELEM (a compile-time constant of
+   [n][K] ("nt", the tied lm_head and every blocked weight).  ELEM (a compile-time constant of
    each caller) says how 8 weights become 8 floats; the rest of the tile is the same code.
 
    Why direct kernels: with few rows of A (decoding: 1 to 32), a product is bound by reading W
@@ -30,7 +30,16 @@
 #include <string.h>
 #include "isa.h"
 
-enum { GPT2S_ELEM_F32 = 0, GPT2S_ELEM_BF16 = 1, GPT2S_ELEM_Q8 = 2 };
+enum { GPT2S_ELEM_F32 = 0, GPT2S_ELEM_BF16 = 1, GPT2S_ELEM_Q8 = 2, GPT2S_ELEM_Q4 = 3 };
+
+/* blocked element types: 32 weights per fp16 scale along K */
+#define GPT2S_ELEM_BLOCKED(ELEM) ((ELEM) == GPT2S_ELEM_Q8 || (ELEM) == GPT2S_ELEM_Q4)
+
+/* 4-bit weights: element e of a row-major array of blocks of 32 sits in byte
+   (e / 32) * 16 + e % 16, the low nibble for e % 32 < 16, the high one after (q4.h) */
+static inline const uint8_t *gpt2s_q4_byte(const void *W, int64_t e) {
+    return (const uint8_t *)W + (e >> 5) * 16 + (e & 15);
+}
 
 #define GPT2S_NN_KB 64   /* rows of W per block of the nn tile */
 
@@ -44,13 +53,21 @@ static inline float gpt2s_bf16_to_f32(uint16_t h) {
 
 #if GPT2S_HAVE_X86_64_V3
 
-/* 8 weights W[i .. i + 8) widened to float32 (int8: not yet scaled) */
+/* 8 weights W[i .. i + 8) widened to float32 (int8, 4-bit: not yet scaled; 4-bit: i % 8 == 0,
+   so the 8 share a block half) */
 GPT2S_V3_INLINE __m256 gpt2s_ld8_arch_x86_64_v3(const int ELEM, const void *W, int64_t i) {
     if (ELEM == GPT2S_ELEM_F32)
         return _mm256_loadu_ps((const float *)W + i);
     if (ELEM == GPT2S_ELEM_BF16) {   /* zero-extend to 32 bits, shift into the high half */
         __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)W + i));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    if (ELEM == GPT2S_ELEM_Q4) {
+        __m128i b = _mm_loadl_epi64((const __m128i *)gpt2s_q4_byte(W, i));
+        if (i & 16) b = _mm_srli_epi16(b, 4);
+        b = _mm_and_si128(b, _mm_set1_epi8(15));
+        return _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(b),
+                                                   _mm256_set1_epi32(8)));
     }
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
         _mm_loadl_epi64((const __m128i *)((const int8_t *)W + i))));
@@ -66,6 +83,7 @@ GPT2S_V3_INLINE float gpt2s_elem_arch_x86_64_v3(const int ELEM, const void *W, i
 GPT2S_V3_INLINE const void *gpt2s_elem_ptr(const int ELEM, const void *W, int64_t i) {
     return ELEM == GPT2S_ELEM_F32 ? (const void *)((const float *)W + i)
          : ELEM == GPT2S_ELEM_BF16 ? (const void *)((const uint16_t *)W + i)
+         : ELEM == GPT2S_ELEM_Q4 ? (const void *)((const uint8_t *)W + i / 2)
          : (const void *)((const int8_t *)W + i);
 }
 
@@ -165,8 +183,8 @@ GPT2S_V3_INLINE void gpt2s_nn_arch_x86_64_v3(const int ELEM, int M, int n, int K
 }
 
 /* C[:, 0:n] (+)= A (M, K) @ W^T, W (n, K) row-major (ldw), in tiles of RA rows of A x RW rows
-   of W.  int8 (ELEM_Q8): K % 32 == 0, every block of 32 widened times its fp16 scale (S,
-   [n][K / 32]).  float32 adds each accumulator's lanes left to right and prefetches the next
+   of W.  int8 and 4-bit (ELEM_Q8, ELEM_Q4): K % 32 == 0, every block of 32 widened times its
+   fp16 scale (S, [n][K / 32]).  float32 adds each accumulator's lanes left to right and prefetches the next
    tile's rows every 8 columns; the others add them pairwise and prefetch every 32. */
 GPT2S_V3_INLINE void gpt2s_nt_tile_arch_x86_64_v3(const int ELEM, const int RA, const int RW,
         int M, int n, int K, const float *A, int lda, const void *W, int ldw,
@@ -193,7 +211,7 @@ GPT2S_V3_INLINE void gpt2s_nt_tile_arch_x86_64_v3(const int ELEM, const int RA, 
 #pragma GCC unroll 8
                 for (int r = 0; r < RW; r++) s[i][r] = _mm256_setzero_ps();
             int prefetch = m0 == 0 && v + 2 * RW <= n;
-            if (ELEM != GPT2S_ELEM_Q8) {
+            if (!GPT2S_ELEM_BLOCKED(ELEM)) {
                 for (int k = 0; k < k8; k += 8) {
                     __m256 x[4];
 #pragma GCC unroll 4
@@ -217,7 +235,8 @@ GPT2S_V3_INLINE void gpt2s_nt_tile_arch_x86_64_v3(const int ELEM, const int RA, 
 #pragma GCC unroll 8
                     for (int r = 0; r < RW; r++) {
                         if (prefetch) {
-                            __builtin_prefetch((const int8_t *)W + w[r] + (int64_t)RW * ldw + k + 64);
+                            __builtin_prefetch(gpt2s_elem_ptr(ELEM, W, w[r] + (int64_t)RW * ldw
+                                                                            + k + 64));
                             if ((b & 31) == 0) __builtin_prefetch(ws[r] + (int64_t)RW * nb + b + 32);
                         }
                         d[r] = _mm256_set1_ps(_cvtsh_ss(ws[r][b]));
@@ -246,7 +265,7 @@ GPT2S_V3_INLINE void gpt2s_nt_tile_arch_x86_64_v3(const int ELEM, const int RA, 
                     if (r >= vr) continue;
                     float t = ELEM == GPT2S_ELEM_F32 ? gpt2s_lsum_arch_x86_64_v3(s[i][r])
                                                      : gpt2s_hsum_arch_x86_64_v3(s[i][r]);
-                    if (ELEM != GPT2S_ELEM_Q8)
+                    if (!GPT2S_ELEM_BLOCKED(ELEM))
                         for (int k = k8; k < K; k++)
                             t += a[i][k] * gpt2s_elem_arch_x86_64_v3(ELEM, W, w[r] + k);
                     float *c = C + (int64_t)(m0 + i) * ldc + v + r;

@@ -24,11 +24,14 @@
 #include "f32.h"
 #include "bf16.h"
 #include "q8.h"
+#include "q4.h"
 
-enum { GPT2S_WTYPE_F32 = 0, GPT2S_WTYPE_BF16 = 1, GPT2S_WTYPE_Q8 = 2, GPT2S_NWTYPES };
+enum { GPT2S_WTYPE_F32 = 0, GPT2S_WTYPE_BF16 = 1, GPT2S_WTYPE_Q8 = 2, GPT2S_WTYPE_Q4 = 3,
+       GPT2S_NWTYPES };
 
-/* the C type of a stored weight element */
-enum { GPT2S_STORE_FLOAT = 0, GPT2S_STORE_UINT16 = 1, GPT2S_STORE_INT8 = 2 };
+/* the C type of the stored array's elements (a uint8 of the 4-bit type holds two weights) */
+enum { GPT2S_STORE_FLOAT = 0, GPT2S_STORE_UINT16 = 1, GPT2S_STORE_INT8 = 2,
+       GPT2S_STORE_UINT8 = 3 };
 
 /* C[0:M, 0:n] (+)= A (M, K) @ W, W [K][n] (input-major) or [n][K] (output-major) with ldw,
    S its block scales [n][K / block] (NULL when the type has none) */
@@ -45,6 +48,7 @@ typedef int (*gpt2s_quantize_fn)(void *W, uint16_t *S, const float *x, int64_t N
 typedef struct {
     const char *name;
     int store;              /* GPT2S_STORE_*: the element type of the stored array */
+    int bits;               /* bits of storage per weight, scales not counted */
     int block;              /* weights per scale along K; 0: no scales */
     int output_major;       /* a Conv1D weight (K, N) is stored [N][K] */
     int direct_min_rows;    /* fewer rows of A go to the panel route (or BLAS) */
@@ -61,18 +65,22 @@ typedef struct {
 #endif
 
 static const gpt2s_wtype_traits gpt2s_wtypes[GPT2S_NWTYPES] = {
-    {"float32", GPT2S_STORE_FLOAT, 0, 0, GPT2S_F32_DIRECT_MIN_ROWS, NULL,
+    {"float32", GPT2S_STORE_FLOAT, 32, 0, 0, GPT2S_F32_DIRECT_MIN_ROWS, NULL,
      {NULL, GPT2S_IF_V3(gpt2s_f32_nn_arch_x86_64_v3)},
      {NULL, GPT2S_IF_V3(gpt2s_f32_nt_arch_x86_64_v3)},
      {NULL, NULL}},
-    {"bfloat16", GPT2S_STORE_UINT16, 0, 0, 1, gpt2s_bf16_quantize,
+    {"bfloat16", GPT2S_STORE_UINT16, 16, 0, 0, 1, gpt2s_bf16_quantize,
      {NULL, GPT2S_IF_V3(gpt2s_bf16_nn_arch_x86_64_v3)},
      {NULL, GPT2S_IF_V3(gpt2s_bf16_nt_arch_x86_64_v3)},
      {gpt2s_bf16_widen, GPT2S_IF_V3(gpt2s_bf16_widen_arch_x86_64_v3)}},
-    {"int8", GPT2S_STORE_INT8, GPT2S_Q8_BLOCK, 1, 1, gpt2s_q8_quantize,
+    {"int8", GPT2S_STORE_INT8, 8, GPT2S_Q8_BLOCK, 1, 1, gpt2s_q8_quantize,
      {NULL, NULL},
      {NULL, GPT2S_IF_V3(gpt2s_q8_nt_arch_x86_64_v3)},
      {gpt2s_q8_widen, GPT2S_IF_V3(gpt2s_q8_widen_arch_x86_64_v3)}},
+    {"int4", GPT2S_STORE_UINT8, 4, GPT2S_Q4_BLOCK, 1, 1, gpt2s_q4_quantize,
+     {NULL, NULL},
+     {NULL, GPT2S_IF_V3(gpt2s_q4_nt_arch_x86_64_v3)},
+     {gpt2s_q4_widen, GPT2S_IF_V3(gpt2s_q4_widen_arch_x86_64_v3)}},
 };
 
 /* the chosen variant of each type: the best this CPU runs, unless a test forced another */
@@ -97,9 +105,14 @@ static int gpt2s_wtype_best_variant(int t) {
     return GPT2S_ISA_PORTABLE;
 }
 
-static int gpt2s_wtype_elem_bytes(int t) {
-    return gpt2s_wtypes[t].store == GPT2S_STORE_FLOAT ? 4
-         : gpt2s_wtypes[t].store == GPT2S_STORE_UINT16 ? 2 : 1;
+/* bytes of the first n weights of a stored row (n a multiple of the block for blocked types) */
+static int64_t gpt2s_wtype_bytes(int t, int64_t n) { return n * gpt2s_wtypes[t].bits / 8; }
+
+/* weights per element of the stored array */
+static int gpt2s_wtype_per_element(int t) {
+    int element_bits = gpt2s_wtypes[t].store == GPT2S_STORE_FLOAT ? 32
+                     : gpt2s_wtypes[t].store == GPT2S_STORE_UINT16 ? 16 : 8;
+    return element_bits / gpt2s_wtypes[t].bits;
 }
 
 #endif
