@@ -597,8 +597,8 @@ def test_resume_reads_each_data_file_in_full_once(tmp_path, monkeypatch):
     data = _random_bin(tmp_path / "train.bin", 40_000, 0)
     _settled(monkeypatch)
     reads = []
-    real = gpt2s.data._sha256_file
-    monkeypatch.setattr(gpt2s.data, "_sha256_file", lambda p: reads.append(p) or real(p))
+    real = gpt2s.data.sha256_file
+    monkeypatch.setattr(gpt2s.data, "sha256_file", lambda p: reads.append(p) or real(p))
     assert run(tmp_path, "--steps", "1", data=(str(data),)) == 0
     assert reads == [os.path.realpath(data)]
     cache = json.loads((tmp_path / "run" / ".data-hashes.json").read_text())

@@ -210,7 +210,7 @@ def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fracti
             "shard_size": shard_size, "train": names["train"], "val": names["val"],
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        from .weights import atomic_write
+        from .fs import atomic_write
         text = (json.dumps(manifest, indent=1) + "\n").encode()
         writing = out_dir / "prepare.json"
         atomic_write(out_dir / "prepare.json", lambda f: f.write(text))

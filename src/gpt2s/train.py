@@ -60,7 +60,7 @@ from .checkpoint import (DATA_HASHES, LOG_FILES, CheckpointError, check_run_dir,
                          load_checkpoint, lock_run_dir, previous_run, remove_leftovers,
                          remove_run, save_checkpoint, strict_json)
 from .optim import clip_coefficient, grad_norm
-from .weights import atomic_write
+from .fs import atomic_write
 
 __all__ = ["main", "build_parser", "lr_at", "effective_warmup", "train_batch", "eval_batch",
            "train_step", "evaluate", "RunConfig", "plot_metrics", "TrainingDiverged"]
