@@ -46,10 +46,10 @@ import numpy as np
 
 from . import _core
 from ._threads import pinned_num_threads
+from .tokenizer import EOT_ID
 
 __all__ = ["generate", "generate_stream", "generate_text", "stream_text", "EOT_ID"]
 
-EOT_ID = 50256  # <|endoftext|>
 _CONTEXT_FULL = ("slide", "stop")
 
 

@@ -12,7 +12,7 @@ from . import _core
 from . import generation as _generation
 from . import weight_types as _wt
 from .config import GPT2Config
-from .generation import EOT_ID
+from .tokenizer import EOT_ID
 from . import weights as _weights
 from .weights import ALIGN, layer_views, load_into, open_model, param_layout, save_safetensors
 
