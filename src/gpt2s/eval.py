@@ -190,7 +190,7 @@ def _run(args, out, err) -> int:
     import gpt2s
     from ._progress import Progress
     from .data import DataError, TokenData
-    from .generate import find_model
+    from .hub import find_model
     from .weights import SafetensorsError
 
     for name in ("seq_len", "stride", "batch_size", "max_tokens", "threads"):
