@@ -12,7 +12,7 @@ import sys
 import time
 
 from ._cli import UserError as _UserError
-from ._cli import run_main
+from ._cli import add_threads_option, run_main
 from .hub import HF_DOWNLOAD, ModelNotFound, find_model
 
 # find_model and ModelNotFound live in gpt2s.hub; importable from here as before
@@ -99,8 +99,7 @@ examples:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="weight storage: bfloat16 or int8 blocks read fewer bytes per token "
                         "(default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads (default: $OMP_NUM_THREADS, else all cores)")
+    add_threads_option(p)
     p.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at <|endoftext|>")
     p.add_argument("--context-full", choices=("slide", "stop"), default="slide",
