@@ -141,7 +141,8 @@ def test_resume_of_a_stopped_run_is_bitwise_the_uninterrupted_run(tmp_path):
     out = tmp_path / "stopped"
     import signal
     calls = []
-    real = train.train_step
+    from gpt2s import training   # the loop's module: its train_step is the one it calls
+    real = training.train_step
 
     def stop_after_3(model, opt, data, cfg, step):
         result = real(model, opt, data, cfg, step)
@@ -149,11 +150,11 @@ def test_resume_of_a_stopped_run_is_bitwise_the_uninterrupted_run(tmp_path):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)   # handled: finish the step, save, stop
         return result
-    train.train_step = stop_after_3
+    training.train_step = stop_after_3
     try:
         assert run(tmp_path, "--steps", "6", "--grad-accum", "2", out="stopped") == 128 + 15
     finally:
-        train.train_step = real
+        training.train_step = real
     assert calls == [0, 1, 2]
     assert json.loads((out / "train_state.json").read_text())["step"] == 3
     assert run(tmp_path, "--steps", "6", "--grad-accum", "2", "--resume", out="stopped") == 0
