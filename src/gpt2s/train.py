@@ -18,17 +18,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from ._cli import (Parser, UserError, add_quiet_option, add_threads_option, positive_float,
                    positive_int, run_main)
-from .checkpoint import (DATA_HASHES, LOG_FILES, CheckpointError, check_run_dir,
-                         load_checkpoint, lock_run_dir, previous_run, remove_leftovers,
-                         remove_run)
+from .checkpoint import DATA_HASHES, CheckpointError, lock_run_dir, remove_leftovers
 from .metrics import Metrics, NullMetrics, have_matplotlib, plot_metrics, redraw_plot
-from .training import (Resume, RunConfig, RunFailed, TrainingDiverged, effective_warmup,
-                       eval_batch, evaluate, lr_at, resume_differences, train_batch,
-                       train_loop, train_step, World)
+from .training import (Resume, RunConfig, RunFailed, TrainingDiverged, World,
+                       effective_warmup, eval_batch, evaluate, lr_at, open_data, open_run_dir,
+                       resume_differences, resume_state, start_over, train_batch, train_loop,
+                       train_step)
 
 # the library's names stay importable from here, as before they moved to gpt2s.training
 __all__ = ["main", "build_parser", "lr_at", "effective_warmup", "train_batch", "eval_batch",
@@ -189,12 +189,7 @@ def _run(args, world: World) -> int:
     except (UserError, OSError, KeyboardInterrupt):
         raise
     except BaseException as e:
-        if world.size > 1 and not isinstance(e, SystemExit):
-            import traceback
-            traceback.print_exc()
-            print(f"{PROG}: rank {world.rank}: {type(e).__name__}: {e}; aborting the job",
-                  file=sys.stderr, flush=True)
-            world.abort(1)
+        world.abort_on_crash(PROG, e)
         raise
 
 
@@ -254,26 +249,12 @@ def _run_locked(args, out: Path, world: World) -> int:
     run = RunConfig.from_arguments(args, batch_size=args.batch_size * world.size, warmup=warmup,
                                    val_fraction=0.0 if args.val_data else args.val_fraction)
 
-    ck = None
-    check_run_dir(out)     # no symlink where the run writes or deletes
-    if args.resume:
-        try:
-            ck = load_checkpoint(out)
-        except CheckpointError as e:
-            hint = ""
-            if "does not exist" in str(e) and previous_run(out):
-                hint = f" (it holds {previous_run(out)}; --overwrite starts a new run there)"
-            raise UserError(f"--resume: {e}{hint}") from None
-    elif not args.overwrite:
-        previous = previous_run(out)
-        if previous:
-            raise UserError(f"--out {out} already holds a run; continue it with --resume, "
-                            f"start over with --overwrite (deletes its checkpoints, "
-                            f"{' and '.join(LOG_FILES)}), or choose another --out "
-                            f"(found {previous})")
-
+    ck = open_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+    specs = list(args.data) + list(args.data_opt)
+    if not specs:
+        raise UserError("no training data: give text files, .bin files or globs as DATA")
     try:
-        train, val, described = _load_data(args)
+        train, val, described = open_data(specs, args.val_data, run)
         # content hashes, cached in OUT by the writer (a data-parallel rank only reads them)
         hashes = FileHashes(out / DATA_HASHES, readonly=world.rank > 0)
         train.hash_files(hashes)
@@ -308,29 +289,21 @@ def _run_locked(args, out: Path, world: World) -> int:
     first, last_val, elapsed = 0, None, 0.0
     if ck is not None:
         try:
-            opt.load(ck.path("optimizer.npz"))
+            first, last_val, elapsed = resume_state(ck, opt, run)
         except (OSError, ValueError) as e:
             raise UserError(f"--resume: {e}") from None
-        opt.weight_decay = run.weight_decay
-        first, last_val = ck.step, ck.state.get("last_val")
-        elapsed = float(ck.state.get("elapsed_s") or 0.0)
 
     trainee = model if world.size == 1 else world.data_parallel(
         model, opt, run, identity, first, resumed=ck is not None, overlap=not args.no_overlap,
         timeout=args.dp_timeout)
-    state = dict(first=first, last_val=last_val, elapsed=elapsed)
+    loop = partial(train_loop, trainee, opt, train, val, run, out, identity, first=first,
+                   last_val=last_val, elapsed=elapsed, progress=not args.quiet, plot=args.plot)
     if world.rank > 0:
-        return _train(args, out, trainee, opt, train, val, run, identity, NullMetrics(),
-                      world.rank, **state)
+        return _train(loop, NullMetrics(), out, run, first, world.rank)
     # the first writes: every check has passed
     out.mkdir(parents=True, exist_ok=True)
     if args.overwrite:
-        removed = remove_run(out)
-        for fname in LOG_FILES:
-            p = out / fname
-            if p.is_file() and not p.is_symlink():   # check_run_dir refused links
-                p.unlink()
-                removed.append(fname)
+        removed = start_over(out)
         if removed:
             print(f"--overwrite: deleted the previous run's {', '.join(removed)} in {out}",
                   file=sys.stderr)
@@ -346,7 +319,7 @@ def _run_locked(args, out: Path, world: World) -> int:
              if world.size > 1 else ""),
           file=sys.stderr)
     try:
-        status = _train(args, out, trainee, opt, train, val, run, identity, metrics, 0, **state)
+        status = _train(loop, metrics, out, run, first, 0)
     finally:
         metrics.close()
     if (args.plot or (not args.no_plot and have_matplotlib())) and metrics.rows:
@@ -354,15 +327,13 @@ def _run_locked(args, out: Path, world: World) -> int:
     return status
 
 
-def _train(args, out, trainee, opt, train, val, run, identity, metrics, rank, *, first,
-           last_val, elapsed) -> int:
+def _train(loop, metrics, out: Path, run: RunConfig, first: int, rank: int) -> int:
+    """loop (train_loop, all but its metrics given), then its end in one line."""
     if first >= run.steps:
         print(f"the checkpoint in {out} is at step {first}, already at --steps {run.steps}; "
               f"nothing to do (raise --steps to train longer)", file=sys.stderr)
         return 0
-    end = train_loop(trainee, opt, train, val, run, out, identity, metrics=metrics,
-                     first=first, last_val=last_val, elapsed=elapsed,
-                     progress=not args.quiet, plot=args.plot)
+    end = loop(metrics=metrics)
     if rank > 0:
         return 128 + end.signal if end.signal else 0
     if end.signal is not None:
@@ -376,33 +347,6 @@ def _train(args, out, trainee, opt, train, val, run, identity, metrics, rank, *,
     print(f"saved {out} after {end.step} steps ({end.seconds:.0f} s{val_text})",
           file=sys.stderr)
     return 0
-
-
-def _load_data(args):
-    from .data import TokenData
-    specs = list(args.data) + list(args.data_opt)
-    if not specs:
-        raise UserError("no training data: give text files, .bin files or globs as DATA")
-    data = TokenData(specs)
-    if args.val_data:
-        train, val = data, TokenData(args.val_data)
-    elif args.val_fraction > 0:
-        train, val = data.split(args.val_fraction)
-    else:
-        train, val = data, None
-    need = args.seq_len + 1
-    what = " ".join(specs)
-    if len(train) < need:
-        raise UserError(f"{what}: {len(train):,} training tokens, too few for one window of "
-                         f"--seq-len {args.seq_len} (+1 for the targets)")
-    if val is not None and len(val) < need:
-        where = " ".join(args.val_data) if args.val_data else \
-            f"the validation split (--val-fraction {args.val_fraction})"
-        raise UserError(f"{where}: {len(val):,} tokens, too few for one window of --seq-len "
-                         f"{args.seq_len}; lower --seq-len, raise --val-fraction, or pass "
-                         f"--val-fraction 0 to train without validation")
-    return train, val, data.describe() if not args.val_data else \
-        f"{data.describe()}; validation {val.describe()}"
 
 
 def _model_source(args) -> str | None:

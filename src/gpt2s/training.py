@@ -42,13 +42,15 @@ from typing import NamedTuple
 import numpy as np
 
 from ._cli import Progress, fraction, nonneg_float, nonneg_int, positive_int
-from .checkpoint import save_checkpoint
+from .checkpoint import (LOG_FILES, CheckpointError, check_run_dir, load_checkpoint,
+                         previous_run, remove_run, save_checkpoint)
 from .model import GPT2
 from .optim import clip_coefficient, grad_norm
 
 __all__ = ["RunConfig", "Resume", "setting", "TrainingDiverged", "RunFailed", "lr_at",
            "effective_warmup", "train_batch", "eval_batch", "SingleProcess", "train_step",
-           "evaluate", "resume_differences", "save_run", "train_loop", "LoopEnd", "World"]
+           "evaluate", "open_data", "open_run_dir", "start_over", "resume_differences",
+           "resume_state", "save_run", "train_loop", "LoopEnd", "World"]
 
 STATE_FORMAT = "gpt2s-train"
 WARMUP_CLAMP = 0.1   # a warm-up of --steps or more is cut to this fraction of the run
@@ -401,6 +403,78 @@ def resume_differences(saved: dict, run: RunConfig, identity: dict,
     return run_refused + id_refused, id_notes + run_notes
 
 
+def open_data(specs, val_specs, run: RunConfig):
+    """(train, val, description): the tokens of ``specs`` (paths and globs) to train on, and
+    to validate on the files of ``val_specs``, else the last ``run.val_fraction`` of the
+    tokens, else (0) nothing (val None).  Raises gpt2s.data.DataError for a file that cannot
+    be read as tokens, or data too short for one window of ``run.seq_len`` tokens."""
+    from .data import DataError, TokenData
+    data = TokenData(specs)
+    if val_specs:
+        train, val = data, TokenData(val_specs)
+    elif run.val_fraction > 0:
+        train, val = data.split(run.val_fraction)
+    else:
+        train, val = data, None
+    need = run.seq_len + 1
+    if len(train) < need:
+        raise DataError(f"{' '.join(specs)}: {len(train):,} training tokens, too few for one "
+                        f"window of --seq-len {run.seq_len} (+1 for the targets)")
+    if val is not None and len(val) < need:
+        where = " ".join(val_specs) if val_specs else \
+            f"the validation split (--val-fraction {run.val_fraction})"
+        raise DataError(f"{where}: {len(val):,} tokens, too few for one window of --seq-len "
+                        f"{run.seq_len}; lower --seq-len, raise --val-fraction, or pass "
+                        f"--val-fraction 0 to train without validation")
+    return train, val, data.describe() if not val_specs else \
+        f"{data.describe()}; validation {val.describe()}"
+
+
+def open_run_dir(out: Path, *, resume: bool, overwrite: bool):
+    """The checkpoint a run in ``out`` continues (``resume``), else None: a new run, which
+    starts over a previous run's checkpoints only with ``overwrite``.  Raises CheckpointError,
+    naming the entry, for a directory a run must not write through (check_run_dir), a missing
+    or damaged checkpoint to resume, or a previous run in the way."""
+    check_run_dir(out)     # no symlink where the run writes or deletes
+    if resume:
+        try:
+            return load_checkpoint(out)
+        except CheckpointError as e:
+            hint = ""
+            if "does not exist" in str(e) and previous_run(out):
+                hint = f" (it holds {previous_run(out)}; --overwrite starts a new run there)"
+            raise CheckpointError(f"--resume: {e}{hint}") from None
+    previous = None if overwrite else previous_run(out)
+    if previous:
+        raise CheckpointError(f"--out {out} already holds a run; continue it with --resume, "
+                              f"start over with --overwrite (deletes its checkpoints, "
+                              f"{' and '.join(LOG_FILES)}), or choose another --out "
+                              f"(found {previous})")
+    return None
+
+
+def start_over(out: Path) -> list[str]:
+    """Delete the previous run in ``out`` (``--overwrite``): its checkpoints and their links
+    (``gpt2s.checkpoint.remove_run``), metrics.jsonl and loss.png, nothing else.  Returns the
+    names removed."""
+    removed = remove_run(out)
+    for fname in LOG_FILES:
+        p = out / fname
+        if p.is_file() and not p.is_symlink():   # check_run_dir refused links
+            p.unlink()
+            removed.append(fname)
+    return removed
+
+
+def resume_state(ck, opt, run: RunConfig) -> tuple[int, dict | None, float]:
+    """Continue from checkpoint ``ck`` (``gpt2s.checkpoint.load_checkpoint``; its model is
+    ``GPT2.from_safetensors(ck.dir)``): load its optimizer state into ``opt``, with ``run``'s
+    weight decay, and return (its step, its last evaluation, the seconds it trained)."""
+    opt.load(ck.path("optimizer.npz"))
+    opt.weight_decay = run.weight_decay
+    return ck.step, ck.state.get("last_val"), float(ck.state.get("elapsed_s") or 0.0)
+
+
 def save_run(out: Path, model, opt, step: int, run: RunConfig, identity: dict, last_val,
              elapsed: float) -> Path:
     """The checkpoint of the run after ``step`` optimizer steps."""
@@ -448,6 +522,17 @@ class World:
             from mpi4py import MPI
             sys.stderr.flush()
             MPI.COMM_WORLD.Abort(status)
+
+    def abort_on_crash(self, prog: str, e: BaseException):
+        """A process of several that stops on an unexpected exception ends the job, after its
+        traceback and a line naming its rank: the others would wait for it until their
+        timeout."""
+        if self.size > 1 and not isinstance(e, SystemExit):
+            import traceback
+            traceback.print_exc()
+            print(f"{prog}: rank {self.rank}: {type(e).__name__}: {e}; aborting the job",
+                  file=sys.stderr, flush=True)
+            self.abort(1)
 
     def data_parallel(self, model, opt, run: RunConfig, identity: dict, first: int, *,
                       resumed: bool, overlap: bool = True, timeout: float = 300.0):
