@@ -101,7 +101,15 @@ class RunConfig:
     """What defines a run.  Each field is a command-line option of ``python -m gpt2s.train``
     (``add_arguments`` makes them) with a resume rule (``Resume``): the fields a resume
     compares make up the ``run`` record of train_state.json (``recorded``).
-    ``batch_size`` is the global micro-batch (all ranks of a data-parallel run together)."""
+    ``batch_size`` is the global micro-batch (all ranks of a data-parallel run together).
+
+    Examples:
+        >>> cfg = RunConfig(steps=200, batch_size=4)
+        >>> cfg.recorded()["batch_size"], "eval_every" in cfg.recorded()
+        (4, False)
+        >>> RunConfig.flags(Resume.MUST_MATCH)
+        ['--batch-size', '--seq-len', '--grad-accum', '--seed', '--val-fraction']
+    """
     steps: int = setting(1000, "--steps", positive_int,
                          "total optimizer steps of the run (default: %(default)s)",
                          Resume.MAY_CHANGE, "N")
