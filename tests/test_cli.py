@@ -10,7 +10,7 @@ import pytest
 
 import gpt2s
 from gpt2s import GPT2, GPT2Config
-from gpt2s.generate import HF_DOWNLOAD, ModelNotFound, find_model
+from gpt2s.hub import HF_DOWNLOAD, ModelNotFound, find_model
 
 N_CTX = 64
 
@@ -159,7 +159,7 @@ def test_missing_model_paths(tmp_path, clean_env):
 
 def test_no_model_anywhere(tmp_path, clean_env):
     # the bundled demo model is always there, so point the last fallback at an empty folder
-    from gpt2s.generate import ModelNotFound, find_model
+    from gpt2s.hub import ModelNotFound, find_model
     with pytest.raises(ModelNotFound) as e:
         find_model(env=clean_env, cwd=tmp_path, demo_dir=tmp_path / "no-demo")
     for fragment in ("no GPT-2 model found", "assets/model.safetensors", HF_DOWNLOAD, "--model",

@@ -141,7 +141,8 @@ def test_resume_of_a_stopped_run_is_bitwise_the_uninterrupted_run(tmp_path):
     out = tmp_path / "stopped"
     import signal
     calls = []
-    real = train.train_step
+    from gpt2s import training   # the loop's module: its train_step is the one it calls
+    real = training.train_step
 
     def stop_after_3(model, opt, data, cfg, step):
         result = real(model, opt, data, cfg, step)
@@ -149,11 +150,11 @@ def test_resume_of_a_stopped_run_is_bitwise_the_uninterrupted_run(tmp_path):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)   # handled: finish the step, save, stop
         return result
-    train.train_step = stop_after_3
+    training.train_step = stop_after_3
     try:
         assert run(tmp_path, "--steps", "6", "--grad-accum", "2", out="stopped") == 128 + 15
     finally:
-        train.train_step = real
+        training.train_step = real
     assert calls == [0, 1, 2]
     assert json.loads((out / "train_state.json").read_text())["step"] == 3
     assert run(tmp_path, "--steps", "6", "--grad-accum", "2", "--resume", out="stopped") == 0
@@ -597,8 +598,8 @@ def test_resume_reads_each_data_file_in_full_once(tmp_path, monkeypatch):
     data = _random_bin(tmp_path / "train.bin", 40_000, 0)
     _settled(monkeypatch)
     reads = []
-    real = gpt2s.data._sha256_file
-    monkeypatch.setattr(gpt2s.data, "_sha256_file", lambda p: reads.append(p) or real(p))
+    real = gpt2s.data.sha256_file
+    monkeypatch.setattr(gpt2s.data, "sha256_file", lambda p: reads.append(p) or real(p))
     assert run(tmp_path, "--steps", "1", data=(str(data),)) == 0
     assert reads == [os.path.realpath(data)]
     cache = json.loads((tmp_path / "run" / ".data-hashes.json").read_text())

@@ -38,7 +38,6 @@ the current checkpoint, and a copy of OUT (``cp -r``, ``rsync -a``) keeps workin
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -50,7 +49,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .weights import atomic_write
+from .fs import atomic_write, fsync_dir, sha256_file
 
 __all__ = ["save_checkpoint", "load_checkpoint", "has_checkpoint", "previous_run",
            "CheckpointError", "RunDirectoryBusy", "Checkpoint", "strict_json", "check_run_dir",
@@ -132,31 +131,6 @@ def strict_json(obj, **kwargs) -> str:
 # Saving
 
 
-def _fsync_dir(path: Path):
-    """Make a directory's entries (creations, renames, removals) durable; a no-op where
-    directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    with open(path, "rb") as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
 def _replace_symlink(link: Path, target: str):
     """Point ``link`` at ``target`` (relative) with one rename, never leaving it missing."""
     if link.is_symlink() and os.readlink(link) == target:
@@ -196,23 +170,23 @@ def save_checkpoint(out, model, optimizer, state: dict) -> Path:
         files = {}
         for fname in CHECKPOINT_FILES:
             p = partial / fname
-            files[fname] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+            files[fname] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         manifest = strict_json({"format": FORMAT, "version": VERSION, "step": step,
                                 "files": files}, indent=1).encode()
         atomic_write(partial / MANIFEST, lambda f: f.write(manifest))
-        _fsync_dir(partial)
+        fsync_dir(partial)
         os.rename(partial, final)
-        _fsync_dir(ckdir)
+        fsync_dir(ckdir)
 
         # 2. the run directory's fixed links (dangling until the first checkpoint is current)
         for fname in CHECKPOINT_FILES:
             _replace_symlink(out / fname, f"{CHECKPOINT_DIR}/{CURRENT}/{fname}")
-        _fsync_dir(out)
+        fsync_dir(out)
 
         # 3. the commit: one rename switches every file at once
         _replace_symlink(ckdir / CURRENT, name)
         committed = True
-        _fsync_dir(ckdir)
+        fsync_dir(ckdir)
     except BaseException as e:
         where = None
         if isinstance(e, OSError) and e.filename is None:
@@ -297,7 +271,7 @@ def remove_run(out) -> list[str]:
                     _TEMP_LINK_NAME.match(name):
                 _remove_entry(ckdir / name)
                 removed.append(f"{CHECKPOINT_DIR}/{name}")
-        _fsync_dir(ckdir)
+        fsync_dir(ckdir)
     for fname in CHECKPOINT_FILES:
         if os.path.islink(out / fname):   # check_run_dir: one of our four links
             os.unlink(out / fname)
@@ -597,7 +571,7 @@ def load_checkpoint(out) -> Checkpoint:
         size = p.stat().st_size
         if size != info.get("size"):
             raise CheckpointError(f"{p}: {size} bytes, the manifest says {info.get('size')}")
-        if _sha256(p) != info.get("sha256"):
+        if sha256_file(p) != info.get("sha256"):
             raise CheckpointError(f"{p}: contents differ from the manifest (SHA-256 mismatch)")
     try:
         state = json.loads((d / "train_state.json").read_text(encoding="utf-8"))

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from .tokenizer import EOT_ID, EOT_TOKEN, N_VOCAB
-from .weights import atomic_write
+from .fs import atomic_write, sha256_file
 
 __all__ = ["TokenData", "DataError", "FileHashes", "expand_paths", "read_shard_header",
            "write_shard", "ShardWriter", "tokenize_text", "SHARD_MAGIC", "SHARD_VERSION",
@@ -293,7 +293,7 @@ class FileHashes:
             self._used[key] = entry
             return entry["sha256"]
         started = time.time_ns()
-        digest = _sha256_file(key)
+        digest = sha256_file(key)
         self.hashed += 1
         after = os.stat(key)
         entry = {"stat": _stat_key(after), "sha256": digest}
@@ -317,16 +317,6 @@ class FileHashes:
         text = (json.dumps(doc, indent=1) + "\n").encode()
         atomic_write(self.path, lambda f: f.write(text))
         self._loaded = dict(self._used)
-
-
-def _sha256_file(path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(1 << 20)
-    view = memoryview(buf)
-    with open(path, "rb") as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from ._cli import UserError as _UserError
-from ._cli import run_main
+from ._cli import add_quiet_option, add_threads_option, run_main
 
 __all__ = ["main", "evaluate", "sliding_windows"]
 
@@ -177,20 +177,19 @@ examples:
                    help="windows per forward pass (default: max(1, 1024 / T))")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help="evaluate only the first N tokens of the data (default: all)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads (default: $OMP_NUM_THREADS, else all cores)")
+    add_threads_option(p)
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON object on stdout")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_quiet_option(p, "progress bar")
     return p
 
 
 
 def _run(args, out, err) -> int:
     import gpt2s
-    from ._progress import Progress
+    from ._cli import Progress
     from .data import DataError, TokenData
-    from .generate import find_model
+    from .hub import find_model
     from .weights import SafetensorsError
 
     for name in ("seq_len", "stride", "batch_size", "max_tokens", "threads"):

@@ -8,61 +8,17 @@ model) print ``error: ...`` and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
 from ._cli import UserError as _UserError
-from ._cli import run_main
-from .hub import DEMO_DIR, HF_DOWNLOAD, ModelNotFound, find_cached, resolve_pretrained
+from ._cli import add_threads_option, run_main
+from .hub import HF_DOWNLOAD, ModelNotFound, find_model
 
+# find_model and ModelNotFound live in gpt2s.hub; importable from here as before
 __all__ = ["main", "find_model", "ModelNotFound", "crop_prompt"]
 
 PROG = "python -m gpt2s.generate"
-
-
-def find_model(explicit=None, *, env=None, cwd=None, demo_dir=DEMO_DIR) -> Path:
-    """Where the model comes from: ``explicit`` (--model: a path, or a name that
-    gpt2s.hub.resolve_pretrained knows: "demo", "gpt2", "gpt2-medium", ...), else $GPT2S_MODEL,
-    else ./assets/model.safetensors, else the Hugging Face cache (openai-community/gpt2, then
-    its older name gpt2; never a download), else the demo model bundled with gpt2s.  An explicit
-    path or $GPT2S_MODEL that does not exist is an error, not skipped.  Raises ModelNotFound
-    with what was tried."""
-    env = os.environ if env is None else env
-    cwd = Path.cwd() if cwd is None else Path(cwd)
-    for source, value in (("--model", explicit), ("$GPT2S_MODEL", env.get("GPT2S_MODEL"))):
-        if value:
-            p = Path(value).expanduser()
-            if not p.is_absolute():
-                p = cwd / p
-            if p.is_dir() and not (p / "model.safetensors").is_file():
-                raise ModelNotFound(f"{source} {value}: the directory has no model.safetensors")
-            if not p.exists():
-                try:
-                    return resolve_pretrained(value, env=env)
-                except ModelNotFound as e:
-                    raise ModelNotFound(f"{source} {e}") from None
-            return p
-    tried = []
-    local = cwd / "assets" / "model.safetensors"
-    if local.is_file():
-        return local
-    tried.append(f"./assets/model.safetensors (in {cwd})")
-    snap, looked = find_cached("openai-community/gpt2", env)
-    if snap is not None:
-        return snap
-    tried += looked
-    demo = Path(demo_dir) / "model.safetensors"
-    if demo.is_file():
-        return Path(demo_dir)
-    tried.append(f"{demo} (the demo model bundled with gpt2s)")
-    raise ModelNotFound(
-        "no GPT-2 model found; --model and $GPT2S_MODEL are not set, and there is none at:\n"
-        + "".join(f"  {t}\n" for t in tried)
-        + "Put GPT-2's weights at ./assets/model.safetensors, for example with\n"
-        + f"  {HF_DOWNLOAD}\n"
-        + "or pass --model PATH (a .safetensors file or a directory with model.safetensors).")
 
 
 def crop_prompt(enc, prompt: str, n_ctx: int, max_new_tokens: int) -> tuple[str, int, int]:
@@ -143,8 +99,7 @@ examples:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
                    help="weight storage: bfloat16 or int8 blocks read fewer bytes per token "
                         "(default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads (default: $OMP_NUM_THREADS, else all cores)")
+    add_threads_option(p)
     p.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at <|endoftext|>")
     p.add_argument("--context-full", choices=("slide", "stop"), default="slide",

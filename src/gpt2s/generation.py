@@ -48,10 +48,10 @@ import numpy as np
 from . import _core
 from .inputs import check_int, check_token_ids
 from ._threads import pinned_num_threads
+from .tokenizer import EOT_ID
 
 __all__ = ["generate", "generate_stream", "generate_text", "stream_text", "EOT_ID"]
 
-EOT_ID = 50256  # <|endoftext|>
 _CONTEXT_FULL = ("slide", "stop")
 
 

@@ -1,8 +1,8 @@
 """Where a pretrained model's files are: the bundled demo, a local path, the Hugging Face cache,
 or (when ``huggingface_hub`` is installed and the network allows) a download into that cache.
 
-``GPT2.from_pretrained`` and ``python -m gpt2s.generate`` both resolve names here.  The cache
-is read as huggingface_hub lays it out, without importing it::
+``GPT2.from_pretrained`` and the command-line tools (``find_model``) resolve names here.  The
+cache is read as huggingface_hub lays it out, without importing it::
 
     $HF_HUB_CACHE (else $HF_HOME/hub, else ~/.cache/huggingface/hub)
       models--openai-community--gpt2/
@@ -21,7 +21,8 @@ import re
 from pathlib import Path
 
 __all__ = ["resolve_pretrained", "ModelNotFound", "CacheError", "hub_cache_dirs",
-           "cached_snapshot", "PRETRAINED", "DEMO_DIR", "HF_DOWNLOAD", "pretrained_hint"]
+           "cached_snapshot", "PRETRAINED", "DEMO_DIR", "HF_DOWNLOAD", "pretrained_hint",
+           "find_model"]
 
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 # short names -> Hugging Face repo ids (the official GPT-2 checkpoints moved from "gpt2" to
@@ -205,3 +206,46 @@ def pretrained_hint(path) -> str:
         return f"; to load the {'bundled demo' if text == 'demo' else 'pretrained'} model by " \
                f"name use GPT2.from_pretrained({text!r})"
     return ""
+
+
+def find_model(explicit=None, *, env=None, cwd=None, demo_dir=DEMO_DIR) -> Path:
+    """Where the model comes from: ``explicit`` (--model: a path, or a name that
+    gpt2s.hub.resolve_pretrained knows: "demo", "gpt2", "gpt2-medium", ...), else $GPT2S_MODEL,
+    else ./assets/model.safetensors, else the Hugging Face cache (openai-community/gpt2, then
+    its older name gpt2; never a download), else the demo model bundled with gpt2s.  An explicit
+    path or $GPT2S_MODEL that does not exist is an error, not skipped.  Raises ModelNotFound
+    with what was tried."""
+    env = os.environ if env is None else env
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    for source, value in (("--model", explicit), ("$GPT2S_MODEL", env.get("GPT2S_MODEL"))):
+        if value:
+            p = Path(value).expanduser()
+            if not p.is_absolute():
+                p = cwd / p
+            if p.is_dir() and not (p / "model.safetensors").is_file():
+                raise ModelNotFound(f"{source} {value}: the directory has no model.safetensors")
+            if not p.exists():
+                try:
+                    return resolve_pretrained(value, env=env)
+                except ModelNotFound as e:
+                    raise ModelNotFound(f"{source} {e}") from None
+            return p
+    tried = []
+    local = cwd / "assets" / "model.safetensors"
+    if local.is_file():
+        return local
+    tried.append(f"./assets/model.safetensors (in {cwd})")
+    snap, looked = find_cached("openai-community/gpt2", env)
+    if snap is not None:
+        return snap
+    tried += looked
+    demo = Path(demo_dir) / "model.safetensors"
+    if demo.is_file():
+        return Path(demo_dir)
+    tried.append(f"{demo} (the demo model bundled with gpt2s)")
+    raise ModelNotFound(
+        "no GPT-2 model found; --model and $GPT2S_MODEL are not set, and there is none at:\n"
+        + "".join(f"  {t}\n" for t in tried)
+        + "Put GPT-2's weights at ./assets/model.safetensors, for example with\n"
+        + f"  {HF_DOWNLOAD}\n"
+        + "or pass --model PATH (a .safetensors file or a directory with model.safetensors).")

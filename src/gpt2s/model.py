@@ -13,7 +13,7 @@ from . import generation as _generation
 from . import weight_types as _wt
 from .buffers import KVCache, Workspace
 from .config import GPT2Config
-from .generation import EOT_ID
+from .tokenizer import EOT_ID
 from . import weights as _weights
 from .inputs import check_int, check_targets, check_token_ids
 from .params import ParameterStore

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from . import _core
-from .weights import atomic_write
+from .fs import atomic_write
 
 __all__ = ["AdamW", "clip_grad_norm", "clip_coefficient", "grad_norm", "default_decay_rule"]
 

@@ -31,10 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ._cli import UserError, add_quiet_option, run_main
+from .fs import atomic_write
+from .tokenizer import EOT_TOKEN
+
 __all__ = ["main", "prepare"]
 
 PROG = "python -m gpt2s.prepare"
-EOT_BYTES = b"<|endoftext|>"
+EOT_BYTES = EOT_TOKEN.encode()
 DEFAULT_SHARD_SIZE = 100_000_000     # llm.c's FineWeb shards: 200 MB each
 DEFAULT_BLOCK_BYTES = 32 << 20
 
@@ -85,7 +89,7 @@ def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fracti
     The last ``val_fraction`` of the tokens (or the last ``val_shards`` shards) go to
     ``val_*.bin``, the rest to ``train_*.bin``.  Returns the manifest also written to
     ``out_dir/prepare.json``."""
-    from ._progress import Progress
+    from ._cli import Progress
     from .data import (DataError, MAX_SHARD_TOKENS, ShardWriter, expand_paths,
                        read_shard_header, write_shard)
     from .tokenizer import EOT_ID
@@ -210,7 +214,6 @@ def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fracti
             "shard_size": shard_size, "train": names["train"], "val": names["val"],
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        from .weights import atomic_write
         text = (json.dumps(manifest, indent=1) + "\n").encode()
         writing = out_dir / "prepare.json"
         atomic_write(out_dir / "prepare.json", lambda f: f.write(text))
@@ -270,30 +273,24 @@ examples:
                    help="tokenizing processes (default: the number of CPU cores)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the shards already in DIR (default: refuse)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    add_quiet_option(p, "progress bar or summary")
     return p
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     err = sys.stderr
+    return run_main(PROG, lambda: _run(args, err), err)
+
+
+def _run(args, err) -> int:
     try:
         m = prepare(args.text, args.out, shard_size=args.shard_size,
                     val_fraction=args.val_fraction, val_shards=args.val_shards,
                     workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
                     err=err)
     except PrepareError as e:
-        print(f"{PROG}: error: {e}", file=err)
-        return 2
-    except OSError as e:
-        # disk full, a read-only or unwritable --out, an unreadable input: the file and why
-        cause = e.strerror or str(e) or type(e).__name__
-        where = f"{e.filename} -> {e.filename2}" if e.filename2 is not None else e.filename
-        print(f"{PROG}: error: {f'{where}: ' if where is not None else ''}{cause}", file=err)
-        return 1
-    except KeyboardInterrupt:
-        print("", file=err)
-        return 130
+        raise UserError(str(e)) from None
     if not args.quiet:
         n_files = len(m["inputs"])
         print(f"{m['tokens']:,} tokens from {n_files} file{'s' if n_files > 1 else ''} "

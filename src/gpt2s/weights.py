@@ -25,12 +25,12 @@ import os
 import re
 import stat
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .config import GPT2Config, parse_config_json
+from .fs import atomic_write
 
 __all__ = [
     "param_layout", "read_safetensors_header", "load_into", "infer_config",
@@ -1042,28 +1042,3 @@ def _write_tensors(f, params: dict, prefix: str, st_dtype: str = "F32",
     for arr in params.values():
         f.write(_encode(arr, st_dtype).data)
 
-
-def _default_mode() -> int:
-    # mkstemp creates 0600 files; a saved model gets the permissions open() would give it
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(dest: Path, write):
-    """Call write(f) on a temporary file beside dest, then rename it over dest."""
-    dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
