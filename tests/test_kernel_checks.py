@@ -5,7 +5,9 @@ an attention kernel that cannot get its scratch memory raises MemoryError, never
 through NULL.
 
 (matmul_forward / matmul_backward / lm_head_*: tests/test_gemm.py; adamw_step and the
-sampling kernels: tests/test_optim.py and tests/test_sampling.py.)
+sampling kernels: tests/test_optim.py and tests/test_sampling.py.)  That every exported kernel
+refuses what it cannot compute is the kernel-call fuzzer's proof (tests/test_kernel_fuzz.py,
+whose table must cover the module); the calls here pin down the messages.
 """
 
 from __future__ import annotations
@@ -200,17 +202,6 @@ def test_bad_arguments_raise_value_error_naming_kernel(kernel, call, fragment):
     msg = str(e.value)
     assert msg.startswith(kernel + ":"), msg
     assert fragment in msg, msg
-
-
-def test_every_checked_kernel_is_covered():
-    """Each checked kernel has at least two bad calls here."""
-    names = [k for k, _, _ in BAD_CALLS]
-    for kernel in ("embedding_forward", "embedding_backward", "layernorm_forward",
-                   "residual_layernorm_forward", "layernorm_backward", "activation_forward",
-                   "activation_backward", "attention_forward",
-                   "attention_backward", "kv_cache_write", "crossentropy_forward",
-                   "crossentropy_backward"):
-        assert names.count(kernel) >= 2, kernel
 
 
 def test_good_arguments_still_run():
