@@ -14,6 +14,7 @@ import time
 from ._cli import UserError as _UserError
 from ._cli import add_threads_option, run_main
 from .hub import HF_DOWNLOAD, ModelNotFound, find_model
+from .weight_types import DTYPES
 
 # find_model and ModelNotFound live in gpt2s.hub; importable from here as before
 __all__ = ["main", "find_model", "ModelNotFound", "crop_prompt"]
@@ -96,9 +97,9 @@ examples:
     p.add_argument("--num-samples", type=int, default=1, metavar="N",
                    help="independent continuations, streamed one after another "
                         "(default: %(default)s)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "int8"), default="float32",
-                   help="weight storage: bfloat16 or int8 blocks read fewer bytes per token "
-                        "(default: %(default)s)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weight storage: bfloat16, int8 or int4 blocks read fewer bytes per "
+                        "token (default: %(default)s)")
     add_threads_option(p)
     p.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at <|endoftext|>")
