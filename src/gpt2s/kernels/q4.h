@@ -106,60 +106,6 @@ static void gpt2s_q4_widen(float *out, int64_t ldo, const void *W, int64_t ldw,
 
 #if GPT2S_HAVE_X86_64_V3
 
-/* a block's 32 weights (16 bytes of nibbles) as int16, in order: lo = 0..15, hi = 16..31 */
-GPT2S_V3_INLINE void gpt2s_q4_block_i16_arch_x86_64_v3(const uint8_t *p, __m256i *lo,
-                                                        __m256i *hi) {
-    __m128i b = _mm_loadu_si128((const __m128i *)p);
-    __m128i mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
-    __m128i l = _mm_sub_epi8(_mm_and_si128(b, mask), eight);
-    __m128i h = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask), eight);
-    *lo = _mm256_cvtepi8_epi16(l);
-    *hi = _mm256_cvtepi8_epi16(h);
-}
-
-/* c[0:n] (+)= a (K) @ W^T, W q4 (n, K), one row: as gpt2s_q8_nt1 (the row rounded to int16
-   per block once per call, each block an exact integer dot product), the weights unpacked
-   from nibbles.  Returns -1 (nothing written) when the row is not finite. */
-GPT2S_V3_INLINE int gpt2s_q4_nt1_arch_x86_64_v3(int n, int K, const float *a,
-        const uint8_t *Q, const uint16_t *S, int accumulate, float *c, int16_t *xq, float *dx) {
-    int nb = K / GPT2S_Q4_BLOCK;
-    if (gpt2s_q8_round_row_arch_x86_64_v3(K, a, xq, dx) != 0) return -1;
-    for (int v = 0; v < n; v += 4) {
-        int vr = n - v < 4 ? n - v : 4;
-        const uint8_t *q0 = Q + (int64_t)v * (K / 2);
-        const uint8_t *q1 = GPT2S_ROW(q0, 1, vr, K / 2), *q2 = GPT2S_ROW(q0, 2, vr, K / 2);
-        const uint8_t *q3 = GPT2S_ROW(q0, 3, vr, K / 2);
-        const uint16_t *d0 = S + (int64_t)v * nb;
-        const uint16_t *d1 = GPT2S_ROW(d0, 1, vr, nb), *d2 = GPT2S_ROW(d0, 2, vr, nb);
-        const uint16_t *d3 = GPT2S_ROW(d0, 3, vr, nb);
-        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-        int prefetch = v + 8 <= n;
-        for (int b = 0; b < nb; b++) {
-            int k = b * GPT2S_Q4_BLOCK;
-            __m256i xa = _mm256_loadu_si256((const __m256i *)(xq + k));
-            __m256i xb = _mm256_loadu_si256((const __m256i *)(xq + k + 16));
-            float db = dx[b];
-            if (prefetch)   /* the tile's 4 rows: one contiguous 2K bytes, 2 KiB ahead */
-                __builtin_prefetch(q0 + 2 * k + 2048);
-#define GPT2S_Q4_ROW(qr, dr, sr) do { \
-                __m256i lo, hi; \
-                gpt2s_q4_block_i16_arch_x86_64_v3((qr) + b * 16, &lo, &hi); \
-                __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, xa), _mm256_madd_epi16(hi, xb)); \
-                sr = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss((dr)[b]) * db), sr); \
-            } while (0)
-            GPT2S_Q4_ROW(q0, d0, s0);
-            GPT2S_Q4_ROW(q1, d1, s1);
-            GPT2S_Q4_ROW(q2, d2, s2);
-            GPT2S_Q4_ROW(q3, d3, s3);
-#undef GPT2S_Q4_ROW
-        }
-        float t[4] = {gpt2s_hsum_arch_x86_64_v3(s0), gpt2s_hsum_arch_x86_64_v3(s1),
-                      gpt2s_hsum_arch_x86_64_v3(s2), gpt2s_hsum_arch_x86_64_v3(s3)};
-        for (int r = 0; r < vr; r++) c[v + r] = accumulate ? c[v + r] + t[r] : t[r];
-    }
-    return 0;
-}
-
 /* C[:, 0:n] (+)= A (M, K) @ W (n, K)^T, W q4 with scales S [n][K/32] */
 GPT2S_V3 static void gpt2s_q4_nt_arch_x86_64_v3(int M, int n, int K, const float *A, int lda,
         const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
@@ -167,8 +113,8 @@ GPT2S_V3 static void gpt2s_q4_nt_arch_x86_64_v3(int M, int n, int K, const float
     if (M == 1 && K <= 16384) {   /* scratch on the stack: 32 KiB + 2 KiB at most */
         int16_t xq[16384] __attribute__((aligned(32)));
         float dx[16384 / GPT2S_Q4_BLOCK];
-        if (gpt2s_q4_nt1_arch_x86_64_v3(n, K, A, (const uint8_t *)W, S, accumulate, C, xq,
-                                        dx) == 0)
+        if (gpt2s_nt1_i16_arch_x86_64_v3(GPT2S_ELEM_Q4, n, K, A, W, S, accumulate, C, xq,
+                                         dx) == 0)
             return;
     }
     if (M == 1)

@@ -138,19 +138,19 @@ static void gpt2s_q8_widen(float *out, int64_t ldo, const void *W, int64_t ldw,
 
 #if GPT2S_HAVE_X86_64_V3
 
-/* c[0:n] (+)= a (K) @ W^T, W q8 (n, K), one row (batch-1 decoding).  Widening every weight
-   to float32 costs 4 operations per 8 weights (sign-extend, convert, scale, FMA) and one row
-   leaves nothing to share them with: compute bound below the memory bandwidth.  Instead the
-   row is rounded once per call to int16 per block of 32, xq = round(x / dx), dx = max|x| /
-   32767 (|x - xq dx| <= dx / 2: relative 2^-16 of the block's largest element, far below the
-   weights' own int8 rounding), and each block of a W row is an exact integer dot product:
-   sign-extend 2 x 16 weights to int16, vpmaddwd against xq, add, convert, one FMA by d_w dx
-   -- 8 vector operations per 32 weights instead of 16.  (llama.cpp rounds the activations to
-   int8; int16 keeps them float32-accurate at the same cost on AVX2, whose vpmaddubsw would
-   need the weights unsigned.)  xq and dx: K and K / 32 elements of scratch.  Returns 0, or -1
-   (nothing written) when the row is not finite. */
-/* xq (K) = a rounded to int16 per block of 32, dx (K / 32) the blocks' steps: xq dx ~ a
-   within dx / 2 = max|a of the block| / 65534.  Returns -1 when the row is not finite. */
+/* One row of a blocked type (batch-1 decoding).  Widening every weight to float32 costs 4
+   operations per 8 weights (sign-extend, convert, scale, FMA) and one row leaves nothing to
+   share them with: compute bound below the memory bandwidth.  Instead the row is rounded once
+   per call to int16 per block of 32, xq = round(x / dx), dx = max|x| / 32767 (|x - xq dx| <=
+   dx / 2: relative 2^-16 of the block's largest element, far below the weights' own
+   rounding), and each block of a W row is an exact integer dot product: its weights as
+   2 x 16 int16, vpmaddwd against xq, add, convert, one FMA by d_w dx -- 8 vector operations
+   per 32 int8 weights instead of 16.  (llama.cpp rounds the activations to int8; int16 keeps
+   them float32-accurate at the same cost on AVX2, whose vpmaddubsw would need the weights
+   unsigned.)  xq and dx: K and K / 32 elements of scratch.
+
+   round_row: xq (K) = a rounded to int16 per block of 32, dx (K / 32) the blocks' steps; -1
+   when the row is not finite. */
 GPT2S_V3_INLINE int gpt2s_q8_round_row_arch_x86_64_v3(int K, const float *a, int16_t *xq,
                                                       float *dx) {
     int nb = K / GPT2S_Q8_BLOCK;
@@ -184,15 +184,38 @@ GPT2S_V3_INLINE int gpt2s_q8_round_row_arch_x86_64_v3(int K, const float *a, int
     return 0;
 }
 
-GPT2S_V3_INLINE int gpt2s_q8_nt1_arch_x86_64_v3(int n, int K, const float *a,
-        const int8_t *Q, const uint16_t *S, int accumulate, float *c, int16_t *xq, float *dx) {
+/* a block's 32 weights as int16, in order (lo: 0-15, hi: 16-31); e: the block's first weight
+   in a row-major array of blocks (int8: a byte each; 4-bit: tile.h's nibble order) */
+GPT2S_V3_INLINE void gpt2s_block_i16_arch_x86_64_v3(const int ELEM, const void *W, int64_t e,
+                                                    __m256i *lo, __m256i *hi) {
+    if (ELEM == GPT2S_ELEM_Q4) {
+        __m128i b = _mm_loadu_si128((const __m128i *)gpt2s_q4_byte(W, e));
+        __m128i mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+        *lo = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(b, mask), eight));
+        *hi = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(b, 4), mask),
+                                                eight));
+    } else {
+        const int8_t *q = (const int8_t *)W + e;
+        *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)q));
+        *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + 16)));
+    }
+}
+
+/* c[0:n] (+)= a (K) @ W^T, W (n, K) of a blocked type (ELEM_Q8 or ELEM_Q4, scales S
+   [n][K / 32]), one row: the int16 kernel above, the row rounded by round_row; 4 rows of W at
+   a time, one contiguous run of memory read a block of each row at a step and prefetched
+   2 KiB ahead.  Returns -1 (nothing written) when the row is not finite. */
+GPT2S_V3_INLINE int gpt2s_nt1_i16_arch_x86_64_v3(const int ELEM, int n, int K, const float *a,
+        const void *W, const uint16_t *S, int accumulate, float *c, int16_t *xq, float *dx) {
+    const int BLOCK_BYTES = ELEM == GPT2S_ELEM_Q4 ? 16 : 32;
     int nb = K / GPT2S_Q8_BLOCK;
     if (gpt2s_q8_round_row_arch_x86_64_v3(K, a, xq, dx) != 0) return -1;
     for (int v = 0; v < n; v += 4) {
         int vr = n - v < 4 ? n - v : 4;
-        const int8_t *q0 = Q + (int64_t)v * K;
-        const int8_t *q1 = GPT2S_ROW(q0, 1, vr, K), *q2 = GPT2S_ROW(q0, 2, vr, K);
-        const int8_t *q3 = GPT2S_ROW(q0, 3, vr, K);
+        int64_t e0 = (int64_t)v * K;   /* the first weight of each of the tile's rows */
+        int64_t e1 = GPT2S_ROW(e0, 1, vr, K), e2 = GPT2S_ROW(e0, 2, vr, K);
+        int64_t e3 = GPT2S_ROW(e0, 3, vr, K);
+        const char *bytes0 = (const char *)W + e0 * BLOCK_BYTES / 32;
         const uint16_t *d0 = S + (int64_t)v * nb;
         const uint16_t *d1 = GPT2S_ROW(d0, 1, vr, nb), *d2 = GPT2S_ROW(d0, 2, vr, nb);
         const uint16_t *d3 = GPT2S_ROW(d0, 3, vr, nb);
@@ -203,22 +226,20 @@ GPT2S_V3_INLINE int gpt2s_q8_nt1_arch_x86_64_v3(int n, int K, const float *a,
             __m256i xa = _mm256_loadu_si256((const __m256i *)(xq + k));
             __m256i xb = _mm256_loadu_si256((const __m256i *)(xq + k + 16));
             float db = dx[b];
-            if (prefetch) {   /* the tile's 4 rows are one contiguous 4K bytes, read at
-                                 128 bytes per block: keep 2 KiB ahead of that position */
-                __builtin_prefetch(q0 + 4 * k + 2048);
-                __builtin_prefetch(q0 + 4 * k + 2048 + 64);
-            }
-#define GPT2S_Q8_ROW(qr, dr, sr) do { \
-                __m256i lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)((qr) + k))); \
-                __m256i hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)((qr) + k + 16))); \
+            if (prefetch)
+                for (int off = 0; off < 4 * BLOCK_BYTES; off += 64)
+                    __builtin_prefetch(bytes0 + 4 * BLOCK_BYTES * (int64_t)b + 2048 + off);
+#define GPT2S_I16_ROW(er, dr, sr) do { \
+                __m256i lo, hi; \
+                gpt2s_block_i16_arch_x86_64_v3(ELEM, W, (er) + k, &lo, &hi); \
                 __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, xa), _mm256_madd_epi16(hi, xb)); \
                 sr = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss((dr)[b]) * db), sr); \
             } while (0)
-            GPT2S_Q8_ROW(q0, d0, s0);
-            GPT2S_Q8_ROW(q1, d1, s1);
-            GPT2S_Q8_ROW(q2, d2, s2);
-            GPT2S_Q8_ROW(q3, d3, s3);
-#undef GPT2S_Q8_ROW
+            GPT2S_I16_ROW(e0, d0, s0);
+            GPT2S_I16_ROW(e1, d1, s1);
+            GPT2S_I16_ROW(e2, d2, s2);
+            GPT2S_I16_ROW(e3, d3, s3);
+#undef GPT2S_I16_ROW
         }
         float t[4] = {gpt2s_hsum_arch_x86_64_v3(s0), gpt2s_hsum_arch_x86_64_v3(s1),
                       gpt2s_hsum_arch_x86_64_v3(s2), gpt2s_hsum_arch_x86_64_v3(s3)};
@@ -235,7 +256,9 @@ GPT2S_V3 static void gpt2s_q8_nt_arch_x86_64_v3(int M, int n, int K, const float
     if (M == 1 && K <= 16384) {   /* scratch on the stack: 32 KiB + 2 KiB at most */
         int16_t xq[16384] __attribute__((aligned(32)));
         float dx[16384 / GPT2S_Q8_BLOCK];
-        if (gpt2s_q8_nt1_arch_x86_64_v3(n, K, A, Q, S, accumulate, C, xq, dx) == 0) return;
+        if (gpt2s_nt1_i16_arch_x86_64_v3(GPT2S_ELEM_Q8, n, K, A, Q, S, accumulate, C, xq,
+                                         dx) == 0)
+            return;
     }
     if (M == 1)
         gpt2s_nt_tile_arch_x86_64_v3(GPT2S_ELEM_Q8, 1, 8, M, n, K, A, lda, Q, K, S,
