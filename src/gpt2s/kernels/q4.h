@@ -106,43 +106,17 @@ static void gpt2s_q4_widen(float *out, int64_t ldo, const void *W, int64_t ldw,
 
 #if GPT2S_HAVE_X86_64_V3
 
-/* C[:, 0:n] (+)= A (M, K) @ W (n, K)^T, W q4 with scales S [n][K/32] */
+/* C[:, 0:n] (+)= A (M, K) @ W (n, K)^T, W q4 with scales S [n][K/32]: the blocked-type
+   kernels of q8.h on 4-bit loads */
 GPT2S_V3 static void gpt2s_q4_nt_arch_x86_64_v3(int M, int n, int K, const float *A, int lda,
         const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
     (void)ldw;
-    if (M == 1 && K <= 16384) {   /* scratch on the stack: 32 KiB + 2 KiB at most */
-        int16_t xq[16384] __attribute__((aligned(32)));
-        float dx[16384 / GPT2S_Q4_BLOCK];
-        if (gpt2s_nt1_i16_arch_x86_64_v3(GPT2S_ELEM_Q4, n, K, A, W, S, accumulate, C, xq,
-                                         dx) == 0)
-            return;
-    }
-    if (M == 1)
-        gpt2s_nt_tile_arch_x86_64_v3(GPT2S_ELEM_Q4, 1, 8, M, n, K, A, lda, W, K, S,
-                                     accumulate, C, ldc);
-    else if (M < 4)
-        gpt2s_nt_tile_arch_x86_64_v3(GPT2S_ELEM_Q4, 2, 4, M, n, K, A, lda, W, K, S,
-                                     accumulate, C, ldc);
-    else
-        gpt2s_nt_tile_arch_x86_64_v3(GPT2S_ELEM_Q4, 4, 2, M, n, K, A, lda, W, K, S,
-                                     accumulate, C, ldc);
+    gpt2s_blocked_nt_arch_x86_64_v3(GPT2S_ELEM_Q4, M, n, K, A, lda, W, S, accumulate, C, ldc);
 }
 
-/* the portable gpt2s_q4_widen, 8 at a time */
 GPT2S_V3 static void gpt2s_q4_widen_arch_x86_64_v3(float *out, int64_t ldo, const void *W,
         int64_t ldw, const uint16_t *S, int rows, int cols) {
-    int nb = cols / GPT2S_Q4_BLOCK;
-    for (int j = 0; j < rows; j++) {
-        const uint8_t *qr = (const uint8_t *)W + (int64_t)j * (ldw / 2);
-        const uint16_t *sr = S + (int64_t)j * nb;
-        float *o = out + (int64_t)j * ldo;
-        for (int b = 0; b < nb; b++) {
-            __m256 d = _mm256_set1_ps(_cvtsh_ss(sr[b]));
-            for (int c = 0; c < GPT2S_Q4_BLOCK; c += 8)
-                _mm256_storeu_ps(o + b * GPT2S_Q4_BLOCK + c, _mm256_mul_ps(
-                    d, gpt2s_ld8_arch_x86_64_v3(GPT2S_ELEM_Q4, qr, b * GPT2S_Q4_BLOCK + c)));
-        }
-    }
+    gpt2s_blocked_widen_arch_x86_64_v3(GPT2S_ELEM_Q4, out, ldo, W, ldw, S, rows, cols);
 }
 
 #endif

@@ -248,44 +248,54 @@ GPT2S_V3_INLINE int gpt2s_nt1_i16_arch_x86_64_v3(const int ELEM, int n, int K, c
     return 0;
 }
 
-/* C[:, 0:n] (+)= A (M, K) @ W (n, K)^T, W q8 (ldw = K) with scales S [n][K/32] */
-GPT2S_V3 static void gpt2s_q8_nt_arch_x86_64_v3(int M, int n, int K, const float *A, int lda,
-        const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
-    const int8_t *Q = (const int8_t *)W;
-    (void)ldw;
+/* C[:, 0:n] (+)= A (M, K) @ W (n, K)^T for a blocked type: one row by the int16 kernel, more
+   rows by the nt tile of tile.h (1 x 8, 2 x 4, 4 x 2 tiles by rows of A) */
+GPT2S_V3_INLINE void gpt2s_blocked_nt_arch_x86_64_v3(const int ELEM, int M, int n, int K,
+        const float *A, int lda, const void *W, const uint16_t *S, int accumulate, float *C,
+        int ldc) {
     if (M == 1 && K <= 16384) {   /* scratch on the stack: 32 KiB + 2 KiB at most */
         int16_t xq[16384] __attribute__((aligned(32)));
         float dx[16384 / GPT2S_Q8_BLOCK];
-        if (gpt2s_nt1_i16_arch_x86_64_v3(GPT2S_ELEM_Q8, n, K, A, Q, S, accumulate, C, xq,
-                                         dx) == 0)
+        if (gpt2s_nt1_i16_arch_x86_64_v3(ELEM, n, K, A, W, S, accumulate, C, xq, dx) == 0)
             return;
     }
     if (M == 1)
-        gpt2s_nt_tile_arch_x86_64_v3(GPT2S_ELEM_Q8, 1, 8, M, n, K, A, lda, Q, K, S,
-                                     accumulate, C, ldc);
+        gpt2s_nt_tile_arch_x86_64_v3(ELEM, 1, 8, M, n, K, A, lda, W, K, S, accumulate, C, ldc);
     else if (M < 4)
-        gpt2s_nt_tile_arch_x86_64_v3(GPT2S_ELEM_Q8, 2, 4, M, n, K, A, lda, Q, K, S,
-                                     accumulate, C, ldc);
+        gpt2s_nt_tile_arch_x86_64_v3(ELEM, 2, 4, M, n, K, A, lda, W, K, S, accumulate, C, ldc);
     else
-        gpt2s_nt_tile_arch_x86_64_v3(GPT2S_ELEM_Q8, 4, 2, M, n, K, A, lda, Q, K, S,
-                                     accumulate, C, ldc);
+        gpt2s_nt_tile_arch_x86_64_v3(ELEM, 4, 2, M, n, K, A, lda, W, K, S, accumulate, C, ldc);
 }
 
-/* the portable gpt2s_q8_widen, 8 at a time */
-GPT2S_V3 static void gpt2s_q8_widen_arch_x86_64_v3(float *out, int64_t ldo, const void *W,
-        int64_t ldw, const uint16_t *S, int rows, int cols) {
+/* out (rows, cols) = the rows of a blocked type widened, 8 at a time (the portable widen of
+   the type, vectorised): ldw weights per stored row */
+GPT2S_V3_INLINE void gpt2s_blocked_widen_arch_x86_64_v3(const int ELEM, float *out,
+        int64_t ldo, const void *W, int64_t ldw, const uint16_t *S, int rows, int cols) {
+    const int BITS = ELEM == GPT2S_ELEM_Q4 ? 4 : 8;
     int nb = cols / GPT2S_Q8_BLOCK;
     for (int j = 0; j < rows; j++) {
-        const int8_t *qr = (const int8_t *)W + (int64_t)j * ldw;
+        const void *row = (const char *)W + (int64_t)j * ldw * BITS / 8;
         const uint16_t *sr = S + (int64_t)j * nb;
         float *o = out + (int64_t)j * ldo;
         for (int b = 0; b < nb; b++) {
             __m256 d = _mm256_set1_ps(_cvtsh_ss(sr[b]));
             for (int c = 0; c < GPT2S_Q8_BLOCK; c += 8)
                 _mm256_storeu_ps(o + b * GPT2S_Q8_BLOCK + c, _mm256_mul_ps(
-                    d, gpt2s_ld8_arch_x86_64_v3(GPT2S_ELEM_Q8, qr, b * GPT2S_Q8_BLOCK + c)));
+                    d, gpt2s_ld8_arch_x86_64_v3(ELEM, row, b * GPT2S_Q8_BLOCK + c)));
         }
     }
+}
+
+/* C[:, 0:n] (+)= A (M, K) @ W (n, K)^T, W q8 (ldw = K) with scales S [n][K/32] */
+GPT2S_V3 static void gpt2s_q8_nt_arch_x86_64_v3(int M, int n, int K, const float *A, int lda,
+        const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)ldw;
+    gpt2s_blocked_nt_arch_x86_64_v3(GPT2S_ELEM_Q8, M, n, K, A, lda, W, S, accumulate, C, ldc);
+}
+
+GPT2S_V3 static void gpt2s_q8_widen_arch_x86_64_v3(float *out, int64_t ldo, const void *W,
+        int64_t ldw, const uint16_t *S, int rows, int cols) {
+    gpt2s_blocked_widen_arch_x86_64_v3(GPT2S_ELEM_Q8, out, ldo, W, ldw, S, rows, cols);
 }
 
 #endif
