@@ -201,12 +201,14 @@ def _in_fresh_python(code):
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 def test_peak_rss_of_a_process(harness):
     """A fresh process that touches 256 MiB reports a peak of at least that, by VmHWM and by
-    ru_maxrss, and peak_rss_mib is the VmHWM."""
+    ru_maxrss, and peak_rss_mib is the VmHWM.  Only VmHWM has an upper bound: on Linux
+    ru_maxrss of a fork + exec child starts at its parent's mark (the test runner's, which can
+    be gigabytes by the time this runs), which is why the harness reports VmHWM."""
     out = _in_fresh_python("import harness\nb = bytearray(256 << 20)\ndel b\n"
                            "print(harness.vm_hwm_mib(), harness.ru_maxrss_mib(), "
                            "harness.peak_rss_mib())")
     hwm, maxrss, peak = map(float, out.split())
-    assert 256 <= hwm < 256 + 200 and 256 <= maxrss < 256 + 200
+    assert 256 <= hwm < 256 + 200 and maxrss >= 256
     assert peak >= hwm   # read after vm_hwm_mib: the mark can only have grown
 
 
