@@ -56,8 +56,14 @@ def _refusals(d: dict):
     quant = d.get("quantization_config")
     if quant is not None:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
-        out.append(("quantization_config", {"quant_method": method},
-                    "gpt2s loads float32/float16/bfloat16 weights, not a quantisation scheme"))
+        if method != "gpt2s":
+            out.append(("quantization_config", {"quant_method": method},
+                        "gpt2s loads float32/float16/bfloat16 weights and its own packed "
+                        "files (quant_method 'gpt2s', written by GPT2.save_safetensors or "
+                        "python -m gpt2s.quantize), not another quantisation scheme"))
+        elif not isinstance(quant.get("weight_type"), str):
+            out.append(("quantization_config", quant,
+                        "a gpt2s quantization_config names its weight_type (a string)"))
     return out
 
 

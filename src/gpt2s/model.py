@@ -108,16 +108,21 @@ class GPT2:
         return m
 
     @classmethod
-    def from_safetensors(cls, path, dtype: str = "float32", *, mmap: bool = True) -> "GPT2":
+    def from_safetensors(cls, path, dtype: str | None = None, *, mmap: bool = True,
+                         progress=None) -> "GPT2":
         """Load a Hugging Face GPT-2 checkpoint.
 
         F32, F16 and BF16 tensors are read; keys may carry the ``transformer.`` prefix; the
         ``h.N.attn.bias`` / ``masked_bias`` buffers are ignored; an ``lm_head.weight`` must equal
         ``wte.weight`` unless config.json has ``tie_word_embeddings: false``.  Without
         config.json the sizes come from the file's metadata (gpt2s saves) or the tensor shapes.
+        A file `save_safetensors` wrote in another storage loads as that storage by default:
+        a bfloat16 model's file as bfloat16, a packed int8 or int4 file as int8 or int4, its
+        stored blocks used as they are (mapped, never quantized again).
 
         With ``mmap=True`` (the default) a tensor the file already stores in the model's dtype
-        (F32 for "float32", BF16 for "bfloat16") is not copied: the parameter is a view of a
+        (F32 for "float32", BF16 for "bfloat16", the packed blocks and scales of a packed file for
+        its own type) is not copied: the parameter is a view of a
         private, copy-on-write mapping of the file, so loading takes no time and the weights
         count once in memory (as file pages the OS can share between processes).  Writing
         into such a view copies only that page; the file is never changed.  Every other tensor
@@ -132,11 +137,14 @@ class GPT2:
         Args:
             path: a ``.safetensors`` file, or a directory with ``model.safetensors`` (and,
                 optionally, ``config.json``).
-            dtype: "float32" (trainable); "bfloat16" (BF16 tensors load exactly, others round to
-                nearest even) or "int8" (blocks of 32, gpt2s/weight_types.py): an inference model with
-                compressed matmul weights.
+            dtype: None (the default): the file's own storage, "float32" for any file gpt2s
+                did not save in another type; "float32" (trainable); "bfloat16" (BF16 tensors
+                load exactly, others round to nearest even), "int8" or "int4" (blocks of 32,
+                gpt2s/weight_types.py): an inference model with compressed matmul weights.
             mmap: map the file and view the tensors already in the right dtype (True), or
                 copy every tensor into memory (False).
+            progress: called as ``progress(done, total)`` after each tensor, with the
+                parameters loaded so far and in all (a progress bar over a long conversion).
 
         Returns:
             a new `GPT2` with the checkpoint's weights.
@@ -145,8 +153,10 @@ class GPT2:
             FileNotFoundError: no such file, or a directory without model.safetensors.
             SafetensorsError: the file is not a usable GPT-2 safetensors file (the message names
                 the file and the tensor: missing, wrong shape, unknown dtype, truncated, a
-                header past the limits of docs/checkpoints.md, a NaN or infinite weight, a
-                value dtype cannot hold), or there is not enough memory to load it.
+                header past the limits of docs/checkpoints.md, a NaN or infinite weight or
+                block scale, a value dtype cannot hold, a packed file of a format version,
+                weight type or layout this gpt2s cannot read), or there is not enough memory
+                to load it.
             ValueError: config.json is not valid or does not describe a GPT-2 (the message
                 names the file and the field).
 
@@ -158,31 +168,37 @@ class GPT2:
             2
         """
         m = cls.__new__(cls)
-        m._setup(_weights.load_parameters(path, dtype, mmap=mmap))
+        m._setup(_weights.load_parameters(path, dtype, mmap=mmap, progress=progress))
         return m
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype: str = "float32", *,
+    def from_pretrained(cls, name_or_path, dtype: str | None = None, *,
                         local_files_only: bool = False) -> "GPT2":
         """Load by name or path: ``"demo"`` (the model bundled with gpt2s), ``"gpt2"``,
         ``"gpt2-medium"``, ``"gpt2-large"``, ``"gpt2-xl"``, ``"openai-community/..."`` (from the
         local Hugging Face cache, else downloaded with huggingface_hub when it is installed,
         the ``hub`` extra), or a path as in ``from_safetensors``.  ``dtype`` is the weight
-        storage, as in ``from_safetensors``: "float32", "bfloat16" or "int8" (the latter two
-        for inference).  See gpt2s.hub.resolve_pretrained for the rules."""
+        storage, as in ``from_safetensors``: None (the file's own), "float32", "bfloat16",
+        "int8" or "int4" (the last three for inference).  See gpt2s.hub.resolve_pretrained for
+        the rules."""
         from .hub import resolve_pretrained
-        dtype = _wt.check_dtype(dtype)
+        if dtype is not None:
+            _wt.check_dtype(dtype)
         return cls.from_safetensors(resolve_pretrained(name_or_path,
                                                        local_files_only=local_files_only),
                                     dtype=dtype)
 
-    def to_dtype(self, dtype: str) -> "GPT2":
-        """A new inference model with this one's weights stored in dtype ("bfloat16" or
-        "int8": compressed matmul weights; "float32": a copy, widened back from a compressed
-        model).  Tensors are converted one at a time; this model is left as it is."""
+    def to_dtype(self, dtype: str, *, progress=None) -> "GPT2":
+        """A new inference model with this one's weights stored in dtype ("bfloat16", "int8"
+        or "int4": compressed matmul weights; "float32": a copy, widened back from a
+        compressed model).  Tensors are converted one at a time; this model is left as it is.
+        ``progress(done, total)`` is called after each tensor with the parameters converted
+        so far and in all."""
         m = GPT2(self.config, _wt.check_dtype(dtype))
+        counter = _weights.LoadCounter(progress, self.config)
         for name, w in self.params.items():
             m.store.copy_param(name, w if isinstance(w, np.ndarray) else np.asarray(w))
+            counter.add(w.size)
         return m
 
     # ------------------------------------------------------------------ properties
@@ -449,8 +465,8 @@ class GPT2:
 
     # ------------------------------------------------------------------ saving
 
-    def save_safetensors(self, path, dtype: str = "float32"):
-        """Save the weights in Hugging Face's format.
+    def save_safetensors(self, path, dtype: str | None = None):
+        """Save the weights: in Hugging Face's format, or in the model's own storage.
 
         A path ending in ``.safetensors`` is written as that one file; any other path is a
         directory (created if needed) that receives ``model.safetensors`` and ``config.json``,
@@ -458,15 +474,26 @@ class GPT2:
         file is written to a temporary name and renamed, so an interrupted save never leaves a
         half-written file.
 
+        By default (dtype None) the file holds the model's own storage, bit for bit: a float32
+        model's tensors as F32; a bfloat16 model's matmul weights as BF16 and the rest as F32
+        (a file transformers loads too); an int8 or int4 model's packed blocks and fp16 scales
+        exactly as the kernels read them (a packed gpt2s file, docs/checkpoints.md, with a
+        ``quantization_config`` in config.json), which `from_safetensors` maps and uses in
+        place.  Other readers refuse a packed file.
+
         Args:
             path: a directory, or a file name ending in ``.safetensors``.
-            dtype: "float32", "float16" or "bfloat16" (rounded to nearest even).
+            dtype: None (the model's storage); "float32", "float16" or "bfloat16": every
+                tensor converted to that dtype (rounded to nearest even), a file any
+                safetensors reader loads; "int8" or "int4": a packed file of that type (the
+                matmul weights converted, one at a time).
 
         Returns:
             the path written (a `pathlib.Path`).
 
         Raises:
-            ValueError: an unknown dtype.
+            ValueError: an unknown dtype, or a model whose n_embd is not a multiple of the
+                block of the packed type asked for.
             OSError: the file cannot be written.
 
         Examples:
@@ -476,7 +503,21 @@ class GPT2:
             >>> sorted(p.name for p in pathlib.Path(d).iterdir())
             ['config.json', 'model.safetensors']
         """
-        return _weights.save_safetensors(path, self.params, self.config, dtype=dtype)
+        converted = ("float32", "float16", "bfloat16")   # every tensor in that dtype
+        packed = [t for t in _wt.DTYPES if _wt.get(t).block]
+        if dtype is None:   # the model's own storage
+            storage = self.dtype
+        elif dtype in converted:
+            storage = None
+        elif dtype in packed:
+            storage = dtype
+        else:
+            raise ValueError(f"dtype must be None or one of {list(converted) + packed}, got "
+                             f"{dtype!r}")
+        if storage is None or storage == "float32":
+            return _weights.save_safetensors(path, self.params, self.config,
+                                             dtype=dtype or "float32")
+        return _weights.save_safetensors(path, self.params, self.config, storage=storage)
 
     # ------------------------------------------------------------------ generation
     # The decoding loop, sampling and text helpers live in generation.py; these are the

@@ -50,6 +50,7 @@ class WeightType:
     name = ""
     description = ""
     trainable = False   # only float32 weights have gradients and an optimizer
+    codes = ""          # a blocked type: how its stored bytes read (see Int8, Int4)
     max_abs = float(np.finfo(np.float32).max)   # the largest magnitude the type stores
 
     def __init__(self):
@@ -72,6 +73,17 @@ class WeightType:
                              f"{tuple(shape)} to be a multiple of {self.block}, got {cols} "
                              f"(n_embd must be a multiple of {self.block})")
         return (rows, cols), transposed
+
+    def stored_shapes(self, name: str, shape) -> tuple[tuple[int, int], tuple[int, int] | None]:
+        """(shape of the stored elements, shape of the scales or None) of tensor ``name`` of
+        float32 shape ``shape`` in this type: what a packed model file holds for it.
+
+        Raises:
+            ValueError: the tensor's reduction dimension is not a multiple of the block.
+        """
+        (rows, cols), _ = self._stored_shape(name, shape)
+        scales = (rows, cols // self.block) if self.block else None
+        return (rows, cols // self.per_element), scales
 
     def empty(self, name: str, shape) -> PackedWeight:
         """A zero weight of the given float32 shape in this type's storage."""
@@ -157,6 +169,8 @@ class Int8(WeightType):
 
     name = "int8"
     description = "int8 blocks of 32 with fp16 scales (inference)"
+    # how a packed model file's element bytes read (recorded in the file, checked on loading)
+    codes = "q8_0: weight = scale * q, q an int8"
     max_abs = 127.0 * 65504.0   # 127 times the largest fp16 scale
 
 
@@ -167,6 +181,8 @@ class Int4(WeightType):
 
     name = "int4"
     description = "4-bit blocks of 32 with fp16 scales (inference)"
+    codes = ("q4_0: weight = scale * (q - 8); byte j of a block holds q of weight j in its low "
+             "nibble, of weight j + 16 in its high nibble")
     max_abs = 8.0 * 65504.0     # the block's extreme is -8 times its fp16 scale
 
 

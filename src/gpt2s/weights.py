@@ -650,12 +650,15 @@ def _convert_into(dst: np.ndarray, raw: memoryview, dtype: str, shape, path, nam
         np.copyto(dst, src, casting="unsafe")
 
 
-def load_into(path: Path, header: dict, data_start: int, mm, params: dict, config: GPT2Config):
+def load_into(path: Path, header: dict, data_start: int, mm, params: dict, config: GPT2Config,
+              progress=None):
     """Copy every parameter from the mapped file straight into its view in params (dict of
     float32 views): no intermediate array of the model's size."""
     seen = check_against_config(path, header, len(mm) - data_start, config)
+    counter = LoadCounter(progress, config)
     for name, dst in params.items():
         read_tensor(path, header, seen[name], data_start, mm, dst)
+        counter.add(dst.size)
     check_tied_head(path, header, seen, data_start, mm, config)
 
 
@@ -853,52 +856,89 @@ def open_mapped(path: Path, copy_on_write: bool = False):
 
 
 def open_model(path, copy_on_write: bool = False):
-    """(file, mmap, header, data_start, config) for a model file or directory, everything
-    validated; the caller allocates the model, calls load_into and closes the mmap.
+    """(file, mmap, header, data_start, config, storage, packed) for a model file or
+    directory, everything validated; the caller allocates the model, calls load_into (or the
+    packed loader) and closes the mmap.  ``storage`` is the name of the weight type the file
+    stores its matmul weights in ("float32" unless gpt2s saved it in another), ``packed`` that
+    `WeightType` when the file is a packed gpt2s file (gpt2s/packed.py), else None.
 
     The config comes from config.json beside the directory's model.safetensors, else from the
     file's __metadata__ (gpt2s saves), else from the tensor shapes."""
+    from . import packed as _packed
     file, cfg_file = resolve_model_path(path)
     mm, header, metadata, data_start = open_mapped(file, copy_on_write)
     try:
+        storage, packed = _packed.file_storage(file, metadata)
         if cfg_file is not None:
             config = _config_from_json(cfg_file)
+            _packed.check_quantization_config(cfg_file, file, storage, packed)
         else:
             config = config_from_metadata(file, metadata)
         if config is None:
+            if packed is not None:
+                raise SafetensorsError(
+                    f"{file}: a packed {packed.name} file without its config (no config.json "
+                    f"beside it, no {CONFIG_METADATA_KEY!r} in its __metadata__)")
             shapes = {canonical_name(raw): tuple(info["shape"]) for raw, info in header.items()}
             config = infer_config(shapes, str(file))
-        check_against_config(file, header, len(mm) - data_start, config)
+        if packed is not None:
+            _packed.check_against_config(file, header, len(mm) - data_start, config, packed)
+        else:
+            check_against_config(file, header, len(mm) - data_start, config)
     except BaseException:
         mm.close()
         raise
-    return file, mm, header, data_start, config
+    return file, mm, header, data_start, config, storage, packed
 
 
-def load_parameters(path, dtype: str = "float32", *, mmap: bool = True):
+def file_storage(path) -> str:
+    """The weight type a model file or directory stores its matmul weights in: "float32" for
+    any file not saved by gpt2s in another type (the header is read and checked, no tensor)."""
+    from . import packed as _packed
+    file, _ = resolve_model_path(path)
+    mm, _, metadata, _ = open_mapped(file)
+    try:
+        return _packed.file_storage(file, metadata)[0]
+    finally:
+        mm.close()
+
+
+def load_parameters(path, dtype: str | None = None, *, mmap: bool = True, progress=None):
     """The `ParameterStore` (of dtype, its config ``store.config``) of a model file or
     directory: what `GPT2.from_safetensors` does (its docstring states the rules: which
-    tensors are viewed in place, which converted, the errors).  A store whose parameters view
-    the file keeps the mapping open (`ParameterStore.mapped`); otherwise it is closed before
-    returning."""
+    tensors are viewed in place, which converted, the errors).  dtype None is the file's own
+    storage (`file_storage`).  A store whose parameters view the file keeps the mapping open
+    (`ParameterStore.mapped`); otherwise it is closed before returning.  ``progress(done,
+    total)`` is called after each tensor with the parameters loaded so far and in all."""
     # imported here: params imports this module's layout
+    from . import packed as _packed
     from . import weight_types as _wt
     from .params import ParameterStore
-    _wt.check_dtype(dtype)
+    if dtype is not None:
+        _wt.check_dtype(dtype)
     file, config = path, None
     try:
         # validated, nothing allocated
-        file, mm, header, data_start, config = open_model(path, copy_on_write=bool(mmap))
+        file, mm, header, data_start, config, storage, packed = open_model(
+            path, copy_on_write=bool(mmap))
+        if dtype is None:
+            dtype = storage
         try:
-            # a float32 model whose file has no tensor to view reads into its one buffer
-            into_buffer = dtype == "float32" and not (
-                mmap and any(viewable(info, data_start, "F32") for info in header.values()))
-            store = ParameterStore(config, dtype, allocate=into_buffer)
-            if into_buffer:
-                load_into(file, header, data_start, mm, store.params, config)
-                viewed = False
+            if packed is not None:
+                store = ParameterStore(config, dtype, allocate=dtype == "float32")
+                viewed = _packed.load_tensors(store, file, header, data_start, mm, packed,
+                                              bool(mmap), progress)
             else:
-                viewed = _load_tensors(store, file, header, data_start, mm, bool(mmap))
+                # a float32 model whose file has no tensor to view reads into its one buffer
+                into_buffer = dtype == "float32" and not (
+                    mmap and any(viewable(info, data_start, "F32") for info in header.values()))
+                store = ParameterStore(config, dtype, allocate=into_buffer)
+                if into_buffer:
+                    load_into(file, header, data_start, mm, store.params, config, progress)
+                    viewed = False
+                else:
+                    viewed = _load_tensors(store, file, header, data_start, mm, bool(mmap),
+                                           progress)
         except BaseException:
             store = None
             try:
@@ -917,7 +957,19 @@ def load_parameters(path, dtype: str = "float32", *, mmap: bool = True):
     return store
 
 
-def _load_tensors(store, file, header, data_start, mm, mmap: bool) -> bool:
+class LoadCounter:
+    """Counts the parameters loaded for a ``progress(done, total)`` callback (or none)."""
+
+    def __init__(self, callback, config: GPT2Config):
+        self.callback, self.done, self.total = callback, 0, config.num_parameters()
+
+    def add(self, n: int):
+        if self.callback is not None:
+            self.done = min(self.total, self.done + int(n))
+            self.callback(self.done, self.total)
+
+
+def _load_tensors(store, file, header, data_start, mm, mmap: bool, progress=None) -> bool:
     """Fill the store's params from the file, each tensor a view of the mapping when it can
     be (mmap and the file's dtype is the storage's), else converted, one tensor or a few
     embedding rows at a time, with the file pages of what was converted dropped as it goes.
@@ -925,6 +977,7 @@ def _load_tensors(store, file, header, data_start, mm, mmap: bool) -> bool:
     from . import weight_types as _wt
     dtype = store.dtype
     seen = check_against_config(file, header, len(mm) - data_start, store.config)
+    counter = LoadCounter(progress, store.config)
     viewed = False
     # one float32 scratch for every tensor converted: a temporary per tensor would leave
     # the heap full of freed holes between the compressed weights (+300 MiB of resident
@@ -956,6 +1009,7 @@ def _load_tensors(store, file, header, data_start, mm, mmap: bool) -> bool:
             else:
                 check_values(file, raw, view)
                 store.set_param(name, view)
+            counter.add(math.prod(shape))
             continue
         # values the storage cannot hold are refused as they are read, before compressing
         storage = dtype if compressed else "float32"
@@ -977,6 +1031,7 @@ def _load_tensors(store, file, header, data_start, mm, mmap: bool) -> bool:
         else:                      # a small tensor of a compressed model, into its buffer
             read_tensor(file, header, raw, data_start, mm, store.params[name])
         drop_tensor_pages(mm, data_start, info)
+        counter.add(math.prod(shape))
     check_tied_head(file, header, seen, data_start, mm, store.config)
     return viewed
 
@@ -989,27 +1044,43 @@ _SAVE_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def save_safetensors(path, params: dict, config: GPT2Config, prefix: str = "transformer.",
-                     dtype: str = "float32"):
+                     dtype: str = "float32", storage: str | None = None):
     """Write the parameters as a safetensors file (and config.json when path is a directory or
     ends without .safetensors), in float32, float16 or bfloat16 (rounded to nearest even).
     The file's __metadata__ carries the config too (as config.json's JSON text), so a lone
     .safetensors file loads back with its n_head and layer_norm_epsilon.  Files are written
     to a temporary name and renamed, so an interrupted save never leaves a half-written model
-    behind."""
-    if dtype not in _SAVE_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
-    st_dtype = _SAVE_DTYPES[dtype]
-    metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_hf_dict())}
+    behind.
+
+    ``storage`` (a weight type other than float32) writes the matmul weights in that type's
+    stored form instead, the other tensors in float32 (dtype is then ignored): bfloat16 as
+    BF16 tensors in a file any safetensors reader loads, a blocked type (int8, int4) as a
+    packed gpt2s file (gpt2s/packed.py).  A weight stored in another type is converted, one
+    tensor at a time."""
+    from . import packed as _packed
+    if storage is not None and storage != "float32":
+        entries, metadata, quant = _packed.save_entries(params, config, prefix, storage)
+    else:
+        if dtype not in _SAVE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_SAVE_DTYPES)}, got {dtype!r}")
+        st_dtype = _SAVE_DTYPES[dtype]
+        entries = [((name if name == HEAD else prefix + name), st_dtype, tuple(arr.shape),
+                    arr.size * _DTYPES[st_dtype][1],
+                    lambda arr=arr: _encode(arr, st_dtype))
+                   for name, arr in params.items()]
+        metadata, quant = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_hf_dict())}, None
     p = Path(path)
     if p.suffix == ".safetensors":
         p.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(p, lambda f: _write_tensors(f, params, prefix, st_dtype, metadata))
+        atomic_write(p, lambda f: _write_tensors(f, entries, metadata))
         return p
     p.mkdir(parents=True, exist_ok=True)
-    atomic_write(p / "model.safetensors",
-                 lambda f: _write_tensors(f, params, prefix, st_dtype, metadata))
-    cfg = json.dumps(config.to_hf_dict(), indent=2).encode()
-    atomic_write(p / "config.json", lambda f: f.write(cfg))
+    atomic_write(p / "model.safetensors", lambda f: _write_tensors(f, entries, metadata))
+    cfg = config.to_hf_dict()
+    if quant is not None:
+        cfg["quantization_config"] = quant
+    text = json.dumps(cfg, indent=2).encode()
+    atomic_write(p / "config.json", lambda f: f.write(text))
     return p
 
 
@@ -1024,21 +1095,22 @@ def _encode(arr: np.ndarray, st_dtype: str) -> np.ndarray:
     return (rounded >> 16).astype("<u2")
 
 
-def _write_tensors(f, params: dict, prefix: str, st_dtype: str = "F32",
-                   metadata: dict | None = None):
-    itemsize = _DTYPES[st_dtype][1]
+def _write_tensors(f, entries, metadata: dict):
+    """Write a safetensors file: entries are (key, dtype, shape, bytes, make) in file order,
+    make() giving the tensor's bytes as a contiguous array, called once per tensor when its
+    turn comes (so a converted tensor exists one at a time)."""
     header, offset = {}, 0
-    for name, arr in params.items():
-        nbytes = arr.size * itemsize
-        # transformers keeps the output head outside the "transformer." module
-        header[(name if name == HEAD else prefix + name)] = {"dtype": st_dtype, "shape": list(arr.shape),
-                                 "data_offsets": [offset, offset + nbytes]}
+    for key, st_dtype, shape, nbytes, _ in entries:
+        header[key] = {"dtype": st_dtype, "shape": list(shape),
+                       "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    header["__metadata__"] = metadata if metadata is not None else {"format": "pt"}
+    header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
-    for arr in params.values():
-        f.write(_encode(arr, st_dtype).data)
-
+    for key, _, _, nbytes, make in entries:
+        arr = np.ascontiguousarray(make())
+        if arr.nbytes != nbytes:   # a bug, never a file with a wrong header
+            raise AssertionError(f"tensor {key!r}: {arr.nbytes} bytes, header says {nbytes}")
+        f.write(arr.data.cast("B") if arr.size else b"")
