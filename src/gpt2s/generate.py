@@ -97,9 +97,10 @@ examples:
     p.add_argument("--num-samples", type=int, default=1, metavar="N",
                    help="independent continuations, streamed one after another "
                         "(default: %(default)s)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="weight storage: bfloat16, int8 or int4 blocks read fewer bytes per "
-                        "token (default: %(default)s)")
+                        "token (default: the file's own: float32, or the type of a file "
+                        "saved by gpt2s in another, e.g. by python -m gpt2s.quantize)")
     add_threads_option(p)
     p.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at <|endoftext|>")

@@ -1,0 +1,149 @@
+"""``python -m gpt2s.quantize IN OUT --dtype int8``: convert a model once and save it in its
+new storage (a packed int8 / int4 file, or bfloat16 matmul weights), so that loading it later
+maps the file instead of converting it again.
+
+IN is read tensor by tensor (a float32 file through its mapping, each weight converted and its
+file pages let go), so the conversion holds about one model of the new type in memory.  OUT
+is a directory made whole under a temporary name beside it and then renamed into place: an
+interrupted run leaves no half-written model.  Errors are one line, ``PROG: error: ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from ._cli import Parser, Progress, UserError, add_quiet_option, add_threads_option, run_main
+from .fs import fsync_dir
+from .hub import ModelNotFound, find_model
+from .weight_types import DTYPES
+
+__all__ = ["main", "quantize"]
+
+PROG = "python -m gpt2s.quantize"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = Parser(
+        prog=PROG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert a GPT-2 model to another weight storage once and save it in that "
+                    "storage\n(model.safetensors + config.json in OUT), so that loading it "
+                    "maps the file\ninstead of converting it again.",
+        epilog=f"""\
+storage: int8 and int4 are written as packed gpt2s files (the kernels' blocks of 32
+  weights and their fp16 scales, exactly as they are used); other programs refuse them.
+  bfloat16 writes the matmul weights as BF16 tensors, which any safetensors reader
+  loads; float32 writes a plain float32 file (from a packed one, say).  Loading OUT
+  (gpt2s.GPT2.from_pretrained, python -m gpt2s.generate --model OUT) uses the stored
+  type by default.
+
+examples:
+  {PROG} gpt2 gpt2-int8 --dtype int8
+  {PROG} runs/mini runs/mini-int4 --dtype int4
+  {PROG} gpt2-int8 gpt2-f32 --dtype float32
+  python -m gpt2s.generate --model gpt2-int8 "Hello"
+""")
+    p.add_argument("input", metavar="IN",
+                   help="the model: a .safetensors file, a directory with model.safetensors "
+                        "(+ config.json), or a name: demo, gpt2, gpt2-medium, gpt2-large, "
+                        "gpt2-xl (as generate's --model)")
+    p.add_argument("output", metavar="OUT",
+                   help="the directory to write (model.safetensors, config.json); it must not "
+                        "exist unless --force")
+    p.add_argument("--dtype", required=True, choices=DTYPES,
+                   help="the weight storage to save")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUT when it exists")
+    add_threads_option(p)
+    add_quiet_option(p, "progress bar")
+    return p
+
+
+def quantize(src, out, dtype: str, *, force: bool = False, progress=None) -> Path:
+    """Load the model at src (a path) as dtype and save it in that storage into the
+    directory out, atomically: written under a temporary name beside out, then renamed
+    (replacing out when force).  ``progress(done, total)`` follows the conversion.  Returns
+    out."""
+    from .model import GPT2
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; choose a new directory, or --force replaces it")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: exists and is not a directory")
+    model = GPT2.from_safetensors(src, dtype=dtype, progress=progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        model.save_safetensors(tmp)
+        del model   # the input's mapping (when it is out itself, it is renamed, not changed)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB" if n >= 1e5 else f"{n:,} bytes"
+
+
+def _run(args, out, err) -> int:
+    import gpt2s
+    from .weights import SafetensorsError, resolve_model_path
+
+    try:
+        if args.threads is not None:
+            gpt2s.set_num_threads(args.threads)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--threads {str(e).removeprefix('set_num_threads: n ')}") from None
+    dest = Path(args.output)
+    if dest.exists() and not args.force:
+        raise UserError(f"{dest} exists; choose a new directory, or --force replaces it")
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"{dest}: exists and is not a directory")
+    try:
+        path = find_model(args.input)
+        src_file, _ = resolve_model_path(path)
+    except (FileNotFoundError, ModelNotFound, SafetensorsError, ValueError) as e:
+        # (find_model names the source as generate's option)
+        raise UserError(str(e).removeprefix("--model ")) from None
+    bar = Progress(0, "parameters", enabled=not args.quiet, stream=err)
+
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.done, f"to {args.dtype}")
+
+    try:
+        quantize(path, dest, args.dtype, force=args.force, progress=progress)
+    except (SafetensorsError, ValueError) as e:
+        raise UserError(str(e)) from None
+    finally:
+        bar.close()
+    written = dest / "model.safetensors"
+    print(f"{written}: {args.dtype}, {_size(written.stat().st_size)} (from {src_file}, "
+          f"{_size(src_file.stat().st_size)})", file=out)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    return run_main(PROG, lambda: _run(args, sys.stdout, sys.stderr), sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
