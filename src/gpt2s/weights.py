@@ -35,7 +35,8 @@ from .fs import atomic_write
 __all__ = [
     "param_layout", "read_safetensors_header", "load_into", "infer_config",
     "resolve_model_path", "save_safetensors", "SafetensorsError", "open_model",
-    "check_against_config", "config_from_metadata", "CONFIG_METADATA_KEY",
+    "check_against_config", "config_from_metadata", "CONFIG_METADATA_KEY", "file_storage",
+    "LoadCounter",
 ]
 
 ALIGN = 16  # every tensor starts on a 64-byte boundary of the parameter buffer
