@@ -569,3 +569,71 @@ def test_quantize_cli_refuses_a_model_the_type_cannot_hold(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "multiple of 32" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ random mutations
+
+def _mutations(tensors: dict, rng):
+    """One random structural change of a packed file's entries: a dimension off by one or
+    swapped, another dtype, two tensors' names swapped, a tensor dropped, data or scale
+    bytes overwritten."""
+    keys = list(tensors)
+    key = keys[rng.integers(len(keys))]
+    dtype, shape, blob = tensors[key]
+    kind = rng.integers(6)
+    out = dict(tensors)
+    if kind == 0 and shape:
+        shape = list(shape)
+        i = rng.integers(len(shape))
+        shape[i] = max(0, shape[i] + int(rng.choice([-1, 1])))
+        nbytes = np.dtype(NP[dtype]).itemsize * int(np.prod(shape))
+        out[key] = (dtype, shape, (blob + bytes(nbytes))[:nbytes])
+    elif kind == 1:
+        out[key] = (str(rng.choice(["I8", "U8", "F16", "BF16", "F32", "I16"])), shape, blob)
+        size = {"I8": 1, "U8": 1, "F16": 2, "BF16": 2, "F32": 4, "I16": 2}[out[key][0]]
+        if len(blob) % size:
+            return None
+        out[key] = (out[key][0], [len(blob) // size], blob)
+    elif kind == 2:
+        other = keys[rng.integers(len(keys))]
+        out[key], out[other] = tensors[other], tensors[key]
+    elif kind == 3:
+        del out[key]
+    elif kind == 4 and len(shape) == 2:
+        out[key] = (dtype, shape[::-1], blob)
+    elif blob:
+        b = bytearray(blob)
+        for _ in range(int(rng.integers(1, 8))):
+            b[rng.integers(len(b))] = int(rng.integers(256))
+        out[key] = (dtype, shape, bytes(b))
+    return out
+
+
+@pytest.mark.parametrize("dtype", PACKED)
+def test_random_mutations_load_or_refuse(saved, cfg, tmp_path, dtype):
+    """200 random changes of a packed file: each loads (and runs a forward) or raises
+    SafetensorsError; a change of data bytes alone never makes the file fail unless it puts
+    a NaN or an infinity in a scale."""
+    _, d = saved[dtype]
+    tensors, meta = read_st(d / "model.safetensors")
+    rng = np.random.default_rng(2026 + len(dtype))
+    path = tmp_path / "m.safetensors"
+    x = ids(cfg, T=4)
+    outcomes = {"loaded": 0, "refused": 0}
+    for case in range(200):
+        changed = _mutations(tensors, rng)
+        if changed is None:
+            continue
+        write_st(path, changed, meta)
+        try:
+            m = GPT2.from_safetensors(path, dtype=str(rng.choice([dtype, "float32"])))
+        except SafetensorsError as e:
+            outcomes["refused"] += 1
+            same_layout = all(k in changed and changed[k][:2] == tensors[k][:2]
+                              for k in tensors) and len(changed) == len(tensors)
+            if same_layout:   # only bytes changed: refused only for a non-finite scale
+                assert "finite" in str(e), (case, str(e))
+            continue
+        outcomes["loaded"] += 1
+        m.forward(x)
+    assert outcomes["loaded"] and outcomes["refused"], outcomes
