@@ -104,7 +104,7 @@ def _size(n: int) -> str:
 
 def _run(args, out, err) -> int:
     import gpt2s
-    from .weights import SafetensorsError, resolve_model_path
+    from .weights import SafetensorsError, file_storage, resolve_model_path
 
     try:
         if args.threads is not None:
@@ -119,6 +119,7 @@ def _run(args, out, err) -> int:
     try:
         path = find_model(args.input)
         src_file, _ = resolve_model_path(path)
+        src_storage = file_storage(src_file)
     except (FileNotFoundError, ModelNotFound, SafetensorsError, ValueError) as e:
         # (find_model names the source as generate's option)
         raise UserError(str(e).removeprefix("--model ")) from None
@@ -135,8 +136,9 @@ def _run(args, out, err) -> int:
     finally:
         bar.close()
     written = dest / "model.safetensors"
-    print(f"{written}: {args.dtype}, {_size(written.stat().st_size)} (from {src_file}, "
-          f"{_size(src_file.stat().st_size)})", file=out)
+    stored = f" {src_storage}" if src_storage != "float32" else ""   # a gpt2s save's type
+    print(f"{written}: {args.dtype}, {_size(written.stat().st_size)} (from {src_file}:"
+          f"{stored} {_size(src_file.stat().st_size)})", file=out)
     return 0
 
 
