@@ -15,7 +15,7 @@ from .buffers import KVCache, Workspace
 from .config import GPT2Config
 from .tokenizer import EOT_ID
 from . import weights as _weights
-from .inputs import check_int, check_targets, check_token_ids
+from .inputs import check_int, check_row_positions, check_targets, check_token_ids
 from .params import ParameterStore
 from .passes import Passes, TrainingForward, cross_entropy
 
@@ -329,21 +329,23 @@ class GPT2:
             min(check_int("positions", positions, 1), cfg.n_ctx)
         return KVCache.empty(cfg.n_layer, rows, positions, cfg.n_embd)
 
-    def forward_cached(self, idx, pos0: int, cache: KVCache) -> np.ndarray:
+    def forward_cached(self, idx, pos0, cache: KVCache) -> np.ndarray:
         """The logits of the last position of idx, running only idx's positions: attention
         reads the earlier ones' keys and values from cache (KV-cache decoding).
 
         idx (B, T) holds positions pos0 .. pos0 + T - 1 of B sequences.  Their keys and
         values are written into rows 0 .. B-1 of the cache at those positions, and attention
         reads positions 0 .. pos0 + T - 1 from it: a generation runs its prompt with pos0 = 0
-        (the prefill), then each new token with pos0 = the positions run so far.  The logits
+        (the prefill), then each new token with pos0 = the positions run so far.  pos0 may
+        also be B per-row positions (a ragged batch: row b's tokens at pos0[b] ..
+        pos0[b] + T - 1, attention over its own positions 0 .. pos0[b] + T - 1).  The logits
         equal ``forward(sequence)[0][:, pos0 + T - 1]`` up to float32 rounding.  An inference
         call: any number of threads may run it on one model at once, each with a cache of
         its own (a cache shared by two calls at once would mix their positions).
 
         Args:
             idx: token ids, shape (B, T) or (T,).
-            pos0: the position of idx's first token (>= 0).
+            pos0: the position of idx's first token (>= 0), or one per row (B,).
             cache: a `KVCache` of this model (`kv_cache`) with B rows.
 
         Returns:
@@ -363,14 +365,20 @@ class GPT2:
         """
         cfg = self.config
         idx = check_token_ids(idx, cfg)
-        pos0 = check_int("pos0", pos0, 0)
         B, T = idx.shape
+        row_pos = None
+        if np.ndim(pos0) == 1:
+            row_pos = check_row_positions(pos0, B)
+            pos0 = int(row_pos.max())   # the furthest row bounds the checks below
+        else:
+            pos0 = check_int("pos0", pos0, 0)
         if pos0 + T > cfg.n_ctx:
             raise ValueError(f"position {pos0 + T - 1} is beyond the context n_ctx={cfg.n_ctx}")
         KVCache.check(cache, cfg, B, pos0 + T)
         with _core.pinned_num_threads():
             acts = self._passes.forward(idx, self._thread_workspace().acts, keep_layers=False,
-                                        kv=cache, pos0=pos0)
+                                        kv=cache, pos0=0 if row_pos is not None else pos0,
+                                        row_pos=row_pos)
             last = np.ascontiguousarray(acts["lnf"].reshape(B, T, -1)[:, -1, :])
             logits = np.empty((B, cfg.vocab_size), np.float32)
             self._passes.head(logits, last)
