@@ -492,24 +492,38 @@ class GPT2:
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  seed=None, *, num_samples=1, stop_at_eos=False, eos_token_id=EOT_ID,
-                 context_full="slide"):
+                 context_full="slide", repetition_penalty=1.0, presence_penalty=0.0,
+                 frequency_penalty=0.0, min_new_tokens=0, logits_processor=None):
         """Continue the prompts ``idx`` by up to ``max_new_tokens`` tokens.
 
         Args:
-            idx: token ids, shape (B, T) (B prompts of the same length) or (T,).
+            idx: token ids, shape (B, T) (B prompts of the same length) or (T,), or a list of
+                token sequences of different lengths (a ragged batch; returns a list).
             max_new_tokens: how many tokens to add (>= 0).
             temperature: 0 is greedy argmax; > 0 samples from softmax(logits / temperature).
             top_k: sample only among the k most likely tokens (None: all).
             top_p: sample only within the nucleus of probability top_p, 0 < top_p <= 1.
-            seed: an int or a ``numpy.random.Generator`` makes sampling repeatable.
+            seed: an int or a ``numpy.random.Generator`` makes sampling repeatable; a list of
+                them, one per row, gives each row the generator it would have alone.
             num_samples: continuations per prompt (rows b*n .. b*n + n-1 for prompt b).
             stop_at_eos: stop each row at ``eos_token_id`` and pad it with that id.
             eos_token_id: the end-of-text id (50256, ``<|endoftext|>``).
             context_full: at n_ctx positions, "slide" the window or "stop" with a warning.
+            repetition_penalty: > 0, 1 is none: a logit of a token already in the row is
+                divided by it when positive, multiplied when negative (transformers).
+            presence_penalty, frequency_penalty: 0 is none: token j's logit is lowered by
+                frequency_penalty * c_j + presence_penalty * (c_j > 0), c_j its count among
+                the new tokens so far (OpenAI).
+            min_new_tokens: ``eos_token_id`` cannot be drawn before that many new tokens.
+            logits_processor: ``fn(token_ids, logits)`` called before each token is chosen
+                (after the penalties): token_ids a list of one read-only int64 array per
+                row, logits the (rows, vocab_size) float32 array to change in place (return
+                None) or to replace (return a new array); -inf bans a token.
 
         Returns:
             int64 array (B * num_samples, T + new), the prompts included; new <
-            max_new_tokens only when every row stopped at eos or the context was full.
+            max_new_tokens only when every row stopped at eos or the context was full.  For a
+            ragged batch, a list of 1-D int64 arrays (each row's prompt and new tokens).
 
         Raises:
             TypeError, ValueError: a bad argument, named in the message.
@@ -521,18 +535,24 @@ class GPT2:
         """
         return _generation.generate(self, idx, max_new_tokens, temperature, top_k, top_p, seed,
                                     num_samples=num_samples, stop_at_eos=stop_at_eos,
-                                    eos_token_id=eos_token_id, context_full=context_full)
+                                    eos_token_id=eos_token_id, context_full=context_full,
+                                    repetition_penalty=repetition_penalty,
+                                    presence_penalty=presence_penalty,
+                                    frequency_penalty=frequency_penalty,
+                                    min_new_tokens=min_new_tokens,
+                                    logits_processor=logits_processor)
 
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         seed=None, *, num_samples=1, stop_at_eos=False, eos_token_id=EOT_ID,
-                        context_full="slide"):
+                        context_full="slide", repetition_penalty=1.0, presence_penalty=0.0,
+                        frequency_penalty=0.0, min_new_tokens=0, logits_processor=None):
         """Like `generate`, but an iterator over the new tokens as they are made.
 
         Arguments are checked when this is called, not at the first ``next()``.  Each stream owns
         its KV cache, so streams may be interleaved or consumed in different threads.
 
         Args:
-            idx: token ids, shape (B, T) or (T,).
+            idx: token ids, shape (B, T) or (T,), or a list of sequences of different lengths.
             max_new_tokens: how many tokens to make (>= 0).
             temperature: 0 is greedy; > 0 samples from softmax(logits / temperature).
             top_k: sample only among the k most likely tokens (None: all).
@@ -542,6 +562,8 @@ class GPT2:
             stop_at_eos: stop each row at ``eos_token_id``; the iterator ends when every row has.
             eos_token_id: the end-of-text id (50256).
             context_full: at n_ctx positions, "slide" the window or "stop" with a warning.
+            repetition_penalty, presence_penalty, frequency_penalty, min_new_tokens,
+                logits_processor: as in `generate`.
 
         Returns:
             an iterator yielding a Python int per step when ``idx`` is 1-D and ``num_samples`` is
@@ -558,15 +580,21 @@ class GPT2:
         return _generation.generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p,
                                            seed, num_samples=num_samples,
                                            stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
-                                           context_full=context_full)
+                                           context_full=context_full,
+                                           repetition_penalty=repetition_penalty,
+                                           presence_penalty=presence_penalty,
+                                           frequency_penalty=frequency_penalty,
+                                           min_new_tokens=min_new_tokens,
+                                           logits_processor=logits_processor)
 
     def generate_text(self, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                       seed=None, *, num_samples=1, stop_at_eos=True, context_full="slide",
-                      tokenizer=None):
+                      tokenizer=None, stop=None, repetition_penalty=1.0, presence_penalty=0.0,
+                      frequency_penalty=0.0, min_new_tokens=0, logits_processor=None):
         """Text in, text out: the continuation of ``prompt`` (without the prompt itself).
 
         Args:
-            prompt: a str, or a list of str that encode to the same number of tokens.
+            prompt: a str, or a list of str (of any lengths).
             max_new_tokens: how many tokens to make at most (>= 0).
             temperature: 0 is greedy; > 0 samples from softmax(logits / temperature).
             top_k: sample only among the k most likely tokens (None: all).
@@ -576,6 +604,9 @@ class GPT2:
             stop_at_eos: end a continuation before the first ``<|endoftext|>`` it makes.
             context_full: at n_ctx positions, "slide" the window or "stop" with a warning.
             tokenizer: a tiktoken ``Encoding`` (default: the bundled GPT-2 tokenizer).
+            stop: a str or list of str: a continuation ends before the first one it contains.
+            repetition_penalty, presence_penalty, frequency_penalty, min_new_tokens,
+                logits_processor: as in `generate`.
 
         Returns:
             a str for one prompt and num_samples=1; else a list per prompt or per sample (a list of
@@ -593,4 +624,9 @@ class GPT2:
         return _generation.generate_text(self, prompt, max_new_tokens, temperature, top_k, top_p,
                                          seed, num_samples=num_samples,
                                          stop_at_eos=stop_at_eos, context_full=context_full,
-                                         tokenizer=tokenizer)
+                                         tokenizer=tokenizer, stop=stop,
+                                         repetition_penalty=repetition_penalty,
+                                         presence_penalty=presence_penalty,
+                                         frequency_penalty=frequency_penalty,
+                                         min_new_tokens=min_new_tokens,
+                                         logits_processor=logits_processor)
