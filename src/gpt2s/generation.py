@@ -382,7 +382,8 @@ def _decode(model, prompts, run, max_new_tokens, sampler, num_samples, stop_at_e
         slide = (cur - start > n_ctx) & ~done
         idle = done | slide | (cur >= n_ctx) & (context_full == "stop")
         pos = np.where(idle, 0, cur - 1 - start)
-        logits = model.forward_cached(seq[every, cur - 1][:, None], pos, kv)
+        last = np.where(idle, 0, seq[every, cur - 1])[:, None]   # (its pad may be no token id)
+        logits = model.forward_cached(last, pos, kv)
         for r in np.flatnonzero(slide):
             start[r] = cur[r] - keep
             logits[r] = model.forward_cached(seq[r:r + 1, start[r]:cur[r]], 0,
