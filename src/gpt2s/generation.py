@@ -20,6 +20,35 @@ Semantics shared by every entry point:
   ``num_samples=n`` decodes n independent continuations of each prompt: the output has
   B * n rows, prompt b's samples at rows b*n .. b*n + n-1 (the prompt is prefilled once and
   its cache copied).
+* Ragged batches: ``idx`` may be a list of token sequences of different lengths (and
+  ``generate_text`` a list of strings of any lengths).  Each row keeps its own positions: its
+  prompt is prefilled alone (``forward_cached`` into its rows of the cache), then each step
+  decodes every row at its own position (``forward_cached`` with per-row positions: a row
+  attends to its own positions only, nothing is padded); a row whose window is full slides
+  alone, and with ``context_full="stop"`` a row stops alone (one RuntimeWarning, naming the
+  first row).  ``generate`` returns a list of 1-D arrays (row r: its prompt and its own new
+  tokens); streams pad a row that has stopped with ``eos_token_id``.  A row's tokens are those
+  of generating its prompt alone; its logits may differ from those in the last bit (a step's
+  matrix products have several rows), as in a rectangular batch.
+* Seeds per row: ``seed`` may be a list of one seed (int or Generator) per output row
+  (B * num_samples); row r then draws one uniform per step from its own generator, exactly as
+  a one-row generation with ``seed=seed[r]``.  A single seed is one generator shared by the
+  rows (one number per row per step, rows in order).
+* Controls, applied in this order to a step's logits before the choice, each skipped unless
+  set (their defaults change nothing): ``repetition_penalty`` (a token already in the row,
+  prompt included, has its logit divided by it when positive, multiplied when negative:
+  transformers' definition); ``frequency_penalty`` and ``presence_penalty`` (token j's logit
+  minus c_j * frequency_penalty + (c_j > 0) * presence_penalty, c_j its count among the new
+  tokens: OpenAI's definition); ``min_new_tokens`` (``eos_token_id`` set to the lowest
+  float32 before that many new tokens); ``logits_processor`` (``fn(token_ids, logits)``:
+  token_ids a list of one read-only int64 array per row, the row's whole sequence so far;
+  logits the (rows, vocab_size) float32 array, changed in place (return None or it) or
+  replaced by a returned array of that shape; -inf bans a token, NaN/+inf or banning every
+  token of a row raise ValueError).
+* ``stop`` (text functions): a continuation ends before the first occurrence of any stop
+  string in its decoded text (across token boundaries; the stop string is left out).  Only
+  occurrences that end in the text of the ``min_new_tokens``-th new token or later count.
+  ``stream_text`` holds back the end of the text while it is the start of a stop string.
 * ``stop_at_eos=True`` stops a row at ``<|endoftext|>`` (``eos_token_id``, included in the
   output); a finished row is padded with ``eos_token_id`` while the others go on, and
   generation ends early once every row has finished.

@@ -511,9 +511,10 @@ class GPT2:
             context_full: at n_ctx positions, "slide" the window or "stop" with a warning.
             repetition_penalty: > 0, 1 is none: a logit of a token already in the row is
                 divided by it when positive, multiplied when negative (transformers).
-            presence_penalty, frequency_penalty: 0 is none: token j's logit is lowered by
-                frequency_penalty * c_j + presence_penalty * (c_j > 0), c_j its count among
-                the new tokens so far (OpenAI).
+            presence_penalty: 0 is none: lowers the logit of every token generated so far
+                (OpenAI's definition).
+            frequency_penalty: 0 is none: lowers token j's logit by frequency_penalty * c_j,
+                c_j its count among the new tokens so far (OpenAI's definition).
             min_new_tokens: ``eos_token_id`` cannot be drawn before that many new tokens.
             logits_processor: ``fn(token_ids, logits)`` called before each token is chosen
                 (after the penalties): token_ids a list of one read-only int64 array per
@@ -562,8 +563,11 @@ class GPT2:
             stop_at_eos: stop each row at ``eos_token_id``; the iterator ends when every row has.
             eos_token_id: the end-of-text id (50256).
             context_full: at n_ctx positions, "slide" the window or "stop" with a warning.
-            repetition_penalty, presence_penalty, frequency_penalty, min_new_tokens,
-                logits_processor: as in `generate`.
+            repetition_penalty: as in `generate` (1: none).
+            presence_penalty: as in `generate` (0: none).
+            frequency_penalty: as in `generate` (0: none).
+            min_new_tokens: as in `generate` (0: none).
+            logits_processor: as in `generate` (None: none).
 
         Returns:
             an iterator yielding a Python int per step when ``idx`` is 1-D and ``num_samples`` is
@@ -605,8 +609,11 @@ class GPT2:
             context_full: at n_ctx positions, "slide" the window or "stop" with a warning.
             tokenizer: a tiktoken ``Encoding`` (default: the bundled GPT-2 tokenizer).
             stop: a str or list of str: a continuation ends before the first one it contains.
-            repetition_penalty, presence_penalty, frequency_penalty, min_new_tokens,
-                logits_processor: as in `generate`.
+            repetition_penalty: as in `generate` (1: none).
+            presence_penalty: as in `generate` (0: none).
+            frequency_penalty: as in `generate` (0: none).
+            min_new_tokens: as in `generate` (0: none).
+            logits_processor: as in `generate` (None: none).
 
         Returns:
             a str for one prompt and num_samples=1; else a list per prompt or per sample (a list of
