@@ -359,3 +359,88 @@ def test_stop_string_holds_back_only_a_possible_start(text_model):
     streamed = list(stream_text(text_model, prompt, 12, temperature=0, stop_at_eos=False,
                                 stop="\x00" + "z" * 40))
     assert "".join(streamed) == full and len(streamed) >= len([p for p in pieces if p]) - 1
+
+
+# ------------------------------------------------------------------ the kernels' per-row positions
+
+def test_kernels_with_row_positions_equal_one_row_calls():
+    """embedding_forward, kv_cache_write and attention_forward with row_pos give, row by row,
+    exactly (bit for bit) what a one-row call with pos0 = row_pos[b] gives."""
+    from gpt2s import _core
+    rng = np.random.default_rng(15)
+    B, T, C, NH, n_ctx, Vs = 3, 2, 16, 2, 12, 20
+    row_pos = np.array([0, 7, 3], np.int64)
+    wte = rng.standard_normal((Vs, C)).astype(np.float32)
+    wpe = rng.standard_normal((n_ctx, C)).astype(np.float32)
+    idx = rng.integers(0, Vs, B * T)
+    emb = np.empty((B * T, C), np.float32)
+    _core.embedding_forward(emb, idx, wte, wpe, T, 0, row_pos)
+    for b in range(B):
+        for t in range(T):
+            np.testing.assert_array_equal(emb[b * T + t], wte[idx[b * T + t]] +
+                                          wpe[row_pos[b] + t])
+    qkv = rng.standard_normal((B, T, 3 * C)).astype(np.float32)
+    keys = rng.standard_normal((B, n_ctx, C)).astype(np.float32)
+    values = rng.standard_normal((B, n_ctx, C)).astype(np.float32)
+    k1, v1 = keys.copy(), values.copy()
+    _core.kv_cache_write(keys, values, qkv, 0, row_pos)
+    out = np.empty((B, T, C), np.float32)
+    _core.attention_forward(out, np.empty((0, 0, 0), np.float32), qkv, 0, keys, 0, values, 0,
+                            0, NH, 0.25, row_pos)
+    for b in range(B):
+        kb, vb = k1[b:b + 1].copy(), v1[b:b + 1].copy()
+        _core.kv_cache_write(kb, vb, qkv[b:b + 1], int(row_pos[b]))
+        np.testing.assert_array_equal(keys[b], kb[0])
+        np.testing.assert_array_equal(values[b], vb[0])
+        ob = np.empty((1, T, C), np.float32)
+        _core.attention_forward(ob, np.empty((0, 0, 0), np.float32), qkv[b:b + 1], 0, kb, 0,
+                                vb, 0, int(row_pos[b]), NH, 0.25)
+        np.testing.assert_array_equal(out[b], ob[0])
+    with pytest.raises(ValueError, match=r"row_pos\[1\] = 11: need 0 <= row_pos and "
+                                         r"row_pos \+ T <= 12"):
+        _core.kv_cache_write(keys, values, qkv, 0, np.array([0, 11, 0], np.int64))
+    with pytest.raises(ValueError, match="row_pos has 2 entries for 3 rows"):
+        _core.attention_forward(out, np.empty((0, 0, 0), np.float32), qkv, 0, keys, 0, values,
+                                0, 0, NH, 0.25, np.array([0, 1], np.int64))
+    with pytest.raises(ValueError, match=r"row_pos\[0\] = -1"):
+        _core.embedding_forward(emb, idx, wte, wpe, T, 0, np.array([-1, 0, 0], np.int64))
+
+
+# ------------------------------------------------------------------ the command line
+
+def cli(capsys, *args):
+    from gpt2s.generate import main
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_cli_controls_match_the_api(capsys):
+    demo = GPT2.from_pretrained("demo")
+    prompt = "Hello, my name is"
+    full = demo.generate_text(prompt, 30, temperature=0)
+    stop = full[4:7]
+    status, out, err = cli(capsys, prompt, "--model", "demo", "-n", "30", "--temperature", "0",
+                           "--stop", "\x00never", "--stop", stop, "--no-echo")
+    assert status == 0, err
+    assert out == full[:full.find(stop)] + "\n"
+    kw = dict(repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.25,
+              min_new_tokens=5)
+    status, out, err = cli(capsys, prompt, "--model", "demo", "-n", "20", "--seed", "3",
+                           "--repetition-penalty", "1.5", "--presence-penalty", "0.5",
+                           "--frequency-penalty", "0.25", "--min-new-tokens", "5")
+    assert status == 0, err
+    want = demo.generate_text(prompt, 20, seed=np.random.default_rng(3), **kw)
+    assert out == prompt + want + "\n"
+    assert want != demo.generate_text(prompt, 20, seed=np.random.default_rng(3))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+    (["--presence-penalty", "nan"], "--presence-penalty must be a finite number"),
+    (["--min-new-tokens", "-2"], "--min-new-tokens must be >= 0, got -2"),
+    (["--stop", ""], "--stop contains an empty string"),
+])
+def test_cli_bad_controls(capsys, args, message):
+    status, out, err = cli(capsys, "Hi", "--model", "demo", *args)
+    assert status == 2 and out == "" and message in err and "Traceback" not in err
