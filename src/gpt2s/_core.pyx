@@ -473,11 +473,30 @@ cdef Py_ssize_t _first_outside(const int64_t[::1] ids, int64_t lo, int64_t hi) n
 # --------------------------------------------------------------------------------------------
 # Embedding
 
+cdef int64_t _check_row_pos(str kernel, const int64_t[::1] row_pos, Py_ssize_t B,
+                            Py_ssize_t T, Py_ssize_t limit) except -1:
+    # per-row first positions (B,) of T positions each, all within [0, limit); returns the
+    # largest one
+    cdef Py_ssize_t b
+    cdef int64_t top = 0
+    if row_pos.shape[0] != B:
+        raise ValueError(f"{kernel}: row_pos has {row_pos.shape[0]} entries for {B} rows")
+    for b in range(B):
+        if row_pos[b] < 0 or row_pos[b] > limit - T:
+            raise ValueError(f"{kernel}: row_pos[{b}] = {row_pos[b]}: need 0 <= row_pos and "
+                             f"row_pos + T <= {limit} (T={T})")
+        top = max(top, row_pos[b])
+    return top
+
+
 def embedding_forward(float[:, ::1] out, const int64_t[::1] idx, wte, const float[:, ::1] wpe,
-                      T, pos0):
+                      T, pos0, const int64_t[::1] row_pos=None):
     # out (N, C) = wte[idx] + wpe[pos0 + t];  idx (N,) with N = B * T, row n at time n % T;
-    # wte (V, C) float32, or a PackedWeight stored untransposed (its rows widened)
+    # wte (V, C) float32, or a PackedWeight stored untransposed (its rows widened).
+    # row_pos (B,): per-row first positions (row n of sequence n // T at row_pos[n // T] + t)
+    # instead of pos0 (ragged batches)
     cdef Py_ssize_t N = out.shape[0], C = out.shape[1], n, c, V, nb = 0
+    cdef const int64_t *rp = NULL
     cdef Py_ssize_t steps = _int_arg("embedding_forward", "T", T)
     cdef Py_ssize_t first = _int_arg("embedding_forward", "pos0", pos0)
     cdef float *o
@@ -510,19 +529,23 @@ def embedding_forward(float[:, ::1] out, const int64_t[::1] idx, wte, const floa
     n = _first_outside(idx, 0, V)
     if n >= 0:
         raise ValueError(f"embedding_forward: token id {idx[n]} at {n} is outside [0, {V})")
+    if row_pos is not None:
+        _check_row_pos("embedding_forward", row_pos, N // steps, steps, wpe.shape[0])
+        if N > 0:
+            rp = &row_pos[0]
     if N == 0 or C == 0:
         return
     if pw is None:
         for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
             o = &out[n, 0]
             te = &wf[idx[n], 0]
-            pe = &wpe[first + n % steps, 0]
+            pe = &wpe[(rp[n // steps] if rp != NULL else first) + n % steps, 0]
             for c in range(C):
                 o[c] = te[c] + pe[c]
         return
     for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
         o = &out[n, 0]
-        pe = &wpe[first + n % steps, 0]
+        pe = &wpe[(rp[n // steps] if rp != NULL else first) + n % steps, 0]
         widen(o, C, weight_at(t, pw.ptr, idx[n] * C), C,
               pw.sptr + idx[n] * nb if pw.sptr != NULL else NULL, 1, <int>C)
         for c in range(C):
@@ -939,10 +962,13 @@ cdef inline void attention_head_forward(float *out, int ldo, float *lse, const f
 
 def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
                       const float[:, :, ::1] q, q_off, const float[:, :, ::1] k, k_off,
-                      const float[:, :, ::1] v, v_off, pos0, n_head, float scale):
+                      const float[:, :, ::1] v, v_off, pos0, n_head, float scale,
+                      const int64_t[::1] row_pos=None):
     # out (B, Tq, C); lse (B, NH, Tq) or empty; q (B, Tq, ldq) at column q_off; k, v
     # (B, Tkmax, ldk) at columns k_off, v_off with Tkmax >= pos0 + Tq.  The scores are
     # scale * q.k (GPT-2: scale = 1/sqrt(HS); GPT2Config.attention_scale has the variants).
+    # row_pos (B,): per-row first query positions instead of pos0 (ragged batches); row b
+    # then reads keys 0 .. row_pos[b] + Tq - 1, exactly as a one-row call with pos0=row_pos[b]
     cdef Py_ssize_t B = out.shape[0], Tq = out.shape[1], C = out.shape[2]
     cdef Py_ssize_t ldq = q.shape[2], ldk = k.shape[2], Tkmax = k.shape[1]
     cdef Py_ssize_t qo = _int_arg("attention_forward", "q_off", q_off)
@@ -954,6 +980,7 @@ def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
     cdef float *S
     cdef bint keep_lse = lse.shape[0] > 0
     cdef int no_memory = 0
+    cdef const int64_t *rp = NULL
     if (NH < 1 or C < NH or C % NH != 0 or q.shape[0] != B or q.shape[1] != Tq
             or k.shape[0] < B or v.shape[0] < B or _span_outside(qo, C, ldq)
             or _span_outside(ko, C, ldk) or _span_outside(vo, C, v.shape[2]) or first < 0
@@ -965,6 +992,10 @@ def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
                          f"positive multiple of n_head, lse (B, n_head, Tq) or empty, q (B, Tq, >= q_off + C), "
                          f"k and v (B, Tk, >= off + C)")
     HS = C // NH
+    if row_pos is not None:
+        first = _check_row_pos("attention_forward", row_pos, B, Tq, Tkmax)
+        if B > 0:
+            rp = &row_pos[0]
     if _span_outside(first, Tq, Tkmax) or v.shape[1] != Tkmax or v.shape[2] != ldk:
         raise ValueError(f"attention_forward: key/value buffers too short: k {_sh(k)}, "
                          f"v {_sh(v)} for pos0={pos0} and {Tq} queries (need the same shape "
@@ -990,7 +1021,8 @@ def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
                                    &lse[b, h, 0] if keep_lse else NULL,
                                    &q[b, 0, qo + h * HS], <int>ldq,
                                    &k[b, 0, ko + h * HS], &v[b, 0, vo + h * HS], <int>ldk,
-                                   <int>Tq, <int>first, <int>HS, scale, S)
+                                   <int>Tq, <int>(rp[b] if rp != NULL else first), <int>HS,
+                                   scale, S)
         free(S)
     if no_memory:
         raise MemoryError(f"attention_forward: no memory for a thread's {QBLOCK} x "
@@ -1088,10 +1120,16 @@ def attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
 
 
 def kv_cache_write(float[:, :, ::1] kcache, float[:, :, ::1] vcache,
-                   const float[:, :, ::1] qkv, pos0):
-    # kcache, vcache (B, n_ctx, C)[:, pos0:pos0+T] = k, v parts of qkv (B, T, 3C)
-    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C = kcache.shape[2], b, t
+                   const float[:, :, ::1] qkv, pos0, const int64_t[::1] row_pos=None):
+    # kcache, vcache (B, n_ctx, C)[:, pos0:pos0+T] = k, v parts of qkv (B, T, 3C); with
+    # row_pos (B,), row b's at row_pos[b] .. row_pos[b] + T - 1 instead (ragged batches)
+    cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C = kcache.shape[2], b, t, f
     cdef Py_ssize_t first = _int_arg("kv_cache_write", "pos0", pos0)
+    cdef const int64_t *rp = NULL
+    if row_pos is not None:
+        first = _check_row_pos("kv_cache_write", row_pos, B, T, kcache.shape[1])
+        if B > 0:
+            rp = &row_pos[0]
     if (vcache.shape[0] != kcache.shape[0] or vcache.shape[1] != kcache.shape[1]
             or vcache.shape[2] != C or qkv.shape[2] != 3 * C or B > kcache.shape[0]
             or _span_outside(first, T, kcache.shape[1])):
@@ -1102,9 +1140,10 @@ def kv_cache_write(float[:, :, ::1] kcache, float[:, :, ::1] vcache,
         return
     with nogil:
         for b in range(B):
+            f = rp[b] if rp != NULL else first
             for t in range(T):
-                memcpy(&kcache[b, first + t, 0], &qkv[b, t, C], C * sizeof(float))
-                memcpy(&vcache[b, first + t, 0], &qkv[b, t, 2 * C], C * sizeof(float))
+                memcpy(&kcache[b, f + t, 0], &qkv[b, t, C], C * sizeof(float))
+                memcpy(&vcache[b, f + t, 0], &qkv[b, t, 2 * C], C * sizeof(float))
 
 
 # --------------------------------------------------------------------------------------------

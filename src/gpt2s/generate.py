@@ -72,6 +72,7 @@ sampling: temperature 0 is greedy (argmax; --top-k, --top-p, --seed are then ign
 examples:
   {PROG} "The meaning of life is" --max-new-tokens 50 --top-k 40 --seed 1
   {PROG} "def fib(n):" --temperature 0
+  {PROG} "Q: Name a colour. A:" --stop "Q:" --repetition-penalty 1.2
   echo "Once upon a time" | {PROG} - --num-samples 3 --top-p 0.9
   {PROG} --model gpt2-medium "Hello"          # by name, from the Hugging Face cache
   cat long_story.txt | {PROG} - --crop-prompt -n 200
@@ -104,6 +105,19 @@ examples:
     add_threads_option(p)
     p.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at <|endoftext|>")
+    # generation controls (docs/generation.md, "Generation controls")
+    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the text before TEXT (not printed); may be given several times")
+    p.add_argument("--min-new-tokens", type=int, default=0, metavar="N",
+                   help="no <|endoftext|> and no --stop before N new tokens (default: 0)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="divide (multiply, if negative) the logit of each token already in "
+                        "the text by R; 1 is none (default: 1)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, metavar="P",
+                   help="lower the logit of each token generated before by P (default: 0)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, metavar="F",
+                   help="lower the logit of each token by F times its count among the "
+                        "generated tokens (default: 0)")
     p.add_argument("--context-full", choices=("slide", "stop"), default="slide",
                    help="at the model's context length: slide the window (recomputing the "
                         "cache of the last half) or stop (default: %(default)s)")
@@ -119,7 +133,8 @@ examples:
 
 
 _OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "num_samples",
-            "context_full")
+            "context_full", "stop", "min_new_tokens", "repetition_penalty", "presence_penalty",
+            "frequency_penalty")
 
 
 def _option_names(message: str) -> str:
@@ -141,7 +156,7 @@ def _run(args, out, err) -> int:
     import numpy as np
 
     import gpt2s
-    from .generation import _text_steps, check_sampling_args
+    from .generation import _text_steps, check_controls, check_sampling_args
     from .tokenizer import EOT_TOKEN, get_tokenizer
     from .weights import SafetensorsError
 
@@ -150,6 +165,8 @@ def _run(args, out, err) -> int:
         sampling = check_sampling_args(args.temperature, args.top_k, args.top_p, args.seed,
                                        args.num_samples, args.max_new_tokens,
                                        args.context_full)
+        controls = check_controls(args.repetition_penalty, args.presence_penalty,
+                                  args.frequency_penalty, args.min_new_tokens, args.stop)
         if args.threads is not None:
             gpt2s.set_num_threads(args.threads)
     except (TypeError, ValueError) as e:
@@ -201,7 +218,8 @@ def _run(args, out, err) -> int:
             steps = _text_steps(model, prompt, sampling["max_new_tokens"],
                                 sampling["temperature"], sampling["top_k"], sampling["top_p"],
                                 rng, stop_at_eos=not args.ignore_eos,
-                                context_full=sampling["context_full"], tokenizer=enc)
+                                context_full=sampling["context_full"], tokenizer=enc,
+                                **controls)
         except ValueError as e:
             raise _UserError(str(e)) from None
         t_start = time.perf_counter()

@@ -20,6 +20,35 @@ Semantics shared by every entry point:
   ``num_samples=n`` decodes n independent continuations of each prompt: the output has
   B * n rows, prompt b's samples at rows b*n .. b*n + n-1 (the prompt is prefilled once and
   its cache copied).
+* Ragged batches: ``idx`` may be a list of token sequences of different lengths (and
+  ``generate_text`` a list of strings of any lengths).  Each row keeps its own positions: its
+  prompt is prefilled alone (``forward_cached`` into its rows of the cache), then each step
+  decodes every row at its own position (``forward_cached`` with per-row positions: a row
+  attends to its own positions only, nothing is padded); a row whose window is full slides
+  alone, and with ``context_full="stop"`` a row stops alone (one RuntimeWarning, naming the
+  first row).  ``generate`` returns a list of 1-D arrays (row r: its prompt and its own new
+  tokens); streams pad a row that has stopped with ``eos_token_id``.  A row's tokens are those
+  of generating its prompt alone; its logits may differ from those in the last bit (a step's
+  matrix products have several rows), as in a rectangular batch.
+* Seeds per row: ``seed`` may be a list of one seed (int or Generator) per output row
+  (B * num_samples); row r then draws one uniform per step from its own generator, exactly as
+  a one-row generation with ``seed=seed[r]``.  A single seed is one generator shared by the
+  rows (one number per row per step, rows in order).
+* Controls, applied in this order to a step's logits before the choice, each skipped unless
+  set (their defaults change nothing): ``repetition_penalty`` (a token already in the row,
+  prompt included, has its logit divided by it when positive, multiplied when negative:
+  transformers' definition); ``frequency_penalty`` and ``presence_penalty`` (token j's logit
+  minus c_j * frequency_penalty + (c_j > 0) * presence_penalty, c_j its count among the new
+  tokens: OpenAI's definition); ``min_new_tokens`` (``eos_token_id`` set to the lowest
+  float32 before that many new tokens); ``logits_processor`` (``fn(token_ids, logits)``:
+  token_ids a list of one read-only int64 array per row, the row's whole sequence so far;
+  logits the (rows, vocab_size) float32 array, changed in place (return None or it) or
+  replaced by a returned array of that shape; -inf bans a token, NaN/+inf or banning every
+  token of a row raise ValueError).
+* ``stop`` (text functions): a continuation ends before the first occurrence of any stop
+  string in its decoded text (across token boundaries; the stop string is left out).  Only
+  occurrences that end in the text of the ``min_new_tokens``-th new token or later count.
+  ``stream_text`` holds back the end of the text while it is the start of a stop string.
 * ``stop_at_eos=True`` stops a row at ``<|endoftext|>`` (``eos_token_id``, included in the
   output); a finished row is padded with ``eos_token_id`` while the others go on, and
   generation ends early once every row has finished.
@@ -50,7 +79,8 @@ from .inputs import check_int, check_token_ids
 from ._threads import pinned_num_threads
 from .tokenizer import EOT_ID
 
-__all__ = ["generate", "generate_stream", "generate_text", "stream_text", "EOT_ID"]
+__all__ = ["generate", "generate_stream", "generate_text", "stream_text", "check_controls",
+           "EOT_ID"]
 
 _CONTEXT_FULL = ("slide", "stop")
 
@@ -78,13 +108,12 @@ def check_sampling_args(temperature=1.0, top_k=None, top_p=None, seed=None, num_
         top_p = float(top_p)
         if not (0.0 < top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if seed is not None and not isinstance(seed, np.random.Generator):
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed must be a non-negative integer, a numpy.random.Generator "
-                            f"or None, got {seed!r}")
-        if seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}")
-        seed = int(seed)
+    if isinstance(seed, (list, tuple)):
+        if not seed:
+            raise ValueError("seed is an empty list: give one seed per row")
+        seed = tuple(_check_seed(x) for x in seed)
+    else:
+        seed = _check_seed(seed)
     num_samples = check_int("num_samples", num_samples, 1)
     if context_full not in _CONTEXT_FULL:
         raise ValueError(f"context_full must be one of {_CONTEXT_FULL}, got {context_full!r}")
@@ -93,27 +122,162 @@ def check_sampling_args(temperature=1.0, top_k=None, top_p=None, seed=None, num_
                 context_full=context_full)
 
 
+def check_controls(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                   min_new_tokens=0, stop=None, logits_processor=None):
+    """Validate the generation controls (shared with the CLI); returns them normalised:
+    ``stop`` as a tuple of str.  Raises TypeError/ValueError naming the bad value."""
+    def real(name, value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number, got {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+        return value
+    repetition_penalty = real("repetition_penalty", repetition_penalty)
+    if repetition_penalty <= 0.0:
+        raise ValueError(f"repetition_penalty must be > 0 (1 is no penalty), got "
+                         f"{repetition_penalty}")
+    presence_penalty = real("presence_penalty", presence_penalty)
+    frequency_penalty = real("frequency_penalty", frequency_penalty)
+    min_new_tokens = check_int("min_new_tokens", min_new_tokens, 0)
+    if stop is None:
+        stop = ()
+    elif isinstance(stop, str):
+        stop = (stop,)
+    elif isinstance(stop, (list, tuple)) and all(isinstance(x, str) for x in stop):
+        stop = tuple(stop)
+    else:
+        raise TypeError(f"stop must be a str or a list of str, got {stop!r:.80}")
+    if any(x == "" for x in stop):
+        raise ValueError("stop contains an empty string: every stop string needs at least "
+                         "one character")
+    if logits_processor is not None and not callable(logits_processor):
+        raise TypeError(f"logits_processor must be a callable fn(token_ids, logits) or None, "
+                        f"got {type(logits_processor).__name__}")
+    return dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty, min_new_tokens=min_new_tokens, stop=stop,
+                logits_processor=logits_processor)
+
+
+def _check_seed(seed):
+    if seed is None or isinstance(seed, np.random.Generator):
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be a non-negative integer, a numpy.random.Generator, "
+                        f"one of those per row, or None, got {seed!r:.80}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    return int(seed)
+
+
 # ---------------------------------------------------------------------------------- sampler
 
-class _Sampler:
-    """Turns a (rows, V) logits array into one token per row; buffers allocated once."""
+_LOWEST = np.finfo(np.float32).min   # a token's logit when it must not be chosen
 
-    def __init__(self, rows, vocab_size, temperature, top_k, top_p, seed, token_limit):
+
+class _Controls:
+    """The logit changes before sampling, each costing only when enabled: the repetition,
+    presence and frequency penalties, min_new_tokens and the user's logits processor."""
+
+    def __init__(self, rows, vocab_size, controls, eos_token_id, seq, lengths):
+        self.rep = controls["repetition_penalty"]
+        self.presence = controls["presence_penalty"]
+        self.frequency = controls["frequency_penalty"]
+        self.min_new = controls["min_new_tokens"]
+        self.processor = controls["logits_processor"]
+        self.eos = eos_token_id
+        self.rows = rows
+        self.vocab_size = vocab_size
+        # seen (repetition): every token of the prompt and of the output so far;
+        # counts (presence, frequency): the tokens generated so far
+        self.seen = None
+        if self.rep != 1.0:
+            self.seen = np.zeros((rows, vocab_size), bool)
+            for r in range(rows):
+                self.seen[r, seq[r, :lengths[r]]] = True
+        self.counts = None
+        if self.presence != 0.0 or self.frequency != 0.0:
+            self.counts = np.zeros((rows, vocab_size), np.float32)
+        self.enabled = (self.seen is not None or self.counts is not None or self.min_new > 0
+                        or self.processor is not None)
+
+    def apply(self, logits, step, seq, cur):
+        """Change logits (rows, V) in place for the token of generation step ``step``."""
+        if self.seen is not None:
+            # transformers' RepetitionPenaltyLogitsProcessor: a logit of a token already in
+            # the sequence is divided by the penalty when positive, multiplied when negative
+            x = logits[self.seen]
+            theta = np.float32(self.rep)
+            logits[self.seen] = np.where(x < 0, x * theta, x / theta)
+        if self.counts is not None:
+            # OpenAI's definition: mu_j -= c_j * frequency_penalty + (c_j > 0) * presence_penalty
+            # with c_j the times token j was generated so far
+            if self.frequency != 0.0:
+                logits -= self.counts * np.float32(self.frequency)
+            if self.presence != 0.0:
+                logits -= (self.counts > 0) * np.float32(self.presence)
+        if step < self.min_new and self.eos < self.vocab_size:
+            logits[:, self.eos] = _LOWEST
+        if self.processor is not None:
+            ids = []
+            for r in range(self.rows):
+                v = seq[r, :cur[r]]
+                v.flags.writeable = False
+                ids.append(v)
+            out = self.processor(ids, logits)
+            if out is not None and out is not logits:
+                out = np.asarray(out)
+                if out.shape != logits.shape:
+                    raise ValueError(f"logits_processor returned shape {out.shape}, expected "
+                                     f"{logits.shape} (rows, vocab_size)")
+                logits[...] = out
+            if np.isnan(logits).any() or np.isposinf(logits).any():
+                raise ValueError(f"logits_processor returned NaN or +inf logits at generation "
+                                 f"step {step} (-inf bans a token; NaN and +inf are refused)")
+            np.maximum(logits, _LOWEST, out=logits)   # -inf: never chosen
+            if (logits == _LOWEST).all(axis=1).any():
+                r = int(np.flatnonzero((logits == _LOWEST).all(axis=1))[0])
+                raise ValueError(f"logits_processor banned every token of row {r} at "
+                                 f"generation step {step}")
+
+    def update(self, tok):
+        rows = np.arange(self.rows)
+        if self.seen is not None:
+            self.seen[rows, tok] = True
+        if self.counts is not None:
+            self.counts[rows, tok] += 1
+
+
+class _Sampler:
+    """Turns a (rows, V) logits array into one token per row; buffers allocated once.
+
+    seed: one generator for all rows (an int, a Generator or None: each step draws one
+    uniform number per row, rows in order), or a list of one seed per row (row r draws
+    from its own generator, exactly as a one-row generation with that seed)."""
+
+    def __init__(self, rows, vocab_size, temperature, top_k, top_p, seed, token_limit,
+                 controls=None):
         self.greedy = temperature == 0.0
         self.temperature = temperature
         self.top_k = 0 if top_k is None or top_k >= vocab_size else top_k
         self.top_p = 1.0 if top_p is None else top_p
-        self.rng = seed if isinstance(seed, np.random.Generator) else \
-            np.random.default_rng(seed)
+        if isinstance(seed, (list, tuple)):
+            self.rng = None
+            self.rngs = [s if isinstance(s, np.random.Generator) else np.random.default_rng(s)
+                         for s in seed]
+        else:
+            self.rng = seed if isinstance(seed, np.random.Generator) else \
+                np.random.default_rng(seed)
         self.out = np.empty(rows, np.int64)
         self.weights = None if self.greedy else np.empty((rows, vocab_size), np.float32)
         # ids the tokenizer cannot decode (a vocabulary padded past it, e.g. 50304) are
         # never sampled
         self.token_limit = token_limit if token_limit is not None and token_limit < vocab_size \
             else None
+        self.controls = controls if controls is not None and controls.enabled else None
         self.step = 0
 
-    def __call__(self, logits):
+    def __call__(self, logits, seq=None, cur=None):
         if not np.isfinite(logits).all():
             bad = np.argwhere(~np.isfinite(logits))[0]
             raise FloatingPointError(
@@ -122,11 +286,16 @@ class _Sampler:
                 f"may be corrupt")
         if self.token_limit is not None:
             logits[:, self.token_limit:] = np.finfo(np.float32).min
+        if self.controls is not None:
+            self.controls.apply(logits, self.step, seq, cur)
         self.step += 1
         if self.greedy:
             _core.argmax_rows(self.out, logits)
         else:
-            u = self.rng.random(self.out.shape[0])
+            if self.rng is not None:
+                u = self.rng.random(self.out.shape[0])
+            else:
+                u = np.array([g.random() for g in self.rngs])
             _core.sample_rows(self.out, logits, u, self.temperature, self.top_k, self.top_p,
                               self.weights)
         return self.out
@@ -134,58 +303,120 @@ class _Sampler:
 
 # ---------------------------------------------------------------------------------- decoding
 
-def _decode(model, prompt, seq, max_new_tokens, sampler, num_samples, stop_at_eos,
-            eos_token_id, context_full):
-    """Yield the (rows,) new tokens of each step; seq (rows, T + max_new_tokens) already holds
-    the prompts and receives each new token."""
+class _Run:
+    """One generation: seq (rows, Tmax + max_new_tokens) holds row r's prompt at
+    seq[r, :lengths[r]] and its new tokens after it; n_out[r] counts the new tokens that are
+    row r's own (a row that has stopped is padded beyond them); steps is the iterator of
+    each step's (rows,) tokens."""
+
+    def __init__(self, seq, lengths, ragged, max_new_tokens):
+        self.seq = seq
+        self.lengths = lengths
+        self.ragged = ragged
+        self.max_new_tokens = max_new_tokens
+        self.n_out = np.zeros(seq.shape[0], np.int64)
+        self.steps = iter(())
+
+    def rows(self):
+        """Each row's prompt and own new tokens, a list of 1-D int64 arrays."""
+        return [self.seq[r, :self.lengths[r] + self.n_out[r]] for r in range(self.seq.shape[0])]
+
+
+def _decode(model, prompts, run, max_new_tokens, sampler, num_samples, stop_at_eos,
+            eos_token_id, context_full, stopper=None):
+    """Yield the (rows,) new tokens of each step; run.seq already holds the prompts and
+    receives each new token.  prompts: a (B, T) array, or (ragged) a list of B 1-D arrays."""
     n_ctx = model.config.n_ctx
-    B, T = prompt.shape
+    seq, lens = run.seq, run.lengths
     ns = num_samples
+    B = len(prompts)
     rows = B * ns
+    T = int(lens.max())
     # the cache belongs to this generation alone (so generations on one model, interleaved
     # or in several threads, never disturb each other), sized for what it can reach: the
     # prompt and the new tokens, at most the context (a sliding window restarts at 0)
     kv = model.kv_cache(rows, min(n_ctx, T + max_new_tokens))
-    if ns == 1:
-        logits = model.forward_cached(prompt, 0, kv)
+    if run.ragged:
+        # prompts of different lengths: each prefilled alone into its first row (exactly as a
+        # one-prompt generation does), its keys and values copied to its other samples' rows
+        logits = np.empty((rows, model.config.vocab_size), np.float32)
+        for b, p in enumerate(prompts):
+            logits[b * ns:(b + 1) * ns] = model.forward_cached(p[None], 0,
+                                                               kv.view_rows(b * ns, b * ns + 1))
+            for array in (kv.keys, kv.values):
+                array[:, b * ns + 1:(b + 1) * ns, :len(p)] = array[:, b * ns:b * ns + 1, :len(p)]
+    elif ns == 1:
+        logits = model.forward_cached(prompts, 0, kv)
     else:
         # prefill each distinct prompt once, into cache rows 0..B-1 (each layer's (B, n_ctx, C)
         # block of them is contiguous), then copy prompt b's keys and values to the rows of
         # its samples, b*ns .. b*ns + ns-1; from the last prompt down, so no source row is
         # overwritten before it is copied
-        logits = model.forward_cached(prompt, 0, kv.view_rows(0, B))
+        logits = model.forward_cached(prompts, 0, kv.view_rows(0, B))
         for array in (kv.keys, kv.values):
             for b in reversed(range(B)):
                 array[:, b * ns:(b + 1) * ns, :T] = array[:, b:b + 1, :T]
         logits = np.repeat(logits, ns, axis=0)
     keep = n_ctx - n_ctx // 2
-    start, cur = 0, T       # seq[:, start:cur] is the window whose keys/values are cached
-    finished = np.zeros(rows, bool) if stop_at_eos else None
+    every = np.arange(rows)
+    cur = lens.copy()                   # seq[r, start[r]:cur[r]] is row r's cached window
+    start = np.zeros(rows, np.int64)
+    done = np.zeros(rows, bool)         # rows whose output is complete
+    warned = False
     for step in range(max_new_tokens):
-        if context_full == "stop" and cur >= n_ctx:
-            warnings.warn(
-                f"generation stopped after {step} of {max_new_tokens} new tokens: the "
-                f"sequence reached the model's context of n_ctx={n_ctx} positions (pass "
-                f"context_full='slide' to go on with a sliding window)",
-                RuntimeWarning, stacklevel=4)
-            return
-        tok = sampler(logits)
+        if context_full == "stop":
+            full = (cur >= n_ctx) & ~done
+            if full.any():
+                if not warned:
+                    which = "" if rows == 1 or not run.ragged else \
+                        f"row {int(np.flatnonzero(full)[0])}: "
+                    warnings.warn(
+                        f"{which}generation stopped after {step} of {max_new_tokens} new "
+                        f"tokens: the sequence reached the model's context of n_ctx={n_ctx} "
+                        f"positions (pass context_full='slide' to go on with a sliding window)",
+                        RuntimeWarning, stacklevel=4)
+                    warned = True
+                done |= full
+                if done.all() or not run.ragged:
+                    return
+        tok = sampler(logits, seq, cur)
+        tok[done] = eos_token_id       # a finished row is padded
+        run.n_out[~done] += 1
         if stop_at_eos:
-            tok[finished] = eos_token_id
-            finished |= tok == eos_token_id
-        seq[:, cur] = tok
+            done |= tok == eos_token_id
+        seq[every, cur] = tok
         cur += 1
+        if sampler.controls is not None:
+            sampler.controls.update(tok)
+        if stopper is not None:
+            done |= stopper(tok)
         yield tok.copy()
-        if step + 1 == max_new_tokens or (stop_at_eos and finished.all()):
+        if step + 1 == max_new_tokens or done.all():
             return
-        if context_full == "stop" and cur >= n_ctx:
-            continue  # no position left for the token just made: stop at the loop's top
-        if cur - start > n_ctx:
-            # slide: recompute the cache of the last `keep` tokens, at positions 0..keep-1
-            start = cur - keep
-            logits = model.forward_cached(seq[:, start:cur], 0, kv)
-        else:
-            logits = model.forward_cached(seq[:, cur - 1:cur], cur - 1 - start, kv)
+        if not run.ragged:
+            # every row at the same position (the path of a rectangular batch)
+            if context_full == "stop" and cur[0] >= n_ctx:
+                continue  # no position left for the token just made: stop at the loop's top
+            if cur[0] - start[0] > n_ctx:
+                # slide: recompute the cache of the last `keep` tokens, at positions 0..keep-1
+                start[:] = cur[0] - keep
+                logits = model.forward_cached(seq[:, start[0]:cur[0]], 0, kv)
+            else:
+                logits = model.forward_cached(seq[:, cur[0] - 1:cur[0]], cur[0] - 1 - start[0],
+                                              kv)
+            continue
+        # ragged: one step for every row at its own position; a row that is done or out of
+        # room runs a throw-away step at position 0 (its cache is no longer read), and a
+        # row whose window is full then recomputes its last `keep` tokens alone
+        slide = (cur - start > n_ctx) & ~done
+        idle = done | slide | (cur >= n_ctx) & (context_full == "stop")
+        pos = np.where(idle, 0, cur - 1 - start)
+        last = np.where(idle, 0, seq[every, cur - 1])[:, None]   # (its pad may be no token id)
+        logits = model.forward_cached(last, pos, kv)
+        for r in np.flatnonzero(slide):
+            start[r] = cur[r] - keep
+            logits[r] = model.forward_cached(seq[r:r + 1, start[r]:cur[r]], 0,
+                                             kv.view_rows(r, r + 1))[0]
 
 
 def _pinned_steps(steps):
@@ -202,65 +433,125 @@ def _pinned_steps(steps):
         yield tok
 
 
+def _is_ragged(idx):
+    """Whether idx is a list of token sequences of different lengths."""
+    if not isinstance(idx, (list, tuple)) or len(idx) < 2:
+        return False
+    lengths = set()
+    for row in idx:
+        if isinstance(row, (str, bytes)) or np.ndim(row) != 1:
+            return False
+        lengths.add(len(row))
+    return len(lengths) > 1
+
+
 def _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
-             stop_at_eos, eos_token_id, context_full, token_limit=None):
+             stop_at_eos, eos_token_id, context_full, token_limit=None, controls=None,
+             stopper_factory=None):
     args = check_sampling_args(temperature, top_k, top_p, seed, num_samples, max_new_tokens,
                                context_full)
-    prompt = check_token_ids(idx, model.config, "idx")
-    if stop_at_eos:
+    controls = check_controls(**(controls or {}))
+    ragged = _is_ragged(idx)
+    if ragged:
+        prompts = [check_token_ids(row, model.config, f"idx[{i}]")[0]
+                   for i, row in enumerate(idx)]
+    else:
+        prompts = check_token_ids(idx, model.config, "idx")
+    if stop_at_eos or controls["min_new_tokens"] > 0 or ragged:
         eos_token_id = check_int("eos_token_id", eos_token_id, 0)
-    B, T = prompt.shape
+    B = len(prompts)
     ns = args["num_samples"]
+    rows = B * ns
+    if isinstance(args["seed"], tuple) and len(args["seed"]) != rows:
+        raise ValueError(f"seed has {len(args['seed'])} entries for {rows} rows (one seed per "
+                         f"row: prompts x num_samples)")
     n_new = args["max_new_tokens"]
-    seq = np.empty((B * ns, T + n_new), np.int64)
-    seq[:, :T] = np.repeat(prompt, ns, axis=0) if ns > 1 else prompt
-    sampler = _Sampler(B * ns, model.config.vocab_size, args["temperature"], args["top_k"],
-                       args["top_p"], args["seed"], token_limit)
-    steps = _pinned_steps(_decode(model, prompt, seq, n_new, sampler, ns, stop_at_eos,
-                                  eos_token_id, args["context_full"])) if n_new > 0 \
-        else iter(())
-    return seq, steps
+    lengths = np.repeat([len(p) for p in prompts], ns).astype(np.int64)
+    seq = np.empty((rows, int(lengths.max()) + n_new), np.int64)
+    if ragged:
+        for r in range(rows):
+            seq[r, :lengths[r]] = prompts[r // ns]
+    else:
+        seq[:, :prompts.shape[1]] = np.repeat(prompts, ns, axis=0) if ns > 1 else prompts
+    run = _Run(seq, lengths, ragged, n_new)
+    ctl = _Controls(rows, model.config.vocab_size, controls, eos_token_id, seq, lengths)
+    sampler = _Sampler(rows, model.config.vocab_size, args["temperature"], args["top_k"],
+                       args["top_p"], args["seed"], token_limit, ctl)
+    stopper = stopper_factory(rows, controls) if stopper_factory is not None else None
+    if n_new > 0:
+        run.steps = _pinned_steps(_decode(model, prompts, run, n_new, sampler, ns, stop_at_eos,
+                                          eos_token_id, args["context_full"], stopper))
+    run.stopper = stopper
+    return run
+
+
+
+
+def _controls(repetition_penalty, presence_penalty, frequency_penalty, min_new_tokens,
+              logits_processor, stop=None):
+    return dict(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty, min_new_tokens=min_new_tokens,
+                logits_processor=logits_processor, stop=stop)
 
 
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, seed=None,
-             *, num_samples=1, stop_at_eos=False, eos_token_id=EOT_ID, context_full="slide"):
+             *, num_samples=1, stop_at_eos=False, eos_token_id=EOT_ID, context_full="slide",
+             repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+             min_new_tokens=0, logits_processor=None):
     """Continue the prompts idx by up to max_new_tokens tokens; returns the token ids
     (B * num_samples, T + new) as an int64 array, prompts included.
 
     idx: token ids, shape (B, T) (B prompts of the same length) or (T,); 1 <= T <= n_ctx.
+    Or a list of B token sequences of different lengths (a ragged batch): then the result is
+    a list of B * num_samples 1-D int64 arrays, row r its prompt and its own new tokens, as
+    generating that prompt alone would give them (with seed, a list of one seed per row).
     temperature: 0 is greedy argmax; > 0 samples from softmax(logits / temperature).
     top_k: keep only the k most likely tokens (None: all).  top_p: keep only the nucleus
-    of probability top_p, 0 < top_p <= 1 (None: all).  seed: int, numpy Generator or None.
+    of probability top_p, 0 < top_p <= 1 (None: all).  seed: int, numpy Generator or None,
+    or a list of those, one per row (B * num_samples).
     num_samples: continuations per prompt.  stop_at_eos: stop each row at eos_token_id
     (<|endoftext|>), pad finished rows with it and end once all have finished (then new <
     max_new_tokens).  context_full: "slide" or "stop" at n_ctx (see the module docstring).
+    repetition_penalty, presence_penalty, frequency_penalty, min_new_tokens,
+    logits_processor: see the module docstring ("Controls"); their defaults change nothing.
     """
-    seq, steps = _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed,
-                          num_samples, stop_at_eos, eos_token_id, context_full)
-    T = seq.shape[1] - max_new_tokens
+    run = _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
+                   stop_at_eos, eos_token_id, context_full,
+                   controls=_controls(repetition_penalty, presence_penalty, frequency_penalty,
+                                      min_new_tokens, logits_processor))
     n = 0
     with pinned_num_threads():   # the whole generation on one thread count
-        for _ in steps:
+        for _ in run.steps:
             n += 1
-    return seq[:, :T + n] if n < max_new_tokens else seq
+    if run.ragged:
+        return run.rows()
+    T = run.seq.shape[1] - max_new_tokens
+    return run.seq[:, :T + n] if n < max_new_tokens else run.seq
 
 
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                     seed=None, *, num_samples=1, stop_at_eos=False, eos_token_id=EOT_ID,
-                    context_full="slide"):
+                    context_full="slide", repetition_penalty=1.0, presence_penalty=0.0,
+                    frequency_penalty=0.0, min_new_tokens=0, logits_processor=None):
     """Like generate, but an iterator over the new tokens as they are produced: Python ints
     when idx is 1-D and num_samples is 1, else int64 arrays of shape (B * num_samples,), one
-    per step.  Arguments are checked when this is called, not at the first next()."""
-    seq, steps = _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed,
-                          num_samples, stop_at_eos, eos_token_id, context_full)
-    if np.ndim(idx) == 1 and seq.shape[0] == 1:
-        return (int(tok[0]) for tok in steps)
-    return steps
+    per step (in a ragged batch a row that has stopped, at eos or at the context with
+    context_full="stop", is padded with eos_token_id).  Arguments are checked when this is
+    called, not at the first next()."""
+    run = _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
+                   stop_at_eos, eos_token_id, context_full,
+                   controls=_controls(repetition_penalty, presence_penalty, frequency_penalty,
+                                      min_new_tokens, logits_processor))
+    if not run.ragged and np.ndim(idx) == 1 and run.seq.shape[0] == 1:
+        return (int(tok[0]) for tok in run.steps)
+    return run.steps
 
 
 # ---------------------------------------------------------------------------------- text
 
 def _encode_prompts(enc, prompt, config):
+    """The token ids of prompt (a str or a list of str): a (B, T) array, or a list of 1-D
+    arrays when the prompts encode to different lengths."""
     from .tokenizer import EOT_TOKEN
     n_ctx = config.n_ctx
     prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -281,10 +572,8 @@ def _encode_prompts(enc, prompt, config):
                              f"of {config.vocab_size} tokens: the model was not trained with "
                              f"the GPT-2 tokenizer")
         ids.append(t)
-    lengths = sorted({len(t) for t in ids})
-    if len(lengths) > 1:
-        raise ValueError(f"a batch of prompts must have the same length in tokens; got "
-                         f"lengths {[len(t) for t in ids]}")
+    if len({len(t) for t in ids}) > 1:
+        return [np.array(t, np.int64) for t in ids]
     return np.array(ids, np.int64)
 
 
@@ -298,65 +587,194 @@ def _decoder(enc):
     return piece
 
 
+class _TextRows:
+    """The text of each row as its tokens come, with the stop strings: a row's text ends
+    before the first occurrence of any stop string (matched in the text, across token
+    boundaries), and ``ready(r)`` is the length of row r's text that can no longer turn out
+    to be part of a stop string (what a stream may show).  Called with each step's tokens;
+    returns the rows that reached a stop string at that step."""
+
+    def __init__(self, enc, rows, stop, min_new_tokens, stop_at_eos, eos_token_id):
+        self.pieces = [_decoder(enc) for _ in range(rows)]
+        self.text = [""] * rows
+        self.end = [None] * rows        # where a row's text ends (a stop string starts)
+        self.finished = np.zeros(rows, bool)
+        self.stop = stop
+        self.min_new = min_new_tokens
+        self.stop_at_eos = stop_at_eos
+        self.eos = eos_token_id
+        self.floor = [0] * rows         # stop strings count only when they end after this
+        self.step = 0
+
+    def __call__(self, tok):
+        hit = np.zeros(len(self.text), bool)
+        for r, t in enumerate(tok.tolist()):
+            if self.finished[r]:
+                continue
+            if self.stop_at_eos and t == self.eos:
+                self.finished[r] = True
+                self._close(r)
+                continue
+            old = len(self.text[r])
+            if self.step + 1 == self.min_new:
+                self.floor[r] = old      # the text before the min_new_tokens-th token
+            self.text[r] += self.pieces[r](t)
+            if self.step + 1 >= self.min_new and self._find(r, old):
+                hit[r] = True
+        self.step += 1
+        return hit
+
+    def _find(self, r, old):
+        # the first stop string that ends after max(old, floor): earlier ones were looked
+        # for already, or do not count (min_new_tokens)
+        text = self.text[r]
+        best = None
+        for s in self.stop:
+            i = text.find(s, max(0, max(old, self.floor[r]) - len(s) + 1))
+            if i >= 0 and (best is None or i < best):
+                best = i
+        if best is None:
+            return False
+        self.end[r] = best
+        self.finished[r] = True
+        return True
+
+    def _close(self, r):
+        if self.end[r] is None:
+            old = len(self.text[r])
+            self.text[r] += self.pieces[r](None, final=True)
+            if self.step + 1 >= self.min_new:
+                self._find(r, old)
+
+    def finish(self):
+        """End every row's text (a row still open flushes its incomplete characters)."""
+        for r in range(len(self.text)):
+            if not self.finished[r]:
+                self.finished[r] = True
+                self._close(r)
+
+    def result(self, r):
+        return self.text[r] if self.end[r] is None else self.text[r][:self.end[r]]
+
+    def ready(self, r):
+        """The length of row r's text that is final."""
+        if self.end[r] is not None:
+            return self.end[r]
+        text = self.text[r]
+        if self.finished[r]:
+            return len(text)
+        hold = 0   # the longest end of the text that begins a stop string
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        return len(text) - hold
+
+
+def _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
+              stop_at_eos, context_full, stop, repetition_penalty, presence_penalty,
+              frequency_penalty, min_new_tokens, logits_processor):
+    controls = _controls(repetition_penalty, presence_penalty, frequency_penalty,
+                         min_new_tokens, logits_processor, stop)
+    stop = check_controls(**controls)["stop"]
+    factory = None
+    if stop:
+        def factory(rows, c):
+            return _TextRows(enc, rows, c["stop"], c["min_new_tokens"], stop_at_eos, EOT_ID)
+    return _prepare(model, ids, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
+                    stop_at_eos, EOT_ID, context_full, token_limit=enc.n_vocab,
+                    controls=controls, stopper_factory=factory)
+
+
 def _text_steps(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                seed=None, *, stop_at_eos=True, context_full="slide", tokenizer=None):
+                seed=None, *, stop_at_eos=True, context_full="slide", tokenizer=None,
+                stop=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                min_new_tokens=0, logits_processor=None):
     """(token id, text piece) per generated token of prompt (a str), then (None, the rest
-    of the text) once at the end; pieces may be "" while a character is incomplete.
-    Arguments are checked when this is called."""
+    of the text) once at the end; pieces may be "" while a character is incomplete or the
+    text may still be part of a stop string.  Arguments are checked when this is called."""
     from .tokenizer import get_tokenizer
     enc = tokenizer or get_tokenizer()
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
     ids = _encode_prompts(enc, prompt, model.config)
-    seq, steps = _prepare(model, ids, max_new_tokens, temperature, top_k, top_p, seed, 1,
-                          stop_at_eos, EOT_ID, context_full, token_limit=enc.n_vocab)
+    run = _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed, 1,
+                    stop_at_eos, context_full, stop, repetition_penalty, presence_penalty,
+                    frequency_penalty, min_new_tokens, logits_processor)
 
     def pairs():
         piece = _decoder(enc)
-        for tok in steps:
+        for tok in run.steps:
             t = int(tok[0])
             yield t, ("" if stop_at_eos and t == EOT_ID else piece(t))
         yield None, piece(None, final=True)
-    return pairs()
+
+    def stopped_pairs():
+        rows = run.stopper
+        shown = 0
+        for tok in run.steps:
+            n = rows.ready(0)
+            yield int(tok[0]), rows.text[0][shown:n]
+            shown = max(shown, n)
+        rows.finish()
+        yield None, rows.result(0)[shown:]
+    return stopped_pairs() if run.stopper is not None else pairs()
 
 
 def stream_text(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                seed=None, *, stop_at_eos=True, context_full="slide", tokenizer=None):
+                seed=None, *, stop_at_eos=True, context_full="slide", tokenizer=None,
+                stop=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                min_new_tokens=0, logits_processor=None):
     """An iterator of text pieces continuing prompt (a str), decoded as tokens are produced
     (a multi-byte character split across tokens comes out whole).  With stop_at_eos (the
-    default here) ``<|endoftext|>`` ends the text and is not part of it.  Other arguments as
-    in generate; they are checked when this is called."""
+    default here) ``<|endoftext|>`` ends the text and is not part of it.  stop: a str or a
+    list of str; the text ends before the first one it contains, which is not shown (text
+    that may be the start of a stop string is held back until the next tokens decide).
+    Other arguments as in generate; they are checked when this is called."""
     steps = _text_steps(model, prompt, max_new_tokens, temperature, top_k, top_p, seed,
-                        stop_at_eos=stop_at_eos, context_full=context_full, tokenizer=tokenizer)
+                        stop_at_eos=stop_at_eos, context_full=context_full, tokenizer=tokenizer,
+                        stop=stop, repetition_penalty=repetition_penalty,
+                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                        min_new_tokens=min_new_tokens, logits_processor=logits_processor)
     return (text for _, text in steps if text)
 
 
 def generate_text(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                   seed=None, *, num_samples=1, stop_at_eos=True, context_full="slide",
-                  tokenizer=None):
+                  tokenizer=None, stop=None, repetition_penalty=1.0, presence_penalty=0.0,
+                  frequency_penalty=0.0, min_new_tokens=0, logits_processor=None):
     """Text in, text out: the continuation of prompt (without the prompt itself).
 
-    prompt: a str, or a list of str that encode to the same number of tokens (a batch).
+    prompt: a str, or a list of str (a batch; they may encode to different lengths, each
+    row is then continued as it would be alone; with seed, a list of one seed per row gives
+    each row its own generator).
     Returns a str for one prompt and num_samples=1; otherwise a list (one entry per prompt,
     or per sample), or for several prompts with num_samples > 1 a list of lists.
     ``<|endoftext|>`` in the prompt is GPT-2's document separator (token 50256); with
     stop_at_eos (the default here) a continuation ends before the first one generated.
-    Other arguments as in generate.
+    stop: a str or a list of str; a continuation ends before the first one it contains (the
+    stop string is not part of it).  Other arguments as in generate.
     """
     from .tokenizer import get_tokenizer
     enc = tokenizer or get_tokenizer()
     ids = _encode_prompts(enc, prompt, model.config)
-    seq, steps = _prepare(model, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                          num_samples, stop_at_eos, EOT_ID, context_full, token_limit=enc.n_vocab)
+    run = _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed,
+                    num_samples, stop_at_eos, context_full, stop, repetition_penalty,
+                    presence_penalty, frequency_penalty, min_new_tokens, logits_processor)
     with pinned_num_threads():   # the whole generation on one thread count
-        n = sum(1 for _ in steps)
-    T = ids.shape[1]
-    texts = []
-    for row in seq[:, T:T + n]:
-        new = row.tolist()
-        if stop_at_eos and EOT_ID in new:
-            new = new[:new.index(EOT_ID)]
-        texts.append(enc.decode(new, errors="replace"))
+        for _ in run.steps:
+            pass
+    if run.stopper is not None:
+        run.stopper.finish()
+        texts = [run.stopper.result(r) for r in range(run.seq.shape[0])]
+    else:
+        texts = []
+        for r, row in enumerate(run.rows()):
+            new = row[run.lengths[r]:].tolist()
+            if stop_at_eos and EOT_ID in new:
+                new = new[:new.index(EOT_ID)]
+            texts.append(enc.decode(new, errors="replace"))
     ns = check_sampling_args(num_samples=num_samples)["num_samples"]
     if isinstance(prompt, str):
         return texts[0] if ns == 1 else texts

@@ -9,7 +9,7 @@ import numpy as np
 
 from .config import GPT2Config
 
-__all__ = ["check_token_ids", "check_targets", "check_int"]
+__all__ = ["check_token_ids", "check_targets", "check_int", "check_row_positions"]
 
 
 def check_int(name: str, value, minimum: int) -> int:
@@ -80,3 +80,18 @@ def check_targets(targets, shape: tuple, vocab_size: int) -> np.ndarray:
         raise ValueError(f"targets contains {int(t[where])} at {where}, outside "
                          f"[0, {vocab_size}) and not the ignore value -1")
     return np.ascontiguousarray(t, dtype=np.int64)
+
+
+def check_row_positions(pos, rows: int, name: str = "pos0") -> np.ndarray:
+    """Per-row positions (one int >= 0 per row of a batch of ``rows``) as a C-contiguous
+    int64 array; TypeError unless integers, ValueError for another count or a negative one."""
+    a = np.asarray(pos)
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"{name} must be an integer or one integer per row, got dtype {a.dtype}")
+    if a.shape != (rows,):
+        raise ValueError(f"{name} must be an integer or one per row ({rows},), got shape "
+                         f"{a.shape}")
+    if rows and int(a.min()) < 0:
+        raise ValueError(f"{name} must be >= 0, got {int(a.min())} for row "
+                         f"{int(np.argmin(a))}")
+    return np.ascontiguousarray(a, dtype=np.int64)

@@ -15,7 +15,7 @@ from .buffers import KVCache, Workspace
 from .config import GPT2Config
 from .tokenizer import EOT_ID
 from . import weights as _weights
-from .inputs import check_int, check_targets, check_token_ids
+from .inputs import check_int, check_row_positions, check_targets, check_token_ids
 from .params import ParameterStore
 from .passes import Passes, TrainingForward, cross_entropy
 
@@ -345,21 +345,23 @@ class GPT2:
             min(check_int("positions", positions, 1), cfg.n_ctx)
         return KVCache.empty(cfg.n_layer, rows, positions, cfg.n_embd)
 
-    def forward_cached(self, idx, pos0: int, cache: KVCache) -> np.ndarray:
+    def forward_cached(self, idx, pos0, cache: KVCache) -> np.ndarray:
         """The logits of the last position of idx, running only idx's positions: attention
         reads the earlier ones' keys and values from cache (KV-cache decoding).
 
         idx (B, T) holds positions pos0 .. pos0 + T - 1 of B sequences.  Their keys and
         values are written into rows 0 .. B-1 of the cache at those positions, and attention
         reads positions 0 .. pos0 + T - 1 from it: a generation runs its prompt with pos0 = 0
-        (the prefill), then each new token with pos0 = the positions run so far.  The logits
+        (the prefill), then each new token with pos0 = the positions run so far.  pos0 may
+        also be B per-row positions (a ragged batch: row b's tokens at pos0[b] ..
+        pos0[b] + T - 1, attention over its own positions 0 .. pos0[b] + T - 1).  The logits
         equal ``forward(sequence)[0][:, pos0 + T - 1]`` up to float32 rounding.  An inference
         call: any number of threads may run it on one model at once, each with a cache of
         its own (a cache shared by two calls at once would mix their positions).
 
         Args:
             idx: token ids, shape (B, T) or (T,).
-            pos0: the position of idx's first token (>= 0).
+            pos0: the position of idx's first token (>= 0), or one per row (B,).
             cache: a `KVCache` of this model (`kv_cache`) with B rows.
 
         Returns:
@@ -379,14 +381,20 @@ class GPT2:
         """
         cfg = self.config
         idx = check_token_ids(idx, cfg)
-        pos0 = check_int("pos0", pos0, 0)
         B, T = idx.shape
+        row_pos = None
+        if np.ndim(pos0) == 1:
+            row_pos = check_row_positions(pos0, B)
+            pos0 = int(row_pos.max())   # the furthest row bounds the checks below
+        else:
+            pos0 = check_int("pos0", pos0, 0)
         if pos0 + T > cfg.n_ctx:
             raise ValueError(f"position {pos0 + T - 1} is beyond the context n_ctx={cfg.n_ctx}")
         KVCache.check(cache, cfg, B, pos0 + T)
         with _core.pinned_num_threads():
             acts = self._passes.forward(idx, self._thread_workspace().acts, keep_layers=False,
-                                        kv=cache, pos0=pos0)
+                                        kv=cache, pos0=0 if row_pos is not None else pos0,
+                                        row_pos=row_pos)
             last = np.ascontiguousarray(acts["lnf"].reshape(B, T, -1)[:, -1, :])
             logits = np.empty((B, cfg.vocab_size), np.float32)
             self._passes.head(logits, last)
@@ -525,24 +533,39 @@ class GPT2:
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                  seed=None, *, num_samples=1, stop_at_eos=False, eos_token_id=EOT_ID,
-                 context_full="slide"):
+                 context_full="slide", repetition_penalty=1.0, presence_penalty=0.0,
+                 frequency_penalty=0.0, min_new_tokens=0, logits_processor=None):
         """Continue the prompts ``idx`` by up to ``max_new_tokens`` tokens.
 
         Args:
-            idx: token ids, shape (B, T) (B prompts of the same length) or (T,).
+            idx: token ids, shape (B, T) (B prompts of the same length) or (T,), or a list of
+                token sequences of different lengths (a ragged batch; returns a list).
             max_new_tokens: how many tokens to add (>= 0).
             temperature: 0 is greedy argmax; > 0 samples from softmax(logits / temperature).
             top_k: sample only among the k most likely tokens (None: all).
             top_p: sample only within the nucleus of probability top_p, 0 < top_p <= 1.
-            seed: an int or a ``numpy.random.Generator`` makes sampling repeatable.
+            seed: an int or a ``numpy.random.Generator`` makes sampling repeatable; a list of
+                them, one per row, gives each row the generator it would have alone.
             num_samples: continuations per prompt (rows b*n .. b*n + n-1 for prompt b).
             stop_at_eos: stop each row at ``eos_token_id`` and pad it with that id.
             eos_token_id: the end-of-text id (50256, ``<|endoftext|>``).
             context_full: at n_ctx positions, "slide" the window or "stop" with a warning.
+            repetition_penalty: > 0, 1 is none: a logit of a token already in the row is
+                divided by it when positive, multiplied when negative (transformers).
+            presence_penalty: 0 is none: lowers the logit of every token generated so far
+                (OpenAI's definition).
+            frequency_penalty: 0 is none: lowers token j's logit by frequency_penalty * c_j,
+                c_j its count among the new tokens so far (OpenAI's definition).
+            min_new_tokens: ``eos_token_id`` cannot be drawn before that many new tokens.
+            logits_processor: ``fn(token_ids, logits)`` called before each token is chosen
+                (after the penalties): token_ids a list of one read-only int64 array per
+                row, logits the (rows, vocab_size) float32 array to change in place (return
+                None) or to replace (return a new array); -inf bans a token.
 
         Returns:
             int64 array (B * num_samples, T + new), the prompts included; new <
-            max_new_tokens only when every row stopped at eos or the context was full.
+            max_new_tokens only when every row stopped at eos or the context was full.  For a
+            ragged batch, a list of 1-D int64 arrays (each row's prompt and new tokens).
 
         Raises:
             TypeError, ValueError: a bad argument, named in the message.
@@ -554,18 +577,24 @@ class GPT2:
         """
         return _generation.generate(self, idx, max_new_tokens, temperature, top_k, top_p, seed,
                                     num_samples=num_samples, stop_at_eos=stop_at_eos,
-                                    eos_token_id=eos_token_id, context_full=context_full)
+                                    eos_token_id=eos_token_id, context_full=context_full,
+                                    repetition_penalty=repetition_penalty,
+                                    presence_penalty=presence_penalty,
+                                    frequency_penalty=frequency_penalty,
+                                    min_new_tokens=min_new_tokens,
+                                    logits_processor=logits_processor)
 
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         seed=None, *, num_samples=1, stop_at_eos=False, eos_token_id=EOT_ID,
-                        context_full="slide"):
+                        context_full="slide", repetition_penalty=1.0, presence_penalty=0.0,
+                        frequency_penalty=0.0, min_new_tokens=0, logits_processor=None):
         """Like `generate`, but an iterator over the new tokens as they are made.
 
         Arguments are checked when this is called, not at the first ``next()``.  Each stream owns
         its KV cache, so streams may be interleaved or consumed in different threads.
 
         Args:
-            idx: token ids, shape (B, T) or (T,).
+            idx: token ids, shape (B, T) or (T,), or a list of sequences of different lengths.
             max_new_tokens: how many tokens to make (>= 0).
             temperature: 0 is greedy; > 0 samples from softmax(logits / temperature).
             top_k: sample only among the k most likely tokens (None: all).
@@ -575,6 +604,11 @@ class GPT2:
             stop_at_eos: stop each row at ``eos_token_id``; the iterator ends when every row has.
             eos_token_id: the end-of-text id (50256).
             context_full: at n_ctx positions, "slide" the window or "stop" with a warning.
+            repetition_penalty: as in `generate` (1: none).
+            presence_penalty: as in `generate` (0: none).
+            frequency_penalty: as in `generate` (0: none).
+            min_new_tokens: as in `generate` (0: none).
+            logits_processor: as in `generate` (None: none).
 
         Returns:
             an iterator yielding a Python int per step when ``idx`` is 1-D and ``num_samples`` is
@@ -591,15 +625,21 @@ class GPT2:
         return _generation.generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p,
                                            seed, num_samples=num_samples,
                                            stop_at_eos=stop_at_eos, eos_token_id=eos_token_id,
-                                           context_full=context_full)
+                                           context_full=context_full,
+                                           repetition_penalty=repetition_penalty,
+                                           presence_penalty=presence_penalty,
+                                           frequency_penalty=frequency_penalty,
+                                           min_new_tokens=min_new_tokens,
+                                           logits_processor=logits_processor)
 
     def generate_text(self, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                       seed=None, *, num_samples=1, stop_at_eos=True, context_full="slide",
-                      tokenizer=None):
+                      tokenizer=None, stop=None, repetition_penalty=1.0, presence_penalty=0.0,
+                      frequency_penalty=0.0, min_new_tokens=0, logits_processor=None):
         """Text in, text out: the continuation of ``prompt`` (without the prompt itself).
 
         Args:
-            prompt: a str, or a list of str that encode to the same number of tokens.
+            prompt: a str, or a list of str (of any lengths).
             max_new_tokens: how many tokens to make at most (>= 0).
             temperature: 0 is greedy; > 0 samples from softmax(logits / temperature).
             top_k: sample only among the k most likely tokens (None: all).
@@ -609,6 +649,12 @@ class GPT2:
             stop_at_eos: end a continuation before the first ``<|endoftext|>`` it makes.
             context_full: at n_ctx positions, "slide" the window or "stop" with a warning.
             tokenizer: a tiktoken ``Encoding`` (default: the bundled GPT-2 tokenizer).
+            stop: a str or list of str: a continuation ends before the first one it contains.
+            repetition_penalty: as in `generate` (1: none).
+            presence_penalty: as in `generate` (0: none).
+            frequency_penalty: as in `generate` (0: none).
+            min_new_tokens: as in `generate` (0: none).
+            logits_processor: as in `generate` (None: none).
 
         Returns:
             a str for one prompt and num_samples=1; else a list per prompt or per sample (a list of
@@ -626,4 +672,9 @@ class GPT2:
         return _generation.generate_text(self, prompt, max_new_tokens, temperature, top_k, top_p,
                                          seed, num_samples=num_samples,
                                          stop_at_eos=stop_at_eos, context_full=context_full,
-                                         tokenizer=tokenizer)
+                                         tokenizer=tokenizer, stop=stop,
+                                         repetition_penalty=repetition_penalty,
+                                         presence_penalty=presence_penalty,
+                                         frequency_penalty=frequency_penalty,
+                                         min_new_tokens=min_new_tokens,
+                                         logits_processor=logits_processor)

@@ -89,7 +89,7 @@ class Passes:
     # ------------------------------------------------------------------ forward
 
     def forward(self, idx: np.ndarray, arena, keep_layers: bool, kv=None,
-                pos0: int = 0) -> dict:
+                pos0: int = 0, row_pos: np.ndarray | None = None) -> dict:
         """Embedding, the transformer blocks and the final layernorm of idx (B, T) int64;
         returns the dict of activations carved from arena (``["lnf"]``, (N, C), is the
         output; the others are what the backward reads).
@@ -97,7 +97,9 @@ class Passes:
         keep_layers (training): every activation the backward needs is kept, one slice per
         layer.  Otherwise one layer's worth is reused, and the residual stream alternates
         between two buffers.  With kv (a `KVCache`), idx holds positions pos0 .. pos0 + T - 1:
-        their keys and values are written to the cache and attention reads the cache."""
+        their keys and values are written to the cache and attention reads the cache.  With
+        row_pos (B,) int64 as well, row b's tokens sit at row_pos[b] .. row_pos[b] + T - 1
+        instead (a ragged batch: each row computed as a one-row call would compute it)."""
         cfg = self.config
         B, T = idx.shape
         N, C, L, H = B * T, cfg.n_embd, cfg.n_layer, cfg.inner_size
@@ -115,17 +117,18 @@ class Passes:
         })
         P = self.store.params
         _core.embedding_forward(a["encoded"], idx.reshape(-1), P["wte.weight"], P["wpe.weight"], T,
-                                pos0)
+                                pos0, row_pos)
         _core.layernorm_forward(a["ln1"], a["ln1_mean"][0], a["ln1_rstd"][0], a["encoded"],
                                 P["h.0.ln_1.weight"], P["h.0.ln_1.bias"], cfg.layer_norm_epsilon)
         res_in = a["encoded"]
         for l in range(L):
             res_out = a["res3"][l if keep_layers else l % 2]
-            self._block_forward(l, a, l if keep_layers else 0, res_in, res_out, B, T, kv, pos0)
+            self._block_forward(l, a, l if keep_layers else 0, res_in, res_out, B, T, kv, pos0,
+                                row_pos)
             res_in = res_out
         return a
 
-    def _block_forward(self, l, a, s, res_in, res_out, B, T, kv, pos0):
+    def _block_forward(self, l, a, s, res_in, res_out, B, T, kv, pos0, row_pos=None):
         """Block l: res_out = res2 + mlp(ln_2(res2)), res2 = res_in + attn(ln1), where ln1 (the
         layernorm of res_in) is already in a["ln1"]; then the next block's ln_1 (or ln_f) of
         res_out.  s is the slice of the per-layer activations this block writes."""
@@ -142,10 +145,10 @@ class Passes:
                                     self.attn_scales[l])
         else:
             keys, values = kv.keys[l], kv.values[l]
-            _core.kv_cache_write(keys, values, qkv3, pos0)
+            _core.kv_cache_write(keys, values, qkv3, pos0, row_pos)
             _core.attention_forward(a["atty"][s].reshape(B, T, C), _EMPTY3, qkv3, 0,
                                     keys, 0, values, 0, pos0, cfg.n_head,
-                                    self.attn_scales[l])
+                                    self.attn_scales[l], row_pos)
         mm(a["proj"], a["atty"][s], w["attn.c_proj.weight"], w["attn.c_proj.bias"])
         _core.residual_layernorm_forward(a["res2"][s], a["ln2"], a["ln2_mean"][s],
                                          a["ln2_rstd"][s], res_in, a["proj"],
