@@ -123,3 +123,67 @@ def test_readme_mpi_loop_sets_threads_per_rank():
     loop = next(b for b in _code_blocks(text, "python") if "DataParallel(" in b)
     assert "set_num_threads(default_threads())" in loop
 
+
+# ------------------------------------------------------------------------------------------
+# Errors that blame the right thing
+
+EXCERPT = ROOT / "tests" / "data" / "tinyshakespeare_excerpt.txt"
+HELDOUT = ROOT / "tests" / "data" / "tinyshakespeare_heldout.txt"
+
+
+def _data_files():
+    if not EXCERPT.is_file() or not HELDOUT.is_file():
+        pytest.skip("tests/data not present")
+
+
+def test_seq_len_beyond_the_context_names_n_ctx(tmp_path, capsys):
+    _data_files()
+    from gpt2s import GPT2Config, train
+    n_ctx = GPT2Config.preset("tiny").n_ctx
+    status = train.main([str(EXCERPT), "--init", "tiny", "--seq-len", str(n_ctx * 8),
+                         "--steps", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert f"--seq-len {n_ctx * 8} exceeds the model's context n_ctx={n_ctx}" in err, err
+    assert "validation" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_val_data_takes_one_value_and_leaves_the_training_file(tmp_path, capsys):
+    _data_files()
+    import json
+
+    from gpt2s import train
+    out = tmp_path / "run"
+    status = train.main(["--val-data", str(HELDOUT), str(EXCERPT), "--init", "tiny",
+                         "--steps", "1", "--batch-size", "2", "--seq-len", "16",
+                         "--eval-batches", "1", "--out", str(out), "--no-plot", "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    identity = json.loads((out / "train_state.json").read_text())["identity"]
+    assert [f["path"] for f in identity["train_files"]] == [str(EXCERPT)]
+    assert [f["path"] for f in identity["val_files"]] == [str(HELDOUT)]
+
+
+def test_an_unrecorded_data_fingerprint_is_refused_naming_the_files():
+    from gpt2s.training import RunConfig, resume_differences
+    saved = {"run": RunConfig().recorded(),
+             "identity": {"train_data": "sha256:" + "1" * 32, "val_data": None,
+                          "model_source": "init:tiny"}}
+    identity = {"train_data": "sha256:" + "2" * 32, "val_data": None,
+                "model_source": "init:tiny",
+                "train_files": [{"path": "books/b.txt", "kind": "text", "tokens": 10,
+                                 "size": 40, "sha256": "0" * 64}], "val_files": None}
+    refused, _ = resume_differences(saved, RunConfig(), identity)
+    assert len(refused) == 1 and "books/b.txt" in refused[0], refused
+
+
+def test_text_given_to_generate_points_at_generate_text():
+    from gpt2s import GPT2, GPT2Config
+    m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+    for bad in ("Hello", ["Hello", "World"]):
+        with pytest.raises(TypeError, match=r"got text .*generate_text\(prompt, "
+                                            r"max_new_tokens\)"):
+            m.generate(bad, 3)
+    with pytest.raises(TypeError, match="generate_text"):
+        m.forward("Hello")
