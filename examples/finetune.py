@@ -4,8 +4,9 @@ the loss on that text and greedy samples before and after.
     python examples/finetune.py [TEXT_FILE]
 
 Without TEXT_FILE the example writes a small question-and-answer file of its own: text the
-demo model (trained on Shakespeare) has never seen, so the change is easy to see.  About 40
-optimizer steps of 4 x 64 tokens: well under a minute on 2 cores.
+demo model (trained on Shakespeare) has never seen, so the change is easy to see: before, the
+demo model continues "The grass is" with Shakespeare; after, with the answer it learned
+("green").  120 optimizer steps of 4 x 64 tokens: about a minute on 2 cores.
 """
 
 import random
@@ -59,11 +60,12 @@ with tempfile.TemporaryDirectory() as tmp:
     sample_before = before.generate_text(PROMPT, 8, temperature=0)
 
     # The training command line, exactly as you would type it (see the CLI reference):
-    # start from the demo weights, 40 steps, short warm-up, save into tmp/run.
+    # start from the demo weights, 120 steps (40 teach the format but not yet the answers),
+    # short warm-up, save into tmp/run.
     out = tmp / "run"
     cmd = [sys.executable, "-m", "gpt2s.train", str(data), "--model", "demo",
-           "--out", str(out), "--steps", "40", "--batch-size", "4", "--seq-len", "64",
-           "--lr", "1e-3", "--warmup", "5", "--eval-every", "20", "--eval-batches", "2",
+           "--out", str(out), "--steps", "120", "--batch-size", "4", "--seq-len", "64",
+           "--lr", "1e-3", "--warmup", "5", "--eval-every", "60", "--eval-batches", "2",
            "--quiet"]
     print("running:", " ".join(cmd[1:]))
     subprocess.run(cmd, check=True)

@@ -120,7 +120,7 @@ def test_help():
                        text=True, timeout=120)
     assert p.returncode == 0
     for opt in ("--model", "--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
-                "--num-samples", "--threads", "--verbose", "PROMPT", "huggingface-cli download"):
+                "--num-samples", "--threads", "--verbose", "PROMPT", "hf download"):
         assert opt in p.stdout, opt
 
 
@@ -223,7 +223,7 @@ def test_find_model_order(model_dir, tmp_path):
     cwd.mkdir()
     env = {"HOME": str(tmp_path / "home")}
     assert find_model(env=env, cwd=cwd, demo_dir=demo) == demo
-    with pytest.raises(ModelNotFound, match="huggingface-cli download"):
+    with pytest.raises(ModelNotFound, match="hf download"):
         find_model(env=env, cwd=cwd, demo_dir=tmp_path / "no-demo")
     hub = tmp_path / "home" / ".cache" / "huggingface" / "hub"
     legacy = make_hf_cache(hub, "models--gpt2", model_dir)

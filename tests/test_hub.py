@@ -7,10 +7,14 @@ the download itself."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.server
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -107,8 +111,9 @@ def test_absent_model_error(tmp_path):
     msg = str(e.value)
     for fragment in ("gpt2-xl: not in the Hugging Face cache", "HF_HUB_OFFLINE",
                      str(tmp_path / "hub" / "models--openai-community--gpt2-xl"),
-                     "huggingface-cli download openai-community/gpt2-xl", "gpt2s[hub]"):
+                     "hf download openai-community/gpt2-xl model.safetensors config.json"):
         assert fragment in msg, (fragment, msg)
+    assert "\n" not in msg, msg
     assert isinstance(e.value, FileNotFoundError)
     # a snapshot whose blob was deleted (dangling symlink) is not a model
     snap = add_to_cache(tmp_path / "hub", "openai-community/gpt2", tiny_model(0), COMMIT_MAIN)
@@ -125,13 +130,112 @@ def test_absent_model_error(tmp_path):
 def test_without_huggingface_hub(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)    # import fails
-    with pytest.raises(ModelNotFound, match=r"huggingface_hub is not installed.*gpt2s\[hub\]"):
+    with pytest.raises(ModelNotFound, match=r"huggingface_hub is not installed.*"
+                                            r"pip install 'gpt2s\[hub\]'.*hf download"):
         GPT2.from_pretrained("gpt2-medium")
+
+
+@contextlib.contextmanager
+def local_endpoint(answer: bool):
+    """A stand-in for https://huggingface.co on 127.0.0.1: answer=True serves 404 to every
+    request (a Hub that is up); False accepts each connection and closes it at once (a
+    network that fails).  Yields (url, the number of connections accepted so far)."""
+    connections = []
+    if answer:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                connections.append(1)
+                self.send_response(404)
+                self.end_headers()
+
+            do_GET = do_HEAD
+
+            def log_message(self, *a):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}", connections
+        finally:
+            server.shutdown()
+            server.server_close()
+        return
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    stop = threading.Event()
+
+    def serve():
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            connections.append(1)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", connections
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+
+
+def test_unreachable_hub_fails_at_once_in_one_line(monkeypatch, tmp_path):
+    """huggingface_hub retries a failed connection five times with back-off (half a minute);
+    gpt2s tries once, then says in one line that the model is not cached and how to get it."""
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with local_endpoint(answer=False) as (url, connections):
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        with pytest.raises(ModelNotFound) as e:
+            GPT2.from_pretrained("gpt2")
+        assert len(connections) == 1, connections
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for fragment in ("gpt2: not in the Hugging Face cache",
+                     str(tmp_path / "hub" / "models--openai-community--gpt2"),
+                     f"{url} cannot be reached",
+                     "hf download openai-community/gpt2 model.safetensors config.json"):
+        assert fragment in msg, (fragment, msg)
+    # huggingface_hub is installed: no advice to install it; no truncated text
+    assert "gpt2s[hub]" not in msg and "pip install" not in msg and ".." not in msg, msg
+
+
+def test_offline_hub_cli_one_line(tmp_path):
+    """generate --model gpt2 with HF_HUB_OFFLINE=1 and nothing cached: one line, exit 2."""
+    pytest.importorskip("huggingface_hub")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "-m", "gpt2s.generate", "--model", "gpt2", "Hi"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 2, p.stderr
+    assert p.stdout == ""
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, p.stderr
+    for fragment in ("python -m gpt2s.generate: error: --model gpt2: not in the Hugging Face "
+                     "cache", "HF_HUB_OFFLINE is set", "hf download openai-community/gpt2"):
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "gpt2s[hub]" not in lines[0]
 
 
 def test_download_through_huggingface_hub(monkeypatch, tmp_path):
     huggingface_hub = pytest.importorskip("huggingface_hub")
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    # the Hub is up (a local server answers), the download itself is a stand-in
+    with local_endpoint(answer=True) as (url, connections):
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        _download_through_huggingface_hub(monkeypatch, tmp_path, huggingface_hub)
+        assert connections       # the Hub was asked once per download before the download
+
+
+def _download_through_huggingface_hub(monkeypatch, tmp_path, huggingface_hub):
     m = tiny_model(5)
     calls = []
 

@@ -105,7 +105,17 @@ def test_errors_leave_nothing(corpus, tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"gpt2s.prepare: error: {d / 'bad.txt'}: not UTF-8 text (byte 0xc3 at offset 27)" \
             in err, err
-        assert list(out.iterdir()) == []
+        # the failed run made --out (and its parent): neither is left behind, empty
+        assert not out.exists()
+    nested = tmp_path / "new" / "deeper"
+    assert main([str(d / "bad.txt"), "--out", str(nested), "-q"]) == 2
+    assert not (tmp_path / "new").exists()
+    # a directory that was there before stays
+    out.mkdir()
+    assert main([str(d / "bad.txt"), "--out", str(out), "-q"]) == 2
+    assert list(out.iterdir()) == []
+    out.rmdir()
+    capsys.readouterr()
     for args, fragment in [
         ([str(d / "nothing*.txt")], "nothing*.txt: the pattern matches no files"),
         ([str(d / "a.txt"), "--val-fraction", "1.5"], "--val-fraction must be in [0, 1)"),
@@ -114,6 +124,7 @@ def test_errors_leave_nothing(corpus, tmp_path, capsys):
     ]:
         assert main([*args, "--out", str(out), "-q"]) == 2
         assert fragment in capsys.readouterr().err
+        assert not out.exists(), args
     np.zeros(4, np.uint16).tofile(tmp_path / "train.bin")
     assert main([str(tmp_path / "train.bin"), "--out", str(out)]) == 2
     assert "train.bin: a .bin file is already tokens" in capsys.readouterr().err
@@ -209,7 +220,7 @@ def test_disk_full_is_one_line_naming_the_shard_and_leaves_nothing(corpus, tmp_p
     assert lines[0].startswith("python -m gpt2s.prepare: error: ") and \
         lines[0].endswith("part_000001.bin: No space left on device"), err
     assert str(out) in lines[0]
-    assert list(out.iterdir()) == []
+    assert not out.exists()       # made by the failed run: not left behind, empty
 
 
 def test_a_real_write_error_is_one_line(corpus, tmp_path):

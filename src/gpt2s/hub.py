@@ -10,7 +10,7 @@ cache is read as huggingface_hub lays it out, without importing it::
                                         (nothing else is followed: a path there is refused)
         snapshots/<hash>/model.safetensors, config.json   (symlinks into ../../blobs/)
 
-so a model downloaded once by transformers, huggingface-cli or gpt2s loads with no network.
+so a model downloaded once by transformers, the ``hf`` command or gpt2s loads with no network.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 __all__ = ["resolve_pretrained", "ModelNotFound", "CacheError", "hub_cache_dirs",
            "cached_snapshot", "PRETRAINED", "DEMO_DIR", "HF_DOWNLOAD", "pretrained_hint",
-           "find_model"]
+           "find_model", "download_hint"]
 
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 # short names -> Hugging Face repo ids (the official GPT-2 checkpoints moved from "gpt2" to
@@ -34,8 +34,8 @@ PRETRAINED = {
     "gpt2-xl": "openai-community/gpt2-xl",
 }
 FILES = ("model.safetensors", "config.json")
-HF_DOWNLOAD = ("huggingface-cli download openai-community/gpt2 model.safetensors config.json "
-               "--local-dir assets")
+# huggingface_hub's command-line program (``hf``; it replaced ``huggingface-cli``)
+HF_DOWNLOAD = "hf download openai-community/gpt2 model.safetensors config.json --local-dir assets"
 
 
 class ModelNotFound(FileNotFoundError):
@@ -126,29 +126,81 @@ def repo_id_of(name: str) -> str | None:
     return None
 
 
+_OFFLINE_VALUES = ("1", "true", "yes", "on")
+
+
+def _hub_offline(env) -> bool:
+    """HF_HUB_OFFLINE (or transformers' TRANSFORMERS_OFFLINE) set, as huggingface_hub reads it."""
+    return any(str(env.get(v, "")).strip().lower() in _OFFLINE_VALUES
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _unreachable(endpoint: str, timeout: float = 10.0) -> str | None:
+    """None when ``endpoint`` answers (any HTTP status), else why not, in a few words.  One
+    request, no retries (huggingface_hub retries a failed connection five times, backing off
+    for half a minute, before it gives up)."""
+    import http.client
+    import urllib.error
+    import urllib.request
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"),
+                               timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None                      # a server answered: the network works
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        text = str(reason).strip() or type(reason).__name__
+        return text.splitlines()[0]
+    return None
+
+
 def _download(repo_id: str, env) -> Path:
     """Download model.safetensors and config.json into the cache; the snapshot directory.
-    Raises ModelNotFound with the reason when huggingface_hub is missing or it fails."""
-    if str(env.get("HF_HUB_OFFLINE", "")).lower() in ("1", "true", "yes", "on"):
+    Raises ModelNotFound with the reason (in words that follow "and ...") when
+    huggingface_hub is missing, offline mode is set, the Hub cannot be reached or the
+    download fails."""
+    if _hub_offline(env):
         raise ModelNotFound("HF_HUB_OFFLINE is set, so it was not downloaded")
     try:
         import huggingface_hub
+        from huggingface_hub import constants
     except ImportError:
-        raise ModelNotFound("huggingface_hub is not installed, so it could not be downloaded "
-                            "(pip install 'gpt2s[hub]')") from None
+        raise ModelNotFound("huggingface_hub is not installed, so it could not be "
+                            "downloaded") from None
+    endpoint = env.get("HF_ENDPOINT") or constants.ENDPOINT
+    why = _unreachable(endpoint)
+    if why is not None:
+        raise ModelNotFound(f"{endpoint} cannot be reached ({why})")
     cache_dir = hub_cache_dirs(env)[0]
     try:
         path = huggingface_hub.hf_hub_download(repo_id, "model.safetensors",
-                                               cache_dir=cache_dir)
+                                               cache_dir=cache_dir, endpoint=endpoint)
         try:
-            huggingface_hub.hf_hub_download(repo_id, "config.json", cache_dir=cache_dir)
+            huggingface_hub.hf_hub_download(repo_id, "config.json", cache_dir=cache_dir,
+                                            endpoint=endpoint)
         except Exception:
             pass   # optional: the config is inferred from the tensor shapes without it
-    except Exception as e:   # offline, unknown repo, no model.safetensors, HTTP errors
+    except Exception as e:   # unknown repo, no model.safetensors, HTTP errors, lost network
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ModelNotFound(f"downloading it with huggingface_hub failed: "
                             f"{type(e).__name__}: {first}") from None
     return Path(path).parent
+
+
+def _have_hub() -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec("huggingface_hub") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def download_hint(repo_id: str) -> str:
+    """How to get repo_id's files into the Hugging Face cache, where a name finds them."""
+    get = f"hf download {repo_id} {' '.join(FILES)}"
+    if not _have_hub():
+        return f"`pip install 'gpt2s[hub]'` (or huggingface_hub), then `{get}`"
+    return f"`{get}`"
 
 
 def resolve_pretrained(name_or_path, *, env=None, local_files_only: bool = False) -> Path:
@@ -159,10 +211,11 @@ def resolve_pretrained(name_or_path, *, env=None, local_files_only: bool = False
     * ``"gpt2"``, ``"gpt2-medium"``, ``"gpt2-large"``, ``"gpt2-xl"``, ``"openai-community/…"``
       or any other ``"owner/name"`` Hugging Face repo: its snapshot in the local Hugging Face
       cache, else downloaded with huggingface_hub (unless ``local_files_only`` or
-      ``HF_HUB_OFFLINE=1``).
+      ``HF_HUB_OFFLINE=1``; when the Hub cannot be reached the first failed connection ends
+      the attempt, with no retries).
 
-    Raises ModelNotFound saying where it looked and how to get the model, CacheError when a
-    cached repo's refs/main holds anything but a commit hash.
+    Raises ModelNotFound saying, in one line, where it looked and how to get the model,
+    CacheError when a cached repo's refs/main holds anything but a commit hash.
     """
     env = os.environ if env is None else env
     text = os.fspath(name_or_path)
@@ -190,12 +243,10 @@ def resolve_pretrained(name_or_path, *, env=None, local_files_only: bool = False
             return _download(repo_id, env)
         except ModelNotFound as e:
             why = str(e)
-    get = HF_DOWNLOAD.replace("openai-community/gpt2", repo_id)
     raise ModelNotFound(
-        f"{text}: not in the Hugging Face cache, and {why}.\nLooked at:\n"
-        + "".join(f"  {t}\n" for t in tried)
-        + f"Get it with `pip install 'gpt2s[hub]'` and network access, or download the files "
-          f"by hand:\n  {get}\nand pass the directory (assets) instead of the name.")
+        f"{text}: not in the Hugging Face cache (looked at {' and '.join(tried)}), and {why}; "
+        f"get it with {download_hint(repo_id)} where the network allows, or pass a directory "
+        f"that holds its model.safetensors")
 
 
 def pretrained_hint(path) -> str:

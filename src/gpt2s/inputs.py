@@ -22,6 +22,11 @@ def check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def check_token_ids(idx, config: GPT2Config, name: str = "idx") -> np.ndarray:
     """Token ids for a model of this config, as a C-contiguous int64 array (B, T) (a 1-D idx
     is one sequence, B = 1).
@@ -37,6 +42,11 @@ def check_token_ids(idx, config: GPT2Config, name: str = "idx") -> np.ndarray:
         array([[ 464, 3290]])
     """
     a = np.asarray(idx)
+    if a.dtype.kind in "USO" and any(isinstance(v, (str, bytes)) for v in a.flat):
+        raise TypeError(f"{name} must be an integer array of token ids, got text "
+                        f"({_short(idx)}): for text in and text out use "
+                        f"model.generate_text(prompt, max_new_tokens), or encode the text "
+                        f"with gpt2s.get_tokenizer().encode(prompt)")
     if a.size == 0:   # before the dtype: np.asarray([]) is float64
         raise ValueError(f"{name} is empty (shape {a.shape}): give at least one token id")
     if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):

@@ -89,10 +89,7 @@ def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fracti
     The last ``val_fraction`` of the tokens (or the last ``val_shards`` shards) go to
     ``val_*.bin``, the rest to ``train_*.bin``.  Returns the manifest also written to
     ``out_dir/prepare.json``."""
-    from ._cli import Progress
-    from .data import (DataError, MAX_SHARD_TOKENS, ShardWriter, expand_paths,
-                       read_shard_header, write_shard)
-    from .tokenizer import EOT_ID
+    from .data import (DataError, MAX_SHARD_TOKENS, expand_paths)
 
     if not 1 <= shard_size <= MAX_SHARD_TOKENS:
         raise PrepareError(f"--shard-size must be in [1, {MAX_SHARD_TOKENS:,}], got {shard_size}")
@@ -116,7 +113,28 @@ def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fracti
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise PrepareError(f"--out {out_dir}: exists and is not a directory")
+    # the directories this call makes: removed again (when still empty) if it fails, so a
+    # failed run leaves no empty --out behind
+    made = [d for d in (out_dir, *out_dir.parents) if not d.exists()]
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _prepare_into(paths, out_dir, shard_size, val_fraction, val_shards, workers,
+                             overwrite, block_bytes, progress, err)
+    except BaseException:
+        for d in made:             # deepest first
+            try:
+                d.rmdir()          # only an empty directory
+            except OSError:
+                break
+        raise
+
+
+def _prepare_into(paths, out_dir: Path, shard_size, val_fraction, val_shards, workers,
+                  overwrite, block_bytes, progress, err) -> dict:
+    from ._cli import Progress
+    from .data import ShardWriter, read_shard_header, write_shard
+    from .tokenizer import EOT_ID
+
     old = sorted(list(out_dir.glob("train_*.bin")) + list(out_dir.glob("val_*.bin")))
     if old and not overwrite:
         raise PrepareError(f"--out {out_dir} already has shards ({old[0].name}"

@@ -114,8 +114,11 @@ data parallel over MPI (pip install "gpt2s[mpi]"; docs/distributed.md): under
     p.add_argument("--data", dest="data_opt", nargs="+", action="extend", default=[],
                    metavar="DATA", help="more training data, as the positional DATA "
                                         "(default: none)")
-    p.add_argument("--val-data", nargs="+", action="extend", default=None, metavar="DATA",
-                   help="validation data in the same forms (e.g. nanoGPT's val.bin); then "
+    # one value per --val-data (repeat it for more), so the training files after it stay
+    # training files: `--val-data v.bin train.txt`
+    p.add_argument("--val-data", action="append", default=None, metavar="DATA",
+                   help="validation data in the same forms (e.g. nanoGPT's val.bin); one file "
+                        "or quoted glob per --val-data, repeat it for more; then "
                         "--val-fraction is not used (default: hold out --val-fraction)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PATH",
@@ -253,6 +256,19 @@ def _run_locked(args, out: Path, world: World) -> int:
     specs = list(args.data) + list(args.data_opt)
     if not specs:
         raise UserError("no training data: give text files, .bin files or globs as DATA")
+    # the model before the data when that is cheap, so a --seq-len beyond its context is
+    # blamed on n_ctx, not on data too short for such windows
+    model = None
+    try:
+        if ck is None and args.model:
+            model = GPT2.from_pretrained(args.model)
+        elif ck is None:
+            model = GPT2.from_config(GPT2Config.preset(args.init or "mini"), seed=args.seed)
+    except (OSError, ValueError) as e:   # SafetensorsError is a ValueError
+        raise UserError(str(e)) from None
+    n_ctx = model.config.n_ctx if model is not None else _saved_n_ctx(ck.dir)
+    if n_ctx is not None and args.seq_len > n_ctx:
+        raise UserError(f"--seq-len {args.seq_len} exceeds the model's context n_ctx={n_ctx}")
     try:
         train, val, described = open_data(specs, args.val_data, run)
         # content hashes, cached in OUT by the writer (a data-parallel rank only reads them)
@@ -274,12 +290,8 @@ def _run_locked(args, out: Path, world: World) -> int:
                           if by_key[key] is not None else None)
             identity["model_source"] = ck.state.get("identity", {}).get("model_source")
             model = GPT2.from_safetensors(ck.dir)
-        elif args.model:
-            # a path, or a name GPT2.from_pretrained knows (demo, gpt2, ...)
-            model = GPT2.from_pretrained(args.model)
-        else:
+        elif not args.model:
             identity["model_source"] = "init:" + (args.init or "mini")
-            model = GPT2.from_config(GPT2Config.preset(args.init or "mini"), seed=args.seed)
     except (OSError, ValueError) as e:   # SafetensorsError is a ValueError
         raise UserError(str(e)) from None
     if args.seq_len > model.config.n_ctx:
@@ -347,6 +359,16 @@ def _train(loop, metrics, out: Path, run: RunConfig, first: int, rank: int) -> i
     print(f"saved {out} after {end.step} steps ({end.seconds:.0f} s{val_text})",
           file=sys.stderr)
     return 0
+
+
+def _saved_n_ctx(ck_dir: Path) -> int | None:
+    """The context of a checkpoint's model from its config.json, None when unreadable (the
+    model's load then says what is wrong)."""
+    from .config import GPT2Config
+    try:
+        return GPT2Config.from_json_file(ck_dir / "config.json").n_ctx
+    except (OSError, ValueError):
+        return None
 
 
 def _model_source(args) -> str | None:

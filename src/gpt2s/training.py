@@ -7,7 +7,7 @@ with its checkpoints, and the checks that make a resumed run the same run.
     from gpt2s.training import RunConfig, evaluate, train_step
 
     cfg = RunConfig(steps=300, batch_size=8, seq_len=128, lr=1e-3, warmup=30)
-    train, val = TokenData("input.txt").split(0.1)
+    train, val = TokenData("tests/data/tinyshakespeare_excerpt.txt").split(0.1)
     model = GPT2.from_config(GPT2Config.preset("mini"), seed=cfg.seed)
     opt = AdamW(model, lr=cfg.lr, weight_decay=cfg.weight_decay)
     for step in range(cfg.steps):
@@ -390,8 +390,11 @@ def _identity_changes(old_id: dict, identity: dict, legacy) -> tuple[list[str], 
                            f"gpt2s, {old_fp}, of each file's name, size and first and last "
                            f"4 KiB: a file was renamed, resized or changed at an end)")
         else:
-            refused.append(f"{what} differ (fingerprint {new_fp}, the checkpoint's run used "
-                           f"{old_fp})")
+            files = identity.get(files_key) or identity.get("train_files") or []
+            named = ", ".join(str(f.get("path")) for f in files if isinstance(f, dict))
+            refused.append(f"{what} differ ({named + ': ' if named else ''}fingerprint "
+                           f"{new_fp}, the checkpoint's run used {old_fp}, which records no "
+                           f"file names)")
     if identity["model_source"] is not None and old_id.get("model_source") != \
             identity["model_source"]:
         refused.append(f"the model ({identity['model_source'].split(':', 1)[1]}; the "

@@ -1,0 +1,189 @@
+"""What a new user meets first: the documented commands exist and run as written (the download
+command is the one huggingface_hub installs, data files named in the docs are in the
+repository), the README says what a source build needs, and the command-line entry points
+(``python -m gpt2s``, ``--version``, the console scripts) are there.
+
+The documentation checks need the repository layout; an installed-wheel test run (tests/
+copied alone) skips them with that reason.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _need_repo():
+    if not (ROOT / "README.md").is_file() or not (ROOT / "docs").is_dir():
+        pytest.skip("README.md and docs/ not present (the tests run outside the repository)")
+
+
+def _code_blocks(text: str, lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, re.M | re.S)
+
+
+def test_download_command_is_huggingface_hubs():
+    # huggingface_hub >= 1.0 installs `hf` only: `huggingface-cli` is "command not found"
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from gpt2s.hub import HF_DOWNLOAD
+    try:
+        scripts = {e.name for e in distribution("huggingface_hub").entry_points
+                   if e.group == "console_scripts"}
+    except PackageNotFoundError:
+        pytest.skip("huggingface_hub is not installed")
+    program, sub = HF_DOWNLOAD.split()[:2]
+    assert program in scripts, (HF_DOWNLOAD, scripts)
+    assert sub == "download"
+    help_text = subprocess.run([sys.executable, "-m", "gpt2s.generate", "--help"],
+                               capture_output=True, text=True, timeout=120).stdout
+    assert HF_DOWNLOAD in help_text
+    assert "huggingface-cli" not in help_text
+
+
+def test_docs_name_no_missing_program():
+    _need_repo()
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        assert "huggingface-cli" not in text, f"{path.name} still names huggingface-cli"
+    for path in (ROOT / "README.md", ROOT / "docs" / "checkpoints.md"):
+        text = path.read_text(encoding="utf-8")
+        assert "hf download openai-community/gpt2" in text, path.name
+        assert "snapshot_download(" in text, path.name
+
+
+def test_readme_states_requirements():
+    _need_repo()
+    for path in (ROOT / "README.md", ROOT / "docs" / "index.md"):
+        text = path.read_text(encoding="utf-8")
+        assert "## Requirements" in text, path.name
+        req = text.split("## Requirements", 1)[1].split("\n## ", 1)[0]
+        for fragment in ("OpenMP", "libomp", "macOS", "Windows", "MSVC", "wheel"):
+            assert fragment in req, (path.name, fragment)
+        # the CPU build of torch for the test extras, at the version the extras pin
+        assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" \
+            in text, path.name
+        assert "SUITE_" not in text, f"{path.name}: a placeholder for the suite's duration"
+    pinned = re.search(r'"torch==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert pinned == "2.13.0"
+
+
+# files that the copy-paste commands may name although a fresh clone lacks them: what the
+# same page tells the user to make first
+MADE_BY_THE_DOCS = {"assets", "runs", "data", "site", "distilgpt2"}
+
+
+def _paths_in_commands(block: str) -> list[str]:
+    found = []
+    for line in block.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
+        for w in words:
+            if re.fullmatch(r"[\w./-]+\.(txt|bin|raw)", w) and "*" not in w:
+                found.append(w)
+    return found
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/index.md", "docs/training.md",
+                                  "docs/evaluation.md", "docs/distributed.md"])
+def test_copy_paste_commands_name_files_that_exist(page):
+    _need_repo()
+    text = (ROOT / page).read_text(encoding="utf-8")
+    missing = []
+    for block in _code_blocks(text, "bash"):
+        for p in _paths_in_commands(block):
+            if p.split("/")[0] in MADE_BY_THE_DOCS:
+                continue
+            if not (ROOT / p).exists():
+                missing.append(p)
+    for block in _code_blocks(text, "python"):
+        for p in re.findall(r'open\("([^"]+)"|TokenData\("([^"]+)"\)', block):
+            p = p[0] or p[1]
+            if not (ROOT / p).exists():
+                missing.append(p)
+    assert not missing, f"{page}: commands name files a fresh clone lacks: {missing}"
+
+
+def test_readme_mpi_loop_sets_threads_per_rank():
+    _need_repo()
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    loop = next(b for b in _code_blocks(text, "python") if "DataParallel(" in b)
+    assert "set_num_threads(default_threads())" in loop
+
+
+# ------------------------------------------------------------------------------------------
+# Errors that blame the right thing
+
+EXCERPT = ROOT / "tests" / "data" / "tinyshakespeare_excerpt.txt"
+HELDOUT = ROOT / "tests" / "data" / "tinyshakespeare_heldout.txt"
+
+
+def _data_files():
+    if not EXCERPT.is_file() or not HELDOUT.is_file():
+        pytest.skip("tests/data not present")
+
+
+def test_seq_len_beyond_the_context_names_n_ctx(tmp_path, capsys):
+    _data_files()
+    from gpt2s import GPT2Config, train
+    n_ctx = GPT2Config.preset("tiny").n_ctx
+    status = train.main([str(EXCERPT), "--init", "tiny", "--seq-len", str(n_ctx * 8),
+                         "--steps", "1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert f"--seq-len {n_ctx * 8} exceeds the model's context n_ctx={n_ctx}" in err, err
+    assert "validation" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_val_data_takes_one_value_and_leaves_the_training_file(tmp_path, capsys):
+    _data_files()
+    import json
+
+    from gpt2s import train
+    out = tmp_path / "run"
+    status = train.main(["--val-data", str(HELDOUT), str(EXCERPT), "--init", "tiny",
+                         "--steps", "1", "--batch-size", "2", "--seq-len", "16",
+                         "--eval-batches", "1", "--out", str(out), "--no-plot", "--quiet"])
+    err = capsys.readouterr().err
+    assert status == 0, err
+    identity = json.loads((out / "train_state.json").read_text())["identity"]
+    assert [f["path"] for f in identity["train_files"]] == [str(EXCERPT)]
+    assert [f["path"] for f in identity["val_files"]] == [str(HELDOUT)]
+
+
+def test_an_unrecorded_data_fingerprint_is_refused_naming_the_files():
+    from gpt2s.training import RunConfig, resume_differences
+    saved = {"run": RunConfig().recorded(),
+             "identity": {"train_data": "sha256:" + "1" * 32, "val_data": None,
+                          "model_source": "init:tiny"}}
+    identity = {"train_data": "sha256:" + "2" * 32, "val_data": None,
+                "model_source": "init:tiny",
+                "train_files": [{"path": "books/b.txt", "kind": "text", "tokens": 10,
+                                 "size": 40, "sha256": "0" * 64}], "val_files": None}
+    refused, _ = resume_differences(saved, RunConfig(), identity)
+    assert len(refused) == 1 and "books/b.txt" in refused[0], refused
+
+
+def test_text_given_to_generate_points_at_generate_text():
+    from gpt2s import GPT2, GPT2Config
+    m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+    for bad in ("Hello", ["Hello", "World"]):
+        with pytest.raises(TypeError, match=r"got text .*generate_text\(prompt, "
+                                            r"max_new_tokens\)"):
+            m.generate(bad, 3)
+    with pytest.raises(TypeError, match="generate_text"):
+        m.forward("Hello")
