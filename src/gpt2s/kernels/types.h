@@ -73,8 +73,10 @@ typedef struct {
    (isa.h); an empty entry of a level above x86-64-v3 runs the nearest level below's */
 static const gpt2s_wtype_traits gpt2s_wtypes[GPT2S_NWTYPES] = {
     {"float32", GPT2S_STORE_FLOAT, 32, 0, 0, GPT2S_F32_DIRECT_MIN_ROWS, NULL,
-     {NULL, GPT2S_IF_V3(gpt2s_f32_nn_arch_x86_64_v3), NULL, NULL, NULL, NULL},
-     {NULL, GPT2S_IF_V3(gpt2s_f32_nt_arch_x86_64_v3), NULL, NULL, NULL, NULL},
+     {NULL, GPT2S_IF_V3(gpt2s_f32_nn_arch_x86_64_v3), NULL,
+      GPT2S_IF_V4(gpt2s_f32_nn_arch_avx512), NULL, NULL},
+     {NULL, GPT2S_IF_V3(gpt2s_f32_nt_arch_x86_64_v3), NULL,
+      GPT2S_IF_V4(gpt2s_f32_nt_arch_avx512), NULL, NULL},
      {NULL, NULL, NULL, NULL, NULL, NULL}},
     {"bfloat16", GPT2S_STORE_UINT16, 16, 0, 0, 1, gpt2s_bf16_quantize,
      {NULL, GPT2S_IF_V3(gpt2s_bf16_nn_arch_x86_64_v3), NULL,
@@ -89,7 +91,8 @@ static const gpt2s_wtype_traits gpt2s_wtypes[GPT2S_NWTYPES] = {
      {gpt2s_q8_widen, GPT2S_IF_V3(gpt2s_q8_widen_arch_x86_64_v3), NULL, NULL, NULL, NULL}},
     {"int4", GPT2S_STORE_UINT8, 4, GPT2S_Q4_BLOCK, 1, 1, gpt2s_q4_quantize,
      {NULL, NULL, NULL, NULL, NULL, NULL},
-     {NULL, GPT2S_IF_V3(gpt2s_q4_nt_arch_x86_64_v3), NULL, NULL, NULL, NULL},
+     {NULL, GPT2S_IF_V3(gpt2s_q4_nt_arch_x86_64_v3), NULL,
+      GPT2S_IF_V4(gpt2s_q4_nt_arch_avx512), NULL, NULL},
      {gpt2s_q4_widen, GPT2S_IF_V3(gpt2s_q4_widen_arch_x86_64_v3), NULL, NULL, NULL, NULL}},
 };
 
