@@ -1,16 +1,18 @@
-"""Every product kernel x every weight type x every instruction-set variant this build and CPU
-have, forced one at a time, against float64 NumPy.
+"""Every product kernel x every weight type x every instruction-set variant this build has
+(run where this CPU has it), forced one at a time, against float64 NumPy.
 
 The matrix is generated from the kernels' own table (``_core.weight_types()`` and
-``_core.kernel_variants(type)``), so a new type or variant is tested without editing this
+``_core.kernel_variants(type, built=True)``), so a new type or variant is tested without editing this
 file -- except for its independent reference widening below, whose absence fails the
-test.  For each (type, variant) both routes run: the direct kernels (forced for every row
+test.  A variant this build has but this CPU lacks is skipped, with the reason.  For each
+(type, variant) both routes run: the direct kernels (forced for every row
 count) and the panel route (widened panels into BLAS; for float32, BLAS itself).  Operations:
 the Conv1D product with and without bias (``matmul_forward``), the output head
 (``lm_head_forward``) and the embedding (``embedding_forward``); rows 1 to 33 (one-row
 kernels, every tile shape, past the direct limit), on 1 thread and on 3 (uneven column splits,
 K split three ways), over shapes that hit every tail: rows past a tile, columns past a
-16-column strip or a W-row tile, K past a 64-row block, an 8-lane vector or a scale block,
+16- or 32-column strip or a W-row tile, K past a 64-row block, an 8- or 16-lane vector or a
+scale block (and fewer than 16 blocks: the masked scale loads of the avx512 one-row kernel),
 several weight panels.
 """
 
@@ -70,7 +72,8 @@ REFERENCE = {
                                 .view(np.uint16))),
 }
 
-MATRIX = [(t, v) for t in _core.weight_types() for v in _core.kernel_variants(t)]
+# every variant this build has, also those this CPU cannot run (skipped, saying so)
+MATRIX = [(t, v) for t in _core.weight_types() for v in _core.kernel_variants(t, built=True)]
 
 
 def test_every_type_has_a_reference():
@@ -81,6 +84,9 @@ def test_every_type_has_a_reference():
 @pytest.fixture(params=MATRIX, ids=[f"{t}-{v}" for t, v in MATRIX])
 def variant(request):
     t, v = request.param
+    if v not in _core.kernel_variants(t):
+        pytest.skip(f"this CPU lacks the {v} instruction set (CPUID; it runs "
+                    f"{', '.join(_core.cpu_variants())})")
     previous = _core.set_kernel_variant(t, v)
     yield t, v
     _core.set_kernel_variant(t, previous)
@@ -241,3 +247,23 @@ def test_packed_weights_read_only(variant):
     out = np.empty((2, 16), np.float32)
     _core.matmul_forward(out, x, w, NO_BIAS)
     check(out, x.astype(np.float64) @ w64, np.abs(x) @ np.abs(w64), 64, "read-only")
+
+
+def test_avx_vnni_int8_same_integers():
+    """int8's avx-vnni one-row kernel computes x86-64-v3's integer block sums with vpdpwssd
+    instead of vpmaddwd + vpaddd: the same float32 outputs bit for bit."""
+    if "avx-vnni" not in _core.kernel_variants("int8"):
+        pytest.skip(f"this CPU lacks AVX-VNNI (it runs {', '.join(_core.cpu_variants())})")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 768)).astype(np.float32)
+    w, _ = stored("int8", "h.0.mlp.c_fc.weight", (768, 301), rng)
+    outs = []
+    for v in ("x86-64-v3", "avx-vnni"):
+        previous = _core.set_kernel_variant("int8", v)
+        try:
+            out = np.empty((1, 301), np.float32)
+            _core.matmul_forward(out, x, w, NO_BIAS)
+            outs.append(out)
+        finally:
+            _core.set_kernel_variant("int8", previous)
+    np.testing.assert_array_equal(outs[0], outs[1])

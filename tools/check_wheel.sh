@@ -56,16 +56,17 @@ contents_ok=no
 # No -march=native (nor any ISA above the baseline) in a wheel: on x86-64 the baseline is SSE2,
 # so the extension must not touch an AVX register -- except inside the x86-64-v3 clones of the
 # row kernels (GCC target_clones, named *.arch_x86_64_v3*), which the loader picks only on CPUs
-# that have AVX2 and FMA.
+# that have AVX2 and FMA, and the kernel variants (named *_arch_x86_64_v3, *_arch_avx_vnni,
+# *_arch_avx512*; kernels/isa.h), which run only after a CPUID check.
 mkdir -p "$work/unzipped"
 (cd "$work/unzipped" && "$tpy" -m zipfile -e "$repaired" .)
 core_so=$(ls "$work"/unzipped/gpt2s/_core*.so)
 if [ "$(uname -m)" = x86_64 ] && command -v objdump >/dev/null; then
   read -r n_avx n_clone < <(objdump -d "$core_so" | awk '
-    /^[0-9a-f]+ <.*>:$/ { clone = ($0 ~ /arch_x86_64_v3/) }
+    /^[0-9a-f]+ <.*>:$/ { clone = ($0 ~ /arch_(x86_64_v3|avx_vnni|avx512)/) }
     /%[yz]mm/ { if (clone) c++; else b++ }
     END { print b + 0, c + 0 }')
-  echo "AVX/AVX-512 register uses in $(basename "$core_so"): $n_avx outside the x86-64-v3 clones, $n_clone inside"
+  echo "AVX/AVX-512 register uses in $(basename "$core_so"): $n_avx outside the ISA variants, $n_clone inside"
   [ "$n_avx" = 0 ] || fail "_core uses AVX registers outside the ISA clones: built with -march=native or similar?"
 fi
 

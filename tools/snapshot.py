@@ -5,12 +5,16 @@ bfloat16 and int8 storage, on 1 and 2 threads, for the bundled demo model, a ran
 
 A refactoring that must not change behaviour runs ``save`` on the tree before it and
 ``compare`` on the tree after it: every output must be equal bit for bit.  Only the public API
-is used, so the script runs on both trees.  The record holds a SHA-256 of each output's bytes
+(and _core's kernel-variant switch) is used, so the script runs on both trees.  The record holds a SHA-256 of each output's bytes
 (and its first values, to show how far a mismatch is off); it is generated from our own code,
 so it is a regression check of a change, never a test expectation.
 
     python tools/snapshot.py save before.json
     python tools/snapshot.py compare before.json
+
+``--kernel-variant V`` forces every weight type's kernels to the instruction-set variant V
+(``x86-64-v3``, ``avx512``, ...; the types without it keep their best one): a record made on
+an AVX2-only machine is compared on an AVX-512 one with ``--kernel-variant x86-64-v3``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 
 import gpt2s
 from gpt2s import AdamW, GPT2, GPT2Config
+from gpt2s import _core   # the kernel variants (--kernel-variant)
 
 
 def _entry(a) -> dict:
@@ -110,7 +115,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=["save", "compare"])
     p.add_argument("record")
+    p.add_argument("--kernel-variant", metavar="V",
+                   help="force every weight type that has variant V to it (default: each "
+                        "type's best on this CPU)")
     args = p.parse_args(argv)
+    if args.kernel_variant:
+        forced = [t for t in _core.weight_types()
+                  if args.kernel_variant in _core.kernel_variants(t)]
+        if not forced:
+            p.error(f"no weight type has kernel variant {args.kernel_variant!r} on this CPU")
+        for t in forced:
+            _core.set_kernel_variant(t, args.kernel_variant)
+    print("kernels: " + ", ".join(f"{t} {_core.get_kernel_variant(t)}"
+                                  for t in _core.weight_types()), file=sys.stderr)
     got = run_cases()
     if args.mode == "save":
         with open(args.record, "w") as f:

@@ -122,6 +122,7 @@ def show_config(file=None) -> dict:
     Returns:
         the same facts as a dict (keys ``gpt2s``, ``openmp``, ``isa_clones``,
         ``kernels`` (weight type -> the instruction-set variant its products run),
+        ``cpu_variants`` (the instruction-set levels this build has and this CPU runs),
         ``threads``, ``omp_max_threads``, ``blas``, ``numpy``, ``python``).
 
     Examples:
@@ -138,6 +139,7 @@ def show_config(file=None) -> dict:
         "openmp": _core.have_openmp(),
         "isa_clones": _core.have_isa_clones(),
         "kernels": {t: _core.get_kernel_variant(t) for t in _core.weight_types()},
+        "cpu_variants": list(_core.cpu_variants()),
         "threads": _core.get_num_threads(),
         "omp_max_threads": _core.omp_max_threads(),
         "blas": [{k: lib.get(k) for k in ("internal_api", "version", "num_threads",
@@ -150,6 +152,8 @@ def show_config(file=None) -> dict:
     print(f"  OpenMP: {'yes' if info['openmp'] else 'no (kernels run on one thread)'}", file=out)
     print(f"  threads: {info['threads']} (OpenMP default {info['omp_max_threads']})", file=out)
     print(f"  row kernels: {'baseline + x86-64-v3 (AVX2/FMA), chosen at load' if info['isa_clones'] else 'baseline ISA only'}", file=out)
+    print(f"  instruction-set levels of this CPU (CPUID): {', '.join(info['cpu_variants'])}",
+          file=out)
     from .weight_types import get
     for name in info["kernels"]:
         print(f"  {get(name).kernels()}", file=out)

@@ -42,6 +42,13 @@ def is_row_major(name: str) -> bool:
     return name in _ROW_MAJOR
 
 
+def _other_variants(name, variant):
+    """The other kernel variants of a type this CPU runs (forceable with
+    ``_core.set_kernel_variant``), as a suffix of its kernels() line."""
+    others = [v for v in _core.kernel_variants(name) if v not in ("portable", variant)]
+    return f" (also here: {', '.join(others)})" if others else ""
+
+
 class WeightType:
     """A storage type of matmul weights.  Subclasses set ``name`` (a row of the kernels'
     table) and a one-line ``description``; the layout, block size and stored element type
@@ -123,7 +130,8 @@ class WeightType:
         variant = _core.get_kernel_variant(self.name)
         if variant == "portable":
             return f"{self.name}: portable C, widened panels + BLAS"
-        return f"{self.name}: {variant} direct kernels (1-32 rows) + widened panels into BLAS"
+        return (f"{self.name}: {variant} direct kernels (1-32 rows) + widened panels into BLAS"
+                f"{_other_variants(self.name, variant)}")
 
 
 class Float32(WeightType):
@@ -146,10 +154,11 @@ class Float32(WeightType):
         w[row0:row0 + len(rows)] = rows
 
     def kernels(self):
-        if _core.get_kernel_variant(self.name) == "portable":
+        variant = _core.get_kernel_variant(self.name)
+        if variant == "portable":
             return "float32 BLAS sgemm/sgemv"
-        return (f"float32 BLAS sgemm/sgemv + {_core.get_kernel_variant(self.name)} few-row "
-                f"kernels")
+        return (f"float32 BLAS sgemm/sgemv + {variant} few-row kernels"
+                f"{_other_variants(self.name, variant)}")
 
 
 class BFloat16(WeightType):

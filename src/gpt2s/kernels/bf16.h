@@ -7,7 +7,12 @@
 
    x86-64-v3 (AVX2 + FMA + F16C): direct kernels for 1 to 32 rows -- the nn and nt tiles of
    tile.h on bfloat16 loads, and for one row (batch-1 decoding) kernels that stream W as a
-   few long sequential runs -- and a vector widening of panels. */
+   few long sequential runs -- and a vector widening of panels.
+
+   avx512: the same kernels on 16-float registers.  The one-row kernels widen 32 bfloat16 of
+   a 512-bit load without a shuffle: a left shift by 16 gives the even elements as floats, a
+   mask of the high halves the odd ones; the activations (nt) or the outputs (nn) are kept in
+   that even/odd order, permuted once per call. */
 
 #ifndef GPT2S_BF16_H
 #define GPT2S_BF16_H
@@ -230,6 +235,147 @@ GPT2S_V3 static void gpt2s_bf16_widen_arch_x86_64_v3(float *out, int64_t ldo, co
         for (int c = c8; c < cols; c++) dst[c] = gpt2s_bf16_to_f32(src[c]);
     }
 }
+
+#endif
+
+/* ------------------------------------------------------------------ avx512 */
+
+#if GPT2S_HAVE_AVX512
+
+/* c[j .. j + 32) in natural order <-> [the 16 even elements | the 16 odd ones] */
+GPT2S_V4_INLINE void gpt2s_bf16_evenodd_arch_avx512(float *c, int n32, int to_natural) {
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                           28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+    for (int j = 0; j < n32; j += 32) {
+        __m512 c0 = _mm512_loadu_ps(c + j), c1 = _mm512_loadu_ps(c + j + 16);
+        if (to_natural) {
+            _mm512_storeu_ps(c + j, _mm512_permutex2var_ps(c0, lo, c1));
+            _mm512_storeu_ps(c + j + 16, _mm512_permutex2var_ps(c0, hi, c1));
+        } else {
+            _mm512_storeu_ps(c + j, _mm512_permutex2var_ps(c0, even, c1));
+            _mm512_storeu_ps(c + j + 16, _mm512_permutex2var_ps(c0, odd, c1));
+        }
+    }
+}
+
+#define GPT2S_BF16_EVEN(v) _mm512_castsi512_ps(_mm512_slli_epi32((v), 16))
+#define GPT2S_BF16_ODD(v) _mm512_castsi512_ps(_mm512_and_si512((v), _mm512_set1_epi32((int)0xffff0000u)))
+
+/* c[0:n] (+)= a (K) @ W (K, n) bf16, one row: x86-64-v3's stream of 4 whole rows of W at a
+   time, 32 columns a step, c in even/odd order meanwhile */
+GPT2S_V4_INLINE void gpt2s_bf16_nn1_arch_avx512(int n, int K, const float *a,
+        const uint16_t *W, int ldw, int accumulate, float *c) {
+    int n32 = n - n % 32, k4 = K - K % 4;
+    if (accumulate) gpt2s_bf16_evenodd_arch_avx512(c, n32, 0);
+    else memset(c, 0, sizeof(float) * n32);
+    for (int k = 0; k < k4; k += 4) {
+        const uint16_t *w0 = W + (int64_t)k * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+        __m512 t0 = _mm512_set1_ps(a[k]), t1 = _mm512_set1_ps(a[k + 1]);
+        __m512 t2 = _mm512_set1_ps(a[k + 2]), t3 = _mm512_set1_ps(a[k + 3]);
+        int prefetch = k + 12 <= k4;
+        for (int j = 0; j < n32; j += 32) {
+            if (prefetch) {
+                __builtin_prefetch(w0 + 8 * (int64_t)ldw + j);
+                __builtin_prefetch(w1 + 8 * (int64_t)ldw + j);
+                __builtin_prefetch(w2 + 8 * (int64_t)ldw + j);
+                __builtin_prefetch(w3 + 8 * (int64_t)ldw + j);
+            }
+            __m512i v0 = _mm512_loadu_si512(w0 + j), v1 = _mm512_loadu_si512(w1 + j);
+            __m512i v2 = _mm512_loadu_si512(w2 + j), v3 = _mm512_loadu_si512(w3 + j);
+            __m512 lo = _mm512_loadu_ps(c + j), hi = _mm512_loadu_ps(c + j + 16);
+            lo = _mm512_fmadd_ps(t0, GPT2S_BF16_EVEN(v0), lo);
+            hi = _mm512_fmadd_ps(t0, GPT2S_BF16_ODD(v0), hi);
+            lo = _mm512_fmadd_ps(t1, GPT2S_BF16_EVEN(v1), lo);
+            hi = _mm512_fmadd_ps(t1, GPT2S_BF16_ODD(v1), hi);
+            lo = _mm512_fmadd_ps(t2, GPT2S_BF16_EVEN(v2), lo);
+            hi = _mm512_fmadd_ps(t2, GPT2S_BF16_ODD(v2), hi);
+            lo = _mm512_fmadd_ps(t3, GPT2S_BF16_EVEN(v3), lo);
+            hi = _mm512_fmadd_ps(t3, GPT2S_BF16_ODD(v3), hi);
+            _mm512_storeu_ps(c + j, lo);
+            _mm512_storeu_ps(c + j + 16, hi);
+        }
+    }
+    for (int k = k4; k < K; k++) {   /* the last K % 4 rows */
+        const uint16_t *w0 = W + (int64_t)k * ldw;
+        __m512 t0 = _mm512_set1_ps(a[k]);
+        for (int j = 0; j < n32; j += 32) {
+            __m512i v0 = _mm512_loadu_si512(w0 + j);
+            _mm512_storeu_ps(c + j, _mm512_fmadd_ps(t0, GPT2S_BF16_EVEN(v0),
+                                                    _mm512_loadu_ps(c + j)));
+            _mm512_storeu_ps(c + j + 16, _mm512_fmadd_ps(t0, GPT2S_BF16_ODD(v0),
+                                                         _mm512_loadu_ps(c + j + 16)));
+        }
+    }
+    gpt2s_bf16_evenodd_arch_avx512(c, n32, 1);
+    for (int j = n32; j < n; j++) {   /* the last n % 32 columns */
+        float s = accumulate ? c[j] : 0.0f;
+        for (int k = 0; k < K; k++) s += a[k] * gpt2s_bf16_to_f32(W[(int64_t)k * ldw + j]);
+        c[j] = s;
+    }
+}
+
+GPT2S_V4 static void gpt2s_bf16_nn_arch_avx512(int M, int n, int K, const float *A, int lda,
+        const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)S;
+    if (M == 1)
+        gpt2s_bf16_nn1_arch_avx512(n, K, A, (const uint16_t *)W, ldw, accumulate, C);
+    else
+        gpt2s_nn_arch_avx512(GPT2S_ELEM_BF16, M, n, K, A, lda, W, ldw, accumulate, C, ldc);
+}
+
+/* c[0:n] (+)= a (K) @ W^T, W bf16 (n, K), one row: the row a permuted once into even/odd
+   order per 32 (xp, K floats of scratch), then each W row streamed 64 weights a step into 4
+   FMA chains, prefetched 2 KiB ahead */
+GPT2S_V4_INLINE void gpt2s_bf16_nt1_arch_avx512(int n, int K, const float *a,
+        const uint16_t *W, int ldw, int accumulate, float *c, float *xp) {
+    int k32 = K - K % 32, k64 = K - K % 64;
+    memcpy(xp, a, sizeof(float) * k32);
+    gpt2s_bf16_evenodd_arch_avx512(xp, k32, 0);
+    for (int v = 0; v < n; v++) {
+        const uint16_t *w = W + (int64_t)v * ldw;
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        int prefetch = v + 8 <= n;
+        int k = 0;
+        for (; k < k64; k += 64) {
+            if (prefetch) {
+                __builtin_prefetch((const char *)w + 2 * (int64_t)k + GPT2S_BF16_PF);
+                __builtin_prefetch((const char *)w + 2 * (int64_t)k + GPT2S_BF16_PF + 64);
+            }
+            __m512i q0 = _mm512_loadu_si512(w + k), q1 = _mm512_loadu_si512(w + k + 32);
+            s0 = _mm512_fmadd_ps(GPT2S_BF16_EVEN(q0), _mm512_loadu_ps(xp + k), s0);
+            s1 = _mm512_fmadd_ps(GPT2S_BF16_ODD(q0), _mm512_loadu_ps(xp + k + 16), s1);
+            s2 = _mm512_fmadd_ps(GPT2S_BF16_EVEN(q1), _mm512_loadu_ps(xp + k + 32), s2);
+            s3 = _mm512_fmadd_ps(GPT2S_BF16_ODD(q1), _mm512_loadu_ps(xp + k + 48), s3);
+        }
+        for (; k < k32; k += 32) {
+            __m512i q0 = _mm512_loadu_si512(w + k);
+            s0 = _mm512_fmadd_ps(GPT2S_BF16_EVEN(q0), _mm512_loadu_ps(xp + k), s0);
+            s1 = _mm512_fmadd_ps(GPT2S_BF16_ODD(q0), _mm512_loadu_ps(xp + k + 16), s1);
+        }
+        float t = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1),
+                                                     _mm512_add_ps(s2, s3)));
+        for (k = k32; k < K; k++) t += a[k] * gpt2s_bf16_to_f32(w[k]);
+        c[v] = accumulate ? c[v] + t : t;
+    }
+}
+
+GPT2S_V4 static void gpt2s_bf16_nt_arch_avx512(int M, int n, int K, const float *A, int lda,
+        const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)S;
+    if (M == 1 && K <= 8192) {   /* scratch on the stack: 32 KiB at most */
+        float xp[8192] __attribute__((aligned(64)));
+        gpt2s_bf16_nt1_arch_avx512(n, K, A, (const uint16_t *)W, ldw, accumulate, C, xp);
+    } else {
+        gpt2s_nt_arch_avx512(GPT2S_ELEM_BF16, M, n, K, A, lda, W, ldw, NULL, accumulate, C,
+                             ldc);
+    }
+}
+
+#undef GPT2S_BF16_EVEN
+#undef GPT2S_BF16_ODD
 
 #endif
 #endif

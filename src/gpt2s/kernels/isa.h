@@ -8,10 +8,22 @@
    all and each CPU runs what it has.  Which variant a weight type runs is a choice per type
    (kernels/types.h, the table; _core's set_kernel_variant forces one for tests).
 
-   A variant's functions carry its name in their symbol names (arch_x86_64_v3):
-   tools/check_wheel.sh checks that no other function of the wheel touches an AVX register.
+   A variant's functions carry its name in their symbol names (arch_x86_64_v3, arch_avx_vnni,
+   arch_avx512, arch_avx512_vnni, arch_avx512_bf16): tools/check_wheel.sh checks that no other
+   function of the wheel touches an AVX register.
 
    - x86-64-v3: AVX2, FMA and F16C (Haswell, Zen 1 and later).
+   - avx-vnni: x86-64-v3 plus AVX-VNNI, the VEX (256-bit) integer dot products vpdpwssd /
+     vpdpbusd (Alder Lake and later client CPUs, which have no AVX-512).
+   - avx512: x86-64-v3 plus AVX512F, BW, VL and DQ (x86-64-v4: Skylake-SP, Zen 4 and later):
+     the direct kernels on 16-float registers, tails by masked loads.
+   - avx512-vnni: avx512 plus AVX512_VNNI (vpdpwssd / vpdpbusd on 512 bits: Cascade Lake,
+     Ice Lake, Sapphire Rapids, Zen 4).
+   - avx512-bf16: avx512 plus AVX512_BF16 (vdpbf16ps: Cooper Lake, Sapphire Rapids, Zen 4).
+   A type's variant may leave an entry of the table empty (kernels/types.h): it then runs the
+   entry of the nearest level below it that has one (avx-vnni's few-row int8 kernel is
+   x86-64-v3's), so every level a type lists is complete.  The levels are in order of
+   preference, each after those it is preferred to; a CPU runs the last one it has.
    - GPT2S_CLONES builds a row kernel twice, for the baseline and for x86-64-v3, and lets the
      dynamic linker pick one at load (GCC target_clones, an ifunc: glibc only).  */
 
@@ -20,9 +32,11 @@
 
 #include <stdint.h>
 
-enum { GPT2S_ISA_PORTABLE = 0, GPT2S_ISA_X86_64_V3 = 1, GPT2S_NISA };
+enum { GPT2S_ISA_PORTABLE = 0, GPT2S_ISA_X86_64_V3 = 1, GPT2S_ISA_AVX_VNNI = 2,
+       GPT2S_ISA_AVX512 = 3, GPT2S_ISA_AVX512_VNNI = 4, GPT2S_ISA_AVX512_BF16 = 5, GPT2S_NISA };
 
-static const char *const gpt2s_isa_names[GPT2S_NISA] = {"portable", "x86-64-v3"};
+static const char *const gpt2s_isa_names[GPT2S_NISA] = {
+    "portable", "x86-64-v3", "avx-vnni", "avx512", "avx512-vnni", "avx512-bf16"};
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(GPT2S_NO_CLONES)
 #define GPT2S_HAVE_X86_64_V3 1
@@ -32,6 +46,28 @@ static const char *const gpt2s_isa_names[GPT2S_NISA] = {"portable", "x86-64-v3"}
 #define GPT2S_V3_INLINE static inline __attribute__((target("avx2,fma,f16c"), always_inline))
 #else
 #define GPT2S_HAVE_X86_64_V3 0
+#endif
+
+/* The AVX-VNNI and AVX-512 levels need a compiler that knows their target names (GCC 11,
+   clang 12); the variant functions are compiled for them whatever the build machine is. */
+#if GPT2S_HAVE_X86_64_V3 && ((defined(__clang__) && __clang_major__ >= 12) \
+                             || (!defined(__clang__) && __GNUC__ >= 11)) \
+    && !defined(GPT2S_NO_AVX512)
+#define GPT2S_HAVE_AVX512 1
+#define GPT2S_T_AVX512 "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq"
+#define GPT2S_AVXVNNI __attribute__((target("avx2,fma,f16c,avxvnni"), noinline))
+#define GPT2S_AVXVNNI_INLINE static inline \
+    __attribute__((target("avx2,fma,f16c,avxvnni"), always_inline))
+#define GPT2S_V4 __attribute__((target(GPT2S_T_AVX512), noinline))
+#define GPT2S_V4_INLINE static inline __attribute__((target(GPT2S_T_AVX512), always_inline))
+#define GPT2S_V4VNNI __attribute__((target(GPT2S_T_AVX512 ",avx512vnni"), noinline))
+#define GPT2S_V4VNNI_INLINE static inline \
+    __attribute__((target(GPT2S_T_AVX512 ",avx512vnni"), always_inline))
+#define GPT2S_V4BF16 __attribute__((target(GPT2S_T_AVX512 ",avx512bf16"), noinline))
+#define GPT2S_V4BF16_INLINE static inline \
+    __attribute__((target(GPT2S_T_AVX512 ",avx512bf16"), always_inline))
+#else
+#define GPT2S_HAVE_AVX512 0
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) \
@@ -55,6 +91,26 @@ static int gpt2s_cpu_has(int isa) {
                  && __builtin_cpu_supports("f16c");
         }
         return v3;
+    }
+#endif
+#if GPT2S_HAVE_AVX512
+    /* __builtin_cpu_supports also checks that the OS saves the registers (XGETBV) */
+    static int level[GPT2S_NISA] = {-1, -1, -1, -1, -1, -1};
+    if (isa > GPT2S_ISA_X86_64_V3 && isa < GPT2S_NISA) {
+        if (level[isa] < 0) {
+            int v4;
+            __builtin_cpu_init();
+            v4 = gpt2s_cpu_has(GPT2S_ISA_X86_64_V3) && __builtin_cpu_supports("avx512f")
+                 && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")
+                 && __builtin_cpu_supports("avx512dq");
+            level[isa] = isa == GPT2S_ISA_AVX_VNNI
+                             ? gpt2s_cpu_has(GPT2S_ISA_X86_64_V3)
+                                   && __builtin_cpu_supports("avxvnni")
+                       : isa == GPT2S_ISA_AVX512 ? v4
+                       : isa == GPT2S_ISA_AVX512_VNNI ? v4 && __builtin_cpu_supports("avx512vnni")
+                       : v4 && __builtin_cpu_supports("avx512bf16");
+        }
+        return level[isa];
     }
 #endif
     return 0;

@@ -50,6 +50,7 @@ cdef extern from "kernels/types.h":
     gpt2s_direct_fn gpt2s_wtype_direct(int t, int output_major, int isa) noexcept nogil
     gpt2s_widen_fn gpt2s_wtype_widen(int t, int isa) noexcept nogil
     int gpt2s_wtype_has_variant(int t, int isa) noexcept nogil
+    int gpt2s_wtype_built_variant(int t, int isa) noexcept nogil
     int gpt2s_wtype_best_variant(int t) noexcept nogil
     int64_t gpt2s_wtype_bytes(int t, int64_t n) noexcept nogil
     int gpt2s_wtype_per_element(int t) noexcept nogil
@@ -101,12 +102,21 @@ def weight_type_info(name):
             "store": _STORE_DTYPES[gpt2s_wtypes[t].store], "bits": gpt2s_wtypes[t].bits}
 
 
-def kernel_variants(name):
+def kernel_variants(name, built=False):
     """The instruction-set variants of a weight type's kernels that this build has and this CPU
-    runs, "portable" first; the last is the one used unless another is forced."""
+    runs, "portable" first; the last is the one used unless another is forced.  With
+    ``built=True``: every variant this build has for the type, also those this CPU lacks."""
     cdef int t = _wtype_id(name), isa
     return tuple(gpt2s_isa_names[isa].decode() for isa in range(GPT2S_NISA)
-                 if gpt2s_wtype_has_variant(t, isa))
+                 if (gpt2s_wtype_built_variant(t, isa) if built
+                     else gpt2s_wtype_has_variant(t, isa)))
+
+
+def cpu_variants():
+    """The instruction-set levels this build compiled and this CPU runs ("portable",
+    "x86-64-v3", "avx-vnni", "avx512", "avx512-vnni", "avx512-bf16"), checked by CPUID."""
+    return tuple(gpt2s_isa_names[isa].decode() for isa in range(GPT2S_NISA)
+                 if gpt2s_cpu_has(isa))
 
 
 def get_kernel_variant(name):

@@ -15,7 +15,8 @@
 
    Portable: quantization and the widening of rows into float32 (the panel route).
    x86-64-v3: direct kernels for 1 to 32 rows: the nt tile of tile.h, and for one row the
-   integer kernel of int8 (activations rounded once per call to int16 per block of 32). */
+   integer kernel of int8 (activations rounded once per call to int16 per block of 32).
+   avx512: the same on 512-bit registers (q8.h's avx512 kernels on 4-bit loads). */
 
 #ifndef GPT2S_Q4_H
 #define GPT2S_Q4_H
@@ -117,6 +118,16 @@ GPT2S_V3 static void gpt2s_q4_nt_arch_x86_64_v3(int M, int n, int K, const float
 GPT2S_V3 static void gpt2s_q4_widen_arch_x86_64_v3(float *out, int64_t ldo, const void *W,
         int64_t ldw, const uint16_t *S, int rows, int cols) {
     gpt2s_blocked_widen_arch_x86_64_v3(GPT2S_ELEM_Q4, out, ldo, W, ldw, S, rows, cols);
+}
+
+#endif
+
+#if GPT2S_HAVE_AVX512
+
+GPT2S_V4 static void gpt2s_q4_nt_arch_avx512(int M, int n, int K, const float *A, int lda,
+        const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)ldw;
+    gpt2s_blocked_nt_arch_avx512(GPT2S_ELEM_Q4, M, n, K, A, lda, W, S, accumulate, C, ldc);
 }
 
 #endif

@@ -13,7 +13,25 @@
 
    Portable: quantization, and the widening of rows into float32 for the panel route.
    x86-64-v3: direct kernels for 1 to 32 rows (the nt tile of tile.h, and an integer one-row
-   kernel) and a vector widening. */
+   kernel) and a vector widening.
+   avx-vnni: the one-row kernel with vpdpwssd (AVX-VNNI's fused multiply-add of int16 pairs
+   into int32) in place of x86-64-v3's vpmaddwd + vpaddd: the same integers, so the same
+   float32 outputs bit for bit; more rows as x86-64-v3.
+   avx512: the one-row kernel on 512-bit registers (a block of 32 int16 is one register: one
+   vpmaddwd per block and row) and the nt tile of tile.h on 16-float registers.
+
+   What the int8 variants compute, and why not vpdpbusd: every variant rounds the one-row
+   activations to int16 per block (below), so all of them stay within x86-64-v3's error
+   bound (|x - xq dx| <= max|x| / 65534 per block).  vpdpbusd multiplies unsigned bytes by
+   signed bytes: it would need the activations rounded to 8 bits, an error 128 times larger
+   (max|x| / 254 per block, llama.cpp's Q8_0 x Q8_0), or an int16 row split into two byte
+   halves -- two vpdpbusd, a weight-sum correction for the signed high half and a shift per
+   64 weights, more work than one vpmaddwd per 32.  On 512 bits a block is one vpmaddwd, so
+   AVX512_VNNI's vpdpwssd has no addition left to fuse (each block's int32 sums are scaled
+   before the next block's are added); on 256 bits (AVX-VNNI) it fuses one.  The few-row
+   kernels widen each weight to float32 once for all rows and use float32 FMAs: fewer
+   operations per weight and row than any integer product that must convert each block's sum
+   to float. */
 
 #ifndef GPT2S_Q8_H
 #define GPT2S_Q8_H
@@ -296,6 +314,157 @@ GPT2S_V3 static void gpt2s_q8_nt_arch_x86_64_v3(int M, int n, int K, const float
 GPT2S_V3 static void gpt2s_q8_widen_arch_x86_64_v3(float *out, int64_t ldo, const void *W,
         int64_t ldw, const uint16_t *S, int rows, int cols) {
     gpt2s_blocked_widen_arch_x86_64_v3(GPT2S_ELEM_Q8, out, ldo, W, ldw, S, rows, cols);
+}
+
+#endif
+
+/* ------------------------------------------------------------------ avx-vnni */
+
+#if GPT2S_HAVE_AVX512
+
+/* x86-64-v3's one-row kernel, each block's dot product one vpmaddwd and one vpdpwssd */
+GPT2S_AVXVNNI_INLINE int gpt2s_nt1_i16_arch_avx_vnni(const int ELEM, int n, int K,
+        const float *a, const void *W, const uint16_t *S, int accumulate, float *c,
+        int16_t *xq, float *dx) {
+    const int BLOCK_BYTES = ELEM == GPT2S_ELEM_Q4 ? 16 : 32;
+    int nb = K / GPT2S_Q8_BLOCK;
+    if (gpt2s_q8_round_row_arch_x86_64_v3(K, a, xq, dx) != 0) return -1;
+    for (int v = 0; v < n; v += 4) {
+        int vr = n - v < 4 ? n - v : 4;
+        int64_t e0 = (int64_t)v * K;
+        int64_t e1 = GPT2S_ROW(e0, 1, vr, K), e2 = GPT2S_ROW(e0, 2, vr, K);
+        int64_t e3 = GPT2S_ROW(e0, 3, vr, K);
+        const char *bytes0 = (const char *)W + e0 * BLOCK_BYTES / 32;
+        const uint16_t *d0 = S + (int64_t)v * nb;
+        const uint16_t *d1 = GPT2S_ROW(d0, 1, vr, nb), *d2 = GPT2S_ROW(d0, 2, vr, nb);
+        const uint16_t *d3 = GPT2S_ROW(d0, 3, vr, nb);
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        int prefetch = v + 8 <= n;
+        for (int b = 0; b < nb; b++) {
+            int k = b * GPT2S_Q8_BLOCK;
+            __m256i xa = _mm256_loadu_si256((const __m256i *)(xq + k));
+            __m256i xb = _mm256_loadu_si256((const __m256i *)(xq + k + 16));
+            float db = dx[b];
+            if (prefetch)
+                for (int off = 0; off < 4 * BLOCK_BYTES; off += 64)
+                    __builtin_prefetch(bytes0 + 4 * BLOCK_BYTES * (int64_t)b + 2048 + off);
+#define GPT2S_I16_ROW(er, dr, sr) do { \
+                __m256i lo, hi; \
+                gpt2s_block_i16_arch_x86_64_v3(ELEM, W, (er) + k, &lo, &hi); \
+                __m256i p = _mm256_dpwssd_avx_epi32(_mm256_madd_epi16(lo, xa), hi, xb); \
+                sr = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(_cvtsh_ss((dr)[b]) * db), sr); \
+            } while (0)
+            GPT2S_I16_ROW(e0, d0, s0);
+            GPT2S_I16_ROW(e1, d1, s1);
+            GPT2S_I16_ROW(e2, d2, s2);
+            GPT2S_I16_ROW(e3, d3, s3);
+#undef GPT2S_I16_ROW
+        }
+        float t[4] = {gpt2s_hsum_arch_x86_64_v3(s0), gpt2s_hsum_arch_x86_64_v3(s1),
+                      gpt2s_hsum_arch_x86_64_v3(s2), gpt2s_hsum_arch_x86_64_v3(s3)};
+        for (int r = 0; r < vr; r++) c[v + r] = accumulate ? c[v + r] + t[r] : t[r];
+    }
+    return 0;
+}
+
+GPT2S_AVXVNNI_INLINE void gpt2s_blocked_nt_arch_avx_vnni(const int ELEM, int M, int n, int K,
+        const float *A, int lda, const void *W, const uint16_t *S, int accumulate, float *C,
+        int ldc) {
+    if (M == 1 && K <= 16384) {
+        int16_t xq[16384] __attribute__((aligned(32)));
+        float dx[16384 / GPT2S_Q8_BLOCK];
+        if (gpt2s_nt1_i16_arch_avx_vnni(ELEM, n, K, A, W, S, accumulate, C, xq, dx) == 0)
+            return;
+    }
+    gpt2s_blocked_nt_arch_x86_64_v3(ELEM, M, n, K, A, lda, W, S, accumulate, C, ldc);
+}
+
+GPT2S_AVXVNNI static void gpt2s_q8_nt_arch_avx_vnni(int M, int n, int K, const float *A,
+        int lda, const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)ldw;
+    gpt2s_blocked_nt_arch_avx_vnni(GPT2S_ELEM_Q8, M, n, K, A, lda, W, S, accumulate, C, ldc);
+}
+
+/* ------------------------------------------------------------------ avx512 */
+
+/* a block's 32 weights as 32 int16 in order */
+GPT2S_V4_INLINE __m512i gpt2s_block_i16_arch_avx512(const int ELEM, const void *W, int64_t e) {
+    if (ELEM == GPT2S_ELEM_Q4) {
+        __m128i b = _mm_loadu_si128((const __m128i *)gpt2s_q4_byte(W, e));
+        __m128i mask = _mm_set1_epi8(15);
+        __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(b, mask)),
+                                            _mm_and_si128(_mm_srli_epi16(b, 4), mask), 1);
+        return _mm512_sub_epi16(_mm512_cvtepu8_epi16(q), _mm512_set1_epi16(8));
+    }
+    return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)((const int8_t *)W + e)));
+}
+
+/* x86-64-v3's one-row kernel (the row rounded to int16 by the same round_row) on 512 bits:
+   per block and W row one vpmaddwd, a conversion and an FMA by the block's d_w dx, which is
+   computed 16 blocks at a time before the row's loop (ds: 4 x K / 32 floats of scratch) */
+GPT2S_V4_INLINE int gpt2s_nt1_i16_arch_avx512(const int ELEM, int n, int K, const float *a,
+        const void *W, const uint16_t *S, int accumulate, float *c, int16_t *xq, float *dx,
+        float *ds) {
+    const int BLOCK_BYTES = ELEM == GPT2S_ELEM_Q4 ? 16 : 32;
+    int nb = K / GPT2S_Q8_BLOCK;
+    if (gpt2s_q8_round_row_arch_x86_64_v3(K, a, xq, dx) != 0) return -1;
+    for (int v = 0; v < n; v += 4) {
+        int vr = n - v < 4 ? n - v : 4;
+        int64_t e[4];
+        for (int r = 0; r < 4; r++) {
+            e[r] = (int64_t)(v + (vr > r ? r : 0)) * K;
+            const uint16_t *d = S + (e[r] / K) * nb;
+            for (int b = 0; b < nb; b += 16) {
+                __mmask16 m = gpt2s_mask16(nb - b);
+                __m512 sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, d + b));
+                _mm512_mask_storeu_ps(ds + r * nb + b, m,
+                                      _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(m, dx + b)));
+            }
+        }
+        const char *bytes0 = (const char *)W + e[0] * BLOCK_BYTES / 32;
+        __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+        int prefetch = v + 8 <= n;
+        for (int b = 0; b < nb; b++) {
+            int k = b * GPT2S_Q8_BLOCK;
+            __m512i x = _mm512_loadu_si512(xq + k);
+            if (prefetch)
+                for (int off = 0; off < 4 * BLOCK_BYTES; off += 64)
+                    __builtin_prefetch(bytes0 + 4 * BLOCK_BYTES * (int64_t)b + 2048 + off);
+#define GPT2S_I16_ROW(r, sr) \
+            sr = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16( \
+                     gpt2s_block_i16_arch_avx512(ELEM, W, e[r] + k), x)), \
+                 _mm512_set1_ps(ds[r * nb + b]), sr)
+            GPT2S_I16_ROW(0, s0);
+            GPT2S_I16_ROW(1, s1);
+            GPT2S_I16_ROW(2, s2);
+            GPT2S_I16_ROW(3, s3);
+#undef GPT2S_I16_ROW
+        }
+        float t[4] = {_mm512_reduce_add_ps(s0), _mm512_reduce_add_ps(s1),
+                      _mm512_reduce_add_ps(s2), _mm512_reduce_add_ps(s3)};
+        for (int r = 0; r < vr; r++) c[v + r] = accumulate ? c[v + r] + t[r] : t[r];
+    }
+    return 0;
+}
+
+/* C[:, 0:n] (+)= A (M, K) @ W (n, K)^T for a blocked type: one row by the int16 kernel, more
+   rows by the 16-float nt tile */
+GPT2S_V4_INLINE void gpt2s_blocked_nt_arch_avx512(const int ELEM, int M, int n, int K,
+        const float *A, int lda, const void *W, const uint16_t *S, int accumulate, float *C,
+        int ldc) {
+    if (M == 1 && K <= 16384) {   /* scratch on the stack: 32 + 2 + 8 KiB at most */
+        int16_t xq[16384] __attribute__((aligned(64)));
+        float dx[16384 / GPT2S_Q8_BLOCK], ds[4 * 16384 / GPT2S_Q8_BLOCK];
+        if (gpt2s_nt1_i16_arch_avx512(ELEM, n, K, A, W, S, accumulate, C, xq, dx, ds) == 0)
+            return;
+    }
+    gpt2s_nt_arch_avx512(ELEM, M, n, K, A, lda, W, K, S, accumulate, C, ldc);
+}
+
+GPT2S_V4 static void gpt2s_q8_nt_arch_avx512(int M, int n, int K, const float *A, int lda,
+        const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)ldw;
+    gpt2s_blocked_nt_arch_avx512(GPT2S_ELEM_Q8, M, n, K, A, lda, W, S, accumulate, C, ldc);
 }
 
 #endif

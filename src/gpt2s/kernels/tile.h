@@ -277,4 +277,250 @@ GPT2S_V3_INLINE void gpt2s_nt_tile_arch_x86_64_v3(const int ELEM, const int RA, 
 }
 
 #endif
+
+#if GPT2S_HAVE_AVX512
+
+/* ------------------------------------------------------------------ avx512
+   The same tiles on 16-float registers (32 of them): nn a tile of RA rows x 32 columns, nt
+   RA x RW accumulators of 16 lanes.  Tails by masked loads and stores instead of scalar
+   loops: the last strip of nn columns, the last K % 16 of an nt row (float32, bfloat16).  The
+   float arithmetic is that of x86-64-v3 (each weight widened exactly, then float32 FMAs), in
+   another order of the partial sums. */
+
+/* the first n of 16 lanes (n >= 16: all) */
+static inline __mmask16 gpt2s_mask16(int n) {
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+/* 16 weights W[i .. i + 16) widened to float32, the lanes of `mask` only (others 0; the
+   blocked types ignore it: int8, 4-bit: not yet scaled; 4-bit: i % 16 == 0, a block half) */
+GPT2S_V4_INLINE __m512 gpt2s_ld16_arch_avx512(const int ELEM, const void *W, int64_t i,
+                                              const int MASKED, __mmask16 mask) {
+    if (ELEM == GPT2S_ELEM_F32)
+        return MASKED ? _mm512_maskz_loadu_ps(mask, (const float *)W + i)
+                      : _mm512_loadu_ps((const float *)W + i);
+    if (ELEM == GPT2S_ELEM_BF16) {
+        __m256i h = MASKED ? _mm256_maskz_loadu_epi16(mask, (const uint16_t *)W + i)
+                           : _mm256_loadu_si256((const __m256i *)((const uint16_t *)W + i));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    if (ELEM == GPT2S_ELEM_Q4) {
+        __m128i b = _mm_loadu_si128((const __m128i *)gpt2s_q4_byte(W, i));
+        if (i & 16) b = _mm_srli_epi16(b, 4);
+        b = _mm_and_si128(b, _mm_set1_epi8(15));
+        return _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(b),
+                                                   _mm512_set1_epi32(8)));
+    }
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_loadu_si128((const __m128i *)((const int8_t *)W + i))));
+}
+
+/* C[:, j0:j0 + 32) (+)= A (M, K) @ W (K, .), the columns of masks m0, m1 only, tiles of RA */
+GPT2S_V4_INLINE void gpt2s_nn_strip_arch_avx512(const int ELEM, const int RA, const int MASKED,
+        __mmask16 m0, __mmask16 m1, int M, int k0, int k1, int j, int pf, int load,
+        const float *A, int lda, const void *W, int ldw, float *C, int ldc) {
+    const int PF = ELEM == GPT2S_ELEM_F32 ? 64 : 64;   /* two strips ahead */
+    for (int r0 = 0; r0 < M; r0 += RA) {
+        int mr = M - r0 < RA ? M - r0 : RA;
+        const float *a[8];
+        float *c[8];
+        __m512 s[8][2];
+#pragma GCC unroll 8
+        for (int i = 0; i < RA; i++) {
+            a[i] = GPT2S_ROW(A + (int64_t)r0 * lda, i, mr, lda);
+            c[i] = GPT2S_ROW(C + (int64_t)r0 * ldc + j, i, mr, ldc);
+            if (load) {
+                s[i][0] = MASKED ? _mm512_maskz_loadu_ps(m0, c[i]) : _mm512_loadu_ps(c[i]);
+                s[i][1] = MASKED ? _mm512_maskz_loadu_ps(m1, c[i] + 16)
+                                 : _mm512_loadu_ps(c[i] + 16);
+            } else {
+                s[i][0] = s[i][1] = _mm512_setzero_ps();
+            }
+        }
+        int64_t w = (int64_t)k0 * ldw + j;
+        int prefetch = pf && r0 == 0;
+        for (int k = k0; k < k1; k++, w += ldw) {
+            if (prefetch) {
+                __builtin_prefetch(gpt2s_elem_ptr(ELEM, W, w + PF));
+                if (ELEM == GPT2S_ELEM_F32) __builtin_prefetch(gpt2s_elem_ptr(ELEM, W, w + PF + 16));
+            }
+            __m512 w0 = gpt2s_ld16_arch_avx512(ELEM, W, w, MASKED, m0);
+            __m512 w1 = gpt2s_ld16_arch_avx512(ELEM, W, w + 16, MASKED, m1);
+#pragma GCC unroll 8
+            for (int i = 0; i < RA; i++) {
+                __m512 t = _mm512_set1_ps(a[i][k]);
+                s[i][0] = _mm512_fmadd_ps(t, w0, s[i][0]);
+                s[i][1] = _mm512_fmadd_ps(t, w1, s[i][1]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int i = RA - 1; i >= 0; i--) {
+            if (MASKED) {
+                _mm512_mask_storeu_ps(c[i], m0, s[i][0]);
+                _mm512_mask_storeu_ps(c[i] + 16, m1, s[i][1]);
+            } else {
+                _mm512_storeu_ps(c[i], s[i][0]);
+                _mm512_storeu_ps(c[i] + 16, s[i][1]);
+            }
+        }
+    }
+}
+
+/* C[:, 0:n] (+)= A (M, K) @ W (K, n) (float32, bfloat16), M >= 1: blocks of 64 rows of W,
+   strips of 32 columns (the last one masked), rows in tiles of 8 then one of 4 or 8 */
+GPT2S_V4_INLINE void gpt2s_nn_arch_avx512(const int ELEM, int M, int n, int K,
+        const float *A, int lda, const void *W, int ldw, int accumulate, float *C, int ldc) {
+    int n32 = n - n % 32, m8 = M - M % 8, rest = M - m8;
+    for (int k0 = 0; k0 < K; k0 += GPT2S_NN_KB) {
+        int k1 = k0 + GPT2S_NN_KB < K ? k0 + GPT2S_NN_KB : K;
+        int load = accumulate || k0 > 0;
+        for (int j = 0; j < n; j += 32) {
+            int pf = j + 64 + 32 <= n32;
+            const float *Ar = A + (int64_t)m8 * lda;
+            float *Cr = C + (int64_t)m8 * ldc;
+            if (j < n32) {
+                if (m8) gpt2s_nn_strip_arch_avx512(ELEM, 8, 0, 0, 0, m8, k0, k1, j, pf, load,
+                                                   A, lda, W, ldw, C, ldc);
+                if (rest > 4) gpt2s_nn_strip_arch_avx512(ELEM, 8, 0, 0, 0, rest, k0, k1, j, pf,
+                                                         load, Ar, lda, W, ldw, Cr, ldc);
+                else if (rest) gpt2s_nn_strip_arch_avx512(ELEM, 4, 0, 0, 0, rest, k0, k1, j,
+                                                          pf, load, Ar, lda, W, ldw, Cr, ldc);
+            } else {
+                __mmask16 m0 = gpt2s_mask16(n - j), m1 = gpt2s_mask16(n - j - 16);
+                if (m8) gpt2s_nn_strip_arch_avx512(ELEM, 8, 1, m0, m1, m8, k0, k1, j, 0, load,
+                                                   A, lda, W, ldw, C, ldc);
+                if (rest > 4) gpt2s_nn_strip_arch_avx512(ELEM, 8, 1, m0, m1, rest, k0, k1, j,
+                                                         0, load, Ar, lda, W, ldw, Cr, ldc);
+                else if (rest) gpt2s_nn_strip_arch_avx512(ELEM, 4, 1, m0, m1, rest, k0, k1, j,
+                                                          0, load, Ar, lda, W, ldw, Cr, ldc);
+            }
+        }
+    }
+}
+
+/* C[:, 0:n] (+)= A (M, K) @ W^T, W (n, K) row-major (ldw), in tiles of RA rows of A x RW rows
+   of W; float32 and bfloat16: the last K % 16 by masked loads; int8 and 4-bit: K % 32 == 0,
+   each block of 32 widened times its fp16 scale (S, [n][K / 32]).  Prefetch as x86-64-v3's. */
+GPT2S_V4_INLINE void gpt2s_nt_tile_arch_avx512(const int ELEM, const int RA, const int RW,
+        int M, int n, int K, const float *A, int lda, const void *W, int ldw,
+        const uint16_t *S, int accumulate, float *C, int ldc) {
+    int k16 = K - K % 16, nb = K / 32;
+    __mmask16 tail = gpt2s_mask16(K - k16);
+    for (int v = 0; v < n; v += RW) {
+        int vr = n - v < RW ? n - v : RW;
+        int64_t w[8];
+        const uint16_t *ws[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < RW; r++) {
+            int64_t row = v + (vr > r ? r : 0);
+            w[r] = row * ldw;
+            ws[r] = S + row * nb;
+        }
+        for (int m0 = 0; m0 < M; m0 += RA) {
+            int mr = M - m0 < RA ? M - m0 : RA;
+            const float *a[8];
+#pragma GCC unroll 8
+            for (int i = 0; i < RA; i++) a[i] = GPT2S_ROW(A + (int64_t)m0 * lda, i, mr, lda);
+            __m512 s[8][8];
+#pragma GCC unroll 8
+            for (int i = 0; i < RA; i++)
+#pragma GCC unroll 8
+                for (int r = 0; r < RW; r++) s[i][r] = _mm512_setzero_ps();
+            int prefetch = m0 == 0 && v + 2 * RW <= n;
+            if (!GPT2S_ELEM_BLOCKED(ELEM)) {
+                for (int k = 0; k < k16; k += 16) {
+                    __m512 x[8];
+#pragma GCC unroll 8
+                    for (int i = 0; i < RA; i++) x[i] = _mm512_loadu_ps(a[i] + k);
+#pragma GCC unroll 8
+                    for (int r = 0; r < RW; r++) {
+                        if (ELEM == GPT2S_ELEM_F32 ? prefetch : prefetch && (k & 31) == 0)
+                            __builtin_prefetch(gpt2s_elem_ptr(
+                                ELEM, W, w[r] + (int64_t)RW * ldw + k + 32));
+                        __m512 wv = gpt2s_ld16_arch_avx512(ELEM, W, w[r] + k, 0, 0);
+#pragma GCC unroll 8
+                        for (int i = 0; i < RA; i++) s[i][r] = _mm512_fmadd_ps(x[i], wv, s[i][r]);
+                    }
+                }
+                if (tail) {
+                    __m512 x[8];
+#pragma GCC unroll 8
+                    for (int i = 0; i < RA; i++) x[i] = _mm512_maskz_loadu_ps(tail, a[i] + k16);
+#pragma GCC unroll 8
+                    for (int r = 0; r < RW; r++) {
+                        __m512 wv = gpt2s_ld16_arch_avx512(ELEM, W, w[r] + k16, 1, tail);
+#pragma GCC unroll 8
+                        for (int i = 0; i < RA; i++) s[i][r] = _mm512_fmadd_ps(x[i], wv, s[i][r]);
+                    }
+                }
+            } else {
+                for (int b = 0; b < nb; b++) {
+                    int k = b * 32;
+                    __m512 d[8];
+#pragma GCC unroll 8
+                    for (int r = 0; r < RW; r++) {
+                        if (prefetch) {
+                            __builtin_prefetch(gpt2s_elem_ptr(ELEM, W, w[r] + (int64_t)RW * ldw
+                                                                            + k + 64));
+                            if ((b & 31) == 0) __builtin_prefetch(ws[r] + (int64_t)RW * nb + b + 32);
+                        }
+                        d[r] = _mm512_set1_ps(_cvtsh_ss(ws[r][b]));
+                    }
+#pragma GCC unroll 2
+                    for (int c = 0; c < 32; c += 16) {
+                        __m512 x[8];
+#pragma GCC unroll 8
+                        for (int i = 0; i < RA; i++) x[i] = _mm512_loadu_ps(a[i] + k + c);
+#pragma GCC unroll 8
+                        for (int r = 0; r < RW; r++) {
+                            __m512 wv = _mm512_mul_ps(
+                                gpt2s_ld16_arch_avx512(ELEM, W, w[r] + k + c, 0, 0), d[r]);
+#pragma GCC unroll 8
+                            for (int i = 0; i < RA; i++)
+                                s[i][r] = _mm512_fmadd_ps(x[i], wv, s[i][r]);
+                        }
+                    }
+                }
+            }
+#pragma GCC unroll 8
+            for (int i = RA - 1; i >= 0; i--) {
+                if (i >= mr) continue;
+#pragma GCC unroll 8
+                for (int r = RW - 1; r >= 0; r--) {
+                    if (r >= vr) continue;
+                    float t = _mm512_reduce_add_ps(s[i][r]);
+                    float *c = C + (int64_t)(m0 + i) * ldc + v + r;
+                    *c = accumulate ? *c + t : t;
+                }
+            }
+        }
+    }
+}
+
+/* the nt tile by rows of A: one row 1 x 8 (8 FMA chains), 2-3 rows 2 x 4, 4-7 rows 4 x 4,
+   8 or more 8 x 2 (the widening of a W vector shared by 8 rows), the rest as above */
+GPT2S_V4_INLINE void gpt2s_nt_arch_avx512(const int ELEM, int M, int n, int K, const float *A,
+        int lda, const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    if (M == 1)
+        gpt2s_nt_tile_arch_avx512(ELEM, 1, 8, M, n, K, A, lda, W, ldw, S, accumulate, C, ldc);
+    else if (M < 4)
+        gpt2s_nt_tile_arch_avx512(ELEM, 2, 4, M, n, K, A, lda, W, ldw, S, accumulate, C, ldc);
+    else if (M < 8)
+        gpt2s_nt_tile_arch_avx512(ELEM, 4, 4, M, n, K, A, lda, W, ldw, S, accumulate, C, ldc);
+    else {
+        int m8 = M - M % 8;
+        gpt2s_nt_tile_arch_avx512(ELEM, 8, 2, m8, n, K, A, lda, W, ldw, S, accumulate, C, ldc);
+        int r = M - m8;
+        const float *Ar = A + (int64_t)m8 * lda;
+        float *Cr = C + (int64_t)m8 * ldc;
+        if (r >= 4)
+            gpt2s_nt_tile_arch_avx512(ELEM, 4, 4, r, n, K, Ar, lda, W, ldw, S, accumulate, Cr, ldc);
+        else if (r >= 2)
+            gpt2s_nt_tile_arch_avx512(ELEM, 2, 4, r, n, K, Ar, lda, W, ldw, S, accumulate, Cr, ldc);
+        else if (r == 1)
+            gpt2s_nt_tile_arch_avx512(ELEM, 1, 8, r, n, K, Ar, lda, W, ldw, S, accumulate, Cr, ldc);
+    }
+}
+
+#endif
 #endif

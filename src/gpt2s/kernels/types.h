@@ -63,40 +63,79 @@ typedef struct {
 #else
 #define GPT2S_IF_V3(f) NULL
 #endif
+#if GPT2S_HAVE_AVX512
+#define GPT2S_IF_V4(f) f
+#else
+#define GPT2S_IF_V4(f) NULL
+#endif
 
+/* the columns of each row: portable, x86-64-v3, avx-vnni, avx512, avx512-vnni, avx512-bf16
+   (isa.h); an empty entry of a level above x86-64-v3 runs the nearest level below's */
 static const gpt2s_wtype_traits gpt2s_wtypes[GPT2S_NWTYPES] = {
     {"float32", GPT2S_STORE_FLOAT, 32, 0, 0, GPT2S_F32_DIRECT_MIN_ROWS, NULL,
-     {NULL, GPT2S_IF_V3(gpt2s_f32_nn_arch_x86_64_v3)},
-     {NULL, GPT2S_IF_V3(gpt2s_f32_nt_arch_x86_64_v3)},
-     {NULL, NULL}},
+     {NULL, GPT2S_IF_V3(gpt2s_f32_nn_arch_x86_64_v3), NULL,
+      GPT2S_IF_V4(gpt2s_f32_nn_arch_avx512), NULL, NULL},
+     {NULL, GPT2S_IF_V3(gpt2s_f32_nt_arch_x86_64_v3), NULL,
+      GPT2S_IF_V4(gpt2s_f32_nt_arch_avx512), NULL, NULL},
+     {NULL, NULL, NULL, NULL, NULL, NULL}},
     {"bfloat16", GPT2S_STORE_UINT16, 16, 0, 0, 1, gpt2s_bf16_quantize,
-     {NULL, GPT2S_IF_V3(gpt2s_bf16_nn_arch_x86_64_v3)},
-     {NULL, GPT2S_IF_V3(gpt2s_bf16_nt_arch_x86_64_v3)},
-     {gpt2s_bf16_widen, GPT2S_IF_V3(gpt2s_bf16_widen_arch_x86_64_v3)}},
+     {NULL, GPT2S_IF_V3(gpt2s_bf16_nn_arch_x86_64_v3), NULL,
+      GPT2S_IF_V4(gpt2s_bf16_nn_arch_avx512), NULL, NULL},
+     {NULL, GPT2S_IF_V3(gpt2s_bf16_nt_arch_x86_64_v3), NULL,
+      GPT2S_IF_V4(gpt2s_bf16_nt_arch_avx512), NULL, NULL},
+     {gpt2s_bf16_widen, GPT2S_IF_V3(gpt2s_bf16_widen_arch_x86_64_v3), NULL, NULL, NULL, NULL}},
     {"int8", GPT2S_STORE_INT8, 8, GPT2S_Q8_BLOCK, 1, 1, gpt2s_q8_quantize,
-     {NULL, NULL},
-     {NULL, GPT2S_IF_V3(gpt2s_q8_nt_arch_x86_64_v3)},
-     {gpt2s_q8_widen, GPT2S_IF_V3(gpt2s_q8_widen_arch_x86_64_v3)}},
+     {NULL, NULL, NULL, NULL, NULL, NULL},
+     {NULL, GPT2S_IF_V3(gpt2s_q8_nt_arch_x86_64_v3), GPT2S_IF_V4(gpt2s_q8_nt_arch_avx_vnni),
+      GPT2S_IF_V4(gpt2s_q8_nt_arch_avx512), NULL, NULL},
+     {gpt2s_q8_widen, GPT2S_IF_V3(gpt2s_q8_widen_arch_x86_64_v3), NULL, NULL, NULL, NULL}},
     {"int4", GPT2S_STORE_UINT8, 4, GPT2S_Q4_BLOCK, 1, 1, gpt2s_q4_quantize,
-     {NULL, NULL},
-     {NULL, GPT2S_IF_V3(gpt2s_q4_nt_arch_x86_64_v3)},
-     {gpt2s_q4_widen, GPT2S_IF_V3(gpt2s_q4_widen_arch_x86_64_v3)}},
+     {NULL, NULL, NULL, NULL, NULL, NULL},
+     {NULL, GPT2S_IF_V3(gpt2s_q4_nt_arch_x86_64_v3), NULL,
+      GPT2S_IF_V4(gpt2s_q4_nt_arch_avx512), NULL, NULL},
+     {gpt2s_q4_widen, GPT2S_IF_V3(gpt2s_q4_widen_arch_x86_64_v3), NULL, NULL, NULL, NULL}},
 };
 
 /* the chosen variant of each type: the best this CPU runs, unless a test forced another */
 static int gpt2s_wtype_variant[GPT2S_NWTYPES];
 
-static gpt2s_direct_fn gpt2s_wtype_direct(int t, int output_major, int isa) {
-    return output_major ? gpt2s_wtypes[t].direct_out[isa] : gpt2s_wtypes[t].direct_in[isa];
+/* The level a level above x86-64-v3 builds on: its empty entries are that level's.  (avx512
+   does not build on avx-vnni: a CPU may have either without the other.) */
+static int gpt2s_isa_base(int isa) {
+    switch (isa) {
+    case GPT2S_ISA_AVX512_VNNI: case GPT2S_ISA_AVX512_BF16: return GPT2S_ISA_AVX512;
+    case GPT2S_ISA_AVX512: case GPT2S_ISA_AVX_VNNI: return GPT2S_ISA_X86_64_V3;
+    default: return GPT2S_ISA_PORTABLE;
+    }
 }
 
-static gpt2s_widen_fn gpt2s_wtype_widen(int t, int isa) { return gpt2s_wtypes[t].widen[isa]; }
+/* the direct kernel of a variant: its own entry, else its base level's (never portable's:
+   the portable variant has no direct kernels) */
+static gpt2s_direct_fn gpt2s_wtype_direct(int t, int output_major, int isa) {
+    for (; isa > GPT2S_ISA_PORTABLE; isa = gpt2s_isa_base(isa)) {
+        gpt2s_direct_fn f = output_major ? gpt2s_wtypes[t].direct_out[isa]
+                                         : gpt2s_wtypes[t].direct_in[isa];
+        if (f) return f;
+    }
+    return NULL;
+}
 
-/* whether the type has any function of that variant (and this CPU runs it) */
-static int gpt2s_wtype_has_variant(int t, int isa) {
-    if (isa < 0 || isa >= GPT2S_NISA || !gpt2s_cpu_has(isa)) return 0;
+static gpt2s_widen_fn gpt2s_wtype_widen(int t, int isa) {
+    for (; isa > GPT2S_ISA_PORTABLE; isa = gpt2s_isa_base(isa))
+        if (gpt2s_wtypes[t].widen[isa]) return gpt2s_wtypes[t].widen[isa];
+    return gpt2s_wtypes[t].widen[GPT2S_ISA_PORTABLE];
+}
+
+/* whether this build has functions of its own for the type at that level (portable: always) */
+static int gpt2s_wtype_built_variant(int t, int isa) {
+    if (isa < 0 || isa >= GPT2S_NISA) return 0;
     return isa == GPT2S_ISA_PORTABLE || gpt2s_wtypes[t].direct_in[isa]
            || gpt2s_wtypes[t].direct_out[isa] || gpt2s_wtypes[t].widen[isa];
+}
+
+/* whether the type has a variant of its own at that level and this CPU runs it */
+static int gpt2s_wtype_has_variant(int t, int isa) {
+    return gpt2s_wtype_built_variant(t, isa) && gpt2s_cpu_has(isa);
 }
 
 static int gpt2s_wtype_best_variant(int t) {
