@@ -6,6 +6,7 @@ refusals."""
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -181,3 +182,46 @@ def test_refuses_bad_token_ids_and_targets():
         m.forward(np.array([[1, 2]]), np.array([[-2, 1]]))
     with pytest.raises(RuntimeError, match="backward\\(\\) needs a forward"):
         m.backward()
+
+
+def test_load_transformers_checkpoint_and_save_back(tmp_path):
+    """A checkpoint transformers saves (float32 and bfloat16) loads; gpt2s' save loads back
+    into transformers' LlamaForCausalLM with the same logits."""
+    cfg, m, hf = _pair("gqa3-llama3", seed=5)
+    idx = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 7))
+    ref = hf(input_ids=torch.from_numpy(idx)).logits.detach().numpy()
+    hf.float().save_pretrained(tmp_path / "hf", safe_serialization=True)
+    loaded = LlamaForCausalLM.from_safetensors(tmp_path / "hf")
+    assert loaded.config == cfg
+    assert rel_err(loaded.forward(idx)[0], ref) < 1e-5
+    for k, v in m.params.items():
+        assert np.array_equal(loaded.params[k], v), k
+    out = loaded.save_safetensors(tmp_path / "ours")
+    back = transformers.LlamaForCausalLM.from_pretrained(out).double().eval()
+    assert rel_err(back(input_ids=torch.from_numpy(idx)).logits.detach().numpy(), ref) < 1e-5
+    # a lone file carries its config
+    single = loaded.save_safetensors(tmp_path / "one.safetensors", dtype="bfloat16")
+    again = LlamaForCausalLM.from_safetensors(single)
+    assert again.config == cfg
+    assert rel_err(again.forward(idx)[0], ref) < 3e-2   # bfloat16 weights
+    hf.to(torch.bfloat16).save_pretrained(tmp_path / "hf16", safe_serialization=True)
+    assert LlamaForCausalLM.from_safetensors(tmp_path / "hf16").config == cfg
+
+
+def test_load_refuses_missing_and_unexpected_tensors(tmp_path):
+    from gpt2s.weights import SafetensorsError
+    cfg, m, _ = _pair("mha", seed=2)
+    params = dict(m.params)
+    del params["model.layers.1.mlp.up_proj.weight"]
+    from gpt2s.weights import save_safetensors
+    save_safetensors(tmp_path / "a", params, cfg, prefix="")
+    with pytest.raises(SafetensorsError, match="'model.layers.1.mlp.up_proj.weight' is missing"):
+        LlamaForCausalLM.from_safetensors(tmp_path / "a")
+    params = dict(m.params)
+    params["model.layers.0.extra.weight"] = np.zeros(3, np.float32)
+    save_safetensors(tmp_path / "b", params, cfg, prefix="")
+    with pytest.raises(SafetensorsError, match="unexpected tensor 'model.layers.0.extra.weight'"):
+        LlamaForCausalLM.from_safetensors(tmp_path / "b")
+    (tmp_path / "b" / "config.json").write_text(json.dumps({**cfg.to_hf_dict(), "foo": 1}))
+    with pytest.raises(ValueError, match="unknown key 'foo'"):
+        LlamaForCausalLM.from_safetensors(tmp_path / "b")

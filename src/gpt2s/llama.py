@@ -2,9 +2,10 @@
 attention, SwiGLU MLP) on gpt2s' kernels, with Hugging Face's parameter names.
 
 The first increment of issue 25: float32 parameters in a `ParameterStore`, forward (logits
-and loss), backward (gradients accumulated into ``grads``) and the KV-cache forward of
-decoding (`forward_cached`, the cache holding the key/value heads only).  Loading from
-safetensors, saving, generation and the bfloat16/int8 storage come next.
+and loss), backward (gradients accumulated into ``grads``), the KV-cache forward of
+decoding (`forward_cached`, the cache holding the key/value heads only), loading and saving
+safetensors in Hugging Face's layout.  Generation, training through the trainer and the
+bfloat16/int8 storage come next.
 
 Per block, as transformers' LlamaDecoderLayer computes it:
 
@@ -21,8 +22,12 @@ from __future__ import annotations
 
 import numpy as np
 
+import os
+
 from . import _core
+from . import weights as _weights
 from .buffers import KVCache
+from .config import parse_config_json
 from .llama_config import EMBED, HEAD, NORM, LlamaConfig
 from .params import ParameterStore
 
@@ -75,6 +80,63 @@ class LlamaForCausalLM:
             else:
                 p[...] = rng.normal(0.0, 0.02, p.shape)
         return m
+
+    @classmethod
+    def from_safetensors(cls, path) -> "LlamaForCausalLM":
+        """A float32 model from a Hugging Face Llama checkpoint: a directory with config.json
+        and model.safetensors, or a .safetensors file saved by gpt2s (its config in the
+        __metadata__).  Tensors in float32, float16 or bfloat16.
+
+        Raises:
+            FileNotFoundError: no such file or directory.
+            SafetensorsError (a ValueError): a bad file, a tensor missing, unexpected or of
+                the wrong shape, a non-finite value (the message names the file and tensor).
+            ValueError: a config.json gpt2s refuses (named by key).
+        """
+        file, cfg_file = _weights.resolve_model_path(path)
+        mm, header, metadata, data_start = _weights.open_mapped(file)
+        try:
+            if cfg_file is not None:
+                if os.stat(cfg_file).st_size > 16 << 20:
+                    raise ValueError(f"{cfg_file}: too large for a config.json")
+                config = LlamaConfig.from_json_file(cfg_file)
+            elif _weights.CONFIG_METADATA_KEY in metadata:
+                source = f"{file}: __metadata__[{_weights.CONFIG_METADATA_KEY!r}]"
+                config = LlamaConfig.from_hf_dict(
+                    parse_config_json(metadata[_weights.CONFIG_METADATA_KEY], source), source)
+            else:
+                raise _weights.SafetensorsError(
+                    f"{file}: no config.json beside it and no config in its __metadata__: a "
+                    f"Llama model's sizes cannot be read from its tensors alone")
+            m = cls(config)
+            for name in header:
+                if name in m.params or name.endswith(".rotary_emb.inv_freq"):
+                    continue
+                if name == HEAD and config.tie_word_embeddings:
+                    continue   # a tied head saved anyway: checked equal below
+                raise _weights.SafetensorsError(
+                    f"{file}: unexpected tensor {name!r} for this Llama config")
+            for name, p in m.params.items():
+                if name not in header:
+                    raise _weights.SafetensorsError(f"{file}: tensor {name!r} is missing")
+                _weights.read_tensor(file, header, name, data_start, mm, p)
+            if config.tie_word_embeddings and HEAD in header:
+                head = np.empty_like(m.params[EMBED])
+                _weights.read_tensor(file, header, HEAD, data_start, mm, head)
+                if not np.array_equal(head, m.params[EMBED]):
+                    raise _weights.SafetensorsError(
+                        f"{file}: {HEAD!r} differs from {EMBED!r} but the config ties them "
+                        f"(tie_word_embeddings)")
+        finally:
+            mm.close()
+        return m
+
+    def save_safetensors(self, path, dtype: str = "float32"):
+        """Write the model as Hugging Face's LlamaForCausalLM lays it out (model.safetensors
+        and config.json in the directory path, or a lone .safetensors file with the config in
+        its __metadata__), in float32, float16 or bfloat16; all-or-nothing (temp file +
+        rename).  Returns the path written."""
+        return _weights.save_safetensors(path, self.params, self.config, prefix="", dtype=dtype)
 
     @property
     def params(self) -> dict:
