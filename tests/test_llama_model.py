@@ -225,3 +225,19 @@ def test_load_refuses_missing_and_unexpected_tensors(tmp_path):
     (tmp_path / "b" / "config.json").write_text(json.dumps({**cfg.to_hf_dict(), "foo": 1}))
     with pytest.raises(ValueError, match="unknown key 'foo'"):
         LlamaForCausalLM.from_safetensors(tmp_path / "b")
+
+
+@pytest.mark.parametrize("name", ["gqa2-tied", "gqa3-llama3"])
+def test_greedy_generation_matches_transformers(name):
+    """Greedy decoding through gpt2s' loop (prefill, then one token at a time from the cache of
+    KV heads) gives transformers' greedy tokens; two samples per prompt share the prefill."""
+    cfg, m, hf = _pair(name, seed=8)
+    prompt = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 4))
+    hf.generation_config.eos_token_id = None   # (no end token: every row runs 10 steps)
+    want = hf.generate(torch.from_numpy(prompt), max_new_tokens=10, do_sample=False,
+                       attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                       pad_token_id=0).numpy()
+    got = m.generate(prompt, 10, temperature=0.0)
+    assert np.array_equal(got, want)
+    two = m.generate(prompt, 10, temperature=0.0, num_samples=2)
+    assert np.array_equal(two, np.repeat(want, 2, axis=0))

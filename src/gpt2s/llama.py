@@ -4,8 +4,8 @@ attention, SwiGLU MLP) on gpt2s' kernels, with Hugging Face's parameter names.
 The first increment of issue 25: float32 parameters in a `ParameterStore`, forward (logits
 and loss), backward (gradients accumulated into ``grads``), the KV-cache forward of
 decoding (`forward_cached`, the cache holding the key/value heads only), loading and saving
-safetensors in Hugging Face's layout.  Generation, training through the trainer and the
-bfloat16/int8 storage come next.
+safetensors in Hugging Face's layout, and generation through gpt2s' decoding loop.  Training
+through the trainer, the tokenizer and the bfloat16/int8 storage come next.
 
 Per block, as transformers' LlamaDecoderLayer computes it:
 
@@ -25,6 +25,7 @@ import numpy as np
 import os
 
 from . import _core
+from . import generation as _generation
 from . import weights as _weights
 from .buffers import KVCache
 from .config import parse_config_json
@@ -238,6 +239,10 @@ class LlamaForCausalLM:
         """Logits (B, T, V) for every position and, with targets (B, T; -1 ignored), the mean
         cross-entropy loss (else None).  With targets the activations are kept for
         `backward`."""
+        with _core.pinned_num_threads():   # every kernel of the call on one team size
+            return self._forward(idx, targets)
+
+    def _forward(self, idx, targets):
         cfg = self.config
         idx = self._check_idx(idx)
         B, T = idx.shape
@@ -282,6 +287,10 @@ class LlamaForCausalLM:
 
     def backward(self):
         """Gradients of the last forward's loss, added into ``grads``."""
+        with _core.pinned_num_threads():
+            self._backward()
+
+    def _backward(self):
         if self._pending is None:
             raise RuntimeError("backward() needs a forward(idx, targets) first")
         f, self._pending = self._pending, None
@@ -361,6 +370,10 @@ class LlamaForCausalLM:
         """The logits (B, V) of the last position of idx (B, T), whose tokens sit at
         positions pos0 .. pos0 + T - 1: their keys and values are written into the cache and
         attention reads positions 0 .. pos0 + T - 1 from it."""
+        with _core.pinned_num_threads():
+            return self._forward_cached(idx, pos0, cache)
+
+    def _forward_cached(self, idx, pos0, cache):
         cfg = self.config
         idx = self._check_idx(idx)
         B, T = idx.shape
@@ -384,3 +397,16 @@ class LlamaForCausalLM:
         logits = np.empty((B, cfg.vocab_size), np.float32)
         _core.lm_head_forward(logits, lnf, self._head(self.params))
         return logits
+
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                 top_p=None, seed=None, *, num_samples: int = 1, stop_at_eos: bool = False,
+                 eos_token_id: int | None = None, context_full: str = "stop") -> np.ndarray:
+        """Continue the prompts idx (B, T) or (T,) by up to max_new_tokens tokens, as
+        `GPT2.generate` does (temperature 0: greedy); returns the token ids, prompts
+        included.  stop_at_eos needs the checkpoint's eos_token_id."""
+        if stop_at_eos and eos_token_id is None:
+            raise ValueError("stop_at_eos needs eos_token_id (the checkpoint's end token)")
+        return _generation.generate(self, idx, max_new_tokens, temperature, top_k, top_p, seed,
+                                    num_samples=num_samples, stop_at_eos=stop_at_eos,
+                                    eos_token_id=eos_token_id if eos_token_id is not None
+                                    else 0, context_full=context_full)

@@ -160,6 +160,12 @@ class LlamaConfig:
         return self.num_hidden_layers
 
     @property
+    def n_ctx(self) -> int:
+        """The longest sequence (max_position_embeddings), by the name the decoding loop
+        reads."""
+        return self.max_position_embeddings
+
+    @property
     def n_head(self) -> int:
         return self.num_attention_heads
 
