@@ -241,3 +241,34 @@ def test_greedy_generation_matches_transformers(name):
     assert np.array_equal(got, want)
     two = m.generate(prompt, 10, temperature=0.0, num_samples=2)
     assert np.array_equal(two, np.repeat(want, 2, axis=0))
+
+
+def test_adamw_training_steps_match_torch():
+    """gpt2s' AdamW (with clipping) runs on the Llama model's store: three steps track
+    torch.optim.AdamW on transformers' model (float64), decay on the 2-D tensors only."""
+    cfg, m, hf = _pair("gqa2-tied", seed=6)
+    rng = np.random.default_rng(6)
+    idx = rng.integers(0, cfg.vocab_size, (2, 8))
+    targets = rng.integers(0, cfg.vocab_size, (2, 8))
+    # eps 1e-6: Adam turns any gradient far above eps into a step of ~lr whatever its size,
+    # so a gradient at float32's noise level (1e-8) would be a full step on one side only
+    opt = gpt2s.AdamW(m, lr=1e-3, weight_decay=0.1, eps=1e-6)
+    named = dict(hf.named_parameters())
+    groups = [{"params": [p for p in named.values() if p.ndim >= 2], "weight_decay": 0.1},
+              {"params": [p for p in named.values() if p.ndim < 2], "weight_decay": 0.0}]
+    topt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-6)
+    for _ in range(3):
+        m.zero_grad()
+        _, loss = m.forward(idx, targets)
+        m.backward()
+        opt.step(max_norm=1.0)
+        topt.zero_grad()
+        out = hf(input_ids=torch.from_numpy(idx))
+        tloss = torch.nn.functional.cross_entropy(out.logits.reshape(16, -1),
+                                                  torch.from_numpy(targets).reshape(-1))
+        tloss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        topt.step()
+        assert abs(loss - tloss.item()) / tloss.item() < 1e-5
+    for k, v in m.params.items():
+        assert rel_err(v, named[k].detach().numpy()) < 1e-5, k
