@@ -183,7 +183,7 @@ def test_every_example_is_checked():
 MODULES = ["gpt2s", "gpt2s.model", "gpt2s.config", "gpt2s.optim", "gpt2s.tokenizer",
            "gpt2s._threads", "gpt2s.weights", "gpt2s.generation", "gpt2s.generate",
            "gpt2s.train", "gpt2s.training", "gpt2s.params", "gpt2s.buffers",
-           "gpt2s.inputs"]
+           "gpt2s.inputs", "gpt2s.llama", "gpt2s.llama_config"]
 
 
 def _doctests():

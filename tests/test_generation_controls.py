@@ -383,10 +383,10 @@ def test_kernels_with_row_positions_equal_one_row_calls():
     keys = rng.standard_normal((B, n_ctx, C)).astype(np.float32)
     values = rng.standard_normal((B, n_ctx, C)).astype(np.float32)
     k1, v1 = keys.copy(), values.copy()
-    _core.kv_cache_write(keys, values, qkv, 0, row_pos)
+    _core.kv_cache_write(keys, values, qkv, 0, row_pos=row_pos)
     out = np.empty((B, T, C), np.float32)
     _core.attention_forward(out, np.empty((0, 0, 0), np.float32), qkv, 0, keys, 0, values, 0,
-                            0, NH, 0.25, row_pos)
+                            0, NH, 0.25, row_pos=row_pos)
     for b in range(B):
         kb, vb = k1[b:b + 1].copy(), v1[b:b + 1].copy()
         _core.kv_cache_write(kb, vb, qkv[b:b + 1], int(row_pos[b]))
@@ -398,10 +398,10 @@ def test_kernels_with_row_positions_equal_one_row_calls():
         np.testing.assert_array_equal(out[b], ob[0])
     with pytest.raises(ValueError, match=r"row_pos\[1\] = 11: need 0 <= row_pos and "
                                          r"row_pos \+ T <= 12"):
-        _core.kv_cache_write(keys, values, qkv, 0, np.array([0, 11, 0], np.int64))
+        _core.kv_cache_write(keys, values, qkv, 0, row_pos=np.array([0, 11, 0], np.int64))
     with pytest.raises(ValueError, match="row_pos has 2 entries for 3 rows"):
         _core.attention_forward(out, np.empty((0, 0, 0), np.float32), qkv, 0, keys, 0, values,
-                                0, 0, NH, 0.25, np.array([0, 1], np.int64))
+                                0, 0, NH, 0.25, row_pos=np.array([0, 1], np.int64))
     with pytest.raises(ValueError, match=r"row_pos\[0\] = -1"):
         _core.embedding_forward(emb, idx, wte, wpe, T, 0, np.array([-1, 0, 0], np.int64))
 

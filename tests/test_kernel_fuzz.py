@@ -276,6 +276,30 @@ def _(d, i, b):
                 mean=b.f32(d.N), rstd=b.pos(d.N), scratch=b.f32(d.S, 2 * d.C))
 
 
+# RMSNorm
+for _keep in (True, False):
+    @spec("rmsnorm_forward", "stats" if _keep else "no stats", dict(N=5, C=24),
+          {"out": W, "rstd": W})
+    def _(d, i, b, _keep=_keep):
+        return dict(out=b.f32(d.N, d.C), rstd=b.f32(d.N if _keep else 0), inp=b.f32(d.N, d.C),
+                    weight=b.f32(d.C), eps=1e-5)
+
+    @spec("residual_rmsnorm_forward", "stats" if _keep else "no stats", dict(N=5, C=24),
+          {"residual": W, "out": W, "rstd": W})
+    def _(d, i, b, _keep=_keep):
+        return dict(residual=b.f32(d.N, d.C), out=b.f32(d.N, d.C),
+                    rstd=b.f32(d.N if _keep else 0), inp1=b.f32(d.N, d.C),
+                    inp2=b.f32(d.N, d.C), weight=b.f32(d.C), eps=1e-5)
+
+
+@spec("rmsnorm_backward", "", dict(N=5, C=24, S=2), {"dinp": ACC, "dweight": ACC,
+                                                     "scratch": SCRATCH})
+def _(d, i, b):
+    return dict(dinp=b.f32(d.N, d.C), dweight=b.f32(d.C), dout=b.f32(d.N, d.C),
+                inp=b.f32(d.N, d.C), weight=b.f32(d.C), rstd=b.pos(d.N),
+                scratch=b.f32(d.S, d.C))
+
+
 # matmuls: one row (sgemv, or split over K), a few rows (the few-row kernels), many rows
 for _N in (1, 5, 70):
     for _bias in (True, False):
@@ -382,6 +406,28 @@ for _act in _core.activation_kernels():
         return dict(dinp=b.f32(d.N, d.D), inp=b.f32(d.N, d.D), dout=b.f32(d.N, d.D),
                     activation=_act)
 
+# gated linear units (SwiGLU) and rotary position embeddings (in place, at col_off, n_heads
+# heads of head_dim, H pairs rotated per head, X spare columns)
+for _act in ("silu", "gelu_erf"):
+    @spec("glu_forward", _act, dict(N=5, I=12), {"out": W})
+    def _(d, i, b, _act=_act):
+        return dict(out=b.f32(d.N, d.I), inp=b.f32(d.N, 2 * d.I), activation=_act)
+
+    @spec("glu_backward", _act, dict(N=5, I=12), {"dinp": W})
+    def _(d, i, b, _act=_act):
+        return dict(dinp=b.f32(d.N, 2 * d.I), inp=b.f32(d.N, 2 * d.I), dout=b.f32(d.N, d.I),
+                    activation=_act)
+
+for _kernel in ("rotary_forward", "rotary_backward"):
+    @spec(_kernel, "", dict(N=5, NH=3, HD=6, H=2, X=2), {"x" if _kernel == "rotary_forward"
+                                                         else "dx": UPD},
+          ints=lambda d: dict(col_off=1, n_heads=d.NH, head_dim=d.HD),
+          int_arrays=("positions",))
+    def _(d, i, b, _kernel=_kernel):
+        return {"x" if _kernel == "rotary_forward" else "dx": b.f32(d.N, d.X + d.NH * d.HD),
+                "positions": b.ids(d.N, 100), "inv_freq": b.f32(d.H),
+                "col_off": i["col_off"], "n_heads": i["n_heads"], "head_dim": i["head_dim"]}
+
 for _complement in (False, True):
     @spec("erf_forward", f"complement={_complement}", dict(N=5, D=24), {"out": W})
     def _(d, i, b, _complement=_complement):
@@ -423,6 +469,43 @@ def _(d, i, b):
                 scale=0.5)
 
 
+# grouped-query attention: NKV key/value heads, each read by G query heads; the qkv row is
+# [q (C) | k (KVC) | v (KVC)], the KV cache KVC wide
+for _T in (5, 70):
+    @spec("attention_forward", f"gqa train T={_T}", dict(B=2, T=_T, NKV=2, G=3, HS=4),
+          {"out": W, "lse": W},
+          ints=lambda d: dict(q_off=0, k_off=d.NKV * d.G * d.HS,
+                              v_off=d.NKV * (d.G + 1) * d.HS, pos0=0, n_head=d.NKV * d.G,
+                              n_kv_head=d.NKV))
+    def _(d, i, b):
+        C, KVC = d.NKV * d.G * d.HS, d.NKV * d.HS
+        qkv = b.f32(d.B, d.T, C + 2 * KVC)
+        return dict(out=b.f32(d.B, d.T, C), lse=b.f32(d.B, d.NKV * d.G, d.T), q=qkv,
+                    q_off=i["q_off"], k=qkv, k_off=i["k_off"], v=qkv, v_off=i["v_off"],
+                    pos0=i["pos0"], n_head=i["n_head"], scale=0.5, n_kv_head=i["n_kv_head"])
+
+    @spec("attention_backward", f"gqa T={_T}", dict(B=2, T=_T, NKV=2, G=3, HS=4), {"dqkv": W},
+          ints=lambda d: dict(n_head=d.NKV * d.G, n_kv_head=d.NKV))
+    def _(d, i, b):
+        C, KVC = d.NKV * d.G * d.HS, d.NKV * d.HS
+        lse = np.full(_shape((d.B, d.NKV * d.G, d.T)), 8.0, np.float32)
+        return dict(dqkv=b.f32(d.B, d.T, C + 2 * KVC), dout=b.f32(d.B, d.T, C),
+                    out=b.f32(d.B, d.T, C), lse=lse, qkv=b.f32(d.B, d.T, C + 2 * KVC),
+                    n_head=i["n_head"], scale=0.5, n_kv_head=i["n_kv_head"])
+
+
+@spec("attention_forward", "gqa decode", dict(B=2, T=1, NKV=2, G=4, HS=4, P=9),
+      {"out": W, "lse": W},
+      ints=lambda d: dict(q_off=0, k_off=0, v_off=0, pos0=5, n_head=d.NKV * d.G,
+                          n_kv_head=d.NKV))
+def _(d, i, b):
+    C, KVC = d.NKV * d.G * d.HS, d.NKV * d.HS
+    return dict(out=b.f32(d.B, d.T, C), lse=b.f32(0, 0, 0), q=b.f32(d.B, d.T, C + 2 * KVC),
+                q_off=i["q_off"], k=b.f32(d.B, d.P, KVC), k_off=i["k_off"],
+                v=b.f32(d.B, d.P, KVC), v_off=i["v_off"], pos0=i["pos0"], n_head=i["n_head"],
+                scale=0.5, n_kv_head=i["n_kv_head"])
+
+
 def _cache_rows(a):
     return np.s_[:a["qkv"].shape[0], a["pos0"]:a["pos0"] + a["qkv"].shape[1]]
 
@@ -433,6 +516,14 @@ def _cache_rows(a):
 def _(d, i, b):
     return dict(kcache=b.f32(d.B, d.P, d.C), vcache=b.f32(d.B, d.P, d.C),
                 qkv=b.f32(d.B, d.T, 3 * d.C), pos0=i["pos0"])
+
+
+@spec("kv_cache_write", "gqa", dict(B=2, T=3, C=8, Q=24, P=9),
+      {"kcache": written(_cache_rows), "vcache": written(_cache_rows)},
+      ints=lambda d: dict(pos0=4, q_width=d.Q))
+def _(d, i, b):
+    return dict(kcache=b.f32(d.B, d.P, d.C), vcache=b.f32(d.B, d.P, d.C),
+                qkv=b.f32(d.B, d.T, d.Q + 2 * d.C), pos0=i["pos0"], q_width=i["q_width"])
 
 
 # softmax cross-entropy

@@ -15,7 +15,7 @@ N = B * T rows, OC output channels of a matmul.
 from cython.parallel cimport prange, parallel, threadid
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
-from libc.math cimport sqrtf, sqrt, isfinite  # isfinite: kernels/sampling.pxi
+from libc.math cimport sqrtf, sqrt, isfinite, sin, cos  # isfinite: kernels/sampling.pxi
 from libc.stdint cimport int64_t, int32_t, uint16_t, int8_t
 from libc.limits cimport INT_MAX
 from cpython.number cimport PyNumber_Index
@@ -48,6 +48,10 @@ cdef extern from "kernels/rows.h":
     void gpt2s_layernorm_backward_row(float *dinp, float *dw, float *db, const float *dout, const float *x, const float *w, float m, float r, int C) noexcept nogil
     float gpt2s_expf(float x) noexcept nogil
     float gpt2s_dot(const float *x, const float *y, int n) noexcept nogil
+    void gpt2s_rmsnorm_row(float *out, float *rstd_out, const float *x, const float *w, int C, float eps) noexcept nogil
+    void gpt2s_rmsnorm_backward_row(float *dinp, float *dw, const float *dout, const float *x, const float *w, float r, int C) noexcept nogil
+    void gpt2s_rotary_row(float *x, const float *cs, const float *sn, int h) noexcept nogil
+    void gpt2s_mul_row(float *out, const float *act, const float *up, int n) noexcept nogil
 
 
 # whether OpenMP was compiled in, the team size pinned for this thread's public call (with
@@ -683,6 +687,87 @@ def layernorm_backward(float[:, ::1] dinp, float[::1] dweight, float[::1] dbias,
 
 
 # --------------------------------------------------------------------------------------------
+# RMSNorm (Llama, Qwen2): out = weight * (x * rstd), rstd = 1 / sqrt(mean(x^2) + eps)
+
+def rmsnorm_forward(float[:, ::1] out, float[::1] rstd, const float[:, ::1] inp,
+                    const float[::1] weight, float eps):
+    # out (N, C) = weight * (inp * rstd); rstd (N,) kept for the backward (empty: not kept)
+    cdef Py_ssize_t N = inp.shape[0], C = inp.shape[1], n
+    if (out.shape[0] != N or out.shape[1] != C or weight.shape[0] != C
+            or (rstd.shape[0] != 0 and rstd.shape[0] != N) or C < 1 or _over_int(C)):
+        raise ValueError(f"rmsnorm_forward: out {_sh(out)}, rstd {_sh(rstd)}, inp {_sh(inp)}, "
+                         f"weight {_sh(weight)}: need out like inp (N, C) with 1 <= C < 2^31, "
+                         f"weight (C,), rstd (N,) or empty")
+    if N == 0:
+        return
+    cdef float *pr = &rstd[0] if rstd.shape[0] > 0 else NULL
+    for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
+        gpt2s_rmsnorm_row(&out[n, 0], (pr + n) if pr != NULL else NULL, &inp[n, 0],
+                          &weight[0], C, eps)
+
+
+def residual_rmsnorm_forward(float[:, ::1] residual, float[:, ::1] out, float[::1] rstd,
+                             const float[:, ::1] inp1, const float[:, ::1] inp2,
+                             const float[::1] weight, float eps):
+    # residual (N, C) = inp1 + inp2, then out = rmsnorm(residual): one pass over the rows
+    cdef Py_ssize_t N = inp1.shape[0], C = inp1.shape[1], n, c
+    if (inp2.shape[0] != N or inp2.shape[1] != C or residual.shape[0] != N
+            or residual.shape[1] != C or out.shape[0] != N or out.shape[1] != C
+            or weight.shape[0] != C or (rstd.shape[0] != 0 and rstd.shape[0] != N)
+            or C < 1 or _over_int(C)):
+        raise ValueError(f"residual_rmsnorm_forward: residual {_sh(residual)}, out {_sh(out)}, "
+                         f"rstd {_sh(rstd)}, inp1 {_sh(inp1)}, inp2 {_sh(inp2)}, weight "
+                         f"{_sh(weight)}: need residual, out, inp2 like inp1 (N, C) with "
+                         f"1 <= C < 2^31, weight (C,), rstd (N,) or empty")
+    if N == 0:
+        return
+    cdef float *r
+    cdef const float *a
+    cdef const float *b
+    cdef float *pr = &rstd[0] if rstd.shape[0] > 0 else NULL
+    for n in prange(N, nogil=True, num_threads=threads_for(N * C), schedule='static'):
+        r = &residual[n, 0]
+        a = &inp1[n, 0]
+        b = &inp2[n, 0]
+        for c in range(C):
+            r[c] = a[c] + b[c]
+        gpt2s_rmsnorm_row(&out[n, 0], (pr + n) if pr != NULL else NULL, r, &weight[0], C, eps)
+
+
+def rmsnorm_backward(float[:, ::1] dinp, float[::1] dweight, const float[:, ::1] dout,
+                     const float[:, ::1] inp, const float[::1] weight, const float[::1] rstd,
+                     float[:, ::1] scratch):
+    # dinp (N, C) += d/dinp;  dweight (C,) += column sums of (inp * rstd) * dout.
+    # scratch (nt, C): per-thread partial dweight, reduced after the parallel loop (at most
+    # one partial sum per scratch row, as layernorm_backward)
+    cdef Py_ssize_t N = inp.shape[0], C = inp.shape[1], n, c
+    cdef int nt = <int>min(<Py_ssize_t>team_size(), scratch.shape[0]), k, tid
+    if (dinp.shape[0] != N or dinp.shape[1] != C or dout.shape[0] != N or dout.shape[1] != C
+            or dweight.shape[0] != C or weight.shape[0] != C or rstd.shape[0] != N or C < 1
+            or _over_int(C)):
+        raise ValueError(f"rmsnorm_backward: dinp {_sh(dinp)}, dweight {_sh(dweight)}, dout "
+                         f"{_sh(dout)}, inp {_sh(inp)}, weight {_sh(weight)}, rstd "
+                         f"{_sh(rstd)}: need dinp, dout like inp (N, C) with 1 <= C < 2^31, "
+                         f"dweight, weight (C,), rstd (N,)")
+    if nt < 1 or scratch.shape[1] < C:
+        raise ValueError(f"rmsnorm_backward: scratch of shape ({scratch.shape[0]}, "
+                         f"{scratch.shape[1]}) too small, need (>= 1, {C})")
+    if N == 0:
+        return
+    with nogil:
+        for k in range(nt):
+            memset(&scratch[k, 0], 0, C * sizeof(float))
+        with parallel(num_threads=nt):
+            tid = threadid()
+            for n in prange(N, schedule='static'):
+                gpt2s_rmsnorm_backward_row(&dinp[n, 0], &scratch[tid, 0], &dout[n, 0],
+                                           &inp[n, 0], &weight[0], rstd[n], C)
+        for k in range(nt):
+            for c in range(C):
+                dweight[c] += scratch[k, c]
+
+
+# --------------------------------------------------------------------------------------------
 # Matmul (Hugging Face Conv1D layout: weight (C, OC), out = inp @ weight + bias)
 
 cdef inline bint _blas_sizes_over(Py_ssize_t a, Py_ssize_t b, Py_ssize_t c) noexcept nogil:
@@ -922,6 +1007,111 @@ def erf_forward(float[:, ::1] out, const float[:, ::1] inp, bint complement=Fals
 
 
 # --------------------------------------------------------------------------------------------
+# Gated linear units (Llama's SwiGLU: act = silu): out = act(gate) * up
+
+def glu_forward(float[:, ::1] out, const float[:, ::1] inp, str activation):
+    # out (N, I) = act(inp[:, :I]) * inp[:, I:];  inp (N, 2I) is [gate | up] per row (the
+    # output of gate_proj and up_proj as one product); act one of activation_kernels()
+    cdef activation_row_t row = _activations[_activation_index("glu_forward", activation)].forward
+    cdef Py_ssize_t N = out.shape[0], I = out.shape[1], n
+    if inp.shape[0] != N or inp.shape[1] != 2 * I or _over_int(I):
+        raise ValueError(f"glu_forward: out {_sh(out)}, inp {_sh(inp)}: need out (N, I) and "
+                         f"inp (N, 2I) with I < 2^31")
+    if N == 0 or I == 0:
+        return
+    for n in prange(N, nogil=True, num_threads=threads_for(N * I), schedule='static'):
+        row(&out[n, 0], &inp[n, 0], I)
+        gpt2s_mul_row(&out[n, 0], &out[n, 0], &inp[n, I], I)
+
+
+def glu_backward(float[:, ::1] dinp, const float[:, ::1] inp, const float[:, ::1] dout,
+                 str activation):
+    # dinp (N, 2I) is overwritten: [dgate | dup] = [dout * up * act'(gate) | dout * act(gate)];
+    # inp (N, 2I) = [gate | up], dout (N, I)
+    cdef activation_kernel_t kern = _activations[_activation_index("glu_backward", activation)]
+    cdef Py_ssize_t N = dout.shape[0], I = dout.shape[1], n
+    if (inp.shape[0] != N or inp.shape[1] != 2 * I or dinp.shape[0] != N
+            or dinp.shape[1] != 2 * I or _over_int(I)):
+        raise ValueError(f"glu_backward: dinp {_sh(dinp)}, inp {_sh(inp)}, dout {_sh(dout)}: "
+                         f"need dout (N, I), dinp and inp (N, 2I) with I < 2^31")
+    if N == 0 or I == 0:
+        return
+    for n in prange(N, nogil=True, num_threads=threads_for(N * I), schedule='static'):
+        gpt2s_mul_row(&dinp[n, 0], &dout[n, 0], &inp[n, I], I)     # dout * up
+        kern.backward(&dinp[n, 0], &inp[n, 0], &dinp[n, 0], I)     # * act'(gate), in place
+        kern.forward(&dinp[n, I], &inp[n, 0], I)                   # act(gate)
+        gpt2s_mul_row(&dinp[n, I], &dinp[n, I], &dout[n, 0], I)    # * dout
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embeddings (Llama, Qwen2, GPT-NeoX), the rotate_half convention
+#
+# In place on n_heads consecutive heads of head_dim values starting at column col_off of
+# each row (q's heads then k's heads of a [q | k | v] row are one run of heads).  The first
+# rot_dim = 2 len(inv_freq) values of each head are rotated, the rest pass (GPT-NeoX's
+# rotary_pct); row n is at position positions[n].  The angle of pair i is the float32
+# product float(pos) * inv_freq[i], as transformers forms it (position ids cast to float32);
+# its cos and sin are taken in double and rounded.  inv_freq carries any rope scaling
+# (computed once in Python).  One cos/sin table per row, shared by the row's heads.
+
+cdef int _rotary(str kernel, float[:, ::1] x, const int64_t[::1] positions,
+                 const float[::1] inv_freq, col_off, n_heads, head_dim, float sign) except -1:
+    cdef Py_ssize_t N = x.shape[0], ld = x.shape[1], h = inv_freq.shape[0], n, i, j
+    cdef Py_ssize_t off = _int_arg(kernel, "col_off", col_off)
+    cdef Py_ssize_t nh = _int_arg(kernel, "n_heads", n_heads)
+    cdef Py_ssize_t hd = _int_arg(kernel, "head_dim", head_dim)
+    cdef float *cs
+    cdef float *sn
+    cdef float *row
+    cdef float a
+    cdef int no_memory = 0
+    if (positions.shape[0] != N or hd < 1 or nh < 0 or h > hd // 2 or nh > ld // hd
+            or _span_outside(off, nh * hd, ld) or _over_int(hd)):
+        raise ValueError(f"{kernel}: x {_sh(x)}, positions {_sh(positions)}, inv_freq "
+                         f"{_sh(inv_freq)}, col_off={col_off}, n_heads={n_heads}, "
+                         f"head_dim={head_dim}: need positions (N,) for x (N, ld), "
+                         f"head_dim >= 1, 2 len(inv_freq) <= head_dim and "
+                         f"col_off + n_heads * head_dim <= ld")
+    for n in range(N):
+        if positions[n] < 0:
+            raise ValueError(f"{kernel}: position {positions[n]} at row {n} is negative")
+    if N == 0 or nh == 0 or h == 0:
+        return 0
+    with nogil, parallel(num_threads=threads_for(<double>N * nh * 2 * h)):
+        cs = <float *>malloc(sizeof(float) * 2 * h)
+        sn = cs + h
+        for n in prange(N, schedule='static'):
+            if cs == NULL:   # this thread got no table: flag it, raise after the region
+                no_memory += 1
+                continue
+            for i in range(h):
+                a = <float>positions[n] * inv_freq[i]
+                cs[i] = <float>cos(<double>a)
+                sn[i] = sign * <float>sin(<double>a)
+            row = &x[n, off]
+            for j in range(nh):
+                gpt2s_rotary_row(row + j * hd, cs, sn, <int>h)
+        free(cs)
+    if no_memory:
+        raise MemoryError(f"{kernel}: no memory for a thread's cos/sin table of {h} pairs")
+    return 0
+
+
+def rotary_forward(float[:, ::1] x, const int64_t[::1] positions, const float[::1] inv_freq,
+                   col_off, n_heads, head_dim):
+    # x (N, ld), in place: each of n_heads heads of head_dim at col_off rotated at its row's
+    # position; (a, b) = the two halves of the first 2 len(inv_freq) values of a head
+    # become (a cos - b sin, b cos + a sin)
+    _rotary("rotary_forward", x, positions, inv_freq, col_off, n_heads, head_dim, 1.0)
+
+
+def rotary_backward(float[:, ::1] dx, const int64_t[::1] positions, const float[::1] inv_freq,
+                    col_off, n_heads, head_dim):
+    # dx (N, ld), in place: the gradient through rotary_forward (the rotation by -angle)
+    _rotary("rotary_backward", dx, positions, inv_freq, col_off, n_heads, head_dim, -1.0)
+
+
+# --------------------------------------------------------------------------------------------
 # Causal self-attention
 #
 # Per (batch, head), queries in blocks of QBLOCK rows: S = scale Q_blk K^T (QBLOCK x nk) by
@@ -932,6 +1122,12 @@ def erf_forward(float[:, ::1] out, const float[:, ::1] inp, bint complement=Fals
 # q is (B, Tq, ldq) with head h at columns h*HS; k, v are (B, Tkmax, ldk) likewise (the qkv
 # buffer with ld 3C in training, the KV cache with ld C in generation).  Query i sits at
 # absolute position pos0 + i and sees keys 0 .. pos0 + i.
+#
+# Grouped-query attention (Llama, Qwen2): n_kv_head key/value heads, each shared by
+# G = n_head / n_kv_head consecutive query heads (query head h reads KV head h // G, as
+# transformers' repeat_kv); k and v then hold n_kv_head * HS columns (the qkv row is
+# [q (C) | k (KVC) | v (KVC)], the KV cache KVC wide).  n_kv_head = n_head is GPT-2's
+# multi-head attention, computed exactly as before.
 
 cdef enum:
     QBLOCK = 64
@@ -963,10 +1159,11 @@ cdef inline void attention_head_forward(float *out, int ldo, float *lse, const f
 def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
                       const float[:, :, ::1] q, q_off, const float[:, :, ::1] k, k_off,
                       const float[:, :, ::1] v, v_off, pos0, n_head, float scale,
-                      const int64_t[::1] row_pos=None):
+                      n_kv_head=None, const int64_t[::1] row_pos=None):
     # out (B, Tq, C); lse (B, NH, Tq) or empty; q (B, Tq, ldq) at column q_off; k, v
-    # (B, Tkmax, ldk) at columns k_off, v_off with Tkmax >= pos0 + Tq.  The scores are
-    # scale * q.k (GPT-2: scale = 1/sqrt(HS); GPT2Config.attention_scale has the variants).
+    # (B, Tkmax, ldk) at columns k_off, v_off, KVC = n_kv_head * HS wide (n_kv_head: n_head
+    # when None), with Tkmax >= pos0 + Tq.  The scores are scale * q.k (GPT-2: scale =
+    # 1/sqrt(HS); GPT2Config.attention_scale has the variants).
     # row_pos (B,): per-row first query positions instead of pos0 (ragged batches); row b
     # then reads keys 0 .. row_pos[b] + Tq - 1, exactly as a one-row call with pos0=row_pos[b]
     cdef Py_ssize_t B = out.shape[0], Tq = out.shape[1], C = out.shape[2]
@@ -976,21 +1173,28 @@ def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
     cdef Py_ssize_t vo = _int_arg("attention_forward", "v_off", v_off)
     cdef Py_ssize_t first = _int_arg("attention_forward", "pos0", pos0)
     cdef Py_ssize_t NH = _int_arg("attention_forward", "n_head", n_head)
-    cdef Py_ssize_t HS, bh, b, h
+    cdef Py_ssize_t NKV = NH if n_kv_head is None else _int_arg("attention_forward",
+                                                                "n_kv_head", n_kv_head)
+    cdef Py_ssize_t HS, KVC = 0, G = 1, bh, b, h
     cdef float *S
     cdef bint keep_lse = lse.shape[0] > 0
     cdef int no_memory = 0
     cdef const int64_t *rp = NULL
-    if (NH < 1 or C < NH or C % NH != 0 or q.shape[0] != B or q.shape[1] != Tq
-            or k.shape[0] < B or v.shape[0] < B or _span_outside(qo, C, ldq)
-            or _span_outside(ko, C, ldk) or _span_outside(vo, C, v.shape[2]) or first < 0
+    if NH >= 1 and NKV >= 1 and NH % NKV == 0 and C >= NH and C % NH == 0:
+        G = NH // NKV
+        KVC = C // G
+    if (NH < 1 or C < NH or C % NH != 0 or NKV < 1 or NH % NKV != 0 or q.shape[0] != B
+            or q.shape[1] != Tq or k.shape[0] < B or v.shape[0] < B
+            or _span_outside(qo, C, ldq) or _span_outside(ko, KVC, ldk)
+            or _span_outside(vo, KVC, v.shape[2]) or first < 0
             or (keep_lse and (lse.shape[0] != B or lse.shape[1] != NH
                               or lse.shape[2] != Tq))):
         raise ValueError(f"attention_forward: out {_sh(out)}, lse {_sh(lse)}, q {_sh(q)} at "
                          f"column {q_off}, k {_sh(k)} at {k_off}, v {_sh(v)} at {v_off}, "
-                         f"pos0={pos0}, n_head={n_head}: need out (B, Tq, C) with C a "
-                         f"positive multiple of n_head, lse (B, n_head, Tq) or empty, q (B, Tq, >= q_off + C), "
-                         f"k and v (B, Tk, >= off + C)")
+                         f"pos0={pos0}, n_head={n_head}, n_kv_head={n_kv_head}: need out "
+                         f"(B, Tq, C) with C a positive multiple of n_head, n_head a multiple "
+                         f"of n_kv_head >= 1, lse (B, n_head, Tq) or empty, q (B, Tq, >= q_off "
+                         f"+ C), k and v (B, Tk, >= off + KVC), KVC = C n_kv_head / n_head")
     HS = C // NH
     if row_pos is not None:
         first = _check_row_pos("attention_forward", row_pos, B, Tq, Tkmax)
@@ -1020,9 +1224,9 @@ def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
             attention_head_forward(&out[b, 0, h * HS], <int>C,
                                    &lse[b, h, 0] if keep_lse else NULL,
                                    &q[b, 0, qo + h * HS], <int>ldq,
-                                   &k[b, 0, ko + h * HS], &v[b, 0, vo + h * HS], <int>ldk,
-                                   <int>Tq, <int>(rp[b] if rp != NULL else first), <int>HS,
-                                   scale, S)
+                                   &k[b, 0, ko + (h // G) * HS], &v[b, 0, vo + (h // G) * HS],
+                                   <int>ldk, <int>Tq, <int>(rp[b] if rp != NULL else first),
+                                   <int>HS, scale, S)
         free(S)
     if no_memory:
         raise MemoryError(f"attention_forward: no memory for a thread's {QBLOCK} x "
@@ -1067,26 +1271,36 @@ cdef inline void attention_head_backward(float *dq, float *dk, float *dv, int ld
 
 def attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
                        const float[:, :, ::1] out, const float[:, :, ::1] lse,
-                       const float[:, :, ::1] qkv, n_head, float scale):
-    # dqkv (B, T, 3C) is overwritten; dout, out (B, T, C); lse (B, NH, T); qkv (B, T, 3C);
-    # scale: the forward's score scale
+                       const float[:, :, ::1] qkv, n_head, float scale, n_kv_head=None):
+    # dqkv (B, T, C + 2 KVC) is overwritten; dout, out (B, T, C); lse (B, NH, T); qkv
+    # (B, T, C + 2 KVC) = [q | k | v], KVC = n_kv_head * HS (n_kv_head: n_head when None);
+    # scale: the forward's score scale.  One task per (batch, KV head): the G query heads
+    # sharing a KV head add into its dk, dv one after the other (no race).
     cdef Py_ssize_t B = out.shape[0], T = out.shape[1], C = out.shape[2]
     cdef Py_ssize_t NH = _int_arg("attention_backward", "n_head", n_head)
-    cdef Py_ssize_t HS, bh, b, h, t
+    cdef Py_ssize_t NKV = NH if n_kv_head is None else _int_arg("attention_backward",
+                                                                "n_kv_head", n_kv_head)
+    cdef Py_ssize_t HS, KVC = 0, G = 1, W, bh, b, h, t, kh, g
     cdef float *P
     cdef float *dP
     cdef float *D
     cdef int no_memory = 0
-    if (NH < 1 or C < NH or C % NH != 0 or dout.shape[0] != B or dout.shape[1] != T
-            or dout.shape[2] != C or dqkv.shape[0] != B or dqkv.shape[1] != T
-            or dqkv.shape[2] != 3 * C or qkv.shape[0] != B or qkv.shape[1] != T
-            or qkv.shape[2] != 3 * C or lse.shape[0] != B or lse.shape[1] != NH
-            or lse.shape[2] != T):
+    if NH >= 1 and NKV >= 1 and NH % NKV == 0 and C >= NH and C % NH == 0:
+        G = NH // NKV
+        KVC = C // G
+    W = C + 2 * KVC
+    if (NH < 1 or C < NH or C % NH != 0 or NKV < 1 or NH % NKV != 0 or dout.shape[0] != B
+            or dout.shape[1] != T or dout.shape[2] != C or dqkv.shape[0] != B
+            or dqkv.shape[1] != T or dqkv.shape[2] != W or qkv.shape[0] != B
+            or qkv.shape[1] != T or qkv.shape[2] != W or lse.shape[0] != B
+            or lse.shape[1] != NH or lse.shape[2] != T):
         raise ValueError(f"attention_backward: dqkv {_sh(dqkv)}, dout {_sh(dout)}, out "
-                         f"{_sh(out)}, lse {_sh(lse)}, qkv {_sh(qkv)}, n_head={n_head}: need "
-                         f"dout like out (B, T, C) with C a positive multiple of n_head, dqkv and qkv "
-                         f"(B, T, 3C), lse (B, n_head, T)")
-    if _over_int(3 * C) or _over_int(T):
+                         f"{_sh(out)}, lse {_sh(lse)}, qkv {_sh(qkv)}, n_head={n_head}, "
+                         f"n_kv_head={n_kv_head}: need dout like out (B, T, C) with C a "
+                         f"positive multiple of n_head, n_head a multiple of n_kv_head >= 1, "
+                         f"dqkv and qkv (B, T, C + 2 KVC) with KVC = C n_kv_head / n_head, "
+                         f"lse (B, n_head, T)")
+    if _over_int(W) or _over_int(T):
         raise ValueError(f"attention_backward: qkv {_sh(qkv)}: sizes beyond 2^31 - 1 (BLAS "
                          f"takes C ints)")
     if B == 0 or T == 0:
@@ -1096,21 +1310,23 @@ def attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
         P = <float *>malloc(sizeof(float) * QBLOCK * T)
         dP = <float *>malloc(sizeof(float) * QBLOCK * T)
         D = <float *>malloc(sizeof(float) * QBLOCK)
-        for bh in prange(B * NH, schedule='static'):
+        for bh in prange(B * NKV, schedule='static'):
             if P == NULL or dP == NULL or D == NULL:   # flagged, raised after the region
                 no_memory += 1
                 continue
-            b = bh // NH
-            h = bh % NH
+            b = bh // NKV
+            kh = bh % NKV
             for t in range(T):
-                memset(&dqkv[b, t, C + h * HS], 0, HS * sizeof(float))
-                memset(&dqkv[b, t, 2 * C + h * HS], 0, HS * sizeof(float))
-            attention_head_backward(&dqkv[b, 0, h * HS], &dqkv[b, 0, C + h * HS],
-                                    &dqkv[b, 0, 2 * C + h * HS], <int>(3 * C),
-                                    &dout[b, 0, h * HS], &out[b, 0, h * HS], <int>C,
-                                    &lse[b, h, 0], &qkv[b, 0, h * HS], &qkv[b, 0, C + h * HS],
-                                    &qkv[b, 0, 2 * C + h * HS], <int>(3 * C), <int>T, <int>HS,
-                                    scale, P, dP, D)
+                memset(&dqkv[b, t, C + kh * HS], 0, HS * sizeof(float))
+                memset(&dqkv[b, t, C + KVC + kh * HS], 0, HS * sizeof(float))
+            for g in range(G):
+                h = kh * G + g
+                attention_head_backward(&dqkv[b, 0, h * HS], &dqkv[b, 0, C + kh * HS],
+                                        &dqkv[b, 0, C + KVC + kh * HS], <int>W,
+                                        &dout[b, 0, h * HS], &out[b, 0, h * HS], <int>C,
+                                        &lse[b, h, 0], &qkv[b, 0, h * HS],
+                                        &qkv[b, 0, C + kh * HS], &qkv[b, 0, C + KVC + kh * HS],
+                                        <int>W, <int>T, <int>HS, scale, P, dP, D)
         free(P)
         free(dP)
         free(D)
@@ -1120,30 +1336,36 @@ def attention_backward(float[:, :, ::1] dqkv, const float[:, :, ::1] dout,
 
 
 def kv_cache_write(float[:, :, ::1] kcache, float[:, :, ::1] vcache,
-                   const float[:, :, ::1] qkv, pos0, const int64_t[::1] row_pos=None):
-    # kcache, vcache (B, n_ctx, C)[:, pos0:pos0+T] = k, v parts of qkv (B, T, 3C); with
-    # row_pos (B,), row b's at row_pos[b] .. row_pos[b] + T - 1 instead (ragged batches)
+                   const float[:, :, ::1] qkv, pos0, q_width=None,
+                   const int64_t[::1] row_pos=None):
+    # kcache, vcache (B, n_ctx, KVC)[:, pos0:pos0+T] = k, v parts of qkv (B, T, Q + 2 KVC),
+    # the row [q (Q) | k (KVC) | v (KVC)]; Q = q_width, KVC when None (GPT-2: qkv (B, T, 3C)).
+    # With grouped-query attention the cache holds the KV heads only.  With row_pos (B,),
+    # row b's at row_pos[b] .. row_pos[b] + T - 1 instead (ragged batches).
     cdef Py_ssize_t B = qkv.shape[0], T = qkv.shape[1], C = kcache.shape[2], b, t, f
     cdef Py_ssize_t first = _int_arg("kv_cache_write", "pos0", pos0)
+    cdef Py_ssize_t Q = C if q_width is None else _int_arg("kv_cache_write", "q_width",
+                                                           q_width)
     cdef const int64_t *rp = NULL
     if row_pos is not None:
         first = _check_row_pos("kv_cache_write", row_pos, B, T, kcache.shape[1])
         if B > 0:
             rp = &row_pos[0]
     if (vcache.shape[0] != kcache.shape[0] or vcache.shape[1] != kcache.shape[1]
-            or vcache.shape[2] != C or qkv.shape[2] != 3 * C or B > kcache.shape[0]
-            or _span_outside(first, T, kcache.shape[1])):
+            or vcache.shape[2] != C or Q < 0 or Q > qkv.shape[2] or qkv.shape[2] - Q != 2 * C
+            or B > kcache.shape[0] or _span_outside(first, T, kcache.shape[1])):
         raise ValueError(f"kv_cache_write: kcache {_sh(kcache)}, vcache {_sh(vcache)}, qkv "
-                         f"{_sh(qkv)}, pos0={pos0}: need kcache, vcache (>= B, n_ctx, C), qkv "
-                         f"(B, T, 3C) and 0 <= pos0, pos0 + T <= n_ctx")
+                         f"{_sh(qkv)}, pos0={pos0}, q_width={q_width}: need kcache, vcache "
+                         f"(>= B, n_ctx, KVC), qkv (B, T, Q + 2 KVC) with Q = q_width (KVC "
+                         f"when None) and 0 <= pos0, pos0 + T <= n_ctx")
     if B == 0 or T == 0 or C == 0:
         return
     with nogil:
         for b in range(B):
             f = rp[b] if rp != NULL else first
             for t in range(T):
-                memcpy(&kcache[b, f + t, 0], &qkv[b, t, C], C * sizeof(float))
-                memcpy(&vcache[b, f + t, 0], &qkv[b, t, 2 * C], C * sizeof(float))
+                memcpy(&kcache[b, f + t, 0], &qkv[b, t, Q], C * sizeof(float))
+                memcpy(&vcache[b, f + t, 0], &qkv[b, t, Q + C], C * sizeof(float))
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,23 @@ from .weights import ALIGN, layer_views, param_layout
 __all__ = ["ParameterStore"]
 
 
+def _family(config):
+    """(layout function, per-block views function, block-name function) of a config: GPT-2's
+    from weights.py, another family's (e.g. `gpt2s.llama.LlamaConfig`) from its own methods
+    ``param_layout()``, ``layer_views(tensors, layer)`` and ``layer_of(name)``."""
+    if isinstance(config, GPT2Config):
+        def layer_of(name):
+            if not name.startswith("h."):
+                return None
+            l, suffix = name[2:].split(".", 1)
+            return int(l), suffix
+        return (lambda: param_layout(config)), layer_views, layer_of
+    if all(callable(getattr(config, m, None)) for m in ("param_layout", "layer_views",
+                                                        "layer_of")):
+        return config.param_layout, config.layer_views, config.layer_of
+    raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
+
+
 def _views(buffer: np.ndarray, layout) -> dict:
     return {name: buffer[off:off + int(np.prod(shape))].reshape(shape)
             for name, shape, off in layout}
@@ -74,11 +91,10 @@ class ParameterStore:
     """
 
     def __init__(self, config: GPT2Config, dtype: str = "float32", *, allocate: bool = True):
-        if not isinstance(config, GPT2Config):
-            raise TypeError(f"config must be a GPT2Config, got {type(config).__name__}")
+        layout_of, self._layer_views, self._layer_of = _family(config)
         self.config = config
         self.dtype = _wt.check_dtype(dtype)
-        self.layout, size = param_layout(config)
+        self.layout, size = layout_of()
         if dtype != "float32":
             # only the small tensors (biases, layernorms, wpe) in the float32 buffer
             layout, size = [], 0
@@ -105,7 +121,7 @@ class ParameterStore:
                            for name, shape, _ in full}
         self._grad_buffer = None
         self._grads = None
-        self.layer_params = [layer_views(self.params, l) for l in range(config.n_layer)]
+        self.layer_params = [self._layer_views(self.params, l) for l in range(config.n_layer)]
         self._layer_grads = None
         self.lock = threading.RLock()
 
@@ -116,9 +132,9 @@ class ParameterStore:
         parameter ``name``, in ``params`` and in its block's dict of ``layer_params``.  The value
         is used as it is, not copied (a loader passes views of a file mapping)."""
         self.params[name] = value
-        if name.startswith("h."):
-            l, suffix = name[2:].split(".", 1)
-            self.layer_params[int(l)][suffix] = value
+        block = self._layer_of(name)
+        if block is not None:
+            self.layer_params[block[0]][block[1]] = value
 
     def copy_param(self, name: str, value: np.ndarray):
         """Write the float32 tensor value into parameter ``name``: copied into its view of the
@@ -182,7 +198,7 @@ class ParameterStore:
                     buffer = np.zeros_like(self.buffer)
                     self._layer_grads = None
                     grads = _views(buffer, self.layout)
-                    self._layer_grads = [layer_views(grads, l)
+                    self._layer_grads = [self._layer_views(grads, l)
                                          for l in range(self.config.n_layer)]
                     self._grad_buffer = buffer
                     self._grads = grads

@@ -145,10 +145,10 @@ class Passes:
                                     self.attn_scales[l])
         else:
             keys, values = kv.keys[l], kv.values[l]
-            _core.kv_cache_write(keys, values, qkv3, pos0, row_pos)
+            _core.kv_cache_write(keys, values, qkv3, pos0, row_pos=row_pos)
             _core.attention_forward(a["atty"][s].reshape(B, T, C), _EMPTY3, qkv3, 0,
                                     keys, 0, values, 0, pos0, cfg.n_head,
-                                    self.attn_scales[l], row_pos)
+                                    self.attn_scales[l], row_pos=row_pos)
         mm(a["proj"], a["atty"][s], w["attn.c_proj.weight"], w["attn.c_proj.bias"])
         _core.residual_layernorm_forward(a["res2"][s], a["ln2"], a["ln2_mean"][s],
                                          a["ln2_rstd"][s], res_in, a["proj"],

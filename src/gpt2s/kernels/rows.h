@@ -341,4 +341,48 @@ GPT2S_CLONES static void gpt2s_layernorm_backward_row(float *dinp, float *dw, fl
     }
 }
 
+/* RMSNorm (Llama, Qwen2), in the float32 order of transformers' LlamaRMSNorm:
+   r = 1 / sqrt(mean(x^2) + eps), out = w * (x * r); r kept for the backward */
+GPT2S_CLONES static void gpt2s_rmsnorm_row(float *out, float *rstd_out, const float *x,
+                                           const float *w, int C, float eps) {
+    float r = 1.0f / sqrtf(gpt2s_sum_sq_dev(x, 0.0f, C) / C + eps);
+    for (int c = 0; c < C; c++) out[c] = w[c] * (x[c] * r);
+    if (rstd_out) *rstd_out = r;
+}
+/* dinp += r (dnorm - norm mean(dnorm norm)), dw += norm dout, with norm = x r and
+   dnorm = w dout */
+GPT2S_CLONES static void gpt2s_rmsnorm_backward_row(float *dinp, float *dw, const float *dout,
+                                                    const float *x, const float *w, float r,
+                                                    int C) {
+    float a[GPT2S_LANES] = {0}, s = 0.0f;
+    int c, k;
+    for (c = 0; c + GPT2S_LANES <= C; c += GPT2S_LANES)
+        for (k = 0; k < GPT2S_LANES; k++)
+            a[k] += (w[c + k] * dout[c + k]) * (x[c + k] * r);
+    for (; c < C; c++) s += (w[c] * dout[c]) * (x[c] * r);
+    for (k = 0; k < GPT2S_LANES; k++) s += a[k];
+    float m = s / C;
+    for (c = 0; c < C; c++) {
+        float norm = x[c] * r;
+        dw[c] += norm * dout[c];
+        dinp[c] += r * (w[c] * dout[c] - norm * m);
+    }
+}
+/* Rotary position embedding of one head, in place, the rotate_half convention of
+   transformers' Llama and GPT-NeoX: the first 2h values x = (a, b) of the head become
+   (a cos - b sin, b cos + a sin), element by element with cos[i], sin[i] for i < h; the rest
+   of the head is left as it is.  The backward is the same call with -sin (the transpose of
+   a rotation is the rotation by the opposite angle). */
+GPT2S_CLONES static void gpt2s_rotary_row(float *x, const float *cs, const float *sn, int h) {
+    for (int i = 0; i < h; i++) {
+        float a = x[i], b = x[i + h];
+        x[i] = a * cs[i] - b * sn[i];
+        x[i + h] = b * cs[i] + a * sn[i];
+    }
+}
+/* gated linear unit, the half after the activation: out = act * up (out may be act) */
+GPT2S_CLONES static void gpt2s_mul_row(float *out, const float *act, const float *up, int n) {
+    for (int i = 0; i < n; i++) out[i] = act[i] * up[i];
+}
+
 #endif

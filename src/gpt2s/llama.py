@@ -1,0 +1,412 @@
+"""LlamaForCausalLM: a Llama-architecture decoder (RMSNorm, rotary embeddings, grouped-query
+attention, SwiGLU MLP) on gpt2s' kernels, with Hugging Face's parameter names.
+
+The first increment of issue 25: float32 parameters in a `ParameterStore`, forward (logits
+and loss), backward (gradients accumulated into ``grads``), the KV-cache forward of
+decoding (`forward_cached`, the cache holding the key/value heads only), loading and saving
+safetensors in Hugging Face's layout, and generation through gpt2s' decoding loop.  Training
+through the trainer, the tokenizer and the bfloat16/int8 storage come next.
+
+Per block, as transformers' LlamaDecoderLayer computes it:
+
+    h = x + o_proj(attn(rope(q_proj(rms1(x))), rope(k_proj(rms1(x))), v_proj(rms1(x))))
+    x' = h + down_proj(act(gate_proj(rms2(h))) * up_proj(rms2(h)))
+
+q, k and v are one product with the three weights side by side in the buffer (the row
+[q | k | v] the attention kernels read), gate and up likewise ([gate | up], what the gated
+linear unit reads).  The Linear weights are [out, in], the layout of the output-head kernels
+(``lm_head_forward``: y = x W^T), which therefore run every product.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import os
+
+from . import _core
+from . import generation as _generation
+from . import weights as _weights
+from .buffers import KVCache
+from .config import parse_config_json
+from .llama_config import EMBED, HEAD, NORM, LlamaConfig
+from .params import ParameterStore
+
+__all__ = ["LlamaForCausalLM"]
+
+_EMPTY1 = np.empty(0, np.float32)
+_EMPTY3 = np.empty((0, 0, 0), np.float32)
+
+
+class LlamaForCausalLM:
+    """A Llama model (float32).
+
+    Args:
+        config: a `LlamaConfig`.
+
+    Attributes:
+        config: the model's config.
+        store: its `ParameterStore` (parameters and gradients in one buffer each).
+
+    Examples:
+        >>> from gpt2s.llama_config import LlamaConfig
+        >>> cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+        ...                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        >>> m = LlamaForCausalLM.from_config(cfg, seed=0)
+        >>> logits, loss = m.forward(np.array([[1, 2, 3]]), np.array([[2, 3, 4]]))
+        >>> logits.shape, bool(np.isfinite(loss))
+        ((1, 3, 50), True)
+    """
+
+    def __init__(self, config: LlamaConfig):
+        if not isinstance(config, LlamaConfig):
+            raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
+        self.config = config
+        self.store = ParameterStore(config, "float32")
+        self._inv_freq = config.inv_freq()
+        self._offsets = {name: off for name, _, off in self.store.layout}
+        self._pending = None
+
+    @classmethod
+    def from_config(cls, config: LlamaConfig, seed: int | None = None) -> "LlamaForCausalLM":
+        """A model with random weights as transformers initialises them (normal, std 0.02;
+        the norms at 1, the biases at 0)."""
+        m = cls(config)
+        rng = np.random.default_rng(seed)
+        for name, p in m.params.items():
+            if name.endswith("layernorm.weight") or name == NORM:
+                p[...] = 1.0
+            elif name.endswith(".bias"):
+                p[...] = 0.0
+            else:
+                p[...] = rng.normal(0.0, 0.02, p.shape)
+        return m
+
+    @classmethod
+    def from_safetensors(cls, path) -> "LlamaForCausalLM":
+        """A float32 model from a Hugging Face Llama checkpoint: a directory with config.json
+        and model.safetensors, or a .safetensors file saved by gpt2s (its config in the
+        __metadata__).  Tensors in float32, float16 or bfloat16.
+
+        Raises:
+            FileNotFoundError: no such file or directory.
+            SafetensorsError (a ValueError): a bad file, a tensor missing, unexpected or of
+                the wrong shape, a non-finite value (the message names the file and tensor).
+            ValueError: a config.json gpt2s refuses (named by key).
+        """
+        file, cfg_file = _weights.resolve_model_path(path)
+        mm, header, metadata, data_start = _weights.open_mapped(file)
+        try:
+            if cfg_file is not None:
+                if os.stat(cfg_file).st_size > 16 << 20:
+                    raise ValueError(f"{cfg_file}: too large for a config.json")
+                config = LlamaConfig.from_json_file(cfg_file)
+            elif _weights.CONFIG_METADATA_KEY in metadata:
+                source = f"{file}: __metadata__[{_weights.CONFIG_METADATA_KEY!r}]"
+                config = LlamaConfig.from_hf_dict(
+                    parse_config_json(metadata[_weights.CONFIG_METADATA_KEY], source), source)
+            else:
+                raise _weights.SafetensorsError(
+                    f"{file}: no config.json beside it and no config in its __metadata__: a "
+                    f"Llama model's sizes cannot be read from its tensors alone")
+            m = cls(config)
+            for name in header:
+                if name in m.params or name.endswith(".rotary_emb.inv_freq"):
+                    continue
+                if name == HEAD and config.tie_word_embeddings:
+                    continue   # a tied head saved anyway: checked equal below
+                raise _weights.SafetensorsError(
+                    f"{file}: unexpected tensor {name!r} for this Llama config")
+            for name, p in m.params.items():
+                if name not in header:
+                    raise _weights.SafetensorsError(f"{file}: tensor {name!r} is missing")
+                _weights.read_tensor(file, header, name, data_start, mm, p)
+            if config.tie_word_embeddings and HEAD in header:
+                head = np.empty_like(m.params[EMBED])
+                _weights.read_tensor(file, header, HEAD, data_start, mm, head)
+                if not np.array_equal(head, m.params[EMBED]):
+                    raise _weights.SafetensorsError(
+                        f"{file}: {HEAD!r} differs from {EMBED!r} but the config ties them "
+                        f"(tie_word_embeddings)")
+        finally:
+            mm.close()
+        return m
+
+    def save_safetensors(self, path, dtype: str = "float32"):
+        """Write the model as Hugging Face's LlamaForCausalLM lays it out (model.safetensors
+        and config.json in the directory path, or a lone .safetensors file with the config in
+        its __metadata__), in float32, float16 or bfloat16; all-or-nothing (temp file +
+        rename).  Returns the path written."""
+        return _weights.save_safetensors(path, self.params, self.config, prefix="", dtype=dtype)
+
+    @property
+    def params(self) -> dict:
+        """name -> float32 parameter (Hugging Face's names and shapes)."""
+        return self.store.params
+
+    @property
+    def grads(self) -> dict:
+        """name -> float32 gradient (allocated at zero on first use)."""
+        return self.store.grads
+
+    def zero_grad(self):
+        self.store.zero_grad()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _fused(self, tensors: dict, layer: int, first: str, rows: int, cols: int) -> np.ndarray:
+        """The (rows, cols) weight (or (rows,) bias when cols == 0) that starts at tensor
+        ``first`` of the block and runs on over the tensors laid out after it in the buffer
+        (LlamaConfig.param_layout joins them): the q, k, v (or gate, up) projections as one.
+        tensors: ``params`` or ``grads``."""
+        buffer = self.store.grad_buffer if tensors is self.store.grads else self.store.buffer
+        off = self._offsets[f"model.layers.{layer}.{first}"]
+        n = rows * cols if cols else rows
+        out = buffer[off:off + n]
+        return out.reshape(rows, cols) if cols else out
+
+    def _head(self, tensors):
+        return tensors[EMBED] if self.config.tie_word_embeddings else tensors[HEAD]
+
+    def _check_idx(self, idx, what="idx") -> np.ndarray:
+        idx = np.asarray(idx)
+        if idx.ndim != 2 or idx.shape[1] < 1 or not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"{what}: need integer token ids of shape (B, T), T >= 1, got "
+                             f"{idx.dtype} {idx.shape}")
+        V = self.config.vocab_size
+        bad = np.flatnonzero((idx < 0) | (idx >= V))
+        if bad.size:
+            i = np.unravel_index(bad[0], idx.shape)
+            raise ValueError(f"{what}: token id {int(idx[i])} at {tuple(int(j) for j in i)} "
+                             f"is outside [0, {V})")
+        return np.ascontiguousarray(idx, np.int64)
+
+    # ------------------------------------------------------------------ forward
+
+    def _block(self, l, x, B, T, positions, keep, cache=None, pos0=0):
+        """One block on the residual stream x (N, H) -> the next residual stream; keep: a
+        dict to fill with what the backward needs (or None)."""
+        cfg, P = self.config, self.store.layer_params[l]
+        N, H = x.shape
+        Q, KV, I = cfg.q_width, cfg.kv_width, cfg.intermediate_size
+        W = Q + 2 * KV
+        ln1, rstd1 = np.empty((N, H), np.float32), np.empty(N, np.float32)
+        _core.rmsnorm_forward(ln1, rstd1, x, P["input_layernorm.weight"], cfg.rms_norm_eps)
+        qkv = np.empty((N, W), np.float32)
+        _core.lm_head_forward(qkv, ln1, self._fused(self.params, l, "self_attn.q_proj.weight",
+                                                    W, H))
+        if cfg.attention_bias:
+            qkv += self._fused(self.params, l, "self_attn.q_proj.bias", W, 0)
+        _core.rotary_forward(qkv, positions, self._inv_freq, 0, cfg.n_head + cfg.n_kv_head,
+                             cfg.head_dim)
+        qkv3 = qkv.reshape(B, T, W)
+        atty = np.empty((B, T, Q), np.float32)
+        if cache is None:
+            lse = np.empty((B, cfg.n_head, T), np.float32) if keep is not None else _EMPTY3
+            _core.attention_forward(atty, lse, qkv3, 0, qkv3, Q, qkv3, Q + KV, 0, cfg.n_head,
+                                    cfg.attention_scale, cfg.n_kv_head)
+        else:
+            keys, values = cache.keys[l], cache.values[l]
+            _core.kv_cache_write(keys, values, qkv3, pos0, Q)
+            _core.attention_forward(atty, _EMPTY3, qkv3, 0, keys, 0, values, 0, pos0,
+                                    cfg.n_head, cfg.attention_scale, cfg.n_kv_head)
+        atty2 = atty.reshape(N, Q)
+        proj = np.empty((N, H), np.float32)
+        _core.lm_head_forward(proj, atty2, P["self_attn.o_proj.weight"])
+        if cfg.attention_bias:
+            proj += P["self_attn.o_proj.bias"]
+        res2, ln2, rstd2 = (np.empty((N, H), np.float32), np.empty((N, H), np.float32),
+                            np.empty(N, np.float32))
+        _core.residual_rmsnorm_forward(res2, ln2, rstd2, x, proj,
+                                       P["post_attention_layernorm.weight"], cfg.rms_norm_eps)
+        gu = np.empty((N, 2 * I), np.float32)
+        _core.lm_head_forward(gu, ln2, self._fused(self.params, l, "mlp.gate_proj.weight",
+                                                   2 * I, H))
+        if cfg.mlp_bias:
+            gu += self._fused(self.params, l, "mlp.gate_proj.bias", 2 * I, 0)
+        h = np.empty((N, I), np.float32)
+        _core.glu_forward(h, gu, cfg.activation_kernel)
+        _core.lm_head_forward(proj, h, P["mlp.down_proj.weight"])
+        if cfg.mlp_bias:
+            proj += P["mlp.down_proj.bias"]
+        out = res2 + proj
+        if keep is not None:
+            keep.update(x=x, rstd1=rstd1, qkv=qkv, atty=atty, lse=lse, res2=res2,
+                        rstd2=rstd2, gu=gu)
+        return out
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, V) for every position and, with targets (B, T; -1 ignored), the mean
+        cross-entropy loss (else None).  With targets the activations are kept for
+        `backward`."""
+        with _core.pinned_num_threads():   # every kernel of the call on one team size
+            return self._forward(idx, targets)
+
+    def _forward(self, idx, targets):
+        cfg = self.config
+        idx = self._check_idx(idx)
+        B, T = idx.shape
+        if T > cfg.max_position_embeddings:
+            raise ValueError(f"idx: T={T} is beyond max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        if targets is not None:
+            targets = np.asarray(targets)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets: shape {targets.shape} is not idx's {idx.shape}")
+            tflat = np.ascontiguousarray(targets, np.int64).reshape(-1)
+            bad = np.flatnonzero((tflat < -1) | (tflat >= cfg.vocab_size))
+            if bad.size:
+                raise ValueError(f"targets: {int(tflat[bad[0]])} at {int(bad[0])} is outside "
+                                 f"[-1, {cfg.vocab_size})")
+        N = B * T
+        flat = idx.reshape(-1)
+        positions = np.tile(np.arange(T, dtype=np.int64), B)
+        x = np.ascontiguousarray(self.params[EMBED][flat])
+        kept = [] if targets is not None else None
+        for l in range(cfg.n_layer):
+            keep = {} if kept is not None else None
+            x = self._block(l, x, B, T, positions, keep)
+            if kept is not None:
+                kept.append(keep)
+        lnf, rstdf = np.empty_like(x), np.empty(N, np.float32)
+        _core.rmsnorm_forward(lnf, rstdf, x, self.params[NORM], cfg.rms_norm_eps)
+        logits = np.empty((N, cfg.vocab_size), np.float32)
+        _core.lm_head_forward(logits, lnf, self._head(self.params))
+        loss = None
+        if targets is not None:
+            losses, lse = np.empty(N, np.float32), np.empty(N, np.float32)
+            _core.crossentropy_forward(losses, lse, logits, tflat)
+            valid = int((tflat != -1).sum())
+            loss = float(losses[tflat != -1].astype(np.float64).sum() / max(valid, 1))
+            self._pending = dict(idx=flat, targets=tflat, lse=lse, logits=logits.copy(),
+                                 layers=kept, xf=x, rstdf=rstdf, lnf=lnf, B=B, T=T,
+                                 positions=positions, valid=valid)
+        return logits.reshape(B, T, cfg.vocab_size), loss
+
+    # ------------------------------------------------------------------ backward
+
+    def backward(self):
+        """Gradients of the last forward's loss, added into ``grads``."""
+        with _core.pinned_num_threads():
+            self._backward()
+
+    def _backward(self):
+        if self._pending is None:
+            raise RuntimeError("backward() needs a forward(idx, targets) first")
+        f, self._pending = self._pending, None
+        cfg, G = self.config, self.grads
+        B, T = f["B"], f["T"]
+        N, H = B * T, cfg.hidden_size
+        Q, KV, I = cfg.q_width, cfg.kv_width, cfg.intermediate_size
+        W = Q + 2 * KV
+        nt = _core.get_num_threads()
+        scratch = np.empty((nt, max(H, 1)), np.float32)
+        dlogits = np.empty_like(f["logits"])
+        _core.crossentropy_backward(dlogits, f["logits"], f["lse"], f["targets"],
+                                    1.0 / max(f["valid"], 1))
+        dln = np.empty((N, H), np.float32)
+        _core.lm_head_backward(dln, self._head(G), dlogits, f["lnf"], self._head(self.params))
+        dres = np.zeros((N, H), np.float32)
+        _core.rmsnorm_backward(dres, G[NORM], dln, f["xf"], self.params[NORM], f["rstdf"],
+                               scratch)
+        for l in reversed(range(cfg.n_layer)):
+            k, P, GP = f["layers"][l], self.store.layer_params[l], self.store.layer_grads[l]
+            # MLP: x' = res2 + down(glu(gu)), gu = ln2 @ [gate | up]^T
+            h = np.empty((N, I), np.float32)
+            _core.glu_forward(h, k["gu"], cfg.activation_kernel)
+            dh = np.empty((N, I), np.float32)
+            _core.lm_head_backward(dh, GP["mlp.down_proj.weight"], dres, h,
+                                   P["mlp.down_proj.weight"])
+            if cfg.mlp_bias:
+                GP["mlp.down_proj.bias"] += dres.sum(axis=0)
+            dgu = np.empty((N, 2 * I), np.float32)
+            _core.glu_backward(dgu, k["gu"], dh, cfg.activation_kernel)
+            if cfg.mlp_bias:
+                self._fused(G, l, "mlp.gate_proj.bias", 2 * I, 0)[...] += dgu.sum(axis=0)
+            ln2 = np.empty((N, H), np.float32)
+            _core.rmsnorm_forward(ln2, _EMPTY1, k["res2"], P["post_attention_layernorm.weight"],
+                                  cfg.rms_norm_eps)
+            _core.lm_head_backward(dln, self._fused(G, l, "mlp.gate_proj.weight", 2 * I, H),
+                                   dgu, ln2, self._fused(self.params, l,
+                                                         "mlp.gate_proj.weight", 2 * I, H))
+            _core.rmsnorm_backward(dres, GP["post_attention_layernorm.weight"], dln, k["res2"],
+                                   P["post_attention_layernorm.weight"], k["rstd2"], scratch)
+            # attention: res2 = x + o_proj(attn(rope(qkv)))
+            atty2 = k["atty"].reshape(N, Q)
+            datty = np.empty((N, Q), np.float32)
+            _core.lm_head_backward(datty, GP["self_attn.o_proj.weight"], dres, atty2,
+                                   P["self_attn.o_proj.weight"])
+            if cfg.attention_bias:
+                GP["self_attn.o_proj.bias"] += dres.sum(axis=0)
+            dqkv = np.empty((B, T, W), np.float32)
+            _core.attention_backward(dqkv, datty.reshape(B, T, Q), k["atty"], k["lse"],
+                                     k["qkv"].reshape(B, T, W), cfg.n_head,
+                                     cfg.attention_scale, cfg.n_kv_head)
+            dqkv2 = dqkv.reshape(N, W)
+            _core.rotary_backward(dqkv2, f["positions"], self._inv_freq, 0,
+                                  cfg.n_head + cfg.n_kv_head, cfg.head_dim)
+            if cfg.attention_bias:
+                self._fused(G, l, "self_attn.q_proj.bias", W, 0)[...] += dqkv2.sum(axis=0)
+            ln1 = np.empty((N, H), np.float32)
+            _core.rmsnorm_forward(ln1, _EMPTY1, k["x"], P["input_layernorm.weight"],
+                                  cfg.rms_norm_eps)
+            _core.lm_head_backward(dln, self._fused(G, l, "self_attn.q_proj.weight", W, H),
+                                   dqkv2, ln1, self._fused(self.params, l,
+                                                           "self_attn.q_proj.weight", W, H))
+            _core.rmsnorm_backward(dres, GP["input_layernorm.weight"], dln, k["x"],
+                                   P["input_layernorm.weight"], k["rstd1"], scratch)
+        np.add.at(G[EMBED], f["idx"], dres)
+
+    # ------------------------------------------------------------------ decoding
+
+    def kv_cache(self, rows: int, positions: int | None = None) -> KVCache:
+        """A KV cache for rows sequences of up to positions positions (default
+        max_position_embeddings): (n_layer, rows, positions, kv_width), the KV heads only."""
+        cfg = self.config
+        positions = cfg.max_position_embeddings if positions is None else positions
+        return KVCache.empty(cfg.n_layer, rows, positions, cfg.kv_width)
+
+    def forward_cached(self, idx, pos0: int, cache: KVCache) -> np.ndarray:
+        """The logits (B, V) of the last position of idx (B, T), whose tokens sit at
+        positions pos0 .. pos0 + T - 1: their keys and values are written into the cache and
+        attention reads positions 0 .. pos0 + T - 1 from it."""
+        with _core.pinned_num_threads():
+            return self._forward_cached(idx, pos0, cache)
+
+    def _forward_cached(self, idx, pos0, cache):
+        cfg = self.config
+        idx = self._check_idx(idx)
+        B, T = idx.shape
+        if not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a KVCache (LlamaForCausalLM.kv_cache), got "
+                            f"{type(cache).__name__}")
+        L, rows, capacity, width = cache.keys.shape
+        if (L, width) != (cfg.n_layer, cfg.kv_width) or rows < B:
+            raise ValueError(f"{cache} does not fit this model (n_layer={cfg.n_layer}, "
+                             f"kv_width={cfg.kv_width}) and {B} rows")
+        if pos0 < 0 or pos0 + T > capacity:
+            raise ValueError(f"positions {pos0} .. {pos0 + T - 1} are outside the KV cache's "
+                             f"{capacity} positions")
+        positions = np.tile(np.arange(pos0, pos0 + T, dtype=np.int64), B)
+        x = np.ascontiguousarray(self.params[EMBED][idx.reshape(-1)])
+        for l in range(cfg.n_layer):
+            x = self._block(l, x, B, T, positions, None, cache, pos0)
+        last = np.ascontiguousarray(x.reshape(B, T, -1)[:, -1])
+        lnf = np.empty_like(last)
+        _core.rmsnorm_forward(lnf, _EMPTY1, last, self.params[NORM], cfg.rms_norm_eps)
+        logits = np.empty((B, cfg.vocab_size), np.float32)
+        _core.lm_head_forward(logits, lnf, self._head(self.params))
+        return logits
+
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                 top_p=None, seed=None, *, num_samples: int = 1, stop_at_eos: bool = False,
+                 eos_token_id: int | None = None, context_full: str = "stop") -> np.ndarray:
+        """Continue the prompts idx (B, T) or (T,) by up to max_new_tokens tokens, as
+        `GPT2.generate` does (temperature 0: greedy); returns the token ids, prompts
+        included.  stop_at_eos needs the checkpoint's eos_token_id."""
+        if stop_at_eos and eos_token_id is None:
+            raise ValueError("stop_at_eos needs eos_token_id (the checkpoint's end token)")
+        return _generation.generate(self, idx, max_new_tokens, temperature, top_k, top_p, seed,
+                                    num_samples=num_samples, stop_at_eos=stop_at_eos,
+                                    eos_token_id=eos_token_id if eos_token_id is not None
+                                    else 0, context_full=context_full)
