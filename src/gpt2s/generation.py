@@ -173,6 +173,7 @@ def _check_seed(seed):
 # ---------------------------------------------------------------------------------- sampler
 
 _LOWEST = np.finfo(np.float32).min   # a token's logit when it must not be chosen
+_HIGHEST = np.finfo(np.float32).max
 
 
 class _Controls:
@@ -203,19 +204,25 @@ class _Controls:
 
     def apply(self, logits, step, seq, cur):
         """Change logits (rows, V) in place for the token of generation step ``step``."""
-        if self.seen is not None:
-            # transformers' RepetitionPenaltyLogitsProcessor: a logit of a token already in
-            # the sequence is divided by the penalty when positive, multiplied when negative
-            x = logits[self.seen]
-            theta = np.float32(self.rep)
-            logits[self.seen] = np.where(x < 0, x * theta, x / theta)
-        if self.counts is not None:
-            # OpenAI's definition: mu_j -= c_j * frequency_penalty + (c_j > 0) * presence_penalty
-            # with c_j the times token j was generated so far
-            if self.frequency != 0.0:
-                logits -= self.counts * np.float32(self.frequency)
-            if self.presence != 0.0:
-                logits -= (self.counts > 0) * np.float32(self.presence)
+        with np.errstate(over="ignore"):   # an overflow is clipped below
+            if self.seen is not None:
+                # transformers' RepetitionPenaltyLogitsProcessor: a logit of a token already in
+                # the sequence is divided by the penalty when positive, multiplied when negative
+                x = logits[self.seen]
+                theta = np.float32(self.rep)
+                logits[self.seen] = np.where(x < 0, x * theta, x / theta)
+            if self.counts is not None:
+                # OpenAI's definition: mu_j -= c_j * frequency_penalty
+                #                               + (c_j > 0) * presence_penalty,
+                # c_j the times token j was generated so far
+                if self.frequency != 0.0:
+                    logits -= self.counts * np.float32(self.frequency)
+                if self.presence != 0.0:
+                    logits -= (self.counts > 0) * np.float32(self.presence)
+            if self.seen is not None or self.counts is not None:
+                # a penalty may overflow float32 (a banned token's lowest logit times 1.2): the
+                # kernels take finite logits
+                np.clip(logits, _LOWEST, _HIGHEST, out=logits)
         if step < self.min_new and self.eos < self.vocab_size:
             logits[:, self.eos] = _LOWEST
         if self.processor is not None:
