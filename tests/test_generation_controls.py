@@ -47,6 +47,16 @@ def test_ragged_greedy_with_every_kernel_parallel(model, every_kernel_parallel):
         np.testing.assert_array_equal(row, alone(model, p, 8, temperature=0))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_ragged_low_precision_weights(model, dtype):
+    """The packed embedding's per-row positions (low-precision weights widen wte's rows)."""
+    low = model.to_dtype(dtype)
+    ps = ragged((4, 15, 9), seed=17)
+    out = low.generate(ps, 8, temperature=0)
+    for p, row in zip(ps, out):
+        np.testing.assert_array_equal(row, alone(low, p, 8, temperature=0))
+
+
 @pytest.mark.parametrize("lengths,n_new", [((3, 11, 7), 12),      # within the context
                                            ((5, 30, 44), 40),     # rows slide at other steps
                                            ((2, 1), 5)])
