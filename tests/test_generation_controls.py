@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
+import gpt2s
 from gpt2s import GPT2, GPT2Config
 from gpt2s.generation import generate_stream, stream_text
 from test_generate import scaled_model
@@ -37,6 +38,24 @@ def alone(m, prompt, n, **kw):
 
 
 # ------------------------------------------------------------------ ragged batches
+
+def test_ragged_greedy_with_every_kernel_parallel(model, every_kernel_parallel):
+    gpt2s.set_num_threads(2)
+    ps = ragged((3, 20, 9), seed=16)
+    out = model.generate(ps, 8, temperature=0)
+    for p, row in zip(ps, out):
+        np.testing.assert_array_equal(row, alone(model, p, 8, temperature=0))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_ragged_low_precision_weights(model, dtype):
+    """The packed embedding's per-row positions (low-precision weights widen wte's rows)."""
+    low = model.to_dtype(dtype)
+    ps = ragged((4, 15, 9), seed=17)
+    out = low.generate(ps, 8, temperature=0)
+    for p, row in zip(ps, out):
+        np.testing.assert_array_equal(row, alone(low, p, 8, temperature=0))
+
 
 @pytest.mark.parametrize("lengths,n_new", [((3, 11, 7), 12),      # within the context
                                            ((5, 30, 44), 40),     # rows slide at other steps
@@ -203,6 +222,14 @@ def test_penalties_apply_to_sampling_rows_independently(model):
         np.testing.assert_array_equal(row, alone(model, p, 15, seed=s, **kw))
 
 
+def test_penalties_never_overflow_into_the_kernels(model):
+    """A penalty that takes a logit past float32's range (here a token made twice under a
+    frequency penalty of -2e38: +4e38) is clipped to the largest float32, so the sampling
+    kernels still see finite logits: the token made first keeps being drawn."""
+    out = alone(model, [1, 2, 3], 6, temperature=1.0, seed=1, frequency_penalty=-2e38)
+    assert out[3:].tolist() == [out[3]] * 6
+
+
 def test_neutral_controls_change_nothing(model):
     idx = np.random.default_rng(11).integers(0, V, (2, 5))
     neutral = dict(repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
@@ -363,10 +390,15 @@ def test_stop_string_holds_back_only_a_possible_start(text_model):
 
 # ------------------------------------------------------------------ the kernels' per-row positions
 
-def test_kernels_with_row_positions_equal_one_row_calls():
+@pytest.mark.parametrize("parallel", [False, True])
+def test_kernels_with_row_positions_equal_one_row_calls(parallel, request):
     """embedding_forward, kv_cache_write and attention_forward with row_pos give, row by row,
-    exactly (bit for bit) what a one-row call with pos0 = row_pos[b] gives."""
+    exactly (bit for bit) what a one-row call with pos0 = row_pos[b] gives (on one thread
+    and with every kernel on its parallel path)."""
     from gpt2s import _core
+    if parallel:
+        request.getfixturevalue("every_kernel_parallel")
+        gpt2s.set_num_threads(2)
     rng = np.random.default_rng(15)
     B, T, C, NH, n_ctx, Vs = 3, 2, 16, 2, 12, 20
     row_pos = np.array([0, 7, 3], np.int64)

@@ -173,6 +173,7 @@ def _check_seed(seed):
 # ---------------------------------------------------------------------------------- sampler
 
 _LOWEST = np.finfo(np.float32).min   # a token's logit when it must not be chosen
+_HIGHEST = np.finfo(np.float32).max
 
 
 class _Controls:
@@ -203,25 +204,31 @@ class _Controls:
 
     def apply(self, logits, step, seq, cur):
         """Change logits (rows, V) in place for the token of generation step ``step``."""
-        if self.seen is not None:
-            # transformers' RepetitionPenaltyLogitsProcessor: a logit of a token already in
-            # the sequence is divided by the penalty when positive, multiplied when negative
-            x = logits[self.seen]
-            theta = np.float32(self.rep)
-            logits[self.seen] = np.where(x < 0, x * theta, x / theta)
-        if self.counts is not None:
-            # OpenAI's definition: mu_j -= c_j * frequency_penalty + (c_j > 0) * presence_penalty
-            # with c_j the times token j was generated so far
-            if self.frequency != 0.0:
-                logits -= self.counts * np.float32(self.frequency)
-            if self.presence != 0.0:
-                logits -= (self.counts > 0) * np.float32(self.presence)
+        with np.errstate(over="ignore"):   # an overflow is clipped below
+            if self.seen is not None:
+                # transformers' RepetitionPenaltyLogitsProcessor: a logit of a token already in
+                # the sequence is divided by the penalty when positive, multiplied when negative
+                x = logits[self.seen]
+                theta = np.float32(self.rep)
+                logits[self.seen] = np.where(x < 0, x * theta, x / theta)
+            if self.counts is not None:
+                # OpenAI's definition: mu_j -= c_j * frequency_penalty
+                #                               + (c_j > 0) * presence_penalty,
+                # c_j the times token j was generated so far
+                if self.frequency != 0.0:
+                    logits -= self.counts * np.float32(self.frequency)
+                if self.presence != 0.0:
+                    logits -= (self.counts > 0) * np.float32(self.presence)
+            if self.seen is not None or self.counts is not None:
+                # a penalty may overflow float32 (a banned token's lowest logit times 1.2): the
+                # kernels take finite logits
+                np.clip(logits, _LOWEST, _HIGHEST, out=logits)
         if step < self.min_new and self.eos < self.vocab_size:
             logits[:, self.eos] = _LOWEST
         if self.processor is not None:
             ids = []
             for r in range(self.rows):
-                v = seq[r, :cur[r]]
+                v = seq[r, :cur if isinstance(cur, int) else cur[r]]
                 v.flags.writeable = False
                 ids.append(v)
             out = self.processor(ids, logits)
@@ -358,6 +365,10 @@ def _decode(model, prompts, run, max_new_tokens, sampler, num_samples, stop_at_e
                 array[:, b * ns:(b + 1) * ns, :T] = array[:, b:b + 1, :T]
         logits = np.repeat(logits, ns, axis=0)
     keep = n_ctx - n_ctx // 2
+    if not run.ragged:
+        yield from _decode_rectangular(model, run, kv, logits, max_new_tokens, sampler,
+                                       stop_at_eos, eos_token_id, context_full, stopper)
+        return
     every = np.arange(rows)
     cur = lens.copy()                   # seq[r, start[r]:cur[r]] is row r's cached window
     start = np.zeros(rows, np.int64)
@@ -368,16 +379,14 @@ def _decode(model, prompts, run, max_new_tokens, sampler, num_samples, stop_at_e
             full = (cur >= n_ctx) & ~done
             if full.any():
                 if not warned:
-                    which = "" if rows == 1 or not run.ragged else \
-                        f"row {int(np.flatnonzero(full)[0])}: "
                     warnings.warn(
-                        f"{which}generation stopped after {step} of {max_new_tokens} new "
-                        f"tokens: the sequence reached the model's context of n_ctx={n_ctx} "
-                        f"positions (pass context_full='slide' to go on with a sliding window)",
-                        RuntimeWarning, stacklevel=4)
+                        f"row {int(np.flatnonzero(full)[0])}: generation stopped after {step} "
+                        f"of {max_new_tokens} new tokens: the sequence reached the model's "
+                        f"context of n_ctx={n_ctx} positions (pass context_full='slide' to go "
+                        f"on with a sliding window)", RuntimeWarning, stacklevel=4)
                     warned = True
                 done |= full
-                if done.all() or not run.ragged:
+                if done.all():
                     return
         tok = sampler(logits, seq, cur)
         tok[done] = eos_token_id       # a finished row is padded
@@ -393,21 +402,9 @@ def _decode(model, prompts, run, max_new_tokens, sampler, num_samples, stop_at_e
         yield tok.copy()
         if step + 1 == max_new_tokens or done.all():
             return
-        if not run.ragged:
-            # every row at the same position (the path of a rectangular batch)
-            if context_full == "stop" and cur[0] >= n_ctx:
-                continue  # no position left for the token just made: stop at the loop's top
-            if cur[0] - start[0] > n_ctx:
-                # slide: recompute the cache of the last `keep` tokens, at positions 0..keep-1
-                start[:] = cur[0] - keep
-                logits = model.forward_cached(seq[:, start[0]:cur[0]], 0, kv)
-            else:
-                logits = model.forward_cached(seq[:, cur[0] - 1:cur[0]], cur[0] - 1 - start[0],
-                                              kv)
-            continue
-        # ragged: one step for every row at its own position; a row that is done or out of
-        # room runs a throw-away step at position 0 (its cache is no longer read), and a
-        # row whose window is full then recomputes its last `keep` tokens alone
+        # one step for every row at its own position; a row that is done or out of room runs
+        # a throw-away step at position 0 (its cache is no longer read), and a row whose
+        # window is full then recomputes its last `keep` tokens alone
         slide = (cur - start > n_ctx) & ~done
         idle = done | slide | (cur >= n_ctx) & (context_full == "stop")
         pos = np.where(idle, 0, cur - 1 - start)
@@ -417,6 +414,49 @@ def _decode(model, prompts, run, max_new_tokens, sampler, num_samples, stop_at_e
             start[r] = cur[r] - keep
             logits[r] = model.forward_cached(seq[r:r + 1, start[r]:cur[r]], 0,
                                              kv.view_rows(r, r + 1))[0]
+
+
+def _decode_rectangular(model, run, kv, logits, max_new_tokens, sampler, stop_at_eos,
+                        eos_token_id, context_full, stopper):
+    """The steps of a batch whose rows all sit at the same position (scalar cur, start)."""
+    n_ctx = model.config.n_ctx
+    seq = run.seq
+    keep = n_ctx - n_ctx // 2
+    start, cur = 0, seq.shape[1] - max_new_tokens   # seq[:, start:cur] is the cached window
+    done = np.zeros(seq.shape[0], bool) if stop_at_eos or stopper is not None else None
+    for step in range(max_new_tokens):
+        if context_full == "stop" and cur >= n_ctx:
+            warnings.warn(
+                f"generation stopped after {step} of {max_new_tokens} new tokens: the "
+                f"sequence reached the model's context of n_ctx={n_ctx} positions (pass "
+                f"context_full='slide' to go on with a sliding window)",
+                RuntimeWarning, stacklevel=5)
+            return
+        tok = sampler(logits, seq, cur)
+        if done is None:
+            run.n_out += 1
+        else:
+            tok[done] = eos_token_id       # a finished row is padded
+            run.n_out[~done] += 1
+            if stop_at_eos:
+                done |= tok == eos_token_id
+        seq[:, cur] = tok
+        cur += 1
+        if sampler.controls is not None:
+            sampler.controls.update(tok)
+        if stopper is not None:
+            done |= stopper(tok)
+        yield tok.copy()
+        if step + 1 == max_new_tokens or (done is not None and done.all()):
+            return
+        if context_full == "stop" and cur >= n_ctx:
+            continue  # no position left for the token just made: stop at the loop's top
+        if cur - start > n_ctx:
+            # slide: recompute the cache of the last `keep` tokens, at positions 0..keep-1
+            start = cur - keep
+            logits = model.forward_cached(seq[:, start:cur], 0, kv)
+        else:
+            logits = model.forward_cached(seq[:, cur - 1:cur], cur - 1 - start, kv)
 
 
 def _pinned_steps(steps):
