@@ -304,3 +304,20 @@ def test_qwen2_config_as_transformers_writes_it():
         (n, s) for n, s, _ in cfg.param_layout()[0])
     assert not any(n.endswith(("o_proj.bias", "mlp.up_proj.bias"))
                    for n, _, _ in cfg.param_layout()[0])
+
+
+def test_forward_cached_refuses_a_cache_or_position_that_does_not_fit():
+    m = LlamaForCausalLM.from_config(LlamaConfig(**CONFIGS["gqa2-tied"]), seed=0)
+    cache = m.kv_cache(2, 8)
+    with pytest.raises(ValueError, match="outside the KV cache's 8 positions"):
+        m.forward_cached(np.array([[1, 2], [3, 4]]), 7, cache)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        m.forward_cached(np.array([[1]] * 3), 0, cache)
+    with pytest.raises(TypeError, match="pos0 must be an integer"):
+        m.forward_cached(np.array([[1], [2]]), 1.0, cache)
+    with pytest.raises(TypeError, match="cache must be a KVCache"):
+        m.forward_cached(np.array([[1], [2]]), 0, None)
+    other = LlamaForCausalLM.from_config(LlamaConfig(**CONFIGS["qwen2"]),
+                                         seed=0).kv_cache(2, 8)   # kv_width 8
+    with pytest.raises(ValueError, match="kv_width=16"):
+        m.forward_cached(np.array([[1], [2]]), 0, other)

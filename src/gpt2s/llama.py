@@ -385,6 +385,8 @@ class LlamaForCausalLM:
         if (L, width) != (cfg.n_layer, cfg.kv_width) or rows < B:
             raise ValueError(f"{cache} does not fit this model (n_layer={cfg.n_layer}, "
                              f"kv_width={cfg.kv_width}) and {B} rows")
+        if not isinstance(pos0, (int, np.integer)) or isinstance(pos0, bool):
+            raise TypeError(f"pos0 must be an integer, got {type(pos0).__name__}")
         if pos0 < 0 or pos0 + T > capacity:
             raise ValueError(f"positions {pos0} .. {pos0 + T - 1} are outside the KV cache's "
                              f"{capacity} positions")
