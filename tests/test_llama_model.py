@@ -321,3 +321,24 @@ def test_forward_cached_refuses_a_cache_or_position_that_does_not_fit():
                                          seed=0).kv_cache(2, 8)   # kv_width 8
     with pytest.raises(ValueError, match="kv_width=16"):
         m.forward_cached(np.array([[1], [2]]), 0, other)
+
+
+def test_checkpoint_with_both_rope_forms(tmp_path):
+    """A transformers 5 save with the legacy rope_theta added beside rope_parameters (as the
+    benchmark's smollm2-135m-random is written) loads; a disagreeing pair is refused."""
+    cfg, m, hf = _pair("gqa2-tied", seed=9)
+    hf.float().save_pretrained(tmp_path, safe_serialization=True)
+    path = tmp_path / "config.json"
+    d = json.loads(path.read_text())
+    assert "rope_parameters" in d
+    d["rope_theta"] = d["rope_parameters"]["rope_theta"]
+    path.write_text(json.dumps(d))
+    loaded = LlamaForCausalLM.from_safetensors(tmp_path)
+    assert loaded.config == cfg
+    idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 6))
+    ref = hf.double()(input_ids=torch.from_numpy(idx)).logits.detach().numpy()
+    assert rel_err(loaded.forward(idx)[0], ref) < 1e-5
+    d["rope_theta"] = 5.0
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="rope_theta=5.0 is not supported: it differs"):
+        LlamaForCausalLM.from_safetensors(tmp_path)

@@ -366,6 +366,10 @@ class LlamaConfig:
             where = "rope_parameters"
             if not isinstance(rope, dict):
                 raise _bad(source, where, rope, "need an object")
+            # a file may carry the legacy key beside it (for older readers): it must agree
+            if "rope_theta" in d and "rope_theta" in rope and d["rope_theta"] != rope["rope_theta"]:
+                raise _bad(source, "rope_theta", d["rope_theta"],
+                           f"it differs from rope_parameters.rope_theta={rope['rope_theta']}")
         else:
             where, rope = "rope_scaling", dict(d.get("rope_scaling") or {})
             if "rope_theta" in d:
