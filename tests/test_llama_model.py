@@ -40,7 +40,17 @@ CONFIGS = {
     # multi-head (ratio 1)
     "mha": dict(vocab_size=33, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                 num_attention_heads=2, num_key_value_heads=2),
+    # Qwen2: q, k, v biases (GQA ratio 4, untied)
+    "qwen2": dict(model_type="qwen2", vocab_size=45, hidden_size=32, intermediate_size=40,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                  rope_theta=1000000.0),
 }
+
+
+def _hf_classes(cfg):
+    if cfg.model_type == "qwen2":
+        return transformers.Qwen2Config, transformers.Qwen2ForCausalLM
+    return transformers.LlamaConfig, transformers.LlamaForCausalLM
 
 
 def _pair(name, seed=0):
@@ -51,8 +61,9 @@ def _pair(name, seed=0):
         p[...] = (p * 5 + rng.normal(0, 0.05, p.shape)).astype(np.float32)
         if p.ndim == 1:
             p += 1.0
-    hf_cfg = transformers.LlamaConfig(**copy.deepcopy(cfg.to_hf_dict()))
-    hf = transformers.LlamaForCausalLM(hf_cfg).double().eval()
+    config_class, model_class = _hf_classes(cfg)
+    hf_cfg = config_class(**copy.deepcopy(cfg.to_hf_dict()))
+    hf = model_class(hf_cfg).double().eval()
     state = {k: torch.from_numpy(v.astype(np.float64)) for k, v in m.params.items()}
     if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -89,7 +100,7 @@ def test_forward_backward_match_transformers(name, threads, restore_threads):
         assert rel_err(g, ref) < 1e-4, k
 
 
-@pytest.mark.parametrize("name", ["gqa2-tied", "gqa3-llama3"])
+@pytest.mark.parametrize("name", ["gqa2-tied", "gqa3-llama3", "qwen2"])
 def test_cached_decoding_matches_transformers(name):
     """Prefill of 5 tokens, then one token at a time from the KV cache of KV heads: each
     step's last logits equal transformers' logits over the whole sequence."""
@@ -161,6 +172,10 @@ BASE = {"model_type": "llama", "vocab_size": 10, "hidden_size": 16, "intermediat
     ({"rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5}},
      "partial_rotary_factor"),
     ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64},
+     "use_sliding_window=true"),
+    ({"model_type": "qwen2", "layer_types": ["sliding_attention"]}, "layer_types"),
+    ({"model_type": "qwen2", "attention_bias": True}, "attention_bias=true"),
 ])
 def test_config_refuses_by_name(extra, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
@@ -170,7 +185,7 @@ def test_config_refuses_by_name(extra, message):
 def test_config_missing_size_named():
     d = dict(BASE)
     del d["intermediate_size"]
-    with pytest.raises(ValueError, match="cfg.json: missing Llama config key 'intermediate_size'"):
+    with pytest.raises(ValueError, match="cfg.json: missing llama config key 'intermediate_size'"):
         LlamaConfig.from_hf_dict(d, source="cfg.json")
 
 
@@ -184,10 +199,11 @@ def test_refuses_bad_token_ids_and_targets():
         m.backward()
 
 
-def test_load_transformers_checkpoint_and_save_back(tmp_path):
+@pytest.mark.parametrize("name", ["gqa3-llama3", "qwen2"])
+def test_load_transformers_checkpoint_and_save_back(tmp_path, name):
     """A checkpoint transformers saves (float32 and bfloat16) loads; gpt2s' save loads back
     into transformers' LlamaForCausalLM with the same logits."""
-    cfg, m, hf = _pair("gqa3-llama3", seed=5)
+    cfg, m, hf = _pair(name, seed=5)
     idx = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 7))
     ref = hf(input_ids=torch.from_numpy(idx)).logits.detach().numpy()
     hf.float().save_pretrained(tmp_path / "hf", safe_serialization=True)
@@ -197,7 +213,7 @@ def test_load_transformers_checkpoint_and_save_back(tmp_path):
     for k, v in m.params.items():
         assert np.array_equal(loaded.params[k], v), k
     out = loaded.save_safetensors(tmp_path / "ours")
-    back = transformers.LlamaForCausalLM.from_pretrained(out).double().eval()
+    back = _hf_classes(cfg)[1].from_pretrained(out).double().eval()
     assert rel_err(back(input_ids=torch.from_numpy(idx)).logits.detach().numpy(), ref) < 1e-5
     # a lone file carries its config
     single = loaded.save_safetensors(tmp_path / "one.safetensors", dtype="bfloat16")
@@ -272,3 +288,57 @@ def test_adamw_training_steps_match_torch():
         assert abs(loss - tloss.item()) / tloss.item() < 1e-5
     for k, v in m.params.items():
         assert rel_err(v, named[k].detach().numpy()) < 1e-5, k
+
+
+def test_qwen2_config_as_transformers_writes_it():
+    """A Qwen2.5-style config.json (sliding window present but off) reads; its biases are on
+    q, k, v only."""
+    d = transformers.Qwen2Config(vocab_size=20, hidden_size=16, intermediate_size=8,
+                                 num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=1, sliding_window=32,
+                                 use_sliding_window=False, max_window_layers=1,
+                                 tie_word_embeddings=True).to_dict()
+    cfg = LlamaConfig.from_hf_dict(json.loads(json.dumps(d)))
+    assert cfg.model_type == "qwen2" and cfg.qkv_bias and not cfg.o_bias
+    assert "model.layers.0.self_attn.k_proj.bias" in dict(
+        (n, s) for n, s, _ in cfg.param_layout()[0])
+    assert not any(n.endswith(("o_proj.bias", "mlp.up_proj.bias"))
+                   for n, _, _ in cfg.param_layout()[0])
+
+
+def test_forward_cached_refuses_a_cache_or_position_that_does_not_fit():
+    m = LlamaForCausalLM.from_config(LlamaConfig(**CONFIGS["gqa2-tied"]), seed=0)
+    cache = m.kv_cache(2, 8)
+    with pytest.raises(ValueError, match="outside the KV cache's 8 positions"):
+        m.forward_cached(np.array([[1, 2], [3, 4]]), 7, cache)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        m.forward_cached(np.array([[1]] * 3), 0, cache)
+    with pytest.raises(TypeError, match="pos0 must be an integer"):
+        m.forward_cached(np.array([[1], [2]]), 1.0, cache)
+    with pytest.raises(TypeError, match="cache must be a KVCache"):
+        m.forward_cached(np.array([[1], [2]]), 0, None)
+    other = LlamaForCausalLM.from_config(LlamaConfig(**CONFIGS["qwen2"]),
+                                         seed=0).kv_cache(2, 8)   # kv_width 8
+    with pytest.raises(ValueError, match="kv_width=16"):
+        m.forward_cached(np.array([[1], [2]]), 0, other)
+
+
+def test_checkpoint_with_both_rope_forms(tmp_path):
+    """A transformers 5 save with the legacy rope_theta added beside rope_parameters (as the
+    benchmark's smollm2-135m-random is written) loads; a disagreeing pair is refused."""
+    cfg, m, hf = _pair("gqa2-tied", seed=9)
+    hf.float().save_pretrained(tmp_path, safe_serialization=True)
+    path = tmp_path / "config.json"
+    d = json.loads(path.read_text())
+    assert "rope_parameters" in d
+    d["rope_theta"] = d["rope_parameters"]["rope_theta"]
+    path.write_text(json.dumps(d))
+    loaded = LlamaForCausalLM.from_safetensors(tmp_path)
+    assert loaded.config == cfg
+    idx = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 6))
+    ref = hf.double()(input_ids=torch.from_numpy(idx)).logits.detach().numpy()
+    assert rel_err(loaded.forward(idx)[0], ref) < 1e-5
+    d["rope_theta"] = 5.0
+    path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="rope_theta=5.0 is not supported: it differs"):
+        LlamaForCausalLM.from_safetensors(tmp_path)

@@ -1,5 +1,6 @@
 """LlamaForCausalLM: a Llama-architecture decoder (RMSNorm, rotary embeddings, grouped-query
-attention, SwiGLU MLP) on gpt2s' kernels, with Hugging Face's parameter names.
+attention, SwiGLU MLP) on gpt2s' kernels, with Hugging Face's parameter names; also Qwen2
+(``LlamaConfig(model_type="qwen2")``: biases on the q, k, v projections).
 
 The first increment of issue 25: float32 parameters in a `ParameterStore`, forward (logits
 and loss), backward (gradients accumulated into ``grads``), the KV-cache forward of
@@ -195,7 +196,7 @@ class LlamaForCausalLM:
         qkv = np.empty((N, W), np.float32)
         _core.lm_head_forward(qkv, ln1, self._fused(self.params, l, "self_attn.q_proj.weight",
                                                     W, H))
-        if cfg.attention_bias:
+        if cfg.qkv_bias:
             qkv += self._fused(self.params, l, "self_attn.q_proj.bias", W, 0)
         _core.rotary_forward(qkv, positions, self._inv_freq, 0, cfg.n_head + cfg.n_kv_head,
                              cfg.head_dim)
@@ -213,7 +214,7 @@ class LlamaForCausalLM:
         atty2 = atty.reshape(N, Q)
         proj = np.empty((N, H), np.float32)
         _core.lm_head_forward(proj, atty2, P["self_attn.o_proj.weight"])
-        if cfg.attention_bias:
+        if cfg.o_bias:
             proj += P["self_attn.o_proj.bias"]
         res2, ln2, rstd2 = (np.empty((N, H), np.float32), np.empty((N, H), np.float32),
                             np.empty(N, np.float32))
@@ -336,7 +337,7 @@ class LlamaForCausalLM:
             datty = np.empty((N, Q), np.float32)
             _core.lm_head_backward(datty, GP["self_attn.o_proj.weight"], dres, atty2,
                                    P["self_attn.o_proj.weight"])
-            if cfg.attention_bias:
+            if cfg.o_bias:
                 GP["self_attn.o_proj.bias"] += dres.sum(axis=0)
             dqkv = np.empty((B, T, W), np.float32)
             _core.attention_backward(dqkv, datty.reshape(B, T, Q), k["atty"], k["lse"],
@@ -345,7 +346,7 @@ class LlamaForCausalLM:
             dqkv2 = dqkv.reshape(N, W)
             _core.rotary_backward(dqkv2, f["positions"], self._inv_freq, 0,
                                   cfg.n_head + cfg.n_kv_head, cfg.head_dim)
-            if cfg.attention_bias:
+            if cfg.qkv_bias:
                 self._fused(G, l, "self_attn.q_proj.bias", W, 0)[...] += dqkv2.sum(axis=0)
             ln1 = np.empty((N, H), np.float32)
             _core.rmsnorm_forward(ln1, _EMPTY1, k["x"], P["input_layernorm.weight"],
@@ -384,6 +385,8 @@ class LlamaForCausalLM:
         if (L, width) != (cfg.n_layer, cfg.kv_width) or rows < B:
             raise ValueError(f"{cache} does not fit this model (n_layer={cfg.n_layer}, "
                              f"kv_width={cfg.kv_width}) and {B} rows")
+        if not isinstance(pos0, (int, np.integer)) or isinstance(pos0, bool):
+            raise TypeError(f"pos0 must be an integer, got {type(pos0).__name__}")
         if pos0 < 0 or pos0 + T > capacity:
             raise ValueError(f"positions {pos0} .. {pos0 + T - 1} are outside the KV cache's "
                              f"{capacity} positions")

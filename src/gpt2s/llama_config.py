@@ -1,5 +1,6 @@
 """LlamaConfig: the sizes and variant fields of a Llama-architecture model (``model_type:
-llama``: SmolLM2, TinyLlama, Llama 3.2), read from a Hugging Face ``config.json``, and the
+llama``: SmolLM2, TinyLlama, Llama 3.2; ``qwen2``: Qwen2.5, the same block with biases on the
+q, k, v projections), read from a Hugging Face ``config.json``, and the
 inverse frequencies of its rotary embeddings (the rope scaling types ``linear`` and
 ``llama3`` included).
 
@@ -41,6 +42,10 @@ _READ_KEYS = frozenset({
     "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings",
     "attention_bias", "mlp_bias", "hidden_act", "rope_interleaved",
 })
+# Qwen2's keys besides: its sliding window, read to refuse it when it is on
+_QWEN2_KEYS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers",
+                         "layer_types"})
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # the rope scaling types gpt2s computes, with the keys each needs
 _ROPE_TYPES = {
     "default": (),
@@ -90,6 +95,8 @@ class LlamaConfig:
         attention_bias: q, k, v and o projections have biases.
         mlp_bias: gate, up and down projections have biases.
         hidden_act: the gate's activation (transformers' name; "silu" for SwiGLU).
+        model_type: "llama", or "qwen2" (q, k, v projections with biases, none elsewhere;
+            attention_bias and mlp_bias stay false).
 
     Raises:
         ValueError: a size out of bounds, heads that do not divide, an odd head_dim, an
@@ -117,8 +124,7 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
-
-    model_type = "llama"
+    model_type: str = "llama"
 
     def __post_init__(self):
         def setf(name, value):
@@ -152,6 +158,12 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.hidden_act={self.hidden_act!r}: not one of "
                              f"{sorted(ACTIVATION_KERNELS)}")
         setf("rope_scaling", _check_rope_scaling(self.rope_scaling, "LlamaConfig.rope_scaling"))
+        if self.model_type not in _ARCHITECTURES:
+            raise ValueError(f"LlamaConfig.model_type={self.model_type!r}: one of "
+                             f"{sorted(_ARCHITECTURES)}")
+        if self.model_type == "qwen2" and (self.attention_bias or self.mlp_bias):
+            raise ValueError("LlamaConfig.attention_bias / mlp_bias: a qwen2 model has biases "
+                             "on its q, k, v projections only (both must be false)")
 
     # --- sizes the kernels use ---------------------------------------------------------
 
@@ -186,6 +198,16 @@ class LlamaConfig:
     def kv_width(self) -> int:
         """The columns of the keys, and of the values: n_kv_head * head_dim."""
         return self.num_key_value_heads * self.head_dim
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Whether the q, k, v projections have biases (qwen2 always; llama: attention_bias)."""
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        """Whether the output projection has a bias (llama's attention_bias)."""
+        return self.attention_bias
 
     @property
     def activation_kernel(self) -> str:
@@ -230,7 +252,9 @@ class LlamaConfig:
         out = []
         for s in LLAMA_LAYER_SUFFIXES:
             if s.endswith(".bias"):
-                if s.startswith("self_attn.") and not self.attention_bias:
+                if s == "self_attn.o_proj.bias" and not self.o_bias:
+                    continue
+                if s.startswith("self_attn.") and not self.qkv_bias:
                     continue
                 if s.startswith("mlp.") and not self.mlp_bias:
                     continue
@@ -295,9 +319,24 @@ class LlamaConfig:
                 size, a value out of bounds (the message names the source and the key).
         """
         model_type = d.get("model_type")
-        if model_type != "llama":
-            raise _bad(source, "model_type", model_type, "LlamaConfig reads model_type 'llama'")
+        if model_type not in _ARCHITECTURES:
+            raise _bad(source, "model_type", model_type,
+                       f"LlamaConfig reads model_type {' or '.join(map(repr, _ARCHITECTURES))}")
+        if model_type == "qwen2":
+            if d.get("use_sliding_window"):
+                raise _bad(source, "use_sliding_window", d["use_sliding_window"],
+                           "gpt2s computes full causal attention, not a sliding window")
+            kinds = d.get("layer_types") or []
+            bad = [k for k in kinds if k != "full_attention"]
+            if bad:
+                raise _bad(source, "layer_types", sorted(set(bad)),
+                           "gpt2s computes full causal attention only")
+            for k in ("attention_bias", "mlp_bias"):
+                if d.get(k):
+                    raise _bad(source, k, d[k], "a qwen2 model has biases on q, k, v only")
         for key in d:
+            if model_type == "qwen2" and key in _QWEN2_KEYS:
+                continue
             if key not in _READ_KEYS and key not in _IGNORED_KEYS:
                 if key in ("sliding_window", "use_sliding_window") and not d[key]:
                     continue
@@ -306,8 +345,8 @@ class LlamaConfig:
                                "weights, not a quantisation scheme")
                 raise ValueError(f"{source}: unknown key {key!r} (= "
                                  f"{json.dumps(d[key], default=str)[:60]}) for model_type "
-                                 f"'llama': gpt2s does not know what it changes, so it refuses "
-                                 f"the config")
+                                 f"{model_type!r}: gpt2s does not know what it changes, so it "
+                                 f"refuses the config")
         if d.get("rope_interleaved"):
             raise _bad(source, "rope_interleaved", d["rope_interleaved"],
                        "gpt2s implements the rotate_half rotary layout of transformers' Llama")
@@ -315,7 +354,9 @@ class LlamaConfig:
             kwargs = {k: d[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
                                         "num_hidden_layers", "num_attention_heads")}
         except KeyError as e:
-            raise ValueError(f"{source}: missing Llama config key {e.args[0]!r}") from None
+            raise ValueError(f"{source}: missing {model_type} config key {e.args[0]!r}") \
+                from None
+        kwargs["model_type"] = model_type
         for k in ("num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
                   "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act"):
             if d.get(k) is not None:
@@ -325,6 +366,10 @@ class LlamaConfig:
             where = "rope_parameters"
             if not isinstance(rope, dict):
                 raise _bad(source, where, rope, "need an object")
+            # a file may carry the legacy key beside it (for older readers): it must agree
+            if "rope_theta" in d and "rope_theta" in rope and d["rope_theta"] != rope["rope_theta"]:
+                raise _bad(source, "rope_theta", d["rope_theta"],
+                           f"it differs from rope_parameters.rope_theta={rope['rope_theta']}")
         else:
             where, rope = "rope_scaling", dict(d.get("rope_scaling") or {})
             if "rope_theta" in d:
@@ -368,9 +413,12 @@ class LlamaConfig:
         """The ``config.json`` content that ``transformers.LlamaForCausalLM`` loads (the
         transformers 4 form, which transformers 5 reads as well)."""
         d = {k: v for k, v in asdict(self).items() if k != "rope_scaling"}
-        d.update(architectures=["LlamaForCausalLM"], model_type="llama",
+        d.update(architectures=[_ARCHITECTURES[self.model_type]],
                  rope_scaling=None if self.rope_scaling is None else dict(self.rope_scaling),
                  attention_dropout=0.0, torch_dtype="float32")
+        if self.model_type == "qwen2":
+            del d["attention_bias"], d["mlp_bias"]
+            d["use_sliding_window"] = False
         return d
 
 

@@ -59,7 +59,9 @@ class ParameterStore:
     the parameters and the model's training buffers, one at a time.
 
     Args:
-        config: the model's sizes (a `GPT2Config`).
+        config: the model's sizes: a `GPT2Config`, or another family's config that lays out
+            its own parameters (``param_layout()``, ``layer_views``, ``layer_of``: the
+            `gpt2s.llama_config.LlamaConfig`).
         dtype: the storage of the matmul weights: "float32" (trainable), "bfloat16" or "int8".
         allocate: False leaves the float32 parameters (or the compressed matmul weights) as
             read-only zero-byte placeholders of the right shapes, for a loader that replaces
@@ -77,7 +79,7 @@ class ParameterStore:
         lock: the training lock (a ``threading.RLock``).
 
     Raises:
-        TypeError: config is not a `GPT2Config`.
+        TypeError: config is neither a `GPT2Config` nor a family's config.
         ValueError: an unknown dtype.
 
     Examples:
