@@ -137,6 +137,22 @@ def test_lone_packed_file_round_trip(model, cfg, tmp_path, dtype):
     np.testing.assert_array_equal(back.forward(x)[0], m.forward(x)[0])
 
 
+@pytest.mark.parametrize("dtype", PACKED + ["bfloat16"])
+def test_untied_head_round_trip(make_config, make_model, tmp_path, dtype):
+    """An untied output head is a matmul weight of its own: stored (and packed) like wte,
+    under its own name outside the "transformer." prefix."""
+    cfg = make_config(n_layer=1, n_head=2, head_size=32, vocab_size=97, n_ctx=16,
+                      tie_word_embeddings=False)
+    m = make_model(cfg, seed=4).to_dtype(dtype)
+    m.save_safetensors(tmp_path)
+    tensors, _ = read_st(tmp_path / "model.safetensors")
+    assert "lm_head.weight" in tensors
+    back = GPT2.from_pretrained(tmp_path)
+    assert_same_storage(m, back)
+    x = ids(cfg, T=5)
+    np.testing.assert_array_equal(back.forward(x)[0], m.forward(x)[0])
+
+
 @pytest.mark.parametrize("dtype", TYPES)
 def test_file_layout(saved, cfg, dtype):
     """What the file holds, read by the test's own reader: dtypes per tensor, the metadata and

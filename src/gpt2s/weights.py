@@ -1069,7 +1069,8 @@ def save_safetensors(path, params: dict, config: GPT2Config, prefix: str = "tran
                     arr.size * _DTYPES[st_dtype][1],
                     lambda arr=arr: _encode(arr, st_dtype))
                    for name, arr in params.items()]
-        metadata, quant = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_hf_dict())}, None
+        metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_hf_dict())}
+        quant = None
     p = Path(path)
     if p.suffix == ".safetensors":
         p.parent.mkdir(parents=True, exist_ok=True)
