@@ -187,3 +187,93 @@ def test_text_given_to_generate_points_at_generate_text():
             m.generate(bad, 3)
     with pytest.raises(TypeError, match="generate_text"):
         m.forward("Hello")
+
+
+# ------------------------------------------------------------------------------------------
+# The command line says what matters, once, in its own terms
+
+
+def _train_args(out, *extra):
+    return [str(EXCERPT), "--init", "tiny", "--batch-size", "2", "--seq-len", "16",
+            "--eval-batches", "1", "--out", str(out), "--no-plot", "--quiet", *extra]
+
+
+def test_default_warmup_follows_the_run_without_a_warning(tmp_path, capsys):
+    _data_files()
+    import json
+
+    from gpt2s import train
+    out = tmp_path / "run"
+    assert train.main(_train_args(out, "--steps", "20")) == 0
+    err = capsys.readouterr().err
+    assert "warning:" not in err and "--warmup" not in err, err
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["run"]["warmup"] == 2            # 10% of 20 steps
+    # a longer resumed run keeps the warm-up it started with, without a note
+    assert train.main(_train_args(out, "--steps", "30", "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "--warmup" not in err, err
+    assert json.loads((out / "train_state.json").read_text())["run"]["warmup"] == 2
+    # long runs warm up for 100 steps at most; a --warmup given is used as given
+    assert train.default_warmup(5000) == 100 and train.default_warmup(999) == 99
+    assert train.main(_train_args(tmp_path / "r2", "--steps", "4", "--warmup", "10")) == 0
+    assert "warning: --warmup 10 is not below --steps 4" in capsys.readouterr().err
+
+
+def test_warmup_warning_does_not_come_before_an_unrelated_error(tmp_path, capsys):
+    from gpt2s import train
+    assert train.main([str(tmp_path / "missing.txt"), "--steps", "5", "--warmup", "50",
+                       "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"python -m gpt2s.train: error: "
+                                        f"{tmp_path / 'missing.txt'}: no such file"], err
+
+
+def test_context_full_warning_in_the_command_lines_terms(capsys):
+    from gpt2s import GPT2, generate
+    n_ctx = GPT2.from_pretrained("demo").config.n_ctx
+    assert generate.main(["ROMEO:", "--model", "demo", "-n", str(n_ctx + 10), "--temperature",
+                          "0", "--ignore-eos", "--context-full", "stop"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("python -m gpt2s.generate: warning: generation stopped after ")
+    assert "--context-full slide" in lines[0] and "context_full" not in lines[0], lines[0]
+    assert ".py:" not in captured.err and "warnings.warn" not in captured.err
+
+
+def test_sample_separators_go_to_stderr_and_counts_are_singular(capsys):
+    from gpt2s import generate
+    assert generate.main(["ROMEO:", "--model", "demo", "-n", "1", "--num-samples", "2",
+                          "--seed", "1", "-v"]) == 0
+    captured = capsys.readouterr()
+    assert "====" not in captured.out
+    assert captured.out.count("ROMEO:") == 2
+    assert "======== sample 1 of 2 ========" in captured.err
+    assert "generated 1 token in" in captured.err and "1 tokens" not in captured.err
+
+
+def test_training_without_matplotlib_says_once_that_no_plot_is_drawn(tmp_path, capsys,
+                                                                     monkeypatch):
+    _data_files()
+    from gpt2s import train
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import fails
+    out = tmp_path / "run"
+    args = [a for a in _train_args(out, "--steps", "2") if a != "--no-plot"]
+    assert train.main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("loss.png") == 1 and "matplotlib is not installed" in err, err
+    assert not (out / "loss.png").exists()
+
+
+def test_a_short_run_plot_has_whole_step_ticks(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from gpt2s.metrics import loss_figure
+    rows = [{"type": "train", "step": s, "train_loss": 5.0 - s, "lr": 1e-3} for s in (1, 2, 3)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ticks = loss_figure(path).axes[0].get_xticks()
+    inside = [t for t in ticks if 1 <= t <= 3]
+    assert inside and all(float(t).is_integer() for t in ticks), ticks

@@ -13,7 +13,7 @@ import time
 
 __all__ = ["UserError", "run_main", "os_error_text", "Parser", "positive_int", "nonneg_int",
            "nonneg_float", "positive_float", "fraction", "add_threads_option",
-           "add_quiet_option", "Progress"]
+           "add_quiet_option", "Progress", "plural"]
 
 
 class UserError(Exception):
@@ -65,6 +65,11 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def plural(n: int, word: str) -> str:
+    """``n word`` with the word plural unless n is 1: "1 token", "2,048 tokens"."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 # ------------------------------------------------------------------------------------------

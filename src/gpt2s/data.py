@@ -457,7 +457,8 @@ class TokenData:
             counts[s.kind] = counts.get(s.kind, 0) + 1
         parts = ", ".join(f"{n} {names[k]}{'s' if n > 1 else ''}" for k, n in counts.items())
         n = len(self.sources)
-        return f"{n} file{'s' if n > 1 else ''} ({parts}): {len(self):,} tokens"
+        return f"{n} file{'s' if n > 1 else ''} ({parts}): {len(self):,} " \
+               f"token{'' if len(self) == 1 else 's'}"
 
     def __repr__(self):
         return f"TokenData({self.describe()})"

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from ._cli import UserError as _UserError
-from ._cli import add_quiet_option, add_threads_option, run_main
+from ._cli import add_quiet_option, add_threads_option, plural, run_main
 
 __all__ = ["main", "evaluate", "sliding_windows"]
 
@@ -221,7 +221,8 @@ def _run(args, out, err) -> int:
     if stride > seq_len:
         raise _UserError(f"--stride {stride} is larger than the window (--seq-len {seq_len})")
     if len(data) < 2:
-        raise _UserError(f"{' '.join(args.data)}: {len(data)} tokens, at least 2 are needed")
+        raise _UserError(f"{' '.join(args.data)}: {plural(len(data), 'token')}, at least 2 "
+                         f"are needed")
     print(f"model: {path}\n  {model!r}\ndata: {data.describe()}", file=err)
     progress = Progress(count_windows(len(data), seq_len, stride), "windows",
                         enabled=not args.quiet, stream=err)
@@ -237,7 +238,8 @@ def _run(args, out, err) -> int:
         out.write(json.dumps(result) + "\n")
     else:
         out.write(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
-                  f"({result['tokens']:,} tokens in {result['windows']:,} windows of "
+                  f"({plural(result['tokens'], 'token')} in "
+                  f"{plural(result['windows'], 'window')} of "
                   f"{seq_len}, stride {stride}; {result['tokens_per_s'] or 0:,.0f} tokens/s)\n")
     out.flush()
     return 0

@@ -8,11 +8,13 @@ model) print ``error: ...`` and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+import warnings
 
 from ._cli import UserError as _UserError
-from ._cli import add_threads_option, run_main
+from ._cli import add_threads_option, plural, run_main
 from .hub import HF_DOWNLOAD, ModelNotFound, find_model
 from .weight_types import DTYPES
 
@@ -128,7 +130,9 @@ def _option_names(message: str) -> str:
             return "--" + name.replace("_", "-") + message[len(name):]
     if message.startswith("set_num_threads: n "):
         return "--threads " + message[len("set_num_threads: n "):]
-    return message
+    # "pass context_full='slide'" -> "pass --context-full slide"
+    return re.sub(r"\b(" + "|".join(_OPTIONS) + r")=['\"]?(\w+)['\"]?",
+                  lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)}", message)
 
 
 def _write(out, text):
@@ -178,22 +182,22 @@ def _run(args, out, err) -> int:
     n_prompt = len(enc.encode(prompt, allowed_special={EOT_TOKEN}))
     if n_prompt > model.config.n_ctx:
         if not args.crop_prompt:
-            raise _UserError(f"the prompt is {n_prompt} tokens long, longer than the model's "
+            raise _UserError(f"the prompt is {plural(n_prompt, 'token')} long, longer than the model's "
                              f"context n_ctx={model.config.n_ctx}; --crop-prompt keeps its end")
         prompt, n_prompt, n_whole = crop_prompt(enc, prompt, model.config.n_ctx,
                                                 sampling["max_new_tokens"])
-        print(f"{PROG}: the prompt is {n_whole} tokens long, longer than the model's context "
-              f"n_ctx={model.config.n_ctx}: kept its last {n_prompt} tokens", file=err)
+        print(f"{PROG}: the prompt is {plural(n_whole, 'token')} long, longer than the model's "
+              f"context n_ctx={model.config.n_ctx}: kept its last {plural(n_prompt, 'token')}",
+              file=err)
     if args.verbose:
         print(f"model: {path}\n  {model!r}, loaded in {load_s:.2f} s\n"
-              f"threads: {gpt2s.get_num_threads()}\nprompt: {n_prompt} tokens", file=err)
+              f"threads: {gpt2s.get_num_threads()}\nprompt: {plural(n_prompt, 'token')}", file=err)
 
     rng = np.random.default_rng(sampling["seed"])
     echo = not args.no_echo and args.prompt is not None
     for i in range(sampling["num_samples"]):
-        if sampling["num_samples"] > 1:
-            _write(out, ("\n" if i else "") + f"======== sample {i + 1} of "
-                   f"{sampling['num_samples']} ========\n")
+        if sampling["num_samples"] > 1:     # stderr: stdout carries only the text
+            _write(err, f"======== sample {i + 1} of {sampling['num_samples']} ========\n")
         if echo:
             _write(out, prompt)
         try:
@@ -206,14 +210,18 @@ def _run(args, out, err) -> int:
         t_start = time.perf_counter()
         t_first = None
         n_tokens = 0
-        for token, piece in steps:
-            if token is not None:
-                n_tokens += 1
-                if t_first is None:
-                    t_first = time.perf_counter()
-            if piece:
-                _write(out, piece)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for token, piece in steps:
+                if token is not None:
+                    n_tokens += 1
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                if piece:
+                    _write(out, piece)
         t_end = time.perf_counter()
+        for w in caught:      # one line each, in the command line's terms
+            _write(err, f"{PROG}: warning: {_option_names(str(w.message))}\n")
         _write(out, "\n")
         if args.verbose:
             _report(err, n_prompt, n_tokens, t_start, t_first, t_end)
@@ -225,8 +233,8 @@ def _report(err, n_prompt, n_tokens, t_start, t_first, t_end):
         print(f"generated 0 tokens in {t_end - t_start:.2f} s", file=err)
         return
     prefill = t_first - t_start
-    msg = (f"prefill: {n_prompt} tokens + first new token in {prefill:.3f} s; "
-           f"generated {n_tokens} tokens in {t_end - t_start:.2f} s")
+    msg = (f"prefill: {plural(n_prompt, 'token')} + first new token in {prefill:.3f} s; "
+           f"generated {plural(n_tokens, 'token')} in {t_end - t_start:.2f} s")
     if n_tokens > 1 and t_end > t_first:
         msg += f": {(n_tokens - 1) / (t_end - t_first):.1f} tokens/s after the first"
     print(msg, file=err)

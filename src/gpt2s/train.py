@@ -21,12 +21,13 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from ._cli import (Parser, UserError, add_quiet_option, add_threads_option, positive_float,
-                   positive_int, run_main)
+from ._cli import (Parser, UserError, add_quiet_option, add_threads_option, plural,
+                   positive_float, positive_int, run_main)
 from .checkpoint import DATA_HASHES, CheckpointError, lock_run_dir, remove_leftovers
 from .metrics import Metrics, NullMetrics, have_matplotlib, plot_metrics, redraw_plot
 from .training import (Resume, RunConfig, RunFailed, TrainingDiverged, World,
-                       effective_warmup, eval_batch, evaluate, lr_at, open_data, open_run_dir,
+                       DEFAULT_WARMUP, default_warmup, effective_warmup, eval_batch, evaluate,
+                        lr_at, open_data, open_run_dir,
                        resume_differences, resume_state, start_over, train_batch, train_loop,
                        train_step)
 
@@ -73,8 +74,9 @@ sizes for --init (random weights, GPT-2 initialisation, the GPT-2 vocabulary):
 
 schedule: --steps is the total number of optimizer steps of the run; each one averages
   --grad-accum micro-batches of --batch-size windows of --seq-len tokens.  The learning rate
-  rises linearly for --warmup steps, then decays on a cosine to --min-lr-ratio x --lr at the
-  last step.  A --warmup of --steps or more is cut to 10% of the run (with a warning).
+  rises linearly for --warmup steps (default: 10% of the run, at most 100), then decays on a
+  cosine to --min-lr-ratio x --lr at the last step.  A --warmup of --steps or more is cut to
+  10% of the run (with a warning).
 
 output in --out: model.safetensors + config.json (loadable by gpt2s and transformers),
   optimizer.npz, train_state.json, metrics.jsonl (one JSON object per step and per
@@ -88,7 +90,7 @@ output in --out: model.safetensors + config.json (loadable by gpt2s and transfor
 
 examples:
   {PROG} input.txt --init mini --steps 2000 --out runs/mini
-  {PROG} input.txt --model assets --steps 200 --lr 1e-4 --warmup 20 --out runs/ft
+  {PROG} input.txt --model assets --steps 200 --lr 1e-4 --out runs/ft
   {PROG} "shards/train_*.bin" --val-data "shards/val_*.bin" --init gpt2 \\
       --batch-size 8 --seq-len 1024 --grad-accum 8 --out runs/gpt2 --save-every 100
   {PROG} input.txt --init mini --steps 2000 --out runs/mini --resume
@@ -143,7 +145,10 @@ data parallel over MPI (pip install "gpt2s[mpi]"; docs/distributed.md): under
                         f"{', '.join(RunConfig.flags(Resume.MUST_MATCH))}, the data or the "
                         "model differ from the checkpoint's (the run is then no longer "
                         "reproducible)")
-    RunConfig.add_arguments(p)
+    # the command line's warm-up follows the run's length unless given
+    RunConfig.add_arguments(p, warmup=(None, f"steps of linear learning-rate warm-up (default: "
+                                             f"10%% of --steps, at most {DEFAULT_WARMUP}; a "
+                                             f"resumed run keeps its own)"))
     add_threads_option(p, type=positive_int,
                        default_note="; under MPI the cores divided by the ranks on the node")
     p.add_argument("--distributed", action="store_true",
@@ -245,14 +250,19 @@ def _run_locked(args, out: Path, world: World) -> int:
     from .model import GPT2
     from .optim import AdamW
 
-    warmup, warning = effective_warmup(args.warmup, args.steps)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+    ck = open_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+    warning = None
+    if args.warmup is None:
+        # not given: the checkpoint's (a resumed run keeps its schedule), else one that
+        # follows the run's length
+        saved = ck.state.get("run", {}).get("warmup") if ck is not None else None
+        warmup = saved if type(saved) is int and 0 <= saved < args.steps \
+            else default_warmup(args.steps)
+    else:
+        warmup, warning = effective_warmup(args.warmup, args.steps)
     # batch_size is the global micro-batch: N ranks x --batch-size
     run = RunConfig.from_arguments(args, batch_size=args.batch_size * world.size, warmup=warmup,
                                    val_fraction=0.0 if args.val_data else args.val_fraction)
-
-    ck = open_run_dir(out, resume=args.resume, overwrite=args.overwrite)
     specs = list(args.data) + list(args.data_opt)
     if not specs:
         raise UserError("no training data: give text files, .bin files or globs as DATA")
@@ -297,6 +307,8 @@ def _run_locked(args, out: Path, world: World) -> int:
     if args.seq_len > model.config.n_ctx:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's context "
                         f"n_ctx={model.config.n_ctx}")
+    if warning and world.rank == 0:   # once the inputs are known to be usable
+        print(f"warning: {warning}", file=sys.stderr)
     opt = AdamW(model, lr=run.lr, weight_decay=run.weight_decay)
     first, last_val, elapsed = 0, None, 0.0
     if ck is not None:
@@ -324,12 +336,15 @@ def _run_locked(args, out: Path, world: World) -> int:
     hashes.save()
     metrics = Metrics(out, Path(args.log) if args.log else None, upto=first)
     print(f"{model!r}\ndata: {described}\n"
-          f"{'resuming at step ' + str(first) + ' of ' if first else ''}{run.steps} steps of "
+          f"{'resuming at step ' + str(first) + ' of ' if first else ''}{plural(run.steps, 'step')} of "
           f"{run.batch_size}x{run.seq_len}{f' x{run.grad_accum}' if run.grad_accum > 1 else ''}"
-          f" tokens, {gpt2s.get_num_threads()} threads"
-          + (f" per rank, {world.size} ranks of {args.batch_size} windows"
+          f" tokens, {plural(gpt2s.get_num_threads(), 'thread')}"
+          + (f" per rank, {world.size} ranks of {plural(args.batch_size, 'window')}"
              if world.size > 1 else ""),
           file=sys.stderr)
+    if not args.no_plot and not have_matplotlib():
+        print(f"note: matplotlib is not installed, so no {out / 'loss.png'} is drawn (pip "
+              f"install 'gpt2s[plot]'; --no-plot silences this note)", file=sys.stderr)
     try:
         status = _train(loop, metrics, out, run, first, 0)
     finally:
@@ -356,7 +371,7 @@ def _train(loop, metrics, out: Path, run: RunConfig, first: int, rank: int) -> i
     if end.last_val and end.last_val["loss"] is not None:
         val_text = (f", validation loss {end.last_val['loss']:.4f} at step "
                     f"{end.last_val['step']}")
-    print(f"saved {out} after {end.step} steps ({end.seconds:.0f} s{val_text})",
+    print(f"saved {out} after {plural(end.step, 'step')} ({end.seconds:.0f} s{val_text})",
           file=sys.stderr)
     return 0
 

@@ -48,11 +48,13 @@ from .model import GPT2
 from .optim import clip_coefficient, grad_norm
 
 __all__ = ["RunConfig", "Resume", "setting", "TrainingDiverged", "RunFailed", "lr_at",
-           "effective_warmup", "train_batch", "eval_batch", "SingleProcess", "train_step",
+           "effective_warmup", "default_warmup", "DEFAULT_WARMUP", "train_batch", "eval_batch",
+           "SingleProcess", "train_step",
            "evaluate", "open_data", "open_run_dir", "start_over", "resume_differences",
            "resume_state", "save_run", "train_loop", "LoopEnd", "World"]
 
 STATE_FORMAT = "gpt2s-train"
+DEFAULT_WARMUP = 100   # the command line's warm-up, at most (default_warmup)
 WARMUP_CLAMP = 0.1   # a warm-up of --steps or more is cut to this fraction of the run
 
 
@@ -154,12 +156,15 @@ class RunConfig:
                               "Ctrl-C) only (default: %(default)s)", Resume.NOT_COMPARED, "N")
 
     @classmethod
-    def add_arguments(cls, parser):
-        """Add an option per field to an argparse parser, in field order."""
+    def add_arguments(cls, parser, **cli_defaults):
+        """Add an option per field to an argparse parser, in field order.  ``cli_defaults``:
+        field name -> (the option's default, its help) where the command line differs from
+        the field's default."""
         for f in fields(cls):
             m = f.metadata
-            parser.add_argument(m["flag"], dest=f.name, type=m["type"], default=f.default,
-                                metavar=m["metavar"], help=m["help"])
+            default, help = cli_defaults.get(f.name, (f.default, m["help"]))
+            parser.add_argument(m["flag"], dest=f.name, type=m["type"], default=default,
+                                metavar=m["metavar"], help=help)
 
     @classmethod
     def from_arguments(cls, args, **changes) -> RunConfig:
@@ -212,6 +217,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
     decay_steps = total - 1 - warmup   # the last step (total - 1) lands on the floor
     progress = min(1.0, (step - warmup) / decay_steps) if decay_steps > 0 else 1.0
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def default_warmup(steps: int) -> int:
+    """The warm-up of a run of ``steps`` steps whose warm-up was not given: WARMUP_CLAMP of the
+    run, at most DEFAULT_WARMUP steps (so a short run warms up briefly and still decays)."""
+    return min(DEFAULT_WARMUP, int(steps * WARMUP_CLAMP))
 
 
 def effective_warmup(warmup: int, steps: int) -> tuple[int, str | None]:
@@ -434,7 +445,7 @@ def open_data(specs, val_specs, run: RunConfig):
     if val is not None and len(val) < need:
         where = " ".join(val_specs) if val_specs else \
             f"the validation split (--val-fraction {run.val_fraction})"
-        raise DataError(f"{where}: {len(val):,} tokens, too few for one window of --seq-len "
+        raise DataError(f"{where}: {len(val):,} token{'' if len(val) == 1 else 's'}, too few for one window of --seq-len "
                         f"{run.seq_len}; lower --seq-len, raise --val-fraction, or pass "
                         f"--val-fraction 0 to train without validation")
     return train, val, data.describe() if not val_specs else \
