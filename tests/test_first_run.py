@@ -277,3 +277,96 @@ def test_a_short_run_plot_has_whole_step_ticks(tmp_path):
     ticks = loss_figure(path).axes[0].get_xticks()
     inside = [t for t in ticks if 1 <= t <= 3]
     assert inside and all(float(t).is_integer() for t in ticks), ticks
+
+
+# ------------------------------------------------------------------------------------------
+# Entry points: python -m gpt2s, the gpt2s script, --version, eval --dtype, --prompt-file
+
+COMMAND_MODULES = ["generate", "train", "eval", "prepare"]
+
+
+def test_python_m_gpt2s_lists_the_commands_and_runs_them():
+    import gpt2s
+    p = subprocess.run([sys.executable, "-m", "gpt2s"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    listed = re.findall(r"^  (\w+)  +(\S.*)$", p.stdout, re.M)
+    names = [n for n, _ in listed]
+    assert names[:4] == COMMAND_MODULES, p.stdout
+    assert all(len(what) > 10 for _, what in listed)
+    import importlib
+    for name in names:                 # every listed command is a program with a main()
+        assert callable(importlib.import_module(f"gpt2s.{name}").main), name
+    p = subprocess.run([sys.executable, "-m", "gpt2s", "eval", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and "--stride" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "gpt2s", "nonsense"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "'nonsense' is not a command" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "gpt2s", "--version"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.stdout.strip() == f"gpt2s {gpt2s.__version__}"
+
+
+@pytest.mark.parametrize("name", COMMAND_MODULES)
+def test_version_on_each_command(name, capsys):
+    import importlib
+
+    import gpt2s
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"gpt2s.{name}").main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gpt2s {gpt2s.__version__}"
+
+
+def test_console_script_is_declared():
+    from importlib.metadata import PackageNotFoundError, distribution
+    try:
+        eps = distribution("gpt2s").entry_points
+    except PackageNotFoundError:
+        pytest.skip("gpt2s is not installed as a distribution")
+    scripts = {e.name: e.value for e in eps if e.group == "console_scripts"}
+    assert scripts.get("gpt2s") == "gpt2s.__main__:main", scripts
+
+
+def test_eval_dtype(capsys):
+    _data_files()
+    import json
+
+    from gpt2s import GPT2, eval as gpt2s_eval
+    from gpt2s.eval import evaluate
+    from gpt2s.tokenizer import get_tokenizer
+    args = ["--model", "demo", "--max-tokens", "600", "--seq-len", "64", "--json", "-q",
+            str(HELDOUT)]
+    results = {}
+    for dtype in (None, "float32", "int8"):
+        assert gpt2s_eval.main(args + (["--dtype", dtype] if dtype else [])) == 0
+        results[dtype] = json.loads(capsys.readouterr().out)
+    assert results[None]["dtype"] == "float32" and results["int8"]["dtype"] == "int8"
+    assert results[None]["loss"] == results["float32"]["loss"]
+    # the int8 number is the int8 model's loss, not float32's
+    ids = get_tokenizer().encode_ordinary(HELDOUT.read_text(encoding="utf-8"))[:600]
+    want = evaluate(GPT2.from_pretrained("demo", dtype="int8"), ids, 64)["loss"]
+    assert results["int8"]["loss"] == pytest.approx(want, rel=1e-6)
+    assert results["int8"]["loss"] != results["float32"]["loss"]
+
+
+def test_generate_prompt_file(tmp_path, capsys):
+    from gpt2s import generate
+    f = tmp_path / "prompt.txt"
+    f.write_text("ROMEO:\nWhat light\n", encoding="utf-8")
+    args = ["--model", "demo", "-n", "5", "--temperature", "0"]
+    assert generate.main(["--prompt-file", str(f), *args]) == 0
+    from_file = capsys.readouterr().out
+    assert generate.main(["ROMEO:\nWhat light", *args]) == 0
+    assert from_file == capsys.readouterr().out
+    assert from_file.startswith("ROMEO:\nWhat light")
+    for bad, fragment in [(tmp_path / "missing.txt", "no such file"),
+                          (tmp_path, "is a directory")]:
+        assert generate.main(["--prompt-file", str(bad), *args]) == 2
+        assert f"--prompt-file {bad}: {fragment}" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    assert generate.main(["--prompt-file", str(tmp_path / "latin1.txt"), *args]) == 2
+    assert "not UTF-8 text (byte 0xe9 at offset 3)" in capsys.readouterr().err
+    assert generate.main(["Hi", "--prompt-file", str(f), *args]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -24,7 +24,8 @@ import time
 import numpy as np
 
 from ._cli import UserError as _UserError
-from ._cli import add_quiet_option, add_threads_option, plural, run_main
+from ._cli import add_quiet_option, add_threads_option, add_version_option, plural, run_main
+from .weight_types import DTYPES
 
 __all__ = ["main", "evaluate", "sliding_windows"]
 
@@ -163,6 +164,7 @@ examples:
   {PROG} --model gpt2 wiki.test.raw
   {PROG} --model runs/mini --stride 128 --json "shards/val_*.bin"
   {PROG} --model assets --seq-len 256 --max-tokens 100000 input.txt
+  {PROG} --model gpt2 --dtype int8 wiki.test.raw      # what int8 weights cost in loss
 """)
     p.add_argument("data", nargs="+", metavar="DATA",
                    help="text files, .bin token files or llm.c shards, or globs of them")
@@ -177,10 +179,14 @@ examples:
                    help="windows per forward pass (default: max(1, 1024 / T))")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help="evaluate only the first N tokens of the data (default: all)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weight storage to evaluate: measure what bfloat16, int8 or int4 "
+                        "weights cost in loss (default: float32)")
     add_threads_option(p)
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON object on stdout")
     add_quiet_option(p, "progress bar")
+    add_version_option(p)
     return p
 
 
@@ -209,7 +215,9 @@ def _run(args, out, err) -> int:
         data = data.subset(0, args.max_tokens)
     try:
         path = find_model(args.model)
-        model = gpt2s.GPT2.from_safetensors(path)
+        # dtype None: the weights as stored once model files can hold packed weights; today
+        # every file is read into float32, as GPT2.from_pretrained does
+        model = gpt2s.GPT2.from_safetensors(path, dtype=args.dtype or "float32")
     except (FileNotFoundError, SafetensorsError, ValueError) as e:
         raise _UserError(str(e)) from None
     cfg = model.config
@@ -232,7 +240,8 @@ def _run(args, out, err) -> int:
         raise _UserError(str(e)) from None
     finally:
         progress.close()
-    result = {"model": str(path), "data": [str(s.path) for s in data.sources],
+    result = {"model": str(path), "dtype": model.dtype,
+              "data": [str(s.path) for s in data.sources],
               "data_fingerprint": data.fingerprint, **result}
     if args.json:
         out.write(json.dumps(result) + "\n")

@@ -14,7 +14,7 @@ import time
 import warnings
 
 from ._cli import UserError as _UserError
-from ._cli import add_threads_option, plural, run_main
+from ._cli import add_threads_option, add_version_option, plural, run_main
 from .hub import HF_DOWNLOAD, ModelNotFound, find_model
 from .weight_types import DTYPES
 
@@ -77,6 +77,7 @@ examples:
   echo "Once upon a time" | {PROG} - --num-samples 3 --top-p 0.9
   {PROG} --model gpt2-medium "Hello"          # by name, from the Hugging Face cache
   cat long_story.txt | {PROG} - --crop-prompt -n 200
+  {PROG} --prompt-file prompt.txt --temperature 0
 """)
     p.add_argument("prompt", nargs="?", metavar="PROMPT",
                    help="text to continue; '-' reads it from stdin; without PROMPT, generation "
@@ -115,6 +116,10 @@ examples:
                    help="print only the generated text, not the prompt")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="report the model, timings and tokens/s on stderr")
+    p.add_argument("--prompt-file", metavar="FILE",
+                   help="read the prompt from this UTF-8 text file (one final newline is "
+                        "dropped), instead of PROMPT")
+    add_version_option(p)
     return p
 
 
@@ -133,6 +138,25 @@ def _option_names(message: str) -> str:
     # "pass context_full='slide'" -> "pass --context-full slide"
     return re.sub(r"\b(" + "|".join(_OPTIONS) + r")=['\"]?(\w+)['\"]?",
                   lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)}", message)
+
+
+def _read_prompt_file(path) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise _UserError(f"--prompt-file {path}: no such file") from None
+    except IsADirectoryError:
+        raise _UserError(f"--prompt-file {path}: is a directory") from None
+    try:
+        prompt = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _UserError(f"--prompt-file {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                         f"offset {e.start})") from None
+    prompt = prompt[:-1] if prompt.endswith("\n") else prompt
+    if prompt == "":
+        raise _UserError(f"--prompt-file {path}: the file is empty")
+    return prompt
 
 
 def _write(out, text):
@@ -157,7 +181,11 @@ def _run(args, out, err) -> int:
             gpt2s.set_num_threads(args.threads)
     except (TypeError, ValueError) as e:
         raise _UserError(_option_names(str(e))) from None
-    if args.prompt == "-":
+    if args.prompt_file is not None:
+        if args.prompt is not None:
+            raise _UserError("give the prompt as PROMPT or --prompt-file, not both")
+        prompt = _read_prompt_file(args.prompt_file)
+    elif args.prompt == "-":
         prompt = sys.stdin.read()
         if prompt.endswith("\n"):
             prompt = prompt[:-1]
@@ -182,8 +210,9 @@ def _run(args, out, err) -> int:
     n_prompt = len(enc.encode(prompt, allowed_special={EOT_TOKEN}))
     if n_prompt > model.config.n_ctx:
         if not args.crop_prompt:
-            raise _UserError(f"the prompt is {plural(n_prompt, 'token')} long, longer than the model's "
-                             f"context n_ctx={model.config.n_ctx}; --crop-prompt keeps its end")
+            raise _UserError(f"the prompt is {plural(n_prompt, 'token')} long, longer than the "
+                             f"model's context n_ctx={model.config.n_ctx}; --crop-prompt keeps "
+                             f"its end")
         prompt, n_prompt, n_whole = crop_prompt(enc, prompt, model.config.n_ctx,
                                                 sampling["max_new_tokens"])
         print(f"{PROG}: the prompt is {plural(n_whole, 'token')} long, longer than the model's "
@@ -194,7 +223,7 @@ def _run(args, out, err) -> int:
               f"threads: {gpt2s.get_num_threads()}\nprompt: {plural(n_prompt, 'token')}", file=err)
 
     rng = np.random.default_rng(sampling["seed"])
-    echo = not args.no_echo and args.prompt is not None
+    echo = not args.no_echo and (args.prompt is not None or args.prompt_file is not None)
     for i in range(sampling["num_samples"]):
         if sampling["num_samples"] > 1:     # stderr: stdout carries only the text
             _write(err, f"======== sample {i + 1} of {sampling['num_samples']} ========\n")

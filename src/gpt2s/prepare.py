@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cli import UserError, add_quiet_option, plural, run_main
+from ._cli import UserError, add_quiet_option, add_version_option, plural, run_main
 from .fs import atomic_write
 from .tokenizer import EOT_TOKEN
 
@@ -292,6 +292,7 @@ examples:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the shards already in DIR (default: refuse)")
     add_quiet_option(p, "progress bar or summary")
+    add_version_option(p)
     return p
 
 

@@ -21,18 +21,18 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from ._cli import (Parser, UserError, add_quiet_option, add_threads_option, plural,
-                   positive_float, positive_int, run_main)
+from ._cli import (Parser, UserError, add_quiet_option, add_threads_option,
+                   add_version_option, plural, positive_float, positive_int, run_main)
 from .checkpoint import DATA_HASHES, CheckpointError, lock_run_dir, remove_leftovers
 from .metrics import Metrics, NullMetrics, have_matplotlib, plot_metrics, redraw_plot
-from .training import (Resume, RunConfig, RunFailed, TrainingDiverged, World,
-                       DEFAULT_WARMUP, default_warmup, effective_warmup, eval_batch, evaluate,
-                        lr_at, open_data, open_run_dir,
-                       resume_differences, resume_state, start_over, train_batch, train_loop,
-                       train_step)
+from .training import (DEFAULT_WARMUP, Resume, RunConfig, RunFailed, TrainingDiverged, World,
+                       default_warmup, effective_warmup, eval_batch, evaluate, lr_at,
+                       open_data, open_run_dir, resume_differences, resume_state, start_over,
+                       train_batch, train_loop, train_step)
 
 # the library's names stay importable from here, as before they moved to gpt2s.training
-__all__ = ["main", "build_parser", "lr_at", "effective_warmup", "train_batch", "eval_batch",
+__all__ = ["main", "build_parser", "lr_at", "effective_warmup", "default_warmup",
+           "train_batch", "eval_batch",
            "train_step", "evaluate", "RunConfig", "plot_metrics", "TrainingDiverged"]
 
 PROG = "python -m gpt2s.train"
@@ -169,6 +169,7 @@ data parallel over MPI (pip install "gpt2s[mpi]"; docs/distributed.md): under
                            "(default: draw it at the end of a run if matplotlib is installed)")
     plot.add_argument("--no-plot", action="store_true", help="never draw loss.png")
     add_quiet_option(p, "progress lines on stderr", short=False)
+    add_version_option(p)
     return p
 
 
@@ -336,7 +337,8 @@ def _run_locked(args, out: Path, world: World) -> int:
     hashes.save()
     metrics = Metrics(out, Path(args.log) if args.log else None, upto=first)
     print(f"{model!r}\ndata: {described}\n"
-          f"{'resuming at step ' + str(first) + ' of ' if first else ''}{plural(run.steps, 'step')} of "
+          f"{'resuming at step ' + str(first) + ' of ' if first else ''}"
+          f"{plural(run.steps, 'step')} of "
           f"{run.batch_size}x{run.seq_len}{f' x{run.grad_accum}' if run.grad_accum > 1 else ''}"
           f" tokens, {plural(gpt2s.get_num_threads(), 'thread')}"
           + (f" per rank, {world.size} ranks of {plural(args.batch_size, 'window')}"

@@ -445,9 +445,9 @@ def open_data(specs, val_specs, run: RunConfig):
     if val is not None and len(val) < need:
         where = " ".join(val_specs) if val_specs else \
             f"the validation split (--val-fraction {run.val_fraction})"
-        raise DataError(f"{where}: {len(val):,} token{'' if len(val) == 1 else 's'}, too few for one window of --seq-len "
-                        f"{run.seq_len}; lower --seq-len, raise --val-fraction, or pass "
-                        f"--val-fraction 0 to train without validation")
+        raise DataError(f"{where}: {len(val):,} token{'' if len(val) == 1 else 's'}, too few "
+                        f"for one window of --seq-len {run.seq_len}; lower --seq-len, raise "
+                        f"--val-fraction, or pass --val-fraction 0 to train without validation")
     return train, val, data.describe() if not val_specs else \
         f"{data.describe()}; validation {val.describe()}"
 
