@@ -370,3 +370,84 @@ def test_generate_prompt_file(tmp_path, capsys):
     assert "not UTF-8 text (byte 0xe9 at offset 3)" in capsys.readouterr().err
     assert generate.main(["Hi", "--prompt-file", str(f), *args]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# A model with its own vocabulary: character level, as nanoGPT's shakespeare_char
+
+
+def test_character_level_train_generate_eval(tmp_path, capsys):
+    _data_files()
+    import json
+
+    import numpy as np
+
+    from gpt2s import GPT2, eval as gpt2s_eval, generate, train
+    text = EXCERPT.read_text(encoding="utf-8")
+    chars = sorted(set(text))                        # nanoGPT's shakespeare_char vocabulary
+    out = tmp_path / "char"
+    assert train.main([str(EXCERPT), "--tokenizer", "char", "--init", "tiny", "--steps", "30",
+                       "--batch-size", "4", "--seq-len", "64", "--lr", "3e-3",
+                       "--eval-batches", "2", "--out", str(out), "--no-plot", "--quiet"]) == 0
+    capsys.readouterr()
+    m = GPT2.from_safetensors(out)
+    assert m.config.vocab_size == len(chars)
+    vocab = json.loads((out / "vocab.json").read_text())
+    assert list(vocab["chars"]) == chars
+    # the data it trained on: one token per character, the index in the sorted set
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["identity"]["train_files"][0]["tokens"] == len(text)
+
+    # generate decodes with the model's characters, never GPT-2's tokens
+    assert generate.main(["ROMEO:", "--model", str(out), "-n", "40", "--temperature", "0",
+                          "--no-echo"]) == 0
+    sample = capsys.readouterr().out
+    assert sample.endswith("\n") and len(sample) == 41, repr(sample)
+    assert set(sample[:-1]) <= set(chars)
+    # the same tokens as the model's own greedy generation over character ids
+    ids = np.array([[chars.index(c) for c in "ROMEO:"]])
+    want = "".join(chars[i] for i in m.generate(ids, 40, temperature=0)[0, 6:])
+    assert sample[:-1] == want
+
+    # eval reads the text with the model's vocabulary: the loss is the model's on char ids
+    assert gpt2s_eval.main(["--model", str(out), "--json", "-q", "--seq-len", "64",
+                            "--stride", "64", "--max-tokens", "4000", str(EXCERPT)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    from gpt2s.eval import evaluate
+    want = evaluate(m, [chars.index(c) for c in text[:4000]], 64, 64)["loss"]
+    assert result["loss"] == pytest.approx(want, rel=1e-6)
+    assert result["loss"] < np.log(len(chars))       # it learned something in 30 steps
+    # text with a character the vocabulary lacks is refused, naming the file and character
+    held = HELDOUT.read_text(encoding="utf-8")
+    unknown = next((c for c in held if c not in chars), None)
+    if unknown is not None:
+        assert gpt2s_eval.main(["--model", str(out), "-q", str(HELDOUT)]) == 2
+        err = capsys.readouterr().err
+        assert f"{HELDOUT}: the text has {unknown!r}" in err and "vocabulary of" in err, err
+
+    # a character the vocabulary lacks is named; no prompt: there is no <|endoftext|>
+    missing = next(c for c in "0123456789@#$%^&*~" if c not in chars)
+    assert generate.main([f"ROMEO{missing}", "--model", str(out), "-n", "3"]) == 2
+    assert f"{missing!r}" in capsys.readouterr().err
+    assert generate.main(["--model", str(out), "-n", "3"]) == 2
+    assert "has no <|endoftext|>: give a PROMPT" in capsys.readouterr().err
+
+    # without its vocab.json the model is refused, not decoded with GPT-2's tokenizer
+    (out / "vocab.json").rename(tmp_path / "vocab.json")
+    assert generate.main(["ROMEO:", "--model", str(out), "-n", "3"]) == 2
+    err = capsys.readouterr().err
+    assert f"vocabulary has {len(chars)} tokens, not GPT-2's 50257" in err, err
+    assert gpt2s_eval.main(["--model", str(out), "-q", str(EXCERPT)]) == 2
+    assert "not GPT-2's 50257" in capsys.readouterr().err
+    (tmp_path / "vocab.json").rename(out / "vocab.json")
+
+    # resuming keeps the vocabulary; another --tokenizer is refused
+    assert train.main([str(EXCERPT), "--tokenizer", "gpt2", "--init", "tiny", "--steps", "31",
+                       "--batch-size", "4", "--seq-len", "64", "--out", str(out), "--resume",
+                       "--quiet"]) == 2
+    assert "used --tokenizer char, not --tokenizer gpt2" in capsys.readouterr().err
+    assert train.main([str(EXCERPT), "--init", "tiny", "--steps", "31", "--batch-size", "4",
+                       "--seq-len", "64", "--lr", "3e-3", "--eval-batches", "2",
+                       "--out", str(out), "--resume", "--no-plot", "--quiet"]) == 0
+    capsys.readouterr()
+    assert list(json.loads((out / "vocab.json").read_text())["chars"]) == chars

@@ -196,6 +196,7 @@ def _run(args, out, err) -> int:
     from ._cli import Progress
     from .data import DataError, TokenData
     from .hub import find_model
+    from .vocab import load_vocab, tokenizer_for, vocab_path
     from .weights import SafetensorsError
 
     for name in ("seq_len", "stride", "batch_size", "max_tokens", "threads"):
@@ -208,19 +209,27 @@ def _run(args, out, err) -> int:
     try:
         if args.threads is not None:
             gpt2s.set_num_threads(args.threads)
-        data = TokenData(args.data)
-    except (DataError, ValueError) as e:
+        path = find_model(args.model)
+        # text is read with the model's own vocabulary (vocab.json beside it), else GPT-2's
+        own = vocab_path(path)
+        enc = load_vocab(own) if own.is_file() else None
+        data = TokenData(args.data, tokenizer=enc)
+    except (DataError, ValueError, FileNotFoundError) as e:
         raise _UserError(str(e)) from None
     if args.max_tokens is not None and args.max_tokens < len(data):
         data = data.subset(0, args.max_tokens)
     try:
-        path = find_model(args.model)
         # dtype None: the weights as stored once model files can hold packed weights; today
         # every file is read into float32, as GPT2.from_pretrained does
         model = gpt2s.GPT2.from_safetensors(path, dtype=args.dtype or "float32")
     except (FileNotFoundError, SafetensorsError, ValueError) as e:
         raise _UserError(str(e)) from None
     cfg = model.config
+    if enc is None and any(s.kind == "text" for s in data.sources):
+        try:
+            tokenizer_for(path, cfg)      # refuses GPT-2's tokens for a smaller vocabulary
+        except ValueError as e:
+            raise _UserError(str(e)) from None
     if args.seq_len is not None and args.seq_len > cfg.n_ctx:
         raise _UserError(f"--seq-len {args.seq_len} exceeds the model's context "
                          f"n_ctx={cfg.n_ctx}")

@@ -169,7 +169,8 @@ def _run(args, out, err) -> int:
 
     import gpt2s
     from .generation import _text_steps, check_sampling_args
-    from .tokenizer import EOT_TOKEN, get_tokenizer
+    from .tokenizer import EOT_TOKEN
+    from .vocab import tokenizer_for
     from .weights import SafetensorsError
 
     # check every value before the (slow) model load
@@ -198,7 +199,6 @@ def _run(args, out, err) -> int:
     if prompt == "":
         raise _UserError(f"the prompt is empty: give some text, or omit PROMPT to generate "
                          f"unconditionally (from {EOT_TOKEN})")
-    enc = get_tokenizer()
 
     try:
         path = find_model(args.model)
@@ -207,7 +207,16 @@ def _run(args, out, err) -> int:
     except (FileNotFoundError, SafetensorsError, ValueError) as e:
         raise _UserError(str(e)) from None
     load_s = time.perf_counter() - t0
-    n_prompt = len(enc.encode(prompt, allowed_special={EOT_TOKEN}))
+    try:
+        # the model's own vocabulary (vocab.json beside it), else GPT-2's
+        enc = tokenizer_for(path, model.config)
+        if getattr(enc, "eot_id", 0) is None and args.prompt is None \
+                and args.prompt_file is None:
+            raise ValueError(f"the model's vocabulary ({enc.n_vocab} characters) has no "
+                             f"{EOT_TOKEN}: give a PROMPT to continue")
+        n_prompt = len(enc.encode(prompt, allowed_special={EOT_TOKEN}))
+    except ValueError as e:
+        raise _UserError(str(e)) from None
     if n_prompt > model.config.n_ctx:
         if not args.crop_prompt:
             raise _UserError(f"the prompt is {plural(n_prompt, 'token')} long, longer than the "

@@ -24,6 +24,7 @@ from pathlib import Path
 from ._cli import (Parser, UserError, add_quiet_option, add_threads_option,
                    add_version_option, plural, positive_float, positive_int, run_main)
 from .checkpoint import DATA_HASHES, CheckpointError, lock_run_dir, remove_leftovers
+from .vocab import VOCAB_FILE
 from .metrics import Metrics, NullMetrics, have_matplotlib, plot_metrics, redraw_plot
 from .training import (DEFAULT_WARMUP, Resume, RunConfig, RunFailed, TrainingDiverged, World,
                        default_warmup, effective_warmup, eval_batch, evaluate, lr_at,
@@ -146,6 +147,11 @@ data parallel over MPI (pip install "gpt2s[mpi]"; docs/distributed.md): under
                         "model differ from the checkpoint's (the run is then no longer "
                         "reproducible)")
     # the command line's warm-up follows the run's length unless given
+    p.add_argument("--tokenizer", choices=("gpt2", "char"), default=None,
+                   help="how text is turned into tokens: gpt2 (GPT-2's 50,257 tokens) or char "
+                        "(one token per character of the training text, a new vocabulary "
+                        "saved as vocab.json in --out, which generate and eval read; needs "
+                        "--init) (default: gpt2; a resumed run keeps its own)")
     RunConfig.add_arguments(p, warmup=(None, f"steps of linear learning-rate warm-up (default: "
                                              f"10%% of --steps, at most {DEFAULT_WARMUP}; a "
                                              f"resumed run keeps its own)"))
@@ -267,6 +273,7 @@ def _run_locked(args, out: Path, world: World) -> int:
     specs = list(args.data) + list(args.data_opt)
     if not specs:
         raise UserError("no training data: give text files, .bin files or globs as DATA")
+    tokenizer = _vocabulary(args, ck, out, specs)
     # the model before the data when that is cheap, so a --seq-len beyond its context is
     # blamed on n_ctx, not on data too short for such windows
     model = None
@@ -274,14 +281,16 @@ def _run_locked(args, out: Path, world: World) -> int:
         if ck is None and args.model:
             model = GPT2.from_pretrained(args.model)
         elif ck is None:
-            model = GPT2.from_config(GPT2Config.preset(args.init or "mini"), seed=args.seed)
+            sizes = {} if tokenizer is None else {"vocab_size": tokenizer.n_vocab}
+            model = GPT2.from_config(GPT2Config.preset(args.init or "mini", **sizes),
+                                     seed=args.seed)
     except (OSError, ValueError) as e:   # SafetensorsError is a ValueError
         raise UserError(str(e)) from None
     n_ctx = model.config.n_ctx if model is not None else _saved_n_ctx(ck.dir)
     if n_ctx is not None and args.seq_len > n_ctx:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's context n_ctx={n_ctx}")
     try:
-        train, val, described = open_data(specs, args.val_data, run)
+        train, val, described = open_data(specs, args.val_data, run, tokenizer)
         # content hashes, cached in OUT by the writer (a data-parallel rank only reads them)
         hashes = FileHashes(out / DATA_HASHES, readonly=world.rank > 0)
         train.hash_files(hashes)
@@ -327,6 +336,11 @@ def _run_locked(args, out: Path, world: World) -> int:
         return _train(loop, NullMetrics(), out, run, first, world.rank)
     # the first writes: every check has passed
     out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None and ck is None:
+        tokenizer.save(out / VOCAB_FILE)      # beside the model: generate and eval read it
+    elif tokenizer is None and ck is None and (out / VOCAB_FILE).is_file() \
+            and not (out / VOCAB_FILE).is_symlink():
+        (out / VOCAB_FILE).unlink()           # a previous run's (--overwrite): not this one's
     if args.overwrite:
         removed = start_over(out)
         if removed:
@@ -376,6 +390,45 @@ def _train(loop, metrics, out: Path, run: RunConfig, first: int, rank: int) -> i
     print(f"saved {out} after {plural(end.step, 'step')} ({end.seconds:.0f} s{val_text})",
           file=sys.stderr)
     return 0
+
+
+def _vocabulary(args, ck, out: Path, specs):
+    """The run's own vocabulary (a CharTokenizer), or None for GPT-2's: --tokenizer char
+    makes one from the training (and validation) text; a resumed run takes the one saved in
+    OUT/vocab.json, and refuses a --tokenizer that differs from it."""
+    from .data import DataError, detect_format, expand_paths
+    from .vocab import CharTokenizer, VocabError, load_vocab
+    saved_path = out / VOCAB_FILE
+    if ck is not None:
+        try:
+            saved = load_vocab(saved_path) if saved_path.is_file() else None
+        except (OSError, VocabError) as e:
+            raise UserError(f"--resume: {e}") from None
+        kind = "char" if saved is not None else "gpt2"
+        if args.tokenizer is not None and args.tokenizer != kind:
+            raise UserError(f"--resume: the checkpoint's run used --tokenizer {kind}, not "
+                            f"--tokenizer {args.tokenizer}")
+        return saved
+    if args.tokenizer in (None, "gpt2"):
+        return None
+    if args.model:
+        raise UserError("--tokenizer char makes a new vocabulary: train a new model (--init), "
+                        "not --model, which has its own")
+    texts = []
+    try:
+        for path in expand_paths(specs + list(args.val_data or [])):
+            if detect_format(path) != "text":
+                raise UserError(f"{path}: --tokenizer char reads text files; this one is "
+                                f"tokens already")
+            try:
+                texts.append(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: not UTF-8 text (offset {e.start})") from None
+    except DataError as e:
+        raise UserError(str(e)) from None
+    if not any(texts):
+        raise UserError("--tokenizer char: the text files are empty")
+    return CharTokenizer.from_text("".join(texts))
 
 
 def _saved_n_ctx(ck_dir: Path) -> int | None:

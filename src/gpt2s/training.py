@@ -425,15 +425,16 @@ def resume_differences(saved: dict, run: RunConfig, identity: dict,
     return run_refused + id_refused, id_notes + run_notes
 
 
-def open_data(specs, val_specs, run: RunConfig):
+def open_data(specs, val_specs, run: RunConfig, tokenizer=None):
     """(train, val, description): the tokens of ``specs`` (paths and globs) to train on, and
     to validate on the files of ``val_specs``, else the last ``run.val_fraction`` of the
-    tokens, else (0) nothing (val None).  Raises gpt2s.data.DataError for a file that cannot
-    be read as tokens, or data too short for one window of ``run.seq_len`` tokens."""
+    tokens, else (0) nothing (val None); text is encoded with ``tokenizer`` (None: GPT-2's).
+    Raises gpt2s.data.DataError for a file that cannot be read as tokens, or data too short
+    for one window of ``run.seq_len`` tokens."""
     from .data import DataError, TokenData
-    data = TokenData(specs)
+    data = TokenData(specs, tokenizer=tokenizer)
     if val_specs:
-        train, val = data, TokenData(val_specs)
+        train, val = data, TokenData(val_specs, tokenizer=tokenizer)
     elif run.val_fraction > 0:
         train, val = data.split(run.val_fraction)
     else:
