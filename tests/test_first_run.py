@@ -445,9 +445,50 @@ def test_character_level_train_generate_eval(tmp_path, capsys):
     assert train.main([str(EXCERPT), "--tokenizer", "gpt2", "--init", "tiny", "--steps", "31",
                        "--batch-size", "4", "--seq-len", "64", "--out", str(out), "--resume",
                        "--quiet"]) == 2
-    assert "used --tokenizer char, not --tokenizer gpt2" in capsys.readouterr().err
+    assert "used another vocabulary (--tokenizer char), not --tokenizer gpt2" in \
+        capsys.readouterr().err
     assert train.main([str(EXCERPT), "--init", "tiny", "--steps", "31", "--batch-size", "4",
                        "--seq-len", "64", "--lr", "3e-3", "--eval-batches", "2",
                        "--out", str(out), "--resume", "--no-plot", "--quiet"]) == 0
     capsys.readouterr()
     assert list(json.loads((out / "vocab.json").read_text())["chars"]) == chars
+
+
+def test_a_bpe_tokenizer_json_of_ones_own(tmp_path, capsys):
+    """--tokenizer PATH/tokenizer.json: a byte-level BPE trained with Hugging Face tokenizers
+    on the text; generate's text is what tokenizers decodes from the model's own ids."""
+    _data_files()
+    tokenizers = pytest.importorskip("tokenizers")
+    import json
+
+    from gpt2s import GPT2, generate, train
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    tk.train([str(EXCERPT)], tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    spec = tmp_path / "tokenizer.json"
+    tk.save(str(spec))
+    out = tmp_path / "bpe"
+    assert train.main([str(EXCERPT), "--tokenizer", str(spec), "--init", "tiny",
+                       "--steps", "10", "--batch-size", "2", "--seq-len", "32",
+                       "--eval-batches", "1", "--out", str(out), "--no-plot", "--quiet"]) == 0
+    m = GPT2.from_safetensors(out)
+    assert m.config.vocab_size == tk.get_vocab_size()
+    state = json.loads((out / "train_state.json").read_text())
+    want_tokens = len(tk.encode(EXCERPT.read_text(encoding="utf-8"),
+                                add_special_tokens=False).ids)
+    assert state["identity"]["train_files"][0]["tokens"] == want_tokens
+    capsys.readouterr()
+    prompt = "ROMEO: é"
+    assert generate.main([prompt, "--model", str(out), "-n", "12", "--temperature", "0",
+                          "--ignore-eos"]) == 0
+    text = capsys.readouterr().out
+    ids = tk.encode(prompt, add_special_tokens=False).ids
+    new = m.generate([ids], 12, temperature=0)[0, len(ids):].tolist()
+    assert text == tk.decode(ids + new, skip_special_tokens=False) + "\n"
+    # a file that is not a tokenizer.json is refused by name
+    assert train.main([str(EXCERPT), "--tokenizer", str(EXCERPT), "--init", "tiny",
+                       "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    assert f"{EXCERPT}: not a tokenizers tokenizer.json" in capsys.readouterr().err

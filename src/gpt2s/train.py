@@ -147,11 +147,13 @@ data parallel over MPI (pip install "gpt2s[mpi]"; docs/distributed.md): under
                         "model differ from the checkpoint's (the run is then no longer "
                         "reproducible)")
     # the command line's warm-up follows the run's length unless given
-    p.add_argument("--tokenizer", choices=("gpt2", "char"), default=None,
-                   help="how text is turned into tokens: gpt2 (GPT-2's 50,257 tokens) or char "
-                        "(one token per character of the training text, a new vocabulary "
-                        "saved as vocab.json in --out, which generate and eval read; needs "
-                        "--init) (default: gpt2; a resumed run keeps its own)")
+    p.add_argument("--tokenizer", default=None, metavar="gpt2|char|FILE",
+                   help="how text is turned into tokens: gpt2 (GPT-2's 50,257 tokens), char "
+                        "(one token per character of the training text) or a Hugging Face "
+                        "tokenizers tokenizer.json (e.g. a BPE trained on your text); char "
+                        "and FILE make a new vocabulary, saved as vocab.json in --out, which "
+                        "generate and eval read; they need --init (default: gpt2; a resumed "
+                        "run keeps its own)")
     RunConfig.add_arguments(p, warmup=(None, f"steps of linear learning-rate warm-up (default: "
                                              f"10%% of --steps, at most {DEFAULT_WARMUP}; a "
                                              f"resumed run keeps its own)"))
@@ -397,23 +399,37 @@ def _vocabulary(args, ck, out: Path, specs):
     makes one from the training (and validation) text; a resumed run takes the one saved in
     OUT/vocab.json, and refuses a --tokenizer that differs from it."""
     from .data import DataError, detect_format, expand_paths
-    from .vocab import CharTokenizer, VocabError, load_vocab
+    from .vocab import CharTokenizer, FileTokenizer, VocabError, load_vocab
     saved_path = out / VOCAB_FILE
+    given = None
+    if args.tokenizer not in (None, "gpt2", "char"):
+        if not os.path.isfile(args.tokenizer):
+            raise UserError(f"--tokenizer {args.tokenizer}: not gpt2, char or a tokenizer.json "
+                            f"file")
+        try:
+            given = FileTokenizer.from_file(args.tokenizer)
+        except (OSError, VocabError) as e:
+            raise UserError(f"--tokenizer {e}") from None
     if ck is not None:
         try:
             saved = load_vocab(saved_path) if saved_path.is_file() else None
         except (OSError, VocabError) as e:
             raise UserError(f"--resume: {e}") from None
-        kind = "char" if saved is not None else "gpt2"
-        if args.tokenizer is not None and args.tokenizer != kind:
-            raise UserError(f"--resume: the checkpoint's run used --tokenizer {kind}, not "
+        kind = {None: "gpt2", "char": "char", "tokenizers": "FILE"}[getattr(saved, "name", None)]
+        asked = None if args.tokenizer is None else \
+            ("FILE" if given is not None else args.tokenizer)
+        if asked is not None and (asked != kind or (given is not None and given != saved)):
+            raise UserError(f"--resume: the checkpoint's run used another vocabulary "
+                            f"(--tokenizer {kind if kind != 'FILE' else saved_path}), not "
                             f"--tokenizer {args.tokenizer}")
         return saved
     if args.tokenizer in (None, "gpt2"):
         return None
     if args.model:
-        raise UserError("--tokenizer char makes a new vocabulary: train a new model (--init), "
-                        "not --model, which has its own")
+        raise UserError(f"--tokenizer {args.tokenizer} makes a new vocabulary: train a new model "
+                        f"(--init), not --model, which has its own")
+    if given is not None:
+        return given
     texts = []
     try:
         for path in expand_paths(specs + list(args.val_data or [])):

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from .fs import atomic_write
 
-__all__ = ["CharTokenizer", "VOCAB_FILE", "load_vocab", "tokenizer_for", "VocabError"]
+__all__ = ["CharTokenizer", "FileTokenizer", "VOCAB_FILE", "load_vocab", "tokenizer_for",
+           "VocabError"]
 
 VOCAB_FILE = "vocab.json"
 FORMAT = "gpt2s-vocab"
@@ -90,13 +91,105 @@ class CharTokenizer:
         return f"CharTokenizer(n_vocab={self.n_vocab})"
 
 
-def load_vocab(path) -> CharTokenizer:
-    """The tokenizer a vocab.json describes."""
+def _byte_decoder() -> dict:
+    """GPT-2's byte-level alphabet (the printable character standing for each byte, as
+    byte-level BPE tokenizers spell their tokens) back to the bytes."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + n)] = b
+            n += 1
+    return table
+
+
+class FileTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer (a tokenizer.json, e.g. a byte-level BPE trained
+    on your text), with the interface gpt2s's text functions use.  Needs the ``tokenizers``
+    package.  Its end-of-text token is ``<|endoftext|>`` (or ``</s>``, ``<eos>``) when the
+    vocabulary has one."""
+
+    name = "tokenizers"
+
+    def __init__(self, spec: str, source: str = "tokenizer.json"):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise VocabError(f"{source}: reading a tokenizer.json needs the tokenizers package "
+                             f"(pip install tokenizers)") from None
+        try:
+            self.tk = Tokenizer.from_str(spec)
+        except Exception as e:      # the library's own exception type
+            raise VocabError(f"{source}: not a tokenizers tokenizer.json ({e})") from None
+        self.spec = spec
+        self.n_vocab = self.tk.get_vocab_size(with_added_tokens=True)
+        self.eot_id = next((i for i in (self.tk.token_to_id(t) for t in
+                                        ("<|endoftext|>", "</s>", "<eos>")) if i is not None),
+                           None)
+        decoder = json.loads(spec).get("decoder") or {}
+        self._bytes = _byte_decoder() if decoder.get("type") == "ByteLevel" else None
+
+    @classmethod
+    def from_file(cls, path) -> "FileTokenizer":
+        path = Path(path)
+        try:
+            spec = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise VocabError(f"{path}: not a tokenizer.json (not UTF-8)") from None
+        return cls(spec, str(path))
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text: str, allowed_special=(), disallowed_special=()) -> list[int]:
+        return self.encode_ordinary(text)
+
+    def decode(self, ids, errors: str = "replace") -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        piece = self.tk.id_to_token(int(token))
+        if piece is None:
+            return "\ufffd".encode()
+        if self._bytes is not None and all(c in self._bytes for c in piece):
+            return bytes(self._bytes[c] for c in piece)
+        return self.decode([token]).encode("utf-8")
+
+    def decode_with_offsets(self, ids) -> tuple[str, list[int]]:
+        offsets, data = [], b""
+        for i in ids:
+            offsets.append(len(data.decode("utf-8", errors="ignore")))
+            data += self.decode_single_token_bytes(i)
+        return data.decode("utf-8", errors="replace"), offsets
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "type": "tokenizers", "tokenizer": json.loads(self.spec)}
+
+    def save(self, path) -> Path:
+        text = (json.dumps(self.to_dict(), ensure_ascii=True) + "\n").encode()
+        atomic_write(Path(path), lambda f: f.write(text))
+        return Path(path)
+
+    def __eq__(self, other):
+        return isinstance(other, FileTokenizer) and other.to_dict() == self.to_dict()
+
+    def __repr__(self):
+        return f"FileTokenizer(n_vocab={self.n_vocab})"
+
+
+def load_vocab(path):
+    """The tokenizer a vocab.json describes: a CharTokenizer or a FileTokenizer."""
     path = Path(path)
     try:
         d = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise VocabError(f"{path}: not a gpt2s vocabulary (not JSON: {e})") from None
+    if isinstance(d, dict) and d.get("format") == FORMAT and d.get("type") == "tokenizers" \
+            and isinstance(d.get("tokenizer"), dict):
+        return FileTokenizer(json.dumps(d["tokenizer"]), str(path))
     if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("type") != "char" \
             or not isinstance(d.get("chars"), str):
         raise VocabError(f"{path}: not a gpt2s character vocabulary (expected "
