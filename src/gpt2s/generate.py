@@ -212,7 +212,7 @@ def _run(args, out, err) -> int:
         enc = tokenizer_for(path, model.config)
         if getattr(enc, "eot_id", 0) is None and args.prompt is None \
                 and args.prompt_file is None:
-            raise ValueError(f"the model's vocabulary ({enc.n_vocab} characters) has no "
+            raise ValueError(f"the model's vocabulary ({enc.n_vocab} tokens) has no "
                              f"{EOT_TOKEN}: give a PROMPT to continue")
         n_prompt = len(enc.encode(prompt, allowed_special={EOT_TOKEN}))
     except ValueError as e:
