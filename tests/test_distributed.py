@@ -264,7 +264,7 @@ def test_train_cli_two_ranks_match_one_process(mpiexec, tmp_path):
     # without OMP_NUM_THREADS each rank takes its share of the cores
     share = max(1, len(os.sched_getaffinity(0)) // 2) if hasattr(os, "sched_getaffinity") \
         else max(1, (os.cpu_count() or 1) // 2)
-    assert f"{share} threads per rank" in err, err
+    assert f"{share} thread{'' if share == 1 else 's'} per rank" in err, err
     (loss1, val1), (loss2, val2) = _metrics(one), _metrics(two)
     assert len(loss1) == len(loss2) == 4 and len(val1) == len(val2) == 2
     for a, b in zip(loss1 + val1, loss2 + val2):

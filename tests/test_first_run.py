@@ -71,7 +71,8 @@ def test_readme_states_requirements():
         # the CPU build of torch for the test extras, at the version the extras pin
         assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" \
             in text, path.name
-        assert "SUITE_" not in text, f"{path.name}: a placeholder for the suite's duration"
+        assert re.search(r'pytest -m "not slow"` skips the slow checks: about [\d,]+ tests, '
+                         r'which took \d+\s+minutes', text), f"{path.name}: the suite's duration"
     pinned = re.search(r'"torch==([\d.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
     assert pinned == "2.13.0"
 
@@ -187,3 +188,308 @@ def test_text_given_to_generate_points_at_generate_text():
             m.generate(bad, 3)
     with pytest.raises(TypeError, match="generate_text"):
         m.forward("Hello")
+
+
+# ------------------------------------------------------------------------------------------
+# The command line says what matters, once, in its own terms
+
+
+def _train_args(out, *extra):
+    return [str(EXCERPT), "--init", "tiny", "--batch-size", "2", "--seq-len", "16",
+            "--eval-batches", "1", "--out", str(out), "--no-plot", "--quiet", *extra]
+
+
+def test_default_warmup_follows_the_run_without_a_warning(tmp_path, capsys):
+    _data_files()
+    import json
+
+    from gpt2s import train
+    out = tmp_path / "run"
+    assert train.main(_train_args(out, "--steps", "20")) == 0
+    err = capsys.readouterr().err
+    assert "warning:" not in err and "--warmup" not in err, err
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["run"]["warmup"] == 2            # 10% of 20 steps
+    # a longer resumed run keeps the warm-up it started with, without a note
+    assert train.main(_train_args(out, "--steps", "30", "--resume")) == 0
+    err = capsys.readouterr().err
+    assert "--warmup" not in err, err
+    assert json.loads((out / "train_state.json").read_text())["run"]["warmup"] == 2
+    # long runs warm up for 100 steps at most; a --warmup given is used as given
+    assert train.default_warmup(5000) == 100 and train.default_warmup(999) == 99
+    assert train.main(_train_args(tmp_path / "r2", "--steps", "4", "--warmup", "10")) == 0
+    assert "warning: --warmup 10 is not below --steps 4" in capsys.readouterr().err
+
+
+def test_warmup_warning_does_not_come_before_an_unrelated_error(tmp_path, capsys):
+    from gpt2s import train
+    assert train.main([str(tmp_path / "missing.txt"), "--steps", "5", "--warmup", "50",
+                       "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"python -m gpt2s.train: error: "
+                                        f"{tmp_path / 'missing.txt'}: no such file"], err
+
+
+def test_context_full_warning_in_the_command_lines_terms(capsys):
+    from gpt2s import GPT2, generate
+    n_ctx = GPT2.from_pretrained("demo").config.n_ctx
+    assert generate.main(["ROMEO:", "--model", "demo", "-n", str(n_ctx + 10), "--temperature",
+                          "0", "--ignore-eos", "--context-full", "stop"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("python -m gpt2s.generate: warning: generation stopped after ")
+    assert "--context-full slide" in lines[0] and "context_full" not in lines[0], lines[0]
+    assert ".py:" not in captured.err and "warnings.warn" not in captured.err
+
+
+def test_sample_separators_go_to_stderr_and_counts_are_singular(capsys):
+    from gpt2s import generate
+    assert generate.main(["ROMEO:", "--model", "demo", "-n", "1", "--num-samples", "2",
+                          "--seed", "1", "-v"]) == 0
+    captured = capsys.readouterr()
+    assert "====" not in captured.out
+    assert captured.out.count("ROMEO:") == 2
+    assert "======== sample 1 of 2 ========" in captured.err
+    assert "generated 1 token in" in captured.err and "1 tokens" not in captured.err
+
+
+def test_training_without_matplotlib_says_once_that_no_plot_is_drawn(tmp_path, capsys,
+                                                                     monkeypatch):
+    _data_files()
+    from gpt2s import train
+    monkeypatch.setitem(sys.modules, "matplotlib", None)      # import fails
+    out = tmp_path / "run"
+    args = [a for a in _train_args(out, "--steps", "2") if a != "--no-plot"]
+    assert train.main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("loss.png") == 1 and "matplotlib is not installed" in err, err
+    assert not (out / "loss.png").exists()
+
+
+def test_a_short_run_plot_has_whole_step_ticks(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    from gpt2s.metrics import loss_figure
+    rows = [{"type": "train", "step": s, "train_loss": 5.0 - s, "lr": 1e-3} for s in (1, 2, 3)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ticks = loss_figure(path).axes[0].get_xticks()
+    inside = [t for t in ticks if 1 <= t <= 3]
+    assert inside and all(float(t).is_integer() for t in ticks), ticks
+
+
+# ------------------------------------------------------------------------------------------
+# Entry points: python -m gpt2s, the gpt2s script, --version, eval --dtype, --prompt-file
+
+COMMAND_MODULES = ["generate", "train", "eval", "prepare"]
+
+
+def test_python_m_gpt2s_lists_the_commands_and_runs_them():
+    import gpt2s
+    p = subprocess.run([sys.executable, "-m", "gpt2s"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    listed = re.findall(r"^  (\w+)  +(\S.*)$", p.stdout, re.M)
+    names = [n for n, _ in listed]
+    assert names[:4] == COMMAND_MODULES, p.stdout
+    assert all(len(what) > 10 for _, what in listed)
+    import importlib
+    for name in names:                 # every listed command is a program with a main()
+        assert callable(importlib.import_module(f"gpt2s.{name}").main), name
+    p = subprocess.run([sys.executable, "-m", "gpt2s", "eval", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and "--stride" in p.stdout
+    p = subprocess.run([sys.executable, "-m", "gpt2s", "nonsense"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and "'nonsense' is not a command" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "gpt2s", "--version"], capture_output=True,
+                       text=True, timeout=120)
+    assert p.stdout.strip() == f"gpt2s {gpt2s.__version__}"
+
+
+@pytest.mark.parametrize("name", COMMAND_MODULES)
+def test_version_on_each_command(name, capsys):
+    import importlib
+
+    import gpt2s
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"gpt2s.{name}").main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"gpt2s {gpt2s.__version__}"
+
+
+def test_console_script_is_declared():
+    from importlib.metadata import PackageNotFoundError, distribution
+    try:
+        eps = distribution("gpt2s").entry_points
+    except PackageNotFoundError:
+        pytest.skip("gpt2s is not installed as a distribution")
+    scripts = {e.name: e.value for e in eps if e.group == "console_scripts"}
+    assert scripts.get("gpt2s") == "gpt2s.__main__:main", scripts
+
+
+def test_eval_dtype(capsys):
+    _data_files()
+    import json
+
+    from gpt2s import GPT2, eval as gpt2s_eval
+    from gpt2s.eval import evaluate
+    from gpt2s.tokenizer import get_tokenizer
+    args = ["--model", "demo", "--max-tokens", "600", "--seq-len", "64", "--json", "-q",
+            str(HELDOUT)]
+    results = {}
+    for dtype in (None, "float32", "int8"):
+        assert gpt2s_eval.main(args + (["--dtype", dtype] if dtype else [])) == 0
+        results[dtype] = json.loads(capsys.readouterr().out)
+    assert results[None]["dtype"] == "float32" and results["int8"]["dtype"] == "int8"
+    assert results[None]["loss"] == results["float32"]["loss"]
+    # the int8 number is the int8 model's loss, not float32's
+    ids = get_tokenizer().encode_ordinary(HELDOUT.read_text(encoding="utf-8"))[:600]
+    want = evaluate(GPT2.from_pretrained("demo", dtype="int8"), ids, 64)["loss"]
+    assert results["int8"]["loss"] == pytest.approx(want, rel=1e-6)
+    assert results["int8"]["loss"] != results["float32"]["loss"]
+
+
+def test_generate_prompt_file(tmp_path, capsys):
+    from gpt2s import generate
+    f = tmp_path / "prompt.txt"
+    f.write_text("ROMEO:\nWhat light\n", encoding="utf-8")
+    args = ["--model", "demo", "-n", "5", "--temperature", "0"]
+    assert generate.main(["--prompt-file", str(f), *args]) == 0
+    from_file = capsys.readouterr().out
+    assert generate.main(["ROMEO:\nWhat light", *args]) == 0
+    assert from_file == capsys.readouterr().out
+    assert from_file.startswith("ROMEO:\nWhat light")
+    for bad, fragment in [(tmp_path / "missing.txt", "no such file"),
+                          (tmp_path, "is a directory")]:
+        assert generate.main(["--prompt-file", str(bad), *args]) == 2
+        assert f"--prompt-file {bad}: {fragment}" in capsys.readouterr().err
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    assert generate.main(["--prompt-file", str(tmp_path / "latin1.txt"), *args]) == 2
+    assert "not UTF-8 text (byte 0xe9 at offset 3)" in capsys.readouterr().err
+    assert generate.main(["Hi", "--prompt-file", str(f), *args]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# A model with its own vocabulary: character level, as nanoGPT's shakespeare_char
+
+
+def test_character_level_train_generate_eval(tmp_path, capsys):
+    _data_files()
+    import json
+
+    import numpy as np
+
+    from gpt2s import GPT2, eval as gpt2s_eval, generate, train
+    text = EXCERPT.read_text(encoding="utf-8")
+    chars = sorted(set(text))                        # nanoGPT's shakespeare_char vocabulary
+    out = tmp_path / "char"
+    assert train.main([str(EXCERPT), "--tokenizer", "char", "--init", "tiny", "--steps", "30",
+                       "--batch-size", "4", "--seq-len", "64", "--lr", "3e-3",
+                       "--eval-batches", "2", "--out", str(out), "--no-plot", "--quiet"]) == 0
+    capsys.readouterr()
+    m = GPT2.from_safetensors(out)
+    assert m.config.vocab_size == len(chars)
+    vocab = json.loads((out / "vocab.json").read_text())
+    assert list(vocab["chars"]) == chars
+    # the data it trained on: one token per character, the index in the sorted set
+    state = json.loads((out / "train_state.json").read_text())
+    assert state["identity"]["train_files"][0]["tokens"] == len(text)
+
+    # generate decodes with the model's characters, never GPT-2's tokens
+    assert generate.main(["ROMEO:", "--model", str(out), "-n", "40", "--temperature", "0",
+                          "--no-echo"]) == 0
+    sample = capsys.readouterr().out
+    assert sample.endswith("\n") and len(sample) == 41, repr(sample)
+    assert set(sample[:-1]) <= set(chars)
+    # the same tokens as the model's own greedy generation over character ids
+    ids = np.array([[chars.index(c) for c in "ROMEO:"]])
+    want = "".join(chars[i] for i in m.generate(ids, 40, temperature=0)[0, 6:])
+    assert sample[:-1] == want
+
+    # eval reads the text with the model's vocabulary: the loss is the model's on char ids
+    assert gpt2s_eval.main(["--model", str(out), "--json", "-q", "--seq-len", "64",
+                            "--stride", "64", "--max-tokens", "4000", str(EXCERPT)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    from gpt2s.eval import evaluate
+    want = evaluate(m, [chars.index(c) for c in text[:4000]], 64, 64)["loss"]
+    assert result["loss"] == pytest.approx(want, rel=1e-6)
+    assert result["loss"] < np.log(len(chars))       # it learned something in 30 steps
+    # text with a character the vocabulary lacks is refused, naming the file and character
+    held = HELDOUT.read_text(encoding="utf-8")
+    unknown = next((c for c in held if c not in chars), None)
+    if unknown is not None:
+        assert gpt2s_eval.main(["--model", str(out), "-q", str(HELDOUT)]) == 2
+        err = capsys.readouterr().err
+        assert f"{HELDOUT}: the text has {unknown!r}" in err and "vocabulary of" in err, err
+
+    # a character the vocabulary lacks is named; no prompt: there is no <|endoftext|>
+    missing = next(c for c in "0123456789@#$%^&*~" if c not in chars)
+    assert generate.main([f"ROMEO{missing}", "--model", str(out), "-n", "3"]) == 2
+    assert f"{missing!r}" in capsys.readouterr().err
+    assert generate.main(["--model", str(out), "-n", "3"]) == 2
+    assert "has no <|endoftext|>: give a PROMPT" in capsys.readouterr().err
+
+    # without its vocab.json the model is refused, not decoded with GPT-2's tokenizer
+    (out / "vocab.json").rename(tmp_path / "vocab.json")
+    assert generate.main(["ROMEO:", "--model", str(out), "-n", "3"]) == 2
+    err = capsys.readouterr().err
+    assert f"vocabulary has {len(chars)} tokens, not GPT-2's 50257" in err, err
+    assert gpt2s_eval.main(["--model", str(out), "-q", str(EXCERPT)]) == 2
+    assert "not GPT-2's 50257" in capsys.readouterr().err
+    (tmp_path / "vocab.json").rename(out / "vocab.json")
+
+    # resuming keeps the vocabulary; another --tokenizer is refused
+    assert train.main([str(EXCERPT), "--tokenizer", "gpt2", "--init", "tiny", "--steps", "31",
+                       "--batch-size", "4", "--seq-len", "64", "--out", str(out), "--resume",
+                       "--quiet"]) == 2
+    assert "used another vocabulary (--tokenizer char), not --tokenizer gpt2" in \
+        capsys.readouterr().err
+    assert train.main([str(EXCERPT), "--init", "tiny", "--steps", "31", "--batch-size", "4",
+                       "--seq-len", "64", "--lr", "3e-3", "--eval-batches", "2",
+                       "--out", str(out), "--resume", "--no-plot", "--quiet"]) == 0
+    capsys.readouterr()
+    assert list(json.loads((out / "vocab.json").read_text())["chars"]) == chars
+
+
+def test_a_bpe_tokenizer_json_of_ones_own(tmp_path, capsys):
+    """--tokenizer PATH/tokenizer.json: a byte-level BPE trained with Hugging Face tokenizers
+    on the text; generate's text is what tokenizers decodes from the model's own ids."""
+    _data_files()
+    tokenizers = pytest.importorskip("tokenizers")
+    import json
+
+    from gpt2s import GPT2, generate, train
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    tk.train([str(EXCERPT)], tokenizers.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    spec = tmp_path / "tokenizer.json"
+    tk.save(str(spec))
+    out = tmp_path / "bpe"
+    assert train.main([str(EXCERPT), "--tokenizer", str(spec), "--init", "tiny",
+                       "--steps", "10", "--batch-size", "2", "--seq-len", "32",
+                       "--eval-batches", "1", "--out", str(out), "--no-plot", "--quiet"]) == 0
+    m = GPT2.from_safetensors(out)
+    assert m.config.vocab_size == tk.get_vocab_size()
+    state = json.loads((out / "train_state.json").read_text())
+    want_tokens = len(tk.encode(EXCERPT.read_text(encoding="utf-8"),
+                                add_special_tokens=False).ids)
+    assert state["identity"]["train_files"][0]["tokens"] == want_tokens
+    capsys.readouterr()
+    prompt = "ROMEO: é"
+    assert generate.main([prompt, "--model", str(out), "-n", "12", "--temperature", "0",
+                          "--ignore-eos"]) == 0
+    text = capsys.readouterr().out
+    ids = tk.encode(prompt, add_special_tokens=False).ids
+    new = m.generate([ids], 12, temperature=0)[0, len(ids):].tolist()
+    assert text == tk.decode(ids + new, skip_special_tokens=False) + "\n"
+    # a file that is not a tokenizer.json is refused by name
+    assert train.main([str(EXCERPT), "--tokenizer", str(EXCERPT), "--init", "tiny",
+                       "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    assert f"{EXCERPT}: not a tokenizers tokenizer.json" in capsys.readouterr().err

@@ -410,7 +410,8 @@ def test_help_documents_every_option_with_its_real_default():
         key = next(s for s in action.option_strings if s in shown)
         help_text = re.sub(r"\s+", " ", shown[key])
         assert len(help_text) > 10, f"{opt} has no help text"
-        if isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction)):
+        if isinstance(action, (argparse._StoreTrueAction, argparse._HelpAction,
+                               argparse._VersionAction)):
             continue
         defaults = re.findall(r"default: ([^;)]*)", help_text)
         if action.required:

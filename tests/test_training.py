@@ -47,16 +47,22 @@ def _help_text(parser) -> str:
 def test_every_run_config_field_is_an_option_of_the_command_line():
     parser = train.build_parser()
     actions = _actions(parser)
+    # the command line's own default: the warm-up follows the run's length (None until the
+    # run's --steps is known: train.default_warmup)
+    cli_default = {"warmup": None}
     for f in dataclasses.fields(RunConfig):
         m = f.metadata
         assert isinstance(m["resume"], Resume), f.name
         a = actions.get(f.name)
         assert a is not None, f"RunConfig.{f.name} has no option"
         assert a.option_strings == [m["flag"]] and a.type is m["type"], f.name
-        assert a.default == f.default and a.help == m["help"], f.name
+        want = cli_default.get(f.name, f.default)
+        assert a.default == want, f.name
+        assert (a.help == m["help"]) == (f.name not in cli_default), f.name
         # what the option gives is what the field holds
-        assert parser.parse_args(["--out", "x"]).__dict__[f.name] == f.default
-    cfg = RunConfig.from_arguments(parser.parse_args(["--out", "x"]))
+        assert parser.parse_args(["--out", "x"]).__dict__[f.name] == want
+    cfg = RunConfig.from_arguments(parser.parse_args(["--out", "x"]),
+                                   warmup=RunConfig().warmup)
     assert cfg == RunConfig()
     # the refused settings are the ones --allow-changes says it lets through
     allow = actions["allow_changes"].help

@@ -13,7 +13,7 @@ import time
 
 __all__ = ["UserError", "run_main", "os_error_text", "Parser", "positive_int", "nonneg_int",
            "nonneg_float", "positive_float", "fraction", "add_threads_option",
-           "add_quiet_option", "Progress"]
+           "add_quiet_option", "add_version_option", "Progress", "plural"]
 
 
 class UserError(Exception):
@@ -65,6 +65,11 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def plural(n: int, word: str) -> str:
+    """``n word`` with the word plural unless n is 1: "1 token", "2,048 tokens"."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
 # ------------------------------------------------------------------------------------------
@@ -125,6 +130,13 @@ def add_threads_option(parser, *, type=int, default_note: str = ""):
     parser.add_argument("--threads", type=type, default=None, metavar="N",
                         help=f"CPU threads (default: $OMP_NUM_THREADS, else all cores"
                              f"{default_note})")
+
+
+def add_version_option(parser):
+    """``--version``: prints ``gpt2s X.Y.Z`` and exits."""
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"gpt2s {__version__}",
+                        help="print the version of gpt2s and exit")
 
 
 def add_quiet_option(parser, what: str, *, short: bool = True):

@@ -368,7 +368,9 @@ class TokenData:
     validation split).
     """
 
-    def __init__(self, sources, *, format: str = "auto"):
+    def __init__(self, sources, *, format: str = "auto", tokenizer=None):
+        """``tokenizer``: what text files are encoded with (an object with
+        ``encode_ordinary`` and ``eot_id``, e.g. gpt2s.vocab.CharTokenizer; None: GPT-2's)."""
         if format not in FORMATS:
             raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
         paths = expand_paths(sources)
@@ -387,10 +389,17 @@ class TokenData:
                     raise DataError(f"{path}: {size} bytes, an odd size: not uint16 tokens")
                 arr = (np.memmap(path, dtype="<u2", mode="r") if size
                        else np.empty(0, np.uint16))
-            else:
+            elif tokenizer is None:
                 arr = tokenize_text(_read_text(path))
                 if arrays:
                     arrays.append(eot)
+            else:
+                try:
+                    arr = np.asarray(tokenizer.encode_ordinary(_read_text(path)), np.uint16)
+                except ValueError as e:
+                    raise DataError(f"{path}: {e}") from None
+                if arrays and tokenizer.eot_id is not None:
+                    arrays.append(np.array([tokenizer.eot_id], np.uint16))
             self.sources.append(Source(path, kind, len(arr)))
             arrays.append(arr)
         self._arrays = [a for a in arrays if len(a)]
@@ -398,6 +407,9 @@ class TokenData:
         self._lo, self._hi = 0, int(self._bounds[-1])
         # the files' SHA-256, shared with subsets; computed when first asked for
         self._digests: list = [None]
+        # text read with another vocabulary is other data (GPT-2's adds nothing, so its
+        # fingerprints are those of earlier releases)
+        self._vocab = "" if tokenizer is None else json.dumps(tokenizer.to_dict())
 
     # ---------------------------------------------------------------- size and identity
 
@@ -423,6 +435,8 @@ class TokenData:
         for s, digest in zip(self.sources, self._digests[0]):
             h.update(f"{s.kind}\0{s.n_tokens}\0{digest}\0".encode())
         h.update(f"{self._lo}:{self._hi}".encode())
+        if self._vocab and any(s.kind == "text" for s in self.sources):
+            h.update(self._vocab.encode())
         return FINGERPRINT_PREFIX + h.hexdigest()[:32]
 
     def files(self) -> list[dict]:
@@ -457,7 +471,8 @@ class TokenData:
             counts[s.kind] = counts.get(s.kind, 0) + 1
         parts = ", ".join(f"{n} {names[k]}{'s' if n > 1 else ''}" for k, n in counts.items())
         n = len(self.sources)
-        return f"{n} file{'s' if n > 1 else ''} ({parts}): {len(self):,} tokens"
+        return f"{n} file{'s' if n > 1 else ''} ({parts}): {len(self):,} " \
+               f"token{'' if len(self) == 1 else 's'}"
 
     def __repr__(self):
         return f"TokenData({self.describe()})"
@@ -472,6 +487,7 @@ class TokenData:
         sub.sources, sub._arrays, sub._bounds = self.sources, self._arrays, self._bounds
         sub._lo, sub._hi = self._lo + lo, self._lo + hi
         sub._digests = self._digests
+        sub._vocab = self._vocab
         return sub
 
     def split(self, val_fraction: float) -> tuple["TokenData", "TokenData"]:

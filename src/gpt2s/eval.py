@@ -24,7 +24,8 @@ import time
 import numpy as np
 
 from ._cli import UserError as _UserError
-from ._cli import add_quiet_option, add_threads_option, run_main
+from ._cli import add_quiet_option, add_threads_option, add_version_option, plural, run_main
+from .weight_types import DTYPES
 
 __all__ = ["main", "evaluate", "sliding_windows"]
 
@@ -163,6 +164,7 @@ examples:
   {PROG} --model gpt2 wiki.test.raw
   {PROG} --model runs/mini --stride 128 --json "shards/val_*.bin"
   {PROG} --model assets --seq-len 256 --max-tokens 100000 input.txt
+  {PROG} --model gpt2 --dtype int8 wiki.test.raw      # what int8 weights cost in loss
 """)
     p.add_argument("data", nargs="+", metavar="DATA",
                    help="text files, .bin token files or llm.c shards, or globs of them")
@@ -177,10 +179,14 @@ examples:
                    help="windows per forward pass (default: max(1, 1024 / T))")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help="evaluate only the first N tokens of the data (default: all)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weight storage to evaluate: measure what bfloat16, int8 or int4 "
+                        "weights cost in loss (default: float32)")
     add_threads_option(p)
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON object on stdout")
     add_quiet_option(p, "progress bar")
+    add_version_option(p)
     return p
 
 
@@ -190,6 +196,7 @@ def _run(args, out, err) -> int:
     from ._cli import Progress
     from .data import DataError, TokenData
     from .hub import find_model
+    from .vocab import load_vocab, tokenizer_for, vocab_path
     from .weights import SafetensorsError
 
     for name in ("seq_len", "stride", "batch_size", "max_tokens", "threads"):
@@ -202,17 +209,27 @@ def _run(args, out, err) -> int:
     try:
         if args.threads is not None:
             gpt2s.set_num_threads(args.threads)
-        data = TokenData(args.data)
-    except (DataError, ValueError) as e:
+        path = find_model(args.model)
+        # text is read with the model's own vocabulary (vocab.json beside it), else GPT-2's
+        own = vocab_path(path)
+        enc = load_vocab(own) if own.is_file() else None
+        data = TokenData(args.data, tokenizer=enc)
+    except (DataError, ValueError, FileNotFoundError) as e:
         raise _UserError(str(e)) from None
     if args.max_tokens is not None and args.max_tokens < len(data):
         data = data.subset(0, args.max_tokens)
     try:
-        path = find_model(args.model)
-        model = gpt2s.GPT2.from_safetensors(path)
+        # dtype None: the weights as stored once model files can hold packed weights; today
+        # every file is read into float32, as GPT2.from_pretrained does
+        model = gpt2s.GPT2.from_safetensors(path, dtype=args.dtype or "float32")
     except (FileNotFoundError, SafetensorsError, ValueError) as e:
         raise _UserError(str(e)) from None
     cfg = model.config
+    if enc is None and any(s.kind == "text" for s in data.sources):
+        try:
+            tokenizer_for(path, cfg)      # refuses GPT-2's tokens for a smaller vocabulary
+        except ValueError as e:
+            raise _UserError(str(e)) from None
     if args.seq_len is not None and args.seq_len > cfg.n_ctx:
         raise _UserError(f"--seq-len {args.seq_len} exceeds the model's context "
                          f"n_ctx={cfg.n_ctx}")
@@ -221,7 +238,8 @@ def _run(args, out, err) -> int:
     if stride > seq_len:
         raise _UserError(f"--stride {stride} is larger than the window (--seq-len {seq_len})")
     if len(data) < 2:
-        raise _UserError(f"{' '.join(args.data)}: {len(data)} tokens, at least 2 are needed")
+        raise _UserError(f"{' '.join(args.data)}: {plural(len(data), 'token')}, at least 2 "
+                         f"are needed")
     print(f"model: {path}\n  {model!r}\ndata: {data.describe()}", file=err)
     progress = Progress(count_windows(len(data), seq_len, stride), "windows",
                         enabled=not args.quiet, stream=err)
@@ -231,13 +249,15 @@ def _run(args, out, err) -> int:
         raise _UserError(str(e)) from None
     finally:
         progress.close()
-    result = {"model": str(path), "data": [str(s.path) for s in data.sources],
+    result = {"model": str(path), "dtype": model.dtype,
+              "data": [str(s.path) for s in data.sources],
               "data_fingerprint": data.fingerprint, **result}
     if args.json:
         out.write(json.dumps(result) + "\n")
     else:
         out.write(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.3f}  "
-                  f"({result['tokens']:,} tokens in {result['windows']:,} windows of "
+                  f"({plural(result['tokens'], 'token')} in "
+                  f"{plural(result['windows'], 'window')} of "
                   f"{seq_len}, stride {stride}; {result['tokens_per_s'] or 0:,.0f} tokens/s)\n")
     out.flush()
     return 0

@@ -8,11 +8,13 @@ model) print ``error: ...`` and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
+import warnings
 
 from ._cli import UserError as _UserError
-from ._cli import add_threads_option, run_main
+from ._cli import add_threads_option, add_version_option, plural, run_main
 from .hub import HF_DOWNLOAD, ModelNotFound, find_model
 from .weight_types import DTYPES
 
@@ -76,6 +78,7 @@ examples:
   echo "Once upon a time" | {PROG} - --num-samples 3 --top-p 0.9
   {PROG} --model gpt2-medium "Hello"          # by name, from the Hugging Face cache
   cat long_story.txt | {PROG} - --crop-prompt -n 200
+  {PROG} --prompt-file prompt.txt --temperature 0
 """)
     p.add_argument("prompt", nargs="?", metavar="PROMPT",
                    help="text to continue; '-' reads it from stdin; without PROMPT, generation "
@@ -128,6 +131,10 @@ examples:
                    help="print only the generated text, not the prompt")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="report the model, timings and tokens/s on stderr")
+    p.add_argument("--prompt-file", metavar="FILE",
+                   help="read the prompt from this UTF-8 text file (one final newline is "
+                        "dropped), instead of PROMPT")
+    add_version_option(p)
     return p
 
 
@@ -144,7 +151,28 @@ def _option_names(message: str) -> str:
             return "--" + name.replace("_", "-") + message[len(name):]
     if message.startswith("set_num_threads: n "):
         return "--threads " + message[len("set_num_threads: n "):]
-    return message
+    # "pass context_full='slide'" -> "pass --context-full slide"
+    return re.sub(r"\b(" + "|".join(_OPTIONS) + r")=['\"]?(\w+)['\"]?",
+                  lambda m: f"--{m.group(1).replace('_', '-')} {m.group(2)}", message)
+
+
+def _read_prompt_file(path) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise _UserError(f"--prompt-file {path}: no such file") from None
+    except IsADirectoryError:
+        raise _UserError(f"--prompt-file {path}: is a directory") from None
+    try:
+        prompt = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _UserError(f"--prompt-file {path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                         f"offset {e.start})") from None
+    prompt = prompt[:-1] if prompt.endswith("\n") else prompt
+    if prompt == "":
+        raise _UserError(f"--prompt-file {path}: the file is empty")
+    return prompt
 
 
 def _write(out, text):
@@ -157,7 +185,8 @@ def _run(args, out, err) -> int:
 
     import gpt2s
     from .generation import _text_steps, check_controls, check_sampling_args
-    from .tokenizer import EOT_TOKEN, get_tokenizer
+    from .tokenizer import EOT_TOKEN
+    from .vocab import tokenizer_for
     from .weights import SafetensorsError
 
     # check every value before the (slow) model load
@@ -171,7 +200,11 @@ def _run(args, out, err) -> int:
             gpt2s.set_num_threads(args.threads)
     except (TypeError, ValueError) as e:
         raise _UserError(_option_names(str(e))) from None
-    if args.prompt == "-":
+    if args.prompt_file is not None:
+        if args.prompt is not None:
+            raise _UserError("give the prompt as PROMPT or --prompt-file, not both")
+        prompt = _read_prompt_file(args.prompt_file)
+    elif args.prompt == "-":
         prompt = sys.stdin.read()
         if prompt.endswith("\n"):
             prompt = prompt[:-1]
@@ -184,7 +217,6 @@ def _run(args, out, err) -> int:
     if prompt == "":
         raise _UserError(f"the prompt is empty: give some text, or omit PROMPT to generate "
                          f"unconditionally (from {EOT_TOKEN})")
-    enc = get_tokenizer()
 
     try:
         path = find_model(args.model)
@@ -193,25 +225,35 @@ def _run(args, out, err) -> int:
     except (FileNotFoundError, SafetensorsError, ValueError) as e:
         raise _UserError(str(e)) from None
     load_s = time.perf_counter() - t0
-    n_prompt = len(enc.encode(prompt, allowed_special={EOT_TOKEN}))
+    try:
+        # the model's own vocabulary (vocab.json beside it), else GPT-2's
+        enc = tokenizer_for(path, model.config)
+        if getattr(enc, "eot_id", 0) is None and args.prompt is None \
+                and args.prompt_file is None:
+            raise ValueError(f"the model's vocabulary ({enc.n_vocab} tokens) has no "
+                             f"{EOT_TOKEN}: give a PROMPT to continue")
+        n_prompt = len(enc.encode(prompt, allowed_special={EOT_TOKEN}))
+    except ValueError as e:
+        raise _UserError(str(e)) from None
     if n_prompt > model.config.n_ctx:
         if not args.crop_prompt:
-            raise _UserError(f"the prompt is {n_prompt} tokens long, longer than the model's "
-                             f"context n_ctx={model.config.n_ctx}; --crop-prompt keeps its end")
+            raise _UserError(f"the prompt is {plural(n_prompt, 'token')} long, longer than the "
+                             f"model's context n_ctx={model.config.n_ctx}; --crop-prompt keeps "
+                             f"its end")
         prompt, n_prompt, n_whole = crop_prompt(enc, prompt, model.config.n_ctx,
                                                 sampling["max_new_tokens"])
-        print(f"{PROG}: the prompt is {n_whole} tokens long, longer than the model's context "
-              f"n_ctx={model.config.n_ctx}: kept its last {n_prompt} tokens", file=err)
+        print(f"{PROG}: the prompt is {plural(n_whole, 'token')} long, longer than the model's "
+              f"context n_ctx={model.config.n_ctx}: kept its last {plural(n_prompt, 'token')}",
+              file=err)
     if args.verbose:
         print(f"model: {path}\n  {model!r}, loaded in {load_s:.2f} s\n"
-              f"threads: {gpt2s.get_num_threads()}\nprompt: {n_prompt} tokens", file=err)
+              f"threads: {gpt2s.get_num_threads()}\nprompt: {plural(n_prompt, 'token')}", file=err)
 
     rng = np.random.default_rng(sampling["seed"])
-    echo = not args.no_echo and args.prompt is not None
+    echo = not args.no_echo and (args.prompt is not None or args.prompt_file is not None)
     for i in range(sampling["num_samples"]):
-        if sampling["num_samples"] > 1:
-            _write(out, ("\n" if i else "") + f"======== sample {i + 1} of "
-                   f"{sampling['num_samples']} ========\n")
+        if sampling["num_samples"] > 1:     # stderr: stdout carries only the text
+            _write(err, f"======== sample {i + 1} of {sampling['num_samples']} ========\n")
         if echo:
             _write(out, prompt)
         try:
@@ -225,14 +267,18 @@ def _run(args, out, err) -> int:
         t_start = time.perf_counter()
         t_first = None
         n_tokens = 0
-        for token, piece in steps:
-            if token is not None:
-                n_tokens += 1
-                if t_first is None:
-                    t_first = time.perf_counter()
-            if piece:
-                _write(out, piece)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for token, piece in steps:
+                if token is not None:
+                    n_tokens += 1
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                if piece:
+                    _write(out, piece)
         t_end = time.perf_counter()
+        for w in caught:      # one line each, in the command line's terms
+            _write(err, f"{PROG}: warning: {_option_names(str(w.message))}\n")
         _write(out, "\n")
         if args.verbose:
             _report(err, n_prompt, n_tokens, t_start, t_first, t_end)
@@ -244,8 +290,8 @@ def _report(err, n_prompt, n_tokens, t_start, t_first, t_end):
         print(f"generated 0 tokens in {t_end - t_start:.2f} s", file=err)
         return
     prefill = t_first - t_start
-    msg = (f"prefill: {n_prompt} tokens + first new token in {prefill:.3f} s; "
-           f"generated {n_tokens} tokens in {t_end - t_start:.2f} s")
+    msg = (f"prefill: {plural(n_prompt, 'token')} + first new token in {prefill:.3f} s; "
+           f"generated {plural(n_tokens, 'token')} in {t_end - t_start:.2f} s")
     if n_tokens > 1 and t_end > t_first:
         msg += f": {(n_tokens - 1) / (t_end - t_first):.1f} tokens/s after the first"
     print(msg, file=err)

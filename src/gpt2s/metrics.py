@@ -14,7 +14,8 @@ import numpy as np
 from .checkpoint import LOG_FILES, strict_json
 from .fs import atomic_write, errors_name
 
-__all__ = ["Metrics", "NullMetrics", "plot_metrics", "redraw_plot", "have_matplotlib",
+__all__ = ["Metrics", "NullMetrics", "plot_metrics", "loss_figure", "redraw_plot",
+           "have_matplotlib",
            "METRICS", "PLOT"]
 
 METRICS, PLOT = LOG_FILES     # the run directory's metrics.jsonl and loss.png
@@ -135,8 +136,18 @@ class NullMetrics:
 def plot_metrics(metrics_path, png_path, title: str = "") -> Path:
     """Draw train and validation loss against the step, the learning rate on a second axis,
     from a metrics.jsonl; written atomically.  Needs matplotlib (no pyplot, no display)."""
+    fig = loss_figure(metrics_path, title)
+    png_path = Path(png_path)
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
+    return png_path
+
+
+def loss_figure(metrics_path, title: str = ""):
+    """The matplotlib Figure plot_metrics saves.  Steps are whole numbers: the step axis
+    has integer ticks only, however short the run."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     rows = []
     for line in Path(metrics_path).read_text(encoding="utf-8").splitlines():
@@ -166,6 +177,7 @@ def plot_metrics(metrics_path, png_path, title: str = "") -> Path:
         ax.plot([v[0] for v in val], [np.nan if v[1] is None else v[1] for v in val], "o-",
                 color="tab:orange", lw=1.6, ms=4, label="validation loss")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("loss (cross-entropy, nats)")
     ax.grid(True, alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
@@ -184,9 +196,7 @@ def plot_metrics(metrics_path, png_path, title: str = "") -> Path:
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    png_path = Path(png_path)
-    atomic_write(png_path, lambda f: fig.savefig(f, format="png"))
-    return png_path
+    return fig
 
 
 def redraw_plot(out: Path, model) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cli import UserError, add_quiet_option, run_main
+from ._cli import UserError, add_quiet_option, add_version_option, plural, run_main
 from .fs import atomic_write
 from .tokenizer import EOT_TOKEN
 
@@ -292,6 +292,7 @@ examples:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the shards already in DIR (default: refuse)")
     add_quiet_option(p, "progress bar or summary")
+    add_version_option(p)
     return p
 
 
@@ -311,11 +312,11 @@ def _run(args, err) -> int:
         raise UserError(str(e)) from None
     if not args.quiet:
         n_files = len(m["inputs"])
-        print(f"{m['tokens']:,} tokens from {n_files} file{'s' if n_files > 1 else ''} "
+        print(f"{plural(m['tokens'], 'token')} from {n_files} file{'s' if n_files > 1 else ''} "
               f"({m['input_bytes']:,} bytes) in {m['seconds']:.1f} s: "
               f"{len(m['train'])} train shard{'s' if len(m['train']) != 1 else ''} "
-              f"({m['train_tokens']:,} tokens), {len(m['val'])} val "
-              f"shard{'s' if len(m['val']) != 1 else ''} ({m['val_tokens']:,} tokens) in "
+              f"({plural(m['train_tokens'], 'token')}), {len(m['val'])} val "
+              f"shard{'s' if len(m['val']) != 1 else ''} ({plural(m['val_tokens'], 'token')}) in "
               f"{args.out}", file=err)
     return 0
 

@@ -21,17 +21,19 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from ._cli import (Parser, UserError, add_quiet_option, add_threads_option, positive_float,
-                   positive_int, run_main)
+from ._cli import (Parser, UserError, add_quiet_option, add_threads_option,
+                   add_version_option, plural, positive_float, positive_int, run_main)
 from .checkpoint import DATA_HASHES, CheckpointError, lock_run_dir, remove_leftovers
+from .vocab import VOCAB_FILE
 from .metrics import Metrics, NullMetrics, have_matplotlib, plot_metrics, redraw_plot
-from .training import (Resume, RunConfig, RunFailed, TrainingDiverged, World,
-                       effective_warmup, eval_batch, evaluate, lr_at, open_data, open_run_dir,
-                       resume_differences, resume_state, start_over, train_batch, train_loop,
-                       train_step)
+from .training import (DEFAULT_WARMUP, Resume, RunConfig, RunFailed, TrainingDiverged, World,
+                       default_warmup, effective_warmup, eval_batch, evaluate, lr_at,
+                       open_data, open_run_dir, resume_differences, resume_state, start_over,
+                       train_batch, train_loop, train_step)
 
 # the library's names stay importable from here, as before they moved to gpt2s.training
-__all__ = ["main", "build_parser", "lr_at", "effective_warmup", "train_batch", "eval_batch",
+__all__ = ["main", "build_parser", "lr_at", "effective_warmup", "default_warmup",
+           "train_batch", "eval_batch",
            "train_step", "evaluate", "RunConfig", "plot_metrics", "TrainingDiverged"]
 
 PROG = "python -m gpt2s.train"
@@ -73,8 +75,9 @@ sizes for --init (random weights, GPT-2 initialisation, the GPT-2 vocabulary):
 
 schedule: --steps is the total number of optimizer steps of the run; each one averages
   --grad-accum micro-batches of --batch-size windows of --seq-len tokens.  The learning rate
-  rises linearly for --warmup steps, then decays on a cosine to --min-lr-ratio x --lr at the
-  last step.  A --warmup of --steps or more is cut to 10% of the run (with a warning).
+  rises linearly for --warmup steps (default: 10% of the run, at most 100), then decays on a
+  cosine to --min-lr-ratio x --lr at the last step.  A --warmup of --steps or more is cut to
+  10% of the run (with a warning).
 
 output in --out: model.safetensors + config.json (loadable by gpt2s and transformers),
   optimizer.npz, train_state.json, metrics.jsonl (one JSON object per step and per
@@ -88,7 +91,7 @@ output in --out: model.safetensors + config.json (loadable by gpt2s and transfor
 
 examples:
   {PROG} input.txt --init mini --steps 2000 --out runs/mini
-  {PROG} input.txt --model assets --steps 200 --lr 1e-4 --warmup 20 --out runs/ft
+  {PROG} input.txt --model assets --steps 200 --lr 1e-4 --out runs/ft
   {PROG} "shards/train_*.bin" --val-data "shards/val_*.bin" --init gpt2 \\
       --batch-size 8 --seq-len 1024 --grad-accum 8 --out runs/gpt2 --save-every 100
   {PROG} input.txt --init mini --steps 2000 --out runs/mini --resume
@@ -143,7 +146,17 @@ data parallel over MPI (pip install "gpt2s[mpi]"; docs/distributed.md): under
                         f"{', '.join(RunConfig.flags(Resume.MUST_MATCH))}, the data or the "
                         "model differ from the checkpoint's (the run is then no longer "
                         "reproducible)")
-    RunConfig.add_arguments(p)
+    # the command line's warm-up follows the run's length unless given
+    p.add_argument("--tokenizer", default=None, metavar="gpt2|char|FILE",
+                   help="how text is turned into tokens: gpt2 (GPT-2's 50,257 tokens), char "
+                        "(one token per character of the training text) or a Hugging Face "
+                        "tokenizers tokenizer.json (e.g. a BPE trained on your text); char "
+                        "and FILE make a new vocabulary, saved as vocab.json in --out, which "
+                        "generate and eval read; they need --init (default: gpt2; a resumed "
+                        "run keeps its own)")
+    RunConfig.add_arguments(p, warmup=(None, f"steps of linear learning-rate warm-up (default: "
+                                             f"10%% of --steps, at most {DEFAULT_WARMUP}; a "
+                                             f"resumed run keeps its own)"))
     add_threads_option(p, type=positive_int,
                        default_note="; under MPI the cores divided by the ranks on the node")
     p.add_argument("--distributed", action="store_true",
@@ -164,6 +177,7 @@ data parallel over MPI (pip install "gpt2s[mpi]"; docs/distributed.md): under
                            "(default: draw it at the end of a run if matplotlib is installed)")
     plot.add_argument("--no-plot", action="store_true", help="never draw loss.png")
     add_quiet_option(p, "progress lines on stderr", short=False)
+    add_version_option(p)
     return p
 
 
@@ -245,17 +259,23 @@ def _run_locked(args, out: Path, world: World) -> int:
     from .model import GPT2
     from .optim import AdamW
 
-    warmup, warning = effective_warmup(args.warmup, args.steps)
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
+    ck = open_run_dir(out, resume=args.resume, overwrite=args.overwrite)
+    warning = None
+    if args.warmup is None:
+        # not given: the checkpoint's (a resumed run keeps its schedule), else one that
+        # follows the run's length
+        saved = ck.state.get("run", {}).get("warmup") if ck is not None else None
+        warmup = saved if type(saved) is int and 0 <= saved < args.steps \
+            else default_warmup(args.steps)
+    else:
+        warmup, warning = effective_warmup(args.warmup, args.steps)
     # batch_size is the global micro-batch: N ranks x --batch-size
     run = RunConfig.from_arguments(args, batch_size=args.batch_size * world.size, warmup=warmup,
                                    val_fraction=0.0 if args.val_data else args.val_fraction)
-
-    ck = open_run_dir(out, resume=args.resume, overwrite=args.overwrite)
     specs = list(args.data) + list(args.data_opt)
     if not specs:
         raise UserError("no training data: give text files, .bin files or globs as DATA")
+    tokenizer = _vocabulary(args, ck, out, specs)
     # the model before the data when that is cheap, so a --seq-len beyond its context is
     # blamed on n_ctx, not on data too short for such windows
     model = None
@@ -263,14 +283,16 @@ def _run_locked(args, out: Path, world: World) -> int:
         if ck is None and args.model:
             model = GPT2.from_pretrained(args.model)
         elif ck is None:
-            model = GPT2.from_config(GPT2Config.preset(args.init or "mini"), seed=args.seed)
+            sizes = {} if tokenizer is None else {"vocab_size": tokenizer.n_vocab}
+            model = GPT2.from_config(GPT2Config.preset(args.init or "mini", **sizes),
+                                     seed=args.seed)
     except (OSError, ValueError) as e:   # SafetensorsError is a ValueError
         raise UserError(str(e)) from None
     n_ctx = model.config.n_ctx if model is not None else _saved_n_ctx(ck.dir)
     if n_ctx is not None and args.seq_len > n_ctx:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's context n_ctx={n_ctx}")
     try:
-        train, val, described = open_data(specs, args.val_data, run)
+        train, val, described = open_data(specs, args.val_data, run, tokenizer)
         # content hashes, cached in OUT by the writer (a data-parallel rank only reads them)
         hashes = FileHashes(out / DATA_HASHES, readonly=world.rank > 0)
         train.hash_files(hashes)
@@ -297,6 +319,8 @@ def _run_locked(args, out: Path, world: World) -> int:
     if args.seq_len > model.config.n_ctx:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's context "
                         f"n_ctx={model.config.n_ctx}")
+    if warning and world.rank == 0:   # once the inputs are known to be usable
+        print(f"warning: {warning}", file=sys.stderr)
     opt = AdamW(model, lr=run.lr, weight_decay=run.weight_decay)
     first, last_val, elapsed = 0, None, 0.0
     if ck is not None:
@@ -314,6 +338,11 @@ def _run_locked(args, out: Path, world: World) -> int:
         return _train(loop, NullMetrics(), out, run, first, world.rank)
     # the first writes: every check has passed
     out.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None and ck is None:
+        tokenizer.save(out / VOCAB_FILE)      # beside the model: generate and eval read it
+    elif tokenizer is None and ck is None and (out / VOCAB_FILE).is_file() \
+            and not (out / VOCAB_FILE).is_symlink():
+        (out / VOCAB_FILE).unlink()           # a previous run's (--overwrite): not this one's
     if args.overwrite:
         removed = start_over(out)
         if removed:
@@ -324,12 +353,16 @@ def _run_locked(args, out: Path, world: World) -> int:
     hashes.save()
     metrics = Metrics(out, Path(args.log) if args.log else None, upto=first)
     print(f"{model!r}\ndata: {described}\n"
-          f"{'resuming at step ' + str(first) + ' of ' if first else ''}{run.steps} steps of "
+          f"{'resuming at step ' + str(first) + ' of ' if first else ''}"
+          f"{plural(run.steps, 'step')} of "
           f"{run.batch_size}x{run.seq_len}{f' x{run.grad_accum}' if run.grad_accum > 1 else ''}"
-          f" tokens, {gpt2s.get_num_threads()} threads"
-          + (f" per rank, {world.size} ranks of {args.batch_size} windows"
+          f" tokens, {plural(gpt2s.get_num_threads(), 'thread')}"
+          + (f" per rank, {world.size} ranks of {plural(args.batch_size, 'window')}"
              if world.size > 1 else ""),
           file=sys.stderr)
+    if not args.no_plot and not have_matplotlib():
+        print(f"note: matplotlib is not installed, so no {out / 'loss.png'} is drawn (pip "
+              f"install 'gpt2s[plot]'; --no-plot silences this note)", file=sys.stderr)
     try:
         status = _train(loop, metrics, out, run, first, 0)
     finally:
@@ -356,9 +389,62 @@ def _train(loop, metrics, out: Path, run: RunConfig, first: int, rank: int) -> i
     if end.last_val and end.last_val["loss"] is not None:
         val_text = (f", validation loss {end.last_val['loss']:.4f} at step "
                     f"{end.last_val['step']}")
-    print(f"saved {out} after {end.step} steps ({end.seconds:.0f} s{val_text})",
+    print(f"saved {out} after {plural(end.step, 'step')} ({end.seconds:.0f} s{val_text})",
           file=sys.stderr)
     return 0
+
+
+def _vocabulary(args, ck, out: Path, specs):
+    """The run's own vocabulary (a CharTokenizer), or None for GPT-2's: --tokenizer char
+    makes one from the training (and validation) text; a resumed run takes the one saved in
+    OUT/vocab.json, and refuses a --tokenizer that differs from it."""
+    from .data import DataError, detect_format, expand_paths
+    from .vocab import CharTokenizer, FileTokenizer, VocabError, load_vocab
+    saved_path = out / VOCAB_FILE
+    given = None
+    if args.tokenizer not in (None, "gpt2", "char"):
+        if not os.path.isfile(args.tokenizer):
+            raise UserError(f"--tokenizer {args.tokenizer}: not gpt2, char or a tokenizer.json "
+                            f"file")
+        try:
+            given = FileTokenizer.from_file(args.tokenizer)
+        except (OSError, VocabError) as e:
+            raise UserError(f"--tokenizer {e}") from None
+    if ck is not None:
+        try:
+            saved = load_vocab(saved_path) if saved_path.is_file() else None
+        except (OSError, VocabError) as e:
+            raise UserError(f"--resume: {e}") from None
+        kind = {None: "gpt2", "char": "char", "tokenizers": "FILE"}[getattr(saved, "name", None)]
+        asked = None if args.tokenizer is None else \
+            ("FILE" if given is not None else args.tokenizer)
+        if asked is not None and (asked != kind or (given is not None and given != saved)):
+            raise UserError(f"--resume: the checkpoint's run used another vocabulary "
+                            f"(--tokenizer {kind if kind != 'FILE' else saved_path}), not "
+                            f"--tokenizer {args.tokenizer}")
+        return saved
+    if args.tokenizer in (None, "gpt2"):
+        return None
+    if args.model:
+        raise UserError(f"--tokenizer {args.tokenizer} makes a new vocabulary: train a new model "
+                        f"(--init), not --model, which has its own")
+    if given is not None:
+        return given
+    texts = []
+    try:
+        for path in expand_paths(specs + list(args.val_data or [])):
+            if detect_format(path) != "text":
+                raise UserError(f"{path}: --tokenizer char reads text files; this one is "
+                                f"tokens already")
+            try:
+                texts.append(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: not UTF-8 text (offset {e.start})") from None
+    except DataError as e:
+        raise UserError(str(e)) from None
+    if not any(texts):
+        raise UserError("--tokenizer char: the text files are empty")
+    return CharTokenizer.from_text("".join(texts))
 
 
 def _saved_n_ctx(ck_dir: Path) -> int | None:

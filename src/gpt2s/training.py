@@ -48,11 +48,13 @@ from .model import GPT2
 from .optim import clip_coefficient, grad_norm
 
 __all__ = ["RunConfig", "Resume", "setting", "TrainingDiverged", "RunFailed", "lr_at",
-           "effective_warmup", "train_batch", "eval_batch", "SingleProcess", "train_step",
+           "effective_warmup", "default_warmup", "DEFAULT_WARMUP", "train_batch", "eval_batch",
+           "SingleProcess", "train_step",
            "evaluate", "open_data", "open_run_dir", "start_over", "resume_differences",
            "resume_state", "save_run", "train_loop", "LoopEnd", "World"]
 
 STATE_FORMAT = "gpt2s-train"
+DEFAULT_WARMUP = 100   # the command line's warm-up, at most (default_warmup)
 WARMUP_CLAMP = 0.1   # a warm-up of --steps or more is cut to this fraction of the run
 
 
@@ -154,12 +156,15 @@ class RunConfig:
                               "Ctrl-C) only (default: %(default)s)", Resume.NOT_COMPARED, "N")
 
     @classmethod
-    def add_arguments(cls, parser):
-        """Add an option per field to an argparse parser, in field order."""
+    def add_arguments(cls, parser, **cli_defaults):
+        """Add an option per field to an argparse parser, in field order.  ``cli_defaults``:
+        field name -> (the option's default, its help) where the command line differs from
+        the field's default."""
         for f in fields(cls):
             m = f.metadata
-            parser.add_argument(m["flag"], dest=f.name, type=m["type"], default=f.default,
-                                metavar=m["metavar"], help=m["help"])
+            default, help = cli_defaults.get(f.name, (f.default, m["help"]))
+            parser.add_argument(m["flag"], dest=f.name, type=m["type"], default=default,
+                                metavar=m["metavar"], help=help)
 
     @classmethod
     def from_arguments(cls, args, **changes) -> RunConfig:
@@ -212,6 +217,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
     decay_steps = total - 1 - warmup   # the last step (total - 1) lands on the floor
     progress = min(1.0, (step - warmup) / decay_steps) if decay_steps > 0 else 1.0
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def default_warmup(steps: int) -> int:
+    """The warm-up of a run of ``steps`` steps whose warm-up was not given: WARMUP_CLAMP of the
+    run, at most DEFAULT_WARMUP steps (so a short run warms up briefly and still decays)."""
+    return min(DEFAULT_WARMUP, int(steps * WARMUP_CLAMP))
 
 
 def effective_warmup(warmup: int, steps: int) -> tuple[int, str | None]:
@@ -414,15 +425,16 @@ def resume_differences(saved: dict, run: RunConfig, identity: dict,
     return run_refused + id_refused, id_notes + run_notes
 
 
-def open_data(specs, val_specs, run: RunConfig):
+def open_data(specs, val_specs, run: RunConfig, tokenizer=None):
     """(train, val, description): the tokens of ``specs`` (paths and globs) to train on, and
     to validate on the files of ``val_specs``, else the last ``run.val_fraction`` of the
-    tokens, else (0) nothing (val None).  Raises gpt2s.data.DataError for a file that cannot
-    be read as tokens, or data too short for one window of ``run.seq_len`` tokens."""
+    tokens, else (0) nothing (val None); text is encoded with ``tokenizer`` (None: GPT-2's).
+    Raises gpt2s.data.DataError for a file that cannot be read as tokens, or data too short
+    for one window of ``run.seq_len`` tokens."""
     from .data import DataError, TokenData
-    data = TokenData(specs)
+    data = TokenData(specs, tokenizer=tokenizer)
     if val_specs:
-        train, val = data, TokenData(val_specs)
+        train, val = data, TokenData(val_specs, tokenizer=tokenizer)
     elif run.val_fraction > 0:
         train, val = data.split(run.val_fraction)
     else:
@@ -434,9 +446,9 @@ def open_data(specs, val_specs, run: RunConfig):
     if val is not None and len(val) < need:
         where = " ".join(val_specs) if val_specs else \
             f"the validation split (--val-fraction {run.val_fraction})"
-        raise DataError(f"{where}: {len(val):,} tokens, too few for one window of --seq-len "
-                        f"{run.seq_len}; lower --seq-len, raise --val-fraction, or pass "
-                        f"--val-fraction 0 to train without validation")
+        raise DataError(f"{where}: {len(val):,} token{'' if len(val) == 1 else 's'}, too few "
+                        f"for one window of --seq-len {run.seq_len}; lower --seq-len, raise "
+                        f"--val-fraction, or pass --val-fraction 0 to train without validation")
     return train, val, data.describe() if not val_specs else \
         f"{data.describe()}; validation {val.describe()}"
 

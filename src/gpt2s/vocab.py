@@ -1,0 +1,227 @@
+"""Vocabularies other than GPT-2's: a model trained with its own (``python -m gpt2s.train
+--tokenizer char``, nanoGPT's character-level Shakespeare) keeps it in ``vocab.json`` beside
+its ``model.safetensors``, and generate and eval use it from there.
+
+A model without ``vocab.json`` uses the GPT-2 tokenizer, and only when its vocabulary holds
+GPT-2's 50,257 tokens: a smaller one was not trained on GPT-2's tokens, so decoding it with
+them would print nonsense; it is refused instead.
+
+``CharTokenizer`` has the part of ``tiktoken.Encoding``'s interface that gpt2s's text
+functions use (``encode``, ``encode_ordinary``, ``decode``, ``decode_single_token_bytes``,
+``decode_with_offsets``, ``n_vocab``), so it can be passed wherever a ``tokenizer=`` is taken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .fs import atomic_write
+
+__all__ = ["CharTokenizer", "FileTokenizer", "VOCAB_FILE", "load_vocab", "tokenizer_for",
+           "VocabError"]
+
+VOCAB_FILE = "vocab.json"
+FORMAT = "gpt2s-vocab"
+
+
+class VocabError(ValueError):
+    """A vocabulary file gpt2s cannot use, or text it cannot encode (the message says which)."""
+
+
+class CharTokenizer:
+    """One token per character: the sorted distinct characters of the training text, as
+    nanoGPT's shakespeare_char prepares them.  It has no end-of-text token."""
+
+    name = "char"
+    eot_id = None
+
+    def __init__(self, chars: str):
+        if not isinstance(chars, str) or not chars:
+            raise VocabError("a character vocabulary needs at least one character")
+        if len(set(chars)) != len(chars):
+            raise VocabError("a character vocabulary lists a character twice")
+        self.chars = chars
+        self._ids = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.chars)
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        ids = self._ids
+        try:
+            return [ids[c] for c in text]
+        except KeyError:
+            bad = next(c for c in text if c not in ids)
+            raise VocabError(f"the text has {bad!r} (at offset {text.index(bad)}), which is not "
+                             f"in the model's character vocabulary of {self.n_vocab}") from None
+
+    def encode(self, text: str, allowed_special=(), disallowed_special=()) -> list[int]:
+        return self.encode_ordinary(text)
+
+    def decode(self, ids, errors: str = "replace") -> str:
+        chars = self.chars
+        return "".join(chars[i] if 0 <= i < len(chars) else "\ufffd" for i in map(int, ids))
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        return self.decode([token]).encode("utf-8")
+
+    def decode_with_offsets(self, ids) -> tuple[str, list[int]]:
+        return self.decode(ids), list(range(len(ids)))
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "type": "char", "chars": self.chars}
+
+    def save(self, path) -> Path:
+        """Write the vocabulary as JSON (all-or-nothing: fs.atomic_write)."""
+        text = (json.dumps(self.to_dict(), ensure_ascii=True) + "\n").encode()
+        atomic_write(Path(path), lambda f: f.write(text))
+        return Path(path)
+
+    def __eq__(self, other):
+        return isinstance(other, CharTokenizer) and other.chars == self.chars
+
+    def __repr__(self):
+        return f"CharTokenizer(n_vocab={self.n_vocab})"
+
+
+def _byte_decoder() -> dict:
+    """GPT-2's byte-level alphabet (the printable character standing for each byte, as
+    byte-level BPE tokenizers spell their tokens) back to the bytes."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) \
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    table, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + n)] = b
+            n += 1
+    return table
+
+
+class FileTokenizer:
+    """A Hugging Face ``tokenizers`` tokenizer (a tokenizer.json, e.g. a byte-level BPE trained
+    on your text), with the interface gpt2s's text functions use.  Needs the ``tokenizers``
+    package.  Its end-of-text token is ``<|endoftext|>`` (or ``</s>``, ``<eos>``) when the
+    vocabulary has one."""
+
+    name = "tokenizers"
+
+    def __init__(self, spec: str, source: str = "tokenizer.json"):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise VocabError(f"{source}: reading a tokenizer.json needs the tokenizers package "
+                             f"(pip install tokenizers)") from None
+        try:
+            self.tk = Tokenizer.from_str(spec)
+        except Exception as e:      # the library's own exception type
+            raise VocabError(f"{source}: not a tokenizers tokenizer.json ({e})") from None
+        self.spec = spec
+        self.n_vocab = self.tk.get_vocab_size(with_added_tokens=True)
+        self.eot_id = next((i for i in (self.tk.token_to_id(t) for t in
+                                        ("<|endoftext|>", "</s>", "<eos>")) if i is not None),
+                           None)
+        decoder = json.loads(spec).get("decoder") or {}
+        self._bytes = _byte_decoder() if decoder.get("type") == "ByteLevel" else None
+
+    @classmethod
+    def from_file(cls, path) -> "FileTokenizer":
+        path = Path(path)
+        try:
+            spec = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise VocabError(f"{path}: not a tokenizer.json (not UTF-8)") from None
+        return cls(spec, str(path))
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text: str, allowed_special=(), disallowed_special=()) -> list[int]:
+        return self.encode_ordinary(text)
+
+    def decode(self, ids, errors: str = "replace") -> str:
+        return self.tk.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def decode_single_token_bytes(self, token: int) -> bytes:
+        piece = self.tk.id_to_token(int(token))
+        if piece is None:
+            return "\ufffd".encode()
+        if self._bytes is not None and all(c in self._bytes for c in piece):
+            return bytes(self._bytes[c] for c in piece)
+        return self.decode([token]).encode("utf-8")
+
+    def decode_with_offsets(self, ids) -> tuple[str, list[int]]:
+        offsets, data = [], b""
+        for i in ids:
+            offsets.append(len(data.decode("utf-8", errors="ignore")))
+            data += self.decode_single_token_bytes(i)
+        return data.decode("utf-8", errors="replace"), offsets
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "type": "tokenizers", "tokenizer": json.loads(self.spec)}
+
+    def save(self, path) -> Path:
+        text = (json.dumps(self.to_dict(), ensure_ascii=True) + "\n").encode()
+        atomic_write(Path(path), lambda f: f.write(text))
+        return Path(path)
+
+    def __eq__(self, other):
+        return isinstance(other, FileTokenizer) and other.to_dict() == self.to_dict()
+
+    def __repr__(self):
+        return f"FileTokenizer(n_vocab={self.n_vocab})"
+
+
+def load_vocab(path):
+    """The tokenizer a vocab.json describes: a CharTokenizer or a FileTokenizer."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise VocabError(f"{path}: not a gpt2s vocabulary (not JSON: {e})") from None
+    if isinstance(d, dict) and d.get("format") == FORMAT and d.get("type") == "tokenizers" \
+            and isinstance(d.get("tokenizer"), dict):
+        return FileTokenizer(json.dumps(d["tokenizer"]), str(path))
+    if not isinstance(d, dict) or d.get("format") != FORMAT or d.get("type") != "char" \
+            or not isinstance(d.get("chars"), str):
+        raise VocabError(f"{path}: not a gpt2s character vocabulary (expected "
+                         f'{{"format": "{FORMAT}", "type": "char", "chars": "..."}})')
+    try:
+        return CharTokenizer(d["chars"])
+    except VocabError as e:
+        raise VocabError(f"{path}: {e}") from None
+
+
+def vocab_path(model_path) -> Path:
+    """Where a model's vocab.json is: beside its model.safetensors (a directory's, or the
+    file's own directory)."""
+    p = Path(model_path)
+    return (p if p.is_dir() else p.parent) / VOCAB_FILE
+
+
+def tokenizer_for(model_path, config=None):
+    """The tokenizer of the model at model_path: its vocab.json when it has one, else GPT-2's.
+    With ``config``, a model without vocab.json whose vocabulary is smaller than GPT-2's is
+    refused (its ids are not GPT-2's tokens)."""
+    from .tokenizer import N_VOCAB, get_tokenizer
+    vp = vocab_path(model_path)
+    if vp.is_file():
+        enc = load_vocab(vp)
+        if config is not None and config.vocab_size < enc.n_vocab:
+            raise VocabError(f"{vp}: {enc.n_vocab} tokens, more than the model's vocab_size "
+                             f"{config.vocab_size}")
+        return enc
+    if config is not None and config.vocab_size < N_VOCAB:
+        raise VocabError(f"{os.fspath(model_path)}: the model's vocabulary has "
+                         f"{config.vocab_size} tokens, not GPT-2's {N_VOCAB}, and there is no "
+                         f"{VOCAB_FILE} beside it to decode them with (a model trained with "
+                         f"--tokenizer char keeps one in its run directory)")
+    return get_tokenizer()
