@@ -5,7 +5,7 @@ the type's kernels forced to each instruction-set variant this CPU runs (x86-64-
 
     python benchmarks/decode_variants.py [--dtypes int8 bfloat16] [--batch 1 8] [--new 64]
                                          [--rounds 7] [--threads 2] [--variants x86-64-v3 avx512]
-                                         [--json out.json]
+                                         [--clock cpu] [--json out.json]
 
 Each generation is a prompt of --prompt tokens (one prefill call) and --new tokens; the rate
 is batch * new / seconds of the whole call (the short prefill included).  The variants of one
@@ -13,13 +13,15 @@ is batch * new / seconds of the whole call (the short prefill included).  The va
 reported with min-max.  The greedy tokens of every variant are compared with the first's (on
 random weights a near-tie may flip a token; the count is printed, not asserted).  Benchmarks
 are not tests: nothing here asserts anything about time.  On a shared machine the figures are
-noisy: repeat, and compare only the variants of one run.
+noisy: repeat, and compare only the variants of one run; ``--clock cpu --threads 1`` times
+with the process's CPU time (what one core sustains, robust to neighbours taking the CPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +41,15 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+",
                     help="variants to compare (default: every one this CPU runs but portable)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     gpt2s.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     info = machine_description(Path(__file__).resolve().parent.parent)
     print(f"CPU: {info.get('cpu')}  flags: {' '.join(info.get('isa', []))}  "
-          f"threads {args.threads}; instruction-set levels: {', '.join(_core.cpu_variants())}")
+          f"threads {args.threads}, clock {args.clock}; instruction-set levels: "
+          f"{', '.join(_core.cpu_variants())}")
     base = GPT2.from_config(GPT2Config.preset("gpt2"), seed=0)
     rng = np.random.default_rng(0)
     rows = []
@@ -66,7 +71,8 @@ def main(argv=None):
                         _core.set_kernel_variant(dtype, prev)
                 return go
 
-            timed = run_alternating({v: run(v) for v in variants}, args.rounds, warmup=1)
+            timed = run_alternating({v: run(v) for v in variants}, args.rounds, warmup=1,
+                                    clock=clock)
             first = toks[variants[0]]
             for v in variants:
                 r = timed[v]
@@ -80,8 +86,8 @@ def main(argv=None):
                       f"{same:5d}/{np.asarray(first).size:<5d}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "threads": args.threads, "new": args.new,
-                       "prompt": args.prompt, "rows": rows}, f, indent=1)
+            json.dump({"machine": info, "threads": args.threads, "clock": args.clock,
+                       "new": args.new, "prompt": args.prompt, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

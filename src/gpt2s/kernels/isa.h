@@ -48,9 +48,15 @@ static const char *const gpt2s_isa_names[GPT2S_NISA] = {
 #define GPT2S_HAVE_X86_64_V3 0
 #endif
 
-/* The AVX-VNNI and AVX-512 levels need a compiler that knows their target names (GCC 11,
-   clang 12); the variant functions are compiled for them whatever the build machine is. */
-#if GPT2S_HAVE_X86_64_V3 && ((defined(__clang__) && __clang_major__ >= 12) \
+/* The AVX-VNNI and AVX-512 levels need a compiler that knows their target names and CPUID
+   features (GCC 11, LLVM clang 13, Apple clang 14); the variant functions are compiled for
+   them whatever the build machine is. */
+#if defined(__apple_build_version__)
+#define GPT2S_CLANG_AVXVNNI (__clang_major__ >= 14)
+#elif defined(__clang__)
+#define GPT2S_CLANG_AVXVNNI (__clang_major__ >= 13)
+#endif
+#if GPT2S_HAVE_X86_64_V3 && ((defined(__clang__) && GPT2S_CLANG_AVXVNNI) \
                              || (!defined(__clang__) && __GNUC__ >= 11)) \
     && !defined(GPT2S_NO_AVX512)
 #define GPT2S_HAVE_AVX512 1
