@@ -181,7 +181,7 @@ examples:
                    help="evaluate only the first N tokens of the data (default: all)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="weight storage to evaluate: measure what bfloat16, int8 or int4 "
-                        "weights cost in loss (default: float32)")
+                        "weights cost in loss (default: the file's own storage)")
     add_threads_option(p)
     p.add_argument("--json", action="store_true",
                    help="print the result as one JSON object on stdout")
@@ -219,9 +219,8 @@ def _run(args, out, err) -> int:
     if args.max_tokens is not None and args.max_tokens < len(data):
         data = data.subset(0, args.max_tokens)
     try:
-        # dtype None: the weights as stored once model files can hold packed weights; today
-        # every file is read into float32, as GPT2.from_pretrained does
-        model = gpt2s.GPT2.from_safetensors(path, dtype=args.dtype or "float32")
+        # dtype None: the weights as the file stores them (float32, bfloat16 or packed)
+        model = gpt2s.GPT2.from_safetensors(path, dtype=args.dtype)
     except (FileNotFoundError, SafetensorsError, ValueError) as e:
         raise _UserError(str(e)) from None
     cfg = model.config
