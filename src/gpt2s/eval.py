@@ -210,7 +210,7 @@ def _run(args, out, err) -> int:
     try:
         path = find_model(args.model)
         model = gpt2s.GPT2.from_safetensors(path)
-    except (FileNotFoundError, SafetensorsError, ValueError) as e:
+    except (FileNotFoundError, SafetensorsError, ValueError, ImportError) as e:
         raise _UserError(str(e)) from None
     cfg = model.config
     if args.seq_len is not None and args.seq_len > cfg.n_ctx:

@@ -224,6 +224,10 @@ def _config(gguf, reader, path, tensors: dict) -> GPT2Config:
     n_head = _field(gguf, reader, path, "gpt2.attention.head_count", int)
     eps = _field(gguf, reader, path, "gpt2.attention.layer_norm_epsilon", float)
     n_inner = _field(gguf, reader, path, "gpt2.feed_forward_length", int, required=False)
+    if reader.get_field("gpt2.attention.layer_norm_epsilon").types == \
+            [gguf.GGUFValueType.FLOAT32]:
+        # GGUF keeps it as a float32: its shortest decimal (1e-05, not 9.9999997e-06)
+        eps = float(np.format_float_positional(np.float32(eps), unique=True))
     embd = tensors.get("token_embd.weight")
     if embd is None:
         raise GGUFError(f"{path}: missing tensor 'token_embd.weight' (the token embedding)")
