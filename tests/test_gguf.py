@@ -2,7 +2,8 @@
 
 Files are written here with the gguf package itself, laid out as llama.cpp's
 convert_hf_to_gguf.py lays out a GPT-2 (the Conv1D weights transposed to ggml's (out, in)
-rows, the tied head written again as ``output``, 1-D tensors and position_embd in F32, the
+rows, no ``output`` for the tied head (older converters wrote a copy of ``token_embd``
+there; both are read), 1-D tensors and position_embd in F32, the
 block types quantized by the gguf package), then loaded:
 
 - F32: logits equal to the source model's bit for bit;
@@ -66,14 +67,15 @@ def conv1d(name: str) -> bool:
 
 # ------------------------------------------------------------------ the converter's layout
 
-def converted_tensors(model: GPT2) -> dict:
+def converted_tensors(model: GPT2, copy_head: bool = False) -> dict:
     """{ggml name: float32 array in ggml's numpy order} as convert_hf_to_gguf.py makes them
-    for GPT-2: Conv1D weights transposed, the tied head copied as "output"."""
+    for GPT-2: Conv1D weights transposed; copy_head: the tied head copied as "output" (as
+    older converters did)."""
     out = {}
     for name, w in model.params.items():
         w = np.asarray(w, np.float32)
         out[ggml_name(name)] = np.ascontiguousarray(w.T if conv1d(name) else w)
-    if model.config.tie_word_embeddings:
+    if model.config.tie_word_embeddings and copy_head:
         out["output.weight"] = out["token_embd.weight"]
     return out
 
@@ -126,8 +128,8 @@ def write_gguf(path, config: GPT2Config, tensors: dict, types: dict, *, arch="gp
     return path
 
 
-def write_converted(path, model: GPT2, kind, **kw):
-    tensors = converted_tensors(model)
+def write_converted(path, model: GPT2, kind, copy_head=False, **kw):
+    tensors = converted_tensors(model, copy_head)
     types = {g: store_type(g, a, kind) for g, a in tensors.items()}
     return write_gguf(path, model.config, tensors, types, **kw)
 
@@ -181,10 +183,11 @@ def idx(model, make_batch):
 
 # ------------------------------------------------------------------ loading converted files
 
-def test_f32_loads_bit_for_bit(model, idx, tmp_path):
-    p = write_converted(tmp_path / "m-f32.gguf", model, T.F32)
+@pytest.mark.parametrize("copy_head", [False, True])
+def test_f32_loads_bit_for_bit(model, idx, tmp_path, copy_head):
+    p = write_converted(tmp_path / "m-f32.gguf", model, T.F32, copy_head)
     m = GPT2.from_gguf(p)
-    assert m.dtype == "float32" and m.config == model.config
+    assert m.dtype == "float32" and m.config == model.config   # tied either way
     for name, w in model.params.items():
         np.testing.assert_array_equal(m.params[name], w, err_msg=name)
     np.testing.assert_array_equal(m.forward(idx)[0], model.forward(idx)[0])
@@ -225,7 +228,7 @@ def test_bf16_loads_as_bfloat16_exactly(model, idx, tmp_path):
 
 @pytest.mark.parametrize("kind,dtype", [(T.Q8_0, "int8"), (T.Q4_0, "int4")])
 def test_blocks_load_as_our_type_without_requantizing(model, idx, tmp_path, kind, dtype):
-    p = write_converted(tmp_path / f"m-{kind.name}.gguf", model, kind)
+    p = write_converted(tmp_path / f"m-{kind.name}.gguf", model, kind, copy_head=True)
     reader = gguf.GGUFReader(p)
     raw = {t.name: t for t in reader.tensors}
     values = {}
@@ -252,7 +255,7 @@ def test_blocks_load_as_our_type_without_requantizing(model, idx, tmp_path, kind
 def test_untied_output_of_another_type(model, idx, tmp_path):
     """llama-quantize's Q4_0 keeps the head in another type (Q6_K there; Q5_0 here, which the
     gguf package quantizes): an untied lm_head, widened with the gguf package."""
-    tensors = converted_tensors(model)
+    tensors = converted_tensors(model, copy_head=True)
     types = {g: store_type(g, a, T.Q4_0) for g, a in tensors.items()}
     types["output.weight"] = T.Q5_0
     p = write_gguf(tmp_path / "mixed.gguf", model.config, tensors, types)
@@ -341,9 +344,9 @@ def test_export_layout_and_tokenizer(tiny, exports):
     assert [int(d) for d in t["blk.0.attn_qkv.weight"].shape] == [C, 3 * C]
     assert [int(d) for d in t["blk.1.ffn_down.weight"].shape] == [4 * C, C]
     assert [int(d) for d in t["token_embd.weight"].shape] == [C, 50257]
-    assert t["token_embd.weight"].tensor_type == T.Q8_0 == t["output.weight"].tensor_type
+    assert t["token_embd.weight"].tensor_type == T.Q8_0 and "output.weight" not in t
     assert t["position_embd.weight"].tensor_type == T.F32 == t["blk.0.attn_norm.bias"].tensor_type
-    assert len(t) == 4 + 12 * cfg.n_layer + 1
+    assert len(t) == 4 + 12 * cfg.n_layer
 
 
 @pytest.mark.parametrize("dtype,kind", [("float32", T.F32), ("float16", T.F16),

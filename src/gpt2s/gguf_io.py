@@ -5,8 +5,9 @@ Reading (`GPT2.from_gguf`, and `GPT2.from_pretrained` / ``--model`` given a ``.g
 takes a GPT-2 GGUF laid out as llama.cpp's ``convert_hf_to_gguf.py`` writes it: architecture
 ``gpt2``, the sizes in ``gpt2.*`` keys, tensors ``token_embd``, ``position_embd``,
 ``blk.N.{attn_norm, attn_qkv, attn_output, ffn_norm, ffn_up, ffn_down}`` (weights and biases),
-``output_norm`` and ``output`` (the head: the converter writes a copy of ``token_embd``; one
-whose bytes equal ``token_embd``'s is the tied head, another an untied ``lm_head``).  GGUF
+``output_norm`` and, optionally, ``output`` (the head: absent, as the converter writes a
+tied GPT-2, or with the same type and bytes as ``token_embd``, it is the tied head; otherwise
+an untied ``lm_head``).  GGUF
 keeps ggml's ``(out, in)`` rows for the matmul weights; gpt2s's float32 and bfloat16 weights
 are Conv1D ``(in, out)`` (transposed while loading), while its int8 and int4 types keep
 output-major rows with blocks of 32 along the input, GGUF's order.
@@ -558,10 +559,8 @@ def save_gguf(path, params: dict, config: GPT2Config, storage: str) -> Path:
         g = gguf_name(name)
         k = kind if _wt.is_compressed(name) else "F32"
         data, raw_shape, raw_dtype = _tensor(gguf, name, p, k)
+        # a tied head is token_embd itself (no "output", as llama.cpp's converter writes it)
         w.add_tensor(g, data, raw_shape=raw_shape, raw_dtype=raw_dtype)
-        if name == "wte.weight" and config.tie_word_embeddings:
-            # llama.cpp's converter writes the tied head as its own copy, "output"
-            w.add_tensor("output.weight", data, raw_shape=raw_shape, raw_dtype=raw_dtype)
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
 
