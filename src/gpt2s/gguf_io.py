@@ -325,11 +325,8 @@ def _dequantizable(gguf, kind) -> bool:
     T = gguf.GGMLQuantizationType
     if kind in (T.F64, T.I8, T.I16, T.I32, T.I64):
         return False
-    try:
-        from gguf import quants
-        return kind in quants._type_traits   # the block types it dequantizes
-    except Exception:
-        return kind in (T.Q8_0, T.Q4_0)
+    # a block type; one the gguf package cannot dequantize is refused when it is read
+    return kind in gguf.GGML_QUANT_SIZES
 
 
 def _floats(gguf, path, g: str, t) -> np.ndarray:
@@ -502,8 +499,9 @@ def _tensor(gguf, name: str, w, kind: str):
         return np.ascontiguousarray(values, "<f4"), None, None
     if kind == "F16":
         return np.ascontiguousarray(values, "<f2"), None, None
-    from .weights import _encode   # BF16, rounded to nearest even as save_safetensors does
-    bits = _encode(np.ascontiguousarray(values), "BF16")
+    # BF16: the top 16 bits of each float32, rounded to nearest even (as save_safetensors)
+    bits = np.ascontiguousarray(values, "<f4").view(np.uint32)
+    bits = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))) >> 16).astype("<u2")
     return bits.view(np.uint8), None, T.BF16
 
 
