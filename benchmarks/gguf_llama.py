@@ -7,12 +7,14 @@ random GPT-2 itself.
     loaded with ``GPT2.from_gguf`` in the file's own storage) against gpt2s on the original
     safetensors: the greedy continuation (64 tokens) of a 16-token prompt, position by
     position, against float32 and against gpt2s's own quantization of the safetensors to the
-    same storage; and whether the stored blocks are the same bytes.
+    same storage; whether the stored blocks are the same bytes; and llama-completion's own
+    greedy tokens on the same file against gpt2s's.
 (b) llama.cpp on GGUF files gpt2s exported (``save_gguf``, float32 / bfloat16 / int8 / int4):
     teacher-forced, llama.cpp's logits (benchmarks/llama_logits.cpp) for the prompt followed by
     gpt2s's 64 greedy tokens: its argmax at each step must be gpt2s's next token (then greedy
     decoding in llama.cpp produces the same 64 tokens, step by step); and
-    ``llama-completion --temp 0`` run on the file, its text compared with gpt2s's.
+    ``llama-completion --temp 0 --no-repack`` run on the file, its text compared with gpt2s's
+    (--no-repack: this build's repacked quantized CPU path dies of SIGILL here).
 
     python benchmarks/gguf_llama.py [--anchors /tmp/anchors] [--json out.json]
 """
@@ -62,12 +64,13 @@ def run_completion(bin_dir: Path, gguf: Path, tmp: Path, threads: int) -> str:
     prompt.write_text(PROMPT16)
     p = subprocess.run([str(bin_dir / "llama-completion"), "-m", str(gguf), "-f", str(prompt),
                         "-n", str(NEW), "-t", str(threads), "-tb", str(threads), "--temp", "0",
-                        "--ignore-eos", "-no-cnv", "-c", "256"],
+                        "--ignore-eos", "-no-cnv", "-c", "256", "--no-repack"],
                        capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
     if p.returncode != 0:
         raise RuntimeError(f"llama-completion on {gguf} failed:\n{p.stderr[-3000:]}")
     text = p.stdout
-    return text[text.find(PROMPT16) + len(PROMPT16):] if PROMPT16 in text else text
+    text = text[text.find(PROMPT16) + len(PROMPT16):] if PROMPT16 in text else text
+    return text.removesuffix("\n\n")   # (llama-completion ends its output with two newlines)
 
 
 def main(argv=None) -> int:
@@ -134,13 +137,24 @@ def main(argv=None) -> int:
         want = src.forward(np.array([ids + ref_tokens["float32"]]))[0][0]
         r["logits_rel_l2_vs_float32"] = float(np.linalg.norm(logits - want)
                                               / np.linalg.norm(want))
+        if have_llama:   # llama.cpp's own greedy tokens on the same file
+            with tempfile.TemporaryDirectory() as d:
+                try:
+                    text = run_completion(bin_dir, path, Path(d), args.threads)
+                    r["llama_completion_same_file"] = matches(
+                        enc.encode(text, allowed_special="all"), toks)
+                except RuntimeError as e:
+                    r["llama_completion_error"] = str(e)[-800:]
         results["a_gpt2s_on_llama_gguf"][tag] = r
         print(f"(a) {tag:9s} as {m.dtype:8s}: vs float32 {r['vs_float32']}"
               + (f"; vs gpt2s {m.dtype} {r[f'vs_gpt2s_{m.dtype}']}; stored blocks identical "
                  f"{r['stored_tensors_identical_to_gpt2s_quantization']} (codes equal "
                  f"{r['stored_bytes_equal_fraction']:.4f}, scales "
                  f"{r['scales_equal_fraction'] or 0:.4f})"
-                 if m.dtype != "float32" else ""), flush=True)
+                 if m.dtype != "float32" else "")
+              + f"; llama-completion on the same file vs gpt2s on it "
+                f"{r.get('llama_completion_same_file', r.get('llama_completion_error'))}",
+              flush=True)
 
     # (b) llama.cpp on gpt2s's exports
     if not have_llama:
