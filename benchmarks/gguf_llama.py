@@ -31,10 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from vs_llama_cpp import PROMPT16, compile_llama_logits, machine_info   # noqa: E402
+from vs_llama_cpp import PROMPT16, compile_llama_logits, machine_info
 
 NEW = 64
 LLAMA_FILES = {"f32": "float32", "f16": "float32", "bf16": "bfloat16", "q8_0": "int8",
