@@ -142,6 +142,13 @@ def main(argv=None) -> int:
                         enc.encode(text, allowed_special="all"), toks)
                 except RuntimeError as e:
                     r["llama_completion_error"] = str(e)[-800:]
+            if m.dtype != "float32" and "llama_completion_same_file" in r:
+                # the file's values widened exactly (a tensor of another block type, like
+                # llama-quantize's Q6_K token_embd in its Q4_0 files, is not quantized again)
+                f = GPT2.from_gguf(path, dtype="float32")
+                r["float32_widened_vs_llama_completion"] = matches(
+                    enc.encode(text, allowed_special="all"), greedy(f, ids))
+                del f
         results["a_gpt2s_on_llama_gguf"][tag] = r
         print(f"(a) {tag:9s} as {m.dtype:8s}: vs float32 {r['vs_float32']}"
               + (f"; vs gpt2s {m.dtype} {r[f'vs_gpt2s_{m.dtype}']}; stored blocks identical "
@@ -150,8 +157,10 @@ def main(argv=None) -> int:
                  f"{r['scales_equal_fraction'] or 0:.4f})"
                  if m.dtype != "float32" else "")
               + f"; llama-completion on the same file vs gpt2s on it "
-                f"{r.get('llama_completion_same_file', r.get('llama_completion_error'))}",
-              flush=True)
+                f"{r.get('llama_completion_same_file', r.get('llama_completion_error'))}"
+              + (f"; loaded as float32 (widened exactly) vs llama-completion "
+                 f"{r['float32_widened_vs_llama_completion']}"
+                 if "float32_widened_vs_llama_completion" in r else ""), flush=True)
 
     # (b) llama.cpp on gpt2s's exports
     if not have_llama:
