@@ -213,6 +213,12 @@ def main(argv=None) -> int:
             if text != mine_text:
                 r["llama_completion_text"] = text
                 r["gpt2s_text"] = mine_text
+                # gpt2s's margin where llama.cpp left its tokens: a near-tie, or a real error?
+                at = r["llama_completion_tokens"]["common_prefix"]
+                if at < len(toks):
+                    lg = m.forward(np.array([ids + toks[:at]]))[0][0, -1]
+                    top2 = np.sort(lg)[-2:]
+                    r["gpt2s_top1_top2_gap_at_divergence"] = float(top2[1] - top2[0])
             results["b_llama_on_gpt2s_gguf"][dt] = r
             print(f"(b) gpt2s {dt:8s} export: llama.cpp teacher-forced argmax "
                   f"{r.get('teacher_forced_argmax')}, logits rel L2 "
