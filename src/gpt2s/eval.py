@@ -219,9 +219,10 @@ def _run(args, out, err) -> int:
     if args.max_tokens is not None and args.max_tokens < len(data):
         data = data.subset(0, args.max_tokens)
     try:
-        # dtype None: the weights as the file stores them (float32, bfloat16 or packed)
+        # dtype None: the weights as the file stores them (float32, bfloat16, packed or
+        # a GGUF file's own block type)
         model = gpt2s.GPT2.from_safetensors(path, dtype=args.dtype)
-    except (FileNotFoundError, SafetensorsError, ValueError) as e:
+    except (FileNotFoundError, SafetensorsError, ValueError, ImportError) as e:
         raise _UserError(str(e)) from None
     cfg = model.config
     if enc is None and any(s.kind == "text" for s in data.sources):

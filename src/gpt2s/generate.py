@@ -222,7 +222,7 @@ def _run(args, out, err) -> int:
         path = find_model(args.model)
         t0 = time.perf_counter()
         model = gpt2s.GPT2.from_safetensors(path, dtype=args.dtype)
-    except (FileNotFoundError, SafetensorsError, ValueError) as e:
+    except (FileNotFoundError, SafetensorsError, ValueError, ImportError) as e:
         raise _UserError(str(e)) from None
     load_s = time.perf_counter() - t0
     try:

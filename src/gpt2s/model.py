@@ -167,8 +167,45 @@ class GPT2:
             >>> GPT2.from_safetensors(d).config.n_layer
             2
         """
+        from . import gguf_io
+        if gguf_io.is_gguf(path):   # a .gguf file: GPT2.from_gguf
+            return cls.from_gguf(path, dtype, progress=progress)
         m = cls.__new__(cls)
         m._setup(_weights.load_parameters(path, dtype, mmap=mmap, progress=progress))
+        return m
+
+    @classmethod
+    def from_gguf(cls, path, dtype: str | None = None, *, progress=None) -> "GPT2":
+        """Load a GPT-2 GGUF file (llama.cpp's layout, as its convert_hf_to_gguf.py writes
+        it) through the ``gguf`` package (the ``gguf`` extra).
+
+        F32, F16 and BF16 tensors are read exactly; Q8_0 and Q4_0 blocks are gpt2s's int8 and
+        int4 numbers and load as those types block for block (repacked, never quantized
+        again); other ggml block types are widened with the gguf package and converted.  A
+        file's ``output`` head whose bytes equal ``token_embd``'s is the tied head, another
+        one an untied ``lm_head``.  ``from_safetensors`` and ``from_pretrained`` load a
+        ``.gguf`` path through this method.  See docs/checkpoints.md, "GGUF".
+
+        Args:
+            path: a ``.gguf`` file.
+            dtype: None: the storage that holds the file's block weights as they are (Q8_0:
+                "int8", Q4_0: "int4", BF16: "bfloat16", else "float32"); or any gpt2s dtype.
+            progress: called as ``progress(done, total)`` after each tensor.
+
+        Returns:
+            a new `GPT2`.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ModuleNotFoundError: the gguf package is not installed.
+            gpt2s.gguf_io.GGUFError: not a GGUF file gpt2s can use (the message names the file
+                and the key or tensor: another architecture, a missing or unexpected tensor,
+                a wrong shape, a type gpt2s does not read, another tokenizer).
+            SafetensorsError: a NaN or infinite weight or block scale (named).
+        """
+        from . import gguf_io
+        m = cls.__new__(cls)
+        m._setup(gguf_io.load_parameters(path, dtype, progress=progress))
         return m
 
     @classmethod
@@ -526,6 +563,31 @@ class GPT2:
             return _weights.save_safetensors(path, self.params, self.config,
                                              dtype=dtype or "float32")
         return _weights.save_safetensors(path, self.params, self.config, storage=storage)
+
+    def save_gguf(self, path, dtype: str | None = None):
+        """Save the model as a GPT-2 GGUF file that llama.cpp runs (its layout and GPT-2's
+        tokenizer metadata), through the ``gguf`` package (the ``gguf`` extra).  Written to a
+        temporary name and renamed.
+
+        Args:
+            path: the file to write (conventionally ``*.gguf``).
+            dtype: None (the model's storage: float32 as F32, bfloat16 as BF16, int8 as Q8_0,
+                int4 as Q4_0, the blocks as they are), or "float32", "float16", "bfloat16",
+                "int8", "int4" (converted one tensor at a time).  Biases, layernorms and the
+                position embedding are always F32.
+
+        Returns:
+            the path written (a `pathlib.Path`).
+
+        Raises:
+            ValueError: an unknown dtype, or a model llama.cpp's GPT-2 cannot run (a
+                vocabulary smaller than GPT-2's, another activation, n_embd not a multiple
+                of 32 for Q8_0/Q4_0).
+            ModuleNotFoundError: the gguf package is not installed.
+        """
+        from . import gguf_io
+        return gguf_io.save_gguf(path, self.params, self.config,
+                                 self.dtype if dtype is None else dtype)
 
     # ------------------------------------------------------------------ generation
     # The decoding loop, sampling and text helpers live in generation.py; these are the

@@ -46,6 +46,7 @@ examples:
   {PROG} gpt2 gpt2-int8 --dtype int8
   {PROG} runs/mini runs/mini-int4 --dtype int4
   {PROG} gpt2-int8 gpt2-f32 --dtype float32
+  {PROG} gpt2 gpt2-q8_0.gguf --dtype int8     # a GGUF for llama.cpp
   python -m gpt2s.generate --model gpt2-int8 "Hello"
 """)
     p.add_argument("input", metavar="IN",
@@ -53,8 +54,10 @@ examples:
                         "(+ config.json), or a name: demo, gpt2, gpt2-medium, gpt2-large, "
                         "gpt2-xl (as generate's --model)")
     p.add_argument("output", metavar="OUT",
-                   help="the directory to write (model.safetensors, config.json); it must not "
-                        "exist unless --force")
+                   help="the directory to write (model.safetensors, config.json), or a file "
+                        "ending in .gguf (a GGUF llama.cpp runs: int8 as Q8_0, int4 as Q4_0, "
+                        "bfloat16 as BF16, float32 as F32; needs the gguf package); it must "
+                        "not exist unless --force")
     p.add_argument("--dtype", required=True, choices=DTYPES,
                    help="the weight storage to save")
     p.add_argument("--force", action="store_true",
@@ -71,6 +74,12 @@ def quantize(src, out, dtype: str, *, force: bool = False, progress=None) -> Pat
     out."""
     from .model import GPT2
     out = Path(out)
+    if out.suffix.lower() == ".gguf":   # a GGUF file (gpt2s.gguf_io), written atomically
+        if out.exists() and not force:
+            raise FileExistsError(f"{out} exists; choose a new name, or --force replaces it")
+        if out.is_dir():
+            raise IsADirectoryError(f"{out}: is a directory")
+        return GPT2.from_safetensors(src, dtype=dtype, progress=progress).save_gguf(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; choose a new directory, or --force replaces it")
     if out.exists() and not out.is_dir():
@@ -104,6 +113,7 @@ def _size(n: int) -> str:
 
 def _run(args, out, err) -> int:
     import gpt2s
+    from .gguf_io import is_gguf
     from .weights import SafetensorsError, file_storage, resolve_model_path
 
     try:
@@ -112,14 +122,16 @@ def _run(args, out, err) -> int:
     except (TypeError, ValueError) as e:
         raise UserError(f"--threads {str(e).removeprefix('set_num_threads: n ')}") from None
     dest = Path(args.output)
+    to_gguf = dest.suffix.lower() == ".gguf"
     if dest.exists() and not args.force:
-        raise UserError(f"{dest} exists; choose a new directory, or --force replaces it")
-    if dest.exists() and not dest.is_dir():
-        raise UserError(f"{dest}: exists and is not a directory")
+        raise UserError(f"{dest} exists; choose a new {'name' if to_gguf else 'directory'}, "
+                        f"or --force replaces it")
+    if dest.exists() and dest.is_dir() == to_gguf:
+        raise UserError(f"{dest}: exists and is {'a' if to_gguf else 'not a'} directory")
     try:
         path = find_model(args.input)
         src_file, _ = resolve_model_path(path)
-        src_storage = file_storage(src_file)
+        src_storage = "GGUF" if is_gguf(src_file) else file_storage(src_file)
     except (FileNotFoundError, ModelNotFound, SafetensorsError, ValueError) as e:
         # (find_model names the source as generate's option)
         raise UserError(str(e).removeprefix("--model ")) from None
@@ -131,11 +143,11 @@ def _run(args, out, err) -> int:
 
     try:
         quantize(path, dest, args.dtype, force=args.force, progress=progress)
-    except (SafetensorsError, ValueError) as e:
+    except (SafetensorsError, ValueError, ImportError) as e:
         raise UserError(str(e)) from None
     finally:
         bar.close()
-    written = dest / "model.safetensors"
+    written = dest if to_gguf else dest / "model.safetensors"
     stored = f" {src_storage}" if src_storage != "float32" else ""   # a gpt2s save's type
     print(f"{written}: {args.dtype}, {_size(written.stat().st_size)} (from {src_file}:"
           f"{stored} {_size(src_file.stat().st_size)})", file=out)
