@@ -90,6 +90,19 @@ def _first_unreadable(value, field: str = ""):
     return None
 
 
+def read_config_json(path: str | os.PathLike) -> dict:
+    """The JSON object of a ``config.json`` file, its errors naming the file
+    (`parse_config_json`)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                         f"{e.start}), so not a config.json") from None
+    return parse_config_json(text, str(path))
+
+
 def parse_config_json(text: str, source: str) -> dict:
     """The object of a config.json text.  Raises ValueError naming source (and the field,
     when one is at fault): not JSON, not an object, a NaN or Infinity literal (not JSON), an
@@ -374,14 +387,7 @@ class GPT2Config:
             >>> GPT2Config.from_json_file(path) == GPT2Config.preset("tiny")
             True
         """
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
-                             f"{e.start}), so not a config.json") from None
-        return cls.from_hf_dict(parse_config_json(text, str(path)), source=str(path))
+        return cls.from_hf_dict(read_config_json(path), source=str(path))
 
     def to_hf_dict(self) -> dict:
         """The ``config.json`` content for these sizes that ``transformers.GPT2LMHeadModel`` loads

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .config import ACTIVATION_KERNELS, parse_config_json
+from .config import ACTIVATION_KERNELS, read_config_json
 
 __all__ = ["LlamaConfig", "LLAMA_LAYER_SUFFIXES"]
 
@@ -400,14 +400,7 @@ class LlamaConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "LlamaConfig":
         """The config from a Llama ``config.json`` file (`from_hf_dict`)."""
-        with open(path, "rb") as f:
-            raw = f.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
-                             f"{e.start}), so not a config.json") from None
-        return cls.from_hf_dict(parse_config_json(text, str(path)), source=str(path))
+        return cls.from_hf_dict(read_config_json(path), source=str(path))
 
     def to_hf_dict(self) -> dict:
         """The ``config.json`` content that ``transformers.LlamaForCausalLM`` loads (the
