@@ -1,0 +1,63 @@
+"""The C-level kernel harness (tests/harness/kernel_harness.c): every instruction-set variant of
+every weight type's kernels against the portable reference, compiled with the system C compiler
+and run natively, then again with the levels above x86-64-v3 emulated by SIMDe (simde-py), so
+that the AVX-512 and AVX-VNNI code runs on any x86-64-v3 CPU.  A case the CPU cannot run is
+reported SKIP-CPU by the harness, never counted as passed."""
+
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS = ROOT / "tests" / "harness" / "kernel_harness.c"
+KERNELS = ROOT / "src" / "gpt2s" / "kernels"
+FLAGS = ["-O2", "-std=gnu11", "-fno-trapping-math", "-fno-math-errno"]
+
+
+def _cc():
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        pytest.skip("no C compiler (cc, gcc or clang) on PATH")
+    return cc
+
+
+def _build_and_run(cc, args, exe):
+    build = subprocess.run([cc, *FLAGS, *args, "-I", str(KERNELS), str(HARNESS), "-lm", "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, f"harness did not compile:\n{build.stderr}"
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    lines = run.stdout.splitlines()
+    failed = [line for line in lines if line.startswith("FAIL")]
+    assert run.returncode == 0 and not failed, "\n".join(failed) or run.stdout + run.stderr
+    return lines
+
+
+def test_native(tmp_path):
+    lines = _build_and_run(_cc(), [], tmp_path / "harness")
+    assert any(line.startswith("PASS") for line in lines)
+    passed = [line for line in lines if line.startswith("PASS")]
+    skipped = [line for line in lines if line.startswith("SKIP-CPU")]
+    # the quantizers (portable) always run; every case is either run or skipped by CPU
+    assert any("quantize" in line for line in passed)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert len(passed) + len(skipped) > 400, lines[-1]
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="SIMDe emulation of the x86 variants: x86-64 only")
+def test_simde_emulated(tmp_path):
+    simde_py = pytest.importorskip("simde_py", reason="simde-py is not installed (pip install simde-py)")
+    cc = _cc()
+    lines = _build_and_run(cc, ["-mavx2", "-mfma", "-mf16c", "-Wno-psabi", "-DGPT2S_HARNESS_SIMDE",
+                                "-I", simde_py.get_include(), "-I", str(HARNESS.parent)],
+                           tmp_path / "harness_simde")
+    if any(line.startswith("SKIP-CPU") for line in lines):
+        pytest.skip("this CPU has no AVX2/FMA/F16C (x86-64-v3), which the SIMDe build needs: "
+                    + next(line for line in lines if line.startswith("SKIP-CPU")))
+    # every level above x86-64-v3 ran (emulated)
+    for level in ("avx-vnni", "avx512"):
+        assert any(line.startswith("PASS") and f" {level} " in line for line in lines), level
