@@ -19,17 +19,18 @@ FLAGS = ["-O2", "-std=gnu11", "-fno-trapping-math", "-fno-math-errno"]
 
 
 def _cc():
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    names = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+    cc = next((shutil.which(name) for name in names if shutil.which(name)), None)
     if not cc:
-        pytest.skip("no C compiler (cc, gcc or clang) on PATH")
+        pytest.skip(f"no C compiler ({', '.join(names)}) on PATH")
     return cc
 
 
-def _build_and_run(cc, args, exe):
+def _build_and_run(cc, args, exe, runner=()):
     build = subprocess.run([cc, *FLAGS, *args, "-I", str(KERNELS), str(HARNESS), "-lm", "-o", str(exe)],
                            capture_output=True, text=True)
     assert build.returncode == 0, f"harness did not compile:\n{build.stderr}"
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=300)
     lines = run.stdout.splitlines()
     failed = [line for line in lines if line.startswith("FAIL")]
     assert run.returncode == 0 and not failed, "\n".join(failed) or run.stdout + run.stderr
@@ -61,3 +62,16 @@ def test_simde_emulated(tmp_path):
     # every level above x86-64-v3 ran (emulated)
     for level in ("avx-vnni", "avx512"):
         assert any(line.startswith("PASS") and f" {level} " in line for line in lines), level
+
+
+def test_aarch64_under_qemu(tmp_path):
+    """The harness cross-compiled for aarch64 (Debian's gcc-aarch64-linux-gnu) and run under
+    qemu-aarch64 -cpu max (Debian's qemu-user): the portable path (quantizers, widenings);
+    the aarch64 variants join the same run once they exist."""
+    cc = shutil.which("aarch64-linux-gnu-gcc")
+    qemu = shutil.which("qemu-aarch64")
+    if not cc or not qemu:
+        pytest.skip("no aarch64 cross compiler (gcc-aarch64-linux-gnu) or qemu-aarch64 (qemu-user)")
+    lines = _build_and_run(cc, ["-static"], tmp_path / "harness_aarch64", runner=(qemu, "-cpu", "max"))
+    passed = [line for line in lines if line.startswith("PASS")]
+    assert any("quantize" in line for line in passed) and any("widen" in line for line in passed)

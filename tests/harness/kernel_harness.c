@@ -282,8 +282,6 @@ static void check_quantize_bf16(void) {
         float f = x[i];
         uint16_t want;
         if (isnan(f)) {
-            uint32_t u;
-            memcpy(&u, &out[i], 0);
             bad += !((out[i] & 0x7f80) == 0x7f80 && (out[i] & 0x7f) != 0);
             continue;
         }
@@ -409,6 +407,56 @@ static void check_quantize_blocked(int t) {
     free(x); free(xt); free(W); free(W2); free(S); free(S2);
 }
 
+/* The portable widening (the reference of the others) against the format's definition,
+   recomputed here: bfloat16 the top half of a float32, int8 d q, int4 d (q - 8) with the
+   nibble order of q4.h, d an fp16 scale per block of 32 */
+static void check_widen_portable(int t) {
+    static const int COLS_F[] = {1, 7, 33};
+    static const int COLS_B[] = {32, 96};
+    int blocked = gpt2s_wtypes[t].block > 0, bad = 0, cases = 0;
+    const int *cs = blocked ? COLS_B : COLS_F;
+    int ncs = blocked ? LEN(COLS_B) : LEN(COLS_F);
+    for (int rows = 1; rows <= MAXM; rows += 8)
+        for (int ic = 0; ic < ncs; ic++) {
+            int cols = cs[ic];
+            float *w = malloc(sizeof(float) * (size_t)rows * cols);
+            for (int i = 0; i < rows * cols; i++) w[i] = srand_f() * 3.0f;
+            stored s;
+            store_weights(t, 1, w, cols, rows, &s);   /* s.wide: the portable widening */
+            for (int r = 0; r < rows; r++)
+                for (int c = 0; c < cols; c++) {
+                    double want;
+                    if (t == GPT2S_WTYPE_BF16) {
+                        uint32_t u = (uint32_t)((const uint16_t *)s.W)[(size_t)r * s.ldw + c] << 16;
+                        float f;
+                        memcpy(&f, &u, 4);
+                        want = f;
+                    } else {
+                        double d = f16_value(s.S[(size_t)r * (cols / 32) + c / 32]);
+                        int q;
+                        if (t == GPT2S_WTYPE_Q8) {
+                            q = ((const int8_t *)s.W)[(size_t)r * cols + c];
+                        } else {
+                            uint8_t byte = ((const uint8_t *)s.W)[(size_t)r * (cols / 2)
+                                                                  + (c / 32) * 16 + c % 16];
+                            q = (c % 32 < 16 ? byte & 15 : byte >> 4) - 8;
+                        }
+                        want = d * q;
+                    }
+                    /* s.wide is logical (K = cols, N = rows): element (c, r) */
+                    if ((double)s.wide[(size_t)c * rows + r] != want) bad++;
+                    cases++;
+                }
+            free(w);
+            free_stored(&s);
+        }
+    char what[80], detail[120];
+    snprintf(what, sizeof what, "%-8s %-11s %s", gpt2s_wtypes[t].name, "portable", "widen");
+    snprintf(detail, sizeof detail, "%d of %d weights equal to the format's definition",
+             cases - bad, cases);
+    report(bad == 0, what, detail);
+}
+
 /* ------------------------------------------------------------------ main */
 
 int main(void) {
@@ -422,6 +470,7 @@ int main(void) {
     check_quantize_bf16();
     check_quantize_blocked(GPT2S_WTYPE_Q8);
     check_quantize_blocked(GPT2S_WTYPE_Q4);
+    for (int t = GPT2S_WTYPE_BF16; t < GPT2S_NWTYPES; t++) check_widen_portable(t);
     int tested = 0;
     for (int t = 0; t < GPT2S_NWTYPES; t++) {
         for (int isa = 1; isa < GPT2S_NISA; isa++) {
