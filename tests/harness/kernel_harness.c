@@ -121,8 +121,10 @@ static void free_stored(stored *s) {
 
 /* ------------------------------------------------------------------ direct kernels */
 
-static const int KS_FLOAT[] = {1, 7, 16, 33, 63, 100, 130};
-static const int KS_BLOCKED[] = {32, 96, 160, 544};
+/* the last K of each list is past the one-row kernels' stack scratch (bf16: 8192 floats, the
+   blocked types: 16384 int16), which then take the tile route: tried for M <= 2 only */
+static const int KS_FLOAT[] = {1, 7, 16, 33, 63, 100, 130, 8195};
+static const int KS_BLOCKED[] = {32, 96, 160, 544, 16416};
 static const int NS[] = {1, 3, 8, 17, 33, 47, 70};
 #define LEN(a) ((int)(sizeof(a) / sizeof((a)[0])))
 #define MAXM 33
@@ -150,6 +152,7 @@ static void check_direct(int t, int output_major, int isa, gpt2s_direct_fn f,
         for (int ik = 0; ik < nk; ik++)
             for (int in = 0; in < LEN(NS); in++) {
                 int K = ks[ik], N = NS[in];
+                if (ik == nk - 1 && (M > 2 || N > 17)) continue;
                 float *w = malloc(sizeof(float) * (size_t)K * N);
                 for (int i = 0; i < K * N; i++) w[i] = srand_f() * (i % 5 == 0 ? 4.0f : 1.0f);
                 stored s;
