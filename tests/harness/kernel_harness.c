@@ -85,7 +85,16 @@ static void store_weights(int t, int output_major, const float *w, int K, int N,
         for (int c = 0; c < cols; c++)
             x[(size_t)r * cols + c] = output_major ? w[(size_t)c * N + r] : w[(size_t)r * N + c];
     int64_t row_bytes = blocked ? gpt2s_wtype_bytes(t, K) : (int64_t)s->ldw * elem_size(t);
-    s->W = calloc((size_t)rows * row_bytes + 64, 1);
+    /* the padding of each stored row and the bytes past the array hold large values
+       (float32 / bfloat16 ~1e30, int8 0x77): a kernel that reads them shows it */
+    s->W = malloc((size_t)rows * row_bytes + 64);
+    if (t == GPT2S_WTYPE_F32)
+        for (size_t i = 0; i < ((size_t)rows * row_bytes + 64) / 4; i++) ((float *)s->W)[i] = 1e30f;
+    else if (t == GPT2S_WTYPE_BF16)
+        for (size_t i = 0; i < ((size_t)rows * row_bytes + 64) / 2; i++)
+            ((uint16_t *)s->W)[i] = 0x7149;
+    else
+        memset(s->W, 0x77, (size_t)rows * row_bytes + 64);
     s->S = blocked ? calloc((size_t)rows * (K / 32) + 1, 2) : NULL;
     if (t == GPT2S_WTYPE_F32) {
         for (int r = 0; r < rows; r++)
