@@ -334,8 +334,9 @@ def _parser() -> argparse.ArgumentParser:
         epilog=f"""\
 output: DIR/train_NNNNNN.bin (and val_NNNNNN.bin) in llm.c's format: 256 int32 header words
   (magic 20240520, version 1, token count), then uint16 token ids; DIR/prepare.json describes
-  the run.  Files are joined with one <|endoftext|> between them; a literal <|endoftext|> in
-  the text is the end-of-text token.  python -m gpt2s.train and python -m gpt2s.eval read the
+  the run.  Files are joined with one <|endoftext|> between them (an own vocabulary's
+  end-of-text token; none for char); a literal <|endoftext|> in the text is that token
+  (characters, for char).  python -m gpt2s.train and python -m gpt2s.eval read the
   shards through a memory map, e.g. "DIR/train_*.bin".
 
 validation: --val-fraction F puts the last F of the tokens in val_*.bin; --val-shards K the
@@ -348,6 +349,8 @@ examples:
   {PROG} input.txt --out data/shakespeare --val-fraction 0.1
   {PROG} "books/**/*.txt" --out data/books --shard-size 10000000 --val-shards 1
   {PROG} TinyStories-train.txt --out data/tinystories --workers 2
+  {PROG} input.txt --out data/shakespeare_char --tokenizer char --val-fraction 0.1
+  {PROG} input.txt --out data/bpe --train-tokenizer 4096
 """)
     p.add_argument("text", nargs="+", metavar="TEXT",
                    help="UTF-8 text files, or globs of them (quoted; ** matches directories)")
@@ -366,7 +369,7 @@ examples:
                        help="the vocabulary: gpt2 (GPT-2's 50,257 tokens), char (one token per "
                             "character of the text) or a Hugging Face tokenizers "
                             "tokenizer.json; char and FILE are saved as DIR/vocab.json, which "
-                            "train and eval read with the shards (default: gpt2)")
+                            "train reads with the shards (default: gpt2)")
     vocab.add_argument("--train-tokenizer", type=int, default=None, metavar="N",
                        help="train a byte-level BPE of N tokens on the text (needs the "
                             "tokenizers package) and use it; saved as DIR/tokenizer.json and "
