@@ -95,6 +95,11 @@ def test_character_level_prepare_train_generate_eval(tmp_path, capsys):
                        "--steps", "1", "--out", str(tmp_path / "x")]) == 2
     assert "GPT-2's tokens (its prepare.json), not --tokenizer char's" in \
         capsys.readouterr().err
+    # eval refuses shards of another vocabulary than the model's
+    assert gpt2s_eval.main(["--model", str(out), "-q", str(gpt2_data / "train_000000.bin")]) == 2
+    err = capsys.readouterr().err
+    assert f"{gpt2_data / 'train_000000.bin'}: token ids of gpt2 (its prepare.json), not of " \
+        f"the model's (char ({len(chars)} characters))" in err, err
     # shards of two vocabularies together
     assert train.main([str(data / "train_*.bin"), str(gpt2_data / "train_*.bin"), "--init",
                        "tiny", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
