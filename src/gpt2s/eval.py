@@ -196,7 +196,8 @@ def _run(args, out, err) -> int:
     from ._cli import Progress
     from .data import DataError, TokenData
     from .hub import find_model
-    from .vocab import load_vocab, tokenizer_for, vocab_path
+    from .vocab import (load_vocab, same_vocab, shards_vocab, tokenizer_for, vocab_name,
+                        vocab_path)
     from .weights import SafetensorsError
 
     for name in ("seq_len", "stride", "batch_size", "max_tokens", "threads"):
@@ -214,6 +215,11 @@ def _run(args, out, err) -> int:
         own = vocab_path(path)
         enc = load_vocab(own) if own.is_file() else None
         data = TokenData(args.data, tokenizer=enc)
+        for src in data.sources:   # shards prepare wrote in another vocabulary are refused
+            known, shard_enc = shards_vocab(src.path) if src.kind == "llmc" else (False, None)
+            if known and not same_vocab(shard_enc, enc):
+                raise ValueError(f"{src.path}: token ids of {vocab_name(shard_enc)} (its "
+                                 f"prepare.json), not of the model's ({vocab_name(enc)})")
     except (DataError, ValueError, FileNotFoundError) as e:
         raise _UserError(str(e)) from None
     if args.max_tokens is not None and args.max_tokens < len(data):

@@ -712,18 +712,27 @@ class _TextRows:
         return len(text) - hold
 
 
+def _eos_of(enc):
+    """The end-of-text id of a tokenizer: a model's own vocabulary's (``eot_id``: None for
+    one without, e.g. characters), else GPT-2's 50256."""
+    return getattr(enc, "eot_id", EOT_ID)
+
+
 def _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
               stop_at_eos, context_full, stop, repetition_penalty, presence_penalty,
               frequency_penalty, min_new_tokens, logits_processor):
+    eos = _eos_of(enc)
+    if eos is None:              # a vocabulary without an end-of-text token: nothing stops
+        stop_at_eos, eos = False, EOT_ID
     controls = _controls(repetition_penalty, presence_penalty, frequency_penalty,
                          min_new_tokens, logits_processor, stop)
     stop = check_controls(**controls)["stop"]
     factory = None
     if stop:
         def factory(rows, c):
-            return _TextRows(enc, rows, c["stop"], c["min_new_tokens"], stop_at_eos, EOT_ID)
+            return _TextRows(enc, rows, c["stop"], c["min_new_tokens"], stop_at_eos, eos)
     return _prepare(model, ids, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
-                    stop_at_eos, EOT_ID, context_full, token_limit=enc.n_vocab,
+                    stop_at_eos, eos, context_full, token_limit=enc.n_vocab,
                     controls=controls, stopper_factory=factory)
 
 
@@ -745,9 +754,10 @@ def _text_steps(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_
 
     def pairs():
         piece = _decoder(enc)
+        eos = _eos_of(enc)
         for tok in run.steps:
             t = int(tok[0])
-            yield t, ("" if stop_at_eos and t == EOT_ID else piece(t))
+            yield t, ("" if stop_at_eos and t == eos else piece(t))
         yield None, piece(None, final=True)
 
     def stopped_pairs():
@@ -810,10 +820,11 @@ def generate_text(model, prompt, max_new_tokens, temperature=1.0, top_k=None, to
         texts = [run.stopper.result(r) for r in range(run.seq.shape[0])]
     else:
         texts = []
+        eos = _eos_of(enc)
         for r, row in enumerate(run.rows()):
             new = row[run.lengths[r]:].tolist()
-            if stop_at_eos and EOT_ID in new:
-                new = new[:new.index(EOT_ID)]
+            if stop_at_eos and eos is not None and eos in new:
+                new = new[:new.index(eos)]
             texts.append(enc.decode(new, errors="replace"))
     ns = check_sampling_args(num_samples=num_samples)["num_samples"]
     if isinstance(prompt, str):

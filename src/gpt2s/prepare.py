@@ -47,23 +47,32 @@ class PrepareError(ValueError):
     """A bad input or option: reported as ``error: ...`` by the command line."""
 
 
-def _tokenize_block(data: bytes, path: str, offset: int) -> np.ndarray:
-    """Worker: GPT-2 tokens (uint16) of one UTF-8 block of a file (offset: where it starts)."""
+def _tokenize_block(data: bytes, path: str, offset: int, enc=None) -> np.ndarray:
+    """Worker: the tokens (uint16) of one UTF-8 block of a file (offset: where it starts),
+    GPT-2's or (enc) the run's own vocabulary's."""
     from .data import tokenize_text
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise PrepareError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
                            f"{offset + e.start})") from None
-    return tokenize_text(text)
+    if enc is None:
+        return tokenize_text(text)
+    try:
+        return np.asarray(enc.encode_ordinary(text), np.uint16)
+    except ValueError as e:     # a character the vocabulary lacks
+        raise PrepareError(f"{path}: {e}") from None
 
 
-def _blocks(paths, block_bytes: int):
+def _blocks(paths, block_bytes: int, whole: bool = False):
     """(file index, path, byte offset, bytes) for every block of every file, each block ending
-    just after an <|endoftext|> (or at the end of its file)."""
+    just after an <|endoftext|> (or at the end of its file); whole: one block per file."""
     for i, path in enumerate(paths):
         offset = 0
         carry = b""
+        if whole:
+            yield i, path, 0, Path(path).read_bytes()
+            continue
         with open(path, "rb") as f:
             while True:
                 block = f.read(block_bytes)
@@ -83,12 +92,19 @@ def _blocks(paths, block_bytes: int):
 
 def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fraction: float = 0.0,
             val_shards: int = 0, workers: int | None = None, overwrite: bool = False,
-            block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool = False, err=None) -> dict:
+            block_bytes: int = DEFAULT_BLOCK_BYTES, progress: bool = False, err=None,
+            tokenizer: str | None = None, train_tokenizer: int | None = None) -> dict:
     """Tokenize the text files ``inputs`` (paths or globs) into llm.c shards in ``out_dir``.
 
     The last ``val_fraction`` of the tokens (or the last ``val_shards`` shards) go to
     ``val_*.bin``, the rest to ``train_*.bin``.  Returns the manifest also written to
-    ``out_dir/prepare.json``."""
+    ``out_dir/prepare.json``.
+
+    ``tokenizer``: "gpt2" (the default), "char" (one token per character of the input text)
+    or the path of a Hugging Face tokenizers tokenizer.json; ``train_tokenizer=N`` trains a
+    byte-level BPE of N tokens on the input text instead (saved as ``out_dir/tokenizer.json``).
+    A vocabulary other than GPT-2's is saved as ``out_dir/vocab.json`` and named in
+    prepare.json, so train and eval read the shards with it."""
     from .data import (DataError, MAX_SHARD_TOKENS, expand_paths)
 
     if not 1 <= shard_size <= MAX_SHARD_TOKENS:
@@ -110,6 +126,7 @@ def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fracti
         if p.suffix.lower() == ".bin":
             raise PrepareError(f"{p}: a .bin file is already tokens; prepare takes UTF-8 text "
                                f"files (train and eval read .bin files directly)")
+    enc = _own_vocabulary(tokenizer, train_tokenizer, paths)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise PrepareError(f"--out {out_dir}: exists and is not a directory")
@@ -119,7 +136,7 @@ def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fracti
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         return _prepare_into(paths, out_dir, shard_size, val_fraction, val_shards, workers,
-                             overwrite, block_bytes, progress, err)
+                             overwrite, block_bytes, progress, err, enc)
     except BaseException:
         for d in made:             # deepest first
             try:
@@ -129,8 +146,46 @@ def prepare(inputs, out_dir, *, shard_size: int = DEFAULT_SHARD_SIZE, val_fracti
         raise
 
 
+def _own_vocabulary(tokenizer, train_tokenizer, paths):
+    """The vocabulary the shards are written with: None for GPT-2's, else a
+    gpt2s.vocab.CharTokenizer or FileTokenizer."""
+    from .vocab import CharTokenizer, FileTokenizer, VocabError, train_bpe
+    if tokenizer is not None and train_tokenizer is not None:
+        raise PrepareError("give --tokenizer or --train-tokenizer, not both")
+    try:
+        if train_tokenizer is not None:
+            return train_bpe(paths, train_tokenizer)
+        if tokenizer in (None, "gpt2"):
+            return None
+        if tokenizer != "char":
+            if not os.path.isfile(tokenizer):
+                raise PrepareError(f"--tokenizer {tokenizer}: not gpt2, char or a "
+                                   f"tokenizer.json file")
+            enc = FileTokenizer.from_file(tokenizer)
+        else:
+            chars: set = set()
+            for path in paths:      # the distinct characters, read a piece at a time
+                with open(path, encoding="utf-8") as f:
+                    try:
+                        while piece := f.read(1 << 24):
+                            chars.update(piece)
+                    except UnicodeDecodeError as e:
+                        raise PrepareError(f"{path}: not UTF-8 text ({e.reason} at byte "
+                                           f"{e.start} of a block)") from None
+            if not chars:
+                raise PrepareError("--tokenizer char: the text files are empty")
+            enc = CharTokenizer("".join(sorted(chars)))
+    except VocabError as e:
+        raise PrepareError(str(e) if train_tokenizer is not None else f"--tokenizer {e}") \
+            from None
+    if enc.n_vocab > 65536:
+        raise PrepareError(f"--tokenizer {tokenizer}: {enc.n_vocab} tokens; token files hold "
+                           f"uint16 ids, at most 65,536 tokens")
+    return enc
+
+
 def _prepare_into(paths, out_dir: Path, shard_size, val_fraction, val_shards, workers,
-                  overwrite, block_bytes, progress, err) -> dict:
+                  overwrite, block_bytes, progress, err, enc=None) -> dict:
     from ._cli import Progress
     from .data import ShardWriter, read_shard_header, write_shard
     from .tokenizer import EOT_ID
@@ -154,10 +209,14 @@ def _prepare_into(paths, out_dir: Path, shard_size, val_fraction, val_shards, wo
         def next_shard():
             return writer.out_dir / f"{writer.prefix}_{len(writer.paths):06d}.bin"
         writing = next_shard
-        eot = np.array([EOT_ID], np.uint16)
+        # files are joined with the vocabulary's end-of-text token (none for char)
+        eot_id = EOT_ID if enc is None else enc.eot_id
+        eot = None if eot_id is None else np.array([eot_id], np.uint16)
+        # an own tokenizer.json may merge across <|endoftext|> text: whole files, unsplit
+        whole = enc is not None and enc.name != "char"
 
         def consume(index, size, tokens):
-            if index > 0 and consume.last_index != index:
+            if index > 0 and consume.last_index != index and eot is not None:
                 writer.add(eot)                   # one separator between consecutive files
             consume.last_index = index
             writer.add(tokens)
@@ -165,15 +224,16 @@ def _prepare_into(paths, out_dir: Path, shard_size, val_fraction, val_shards, wo
         consume.last_index = -1
 
         if workers == 1:
-            for index, path, offset, data in _blocks(paths, block_bytes):
-                consume(index, len(data), _tokenize_block(data, str(path), offset))
+            for index, path, offset, data in _blocks(paths, block_bytes, whole):
+                consume(index, len(data), _tokenize_block(data, str(path), offset, enc))
         else:
             from concurrent.futures import ProcessPoolExecutor
             with ProcessPoolExecutor(workers) as pool:
                 pending = collections.deque()
-                for index, path, offset, data in _blocks(paths, block_bytes):
+                for index, path, offset, data in _blocks(paths, block_bytes, whole):
                     pending.append((index, len(data),
-                                    pool.submit(_tokenize_block, data, str(path), offset)))
+                                    pool.submit(_tokenize_block, data, str(path), offset,
+                                                enc)))
                     while len(pending) >= 2 * workers:    # bounded: results kept in order
                         i, n, fut = pending.popleft()
                         consume(i, n, fut.result())
@@ -220,13 +280,26 @@ def _prepare_into(paths, out_dir: Path, shard_size, val_fraction, val_shards, wo
                 del tokens
                 part.unlink()
             start = end
+        from .vocab import VOCAB_FILE
         for p in old:
             p.unlink()
+        if enc is not None:        # the vocabulary before the shards that need it
+            writing = out_dir / VOCAB_FILE
+            enc.save(out_dir / VOCAB_FILE)
+            if enc.name != "char":
+                spec = enc.spec.encode()
+                writing = out_dir / "tokenizer.json"
+                atomic_write(out_dir / "tokenizer.json", lambda f: f.write(spec))
+        elif (out_dir / VOCAB_FILE).is_file():
+            (out_dir / VOCAB_FILE).unlink()     # a previous run's (--overwrite)
         for src, name in moves:
             os.replace(src, out_dir / name)
         manifest = {
             "format": "llm.c shards: 256 int32 header words (magic 20240520, version 1, "
-                      "token count), then uint16 GPT-2 tokens",
+                      "token count), then uint16 "
+                      + ("GPT-2 tokens" if enc is None else f"token ids of {VOCAB_FILE}"),
+            "vocabulary": "gpt2" if enc is None else enc.name,
+            "vocab_size": 50257 if enc is None else enc.n_vocab,
             "inputs": [str(p) for p in paths], "input_bytes": total_bytes,
             "tokens": n_tokens, "train_tokens": split, "val_tokens": n_tokens - split,
             "shard_size": shard_size, "train": names["train"], "val": names["val"],
@@ -254,14 +327,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Tokenize UTF-8 text files with the GPT-2 tokenizer into llm.c token shards\n"
+        description="Tokenize UTF-8 text files with the GPT-2 tokenizer (or a vocabulary of your\n"
+                    "own: --tokenizer, --train-tokenizer) into llm.c token shards\n"
                     "(train_000000.bin, ...), in parallel, so a corpus larger than memory can be\n"
                     "trained on and evaluated.",
         epilog=f"""\
 output: DIR/train_NNNNNN.bin (and val_NNNNNN.bin) in llm.c's format: 256 int32 header words
   (magic 20240520, version 1, token count), then uint16 token ids; DIR/prepare.json describes
-  the run.  Files are joined with one <|endoftext|> between them; a literal <|endoftext|> in
-  the text is the end-of-text token.  python -m gpt2s.train and python -m gpt2s.eval read the
+  the run.  Files are joined with one <|endoftext|> between them (an own vocabulary's
+  end-of-text token; none for char); a literal <|endoftext|> in the text is that token
+  (characters, for char).  python -m gpt2s.train and python -m gpt2s.eval read the
   shards through a memory map, e.g. "DIR/train_*.bin".
 
 validation: --val-fraction F puts the last F of the tokens in val_*.bin; --val-shards K the
@@ -274,6 +349,8 @@ examples:
   {PROG} input.txt --out data/shakespeare --val-fraction 0.1
   {PROG} "books/**/*.txt" --out data/books --shard-size 10000000 --val-shards 1
   {PROG} TinyStories-train.txt --out data/tinystories --workers 2
+  {PROG} input.txt --out data/shakespeare_char --tokenizer char --val-fraction 0.1
+  {PROG} input.txt --out data/bpe --train-tokenizer 4096
 """)
     p.add_argument("text", nargs="+", metavar="TEXT",
                    help="UTF-8 text files, or globs of them (quoted; ** matches directories)")
@@ -287,6 +364,16 @@ examples:
                             "(default: %(default)s, no validation shards)")
     split.add_argument("--val-shards", type=int, default=0, metavar="K",
                        help="put the last K shards in val_*.bin instead (default: 0)")
+    vocab = p.add_mutually_exclusive_group()
+    vocab.add_argument("--tokenizer", default=None, metavar="gpt2|char|FILE",
+                       help="the vocabulary: gpt2 (GPT-2's 50,257 tokens), char (one token per "
+                            "character of the text) or a Hugging Face tokenizers "
+                            "tokenizer.json; char and FILE are saved as DIR/vocab.json, which "
+                            "train reads with the shards (default: gpt2)")
+    vocab.add_argument("--train-tokenizer", type=int, default=None, metavar="N",
+                       help="train a byte-level BPE of N tokens on the text (needs the "
+                            "tokenizers package) and use it; saved as DIR/tokenizer.json and "
+                            "DIR/vocab.json")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="tokenizing processes (default: the number of CPU cores)")
     p.add_argument("--overwrite", action="store_true",
@@ -307,7 +394,7 @@ def _run(args, err) -> int:
         m = prepare(args.text, args.out, shard_size=args.shard_size,
                     val_fraction=args.val_fraction, val_shards=args.val_shards,
                     workers=args.workers, overwrite=args.overwrite, progress=not args.quiet,
-                    err=err)
+                    err=err, tokenizer=args.tokenizer, train_tokenizer=args.train_tokenizer)
     except PrepareError as e:
         raise UserError(str(e)) from None
     if not args.quiet:

@@ -395,6 +395,52 @@ def _train(loop, metrics, out: Path, run: RunConfig, first: int, rank: int) -> i
 
 
 def _vocabulary(args, ck, out: Path, specs):
+    """The run's vocabulary (None: GPT-2's), as _chosen_vocabulary, checked against the one
+    python -m gpt2s.prepare recorded for the token files in DATA: a new run without
+    --tokenizer (or with --tokenizer char for char shards) takes theirs; any other
+    difference is refused, naming the file."""
+    from .data import DataError, detect_format, expand_paths
+    from .vocab import VocabError, same_vocab, shards_vocab, vocab_name
+    recorded = []
+    try:
+        for path in expand_paths(specs + list(args.val_data or [])):
+            if detect_format(path) == "llmc":
+                known, enc = shards_vocab(path)
+                if known:
+                    recorded.append((path, enc))
+    except (DataError, VocabError) as e:
+        raise UserError(str(e)) from None
+    if not recorded:
+        return _chosen_vocabulary(args, ck, out, specs)
+    where, enc = recorded[0]
+    for p, e in recorded[1:]:
+        if not same_vocab(e, enc):
+            raise UserError(f"{p} and {where}: token files of different vocabularies "
+                            f"({vocab_name(e)} and {vocab_name(enc)}, their prepare.json)")
+    if enc is None and ck is None and args.tokenizer not in (None, "gpt2"):
+        raise UserError(f"{where}: GPT-2's tokens (its prepare.json), not --tokenizer "
+                        f"{args.tokenizer}'s; prepare the text with --tokenizer "
+                        f"{args.tokenizer}")
+    if enc is not None and ck is None:
+        if args.model:
+            raise UserError(f"{where}: token ids of its own vocabulary ({vocab_name(enc)}, "
+                            f"{where.parent / 'vocab.json'}), not --model's; train a new "
+                            f"model (--init)")
+        if args.tokenizer is None or (args.tokenizer == "char" and enc.name == "char"):
+            return enc          # the shards' vocabulary: saved as OUT/vocab.json
+    if ck is None and args.tokenizer == "char":     # not char shards (those returned above)
+        chosen = "char"
+    else:
+        chosen = _chosen_vocabulary(args, ck, out, specs)
+    if chosen == "char" or not same_vocab(chosen, enc):
+        what = (f"--tokenizer {args.tokenizer}" if ck is None or args.tokenizer else
+                f"the resumed run's vocabulary ({vocab_name(chosen)})")
+        raise UserError(f"{where}: token ids of {vocab_name(enc, where.parent / 'vocab.json')}"
+                        f" (its prepare.json), not of {what}")
+    return chosen
+
+
+def _chosen_vocabulary(args, ck, out: Path, specs):
     """The run's own vocabulary (a CharTokenizer), or None for GPT-2's: --tokenizer char
     makes one from the training (and validation) text; a resumed run takes the one saved in
     OUT/vocab.json, and refuses a --tokenizer that differs from it."""

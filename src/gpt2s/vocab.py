@@ -225,3 +225,57 @@ def tokenizer_for(model_path, config=None):
                          f"{VOCAB_FILE} beside it to decode them with (a model trained with "
                          f"--tokenizer char keeps one in its run directory)")
     return get_tokenizer()
+
+
+def train_bpe(paths, n_vocab: int, source: str = "--train-tokenizer") -> "FileTokenizer":
+    """A byte-level BPE of ``n_vocab`` tokens (``<|endoftext|>`` among them, its end-of-text
+    token) trained on the text files ``paths`` with the Hugging Face ``tokenizers`` package."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise VocabError(f"{source}: training a tokenizer needs the tokenizers package (pip "
+                         f"install tokenizers)") from None
+    if not 257 <= n_vocab <= 65536:
+        raise VocabError(f"{source} {n_vocab}: must be in [257, 65536] (the 256 bytes, "
+                         f"<|endoftext|> and merges; token files hold uint16 ids)")
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    tk.train([str(p) for p in paths], tokenizers.trainers.BpeTrainer(
+        vocab_size=n_vocab, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    return FileTokenizer(tk.to_str(), source)
+
+
+def same_vocab(a, b) -> bool:
+    """Whether two tokenizers (None: GPT-2's) give the same ids."""
+    if a is None or b is None:
+        return a is None and b is None
+    return a.to_dict() == b.to_dict()
+
+
+def shards_vocab(path):
+    """The vocabulary recorded for a token file written by ``python -m gpt2s.prepare``:
+    ``(recorded, tokenizer)`` — recorded False when the file is not one of a prepare.json's
+    shards (nothing is known), tokenizer None for GPT-2's, else the vocab.json beside it."""
+    path = Path(path)
+    manifest = path.parent / "prepare.json"
+    try:
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False, None
+    if not isinstance(m, dict) or path.name not in list(m.get("train") or []) \
+            + list(m.get("val") or []):
+        return False, None
+    if m.get("vocabulary", "gpt2") == "gpt2":
+        return True, None
+    return True, load_vocab(path.parent / VOCAB_FILE)
+
+
+def vocab_name(enc, where=None) -> str:
+    """How a vocabulary is named in messages: gpt2, char, or the file it came from."""
+    if enc is None:
+        return "gpt2"
+    if enc.name == "char":
+        return f"char ({enc.n_vocab} characters)"
+    return f"a tokenizer.json of {enc.n_vocab} tokens" + (f" ({where})" if where else "")

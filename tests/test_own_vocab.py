@@ -1,0 +1,227 @@
+"""A model with a vocabulary of its own, from the text to the samples: python -m gpt2s.prepare
+--tokenizer char / --train-tokenizer N writes the shards and records the vocabulary, train
+takes it (and refuses another by name), generate and eval use it, and text generation stops
+at the vocabulary's own end-of-text token.
+
+References are independent of gpt2s's tokenizing: the character ids are the index in the
+sorted character set (nanoGPT's shakespeare_char), the BPE ids are what Hugging Face
+tokenizers encodes from the saved tokenizer.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXCERPT = ROOT / "tests" / "data" / "tinyshakespeare_excerpt.txt"
+HELDOUT = ROOT / "tests" / "data" / "tinyshakespeare_heldout.txt"
+
+
+def _data_files():
+    if not EXCERPT.is_file() or not HELDOUT.is_file():
+        pytest.skip("tests/data not present")
+
+
+def _shard(path) -> list[int]:
+    """The tokens of an llm.c shard, read without gpt2s: 256 int32 header words, uint16 ids."""
+    raw = Path(path).read_bytes()
+    header = np.frombuffer(raw[:1024], "<i4")
+    assert header[0] == 20240520 and header[1] == 1
+    tokens = np.frombuffer(raw[1024:], "<u2")
+    assert len(tokens) == header[2]
+    return tokens.tolist()
+
+
+def test_character_level_prepare_train_generate_eval(tmp_path, capsys):
+    _data_files()
+    from gpt2s import GPT2, eval as gpt2s_eval, generate, prepare, train
+    from gpt2s.eval import evaluate
+    text = EXCERPT.read_text(encoding="utf-8")
+    chars = sorted(set(text))
+    data = tmp_path / "data"
+    assert prepare.main([str(EXCERPT), "--out", str(data), "--tokenizer", "char",
+                         "--val-fraction", "0.1", "--workers", "2", "-q"]) == 0
+    manifest = json.loads((data / "prepare.json").read_text())
+    assert manifest["vocabulary"] == "char" and manifest["vocab_size"] == len(chars)
+    assert list(json.loads((data / "vocab.json").read_text())["chars"]) == chars
+    ids = [chars.index(c) for c in text]
+    train_ids, val_ids = _shard(data / "train_000000.bin"), _shard(data / "val_000000.bin")
+    assert train_ids + val_ids == ids and len(val_ids) == len(ids) // 10
+
+    # train takes the shards' vocabulary (no --tokenizer needed) and saves it with the model
+    out = tmp_path / "run"
+    assert train.main([str(data / "train_*.bin"), "--val-data", str(data / "val_*.bin"),
+                       "--init", "tiny", "--steps", "30", "--batch-size", "4", "--seq-len", "64",
+                       "--lr", "3e-3", "--eval-batches", "2", "--out", str(out), "--no-plot",
+                       "--quiet"]) == 0
+    capsys.readouterr()
+    m = GPT2.from_safetensors(out)
+    assert m.config.vocab_size == len(chars)
+    assert list(json.loads((out / "vocab.json").read_text())["chars"]) == chars
+
+    # generate: the model's own greedy tokens, decoded with its characters
+    assert generate.main(["ROMEO:", "--model", str(out), "-n", "30", "--temperature", "0",
+                          "--no-echo"]) == 0
+    sample = capsys.readouterr().out
+    prompt = np.array([[chars.index(c) for c in "ROMEO:"]])
+    want = "".join(chars[i] for i in m.generate(prompt, 30, temperature=0)[0, 6:])
+    assert sample == want + "\n"
+
+    # eval on the validation shard: the model's loss on those ids
+    assert gpt2s_eval.main(["--model", str(out), "--json", "-q", "--seq-len", "64",
+                            "--stride", "64", str(data / "val_000000.bin")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["loss"] == pytest.approx(evaluate(m, val_ids, 64, 64)["loss"], rel=1e-6)
+    assert result["loss"] < np.log(len(chars))       # it learned something in 30 steps
+
+    # refusals by name: GPT-2's tokenizer for char shards, char for GPT-2 shards, a --model
+    assert train.main([str(data / "train_*.bin"), "--tokenizer", "gpt2", "--init", "tiny",
+                       "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data / 'train_000000.bin'}: token ids of char ({len(chars)} characters)" in err
+    assert "not of --tokenizer gpt2" in err
+    assert train.main([str(data / "train_*.bin"), "--model", str(out), "--steps", "1",
+                       "--out", str(tmp_path / "x")]) == 2
+    assert "not --model's" in capsys.readouterr().err
+    gpt2_data = tmp_path / "gpt2data"
+    assert prepare.main([str(EXCERPT), "--out", str(gpt2_data), "--workers", "1", "-q"]) == 0
+    assert json.loads((gpt2_data / "prepare.json").read_text())["vocabulary"] == "gpt2"
+    assert not (gpt2_data / "vocab.json").exists()
+    assert train.main([str(gpt2_data / "train_*.bin"), "--tokenizer", "char", "--init", "tiny",
+                       "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "GPT-2's tokens (its prepare.json), not --tokenizer char's" in \
+        capsys.readouterr().err
+    # eval refuses shards of another vocabulary than the model's
+    assert gpt2s_eval.main(["--model", str(out), "-q", str(gpt2_data / "train_000000.bin")]) == 2
+    err = capsys.readouterr().err
+    assert f"{gpt2_data / 'train_000000.bin'}: token ids of gpt2 (its prepare.json), not of " \
+        f"the model's (char ({len(chars)} characters))" in err, err
+    # shards of two vocabularies together
+    assert train.main([str(data / "train_*.bin"), str(gpt2_data / "train_*.bin"), "--init",
+                       "tiny", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "token files of different vocabularies" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    # a character outside a given vocabulary: prepare with char of other text still works,
+    # and --overwrite with GPT-2's tokens removes the old vocab.json
+    assert prepare.main([str(EXCERPT), "--out", str(data), "--overwrite", "-q"]) == 0
+    assert not (data / "vocab.json").exists()
+    assert json.loads((data / "prepare.json").read_text())["vocabulary"] == "gpt2"
+
+
+def test_prepare_train_tokenizer_then_train_and_generate(tmp_path, capsys):
+    _data_files()
+    tokenizers = pytest.importorskip("tokenizers",
+                                     reason="--train-tokenizer needs the tokenizers package")
+    from gpt2s import GPT2, generate, prepare, train
+    data = tmp_path / "data"
+    assert prepare.main([str(EXCERPT), str(HELDOUT), "--out", str(data), "--train-tokenizer",
+                         "400", "--workers", "2", "-q"]) == 0
+    tk = tokenizers.Tokenizer.from_file(str(data / "tokenizer.json"))
+    assert tk.get_vocab_size() == 400
+    eot = tk.token_to_id("<|endoftext|>")
+    assert eot is not None
+    manifest = json.loads((data / "prepare.json").read_text())
+    assert manifest["vocabulary"] == "tokenizers" and manifest["vocab_size"] == 400
+    # the files' tokens joined by the tokenizer's own end-of-text token
+    want = (tk.encode(EXCERPT.read_text(encoding="utf-8"), add_special_tokens=False).ids
+            + [eot] + tk.encode(HELDOUT.read_text(encoding="utf-8"),
+                                add_special_tokens=False).ids)
+    assert _shard(data / "train_000000.bin") == want
+
+    out = tmp_path / "run"
+    assert train.main([str(data / "train_*.bin"), "--tokenizer", str(data / "tokenizer.json"),
+                       "--init", "tiny", "--steps", "10", "--batch-size", "2", "--seq-len", "32",
+                       "--eval-batches", "1", "--out", str(out), "--no-plot", "--quiet"]) == 0
+    capsys.readouterr()
+    m = GPT2.from_safetensors(out)
+    assert m.config.vocab_size == 400
+    prompt = "ROMEO:"
+    assert generate.main([prompt, "--model", str(out), "-n", "12", "--temperature", "0",
+                          "--ignore-eos"]) == 0
+    ids = tk.encode(prompt, add_special_tokens=False).ids
+    new = m.generate([ids], 12, temperature=0)[0, len(ids):].tolist()
+    assert capsys.readouterr().out == tk.decode(ids + new, skip_special_tokens=False) + "\n"
+
+    # another tokenizer.json than the shards' is refused, naming the shard
+    other = tmp_path / "other"
+    assert prepare.main([str(HELDOUT), "--out", str(other), "--train-tokenizer", "300",
+                         "-q"]) == 0
+    assert train.main([str(data / "train_*.bin"), "--tokenizer", str(other / "tokenizer.json"),
+                       "--init", "tiny", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"{data / 'train_000000.bin'}: token ids of a tokenizer.json of 400 tokens" in err
+    assert train.main([str(data / "train_*.bin"), "--tokenizer", "char", "--init", "tiny",
+                       "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "not of --tokenizer char" in capsys.readouterr().err
+    # bad values are named
+    assert prepare.main([str(EXCERPT), "--out", str(tmp_path / "y"), "--train-tokenizer",
+                         "100"]) == 2
+    assert "--train-tokenizer 100: must be in [257, 65536]" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+    assert prepare.main([str(EXCERPT), "--out", str(tmp_path / "y"), "--tokenizer",
+                         str(EXCERPT)]) == 2
+    assert f"{EXCERPT}: not a tokenizers tokenizer.json" in capsys.readouterr().err
+
+
+def test_prepare_train_tokenizer_without_the_package_is_one_line(tmp_path, capsys,
+                                                                  monkeypatch):
+    _data_files()
+    import sys
+
+    from gpt2s import prepare
+    monkeypatch.setitem(sys.modules, "tokenizers", None)     # import tokenizers fails
+    assert prepare.main([str(EXCERPT), "--out", str(tmp_path / "d"), "--train-tokenizer",
+                         "300"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs the tokenizers package" in err, err
+    assert not (tmp_path / "d").exists()
+
+
+def test_generation_stops_at_the_vocabularys_own_end_of_text():
+    _data_files()
+    tokenizers = pytest.importorskip("tokenizers")
+    from gpt2s import GPT2, GPT2Config
+    from gpt2s.generation import stream_text
+    from gpt2s.vocab import CharTokenizer, FileTokenizer
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    # </s> as the end-of-text token, at an id that is not GPT-2's 50256
+    tk.train([str(EXCERPT)], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "</s>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    enc = FileTokenizer(tk.to_str())
+    eos = tk.token_to_id("</s>")
+    assert enc.eot_id == eos == 1
+    a, b = tk.token_to_id("a"), tk.token_to_id("b")
+    m = GPT2.from_config(GPT2Config.preset("tiny", vocab_size=300), seed=0)
+    script = [a, b, eos, a, a, a, a, a]
+
+    def force(token_ids, logits):      # the model makes a, b, </s>, a, a, ...
+        step = len(token_ids[0]) - 1
+        logits[:] = -np.inf
+        logits[:, script[step]] = 0.0
+    assert m.generate_text("x", 8, temperature=0, tokenizer=enc,
+                           logits_processor=force) == "ab"
+    # stream_text is the generate command's path (its tokens and text pieces)
+    assert "".join(stream_text(m, "x", 8, temperature=0, tokenizer=enc,
+                               logits_processor=force)) == "ab"
+    assert m.generate_text("x", 8, temperature=0, tokenizer=enc, stop_at_eos=False,
+                           logits_processor=force) == "ab</s>aaaaa"
+    # with a stop string too (the other path through the text rows)
+    assert m.generate_text("x", 8, temperature=0, tokenizer=enc, stop="zz",
+                           logits_processor=force) == "ab"
+
+    # a character vocabulary has no end-of-text token: nothing stops it early
+    chars = CharTokenizer("abx")
+    mc = GPT2.from_config(GPT2Config.preset("tiny", vocab_size=3), seed=0)
+
+    def force_c(token_ids, logits):
+        logits[:] = -np.inf
+        logits[:, len(token_ids[0]) % 2] = 0.0
+    assert mc.generate_text("x", 4, temperature=0, tokenizer=chars, min_new_tokens=2,
+                            logits_processor=force_c) == "baba"
