@@ -223,8 +223,11 @@ class _Controls:
                 # a penalty may overflow float32 (a banned token's lowest logit times 1.2): the
                 # kernels take finite logits
                 np.clip(logits, _LOWEST, _HIGHEST, out=logits)
-        if step < self.min_new and self.eos < self.vocab_size:
-            logits[:, self.eos] = _LOWEST
+        if step < self.min_new:
+            if isinstance(self.eos, np.ndarray):    # several end tokens (a Llama config's list)
+                logits[:, self.eos[self.eos < self.vocab_size]] = _LOWEST
+            elif self.eos < self.vocab_size:
+                logits[:, self.eos] = _LOWEST
         if self.processor is not None:
             ids = []
             for r in range(self.rows):
@@ -389,10 +392,10 @@ def _decode(model, prompts, run, max_new_tokens, sampler, num_samples, stop_at_e
                 if done.all():
                     return
         tok = sampler(logits, seq, cur)
-        tok[done] = eos_token_id       # a finished row is padded
+        tok[done] = _eos_pad(eos_token_id)       # a finished row is padded
         run.n_out[~done] += 1
         if stop_at_eos:
-            done |= tok == eos_token_id
+            done |= _is_eos(tok, eos_token_id)
         seq[every, cur] = tok
         cur += 1
         if sampler.controls is not None:
@@ -436,10 +439,10 @@ def _decode_rectangular(model, run, kv, logits, max_new_tokens, sampler, stop_at
         if done is None:
             run.n_out += 1
         else:
-            tok[done] = eos_token_id       # a finished row is padded
+            tok[done] = _eos_pad(eos_token_id)       # a finished row is padded
             run.n_out[~done] += 1
             if stop_at_eos:
-                done |= tok == eos_token_id
+                done |= _is_eos(tok, eos_token_id)
         seq[:, cur] = tok
         cur += 1
         if sampler.controls is not None:
@@ -485,6 +488,27 @@ def _is_ragged(idx):
     return len(lengths) > 1
 
 
+def _check_eos(eos_token_id):
+    """An end token id (an int), or several (a non-empty list or tuple of ints, as a Llama
+    config's eos_token_id may be: a 1-D int64 array, the first the padding)."""
+    if isinstance(eos_token_id, (list, tuple, np.ndarray)):
+        ids = [check_int(f"eos_token_id[{i}]", t, 0) for i, t in enumerate(eos_token_id)]
+        if not ids:
+            raise ValueError("eos_token_id: an empty list (give at least one end token)")
+        return ids[0] if len(ids) == 1 else np.array(ids, np.int64)
+    return check_int("eos_token_id", eos_token_id, 0)
+
+
+def _eos_pad(eos):
+    """The token that pads a finished row: the (first) end token."""
+    return eos[0] if isinstance(eos, (np.ndarray, list, tuple)) else eos
+
+
+def _is_eos(tok, eos):
+    """Which of the tokens tok (an array) are an end token."""
+    return np.isin(tok, eos) if isinstance(eos, (np.ndarray, list, tuple)) else tok == eos
+
+
 def _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
              stop_at_eos, eos_token_id, context_full, token_limit=None, controls=None,
              stopper_factory=None):
@@ -498,7 +522,7 @@ def _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed, num_sa
     else:
         prompts = check_token_ids(idx, model.config, "idx")
     if stop_at_eos or controls["min_new_tokens"] > 0 or ragged:
-        eos_token_id = check_int("eos_token_id", eos_token_id, 0)
+        eos_token_id = _check_eos(eos_token_id)
     B = len(prompts)
     ns = args["num_samples"]
     rows = B * ns
@@ -651,7 +675,7 @@ class _TextRows:
         for r, t in enumerate(tok.tolist()):
             if self.finished[r]:
                 continue
-            if self.stop_at_eos and t == self.eos:
+            if self.stop_at_eos and bool(_is_eos(t, self.eos)):
                 self.finished[r] = True
                 self._close(r)
                 continue
@@ -714,26 +738,28 @@ class _TextRows:
 
 def _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
               stop_at_eos, context_full, stop, repetition_penalty, presence_penalty,
-              frequency_penalty, min_new_tokens, logits_processor):
+              frequency_penalty, min_new_tokens, logits_processor, eos_token_id=EOT_ID):
     controls = _controls(repetition_penalty, presence_penalty, frequency_penalty,
                          min_new_tokens, logits_processor, stop)
     stop = check_controls(**controls)["stop"]
     factory = None
     if stop:
         def factory(rows, c):
-            return _TextRows(enc, rows, c["stop"], c["min_new_tokens"], stop_at_eos, EOT_ID)
+            return _TextRows(enc, rows, c["stop"], c["min_new_tokens"], stop_at_eos,
+                             eos_token_id)
     return _prepare(model, ids, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
-                    stop_at_eos, EOT_ID, context_full, token_limit=enc.n_vocab,
+                    stop_at_eos, eos_token_id, context_full, token_limit=enc.n_vocab,
                     controls=controls, stopper_factory=factory)
 
 
 def _text_steps(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                 seed=None, *, stop_at_eos=True, context_full="slide", tokenizer=None,
                 stop=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                min_new_tokens=0, logits_processor=None):
+                min_new_tokens=0, logits_processor=None, eos_token_id=EOT_ID):
     """(token id, text piece) per generated token of prompt (a str), then (None, the rest
     of the text) once at the end; pieces may be "" while a character is incomplete or the
-    text may still be part of a stop string.  Arguments are checked when this is called."""
+    text may still be part of a stop string.  eos_token_id: the end token, or a list of
+    them (a Llama config's).  Arguments are checked when this is called."""
     from .tokenizer import get_tokenizer
     enc = tokenizer or get_tokenizer()
     if not isinstance(prompt, str):
@@ -741,13 +767,13 @@ def _text_steps(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_
     ids = _encode_prompts(enc, prompt, model.config)
     run = _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed, 1,
                     stop_at_eos, context_full, stop, repetition_penalty, presence_penalty,
-                    frequency_penalty, min_new_tokens, logits_processor)
+                    frequency_penalty, min_new_tokens, logits_processor, eos_token_id)
 
     def pairs():
         piece = _decoder(enc)
         for tok in run.steps:
             t = int(tok[0])
-            yield t, ("" if stop_at_eos and t == EOT_ID else piece(t))
+            yield t, ("" if stop_at_eos and bool(_is_eos(t, eos_token_id)) else piece(t))
         yield None, piece(None, final=True)
 
     def stopped_pairs():

@@ -133,6 +133,20 @@ class LlamaForCausalLM:
             mm.close()
         return m
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype: str | None = None) -> "LlamaForCausalLM":
+        """A model from a local Llama or Qwen2 checkpoint directory (config.json +
+        model.safetensors, as ``hf download`` fetches it) or a .safetensors file gpt2s
+        saved.  dtype: None or "float32" (the only storage of this model so far)."""
+        if dtype not in (None, "float32"):
+            raise ValueError(f"dtype={dtype!r}: a Llama model is stored in float32 only so far")
+        return cls.from_safetensors(name_or_path)
+
+    def __repr__(self):
+        c = self.config
+        return (f"LlamaForCausalLM({c.model_type}: {c.n_layer} layers, hidden {c.hidden_size}, "
+                f"{c.n_head} heads ({c.n_kv_head} key/value), vocab {c.vocab_size}, float32)")
+
     def save_safetensors(self, path, dtype: str = "float32"):
         """Write the model as Hugging Face's LlamaForCausalLM lays it out (model.safetensors
         and config.json in the directory path, or a lone .safetensors file with the config in
@@ -403,10 +417,13 @@ class LlamaForCausalLM:
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
                  top_p=None, seed=None, *, num_samples: int = 1, stop_at_eos: bool = False,
-                 eos_token_id: int | None = None, context_full: str = "stop") -> np.ndarray:
+                 eos_token_id=None, context_full: str = "stop") -> np.ndarray:
         """Continue the prompts idx (B, T) or (T,) by up to max_new_tokens tokens, as
         `GPT2.generate` does (temperature 0: greedy); returns the token ids, prompts
-        included.  stop_at_eos needs the checkpoint's eos_token_id."""
+        included.  stop_at_eos stops a row at eos_token_id (default: the config's, an id or
+        a list of ids, any of which ends the row)."""
+        if eos_token_id is None:
+            eos_token_id = self.config.eos_token_id
         if stop_at_eos and eos_token_id is None:
             raise ValueError("stop_at_eos needs eos_token_id (the checkpoint's end token)")
         return _generation.generate(self, idx, max_new_tokens, temperature, top_k, top_p, seed,
