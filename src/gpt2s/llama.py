@@ -250,14 +250,21 @@ class LlamaForCausalLM:
                         rstd2=rstd2, gu=gu)
         return out
 
-    def forward(self, idx, targets=None):
-        """Logits (B, T, V) for every position and, with targets (B, T; -1 ignored), the mean
-        cross-entropy loss (else None).  With targets the activations are kept for
-        `backward`."""
+    def forward(self, idx, targets=None, *, return_logits: bool = True,
+                for_backward: bool = True):
+        """Logits (B, T, V) for every position (None with return_logits=False) and, with
+        targets (B, T; -1 ignored), the mean cross-entropy loss (else None).  With targets
+        (and for_backward) the activations are kept for `backward`."""
         with _core.pinned_num_threads():   # every kernel of the call on one team size
-            return self._forward(idx, targets)
+            logits, loss = self._forward(idx, targets, for_backward)
+        return (logits if return_logits else None), loss
 
-    def _forward(self, idx, targets):
+    @property
+    def dtype(self) -> str:
+        """The weight storage: "float32"."""
+        return "float32"
+
+    def _forward(self, idx, targets, for_backward=True):
         cfg = self.config
         idx = self._check_idx(idx)
         B, T = idx.shape
@@ -277,7 +284,7 @@ class LlamaForCausalLM:
         flat = idx.reshape(-1)
         positions = np.tile(np.arange(T, dtype=np.int64), B)
         x = np.ascontiguousarray(self.params[EMBED][flat])
-        kept = [] if targets is not None else None
+        kept = [] if targets is not None and for_backward else None
         for l in range(cfg.n_layer):
             keep = {} if kept is not None else None
             x = self._block(l, x, B, T, positions, keep)
@@ -293,9 +300,10 @@ class LlamaForCausalLM:
             _core.crossentropy_forward(losses, lse, logits, tflat)
             valid = int((tflat != -1).sum())
             loss = float(losses[tflat != -1].astype(np.float64).sum() / max(valid, 1))
-            self._pending = dict(idx=flat, targets=tflat, lse=lse, logits=logits.copy(),
-                                 layers=kept, xf=x, rstdf=rstdf, lnf=lnf, B=B, T=T,
-                                 positions=positions, valid=valid)
+            if for_backward:
+                self._pending = dict(idx=flat, targets=tflat, lse=lse, logits=logits.copy(),
+                                     layers=kept, xf=x, rstdf=rstdf, lnf=lnf, B=B, T=T,
+                                     positions=positions, valid=valid)
         return logits.reshape(B, T, cfg.vocab_size), loss
 
     # ------------------------------------------------------------------ backward

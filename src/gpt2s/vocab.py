@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .fs import atomic_write
 
-__all__ = ["CharTokenizer", "FileTokenizer", "VOCAB_FILE", "load_vocab", "tokenizer_for",
+__all__ = ["CharTokenizer", "FileTokenizer", "VOCAB_FILE", "TOKENIZER_FILE", "load_vocab", "tokenizer_for",
            "VocabError"]
 
 VOCAB_FILE = "vocab.json"
@@ -207,12 +207,40 @@ def vocab_path(model_path) -> Path:
     return (p if p.is_dir() else p.parent) / VOCAB_FILE
 
 
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _checkpoint_tokenizer(model_path, config, vp):
+    """A Llama-family checkpoint's own tokenizer: vocab.json (a gpt2s save) or the
+    tokenizer.json beside it; never GPT-2's, whose ids are other tokens."""
+    folder = vp.parent
+    tj = folder / TOKENIZER_FILE
+    if vp.is_file():
+        enc = load_vocab(vp)
+    elif tj.is_file():
+        enc = FileTokenizer.from_file(tj)
+    else:
+        raise VocabError(f"{os.fspath(model_path)}: no {TOKENIZER_FILE} beside the model: a "
+                         f"{config.model_type} model has its own vocabulary, not GPT-2's, so "
+                         f"its text cannot be encoded or decoded without it (copy the "
+                         f"checkpoint's {TOKENIZER_FILE} into {folder})")
+    if enc.n_vocab > config.vocab_size:
+        raise VocabError(f"{tj if not vp.is_file() else vp}: {enc.n_vocab} tokens, more than "
+                         f"the model's vocab_size {config.vocab_size}")
+    return enc
+
+
 def tokenizer_for(model_path, config=None):
     """The tokenizer of the model at model_path: its vocab.json when it has one, else GPT-2's.
     With ``config``, a model without vocab.json whose vocabulary is smaller than GPT-2's is
-    refused (its ids are not GPT-2's tokens)."""
+    refused (its ids are not GPT-2's tokens).  A model whose config is not GPT-2's (a Llama
+    or Qwen2 checkpoint) uses its vocab.json or the checkpoint's tokenizer.json, and is refused
+    without either: it is never given GPT-2's tokens."""
     from .tokenizer import N_VOCAB, get_tokenizer
     vp = vocab_path(model_path)
+    model_type = getattr(config, "model_type", "gpt2")
+    if model_type != "gpt2":
+        return _checkpoint_tokenizer(model_path, config, vp)
     if vp.is_file():
         enc = load_vocab(vp)
         if config is not None and config.vocab_size < enc.n_vocab:
