@@ -43,8 +43,9 @@ def test_auto_loads_a_transformers_checkpoint(tmp_path, model_type):
                       LlamaForCausalLM)
     # the class's own entry point
     assert LlamaForCausalLM.from_pretrained(tmp_path / "m").config == m.config
-    with pytest.raises(ValueError, match="float32 only"):
-        AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype="int8")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype="int8").dtype == "int8"
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype="float16")
     # a lone file saved by gpt2s keeps its model_type in its metadata
     one = m.save_safetensors(tmp_path / "one.safetensors")
     assert AutoModelForCausalLM.from_pretrained(one).config == m.config

@@ -98,6 +98,14 @@ def test_eval_loss_as_transformers(checkpoint, tmp_path):
     result = json.loads(out.getvalue())
     assert result["tokens"] == len(ids) - 1 and result["dtype"] == "float32"
     assert result["loss"] == pytest.approx(want, rel=1e-5)
+    # int8 weights: within the bound of the low-precision tests
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["--model", str(path), "--seq-len", str(len(ids) - 1), "--json", "-q",
+                     "--dtype", "int8", str(tmp_path / "a.txt")])
+    assert code == 0
+    result = json.loads(out.getvalue())
+    assert result["dtype"] == "int8" and result["loss"] == pytest.approx(want, rel=3e-2)
 
 
 def test_eval_refuses_text_without_the_tokenizer(checkpoint, tmp_path, capsys):

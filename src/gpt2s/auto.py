@@ -94,8 +94,9 @@ class AutoModelForCausalLM:
         Hugging Face checkpoint, e.g. fetched with ``hf download``), a .safetensors file, or a
         name `GPT2.from_pretrained` knows ("demo", "gpt2", ..., a repo id in the local
         Hugging Face cache).  A `GPT2` for model_type "gpt2", a `LlamaForCausalLM` for
-        "llama" and "qwen2".  dtype: the weight storage (see `GPT2.from_safetensors`; a Llama
-        model is float32 only so far).
+        "llama" and "qwen2".  dtype: the weight storage, None (the file's own, float32 for a
+        Hugging Face checkpoint), "float32", "bfloat16", "int8" or "int4" (see
+        `GPT2.from_safetensors`, `LlamaForCausalLM.from_safetensors`).
 
         Raises:
             ModelNotFound / FileNotFoundError: nothing at name_or_path.
