@@ -14,9 +14,10 @@ TEXT = ["The quick brown fox jumps over the lazy dog.", "Once upon a time there 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def make_tokenizer(directory, vocab_size: int = 300):
+def make_tokenizer(directory, vocab_size: int = 300, bos: bool = False):
     """A byte-level BPE tokenizer.json in directory; returns the tokenizers.Tokenizer (skips
-    the test when the tokenizers package is missing)."""
+    the test when the tokenizers package is missing).  bos: its post-processor puts
+    <|im_start|> before a text, as Llama 3's and TinyLlama's put their BOS."""
     tokenizers = pytest.importorskip("tokenizers", reason="tokenizer.json needs the "
                                      "tokenizers package")
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -26,18 +27,23 @@ def make_tokenizer(directory, vocab_size: int = 300):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(TEXT, trainer)
+    if bos:
+        from tokenizers import processors
+        tk.post_processor = processors.TemplateProcessing(
+            single="<|im_start|> $A", special_tokens=[("<|im_start|>",
+                                                       tk.token_to_id("<|im_start|>"))])
     tk.save(str(directory / "tokenizer.json"))
     return tk
 
 
 def save_hf(directory, model_type="llama", vocab_size=300, eos_token_id=None, seed=0,
-            tokenizer=True, **sizes):
+            tokenizer=True, bos=False, **sizes):
     """A transformers checkpoint of a tiny random model in directory; returns
     (transformers model in float32, eval mode, tokenizers.Tokenizer or None)."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     directory.mkdir(parents=True, exist_ok=True)
-    tk = make_tokenizer(directory, vocab_size) if tokenizer else None
+    tk = make_tokenizer(directory, vocab_size, bos) if tokenizer else None
     if tk is not None:
         vocab_size = tk.get_vocab_size()
     cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96,

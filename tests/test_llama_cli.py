@@ -22,7 +22,11 @@ PROMPT = "The quick brown fox"
 
 @pytest.fixture(params=["llama", "qwen2"])
 def checkpoint(request, tmp_path):
-    hf, tk = save_hf(tmp_path / request.param, request.param, seed=4)
+    # the Llama checkpoint's tokenizer puts a BOS before the prompt (as Llama 3's does)
+    hf, tk = save_hf(tmp_path / request.param, request.param, seed=4,
+                     bos=request.param == "llama")
+    if request.param == "llama":
+        assert tk.encode(PROMPT).ids[0] == tk.token_to_id("<|im_start|>")
     return tmp_path / request.param, hf, tk
 
 
@@ -48,7 +52,7 @@ def test_generate_greedy_as_transformers(checkpoint, capsys):
     code, out, err = _generate(capsys, "--model", str(path), PROMPT, "--temperature", "0",
                                "-n", "12", "--ignore-eos")
     assert code == 0, err
-    assert out == PROMPT + tk.decode(new) + "\n"
+    assert out == PROMPT + tk.decode(new, skip_special_tokens=False) + "\n"
 
 
 def test_generate_stops_at_the_config_end_tokens(checkpoint, capsys):
@@ -62,11 +66,12 @@ def test_generate_stops_at_the_config_end_tokens(checkpoint, capsys):
                                "-n", "12")
     assert code == 0, err
     assert _greedy(hf, tk, 12, eos=eos) == free[:first + 1]     # transformers stops there too
-    assert out == PROMPT + tk.decode(free[:first]) + "\n"        # the end token is not shown
+    # the end token is not shown
+    assert out == PROMPT + tk.decode(free[:first], skip_special_tokens=False) + "\n"
     # --ignore-eos goes on
     code, out, err = _generate(capsys, "--model", str(path), PROMPT, "--temperature", "0",
                                "-n", "12", "--ignore-eos")
-    assert out == PROMPT + tk.decode(free) + "\n"
+    assert out == PROMPT + tk.decode(free, skip_special_tokens=False) + "\n"
 
 
 def test_generate_refuses_without_the_tokenizer(checkpoint, capsys):
@@ -84,7 +89,7 @@ def test_eval_loss_as_transformers(checkpoint, tmp_path):
     path, hf, tk = checkpoint
     text = "Once upon a time there was a quick brown fox. Hello, world!"
     (tmp_path / "a.txt").write_text(text, encoding="utf-8")
-    ids = tk.encode(text).ids
+    ids = tk.encode(text, add_special_tokens=False).ids   # eval scores the text's own tokens
     with torch.no_grad():
         t = torch.tensor([ids])
         want = float(hf(input_ids=t, labels=t).loss)

@@ -113,6 +113,9 @@ class FileTokenizer:
     vocabulary has one."""
 
     name = "tokenizers"
+    # encode() adds the tokenizer's special tokens (a checkpoint's BOS, as transformers'
+    # tokenizer(text) does) when True: set for a Llama-family checkpoint's tokenizer.json
+    add_special_tokens = False
 
     def __init__(self, spec: str, source: str = "tokenizer.json"):
         try:
@@ -145,6 +148,8 @@ class FileTokenizer:
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def encode(self, text: str, allowed_special=(), disallowed_special=()) -> list[int]:
+        if self.add_special_tokens:
+            return self.tk.encode(text, add_special_tokens=True).ids
         return self.encode_ordinary(text)
 
     def decode(self, ids, errors: str = "replace") -> str:
@@ -219,6 +224,7 @@ def _checkpoint_tokenizer(model_path, config, vp):
         enc = load_vocab(vp)
     elif tj.is_file():
         enc = FileTokenizer.from_file(tj)
+        enc.add_special_tokens = True   # a prompt starts with the checkpoint's BOS, if it has one
     else:
         raise VocabError(f"{os.fspath(model_path)}: no {TOKENIZER_FILE} beside the model: a "
                          f"{config.model_type} model has its own vocabulary, not GPT-2's, so "
