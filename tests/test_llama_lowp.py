@@ -130,6 +130,16 @@ def test_inference_only_and_round_trips(tmp_path):
     assert out.shape == (1, 9)
 
 
+def test_a_new_low_precision_model_has_zero_weights():
+    cfg = LlamaConfig(**CONFIGS["qwen2-untied-gqa4"])
+    m = LlamaForCausalLM(cfg, "int4")
+    assert m.dtype == "int4"
+    logits = m.forward(np.array([[1, 2, 3]]))[0]
+    assert logits.shape == (1, 3, cfg.vocab_size) and not logits.any()
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        LlamaForCausalLM(cfg, "float16")
+
+
 def test_sizes_the_blocks_do_not_divide():
     m = LlamaForCausalLM.from_config(LlamaConfig(vocab_size=50, hidden_size=48,
                                                  intermediate_size=64, num_hidden_layers=1,

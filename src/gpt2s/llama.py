@@ -48,6 +48,9 @@ class LlamaForCausalLM:
 
     Args:
         config: a `LlamaConfig`.
+        dtype: the storage of the matmul weights, "float32" (trainable; a new model's
+            weights are zeros: `from_config`, `from_pretrained`) or "bfloat16", "int8",
+            "int4" (inference: made by `to_dtype` or ``dtype=`` when loading).
 
     Attributes:
         config: the model's config.
@@ -73,6 +76,7 @@ class LlamaForCausalLM:
         self._pending = None
         self._joined = None   # another dtype: per block the joined q|k|v, gate|up (+ biases)
         self._zero_pos = np.zeros((1, config.hidden_size), np.float32)
+        self._join()
 
     def to_dtype(self, dtype: str) -> "LlamaForCausalLM":
         """A new model with this one's weights, its matmul weights (the projections, the

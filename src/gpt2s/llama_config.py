@@ -81,8 +81,11 @@ class LlamaConfig:
     defaults.  Frozen; checked when made.
 
     Args:
-        vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads:
-            the sizes.
+        vocab_size: the tokens of the vocabulary.
+        hidden_size: the width of the residual stream.
+        intermediate_size: the width of the MLP.
+        num_hidden_layers: the blocks.
+        num_attention_heads: the query heads.
         num_key_value_heads: the key/value heads of grouped-query attention (None: as many
             as num_attention_heads), a divisor of num_attention_heads.
         head_dim: the size of a head (None: hidden_size // num_attention_heads), even.
@@ -98,6 +101,10 @@ class LlamaConfig:
         hidden_act: the gate's activation (transformers' name; "silu" for SwiGLU).
         model_type: "llama", or "qwen2" (q, k, v projections with biases, none elsewhere;
             attention_bias and mlp_bias stay false).
+        bos_token_id: the checkpoint's begin token (read from config.json, not used in the
+            computation).
+        eos_token_id: its end token, or a tuple of them: generation stops at any (not
+            compared by ``==``: it changes no number the model computes).
 
     Raises:
         ValueError: a size out of bounds, heads that do not divide, an odd head_dim, an
