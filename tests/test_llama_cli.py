@@ -27,6 +27,9 @@ def checkpoint(request, tmp_path):
                      bos=request.param == "llama")
     if request.param == "llama":
         assert tk.encode(PROMPT).ids[0] == tk.token_to_id("<|im_start|>")
+    else:   # Hugging Face checkpoints ship vocab.json and merges.txt beside tokenizer.json
+        (tmp_path / request.param / "vocab.json").write_text(json.dumps(tk.get_vocab()))
+        (tmp_path / request.param / "merges.txt").write_text("#version: 0.2\n")
     return tmp_path / request.param, hf, tk
 
 

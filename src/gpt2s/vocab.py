@@ -216,22 +216,28 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def _checkpoint_tokenizer(model_path, config, vp):
-    """A Llama-family checkpoint's own tokenizer: vocab.json (a gpt2s save) or the
-    tokenizer.json beside it; never GPT-2's, whose ids are other tokens."""
+    """A Llama-family checkpoint's own tokenizer: the tokenizer.json beside it (a Hugging Face
+    checkpoint's vocab.json and merges.txt, which say the same, are not read), else a gpt2s
+    vocab.json; never GPT-2's, whose ids are other tokens."""
     folder = vp.parent
     tj = folder / TOKENIZER_FILE
-    if vp.is_file():
-        enc = load_vocab(vp)
-    elif tj.is_file():
+    if tj.is_file():
         enc = FileTokenizer.from_file(tj)
         enc.add_special_tokens = True   # a prompt starts with the checkpoint's BOS, if it has one
     else:
+        enc = None
+        if vp.is_file():
+            try:
+                enc = load_vocab(vp)
+            except VocabError:   # a Hugging Face vocab.json (of a BPE with merges.txt)
+                enc = None
+    if enc is None:
         raise VocabError(f"{os.fspath(model_path)}: no {TOKENIZER_FILE} beside the model: a "
                          f"{config.model_type} model has its own vocabulary, not GPT-2's, so "
                          f"its text cannot be encoded or decoded without it (copy the "
                          f"checkpoint's {TOKENIZER_FILE} into {folder})")
     if enc.n_vocab > config.vocab_size:
-        raise VocabError(f"{tj if not vp.is_file() else vp}: {enc.n_vocab} tokens, more than "
+        raise VocabError(f"{tj if tj.is_file() else vp}: {enc.n_vocab} tokens, more than "
                          f"the model's vocab_size {config.vocab_size}")
     return enc
 
