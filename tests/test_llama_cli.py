@@ -133,3 +133,30 @@ def test_train_refuses_a_llama_checkpoint(checkpoint, tmp_path, capsys):
                  str(tmp_path / "a.txt")])
     err = capsys.readouterr().err
     assert code == 2 and "checkpoint; the trainer fine-tunes GPT-2 models only" in err, err
+
+
+def test_generate_text_and_stream_from_python(checkpoint):
+    """The model loaded from the directory carries its tokenizer: generate_text gives the
+    greedy text transformers gives, and stops at the config's end tokens."""
+    import gpt2s
+    path, hf, tk = checkpoint
+    free = _greedy(hf, tk, 12)
+    m = gpt2s.AutoModelForCausalLM.from_pretrained(path)
+    assert m.tokenizer is not None
+    assert m.generate_text(PROMPT, 12, temperature=0.0, stop_at_eos=False) == \
+        tk.decode(free, skip_special_tokens=False)
+    ids = tk.encode(PROMPT).ids
+    assert list(m.generate_stream(ids, 12, temperature=0.0)) == free
+    unused = next(t for t in range(tk.get_vocab_size()) if t not in free)
+    write_config(path, eos_token_id=[unused, free[3]])
+    m = gpt2s.AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    first = free.index(free[3])
+    assert m.generate_text(PROMPT, 12, temperature=0.0) == \
+        tk.decode(free[:first], skip_special_tokens=False)
+    assert list(m.generate_stream(ids, 12, temperature=0.0, stop_at_eos=True)) == \
+        free[:first + 1]
+    # without its tokenizer
+    (path / "tokenizer.json").unlink()
+    bare = gpt2s.AutoModelForCausalLM.from_pretrained(path)
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        bare.generate_text(PROMPT, 3)

@@ -44,9 +44,11 @@ def model_type_of(path) -> tuple[str, str]:
         with open(cfg_file, "rb") as f:
             raw = f.read()
         try:
-            d = parse_config_json(raw.decode("utf-8"), str(cfg_file))
-        except UnicodeDecodeError:
-            raise ValueError(f"{cfg_file}: not UTF-8 text, so not a config.json") from None
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:   # (worded as GPT2Config.from_json_file words it)
+            raise ValueError(f"{cfg_file}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                             f"{e.start}), so not a config.json") from None
+        d = parse_config_json(text, str(cfg_file))
         source = str(cfg_file)
     else:
         mm, _header, metadata, _start = _weights.open_mapped(file)

@@ -809,7 +809,8 @@ def stream_text(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_
 def generate_text(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                   seed=None, *, num_samples=1, stop_at_eos=True, context_full="slide",
                   tokenizer=None, stop=None, repetition_penalty=1.0, presence_penalty=0.0,
-                  frequency_penalty=0.0, min_new_tokens=0, logits_processor=None):
+                  frequency_penalty=0.0, min_new_tokens=0, logits_processor=None,
+                  eos_token_id=EOT_ID):
     """Text in, text out: the continuation of prompt (without the prompt itself).
 
     prompt: a str, or a list of str (a batch; they may encode to different lengths, each
@@ -820,14 +821,16 @@ def generate_text(model, prompt, max_new_tokens, temperature=1.0, top_k=None, to
     ``<|endoftext|>`` in the prompt is GPT-2's document separator (token 50256); with
     stop_at_eos (the default here) a continuation ends before the first one generated.
     stop: a str or a list of str; a continuation ends before the first one it contains (the
-    stop string is not part of it).  Other arguments as in generate.
+    stop string is not part of it).  eos_token_id: the end token, or a list of them (a Llama
+    config's).  Other arguments as in generate.
     """
     from .tokenizer import get_tokenizer
     enc = tokenizer or get_tokenizer()
     ids = _encode_prompts(enc, prompt, model.config)
     run = _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed,
                     num_samples, stop_at_eos, context_full, stop, repetition_penalty,
-                    presence_penalty, frequency_penalty, min_new_tokens, logits_processor)
+                    presence_penalty, frequency_penalty, min_new_tokens, logits_processor,
+                    eos_token_id)
     with pinned_num_threads():   # the whole generation on one thread count
         for _ in run.steps:
             pass
@@ -838,8 +841,10 @@ def generate_text(model, prompt, max_new_tokens, temperature=1.0, top_k=None, to
         texts = []
         for r, row in enumerate(run.rows()):
             new = row[run.lengths[r]:].tolist()
-            if stop_at_eos and EOT_ID in new:
-                new = new[:new.index(EOT_ID)]
+            if stop_at_eos:
+                ends = [i for i, t in enumerate(new) if _is_eos(t, eos_token_id)]
+                if ends:
+                    new = new[:ends[0]]
             texts.append(enc.decode(new, errors="replace"))
     ns = check_sampling_args(num_samples=num_samples)["num_samples"]
     if isinstance(prompt, str):

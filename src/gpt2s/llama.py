@@ -38,6 +38,18 @@ from .params import ParameterStore
 
 __all__ = ["LlamaForCausalLM"]
 
+
+def _checkpoint_tokenizer(folder, config):
+    """The tokenizer.json beside a checkpoint, or None (none there, or no tokenizers
+    package)."""
+    from .vocab import TOKENIZER_FILE, VocabError, tokenizer_for
+    if not (folder / TOKENIZER_FILE).is_file():
+        return None
+    try:
+        return tokenizer_for(folder, config)
+    except VocabError:
+        return None
+
 _EMPTY1 = np.empty(0, np.float32)
 _EMPTY3 = np.empty((0, 0, 0), np.float32)
 
@@ -55,6 +67,8 @@ class LlamaForCausalLM:
     Attributes:
         config: the model's config.
         store: its `ParameterStore` (parameters and gradients in one buffer each).
+        tokenizer: the checkpoint's tokenizer (its tokenizer.json, read when the model is
+            loaded from a directory holding one; else None), `generate_text`'s default.
 
     Examples:
         >>> from gpt2s.llama_config import LlamaConfig
@@ -77,6 +91,9 @@ class LlamaForCausalLM:
         self._joined = None   # another dtype: per block the joined q|k|v, gate|up (+ biases)
         self._zero_pos = np.zeros((1, config.hidden_size), np.float32)
         self._join()
+        # the checkpoint's tokenizer (its tokenizer.json, when loaded from a directory with
+        # one): generate_text's default
+        self.tokenizer = None
 
     def to_dtype(self, dtype: str) -> "LlamaForCausalLM":
         """A new model with this one's weights, its matmul weights (the projections, the
@@ -84,6 +101,7 @@ class LlamaForCausalLM:
         only, as `GPT2.to_dtype`), or "float32" (a copy, widened back).  The norms and
         biases stay float32.  This model is left as it is."""
         m = LlamaForCausalLM(self.config, dtype)
+        m.tokenizer = self.tokenizer
         for name, w in self.params.items():
             m.store.copy_param(name, w if isinstance(w, np.ndarray) else np.asarray(w))
         m._join()
@@ -192,6 +210,8 @@ class LlamaForCausalLM:
                         f"(tie_word_embeddings)")
         finally:
             mm.close()
+        if cfg_file is not None:
+            m.tokenizer = _checkpoint_tokenizer(file.parent, config)
         if dtype is not None and dtype != "float32":
             return m.to_dtype(dtype)
         return m
@@ -515,3 +535,42 @@ class LlamaForCausalLM:
                                     num_samples=num_samples, stop_at_eos=stop_at_eos,
                                     eos_token_id=eos_token_id if eos_token_id is not None
                                     else 0, context_full=context_full)
+
+    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                        top_p=None, seed=None, *, num_samples: int = 1,
+                        stop_at_eos: bool = False, eos_token_id=None,
+                        context_full: str = "stop", **controls):
+        """Like `generate`, an iterator over the new tokens as they are made (as
+        `GPT2.generate_stream`; eos_token_id defaults to the config's)."""
+        if eos_token_id is None:
+            eos_token_id = self.config.eos_token_id
+        if stop_at_eos and eos_token_id is None:
+            raise ValueError("stop_at_eos needs eos_token_id (the checkpoint's end token)")
+        return _generation.generate_stream(
+            self, idx, max_new_tokens, temperature, top_k, top_p, seed,
+            num_samples=num_samples, stop_at_eos=stop_at_eos,
+            eos_token_id=eos_token_id if eos_token_id is not None else 0,
+            context_full=context_full, **controls)
+
+    def generate_text(self, prompt, max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                      top_p=None, seed=None, *, num_samples: int = 1, stop_at_eos: bool = True,
+                      context_full: str = "stop", tokenizer=None, **controls):
+        """Text in, text out, as `GPT2.generate_text`, with the checkpoint's tokenizer (the
+        tokenizer.json beside the loaded checkpoint, or tokenizer=) and end tokens (the
+        config's eos_token_id, one id or a list).
+
+        Raises:
+            ValueError: no tokenizer (a model not loaded from a directory with its
+                tokenizer.json, and none passed).
+        """
+        enc = tokenizer if tokenizer is not None else self.tokenizer
+        if enc is None:
+            raise ValueError("generate_text needs the model's tokenizer: load the model from "
+                             "a checkpoint directory with its tokenizer.json, or pass "
+                             "tokenizer= (gpt2s.vocab.FileTokenizer.from_file(path))")
+        eos = self.config.eos_token_id
+        return _generation.generate_text(
+            self, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+            num_samples=num_samples, stop_at_eos=stop_at_eos and eos is not None,
+            context_full=context_full, tokenizer=enc,
+            eos_token_id=eos if eos is not None else 0, **controls)
