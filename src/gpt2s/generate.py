@@ -234,7 +234,7 @@ def _run(args, out, err) -> int:
         if (getattr(enc, "eot_id", 0) is None or not gpt2_vocab) and args.prompt is None \
                 and args.prompt_file is None:
             raise ValueError(f"the model's vocabulary ({enc.n_vocab} tokens) has no "
-                             f"{EOT_TOKEN} to start from: give a PROMPT to continue")
+                             f"{EOT_TOKEN}: give a PROMPT to continue")
         # the end token(s): GPT-2's <|endoftext|>, a Llama config's eos_token_id (one id or
         # a list), else the tokenizer's end-of-text token
         eos = EOT_ID if gpt2_vocab else getattr(model.config, "eos_token_id", None)

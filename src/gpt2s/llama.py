@@ -539,7 +539,9 @@ class LlamaForCausalLM:
     def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
                         top_p=None, seed=None, *, num_samples: int = 1,
                         stop_at_eos: bool = False, eos_token_id=None,
-                        context_full: str = "stop", **controls):
+                        context_full: str = "stop", repetition_penalty=1.0,
+                        presence_penalty=0.0, frequency_penalty=0.0, min_new_tokens=0,
+                        logits_processor=None):
         """Like `generate`, an iterator over the new tokens as they are made (as
         `GPT2.generate_stream`; eos_token_id defaults to the config's)."""
         if eos_token_id is None:
@@ -550,11 +552,15 @@ class LlamaForCausalLM:
             self, idx, max_new_tokens, temperature, top_k, top_p, seed,
             num_samples=num_samples, stop_at_eos=stop_at_eos,
             eos_token_id=eos_token_id if eos_token_id is not None else 0,
-            context_full=context_full, **controls)
+            context_full=context_full, repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            min_new_tokens=min_new_tokens, logits_processor=logits_processor)
 
     def generate_text(self, prompt, max_new_tokens: int, temperature: float = 1.0, top_k=None,
                       top_p=None, seed=None, *, num_samples: int = 1, stop_at_eos: bool = True,
-                      context_full: str = "stop", tokenizer=None, **controls):
+                      context_full: str = "stop", tokenizer=None, stop=None,
+                      repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                      min_new_tokens=0, logits_processor=None):
         """Text in, text out, as `GPT2.generate_text`, with the checkpoint's tokenizer (the
         tokenizer.json beside the loaded checkpoint, or tokenizer=) and end tokens (the
         config's eos_token_id, one id or a list).
@@ -572,5 +578,7 @@ class LlamaForCausalLM:
         return _generation.generate_text(
             self, prompt, max_new_tokens, temperature, top_k, top_p, seed,
             num_samples=num_samples, stop_at_eos=stop_at_eos and eos is not None,
-            context_full=context_full, tokenizer=enc,
-            eos_token_id=eos if eos is not None else 0, **controls)
+            context_full=context_full, tokenizer=enc, stop=stop,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, min_new_tokens=min_new_tokens,
+            logits_processor=logits_processor, eos_token_id=eos if eos is not None else 0)

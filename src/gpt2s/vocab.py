@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .fs import atomic_write
 
-__all__ = ["CharTokenizer", "FileTokenizer", "VOCAB_FILE", "TOKENIZER_FILE", "load_vocab", "tokenizer_for",
-           "VocabError"]
+__all__ = ["CharTokenizer", "FileTokenizer", "VOCAB_FILE", "TOKENIZER_FILE", "load_vocab",
+           "tokenizer_for", "VocabError"]
 
 VOCAB_FILE = "vocab.json"
 FORMAT = "gpt2s-vocab"
