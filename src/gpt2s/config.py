@@ -46,7 +46,13 @@ def _refusals(d: dict):
     out = []
     model_type = d.get("model_type", "gpt2")
     if model_type != "gpt2":
-        out.append(("model_type", model_type, "gpt2s runs only model_type 'gpt2'"))
+        if model_type in ("llama", "qwen2"):
+            out.append(("model_type", model_type,
+                        "GPT2 loads GPT-2 checkpoints only; load this one with "
+                        "gpt2s.AutoModelForCausalLM.from_pretrained (or "
+                        "gpt2s.LlamaForCausalLM)"))
+        else:
+            out.append(("model_type", model_type, "GPT2 runs only model_type 'gpt2'"))
     if d.get("add_cross_attention", False) not in (False, None):
         out.append(("add_cross_attention", d["add_cross_attention"],
                     "gpt2s has no cross-attention layers (encoder-decoder use)"))

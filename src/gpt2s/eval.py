@@ -169,10 +169,12 @@ examples:
     p.add_argument("data", nargs="+", metavar="DATA",
                    help="text files, .bin token files or llm.c shards, or globs of them")
     p.add_argument("--model", metavar="PATH",
-                   help="a .safetensors file, a directory with model.safetensors, or a name: "
+                   help="a .safetensors file, a directory with model.safetensors (a Llama "
+                        "or Qwen2 checkpoint directory: with its tokenizer.json), or a name: "
                         "demo, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     p.add_argument("--seq-len", type=int, default=None, metavar="T",
-                   help="inputs per window, at most the model's context (default: n_ctx)")
+                   help="inputs per window, at most the model's context (default: n_ctx; "
+                        "min(n_ctx, 1024) for a Llama or Qwen2 model)")
     p.add_argument("--stride", type=int, default=None, metavar="S",
                    help="tokens between window starts, 1 <= S <= T (default: T / 2)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
@@ -196,6 +198,7 @@ def _run(args, out, err) -> int:
     from ._cli import Progress
     from .data import DataError, TokenData
     from .hub import find_model
+    from .auto import model_type_of
     from .vocab import (load_vocab, same_vocab, shards_vocab, tokenizer_for, vocab_name,
                         vocab_path)
     from .weights import SafetensorsError
@@ -211,27 +214,41 @@ def _run(args, out, err) -> int:
         if args.threads is not None:
             gpt2s.set_num_threads(args.threads)
         path = find_model(args.model)
-        # text is read with the model's own vocabulary (vocab.json beside it), else GPT-2's
-        own = vocab_path(path)
-        enc = load_vocab(own) if own.is_file() else None
+        model = None
+        no_tokenizer = None
+        if model_type_of(path)[0] != "gpt2":
+            # a Llama / Qwen2 checkpoint: its own tokenizer (tokenizer.json), never GPT-2's
+            model = gpt2s.AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype)
+            try:
+                enc = tokenizer_for(path, model.config)
+            except ValueError as e:     # needed only if the data is text
+                enc, no_tokenizer = None, str(e)
+        else:
+            # text is read with the model's own vocabulary (vocab.json beside it), else GPT-2's
+            own = vocab_path(path)
+            enc = load_vocab(own) if own.is_file() else None
         data = TokenData(args.data, tokenizer=enc)
         for src in data.sources:   # shards prepare wrote in another vocabulary are refused
             known, shard_enc = shards_vocab(src.path) if src.kind == "llmc" else (False, None)
             if known and not same_vocab(shard_enc, enc):
                 raise ValueError(f"{src.path}: token ids of {vocab_name(shard_enc)} (its "
                                  f"prepare.json), not of the model's ({vocab_name(enc)})")
-    except (DataError, ValueError, FileNotFoundError) as e:
+        if no_tokenizer is not None and any(s.kind == "text" for s in data.sources):
+            raise ValueError(no_tokenizer)
+    except (DataError, ValueError, FileNotFoundError, SafetensorsError) as e:
         raise _UserError(str(e)) from None
     if args.max_tokens is not None and args.max_tokens < len(data):
         data = data.subset(0, args.max_tokens)
     try:
         # dtype None: the weights as the file stores them (float32, bfloat16, packed or
         # a GGUF file's own block type)
-        model = gpt2s.GPT2.from_safetensors(path, dtype=args.dtype)
+        if model is None:
+            model = gpt2s.GPT2.from_safetensors(path, dtype=args.dtype)
     except (FileNotFoundError, SafetensorsError, ValueError, ImportError) as e:
         raise _UserError(str(e)) from None
     cfg = model.config
-    if enc is None and any(s.kind == "text" for s in data.sources):
+    if enc is None and isinstance(model, gpt2s.GPT2) \
+            and any(s.kind == "text" for s in data.sources):
         try:
             tokenizer_for(path, cfg)      # refuses GPT-2's tokens for a smaller vocabulary
         except ValueError as e:
@@ -239,7 +256,9 @@ def _run(args, out, err) -> int:
     if args.seq_len is not None and args.seq_len > cfg.n_ctx:
         raise _UserError(f"--seq-len {args.seq_len} exceeds the model's context "
                          f"n_ctx={cfg.n_ctx}")
-    seq_len = args.seq_len or cfg.n_ctx
+    # a Llama model's context may be 8k-128k positions: windows of 1024 by default
+    seq_len = args.seq_len or (cfg.n_ctx if isinstance(model, gpt2s.GPT2)
+                               else min(cfg.n_ctx, 1024))
     stride = args.stride or max(1, seq_len // 2)
     if stride > seq_len:
         raise _UserError(f"--stride {stride} is larger than the window (--seq-len {seq_len})")

@@ -85,7 +85,8 @@ examples:
                         "is unconditional (it starts from <|endoftext|>)")
     p.add_argument("--model", metavar="PATH",
                    help="a .safetensors file, a directory with model.safetensors "
-                        "(+ config.json), or a name: demo, gpt2, gpt2-medium, gpt2-large, "
+                        "(+ config.json; a Llama or Qwen2 checkpoint directory with its "
+                        "tokenizer.json), or a name: demo, gpt2, gpt2-medium, gpt2-large, "
                         "gpt2-xl, openai-community/... (from the Hugging Face cache)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=100, metavar="N",
                    help="tokens to generate per sample (default: %(default)s)")
@@ -185,7 +186,7 @@ def _run(args, out, err) -> int:
 
     import gpt2s
     from .generation import _text_steps, check_controls, check_sampling_args
-    from .tokenizer import EOT_TOKEN
+    from .tokenizer import EOT_ID, EOT_TOKEN
     from .vocab import tokenizer_for
     from .weights import SafetensorsError
 
@@ -221,17 +222,25 @@ def _run(args, out, err) -> int:
     try:
         path = find_model(args.model)
         t0 = time.perf_counter()
-        model = gpt2s.GPT2.from_safetensors(path, dtype=args.dtype)
+        # GPT-2, Llama or Qwen2: the class from config.json's model_type (a .gguf file:
+        # GPT-2)
+        model = gpt2s.AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype)
     except (FileNotFoundError, SafetensorsError, ValueError, ImportError) as e:
         raise _UserError(str(e)) from None
     load_s = time.perf_counter() - t0
     try:
         # the model's own vocabulary (vocab.json beside it), else GPT-2's
         enc = tokenizer_for(path, model.config)
-        if getattr(enc, "eot_id", 0) is None and args.prompt is None \
+        gpt2_vocab = isinstance(model, gpt2s.GPT2)
+        if (getattr(enc, "eot_id", 0) is None or not gpt2_vocab) and args.prompt is None \
                 and args.prompt_file is None:
             raise ValueError(f"the model's vocabulary ({enc.n_vocab} tokens) has no "
                              f"{EOT_TOKEN}: give a PROMPT to continue")
+        # the end token(s): GPT-2's <|endoftext|>, a Llama config's eos_token_id (one id or
+        # a list), else the tokenizer's end-of-text token
+        eos = EOT_ID if gpt2_vocab else getattr(model.config, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(enc, "eot_id", None)
         n_prompt = len(enc.encode(prompt, allowed_special={EOT_TOKEN}))
     except ValueError as e:
         raise _UserError(str(e)) from None
@@ -259,7 +268,8 @@ def _run(args, out, err) -> int:
         try:
             steps = _text_steps(model, prompt, sampling["max_new_tokens"],
                                 sampling["temperature"], sampling["top_k"], sampling["top_p"],
-                                rng, stop_at_eos=not args.ignore_eos,
+                                rng, stop_at_eos=not args.ignore_eos and eos is not None,
+                                eos_token_id=EOT_ID if eos is None else eos,
                                 context_full=sampling["context_full"], tokenizer=enc,
                                 **controls)
         except ValueError as e:

@@ -223,8 +223,11 @@ class _Controls:
                 # a penalty may overflow float32 (a banned token's lowest logit times 1.2): the
                 # kernels take finite logits
                 np.clip(logits, _LOWEST, _HIGHEST, out=logits)
-        if step < self.min_new and self.eos < self.vocab_size:
-            logits[:, self.eos] = _LOWEST
+        if step < self.min_new:
+            if isinstance(self.eos, np.ndarray):    # several end tokens (a Llama config's list)
+                logits[:, self.eos[self.eos < self.vocab_size]] = _LOWEST
+            elif self.eos < self.vocab_size:
+                logits[:, self.eos] = _LOWEST
         if self.processor is not None:
             ids = []
             for r in range(self.rows):
@@ -389,10 +392,10 @@ def _decode(model, prompts, run, max_new_tokens, sampler, num_samples, stop_at_e
                 if done.all():
                     return
         tok = sampler(logits, seq, cur)
-        tok[done] = eos_token_id       # a finished row is padded
+        tok[done] = _eos_pad(eos_token_id)       # a finished row is padded
         run.n_out[~done] += 1
         if stop_at_eos:
-            done |= tok == eos_token_id
+            done |= _is_eos(tok, eos_token_id)
         seq[every, cur] = tok
         cur += 1
         if sampler.controls is not None:
@@ -436,10 +439,10 @@ def _decode_rectangular(model, run, kv, logits, max_new_tokens, sampler, stop_at
         if done is None:
             run.n_out += 1
         else:
-            tok[done] = eos_token_id       # a finished row is padded
+            tok[done] = _eos_pad(eos_token_id)       # a finished row is padded
             run.n_out[~done] += 1
             if stop_at_eos:
-                done |= tok == eos_token_id
+                done |= _is_eos(tok, eos_token_id)
         seq[:, cur] = tok
         cur += 1
         if sampler.controls is not None:
@@ -485,6 +488,27 @@ def _is_ragged(idx):
     return len(lengths) > 1
 
 
+def _check_eos(eos_token_id):
+    """An end token id (an int), or several (a non-empty list or tuple of ints, as a Llama
+    config's eos_token_id may be: a 1-D int64 array, the first the padding)."""
+    if isinstance(eos_token_id, (list, tuple, np.ndarray)):
+        ids = [check_int(f"eos_token_id[{i}]", t, 0) for i, t in enumerate(eos_token_id)]
+        if not ids:
+            raise ValueError("eos_token_id: an empty list (give at least one end token)")
+        return ids[0] if len(ids) == 1 else np.array(ids, np.int64)
+    return check_int("eos_token_id", eos_token_id, 0)
+
+
+def _eos_pad(eos):
+    """The token that pads a finished row: the (first) end token."""
+    return eos[0] if isinstance(eos, (np.ndarray, list, tuple)) else eos
+
+
+def _is_eos(tok, eos):
+    """Which of the tokens tok (an array) are an end token."""
+    return np.isin(tok, eos) if isinstance(eos, (np.ndarray, list, tuple)) else tok == eos
+
+
 def _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
              stop_at_eos, eos_token_id, context_full, token_limit=None, controls=None,
              stopper_factory=None):
@@ -498,7 +522,7 @@ def _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed, num_sa
     else:
         prompts = check_token_ids(idx, model.config, "idx")
     if stop_at_eos or controls["min_new_tokens"] > 0 or ragged:
-        eos_token_id = check_int("eos_token_id", eos_token_id, 0)
+        eos_token_id = _check_eos(eos_token_id)
     B = len(prompts)
     ns = args["num_samples"]
     rows = B * ns
@@ -651,7 +675,7 @@ class _TextRows:
         for r, t in enumerate(tok.tolist()):
             if self.finished[r]:
                 continue
-            if self.stop_at_eos and t == self.eos:
+            if self.stop_at_eos and bool(_is_eos(t, self.eos)):
                 self.finished[r] = True
                 self._close(r)
                 continue
@@ -718,12 +742,21 @@ def _eos_of(enc):
     return getattr(enc, "eot_id", EOT_ID)
 
 
+def _text_eos(enc, eos_token_id, stop_at_eos):
+    """(stop_at_eos, end token(s)) of a text call: eos_token_id when given (a Llama
+    config's, maybe a list), else the tokenizer's own end-of-text id; a vocabulary without
+    one (characters) stops at nothing, its finished rows padded with 50256's place-holder."""
+    if eos_token_id is None:
+        eos_token_id = _eos_of(enc)
+        if eos_token_id is None:
+            return False, EOT_ID
+    return stop_at_eos, eos_token_id
+
+
 def _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
               stop_at_eos, context_full, stop, repetition_penalty, presence_penalty,
-              frequency_penalty, min_new_tokens, logits_processor):
-    eos = _eos_of(enc)
-    if eos is None:              # a vocabulary without an end-of-text token: nothing stops
-        stop_at_eos, eos = False, EOT_ID
+              frequency_penalty, min_new_tokens, logits_processor, eos_token_id=None):
+    stop_at_eos, eos = _text_eos(enc, eos_token_id, stop_at_eos)
     controls = _controls(repetition_penalty, presence_penalty, frequency_penalty,
                          min_new_tokens, logits_processor, stop)
     stop = check_controls(**controls)["stop"]
@@ -739,10 +772,12 @@ def _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed, 
 def _text_steps(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                 seed=None, *, stop_at_eos=True, context_full="slide", tokenizer=None,
                 stop=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                min_new_tokens=0, logits_processor=None):
+                min_new_tokens=0, logits_processor=None, eos_token_id=None):
     """(token id, text piece) per generated token of prompt (a str), then (None, the rest
     of the text) once at the end; pieces may be "" while a character is incomplete or the
-    text may still be part of a stop string.  Arguments are checked when this is called."""
+    text may still be part of a stop string.  eos_token_id: the end token, or a list of
+    them (a Llama config's); None: the tokenizer's own.  Arguments are checked when this is
+    called."""
     from .tokenizer import get_tokenizer
     enc = tokenizer or get_tokenizer()
     if not isinstance(prompt, str):
@@ -750,14 +785,15 @@ def _text_steps(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_
     ids = _encode_prompts(enc, prompt, model.config)
     run = _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed, 1,
                     stop_at_eos, context_full, stop, repetition_penalty, presence_penalty,
-                    frequency_penalty, min_new_tokens, logits_processor)
+                    frequency_penalty, min_new_tokens, logits_processor, eos_token_id)
+
+    stops, eos = _text_eos(enc, eos_token_id, stop_at_eos)
 
     def pairs():
         piece = _decoder(enc)
-        eos = _eos_of(enc)
         for tok in run.steps:
             t = int(tok[0])
-            yield t, ("" if stop_at_eos and t == eos else piece(t))
+            yield t, ("" if stops and bool(_is_eos(t, eos)) else piece(t))
         yield None, piece(None, final=True)
 
     def stopped_pairs():
@@ -793,7 +829,8 @@ def stream_text(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_
 def generate_text(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                   seed=None, *, num_samples=1, stop_at_eos=True, context_full="slide",
                   tokenizer=None, stop=None, repetition_penalty=1.0, presence_penalty=0.0,
-                  frequency_penalty=0.0, min_new_tokens=0, logits_processor=None):
+                  frequency_penalty=0.0, min_new_tokens=0, logits_processor=None,
+                  eos_token_id=None):
     """Text in, text out: the continuation of prompt (without the prompt itself).
 
     prompt: a str, or a list of str (a batch; they may encode to different lengths, each
@@ -804,14 +841,17 @@ def generate_text(model, prompt, max_new_tokens, temperature=1.0, top_k=None, to
     ``<|endoftext|>`` in the prompt is GPT-2's document separator (token 50256); with
     stop_at_eos (the default here) a continuation ends before the first one generated.
     stop: a str or a list of str; a continuation ends before the first one it contains (the
-    stop string is not part of it).  Other arguments as in generate.
+    stop string is not part of it).  eos_token_id: the end token, or a list of them (a Llama
+    config's); None (the default): the tokenizer's own end-of-text token (GPT-2's 50256, a
+    trained vocabulary's own, none for characters).  Other arguments as in generate.
     """
     from .tokenizer import get_tokenizer
     enc = tokenizer or get_tokenizer()
     ids = _encode_prompts(enc, prompt, model.config)
     run = _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed,
                     num_samples, stop_at_eos, context_full, stop, repetition_penalty,
-                    presence_penalty, frequency_penalty, min_new_tokens, logits_processor)
+                    presence_penalty, frequency_penalty, min_new_tokens, logits_processor,
+                    eos_token_id)
     with pinned_num_threads():   # the whole generation on one thread count
         for _ in run.steps:
             pass
@@ -820,11 +860,13 @@ def generate_text(model, prompt, max_new_tokens, temperature=1.0, top_k=None, to
         texts = [run.stopper.result(r) for r in range(run.seq.shape[0])]
     else:
         texts = []
-        eos = _eos_of(enc)
+        stops, eos = _text_eos(enc, eos_token_id, stop_at_eos)
         for r, row in enumerate(run.rows()):
             new = row[run.lengths[r]:].tolist()
-            if stop_at_eos and eos is not None and eos in new:
-                new = new[:new.index(eos)]
+            if stops:
+                ends = [i for i, t in enumerate(new) if _is_eos(t, eos)]
+                if ends:
+                    new = new[:ends[0]]
             texts.append(enc.decode(new, errors="replace"))
     ns = check_sampling_args(num_samples=num_samples)["num_samples"]
     if isinstance(prompt, str):

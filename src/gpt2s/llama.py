@@ -5,8 +5,10 @@ attention, SwiGLU MLP) on gpt2s' kernels, with Hugging Face's parameter names; a
 The first increment of issue 25: float32 parameters in a `ParameterStore`, forward (logits
 and loss), backward (gradients accumulated into ``grads``), the KV-cache forward of
 decoding (`forward_cached`, the cache holding the key/value heads only), loading and saving
-safetensors in Hugging Face's layout, and generation through gpt2s' decoding loop.  Training
-through the trainer, the tokenizer and the bfloat16/int8 storage come next.
+safetensors in Hugging Face's layout, generation through gpt2s' decoding loop, and inference
+with the matmul weights stored in bfloat16, int8 or int4 (`to_dtype`, ``dtype=``: the
+projections are nn.Linear (out, in) weights, output-major as the stored types' kernels read
+them, so they are compressed as they are).  Training through the trainer comes next.
 
 Per block, as transformers' LlamaDecoderLayer computes it:
 
@@ -27,6 +29,7 @@ import os
 
 from . import _core
 from . import generation as _generation
+from . import weight_types as _wt
 from . import weights as _weights
 from .buffers import KVCache
 from .config import parse_config_json
@@ -35,19 +38,37 @@ from .params import ParameterStore
 
 __all__ = ["LlamaForCausalLM"]
 
+
+def _checkpoint_tokenizer(folder, config):
+    """The tokenizer.json beside a checkpoint, or None (none there, or no tokenizers
+    package)."""
+    from .vocab import TOKENIZER_FILE, VocabError, tokenizer_for
+    if not (folder / TOKENIZER_FILE).is_file():
+        return None
+    try:
+        return tokenizer_for(folder, config)
+    except VocabError:
+        return None
+
 _EMPTY1 = np.empty(0, np.float32)
 _EMPTY3 = np.empty((0, 0, 0), np.float32)
 
 
 class LlamaForCausalLM:
-    """A Llama model (float32).
+    """A Llama or Qwen2 model: float32 (trainable), or bfloat16 / int8 / int4 matmul weights
+    for inference (`to_dtype`).
 
     Args:
         config: a `LlamaConfig`.
+        dtype: the storage of the matmul weights, "float32" (trainable; a new model's
+            weights are zeros: `from_config`, `from_pretrained`) or "bfloat16", "int8",
+            "int4" (inference: made by `to_dtype` or ``dtype=`` when loading).
 
     Attributes:
         config: the model's config.
         store: its `ParameterStore` (parameters and gradients in one buffer each).
+        tokenizer: the checkpoint's tokenizer (its tokenizer.json, read when the model is
+            loaded from a directory holding one; else None), `generate_text`'s default.
 
     Examples:
         >>> from gpt2s.llama_config import LlamaConfig
@@ -59,14 +80,70 @@ class LlamaForCausalLM:
         ((1, 3, 50), True)
     """
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, dtype: str = "float32"):
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
         self.config = config
-        self.store = ParameterStore(config, "float32")
+        self.store = ParameterStore(config, _wt.check_dtype(dtype))
         self._inv_freq = config.inv_freq()
         self._offsets = {name: off for name, _, off in self.store.layout}
         self._pending = None
+        self._joined = None   # another dtype: per block the joined q|k|v, gate|up (+ biases)
+        self._zero_pos = np.zeros((1, config.hidden_size), np.float32)
+        self._join()
+        # the checkpoint's tokenizer (its tokenizer.json, when loaded from a directory with
+        # one): generate_text's default
+        self.tokenizer = None
+
+    def to_dtype(self, dtype: str) -> "LlamaForCausalLM":
+        """A new model with this one's weights, its matmul weights (the projections, the
+        embedding, an untied head) stored in dtype: "bfloat16", "int8" or "int4" (inference
+        only, as `GPT2.to_dtype`), or "float32" (a copy, widened back).  The norms and
+        biases stay float32.  This model is left as it is."""
+        m = LlamaForCausalLM(self.config, dtype)
+        m.tokenizer = self.tokenizer
+        for name, w in self.params.items():
+            m.store.copy_param(name, w if isinstance(w, np.ndarray) else np.asarray(w))
+        m._join()
+        return m
+
+    def _join(self):
+        """For a model of another dtype: the q, k, v (and gate, up) weights of each block as
+        one stored weight, their rows side by side (each row's blocks are its own, so this is
+        exactly the three compressed apart); ``params`` then holds views of its rows."""
+        if self.store.dtype == "float32":
+            return
+        cfg, joined = self.config, []
+        Q, KV, I = cfg.q_width, cfg.kv_width, cfg.intermediate_size
+        for l in range(cfg.n_layer):
+            P, entry = self.store.layer_params[l], {}
+            for key, names, rows in (
+                    ("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                     (Q, KV, KV)),
+                    ("gu", ("mlp.gate_proj", "mlp.up_proj"), (I, I))):
+                parts = [P[n + ".weight"] for n in names]
+                data = np.concatenate([w.data for w in parts])
+                scales = (np.concatenate([w.scales for w in parts])
+                          if parts[0].scales is not None else None)
+                entry[key] = _wt.PackedWeight(parts[0].wtype, data, scales,
+                                              (sum(rows), cfg.hidden_size), False)
+                r0 = 0
+                for n, r in zip(names, rows):
+                    self.store.set_param(f"model.layers.{l}.{n}.weight", _wt.PackedWeight(
+                        parts[0].wtype, data[r0:r0 + r],
+                        None if scales is None else scales[r0:r0 + r],
+                        (r, cfg.hidden_size), False))
+                    r0 += r
+                if f"{names[0]}.bias" in P:
+                    entry[key + "_bias"] = np.concatenate([P[n + ".bias"] for n in names])
+            joined.append(entry)
+        self._joined = joined
+
+    @property
+    def dtype(self) -> str:
+        """The storage of the matmul weights: "float32" (trainable), "bfloat16", "int8" or
+        "int4"."""
+        return self.store.dtype
 
     @classmethod
     def from_config(cls, config: LlamaConfig, seed: int | None = None) -> "LlamaForCausalLM":
@@ -84,10 +161,12 @@ class LlamaForCausalLM:
         return m
 
     @classmethod
-    def from_safetensors(cls, path) -> "LlamaForCausalLM":
+    def from_safetensors(cls, path, dtype: str | None = None) -> "LlamaForCausalLM":
         """A float32 model from a Hugging Face Llama checkpoint: a directory with config.json
         and model.safetensors, or a .safetensors file saved by gpt2s (its config in the
-        __metadata__).  Tensors in float32, float16 or bfloat16.
+        __metadata__).  Tensors in float32, float16 or bfloat16.  dtype: None or "float32",
+        else the storage of the matmul weights ("bfloat16", "int8", "int4": `to_dtype`;
+        converted from a float32 load, so the float32 model is held while converting).
 
         Raises:
             FileNotFoundError: no such file or directory.
@@ -131,14 +210,35 @@ class LlamaForCausalLM:
                         f"(tie_word_embeddings)")
         finally:
             mm.close()
+        if cfg_file is not None:
+            m.tokenizer = _checkpoint_tokenizer(file.parent, config)
+        if dtype is not None and dtype != "float32":
+            return m.to_dtype(dtype)
         return m
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype: str | None = None) -> "LlamaForCausalLM":
+        """A model from a local Llama or Qwen2 checkpoint directory (config.json +
+        model.safetensors, as ``hf download`` fetches it) or a .safetensors file gpt2s
+        saved.  dtype: the weight storage, as in `from_safetensors`."""
+        if dtype is not None:
+            _wt.check_dtype(dtype)
+        return cls.from_safetensors(name_or_path, dtype)
+
+    def __repr__(self):
+        c = self.config
+        return (f"LlamaForCausalLM({c.model_type}: {c.n_layer} layers, hidden {c.hidden_size}, "
+                f"{c.n_head} heads ({c.n_kv_head} key/value), vocab {c.vocab_size}, {self.dtype})")
 
     def save_safetensors(self, path, dtype: str = "float32"):
         """Write the model as Hugging Face's LlamaForCausalLM lays it out (model.safetensors
         and config.json in the directory path, or a lone .safetensors file with the config in
         its __metadata__), in float32, float16 or bfloat16; all-or-nothing (temp file +
-        rename).  Returns the path written."""
-        return _weights.save_safetensors(path, self.params, self.config, prefix="", dtype=dtype)
+        rename).  A model of another storage is saved widened to dtype.  Returns the path
+        written."""
+        params = self.params if self.dtype == "float32" else \
+            {k: v if isinstance(v, np.ndarray) else np.asarray(v) for k, v in self.params.items()}
+        return _weights.save_safetensors(path, params, self.config, prefix="", dtype=dtype)
 
     @property
     def params(self) -> dict:
@@ -169,6 +269,17 @@ class LlamaForCausalLM:
     def _head(self, tensors):
         return tensors[EMBED] if self.config.tie_word_embeddings else tensors[HEAD]
 
+    def _embed(self, flat) -> np.ndarray:
+        """The embedding rows of the token ids flat (N,): (N, H) float32."""
+        w = self.params[EMBED]
+        if isinstance(w, np.ndarray):
+            return np.ascontiguousarray(w[flat])
+        out = np.empty((len(flat), self.config.hidden_size), np.float32)
+        # each token as a sequence of one at position 0 of a zero position table
+        _core.embedding_forward(out, np.ascontiguousarray(flat, np.int64), w, self._zero_pos,
+                                1, 0)
+        return out
+
     def _check_idx(self, idx, what="idx") -> np.ndarray:
         idx = np.asarray(idx)
         if idx.ndim != 2 or idx.shape[1] < 1 or not np.issubdtype(idx.dtype, np.integer):
@@ -194,10 +305,12 @@ class LlamaForCausalLM:
         ln1, rstd1 = np.empty((N, H), np.float32), np.empty(N, np.float32)
         _core.rmsnorm_forward(ln1, rstd1, x, P["input_layernorm.weight"], cfg.rms_norm_eps)
         qkv = np.empty((N, W), np.float32)
-        _core.lm_head_forward(qkv, ln1, self._fused(self.params, l, "self_attn.q_proj.weight",
-                                                    W, H))
+        J = self._joined[l] if self._joined is not None else None
+        _core.lm_head_forward(qkv, ln1, J["qkv"] if J else
+                              self._fused(self.params, l, "self_attn.q_proj.weight", W, H))
         if cfg.qkv_bias:
-            qkv += self._fused(self.params, l, "self_attn.q_proj.bias", W, 0)
+            qkv += J["qkv_bias"] if J else self._fused(self.params, l, "self_attn.q_proj.bias",
+                                                       W, 0)
         _core.rotary_forward(qkv, positions, self._inv_freq, 0, cfg.n_head + cfg.n_kv_head,
                              cfg.head_dim)
         qkv3 = qkv.reshape(B, T, W)
@@ -221,10 +334,11 @@ class LlamaForCausalLM:
         _core.residual_rmsnorm_forward(res2, ln2, rstd2, x, proj,
                                        P["post_attention_layernorm.weight"], cfg.rms_norm_eps)
         gu = np.empty((N, 2 * I), np.float32)
-        _core.lm_head_forward(gu, ln2, self._fused(self.params, l, "mlp.gate_proj.weight",
-                                                   2 * I, H))
+        _core.lm_head_forward(gu, ln2, J["gu"] if J else
+                              self._fused(self.params, l, "mlp.gate_proj.weight", 2 * I, H))
         if cfg.mlp_bias:
-            gu += self._fused(self.params, l, "mlp.gate_proj.bias", 2 * I, 0)
+            gu += J["gu_bias"] if J else self._fused(self.params, l, "mlp.gate_proj.bias",
+                                                     2 * I, 0)
         h = np.empty((N, I), np.float32)
         _core.glu_forward(h, gu, cfg.activation_kernel)
         _core.lm_head_forward(proj, h, P["mlp.down_proj.weight"])
@@ -236,14 +350,16 @@ class LlamaForCausalLM:
                         rstd2=rstd2, gu=gu)
         return out
 
-    def forward(self, idx, targets=None):
-        """Logits (B, T, V) for every position and, with targets (B, T; -1 ignored), the mean
-        cross-entropy loss (else None).  With targets the activations are kept for
-        `backward`."""
+    def forward(self, idx, targets=None, *, return_logits: bool = True,
+                for_backward: bool = True):
+        """Logits (B, T, V) for every position (None with return_logits=False) and, with
+        targets (B, T; -1 ignored), the mean cross-entropy loss (else None).  With targets
+        (and for_backward) the activations are kept for `backward`."""
         with _core.pinned_num_threads():   # every kernel of the call on one team size
-            return self._forward(idx, targets)
+            logits, loss = self._forward(idx, targets, for_backward)
+        return (logits if return_logits else None), loss
 
-    def _forward(self, idx, targets):
+    def _forward(self, idx, targets, for_backward=True):
         cfg = self.config
         idx = self._check_idx(idx)
         B, T = idx.shape
@@ -262,8 +378,9 @@ class LlamaForCausalLM:
         N = B * T
         flat = idx.reshape(-1)
         positions = np.tile(np.arange(T, dtype=np.int64), B)
-        x = np.ascontiguousarray(self.params[EMBED][flat])
-        kept = [] if targets is not None else None
+        x = self._embed(flat)
+        for_backward = for_backward and self.dtype == "float32"
+        kept = [] if targets is not None and for_backward else None
         for l in range(cfg.n_layer):
             keep = {} if kept is not None else None
             x = self._block(l, x, B, T, positions, keep)
@@ -279,9 +396,10 @@ class LlamaForCausalLM:
             _core.crossentropy_forward(losses, lse, logits, tflat)
             valid = int((tflat != -1).sum())
             loss = float(losses[tflat != -1].astype(np.float64).sum() / max(valid, 1))
-            self._pending = dict(idx=flat, targets=tflat, lse=lse, logits=logits.copy(),
-                                 layers=kept, xf=x, rstdf=rstdf, lnf=lnf, B=B, T=T,
-                                 positions=positions, valid=valid)
+            if for_backward:
+                self._pending = dict(idx=flat, targets=tflat, lse=lse, logits=logits.copy(),
+                                     layers=kept, xf=x, rstdf=rstdf, lnf=lnf, B=B, T=T,
+                                     positions=positions, valid=valid)
         return logits.reshape(B, T, cfg.vocab_size), loss
 
     # ------------------------------------------------------------------ backward
@@ -292,6 +410,7 @@ class LlamaForCausalLM:
             self._backward()
 
     def _backward(self):
+        self.store.check_trainable("backward()")
         if self._pending is None:
             raise RuntimeError("backward() needs a forward(idx, targets) first")
         f, self._pending = self._pending, None
@@ -391,7 +510,7 @@ class LlamaForCausalLM:
             raise ValueError(f"positions {pos0} .. {pos0 + T - 1} are outside the KV cache's "
                              f"{capacity} positions")
         positions = np.tile(np.arange(pos0, pos0 + T, dtype=np.int64), B)
-        x = np.ascontiguousarray(self.params[EMBED][idx.reshape(-1)])
+        x = self._embed(idx.reshape(-1))
         for l in range(cfg.n_layer):
             x = self._block(l, x, B, T, positions, None, cache, pos0)
         last = np.ascontiguousarray(x.reshape(B, T, -1)[:, -1])
@@ -403,13 +522,63 @@ class LlamaForCausalLM:
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
                  top_p=None, seed=None, *, num_samples: int = 1, stop_at_eos: bool = False,
-                 eos_token_id: int | None = None, context_full: str = "stop") -> np.ndarray:
+                 eos_token_id=None, context_full: str = "stop") -> np.ndarray:
         """Continue the prompts idx (B, T) or (T,) by up to max_new_tokens tokens, as
         `GPT2.generate` does (temperature 0: greedy); returns the token ids, prompts
-        included.  stop_at_eos needs the checkpoint's eos_token_id."""
+        included.  stop_at_eos stops a row at eos_token_id (default: the config's, an id or
+        a list of ids, any of which ends the row)."""
+        if eos_token_id is None:
+            eos_token_id = self.config.eos_token_id
         if stop_at_eos and eos_token_id is None:
             raise ValueError("stop_at_eos needs eos_token_id (the checkpoint's end token)")
         return _generation.generate(self, idx, max_new_tokens, temperature, top_k, top_p, seed,
                                     num_samples=num_samples, stop_at_eos=stop_at_eos,
                                     eos_token_id=eos_token_id if eos_token_id is not None
                                     else 0, context_full=context_full)
+
+    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                        top_p=None, seed=None, *, num_samples: int = 1,
+                        stop_at_eos: bool = False, eos_token_id=None,
+                        context_full: str = "stop", repetition_penalty=1.0,
+                        presence_penalty=0.0, frequency_penalty=0.0, min_new_tokens=0,
+                        logits_processor=None):
+        """Like `generate`, an iterator over the new tokens as they are made (as
+        `GPT2.generate_stream`; eos_token_id defaults to the config's)."""
+        if eos_token_id is None:
+            eos_token_id = self.config.eos_token_id
+        if stop_at_eos and eos_token_id is None:
+            raise ValueError("stop_at_eos needs eos_token_id (the checkpoint's end token)")
+        return _generation.generate_stream(
+            self, idx, max_new_tokens, temperature, top_k, top_p, seed,
+            num_samples=num_samples, stop_at_eos=stop_at_eos,
+            eos_token_id=eos_token_id if eos_token_id is not None else 0,
+            context_full=context_full, repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+            min_new_tokens=min_new_tokens, logits_processor=logits_processor)
+
+    def generate_text(self, prompt, max_new_tokens: int, temperature: float = 1.0, top_k=None,
+                      top_p=None, seed=None, *, num_samples: int = 1, stop_at_eos: bool = True,
+                      context_full: str = "stop", tokenizer=None, stop=None,
+                      repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                      min_new_tokens=0, logits_processor=None):
+        """Text in, text out, as `GPT2.generate_text`, with the checkpoint's tokenizer (the
+        tokenizer.json beside the loaded checkpoint, or tokenizer=) and end tokens (the
+        config's eos_token_id, one id or a list).
+
+        Raises:
+            ValueError: no tokenizer (a model not loaded from a directory with its
+                tokenizer.json, and none passed).
+        """
+        enc = tokenizer if tokenizer is not None else self.tokenizer
+        if enc is None:
+            raise ValueError("generate_text needs the model's tokenizer: load the model from "
+                             "a checkpoint directory with its tokenizer.json, or pass "
+                             "tokenizer= (gpt2s.vocab.FileTokenizer.from_file(path))")
+        eos = self.config.eos_token_id
+        return _generation.generate_text(
+            self, prompt, max_new_tokens, temperature, top_k, top_p, seed,
+            num_samples=num_samples, stop_at_eos=stop_at_eos and eos is not None,
+            context_full=context_full, tokenizer=enc, stop=stop,
+            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, min_new_tokens=min_new_tokens,
+            logits_processor=logits_processor, eos_token_id=eos if eos is not None else 0)

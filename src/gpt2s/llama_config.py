@@ -28,7 +28,7 @@ ALIGN = 16   # as weights.ALIGN: every group of tensors starts on a 64-byte boun
 # keys that do not change the computation: accepted and ignored
 _IGNORED_KEYS = frozenset({
     "architectures", "transformers_version", "torch_dtype", "dtype", "initializer_range",
-    "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "attention_dropout",
+    "use_cache", "pad_token_id", "attention_dropout",
     "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
     "is_encoder_decoder", "id2label", "label2id", "problem_type", "_name_or_path",
     "tokenizer_class", "is_llama_config", "transformers.js_config", "pretraining_tp",
@@ -41,6 +41,7 @@ _READ_KEYS = frozenset({
     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
     "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "tie_word_embeddings",
     "attention_bias", "mlp_bias", "hidden_act", "rope_interleaved",
+    "bos_token_id", "eos_token_id",
 })
 # Qwen2's keys besides: its sliding window, read to refuse it when it is on
 _QWEN2_KEYS = frozenset({"use_sliding_window", "sliding_window", "max_window_layers",
@@ -80,8 +81,11 @@ class LlamaConfig:
     defaults.  Frozen; checked when made.
 
     Args:
-        vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads:
-            the sizes.
+        vocab_size: the tokens of the vocabulary.
+        hidden_size: the width of the residual stream.
+        intermediate_size: the width of the MLP.
+        num_hidden_layers: the blocks.
+        num_attention_heads: the query heads.
         num_key_value_heads: the key/value heads of grouped-query attention (None: as many
             as num_attention_heads), a divisor of num_attention_heads.
         head_dim: the size of a head (None: hidden_size // num_attention_heads), even.
@@ -97,6 +101,10 @@ class LlamaConfig:
         hidden_act: the gate's activation (transformers' name; "silu" for SwiGLU).
         model_type: "llama", or "qwen2" (q, k, v projections with biases, none elsewhere;
             attention_bias and mlp_bias stay false).
+        bos_token_id: the checkpoint's begin token (read from config.json, not used in the
+            computation).
+        eos_token_id: its end token, or a tuple of them: generation stops at any (not
+            compared by ``==``: it changes no number the model computes).
 
     Raises:
         ValueError: a size out of bounds, heads that do not divide, an odd head_dim, an
@@ -125,6 +133,10 @@ class LlamaConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
     model_type: str = "llama"
+    # the checkpoint's begin / end tokens (not part of the computation, so not compared):
+    # eos_token_id one id, or several (a tuple; generation stops at any of them)
+    bos_token_id: int | None = field(default=None, compare=False)
+    eos_token_id: int | tuple | None = field(default=None, compare=False)
 
     def __post_init__(self):
         def setf(name, value):
@@ -157,6 +169,19 @@ class LlamaConfig:
         if self.hidden_act not in ACTIVATION_KERNELS:
             raise ValueError(f"LlamaConfig.hidden_act={self.hidden_act!r}: not one of "
                              f"{sorted(ACTIVATION_KERNELS)}")
+        if self.bos_token_id is not None and not _is_token_id(self.bos_token_id,
+                                                              self.vocab_size):
+            raise ValueError(f"LlamaConfig.bos_token_id={self.bos_token_id!r}: need a token id "
+                             f"in [0, vocab_size={self.vocab_size})")
+        eos = self.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            if not eos or not all(_is_token_id(t, self.vocab_size) for t in eos):
+                raise ValueError(f"LlamaConfig.eos_token_id={list(eos)!r}: need token ids in "
+                                 f"[0, vocab_size={self.vocab_size})")
+            setf("eos_token_id", tuple(eos) if len(eos) > 1 else eos[0])
+        elif eos is not None and not _is_token_id(eos, self.vocab_size):
+            raise ValueError(f"LlamaConfig.eos_token_id={eos!r}: need a token id (or a list of "
+                             f"them) in [0, vocab_size={self.vocab_size})")
         setf("rope_scaling", _check_rope_scaling(self.rope_scaling, "LlamaConfig.rope_scaling"))
         if self.model_type not in _ARCHITECTURES:
             raise ValueError(f"LlamaConfig.model_type={self.model_type!r}: one of "
@@ -358,7 +383,8 @@ class LlamaConfig:
                 from None
         kwargs["model_type"] = model_type
         for k in ("num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps",
-                  "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act"):
+                  "tie_word_embeddings", "attention_bias", "mlp_bias", "hidden_act",
+                  "bos_token_id", "eos_token_id"):
             if d.get(k) is not None:
                 kwargs[k] = d[k]
         rope = d.get("rope_parameters")
@@ -406,6 +432,8 @@ class LlamaConfig:
         """The ``config.json`` content that ``transformers.LlamaForCausalLM`` loads (the
         transformers 4 form, which transformers 5 reads as well)."""
         d = {k: v for k, v in asdict(self).items() if k != "rope_scaling"}
+        if isinstance(self.eos_token_id, tuple):
+            d["eos_token_id"] = list(self.eos_token_id)
         d.update(architectures=[_ARCHITECTURES[self.model_type]],
                  rope_scaling=None if self.rope_scaling is None else dict(self.rope_scaling),
                  attention_dropout=0.0, torch_dtype="float32")
@@ -413,6 +441,10 @@ class LlamaConfig:
             del d["attention_bias"], d["mlp_bias"]
             d["use_sliding_window"] = False
         return d
+
+
+def _is_token_id(t, vocab_size) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
 
 
 def _check_rope_scaling(rs, where):

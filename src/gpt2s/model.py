@@ -697,7 +697,8 @@ class GPT2:
     def generate_text(self, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                       seed=None, *, num_samples=1, stop_at_eos=True, context_full="slide",
                       tokenizer=None, stop=None, repetition_penalty=1.0, presence_penalty=0.0,
-                      frequency_penalty=0.0, min_new_tokens=0, logits_processor=None):
+                      frequency_penalty=0.0, min_new_tokens=0, logits_processor=None,
+                      eos_token_id=EOT_ID):
         """Text in, text out: the continuation of ``prompt`` (without the prompt itself).
 
         Args:
@@ -717,6 +718,7 @@ class GPT2:
             frequency_penalty: as in `generate` (0: none).
             min_new_tokens: as in `generate` (0: none).
             logits_processor: as in `generate` (None: none).
+            eos_token_id: the end-of-text id (50256), or a list of ids (any one ends the text).
 
         Returns:
             a str for one prompt and num_samples=1; else a list per prompt or per sample (a list of
@@ -739,4 +741,5 @@ class GPT2:
                                          presence_penalty=presence_penalty,
                                          frequency_penalty=frequency_penalty,
                                          min_new_tokens=min_new_tokens,
-                                         logits_processor=logits_processor)
+                                         logits_processor=logits_processor,
+                                         eos_token_id=eos_token_id)

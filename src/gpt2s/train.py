@@ -281,6 +281,7 @@ def _run_locked(args, out: Path, world: World) -> int:
     model = None
     try:
         if ck is None and args.model:
+            _check_trainable(args.model)
             model = GPT2.from_pretrained(args.model)
         elif ck is None:
             sizes = {} if tokenizer is None else {"vocab_size": tokenizer.n_vocab}
@@ -392,6 +393,17 @@ def _train(loop, metrics, out: Path, run: RunConfig, first: int, rank: int) -> i
     print(f"saved {out} after {plural(end.step, 'step')} ({end.seconds:.0f} s{val_text})",
           file=sys.stderr)
     return 0
+
+
+def _check_trainable(name_or_path):
+    """Refuse, by name, a checkpoint of an architecture the trainer does not fine-tune yet."""
+    from .auto import model_type_of
+    from .hub import resolve_pretrained
+    model_type = model_type_of(resolve_pretrained(name_or_path))[0]
+    if model_type != "gpt2":
+        raise UserError(f"--model {name_or_path}: a {model_type} checkpoint; the trainer "
+                        f"fine-tunes GPT-2 models only so far (generate and eval run it; "
+                        f"gpt2s.LlamaForCausalLM has forward and backward for your own loop)")
 
 
 def _vocabulary(args, ck, out: Path, specs):

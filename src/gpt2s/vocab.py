@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .fs import atomic_write
 
-__all__ = ["CharTokenizer", "FileTokenizer", "VOCAB_FILE", "load_vocab", "tokenizer_for",
-           "VocabError"]
+__all__ = ["CharTokenizer", "FileTokenizer", "VOCAB_FILE", "TOKENIZER_FILE", "load_vocab",
+           "tokenizer_for", "VocabError"]
 
 VOCAB_FILE = "vocab.json"
 FORMAT = "gpt2s-vocab"
@@ -113,6 +113,9 @@ class FileTokenizer:
     vocabulary has one."""
 
     name = "tokenizers"
+    # encode() adds the tokenizer's special tokens (a checkpoint's BOS, as transformers'
+    # tokenizer(text) does) when True: set for a Llama-family checkpoint's tokenizer.json
+    add_special_tokens = False
 
     def __init__(self, spec: str, source: str = "tokenizer.json"):
         try:
@@ -145,6 +148,8 @@ class FileTokenizer:
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def encode(self, text: str, allowed_special=(), disallowed_special=()) -> list[int]:
+        if self.add_special_tokens:
+            return self.tk.encode(text, add_special_tokens=True).ids
         return self.encode_ordinary(text)
 
     def decode(self, ids, errors: str = "replace") -> str:
@@ -207,12 +212,47 @@ def vocab_path(model_path) -> Path:
     return (p if p.is_dir() else p.parent) / VOCAB_FILE
 
 
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _checkpoint_tokenizer(model_path, config, vp):
+    """A Llama-family checkpoint's own tokenizer: the tokenizer.json beside it (a Hugging Face
+    checkpoint's vocab.json and merges.txt, which say the same, are not read), else a gpt2s
+    vocab.json; never GPT-2's, whose ids are other tokens."""
+    folder = vp.parent
+    tj = folder / TOKENIZER_FILE
+    if tj.is_file():
+        enc = FileTokenizer.from_file(tj)
+        enc.add_special_tokens = True   # a prompt starts with the checkpoint's BOS, if it has one
+    else:
+        enc = None
+        if vp.is_file():
+            try:
+                enc = load_vocab(vp)
+            except VocabError:   # a Hugging Face vocab.json (of a BPE with merges.txt)
+                enc = None
+    if enc is None:
+        raise VocabError(f"{os.fspath(model_path)}: no {TOKENIZER_FILE} beside the model: a "
+                         f"{config.model_type} model has its own vocabulary, not GPT-2's, so "
+                         f"its text cannot be encoded or decoded without it (copy the "
+                         f"checkpoint's {TOKENIZER_FILE} into {folder})")
+    if enc.n_vocab > config.vocab_size:
+        raise VocabError(f"{tj if tj.is_file() else vp}: {enc.n_vocab} tokens, more than "
+                         f"the model's vocab_size {config.vocab_size}")
+    return enc
+
+
 def tokenizer_for(model_path, config=None):
     """The tokenizer of the model at model_path: its vocab.json when it has one, else GPT-2's.
     With ``config``, a model without vocab.json whose vocabulary is smaller than GPT-2's is
-    refused (its ids are not GPT-2's tokens)."""
+    refused (its ids are not GPT-2's tokens).  A model whose config is not GPT-2's (a Llama
+    or Qwen2 checkpoint) uses its vocab.json or the checkpoint's tokenizer.json, and is refused
+    without either: it is never given GPT-2's tokens."""
     from .tokenizer import N_VOCAB, get_tokenizer
     vp = vocab_path(model_path)
+    model_type = getattr(config, "model_type", "gpt2")
+    if model_type != "gpt2":
+        return _checkpoint_tokenizer(model_path, config, vp)
     if vp.is_file():
         enc = load_vocab(vp)
         if config is not None and config.vocab_size < enc.n_vocab:

@@ -25,21 +25,28 @@ from ._core import PackedWeight
 __all__ = ["WeightType", "Float32", "BFloat16", "Int8", "DTYPES", "get", "check_dtype",
            "is_compressed", "is_row_major", "PackedWeight"]
 
-_ROW_MAJOR = ("wte.weight", "lm_head.weight")   # (V, C): already output-major
+# (V, C): already output-major (GPT-2's, then the Llama family's embedding)
+_ROW_MAJOR = ("wte.weight", "lm_head.weight", "model.embed_tokens.weight")
 _MATMUL_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                     "mlp.c_proj.weight")
+# the Llama family's projections: nn.Linear weights (out, in), output-major as they are
+_LINEAR_SUFFIXES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                    "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
 
 
 def is_compressed(name: str) -> bool:
     """True for the tensors a model of a type other than float32 stores in that type: the
-    matmul weights."""
-    return name in _ROW_MAJOR or name.endswith(_MATMUL_SUFFIXES)
+    matmul weights (GPT-2's Conv1D weights and embedding, a Llama model's projections and
+    embedding, an untied output head)."""
+    return name in _ROW_MAJOR or name.endswith(_MATMUL_SUFFIXES) \
+        or name.endswith(_LINEAR_SUFFIXES)
 
 
 def is_row_major(name: str) -> bool:
-    """True for the (V, C) embedding / output head, stored as it is (output-major already):
-    it can be converted a few rows at a time."""
-    return name in _ROW_MAJOR
+    """True for the (V, C) embedding / output head and a Llama model's (out, in) projections,
+    stored as they are (output-major already): they can be converted a few rows at a time."""
+    return name in _ROW_MAJOR or name.endswith(_LINEAR_SUFFIXES)
 
 
 def _other_variants(name, variant):
