@@ -225,3 +225,38 @@ def test_generation_stops_at_the_vocabularys_own_end_of_text():
         logits[:, len(token_ids[0]) % 2] = 0.0
     assert mc.generate_text("x", 4, temperature=0, tokenizer=chars, min_new_tokens=2,
                             logits_processor=force_c) == "baba"
+
+
+def test_a_hugging_face_gpt2_checkpoint_keeps_gpt2s_tokenizer(tmp_path, capsys):
+    """`hf download openai-community/gpt2` puts Hugging Face's own vocab.json (token -> id)
+    and merges.txt beside the weights: that is GPT-2's vocabulary, not a gpt2s one, so
+    generate and eval read the model with GPT-2's tokenizer (they used to refuse the file)."""
+    from gpt2s import GPT2, GPT2Config
+    from gpt2s.eval import main as eval_main
+    from gpt2s.generate import main as generate_main
+    from gpt2s.tokenizer import get_tokenizer
+    from gpt2s.vocab import model_vocab, tokenizer_for
+
+    enc = get_tokenizer()
+    d = tmp_path / "gpt2"
+    m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
+    m.save_safetensors(d)
+    # the shape of Hugging Face's files: every token's text -> its id, and the merges
+    (d / "vocab.json").write_text(json.dumps({f"t{i}": i for i in range(enc.n_vocab)}))
+    (d / "merges.txt").write_text("#version: 0.2\nt0 t1\n")
+    assert model_vocab(d) is None
+    assert tokenizer_for(d, m.config) is enc
+    capsys.readouterr()
+    assert generate_main(["--model", str(d), "-n", "4", "--temperature", "0", "Hello"]) == 0
+    out = capsys.readouterr().out
+    ids = enc.encode("Hello")
+    want = m.generate(np.array([ids]), 4, temperature=0)[0, len(ids):]
+    assert out == "Hello" + enc.decode(list(want)) + "\n"
+    text = tmp_path / "t.txt"
+    text.write_text("Hello there, a short text to score. " * 8)
+    assert eval_main(["--model", str(d), "--json", "-q", str(text)]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] > 0
+    # a broken gpt2s vocabulary is still refused, naming the file
+    (d / "vocab.json").write_text(json.dumps({"format": "gpt2s-vocab", "type": "char"}))
+    with pytest.raises(ValueError, match="vocab.json"):
+        model_vocab(d)

@@ -199,8 +199,7 @@ def _run(args, out, err) -> int:
     from .data import DataError, TokenData
     from .hub import find_model
     from .auto import model_type_of
-    from .vocab import (load_vocab, same_vocab, shards_vocab, tokenizer_for, vocab_name,
-                        vocab_path)
+    from .vocab import model_vocab, same_vocab, shards_vocab, tokenizer_for, vocab_name
     from .weights import SafetensorsError
 
     for name in ("seq_len", "stride", "batch_size", "max_tokens", "threads"):
@@ -225,8 +224,7 @@ def _run(args, out, err) -> int:
                 enc, no_tokenizer = None, str(e)
         else:
             # text is read with the model's own vocabulary (vocab.json beside it), else GPT-2's
-            own = vocab_path(path)
-            enc = load_vocab(own) if own.is_file() else None
+            enc = model_vocab(path)
         data = TokenData(args.data, tokenizer=enc)
         for src in data.sources:   # shards prepare wrote in another vocabulary are refused
             known, shard_enc = shards_vocab(src.path) if src.kind == "llmc" else (False, None)

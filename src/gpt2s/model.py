@@ -698,7 +698,7 @@ class GPT2:
                       seed=None, *, num_samples=1, stop_at_eos=True, context_full="slide",
                       tokenizer=None, stop=None, repetition_penalty=1.0, presence_penalty=0.0,
                       frequency_penalty=0.0, min_new_tokens=0, logits_processor=None,
-                      eos_token_id=EOT_ID):
+                      eos_token_id=None):
         """Text in, text out: the continuation of ``prompt`` (without the prompt itself).
 
         Args:
@@ -718,7 +718,9 @@ class GPT2:
             frequency_penalty: as in `generate` (0: none).
             min_new_tokens: as in `generate` (0: none).
             logits_processor: as in `generate` (None: none).
-            eos_token_id: the end-of-text id (50256), or a list of ids (any one ends the text).
+            eos_token_id: the end-of-text id, or a list of ids (any one ends the text); None
+                (the default): the tokenizer's own (50256, ``<|endoftext|>``, for GPT-2's; a
+                trained vocabulary's own; none for a character vocabulary).
 
         Returns:
             a str for one prompt and num_samples=1; else a list per prompt or per sample (a list of

@@ -20,7 +20,7 @@ from pathlib import Path
 from .fs import atomic_write
 
 __all__ = ["CharTokenizer", "FileTokenizer", "VOCAB_FILE", "TOKENIZER_FILE", "load_vocab",
-           "tokenizer_for", "VocabError"]
+           "model_vocab", "tokenizer_for", "VocabError"]
 
 VOCAB_FILE = "vocab.json"
 FORMAT = "gpt2s-vocab"
@@ -205,6 +205,24 @@ def load_vocab(path):
         raise VocabError(f"{path}: {e}") from None
 
 
+def model_vocab(model_path):
+    """The gpt2s vocabulary saved beside a model (its vocab.json), or None when there is none.
+    A Hugging Face checkpoint's own vocab.json (a JSON object of token -> id beside
+    merges.txt, as `hf download openai-community/gpt2` fetches it) is not one and reads as
+    None; a file that claims gpt2s's format but is broken raises VocabError."""
+    vp = vocab_path(model_path)
+    if not vp.is_file():
+        return None
+    try:
+        d = json.loads(vp.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        d = None
+    if isinstance(d, dict) and "format" not in d and d \
+            and all(isinstance(v, int) for v in d.values()):
+        return None
+    return load_vocab(vp)
+
+
 def vocab_path(model_path) -> Path:
     """Where a model's vocab.json is: beside its model.safetensors (a directory's, or the
     file's own directory)."""
@@ -253,8 +271,8 @@ def tokenizer_for(model_path, config=None):
     model_type = getattr(config, "model_type", "gpt2")
     if model_type != "gpt2":
         return _checkpoint_tokenizer(model_path, config, vp)
-    if vp.is_file():
-        enc = load_vocab(vp)
+    enc = model_vocab(model_path)
+    if enc is not None:
         if config is not None and config.vocab_size < enc.n_vocab:
             raise VocabError(f"{vp}: {enc.n_vocab} tokens, more than the model's vocab_size "
                              f"{config.vocab_size}")
