@@ -346,3 +346,19 @@ def loss_and_grads(params, idx, targets, *, n_head, eps=1e-5, **variant):
     """(logits, loss, grads) in one call; variant: forward's keyword flags."""
     logits, loss, cache = forward(params, idx, targets, n_head=n_head, eps=eps, **variant)
     return logits, loss, backward(cache)
+
+
+def widen_stored(type_name: str, data, scales=None):
+    """The float32 values of a low-precision stored weight, in its stored orientation,
+    decoded from its bytes by the formats' definitions: bfloat16 is the top 16 bits of a
+    float32; int8 and int4 are blocks of 32 codes along a row times the block's fp16 scale,
+    int4's byte j of a block holding weights j (low nibble) and j + 16 (high), offset by 8."""
+    if type_name == "bfloat16":
+        return (np.asarray(data).astype(np.uint32) << 16).view(np.float32)
+    d = np.repeat(np.asarray(scales).view(np.float16).astype(np.float32), 32, axis=1)
+    if type_name == "int4":
+        b = np.asarray(data).reshape(data.shape[0], -1, 16)
+        q = np.concatenate([b & 15, b >> 4], axis=2).reshape(d.shape).astype(np.int8) - 8
+    else:
+        q = np.asarray(data)
+    return q.astype(np.float32) * d

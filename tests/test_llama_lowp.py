@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import ref
 
 from gpt2s import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, _core
 from gpt2s import weight_types as wt
@@ -40,15 +41,7 @@ def widen(w) -> np.ndarray:
     if not isinstance(w, PackedWeight):
         return np.asarray(w, np.float32)
     assert not w.transposed          # (out, in) as nn.Linear stores it
-    if w.type_name == "bfloat16":
-        return (w.data.astype(np.uint32) << 16).view(np.float32)
-    d = np.repeat(w.scales.view(np.float16).astype(np.float32), 32, axis=1)
-    if w.type_name == "int4":        # byte j of a block: weights j and j + 16
-        b = w.data.reshape(w.data.shape[0], -1, 16)
-        q = np.concatenate([b & 15, b >> 4], axis=2).reshape(d.shape).astype(np.int8) - 8
-    else:
-        q = w.data
-    return q.astype(np.float32) * d
+    return ref.widen_stored(w.type_name, w.data, w.scales)
 
 
 def make(name, seed=0):

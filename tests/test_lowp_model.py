@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import gpt2s
+import ref
 from gpt2s import GPT2, GPT2Config, _core
 from gpt2s.weight_types import PackedWeight, is_compressed
 
@@ -51,16 +52,8 @@ def widened_float32_model(m: GPT2) -> GPT2:
     """A float32 model holding exactly the weights m stores (NumPy widening)."""
     f = GPT2(m.config)
     for name, w in m.params.items():
-        if isinstance(w, PackedWeight) and w.type_name == "bfloat16":
-            f.params[name][...] = (w.data.astype(np.uint32) << 16).view(np.float32)
-        elif isinstance(w, PackedWeight):
-            d = np.repeat(w.scales.view(np.float16).astype(np.float32), 32, axis=1)
-            if w.type_name == "int4":   # byte j of a block: weights j and j + 16
-                b = w.data.reshape(w.data.shape[0], -1, 16)
-                q = np.concatenate([b & 15, b >> 4], axis=2).reshape(d.shape).astype(np.int8) - 8
-            else:
-                q = w.data
-            deq = q.astype(np.float32) * d
+        if isinstance(w, PackedWeight):
+            deq = ref.widen_stored(w.type_name, w.data, w.scales)
             f.params[name][...] = deq.T if w.transposed else deq
         else:
             f.params[name][...] = w
