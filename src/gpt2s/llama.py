@@ -355,8 +355,14 @@ class LlamaForCausalLM:
         """Logits (B, T, V) for every position (None with return_logits=False) and, with
         targets (B, T; -1 ignored), the mean cross-entropy loss (else None).  With targets
         (and for_backward) the activations are kept for `backward`."""
-        with _core.pinned_num_threads():   # every kernel of the call on one team size
-            logits, loss = self._forward(idx, targets, for_backward)
+        if targets is not None and for_backward and self.dtype == "float32":
+            # a training forward writes the state backward reads: under the training lock,
+            # as GPT2.forward's
+            with self.store.lock, _core.pinned_num_threads():
+                logits, loss = self._forward(idx, targets, for_backward)
+        else:
+            with _core.pinned_num_threads():   # every kernel of the call on one team size
+                logits, loss = self._forward(idx, targets, for_backward)
         return (logits if return_logits else None), loss
 
     def _forward(self, idx, targets, for_backward=True):
@@ -406,7 +412,7 @@ class LlamaForCausalLM:
 
     def backward(self):
         """Gradients of the last forward's loss, added into ``grads``."""
-        with _core.pinned_num_threads():
+        with self.store.lock, _core.pinned_num_threads():
             self._backward()
 
     def _backward(self):
