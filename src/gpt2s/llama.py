@@ -33,6 +33,7 @@ from . import weight_types as _wt
 from . import weights as _weights
 from .buffers import KVCache
 from .config import parse_config_json
+from .inputs import check_row_positions
 from .llama_config import EMBED, HEAD, NORM, LlamaConfig
 from .params import ParameterStore
 
@@ -295,7 +296,7 @@ class LlamaForCausalLM:
 
     # ------------------------------------------------------------------ forward
 
-    def _block(self, l, x, B, T, positions, keep, cache=None, pos0=0):
+    def _block(self, l, x, B, T, positions, keep, cache=None, pos0=0, row_pos=None):
         """One block on the residual stream x (N, H) -> the next residual stream; keep: a
         dict to fill with what the backward needs (or None)."""
         cfg, P = self.config, self.store.layer_params[l]
@@ -321,9 +322,11 @@ class LlamaForCausalLM:
                                     cfg.attention_scale, cfg.n_kv_head)
         else:
             keys, values = cache.keys[l], cache.values[l]
-            _core.kv_cache_write(keys, values, qkv3, pos0, Q)
-            _core.attention_forward(atty, _EMPTY3, qkv3, 0, keys, 0, values, 0, pos0,
-                                    cfg.n_head, cfg.attention_scale, cfg.n_kv_head)
+            p0 = 0 if row_pos is not None else pos0
+            _core.kv_cache_write(keys, values, qkv3, p0, Q, row_pos=row_pos)
+            _core.attention_forward(atty, _EMPTY3, qkv3, 0, keys, 0, values, 0, p0,
+                                    cfg.n_head, cfg.attention_scale, cfg.n_kv_head,
+                                    row_pos=row_pos)
         atty2 = atty.reshape(N, Q)
         proj = np.empty((N, H), np.float32)
         _core.lm_head_forward(proj, atty2, P["self_attn.o_proj.weight"])
@@ -492,10 +495,11 @@ class LlamaForCausalLM:
         positions = cfg.max_position_embeddings if positions is None else positions
         return KVCache.empty(cfg.n_layer, rows, positions, cfg.kv_width)
 
-    def forward_cached(self, idx, pos0: int, cache: KVCache) -> np.ndarray:
+    def forward_cached(self, idx, pos0, cache: KVCache) -> np.ndarray:
         """The logits (B, V) of the last position of idx (B, T), whose tokens sit at
         positions pos0 .. pos0 + T - 1: their keys and values are written into the cache and
-        attention reads positions 0 .. pos0 + T - 1 from it."""
+        attention reads positions 0 .. pos0 + T - 1 from it.  pos0 may also be B per-row
+        positions (a ragged batch, as in `GPT2.forward_cached`; the cache then has B rows)."""
         with _core.pinned_num_threads():
             return self._forward_cached(idx, pos0, cache)
 
@@ -510,15 +514,27 @@ class LlamaForCausalLM:
         if (L, width) != (cfg.n_layer, cfg.kv_width) or rows < B:
             raise ValueError(f"{cache} does not fit this model (n_layer={cfg.n_layer}, "
                              f"kv_width={cfg.kv_width}) and {B} rows")
-        if not isinstance(pos0, (int, np.integer)) or isinstance(pos0, bool):
+        row_pos = None
+        if np.ndim(pos0) == 1:   # one position per row (a ragged batch, as GPT2's)
+            row_pos = check_row_positions(pos0, B)
+            first = int(row_pos.max())
+            if rows != B:
+                raise ValueError(f"{cache} has {rows} rows: per-row positions need one row "
+                                 f"per sequence ({B})")
+        elif not isinstance(pos0, (int, np.integer)) or isinstance(pos0, bool):
             raise TypeError(f"pos0 must be an integer, got {type(pos0).__name__}")
-        if pos0 < 0 or pos0 + T > capacity:
-            raise ValueError(f"positions {pos0} .. {pos0 + T - 1} are outside the KV cache's "
+        else:
+            first = pos0
+        if first < 0 or first + T > capacity:
+            raise ValueError(f"positions {first} .. {first + T - 1} are outside the KV cache's "
                              f"{capacity} positions")
-        positions = np.tile(np.arange(pos0, pos0 + T, dtype=np.int64), B)
+        if row_pos is None:
+            positions = np.tile(np.arange(pos0, pos0 + T, dtype=np.int64), B)
+        else:
+            positions = (row_pos[:, None] + np.arange(T, dtype=np.int64)).reshape(-1)
         x = self._embed(idx.reshape(-1))
         for l in range(cfg.n_layer):
-            x = self._block(l, x, B, T, positions, None, cache, pos0)
+            x = self._block(l, x, B, T, positions, None, cache, pos0, row_pos)
         last = np.ascontiguousarray(x.reshape(B, T, -1)[:, -1])
         lnf = np.empty_like(last)
         _core.rmsnorm_forward(lnf, _EMPTY1, last, self.params[NORM], cfg.rms_norm_eps)
