@@ -310,7 +310,8 @@ class BatchEngine:
     def submit(self, prompt, max_tokens: int = 16, *, temperature: float = 1.0, top_k=None,
                top_p=None, seed=None, stop=None, stop_at_eos: bool = True, logprobs=None,
                presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
-               repetition_penalty: float = 1.0, min_tokens: int = 0) -> Request:
+               repetition_penalty: float = 1.0, min_tokens: int = 0,
+               logits_processor=None) -> Request:
         """Queue a generation; returns its `Request` at once.
 
         Args:
@@ -322,8 +323,10 @@ class BatchEngine:
             stop_at_eos: finish at the end token (which is then the last of `tokens`).
             logprobs: None, or k >= 0: each event carries its token's log-probability and
                 the k most likely tokens'.
-            presence_penalty, frequency_penalty, repetition_penalty, min_tokens: as the
-                controls of `gpt2s.GPT2.generate` (min_tokens is its min_new_tokens).
+            presence_penalty, frequency_penalty, repetition_penalty, min_tokens,
+                logits_processor: as the controls of `gpt2s.GPT2.generate` (min_tokens is
+                its min_new_tokens; the processor sees one row, called from the engine's
+                thread).
 
         Raises:
             TypeError, ValueError: a bad argument (named); a prompt too long for the context.
@@ -347,7 +350,8 @@ class BatchEngine:
         if isinstance(sampling["seed"], tuple):
             raise TypeError("seed must be one integer (or None) for a request")
         controls = _gen.check_controls(repetition_penalty, presence_penalty,
-                                       frequency_penalty, min_tokens, stop)
+                                       frequency_penalty, min_tokens, stop,
+                                       logits_processor)
         if controls["stop"] and self.tokenizer is None:
             raise ValueError("stop strings need the engine's tokenizer (BatchEngine(..., "
                              "tokenizer=...))")
