@@ -503,10 +503,10 @@ class BatchEngine:
         if hi < P:
             return
         # prefilled: its first token, then it joins the decode batch
-        self._prefilling = None
         self._emit(row, logits)
-        if row.req.finish_reason is None:
-            with self._lock:
+        with self._lock:
+            self._prefilling = None
+            if row.req.finish_reason is None:
                 self._move(st, len(self._decoding), P)
                 self._decoding.append(row)
 
