@@ -383,9 +383,21 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content']
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    from llama_ckpt import save_hf
+    """A tiny random Llama checkpoint (gpt2s' own save: no torch needed) with a byte-level
+    BPE tokenizer.json and a ChatML template in tokenizer_config.json."""
+    from llama_ckpt import make_tokenizer
+
+    from gpt2s import LlamaConfig, LlamaForCausalLM
     d = tmp_path_factory.mktemp("llama-chat")
-    save_hf(d, eos_token_id=2)   # <|im_end|> is id 2 of the test tokenizer's specials
+    tk = make_tokenizer(d, 300)
+    cfg = LlamaConfig(vocab_size=tk.get_vocab_size(), hidden_size=32, intermediate_size=48,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, eos_token_id=tk.token_to_id("<|im_end|>"))
+    m = LlamaForCausalLM.from_config(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    for p in m.params.values():
+        p[...] = (0.3 * rng.standard_normal(p.shape)).astype(np.float32)
+    m.save_safetensors(d)
     (d / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": TEMPLATE, "bos_token": None, "eos_token": "<|im_end|>"}))
     return d
@@ -413,11 +425,12 @@ def test_chat_completions_through_the_cli_build(llama_dir):
         m = gpt2s.AutoModelForCausalLM.from_pretrained(llama_dir)
         enc = m.tokenizer
         ids = enc.encode_ordinary(render_chat(TEMPLATE, msgs))
+        eos = m.config.eos_token_id
         out = m.generate(np.array([ids]), 10, temperature=0, stop_at_eos=True,
-                         eos_token_id=2)[0, len(ids):].tolist()
-        if 2 in out:
-            out = out[:out.index(2)]
-        assert r.object == "chat.completion"
+                         eos_token_id=eos)[0, len(ids):].tolist()
+        if eos in out:
+            out = out[:out.index(eos)]
+        assert r.object == "chat.completion" and len(out) >= 3
         assert r.choices[0].message.role == "assistant"
         assert r.choices[0].message.content == enc.decode(out)
         assert r.usage.prompt_tokens == len(ids)
