@@ -138,6 +138,15 @@ def test_serve_threads(tmp_path):
     assert int(_float(r"server threads used: (\d+)", out)) >= 2, out
 
 
+def test_serve_openai(tmp_path):
+    pytest.importorskip("uvicorn", reason="uvicorn not installed: pip install '.[serve]'")
+    pytest.importorskip("openai", reason="the openai client is not installed")
+    out = run_example("serve_openai.py", tmp_path)
+    assert out.count("same as alone: True") == 8, out
+    assert "same as alone: False" not in out
+    assert "[streamed]" in out and "finish_reason" in out
+
+
 def test_data_parallel(tmp_path):
     """Two MPI ranks end with the weights of one process on the whole batches."""
     pytest.importorskip("mpi4py", reason="mpi4py not installed: pip install '.[mpi]'")
@@ -167,7 +176,7 @@ def test_lowp_generate(tmp_path):
 
 
 CHECKED = {"generate.py", "lowp_generate.py", "finetune.py", "training_loop.py", "evaluate.py", "serve_threads.py",
-           "data_parallel.py"}
+           "data_parallel.py", "serve_openai.py"}
 
 
 def test_every_example_is_checked():
@@ -183,7 +192,7 @@ def test_every_example_is_checked():
 MODULES = ["gpt2s", "gpt2s.model", "gpt2s.config", "gpt2s.optim", "gpt2s.tokenizer",
            "gpt2s._threads", "gpt2s.weights", "gpt2s.generation", "gpt2s.generate",
            "gpt2s.train", "gpt2s.training", "gpt2s.params", "gpt2s.buffers",
-           "gpt2s.inputs", "gpt2s.llama", "gpt2s.llama_config"]
+           "gpt2s.inputs", "gpt2s.llama", "gpt2s.llama_config", "gpt2s.engine"]
 
 
 def _doctests():

@@ -260,3 +260,11 @@ def test_a_hugging_face_gpt2_checkpoint_keeps_gpt2s_tokenizer(tmp_path, capsys):
     (d / "vocab.json").write_text(json.dumps({"format": "gpt2s-vocab", "type": "char"}))
     with pytest.raises(ValueError, match="vocab.json"):
         model_vocab(d)
+
+
+def test_hugging_face_vocab_with_a_format_token_is_gpt2s(tmp_path):
+    """GPT-2's own vocab.json has the word "format" as a token (an id): it is still a
+    Hugging Face vocabulary (GPT-2's), not a broken gpt2s one."""
+    from gpt2s.vocab import model_vocab
+    (tmp_path / "vocab.json").write_text('{"!": 0, "format": 18982, "the": 1169}')
+    assert model_vocab(tmp_path) is None

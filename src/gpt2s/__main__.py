@@ -20,6 +20,7 @@ COMMANDS = {
     "eval": ("gpt2s.eval", "loss and perplexity of a model on text or token files"),
     "prepare": ("gpt2s.prepare", "tokenize text files into token shards for big corpora"),
     "quantize": ("gpt2s.quantize", "save a model with bfloat16, int8 or int4 weights"),
+    "serve": ("gpt2s.serve", "serve a model over an OpenAI-compatible HTTP API"),
 }
 
 PROG = "gpt2s"

@@ -666,7 +666,9 @@ class _SSE:
                         continue
                     await emit(self._chunk([self._choice(i, "", r.finish_reason, [])]))
                     continue
-                if ev.text or self.logprobs is not None:
+                # completions: one chunk per token (its text may be "" while a character
+                # or a possible stop string is incomplete); chat: only non-empty deltas
+                if ev.text or not self.chat or self.logprobs is not None:
                     await emit(self._chunk([self._choice(i, ev.text, None, [ev])]))
             if self.usage:
                 n_out = sum(len(r.tokens) for r in self.reqs)

@@ -217,7 +217,8 @@ def model_vocab(model_path):
         d = json.loads(vp.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         d = None
-    if isinstance(d, dict) and "format" not in d and d \
+    # (GPT-2's own vocabulary has a token "format": its id, an int, not gpt2s' format name)
+    if isinstance(d, dict) and d.get("format") != FORMAT and d \
             and all(isinstance(v, int) for v in d.values()):
         return None
     return load_vocab(vp)
