@@ -3,9 +3,10 @@
 `BatchEngine` runs a scheduler thread that owns a KV cache of ``slots`` rows.  Requests
 (`BatchEngine.submit`) wait in a bounded queue, then each takes a free slot; every scheduler
 iteration runs **one decode step for all the running rows together** (each row at its own
-position: ``forward_cached`` with per-row positions) and then **one prefill chunk** of at
-most ``prefill_chunk`` prompt tokens for the request being admitted, so a long prompt delays
-the running streams by one chunk at a time, not by its whole prefill.  A request leaves the
+position: ``forward_cached`` with per-row positions) and then prefills at most
+``prefill_chunk`` prompt tokens of the requests being admitted (several short prompts, or one
+chunk of a long one), so a long prompt delays the running streams by one chunk at a time,
+not by its whole prefill.  A request leaves the
 batch at the token boundary where it finishes (its end token, a stop string, its
 ``max_tokens``, the context) or is cancelled (`Request.cancel`: a client that went away), and
 the next queued request takes its slot at once: iteration-level scheduling.
@@ -432,9 +433,8 @@ class BatchEngine:
                             self._queue.popleft()._finish("cancelled")
                         if self._closed:
                             break
-                        if self._prefilling is None and self._queue and self._has_free_slot():
-                            self._admit(self._queue.popleft())
-                        if self._decoding or self._prefilling is not None:
+                        if self._decoding or self._prefilling is not None or \
+                                (self._queue and self._has_free_slot()):
                             break
                         self._lock.wait()
                     if self._closed:
@@ -448,8 +448,7 @@ class BatchEngine:
                     self._compact()
                 if self._decoding:
                     self._decode_step()
-                if self._prefilling is not None:
-                    self._prefill_chunk()
+                self._prefill_some()
         except BaseException as e:   # the scheduler itself broke: fail everything
             self._failure = e
         with self._lock:
@@ -460,6 +459,27 @@ class BatchEngine:
             self._queue.clear()
             self._decoding = []
             self._prefilling = None
+
+    def _prefill_some(self):
+        """Prefill chunks, of this request and the next ones admitted, while they fit in
+        prefill_chunk tokens (at least one chunk): short prompts arriving together all start
+        before the next decode step.  A prompt's chunks start at multiples of prefill_chunk
+        whatever else runs, so its numbers depend on it alone."""
+        used = 0
+        while True:
+            with self._lock:
+                if self._prefilling is None:
+                    while self._queue and self._queue[0]._cancelled:
+                        self._queue.popleft()._finish("cancelled")
+                    if self._closed or not self._queue or not self._has_free_slot():
+                        return
+                    self._admit(self._queue.popleft())
+                row = self._prefilling
+            n = min(row.n_prompt - row.cached, self.prefill_chunk)
+            if used and used + n > self.prefill_chunk:
+                return
+            self._prefill_chunk()
+            used += n
 
     def _admit(self, req):
         self._prefilling = _Row(req, self.vocab_size, self.token_limit, self.tokenizer,
