@@ -106,7 +106,7 @@ class Request:
         finish_reason: None while running, then "stop" (an end token or a stop string),
             "length" (max_tokens, or the context is full), "cancelled" or "error".
         error: the exception that ended it with "error".
-        submitted, first_token, finished: `time.perf_counter` times (None until then).
+        submitted, first_token, finished: ``time.perf_counter()`` times (None until then).
     """
 
     def __init__(self, rid, prompt, max_tokens, sampling, controls, stop, stop_at_eos,
@@ -319,15 +319,22 @@ class BatchEngine:
             prompt: token ids (a sequence of ints), 1 .. max_context - 1 of them.
             max_tokens: the most tokens to generate (>= 1); fewer when the sequence fills
                 the context.
-            temperature, top_k, top_p, seed: as in `gpt2s.GPT2.generate` (0: greedy).
+            temperature: as in `gpt2s.GPT2.generate` (0: greedy), as are top_k, top_p
+                and seed (one int or None).
+            top_k: keep the k most likely tokens (None: all).
+            top_p: keep the nucleus of that probability (None: all).
+            seed: an int fixes the sampled tokens (None: fresh entropy).
             stop: a str or list of str ending the text (needs the engine's tokenizer).
             stop_at_eos: finish at the end token (which is then the last of `tokens`).
             logprobs: None, or k >= 0: each event carries its token's log-probability and
                 the k most likely tokens'.
-            presence_penalty, frequency_penalty, repetition_penalty, min_tokens,
-                logits_processor: as the controls of `gpt2s.GPT2.generate` (min_tokens is
-                its min_new_tokens; the processor sees one row, called from the engine's
-                thread).
+            presence_penalty: as the controls of `gpt2s.GPT2.generate`, as are the next
+                three.
+            frequency_penalty: OpenAI's frequency penalty.
+            repetition_penalty: transformers' repetition penalty (1: none).
+            min_tokens: no end token before that many tokens (generate's min_new_tokens).
+            logits_processor: ``fn(token_ids, logits)`` as generate's (one row, called from
+                the engine's thread).
 
         Raises:
             TypeError, ValueError: a bad argument (named); a prompt too long for the context.
