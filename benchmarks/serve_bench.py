@@ -222,7 +222,8 @@ async def load_test(server, model, tokenizer, args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--anchors", type=Path, default=Path("/tmp/anchors"))
-    p.add_argument("--model", type=Path, default=None, help="default: ANCHORS/gpt2-random")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a checkpoint or a name (demo, gpt2, ...); default: ANCHORS/gpt2-random")
     p.add_argument("--dtype", default="int8")
     p.add_argument("--gguf", type=Path, default=None,
                    help="default: ANCHORS/gguf/gpt2-random-q8_0.gguf")
@@ -241,6 +242,9 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = p.parse_args(argv)
     model_dir = args.model or args.anchors / "gpt2-random"
+    if args.model is not None and not args.model.exists():   # a name: demo, gpt2, ...
+        from gpt2s.hub import find_model
+        model_dir = find_model(str(args.model))
     gguf = args.gguf or args.anchors / "gguf" / "gpt2-random-q8_0.gguf"
     llama_server = args.llama_server or args.anchors / "llama-build" / "bin" / "llama-server"
     counts = [int(x) for x in args.clients.split(",")]

@@ -467,3 +467,37 @@ def test_api_key(model):
     finally:
         server.close()
         engine.close()
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+def test_cli_help_and_errors(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "gpt2s", "serve", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0
+    for option in ("--model", "--dtype", "--host", "--port", "--slots", "--max-queue",
+                   "--prefill-chunk", "--threads", "--api-key", "--chat-template"):
+        assert option in r.stdout
+    r = subprocess.run([sys.executable, "-m", "gpt2s"], capture_output=True, text=True,
+                       timeout=120)
+    assert "serve" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "gpt2s.serve", "--model",
+                        str(tmp_path / "missing")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith("python -m gpt2s.serve: error:") and "missing" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "gpt2s.serve", "--slots", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--slots" in r.stderr
+
+
+def test_cli_slots_over_the_limit_is_one_line(tmp_path):
+    from gpt2s._cli import UserError
+    from gpt2s.serve import _parser, build
+    m = GPT2.from_config(GPT2Config.preset("tiny", n_ctx=32), seed=0)
+    m.save_safetensors(tmp_path)
+    with pytest.raises(UserError, match="slots must be at most 32"):
+        build(_parser().parse_args(["--model", str(tmp_path), "--slots", "33"]))

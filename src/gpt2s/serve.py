@@ -759,7 +759,8 @@ def _parser():
                    help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=nonneg_int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--served-model-name", default=None, metavar="NAME",
-                   help="the model id clients pass (default: the model's directory name)")
+                   help="the model id clients pass (default: the --model name, or the "
+                        "checkpoint's directory or file name)")
     p.add_argument("--slots", type=positive_int, default=8,
                    help="generations decoded together, 1..32 (default 8)")
     p.add_argument("--max-queue", type=nonneg_int, default=64,
@@ -812,7 +813,13 @@ def build(args):
                              tokenizer=enc)
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from None
-    name = args.served_model_name or (folder.name if folder.name else "gpt2s")
+    if args.served_model_name:
+        name = args.served_model_name
+    elif args.model and not Path(args.model).exists():
+        name = args.model                 # a name: "gpt2", "demo", a Hugging Face repo id
+    else:
+        name = Path(path).name if Path(path).is_dir() else Path(path).stem
+    name = name or "gpt2s"
     app = create_app(engine, model_name=name, tokenizer=enc, chat_template=template,
                      bos_token=bos, eos_token=eos, max_body_bytes=args.max_body_bytes,
                      api_key=args.api_key, aliases=(args.model,) if args.model else ())
