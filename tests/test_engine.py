@@ -50,9 +50,24 @@ def test_greedy_equals_generate_alone_and_in_a_busy_batch(model):
     assert s["generated_tokens"] == 24 * 12
 
 
-@pytest.mark.parametrize("dtype", ["float32", "int8"])
-def test_logprobs_bit_identical_alone_and_batched(model, dtype):
-    m = model if dtype == "float32" else model.to_dtype(dtype)
+def _llama(vocab=97, intermediate=64):
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=intermediate,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64)
+    m = LlamaForCausalLM.from_config(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    for p in m.params.values():
+        p[...] = (0.3 * rng.standard_normal(p.shape)).astype(np.float32)
+    return m
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_logprobs_bit_identical_alone_and_batched(model, family, dtype):
+    """Row-independent numerics: a request's log-probabilities (its logits) are the same
+    bits alone (beside the throw-away row) and in a batch of 8 with other requests."""
+    m = model if family == "gpt2" else _llama(211)
+    m = m if dtype == "float32" else m.to_dtype(dtype)
     prompts = _prompts(10, 211, seed=1, hi=40)
     with BatchEngine(m, slots=1, prefill_chunk=8) as engine:
         alone = []
@@ -213,13 +228,7 @@ def test_async_iteration(model):
 
 
 def test_llama_model_batched_equals_generate():
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64)
-    m = LlamaForCausalLM.from_config(cfg, seed=0)
-    rng = np.random.default_rng(0)
-    for p in m.params.values():
-        p[...] = (0.3 * rng.standard_normal(p.shape)).astype(np.float32)
+    m = _llama()
     prompts = _prompts(8, 97, seed=9)
     want = [m.generate(np.asarray(p)[None], 10, temperature=0)[0, len(p):].tolist()
             for p in prompts]
