@@ -123,12 +123,46 @@ def test_several_prompts_n_and_token_ids(client, model):
     assert r2.choices[0].text == solo(model, "Zebras", 6)
 
 
-def test_seeded_sampling_is_reproducible(client):
+def test_raw_sse_two_choices(served, model):
+    """Raw HTTP: the event stream of n=2 interleaves both choices, one chunk per token,
+    each ending with its finish_reason, then data: [DONE]."""
+    url = served[1].url + "/v1/completions"
+    texts, finishes, tokens = {0: "", 1: ""}, {}, {0: 0, 1: 0}
+    with httpx.stream("POST", url, json={"model": MODEL, "prompt": "Zebras", "n": 2,
+                                         "max_tokens": 7, "temperature": 0,
+                                         "ignore_eos": True, "stream": True},
+                      timeout=60) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in resp.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    for line in lines[:-1]:
+        chunk = json.loads(line[6:])
+        assert chunk["object"] == "text_completion" and chunk["model"] == MODEL
+        (c,) = chunk["choices"]
+        texts[c["index"]] += c["text"]
+        if c["finish_reason"] is None:
+            tokens[c["index"]] += 1
+        else:
+            finishes[c["index"]] = c["finish_reason"]
+    want = model.generate_text("Zebras", 7, temperature=0, stop_at_eos=False)
+    assert texts == {0: want, 1: want}
+    assert finishes == {0: "length", 1: "length"} and tokens == {0: 7, 1: 7}
+
+
+def test_seeded_sampling_is_reproducible(client, model):
     kw = dict(model=MODEL, prompt="Numbers: 1, 2, 3,", max_tokens=10, temperature=1.0,
               top_p=0.9, seed=7, extra_body={"top_k": 50})
     a = client.completions.create(**kw).choices[0].text
     b = client.completions.create(**kw).choices[0].text
-    assert a == b
+    assert a == b == model.generate_text("Numbers: 1, 2, 3,", 10, temperature=1.0, top_k=50,
+                                         top_p=0.9, seed=7)
+    # choice j of n uses seed + j
+    r = client.completions.create(**{**kw, "n": 2})
+    assert r.choices[0].text == a
+    assert r.choices[1].text == model.generate_text("Numbers: 1, 2, 3,", 10, temperature=1.0,
+                                                    top_k=50, top_p=0.9, seed=8)
 
 
 def test_logprobs(client, model):
