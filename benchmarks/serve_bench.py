@@ -181,7 +181,7 @@ async def load_test(server, model, tokenizer, args):
     rng = random.Random(args.seed)
     words = " ".join(TEXTS).split()
     jobs = []
-    for i in range(args.load):
+    for _ in range(args.load):
         start = rng.randrange(len(words) - 40)
         prompt = " ".join(words[start:start + rng.randint(2, 30)])
         jobs.append((prompt, rng.randint(4, 96), rng.random() < 0.2))

@@ -8,7 +8,6 @@ batch (row-independent numerics)."""
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
