@@ -535,3 +535,32 @@ def test_cli_slots_over_the_limit_is_one_line(tmp_path):
     m.save_safetensors(tmp_path)
     with pytest.raises(UserError, match="slots must be at most 32"):
         build(_parser().parse_args(["--model", str(tmp_path), "--slots", "33"]))
+
+
+CHATML = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n"
+    "{% endif %}{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + m['role']) }}{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_render_chat_equals_transformers(tmp_path):
+    """render_chat against transformers' apply_chat_template, the reference renderer."""
+    transformers = pytest.importorskip("transformers")
+    from llama_ckpt import make_tokenizer
+    make_tokenizer(tmp_path, 300)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"),
+                                               eos_token="<|im_end|>")
+    tok.chat_template = CHATML
+    for msgs in ([{"role": "user", "content": " Hi there "}],
+                 [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "Hello"},
+                  {"role": "assistant", "content": "Hi!"},
+                  {"role": "user", "content": "And now?"}]):
+        want = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        assert render_chat(CHATML, msgs, eos_token="<|im_end|>") == want
+    from jinja2.exceptions import TemplateError
+    with pytest.raises(TemplateError, match="unknown role tool"):
+        render_chat(CHATML, [{"role": "tool", "content": "x"}])

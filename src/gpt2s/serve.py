@@ -85,7 +85,8 @@ def render_chat(template: str, messages, *, bos_token="", eos_token="",
     def raise_exception(message):
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
     env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent,
@@ -366,7 +367,8 @@ def create_app(engine: BatchEngine, *, model_name: str = "gpt2s", tokenizer=None
             for r in reqs:
                 r.cancel()
             code = "context_length_exceeded" if "context" in str(e) else None
-            raise APIError(400, str(e), param="prompt" if code else None, code=code) from None
+            param = "prompt" if code or str(e).startswith("prompt") else None
+            raise APIError(400, str(e), param=param, code=code) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         n_prompt = sum(len(x) for x in prompts)
         if stream:
