@@ -1,8 +1,9 @@
 """The C-level kernel harness (tests/harness/kernel_harness.c): every instruction-set variant of
 every weight type's kernels against the portable reference, compiled with the system C compiler
 and run natively, then again with the levels above x86-64-v3 emulated by SIMDe (simde-py), so
-that the AVX-512 and AVX-VNNI code runs on any x86-64-v3 CPU.  A case the CPU cannot run is
-reported SKIP-CPU by the harness, never counted as passed."""
+that the AVX-512 and AVX-VNNI code runs on any x86-64-v3 CPU, and cross-compiled for aarch64
+and run under qemu-aarch64 on CPU models with and without the dotprod / bf16 extensions.  A
+case the CPU cannot run is reported SKIP-CPU by the harness, never counted as passed."""
 
 import os
 import platform

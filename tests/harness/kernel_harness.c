@@ -11,7 +11,8 @@
    q8.h).  Where the kernels promise more, the harness checks more: the widenings are exact
    (bit-for-bit equal to the portable one) and avx-vnni's int8 kernel equals x86-64-v3's bit
    for bit.  The quantizers (portable only) are checked against the rules q8.h / q4.h / bf16.h
-   state, computed independently here.  Outputs outside C[0:M, 0:n] must stay untouched.
+   state, computed independently here.  neon-dotprod's int8 / int4 kernels must equal neon's
+   bit for bit (the same integer sums).  Outputs outside C[0:M, 0:n] must stay untouched.
 
    One line per case: PASS, FAIL, or SKIP-CPU (a variant this CPU cannot run: not a pass).
    Exit status 1 on any failure.
@@ -20,7 +21,13 @@
    Build (SIMDe, the AVX-512 / AVX-VNNI variants emulated on any x86-64-v3 CPU):
        cc -O2 -mavx2 -mfma -mf16c -DGPT2S_HARNESS_SIMDE -I <simde_py.get_include()> \
           -I src/gpt2s/kernels tests/harness/kernel_harness.c -lm
-   tests/test_kernel_harness.py builds and runs both. */
+   Build (aarch64, run under qemu-user; the neon, neon-dotprod and neon-bf16 levels):
+       aarch64-linux-gnu-gcc -O2 -static -I src/gpt2s/kernels tests/harness/kernel_harness.c -lm
+       qemu-aarch64 -cpu max ./a.out     (cortex-a76: no bf16; cortex-a53: neither extension)
+   Options: --quick (rows 1-9, 16, 17, 32, 33: every tile shape and remainder), --dispatch
+   (only the kernels the run-time dispatch picks on this CPU, rows 1, 2, 5).  Every run first
+   prints the levels this CPU runs (CPU-LEVELS) and each type's choice (BEST).
+   tests/test_kernel_harness.py builds and runs all three. */
 
 #ifdef GPT2S_HARNESS_SIMDE
 #include "simde_shim.h"
