@@ -707,8 +707,8 @@ GPT2S_NEON_INLINE void gpt2s_nt_tile_arch_neon(const int ELEM, const int RA, con
 #pragma GCC unroll 8
                     for (int r = 0; r < RW; r++) {
                         if (prefetch)
-                            __builtin_prefetch(gpt2s_elem_ptr_arch_neon(ELEM, W, w[r] + (int64_t)RW * ldw
-                                                                            + k));
+                            __builtin_prefetch(gpt2s_elem_ptr_arch_neon(
+                                ELEM, W, w[r] + (int64_t)RW * ldw + k));
                         d[r] = gpt2s_f16_arch_neon(ws[r][b]);
                     }
 #pragma GCC unroll 4
