@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,3 +208,31 @@ def test_aarch64_every_variant_under_qemu(aarch64_harness):
         cases = [x for x in passed if x.split()[1:4] == [wtype, "neon-dotprod", "direct-out"]]
         assert len(cases) == 33 and all("bit-exact vs neon" in x for x in cases), cases[:2]
     assert any("neon-bf16 probe" in x for x in passed)
+
+
+@pytest.mark.slow
+def test_aarch64_core_module_compiles(aarch64_harness, tmp_path):
+    """The package's own _core (Cython's C of _core.pyx, which includes kernels/types.h and
+    its dispatch) compiles for aarch64 with every neon / neon-dotprod function in the table: the
+    object holds them all.  Compiled against this Python's headers (LP64 both), not linked."""
+    pytest.importorskip("Cython", reason="Cython is not installed")
+    numpy = pytest.importorskip("numpy")
+    import sysconfig
+    cc = shutil.which("aarch64-linux-gnu-gcc")
+    nm = shutil.which("aarch64-linux-gnu-nm")
+    if not nm:
+        pytest.skip("no aarch64-linux-gnu-nm (binutils-aarch64-linux-gnu)")
+    core_c = tmp_path / "_core.c"
+    subprocess.run([sys.executable, "-m", "cython", "-3", "-I", str(ROOT / "src" / "gpt2s"),
+                    str(ROOT / "src" / "gpt2s" / "_core.pyx"), "-o", str(core_c)],
+                   check=True, capture_output=True, text=True)
+    obj = tmp_path / "_core.o"
+    build = subprocess.run([cc, *FLAGS, "-fopenmp", "-fPIC", "-w", "-c", "-I", str(ROOT / "src" / "gpt2s"),
+                            "-I", sysconfig.get_paths()["include"], "-I", numpy.get_include(),
+                            str(core_c), "-o", str(obj)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    symbols = subprocess.run([nm, str(obj)], capture_output=True, text=True, check=True).stdout
+    want = {f"gpt2s_{t}_{k}_arch_neon" for t, ks in {"f32": ("nn", "nt"), "bf16": ("nn", "nt", "widen"),
+                                                     "q8": ("nt", "widen"), "q4": ("nt", "widen")}.items()
+            for k in ks} | {"gpt2s_q8_nt_arch_neon_dotprod", "gpt2s_q4_nt_arch_neon_dotprod"}
+    assert want <= {line.split()[-1] for line in symbols.splitlines() if line.strip()}
