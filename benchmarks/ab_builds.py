@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness import QuietGuard, cpu_snapshot, machine_description, median, other_load
+from harness import QuietGuard, announce_machine, cpu_snapshot, median, other_load
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -101,9 +101,8 @@ def main(argv=None) -> int:
         wanted = args.only.split(",")
         cases = [c for c in cases if any(c == w or c.startswith(w) for w in wanted)]
     guard = QuietGuard(wait_s=args.wait_quiet)
-    machine = machine_description(REPO)
-    print(f"machine: {machine.get('cpu')}  isa: {' '.join(machine.get('isa', []))}  "
-          f"threads {args.threads}", flush=True)
+    machine = announce_machine(REPO)
+    print(f"threads {args.threads}", flush=True)
     times = {c: {"a": [], "b": []} for c in cases}
     for r in range(args.rounds):
         order = ("a", "b") if r % 2 == 0 else ("b", "a")

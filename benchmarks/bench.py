@@ -138,6 +138,7 @@ def print_header(info: dict, args, st: Settings, threads: dict):
               f"{tp['filepath']}")
     env = " ".join(f"{k}={'unset' if val is None else val}" for k, val in info["env"].items())
     print(f"  env     : {env}")
+    print(f"  {harness.provenance_line(info)}")
     if info["env"]["OPENBLAS_CORETYPE"] or info["env"]["OPENBLAS_L2_SIZE"]:
         print("            (OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE are set: they slow current "
               "numpy's OpenBLAS; unset both for a clean run)")

@@ -23,7 +23,7 @@ import numpy as np
 
 import gpt2s
 from gpt2s import GPT2, GPT2Config
-from harness import peak_rss_mib
+from harness import announce_machine, peak_rss_mib
 
 
 def timed_generate(m, prompt, new):
@@ -63,6 +63,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.kernel_threads:
         gpt2s.set_num_threads(args.kernel_threads)
+    announce_machine()
     m = GPT2.from_config(GPT2Config.preset(args.size), seed=0)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 50257, size=(1, args.prompt)) for _ in range(args.threads)]

@@ -28,7 +28,7 @@ import numpy as np
 
 import gpt2s
 from gpt2s import GPT2, GPT2Config, _core
-from harness import machine_description, run_alternating
+from harness import announce_machine, run_alternating
 
 
 def main(argv=None):
@@ -46,9 +46,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     gpt2s.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    info = machine_description(Path(__file__).resolve().parent.parent)
-    print(f"CPU: {info.get('cpu')}  flags: {' '.join(info.get('isa', []))}  "
-          f"threads {args.threads}, clock {args.clock}; instruction-set levels: "
+    info = announce_machine(Path(__file__).resolve().parent.parent)
+    print(f"threads {args.threads}, clock {args.clock}; instruction-set levels: "
           f"{', '.join(_core.cpu_variants())}")
     base = GPT2.from_config(GPT2Config.preset("gpt2"), seed=0)
     rng = np.random.default_rng(0)

@@ -15,9 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import numpy as np
+
+import harness
 
 
 def allreduce(args):
@@ -31,10 +34,12 @@ def allreduce(args):
         comm.Allreduce(MPI.IN_PLACE, [buf, MPI.FLOAT], op=MPI.SUM)
         times.append(time.perf_counter() - t0)
     if comm.Get_rank() == 0:
+        machine = harness.announce_machine(file=sys.stderr)   # stdout: one JSON line
         print(json.dumps({"case": "allreduce", "ranks": comm.Get_size(), "floats": args.floats,
                           "seconds": [round(t, 4) for t in times],
                           "median_s": round(statistics.median(times), 4),
-                          "GB_per_s": round(4 * args.floats / statistics.median(times) / 1e9, 2)}))
+                          "GB_per_s": round(4 * args.floats / statistics.median(times) / 1e9, 2),
+                          "machine": machine}))
 
 
 def step(args):
@@ -79,6 +84,7 @@ def step(args):
             rows.append((t3 - t0, t1 - t0, t2 - t1 - wait, wait, t3 - t2))
     if dp is None or dp.rank == 0:
         med = [round(statistics.median(c), 4) for c in zip(*rows)]
+        machine = harness.announce_machine(file=sys.stderr)
         print(json.dumps({"case": "step", "ranks": size, "threads": gpt2s.get_num_threads(),
                           "batch": args.batch, "seq": args.seq,
                           "overlap": None if dp is None else dp.overlap,
@@ -86,7 +92,8 @@ def step(args):
                           "step_s": [round(r[0], 3) for r in rows], "median_step_s": med[0],
                           "forward_s": med[1], "backward_s": med[2], "wait_s": med[3],
                           "clip_adamw_s": med[4],
-                          "tokens_per_s": round(args.batch * args.seq / med[0], 1)}),
+                          "tokens_per_s": round(args.batch * args.seq / med[0], 1),
+                          "machine": machine}),
               flush=True)
 
 

@@ -24,7 +24,7 @@ import json
 import sys
 import time
 
-from harness import ru_maxrss_mib, run_alternating, vm_hwm_mib
+from harness import announce_machine, ru_maxrss_mib, run_alternating, vm_hwm_mib
 
 
 def read_ids(path) -> list[int]:
@@ -157,6 +157,7 @@ def main(argv=None) -> int:
            "bandwidth": run_bandwidth}[args.mode](args)
     res["ru_maxrss_mib"] = ru_maxrss_mib()
     res["vm_hwm_mib"] = vm_hwm_mib()
+    res["machine"] = announce_machine(file=sys.stderr)   # stdout is the JSON
     json.dump(res, sys.stdout)
     sys.stdout.write("\n")
     return 0

@@ -262,20 +262,24 @@ def max_rel_error(a, b) -> float:
 # -------------------------------------------------------------------------------- machine
 
 # CPU flags that decide which kernels run: gpt2s's x86-64-v3 (AVX2/FMA/F16C) and AVX-512 /
-# VNNI paths, AMX, and Arm's Advanced SIMD
+# VNNI paths, AMX, and Arm's Advanced SIMD, dot products (asimddp), BF16 and I8MM
 KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni",
-                "amx_tile", "asimd")
+                "amx_tile", "asimd", "asimddp", "bf16", "i8mm")
 
 
 def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     """The first processor's model name, family, model and flags ("Features" on Arm) from
-    /proc/cpuinfo; name falls back to platform.machine()."""
+    /proc/cpuinfo; without a model name (Arm): macOS's brand string, else platform.machine()
+    and the CPU implementer / part numbers."""
     info = {"name": None, "family": "", "model": "", "flags": set()}
+    arm = {}
     try:
         with open(cpuinfo_path) as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key, value = key.strip(), value.strip()
+                if key in ("CPU implementer", "CPU part"):   # Arm names no model
+                    arm.setdefault(key, value)
                 if key == "model name" and info["name"] is None:
                     info["name"] = value
                 elif key == "cpu family" and not info["family"]:
@@ -286,8 +290,17 @@ def cpu_info(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
                     info["flags"] = set(value.split())
     except OSError:
         pass
+    if info["name"] is None and sys.platform == "darwin":
+        try:   # "Apple M2"
+            info["name"] = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
+                                          capture_output=True, text=True,
+                                          timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
     if info["name"] is None:
-        info["name"] = platform.machine()
+        info["name"] = platform.machine() + (
+            f" (CPU implementer {arm.get('CPU implementer', '?')}, part {arm['CPU part']})"
+            if "CPU part" in arm else "")
     return info
 
 
@@ -340,13 +353,54 @@ def git_describe(repo) -> str | None:
         return None
 
 
+def kernel_variants() -> dict:
+    """The instruction sets gpt2s's kernels use in this process: {"cpu_levels": the levels
+    this build has and this CPU runs (_core.cpu_variants), "kernels": {weight type: the
+    variant its products run now (_core.get_kernel_variant)}}; both None where gpt2s cannot
+    be imported (a script timing another program only)."""
+    try:
+        from gpt2s import _core
+    except ImportError:
+        return {"cpu_levels": None, "kernels": None}
+    return {"cpu_levels": list(_core.cpu_variants()),
+            "kernels": {t: _core.get_kernel_variant(t) for t in _core.weight_types()}}
+
+
 def machine_description(repo) -> dict:
     """The machine a benchmark ran on: CPU (model name, family, model, the KERNEL_FLAGS it
-    has), cores available, memory, platform, Python, the git commit of repo and the load
-    average now."""
+    has), gpt2s's kernel variants in use (kernel_variants), cores available, memory,
+    platform, Python, the git commit of repo and the load average now."""
     cpu = cpu_info()
     return {"cpu": cpu["name"], "cpu_family": cpu["family"], "cpu_model": cpu["model"],
-            "isa": kernel_isa(cpu["flags"]), "cores": available_cores(),
+            "isa": kernel_isa(cpu["flags"]), **kernel_variants(), "cores": available_cores(),
             "os_cpu_count": os.cpu_count(), "mem_gib": mem_gib(),
             "platform": platform.platform(), "python": platform.python_version(),
             "git": git_describe(repo), "loadavg_start": list(os.getloadavg())}
+
+
+def provenance_line(machine: dict) -> str:
+    """One line naming where a run's figures come from: the CPU model (and AMD core), its
+    kernel-relevant flags and the kernel variant each weight type runs."""
+    core = amd_core(machine.get("cpu") or "", machine.get("cpu_family") or "",
+                    machine.get("cpu_model") or "")
+    kernels = machine.get("kernels")
+    used = (", ".join(f"{t} {v}" for t, v in kernels.items()) if kernels
+            else "gpt2s not imported")
+    return (f"cpu: {machine.get('cpu')}{f' ({core})' if core else ''}; "
+            f"flags: {' '.join(machine.get('isa') or []) or 'none listed'}; "
+            f"kernels: {used}")
+
+
+_STDOUT = object()   # sys.stdout as it is at the call (pytest's capture replaces it)
+
+
+def announce_machine(repo=None, file=_STDOUT) -> dict:
+    """What every benchmark calls once before timing: prints provenance_line (to `file`; None:
+    nothing) and returns machine_description(repo) for the script to record with its results,
+    so that every figure says which CPU and which instruction sets it came from."""
+    machine = machine_description(repo if repo is not None
+                                  else os.path.dirname(os.path.abspath(__file__)))
+    if file is not None:
+        print(provenance_line(machine), file=sys.stdout if file is _STDOUT else file,
+              flush=True)
+    return machine

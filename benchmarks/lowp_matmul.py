@@ -25,7 +25,7 @@ import numpy as np
 
 import gpt2s
 from gpt2s import _core, weight_types
-from harness import run_alternating
+from harness import announce_machine, run_alternating
 
 SHAPES = [  # (name, K, N, lm_head): out = x (M, K) @ W (K, N); the lm_head is x @ wte (V, K)^T
     ("attn.c_attn", 768, 2304, False), ("attn.c_proj", 768, 768, False),
@@ -84,6 +84,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     rows = []
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    machine = announce_machine()
     print(f"threads {args.threads}, clock {args.clock}, kernel variants: "
           + ", ".join(f"{t} {'/'.join(_core.kernel_variants(t))}" for t in weight_types.DTYPES))
     print(f"{'matrix':12} {'M':>2} {'dtype':9} {'path':10} {'GB/s':>6} {'us/call':>8} {'t/f32':>6}")
@@ -97,7 +98,8 @@ def main(argv=None):
                       f"{r['median_s'] * 1e6:8.1f} {r['time_vs_float32']:6.2f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "clock": args.clock, "rows": rows}, f, indent=1)
+            json.dump({"machine": machine, "threads": args.threads, "clock": args.clock,
+                       "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
             for name, (path, dtype) in cases.items():
                 runs[name].append(run_case(path, dtype))
         result = {"preset": args.preset, "repeats": args.repeats,
-                  "machine": harness.machine_description(Path(__file__).resolve().parents[1]),
+                  "machine": harness.announce_machine(Path(__file__).resolve().parents[1]),
                   "files_mb": {d: (directory / d / "model.safetensors").stat().st_size / 1e6
                                for d in ("int8", "int4", "f32")},
                   "cases": {}}

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import cpu_snapshot, numpy_blas_threads, other_load, time_call, wait_quiet
+from harness import (announce_machine, cpu_snapshot, numpy_blas_threads, other_load, time_call,
+                     wait_quiet)
 
 NOT_KERNELS = {"have_openmp", "omp_max_threads", "set_num_threads", "get_num_threads"}
 
@@ -244,8 +245,8 @@ def profile_generate(args):
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"mode": "generate", "B": B, "prompt": T, "new": args.new,
-                       "wall_s": wall, "other_load_cores": load, "kernels": kernels}, f,
-                      indent=1)
+                       "wall_s": wall, "other_load_cores": load, "kernels": kernels,
+                       "machine": announce_machine(file=None)}, f, indent=1)
 
 
 def print_rows(title, header, rows):
@@ -279,6 +280,7 @@ def main(argv=None):
                         "before measuring (default 120; 0: don't)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
+    announce_machine()
     if args.generate is not None:
         return profile_generate(args)
 
@@ -389,6 +391,7 @@ def main(argv=None):
     if args.torch:
         report["torch"] = torch_profile(cfg, m, idx, tgt, args)
     if args.json:
+        report["machine"] = announce_machine(file=None)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

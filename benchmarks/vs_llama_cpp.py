@@ -206,8 +206,9 @@ def machine_info(threads: int) -> dict:
                 lscpu[k.strip()] = v.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    machine = harness.machine_description(REPO)
+    machine = harness.announce_machine(REPO, file=sys.stderr)
     return {"cpu": machine["cpu"], "lscpu": lscpu, "isa": machine["isa"],
+            "cpu_levels": machine["cpu_levels"], "kernels": machine["kernels"],
             "cores": machine["cores"], "mem_gib": machine["mem_gib"],
             "platform": machine["platform"], "python": machine["python"],
             "git": machine["git"], "threads": threads,

@@ -266,6 +266,44 @@ def test_cpu_info_from_proc_cpuinfo(harness, tmp_path):
     assert harness.kernel_isa(info["flags"]) == ["asimd"] and info["name"]   # platform.machine()
 
 
+def test_arm_cpu_without_model_name(harness, tmp_path):
+    """Arm's /proc/cpuinfo names no model: the implementer and part numbers stand in, and the
+    dot-product / BF16 features count among the kernel flags."""
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp bf16 i8mm sve\n"
+                   "CPU implementer\t: 0x41\nCPU part\t: 0xd40\n")
+    info = harness.cpu_info(str(arm))
+    assert "CPU implementer 0x41, part 0xd40" in info["name"]
+    assert harness.kernel_isa(info["flags"]) == ["asimd", "asimddp", "bf16", "i8mm"]
+
+
+def test_announce_machine_names_cpu_and_kernels(harness, capsys):
+    """Every benchmark's provenance: the CPU model, its kernel flags and the variant each weight
+    type runs, printed on one line and returned for the results."""
+    from gpt2s import _core
+    machine = harness.announce_machine()
+    line = capsys.readouterr().out.strip()
+    assert machine["kernels"] == {t: _core.get_kernel_variant(t) for t in _core.weight_types()}
+    assert machine["cpu_levels"] == list(_core.cpu_variants())
+    assert line == harness.provenance_line(machine) and machine["cpu"] in line
+    for t, variant in machine["kernels"].items():
+        assert f"{t} {variant}" in line
+    harness.announce_machine(file=None)
+    assert capsys.readouterr().out == ""
+
+
+def test_every_benchmark_script_announces_its_machine():
+    """Each timing script calls announce_machine (directly, or through vs_llama_cpp's
+    machine_info, or bench.py's provenance_line over machine_description); dp_scaling_plot
+    only plots dp_step's results (which carry the machine) and torch_gpt2 is a model, not a
+    script."""
+    exempt = {"harness.py", "dp_scaling_plot.py", "torch_gpt2.py"}
+    missing = [f.name for f in sorted(BENCH_DIR.glob("*.py")) if f.name not in exempt
+               and not any(call in f.read_text() for call in
+                           ("announce_machine(", "provenance_line(", "machine_info("))]
+    assert missing == []
+
+
 def test_mem_gib(harness, tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       16777216 kB\nMemFree:         1048576 kB\n")

@@ -152,7 +152,7 @@ def show_config(file=None) -> dict:
     print(f"  OpenMP: {'yes' if info['openmp'] else 'no (kernels run on one thread)'}", file=out)
     print(f"  threads: {info['threads']} (OpenMP default {info['omp_max_threads']})", file=out)
     print(f"  row kernels: {'baseline + x86-64-v3 (AVX2/FMA), chosen at load' if info['isa_clones'] else 'baseline ISA only'}", file=out)
-    print(f"  instruction-set levels of this CPU (CPUID): {', '.join(info['cpu_variants'])}",
+    print(f"  instruction-set levels of this CPU (CPUID / AT_HWCAP): {', '.join(info['cpu_variants'])}",
           file=out)
     from .weight_types import get
     for name in info["kernels"]:

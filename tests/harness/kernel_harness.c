@@ -11,7 +11,8 @@
    q8.h).  Where the kernels promise more, the harness checks more: the widenings are exact
    (bit-for-bit equal to the portable one) and avx-vnni's int8 kernel equals x86-64-v3's bit
    for bit.  The quantizers (portable only) are checked against the rules q8.h / q4.h / bf16.h
-   state, computed independently here.  Outputs outside C[0:M, 0:n] must stay untouched.
+   state, computed independently here.  neon-dotprod's int8 / int4 kernels must equal neon's
+   bit for bit (the same integer sums).  Outputs outside C[0:M, 0:n] must stay untouched.
 
    One line per case: PASS, FAIL, or SKIP-CPU (a variant this CPU cannot run: not a pass).
    Exit status 1 on any failure.
@@ -20,7 +21,13 @@
    Build (SIMDe, the AVX-512 / AVX-VNNI variants emulated on any x86-64-v3 CPU):
        cc -O2 -mavx2 -mfma -mf16c -DGPT2S_HARNESS_SIMDE -I <simde_py.get_include()> \
           -I src/gpt2s/kernels tests/harness/kernel_harness.c -lm
-   tests/test_kernel_harness.py builds and runs both. */
+   Build (aarch64, run under qemu-user; the neon, neon-dotprod and neon-bf16 levels):
+       aarch64-linux-gnu-gcc -O2 -static -I src/gpt2s/kernels tests/harness/kernel_harness.c -lm
+       qemu-aarch64 -cpu max ./a.out     (cortex-a76: no bf16; cortex-a53: neither extension)
+   Options: --quick (rows 1-9, 16, 17, 32, 33: every tile shape and remainder), --dispatch
+   (only the kernels the run-time dispatch picks on this CPU, rows 1, 2, 5).  Every run first
+   prints the levels this CPU runs (CPU-LEVELS) and each type's choice (BEST).
+   tests/test_kernel_harness.py builds and runs all three. */
 
 #ifdef GPT2S_HARNESS_SIMDE
 #include "simde_shim.h"
@@ -137,17 +144,26 @@ static const int KS_BLOCKED[] = {32, 96, 160, 544, 16416};
 static const int NS[] = {1, 3, 8, 17, 33, 47, 70};
 #define LEN(a) ((int)(sizeof(a) / sizeof((a)[0])))
 #define MAXM 33
+/* the row counts of A tried: 1 to 33; --quick: those that still reach every tile shape and
+   remainder (1: the one-row kernels, 2-9, 16-17, 32-33); --dispatch: 1, 2 and 5 */
+static int ms[MAXM], n_ms;
 
 /* For one direct kernel f, every M in 1..33, every (K, N) and accumulate on and off: the
    worst error relative to its bound.  other (may be NULL): a kernel whose outputs f must
    equal bit for bit. */
+#if defined(__aarch64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+/* GCC 12 for aarch64 crashes (internal compiler error in vect_transform_reduction) when it
+   vectorises the reference sums below: left scalar there */
+__attribute__((optimize("no-tree-vectorize")))
+#endif
 static void check_direct(int t, int output_major, int isa, gpt2s_direct_fn f,
                          gpt2s_direct_fn other, const char *other_name) {
     const char *layout = output_major ? "direct-out" : "direct-in";
     int blocked = gpt2s_wtypes[t].block > 0;
     const int *ks = blocked ? KS_BLOCKED : KS_FLOAT;
     int nk = blocked ? LEN(KS_BLOCKED) : LEN(KS_FLOAT);
-    for (int M = 1; M <= MAXM; M++) {
+    for (int im = 0; im < n_ms; im++) {
+        int M = ms[im];
         char what[160], detail[256];
         snprintf(what, sizeof what, "%-8s %-11s %-10s M=%-2d", gpt2s_wtypes[t].name,
                  gpt2s_isa_names[isa], layout, M);
@@ -172,6 +188,11 @@ static void check_direct(int t, int output_major, int isa, gpt2s_direct_fn f,
                 float *C2 = malloc(sizeof(float) * (size_t)M * ldc);
                 float *C0 = malloc(sizeof(float) * (size_t)M * ldc);
                 for (int i = 0; i < M * lda; i++) A[i] = srand_f();
+                /* max|a| of each block of 32 of each row (the one-row kernels' int16 step) */
+                double *bmax = calloc((size_t)M * (K / 32 + 1), sizeof(double));
+                if (blocked && M == 1)
+                    for (int k = 0; k < K; k++)
+                        bmax[k / 32] = fmax(bmax[k / 32], fabs(A[k]));
                 for (int acc = 0; acc < 2; acc++) {
                     for (int i = 0; i < M * ldc; i++)
                         C0[i] = (i % ldc) < N ? (acc ? srand_f() : SENTINEL) : SENTINEL;
@@ -193,12 +214,9 @@ static void check_direct(int t, int output_major, int isa, gpt2s_direct_fn f,
                                 double wk = s.wide[(size_t)k * N + j];
                                 ref += (double)a[k] * wk;
                                 mag += fabs((double)a[k] * wk);
-                                if (blocked && M == 1) {
-                                    double amax = 0.0;
-                                    for (int i = k - k % 32; i < k - k % 32 + 32; i++)
-                                        amax = fmax(amax, fabs(a[i]));
-                                    act += fabs(wk) * (amax / 65534.0 + 4e-7 * fabs(a[k]));
-                                }
+                                if (blocked && M == 1)
+                                    act += fabs(wk) * (bmax[k / 32] / 65534.0
+                                                       + 4e-7 * fabs(a[k]));
                             }
                             double bound = (K + 8) * 5.9604644775390625e-08 * mag
                                            + 1.01 * act + 1e-30;
@@ -214,7 +232,7 @@ static void check_direct(int t, int output_major, int isa, gpt2s_direct_fn f,
                         }
                     }
                 }
-                free(A); free(C); free(C2); free(C0); free(w);
+                free(A); free(C); free(C2); free(C0); free(w); free(bmax);
                 free_stored(&s);
             }
         int ok = worst <= 1.0 && untouched && exact && finite;
@@ -471,18 +489,97 @@ static void check_widen_portable(int t) {
 
 /* ------------------------------------------------------------------ main */
 
-int main(void) {
-    printf("kernel harness: %s build\n",
-#ifdef GPT2S_HARNESS_SIMDE
-           "SIMDe (levels above x86-64-v3 emulated)"
-#else
-           "native"
+#if GPT2S_HAVE_NEON_BF16
+/* The neon-bf16 level compiles and runs what it promises: bfdot and bfmmla (which no weight
+   type's kernels use, isa.h) in a function of that target, called only where the CPU has
+   them, on bfloat16 inputs whose products and sums are exact in float32. */
+GPT2S_NEON_BF static void bf16_probe_arch_neon_bf16(const uint16_t *a, const uint16_t *b,
+                                                    float *dot, float *mmla) {
+    bfloat16x8_t va = vreinterpretq_bf16_u16(vld1q_u16(a));
+    bfloat16x8_t vb = vreinterpretq_bf16_u16(vld1q_u16(b));
+    vst1q_f32(dot, vbfdotq_f32(vdupq_n_f32(0.0f), va, vb));
+    vst1q_f32(mmla, vbfmmlaq_f32(vdupq_n_f32(0.0f), va, vb));
+}
+
+static void check_bf16_probe(void) {
+    const char *what = "neon-bf16 probe      bfdot, bfmmla";
+    if (!level_runs(GPT2S_ISA_NEON_BF16)) {
+        printf("SKIP-CPU %s (this CPU lacks neon-bf16)\n", what);
+        skips++;
+        return;
+    }
+    uint16_t a[8], b[8];
+    float x[8], y[8], dot[4], mmla[4];
+    for (int i = 0; i < 8; i++) {   /* small integers: exact in bfloat16, products and sums */
+        x[i] = (float)(i - 3);
+        y[i] = (float)(2 * i + 1);
+        a[i] = gpt2s_f32_to_bf16(x[i]);
+        b[i] = gpt2s_f32_to_bf16(y[i]);
+    }
+    bf16_probe_arch_neon_bf16(a, b, dot, mmla);
+    int bad = 0;
+    for (int i = 0; i < 4; i++)   /* bfdot: lane i = pair i of a . pair i of b */
+        bad += dot[i] != x[2 * i] * y[2 * i] + x[2 * i + 1] * y[2 * i + 1];
+    for (int i = 0; i < 2; i++)   /* bfmmla: (2 x 4 of a) @ (2 x 4 of b)^T, row-major 2 x 2 */
+        for (int j = 0; j < 2; j++) {
+            float want = 0.0f;
+            for (int k = 0; k < 4; k++) want += x[4 * i + k] * y[4 * j + k];
+            bad += mmla[2 * i + j] != want;
+        }
+    report(bad == 0, what, bad ? "WRONG" : "exact on small integers");
+}
 #endif
-    );
+
+int main(int argc, char **argv) {
+    int quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
+    int dispatch = argc > 1 && strcmp(argv[1], "--dispatch") == 0;
+    if (argc > 1 && !quick && !dispatch) {
+        fprintf(stderr, "usage: %s [--quick | --dispatch]\n", argv[0]);
+        return 2;
+    }
+    for (int M = 1; M <= MAXM; M++)
+        if (dispatch ? M == 1 || M == 2 || M == 5
+                     : !quick || M <= 9 || M == 16 || M == 17 || M == 32 || M == 33)
+            ms[n_ms++] = M;
+    printf("kernel harness: %s build%s\n",
+#ifdef GPT2S_HARNESS_SIMDE
+           "SIMDe (levels above x86-64-v3 emulated)",
+#elif defined(__aarch64__)
+           "aarch64",
+#else
+           "native",
+#endif
+           quick ? ", quick" : dispatch ? ", dispatch only" : "");
+    /* what the run-time checks found, and what each type therefore runs */
+    printf("CPU-LEVELS");
+    for (int isa = 0; isa < GPT2S_NISA; isa++)
+        if (gpt2s_cpu_has(isa)) printf(" %s", gpt2s_isa_names[isa]);
+    printf("\n");
+    for (int t = 0; t < GPT2S_NWTYPES; t++)
+        printf("BEST %s %s\n", gpt2s_wtypes[t].name,
+               gpt2s_isa_names[gpt2s_wtype_best_variant(t)]);
     check_quantize_bf16();
     check_quantize_blocked(GPT2S_WTYPE_Q8);
     check_quantize_blocked(GPT2S_WTYPE_Q4);
     for (int t = GPT2S_WTYPE_BF16; t < GPT2S_NWTYPES; t++) check_widen_portable(t);
+    if (dispatch) {
+        /* the kernels the table's dispatch picks on this CPU, through the same lookups as
+           _core's (gpt2s_wtype_direct / gpt2s_wtype_widen of the best variant) */
+        for (int t = 0; t < GPT2S_NWTYPES; t++) {
+            int best = gpt2s_wtype_best_variant(t);
+            for (int om = 0; om < 2; om++) {
+                gpt2s_direct_fn f = best ? gpt2s_wtype_direct(t, om, best) : NULL;
+                if (f) check_direct(t, om, best, f, NULL, "");
+            }
+            if (best && gpt2s_wtypes[t].widen[GPT2S_ISA_PORTABLE])
+                check_widen(t, best, gpt2s_wtype_widen(t, best));
+        }
+#if GPT2S_HAVE_NEON_BF16
+        check_bf16_probe();
+#endif
+        printf("%d passed, %d failed, %d skipped by CPU\n", passes, failures, skips);
+        return failures ? 1 : 0;
+    }
     int tested = 0;
     for (int t = 0; t < GPT2S_NWTYPES; t++) {
         for (int isa = 1; isa < GPT2S_NISA; isa++) {
@@ -495,7 +592,11 @@ int main(void) {
                 gpt2s_direct_fn other = NULL;
                 if (isa == GPT2S_ISA_AVX_VNNI && t == GPT2S_WTYPE_Q8)
                     other = gpt2s_wtype_direct(t, om, GPT2S_ISA_X86_64_V3);
-                check_direct(t, om, isa, f, other, "x86-64-v3");
+                /* neon-dotprod's int8 / int4 kernels compute neon's integer sums and then
+                   the same float arithmetic: neon's outputs bit for bit */
+                if (isa == GPT2S_ISA_NEON_DOTPROD && gpt2s_wtypes[t].block > 0)
+                    other = gpt2s_wtype_direct(t, om, GPT2S_ISA_NEON);
+                check_direct(t, om, isa, f, other, gpt2s_isa_names[gpt2s_isa_base(isa)]);
                 tested++;
             }
             if (gpt2s_wtypes[t].widen[isa]) {
@@ -504,6 +605,9 @@ int main(void) {
             }
         }
     }
+#if GPT2S_HAVE_NEON_BF16
+    check_bf16_probe();
+#endif
     printf("%d passed, %d failed, %d skipped by CPU (%d kernels of this build)\n", passes,
            failures, skips, tested);
     if (tested == 0) printf("note: this build has no variant above portable\n");

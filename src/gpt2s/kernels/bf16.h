@@ -378,4 +378,32 @@ GPT2S_V4 static void gpt2s_bf16_nt_arch_avx512(int M, int n, int K, const float 
 #undef GPT2S_BF16_ODD
 
 #endif
+/* ------------------------------------------------------------------ neon (aarch64) */
+
+#if defined(__aarch64__) && GPT2S_HAVE_NEON
+
+/* neon: the tiles of tile.h on bfloat16 loads (a bfloat16 widens by one shift: vshll), for 1
+   to 32 rows -- one row of nn is a 1 x 16 tile down blocks of 64 rows of W, one row of nt
+   streams 8 rows of W at once -- and the widening of panels.  (The bf16 instructions, bfdot /
+   bfmmla, multiply bfloat16 by bfloat16: the activations here are float32, so the neon-bf16
+   level has no kernels of this type; isa.h.) */
+GPT2S_NEON static void gpt2s_bf16_nn_arch_neon(int M, int n, int K, const float *A, int lda,
+        const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)S;
+    gpt2s_nn_arch_neon(GPT2S_ELEM_BF16, M, n, K, A, lda, W, ldw, accumulate, C, ldc);
+}
+
+GPT2S_NEON static void gpt2s_bf16_nt_arch_neon(int M, int n, int K, const float *A, int lda,
+        const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)S;
+    gpt2s_nt_arch_neon(GPT2S_ELEM_BF16, M, n, K, A, lda, W, ldw, NULL, accumulate, C, ldc);
+}
+
+GPT2S_NEON static void gpt2s_bf16_widen_arch_neon(float *out, int64_t ldo, const void *W,
+        int64_t ldw, const uint16_t *S, int rows, int cols) {
+    gpt2s_widen_arch_neon(GPT2S_ELEM_BF16, out, ldo, W, ldw, S, rows, cols);
+}
+
+#endif
+
 #endif

@@ -53,4 +53,22 @@ GPT2S_V4 static void gpt2s_f32_nt_arch_avx512(int M, int n, int K, const float *
 }
 
 #endif
+#if defined(__aarch64__) && GPT2S_HAVE_NEON
+
+/* neon (aarch64): the nn and nt tiles of tile.h on float32 loads (2 to 32 rows; one row goes
+   to sgemv as on x86) */
+GPT2S_NEON static void gpt2s_f32_nn_arch_neon(int M, int n, int K, const float *A, int lda,
+        const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)S;
+    gpt2s_nn_arch_neon(GPT2S_ELEM_F32, M, n, K, A, lda, W, ldw, accumulate, C, ldc);
+}
+
+GPT2S_NEON static void gpt2s_f32_nt_arch_neon(int M, int n, int K, const float *A, int lda,
+        const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)S;
+    gpt2s_nt_arch_neon(GPT2S_ELEM_F32, M, n, K, A, lda, W, ldw, NULL, accumulate, C, ldc);
+}
+
+#endif
+
 #endif

@@ -24,6 +24,21 @@
    entry of the nearest level below it that has one (avx-vnni's few-row int8 kernel is
    x86-64-v3's), so every level a type lists is complete.  The levels are in order of
    preference, each after those it is preferred to; a CPU runs the last one it has.
+   On aarch64 (Linux, macOS) the levels are:
+   - neon: Advanced SIMD, which every aarch64 CPU has (armv8-a): the baseline the wheel is
+     compiled for, so these functions need no attribute (they carry "arch_neon" in their names
+     all the same, and are chosen like the others).
+   - neon-dotprod: neon plus the int8 dot products sdot / udot (FEAT_DotProd: Cortex-A55/A76,
+     Neoverse N1, Graviton 2, Apple M1 and later), compiled with the target attribute
+     "arch=armv8.2-a+dotprod".
+   - neon-bf16: neon plus bfdot / bfmmla / bfmlal (FEAT_BF16, Armv8.6: Graviton 3, Neoverse
+     V1/N2, Apple M2 and later), "arch=armv8.2-a+bf16".  No weight type's kernels use it: those
+     multiply float32 activations, which bfdot would round to bfloat16 (x86's avx512-bf16 column
+     is empty for the same reason); it is the level of a bfloat16 compute GEMM.
+   Both are checked at run time (getauxval AT_HWCAP / AT_HWCAP2 on Linux, sysctlbyname
+   hw.optional.arm.FEAT_* on macOS), never from the build machine's flags: a function of these
+   levels is the only code of the build that holds their instructions
+   (tests/test_kernel_harness.py checks the cross-compiled harness for it).
    - GPT2S_CLONES builds a row kernel twice, for the baseline and for x86-64-v3, and lets the
      dynamic linker pick one at load (GCC target_clones, an ifunc: glibc only).  */
 
@@ -33,10 +48,12 @@
 #include <stdint.h>
 
 enum { GPT2S_ISA_PORTABLE = 0, GPT2S_ISA_X86_64_V3 = 1, GPT2S_ISA_AVX_VNNI = 2,
-       GPT2S_ISA_AVX512 = 3, GPT2S_ISA_AVX512_VNNI = 4, GPT2S_ISA_AVX512_BF16 = 5, GPT2S_NISA };
+       GPT2S_ISA_AVX512 = 3, GPT2S_ISA_AVX512_VNNI = 4, GPT2S_ISA_AVX512_BF16 = 5,
+       GPT2S_ISA_NEON = 6, GPT2S_ISA_NEON_DOTPROD = 7, GPT2S_ISA_NEON_BF16 = 8, GPT2S_NISA };
 
 static const char *const gpt2s_isa_names[GPT2S_NISA] = {
-    "portable", "x86-64-v3", "avx-vnni", "avx512", "avx512-vnni", "avx512-bf16"};
+    "portable", "x86-64-v3", "avx-vnni", "avx512", "avx512-vnni", "avx512-bf16",
+    "neon", "neon-dotprod", "neon-bf16"};
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(GPT2S_NO_CLONES)
 #define GPT2S_HAVE_X86_64_V3 1
@@ -46,6 +63,40 @@ static const char *const gpt2s_isa_names[GPT2S_NISA] = {
 #define GPT2S_V3_INLINE static inline __attribute__((target("avx2,fma,f16c"), always_inline))
 #else
 #define GPT2S_HAVE_X86_64_V3 0
+#endif
+
+/* aarch64: NEON is the baseline; dotprod and bf16 as target attributes (GCC 10, clang 17:
+   arm_neon.h's intrinsics then compile inside a function of that target) */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__aarch64__) && defined(__ARM_NEON) \
+    && !defined(GPT2S_NO_CLONES)
+#define GPT2S_HAVE_NEON 1
+#include <arm_neon.h>
+#define GPT2S_NEON __attribute__((noinline))
+#define GPT2S_NEON_INLINE static inline __attribute__((always_inline))
+#if (!defined(__clang__) && __GNUC__ >= 10) || (defined(__clang__) && __clang_major__ >= 17)
+#define GPT2S_HAVE_NEON_DOTPROD 1
+#define GPT2S_HAVE_NEON_BF16 1
+#define GPT2S_T_NEON_DOTPROD "arch=armv8.2-a+dotprod"
+#define GPT2S_T_NEON_BF16 "arch=armv8.2-a+bf16"
+#define GPT2S_NEON_DP __attribute__((target(GPT2S_T_NEON_DOTPROD), noinline))
+#define GPT2S_NEON_DP_INLINE static inline \
+    __attribute__((target(GPT2S_T_NEON_DOTPROD), always_inline))
+#define GPT2S_NEON_BF __attribute__((target(GPT2S_T_NEON_BF16), noinline))
+#define GPT2S_NEON_BF_INLINE static inline \
+    __attribute__((target(GPT2S_T_NEON_BF16), always_inline))
+#else
+#define GPT2S_HAVE_NEON_DOTPROD 0
+#define GPT2S_HAVE_NEON_BF16 0
+#endif
+#if defined(__linux__)
+#include <sys/auxv.h>
+#elif defined(__APPLE__)
+#include <sys/sysctl.h>
+#endif
+#else
+#define GPT2S_HAVE_NEON 0
+#define GPT2S_HAVE_NEON_DOTPROD 0
+#define GPT2S_HAVE_NEON_BF16 0
 #endif
 
 /* The AVX-VNNI and AVX-512 levels need a compiler that knows their target names and CPUID
@@ -102,7 +153,7 @@ static int gpt2s_cpu_has(int isa) {
 #if GPT2S_HAVE_AVX512
     /* __builtin_cpu_supports also checks that the OS saves the registers (XGETBV) */
     static int level[GPT2S_NISA] = {-1, -1, -1, -1, -1, -1};
-    if (isa > GPT2S_ISA_X86_64_V3 && isa < GPT2S_NISA) {
+    if (isa > GPT2S_ISA_X86_64_V3 && isa <= GPT2S_ISA_AVX512_BF16) {
         if (level[isa] < 0) {
             int v4;
             __builtin_cpu_init();
@@ -117,6 +168,32 @@ static int gpt2s_cpu_has(int isa) {
                        : v4 && __builtin_cpu_supports("avx512bf16");
         }
         return level[isa];
+    }
+#endif
+#if GPT2S_HAVE_NEON
+    if (isa == GPT2S_ISA_NEON) return 1;   /* every aarch64 CPU */
+    static int arm[GPT2S_NISA] = {-1, -1, -1, -1, -1, -1, -1, -1, -1};
+    if ((isa == GPT2S_ISA_NEON_DOTPROD && GPT2S_HAVE_NEON_DOTPROD)
+        || (isa == GPT2S_ISA_NEON_BF16 && GPT2S_HAVE_NEON_BF16)) {
+        if (arm[isa] < 0) {
+#if defined(__linux__)
+            /* the kernel's HWCAP bits (asm/hwcap.h), spelled out for older headers */
+            unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+            arm[isa] = isa == GPT2S_ISA_NEON_DOTPROD ? (hw & (1ul << 20)) != 0   /* ASIMDDP */
+                                                     : (hw2 & (1ul << 14)) != 0; /* BF16 */
+#elif defined(__APPLE__)
+            int on = 0;
+            size_t size = sizeof(on);
+            if (sysctlbyname(isa == GPT2S_ISA_NEON_DOTPROD ? "hw.optional.arm.FEAT_DotProd"
+                                                           : "hw.optional.arm.FEAT_BF16",
+                             &on, &size, NULL, 0) != 0)
+                on = 0;
+            arm[isa] = on != 0;
+#else
+            arm[isa] = 0;
+#endif
+        }
+        return arm[isa];
     }
 #endif
     return 0;

@@ -114,7 +114,8 @@ def kernel_variants(name, built=False):
 
 def cpu_variants():
     """The instruction-set levels this build compiled and this CPU runs ("portable",
-    "x86-64-v3", "avx-vnni", "avx512", "avx512-vnni", "avx512-bf16"), checked by CPUID."""
+    "x86-64-v3", "avx-vnni", "avx512", "avx512-vnni", "avx512-bf16"; on aarch64 "neon",
+    "neon-dotprod", "neon-bf16"), checked by CPUID / AT_HWCAP."""
     return tuple(gpt2s_isa_names[isa].decode() for isa in range(GPT2S_NISA)
                  if gpt2s_cpu_has(isa))
 

@@ -131,4 +131,32 @@ GPT2S_V4 static void gpt2s_q4_nt_arch_avx512(int M, int n, int K, const float *A
 }
 
 #endif
+/* ------------------------------------------------------------------ neon (aarch64) */
+
+#if defined(__aarch64__) && GPT2S_HAVE_NEON
+
+/* neon and neon-dotprod: the blocked-type kernels of q8.h on 4-bit loads (the one-row
+   kernels' integer sums exact, the same as int8's rounding of the row) */
+GPT2S_NEON static void gpt2s_q4_nt_arch_neon(int M, int n, int K, const float *A, int lda,
+        const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)ldw;
+    gpt2s_blocked_nt_arch_neon(GPT2S_ELEM_Q4, M, n, K, A, lda, W, S, accumulate, C, ldc);
+}
+
+GPT2S_NEON static void gpt2s_q4_widen_arch_neon(float *out, int64_t ldo, const void *W,
+        int64_t ldw, const uint16_t *S, int rows, int cols) {
+    gpt2s_widen_arch_neon(GPT2S_ELEM_Q4, out, ldo, W, ldw, S, rows, cols);
+}
+
+#if GPT2S_HAVE_NEON_DOTPROD
+GPT2S_NEON_DP static void gpt2s_q4_nt_arch_neon_dotprod(int M, int n, int K, const float *A,
+        int lda, const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)ldw;
+    gpt2s_blocked_nt_arch_neon_dotprod(GPT2S_ELEM_Q4, M, n, K, A, lda, W, S, accumulate, C,
+                                       ldc);
+}
+#endif
+
+#endif
+
 #endif

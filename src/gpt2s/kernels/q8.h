@@ -468,4 +468,272 @@ GPT2S_V4 static void gpt2s_q8_nt_arch_avx512(int M, int n, int K, const float *A
 }
 
 #endif
+/* ------------------------------------------------------------------ neon (aarch64) */
+
+#if defined(__aarch64__) && GPT2S_HAVE_NEON
+
+/* neon: x86-64-v3's kernels on 128-bit registers.  One row: the row rounded to int16 per
+   block of 32 by the same rule (the same integers), each block's dot product with a W row an
+   exact int32 sum (smull / smlal of int16 pairs), the sums of 4 W rows gathered into one
+   register (addp, exact), converted and multiplied by d_w dx.  More rows: the nt tile of
+   tile.h.  neon-dotprod: the one-row kernel on sdot / udot (below). */
+
+/* x86-64-v3's rounding of the row: xq (K) = round half to even of x 32767 / max|x| per block
+   of 32, dx (K / 32) = max|x| / 32767; -1 when the row is not finite (fmax keeps a NaN) */
+GPT2S_NEON_INLINE int gpt2s_q8_round_row_arch_neon(int K, const float *a, int16_t *xq,
+                                                   float *dx) {
+    int nb = K / GPT2S_Q8_BLOCK;
+    for (int b = 0; b < nb; b++) {
+        const float *x = a + b * GPT2S_Q8_BLOCK;
+        float32x4_t v[8], m = vdupq_n_f32(0.0f);
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; i++) {
+            v[i] = vld1q_f32(x + 4 * i);
+            m = vmaxq_f32(m, vabsq_f32(v[i]));
+        }
+        float amax = vmaxvq_f32(m);
+        if (!(amax <= 3.4028234663852886e38f)) return -1;
+        float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+        dx[b] = amax / 32767.0f;
+#pragma GCC unroll 4
+        for (int i = 0; i < 8; i += 2)
+            vst1q_s16(xq + b * GPT2S_Q8_BLOCK + 4 * i,
+                      vcombine_s16(vqmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(v[i], inv))),
+                                   vqmovn_s32(vcvtnq_s32_f32(vmulq_n_f32(v[i + 1], inv)))));
+    }
+    return 0;
+}
+
+/* a block's 32 weights as 4 x 8 int16, in order; e: the block's first weight in a row-major
+   array of blocks (int8: a byte each; 4-bit: tile.h's nibble order) */
+GPT2S_NEON_INLINE void gpt2s_block_i16_arch_neon(const int ELEM, const void *W, int64_t e,
+                                                 int16x8_t *q) {
+    int8x16_t lo, hi;   /* weights 0-15, 16-31 */
+    if (ELEM == GPT2S_ELEM_Q4) {
+        uint8x16_t b = vld1q_u8(gpt2s_q4_byte(W, e));
+        lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(b, vdupq_n_u8(15))), vdupq_n_s8(8));
+        hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(b, 4)), vdupq_n_s8(8));
+    } else {
+        lo = vld1q_s8((const int8_t *)W + e);
+        hi = vld1q_s8((const int8_t *)W + e + 16);
+    }
+    q[0] = vmovl_s8(vget_low_s8(lo));
+    q[1] = vmovl_high_s8(lo);
+    q[2] = vmovl_s8(vget_low_s8(hi));
+    q[3] = vmovl_high_s8(hi);
+}
+
+/* s (lane r: W row r of 4) += each row's block sum times its scale d_r dx: p[r]'s lanes add
+   up to row r's exact integer dot product with the block of the row */
+GPT2S_NEON_INLINE float32x4_t gpt2s_q8_acc4_arch_neon(float32x4_t s, const int32x4_t *p,
+        const uint16_t *const *d, int b, float db) {
+    int32x4_t t = vpaddq_s32(vpaddq_s32(p[0], p[1]), vpaddq_s32(p[2], p[3]));
+    uint16x4_t h = vdup_n_u16(d[0][b]);
+    h = vset_lane_u16(d[1][b], h, 1);
+    h = vset_lane_u16(d[2][b], h, 2);
+    h = vset_lane_u16(d[3][b], h, 3);
+    float32x4_t sc = vmulq_n_f32(vcvt_f32_f16(vreinterpret_f16_u16(h)), db);
+    return vfmaq_f32(s, vcvtq_f32_s32(t), sc);
+}
+
+/* the 4 rows of W from row v on (rows past n repeat row v: computed, never stored): their
+   first weights e[r] and scales d[r] */
+GPT2S_NEON_INLINE void gpt2s_rows4_arch_neon(int v, int n, int K, const uint16_t *S,
+                                             int64_t *e, const uint16_t **d) {
+    int vr = n - v < 4 ? n - v : 4, nb = K / GPT2S_Q8_BLOCK;
+    for (int r = 0; r < 4; r++) {
+        int64_t row = v + (vr > r ? r : 0);
+        e[r] = row * K;
+        d[r] = S + row * nb;
+    }
+}
+
+/* c[0:n] (+)= a (K) @ W^T, W (n, K) of a blocked type, one row: 4 rows of W at a time, a
+   block of each per step, 1 KiB ahead prefetched.  -1 (nothing written) when the row is not
+   finite. */
+GPT2S_NEON_INLINE int gpt2s_nt1_i16_arch_neon(const int ELEM, int n, int K, const float *a,
+        const void *W, const uint16_t *S, int accumulate, float *c, int16_t *xq, float *dx) {
+    const int BLOCK_BYTES = ELEM == GPT2S_ELEM_Q4 ? 16 : 32;
+    int nb = K / GPT2S_Q8_BLOCK;
+    if (gpt2s_q8_round_row_arch_neon(K, a, xq, dx) != 0) return -1;
+    for (int v = 0; v < n; v += 4) {
+        int64_t e[4];
+        const uint16_t *d[4];
+        gpt2s_rows4_arch_neon(v, n, K, S, e, d);
+        float32x4_t s = vdupq_n_f32(0.0f);
+        for (int b = 0; b < nb; b++) {
+            int k = b * GPT2S_Q8_BLOCK;
+            int16x8_t x[4];
+            int32x4_t p[4];
+#pragma GCC unroll 4
+            for (int i = 0; i < 4; i++) x[i] = vld1q_s16(xq + k + 8 * i);
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                int16x8_t q[4];
+                __builtin_prefetch((const char *)W + (e[r] + k) * BLOCK_BYTES / 32 + 1024);
+                gpt2s_block_i16_arch_neon(ELEM, W, e[r] + k, q);
+                int32x4_t t = vmull_s16(vget_low_s16(q[0]), vget_low_s16(x[0]));
+                t = vmlal_high_s16(t, q[0], x[0]);
+#pragma GCC unroll 3
+                for (int i = 1; i < 4; i++) {
+                    t = vmlal_s16(t, vget_low_s16(q[i]), vget_low_s16(x[i]));
+                    t = vmlal_high_s16(t, q[i], x[i]);
+                }
+                p[r] = t;
+            }
+            s = gpt2s_q8_acc4_arch_neon(s, p, d, b, dx[b]);
+        }
+        float t[4];
+        vst1q_f32(t, s);
+        for (int r = 0; r < 4 && v + r < n; r++) c[v + r] = accumulate ? c[v + r] + t[r] : t[r];
+    }
+    return 0;
+}
+
+/* C[:, 0:n] (+)= A (M, K) @ W (n, K)^T for a blocked type: one row by the int16 kernel, more
+   rows (or a row that is not finite) by the nt tile of tile.h */
+GPT2S_NEON_INLINE void gpt2s_blocked_nt_arch_neon(const int ELEM, int M, int n, int K,
+        const float *A, int lda, const void *W, const uint16_t *S, int accumulate, float *C,
+        int ldc) {
+    if (M == 1 && K <= 16384) {   /* scratch on the stack: 32 KiB + 2 KiB at most */
+        int16_t xq[16384] __attribute__((aligned(16)));
+        float dx[16384 / GPT2S_Q8_BLOCK];
+        if (gpt2s_nt1_i16_arch_neon(ELEM, n, K, A, W, S, accumulate, C, xq, dx) == 0) return;
+    }
+    gpt2s_nt_arch_neon(ELEM, M, n, K, A, lda, W, K, S, accumulate, C, ldc);
+}
+
+GPT2S_NEON static void gpt2s_q8_nt_arch_neon(int M, int n, int K, const float *A, int lda,
+        const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)ldw;
+    gpt2s_blocked_nt_arch_neon(GPT2S_ELEM_Q8, M, n, K, A, lda, W, S, accumulate, C, ldc);
+}
+
+GPT2S_NEON static void gpt2s_q8_widen_arch_neon(float *out, int64_t ldo, const void *W,
+        int64_t ldw, const uint16_t *S, int rows, int cols) {
+    gpt2s_widen_arch_neon(GPT2S_ELEM_Q8, out, ldo, W, ldw, S, rows, cols);
+}
+
+/* ------------------------------------------------------------------ neon-dotprod */
+
+#if GPT2S_HAVE_NEON_DOTPROD
+
+/* The one-row kernel on sdot / udot (4 products of bytes into each int32 lane, 16 per
+   instruction), on the same int16 row as neon's, so the same integer sums: each int16 of the
+   row is split into bytes, xq = 256 xh + xl with xh = xq >> 8 (signed, -128..127) and xl =
+   xq & 255 (unsigned), and a block's dot product with int8 weights w is
+       w . xq = 256 sdot(w, xh) + udot(w + 128, xl) - 128 sum(xl)
+   (w + 128 = w ^ 0x80 as an unsigned byte), with 4-bit codes q (w = q - 8)
+       w . xq = 256 sdot(q, xh) + udot(q, xl) - 8 sum(xq).
+   The correction depends on the row only: computed once per call (corr, per block) and
+   added as the starting value of lane 0 of the udot sums (uint32 wraps; the total is an
+   exact int32).  4 dot instructions per block of 32 and W row, where neon needs 8 multiply-
+   adds and 4 widenings.  (8-bit activations, one sdot per 16 weights, would round the row
+   128 times more coarsely: q8.h's header.)
+
+   split_row: the row rounded as neon's round_row, then each block's 32 int16 rewritten in
+   place as its 32 xh then its 32 xl bytes; corr[b] the block's correction.  -1 when the row
+   is not finite. */
+GPT2S_NEON_DP_INLINE int gpt2s_q8_split_row_arch_neon_dotprod(const int ELEM, int K,
+        const float *a, int16_t *xq, float *dx, int32_t *corr) {
+    int nb = K / GPT2S_Q8_BLOCK;
+    if (gpt2s_q8_round_row_arch_neon(K, a, xq, dx) != 0) return -1;
+    for (int b = 0; b < nb; b++) {
+        int16_t *x = xq + b * GPT2S_Q8_BLOCK;
+        int16x8_t q0 = vld1q_s16(x), q1 = vld1q_s16(x + 8), q2 = vld1q_s16(x + 16);
+        int16x8_t q3 = vld1q_s16(x + 24);
+        uint8x16_t l0 = vcombine_u8(vmovn_u16(vreinterpretq_u16_s16(q0)),
+                                    vmovn_u16(vreinterpretq_u16_s16(q1)));
+        uint8x16_t l1 = vcombine_u8(vmovn_u16(vreinterpretq_u16_s16(q2)),
+                                    vmovn_u16(vreinterpretq_u16_s16(q3)));
+        int8x16_t h0 = vcombine_s8(vshrn_n_s16(q0, 8), vshrn_n_s16(q1, 8));
+        int8x16_t h1 = vcombine_s8(vshrn_n_s16(q2, 8), vshrn_n_s16(q3, 8));
+        if (ELEM == GPT2S_ELEM_Q4)
+            corr[b] = -8 * (vaddlvq_s16(q0) + vaddlvq_s16(q1) + vaddlvq_s16(q2)
+                            + vaddlvq_s16(q3));
+        else
+            corr[b] = -128 * (int32_t)(vaddlvq_u8(l0) + vaddlvq_u8(l1));
+        int8_t *out = (int8_t *)x;
+        vst1q_s8(out, h0);
+        vst1q_s8(out + 16, h1);
+        vst1q_u8((uint8_t *)out + 32, l0);
+        vst1q_u8((uint8_t *)out + 48, l1);
+    }
+    return 0;
+}
+
+GPT2S_NEON_DP_INLINE int gpt2s_nt1_dot_arch_neon_dotprod(const int ELEM, int n, int K,
+        const float *a, const void *W, const uint16_t *S, int accumulate, float *c,
+        int16_t *xq, float *dx, int32_t *corr) {
+    const int BLOCK_BYTES = ELEM == GPT2S_ELEM_Q4 ? 16 : 32;
+    int nb = K / GPT2S_Q8_BLOCK;
+    if (gpt2s_q8_split_row_arch_neon_dotprod(ELEM, K, a, xq, dx, corr) != 0) return -1;
+    const int32x4_t zero = vdupq_n_s32(0);
+    for (int v = 0; v < n; v += 4) {
+        int64_t e[4];
+        const uint16_t *d[4];
+        gpt2s_rows4_arch_neon(v, n, K, S, e, d);
+        float32x4_t s = vdupq_n_f32(0.0f);
+        for (int b = 0; b < nb; b++) {
+            const int8_t *x = (const int8_t *)(xq + b * GPT2S_Q8_BLOCK);
+            int8x16_t h0 = vld1q_s8(x), h1 = vld1q_s8(x + 16);
+            uint8x16_t l0 = vld1q_u8((const uint8_t *)x + 32);
+            uint8x16_t l1 = vld1q_u8((const uint8_t *)x + 48);
+            uint32x4_t cv = vsetq_lane_u32((uint32_t)corr[b], vdupq_n_u32(0), 0);
+            int32x4_t p[4];
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                int64_t k = e[r] + b * GPT2S_Q8_BLOCK;
+                int32x4_t hi;
+                uint32x4_t lo;
+                __builtin_prefetch((const char *)W + k * BLOCK_BYTES / 32 + 1024);
+                if (ELEM == GPT2S_ELEM_Q4) {
+                    uint8x16_t bq = vld1q_u8(gpt2s_q4_byte(W, k));
+                    uint8x16_t q0 = vandq_u8(bq, vdupq_n_u8(15)), q1 = vshrq_n_u8(bq, 4);
+                    hi = vdotq_s32(vdotq_s32(zero, vreinterpretq_s8_u8(q0), h0),
+                                   vreinterpretq_s8_u8(q1), h1);
+                    lo = vdotq_u32(vdotq_u32(cv, q0, l0), q1, l1);
+                } else {
+                    int8x16_t w0 = vld1q_s8((const int8_t *)W + k);
+                    int8x16_t w1 = vld1q_s8((const int8_t *)W + k + 16);
+                    uint8x16_t u0 = veorq_u8(vreinterpretq_u8_s8(w0), vdupq_n_u8(0x80));
+                    uint8x16_t u1 = veorq_u8(vreinterpretq_u8_s8(w1), vdupq_n_u8(0x80));
+                    hi = vdotq_s32(vdotq_s32(zero, w0, h0), w1, h1);
+                    lo = vdotq_u32(vdotq_u32(cv, u0, l0), u1, l1);
+                }
+                p[r] = vaddq_s32(vshlq_n_s32(hi, 8), vreinterpretq_s32_u32(lo));
+            }
+            s = gpt2s_q8_acc4_arch_neon(s, p, d, b, dx[b]);
+        }
+        float t[4];
+        vst1q_f32(t, s);
+        for (int r = 0; r < 4 && v + r < n; r++) c[v + r] = accumulate ? c[v + r] + t[r] : t[r];
+    }
+    return 0;
+}
+
+GPT2S_NEON_DP_INLINE void gpt2s_blocked_nt_arch_neon_dotprod(const int ELEM, int M, int n,
+        int K, const float *A, int lda, const void *W, const uint16_t *S, int accumulate,
+        float *C, int ldc) {
+    if (M == 1 && K <= 16384) {   /* scratch on the stack: 32 + 2 + 2 KiB at most */
+        int16_t xq[16384] __attribute__((aligned(16)));
+        float dx[16384 / GPT2S_Q8_BLOCK];
+        int32_t corr[16384 / GPT2S_Q8_BLOCK];
+        if (gpt2s_nt1_dot_arch_neon_dotprod(ELEM, n, K, A, W, S, accumulate, C, xq, dx, corr)
+            == 0)
+            return;
+    }
+    gpt2s_nt_arch_neon(ELEM, M, n, K, A, lda, W, K, S, accumulate, C, ldc);
+}
+
+GPT2S_NEON_DP static void gpt2s_q8_nt_arch_neon_dotprod(int M, int n, int K, const float *A,
+        int lda, const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    (void)ldw;
+    gpt2s_blocked_nt_arch_neon_dotprod(GPT2S_ELEM_Q8, M, n, K, A, lda, W, S, accumulate, C,
+                                       ldc);
+}
+
+#endif
+#endif
+
 #endif

@@ -523,4 +523,272 @@ GPT2S_V4_INLINE void gpt2s_nt_arch_avx512(const int ELEM, int M, int n, int K, c
 }
 
 #endif
+#if GPT2S_HAVE_NEON
+
+/* ------------------------------------------------------------------ neon (aarch64)
+   The tiles on 4-float registers (32 of them), plain armv8-a Advanced SIMD: nn a tile of RA
+   rows x 16 columns (4 RA accumulators) down blocks of 64 rows of W, nt RA x RW accumulators
+   of 4 lanes, each fed 8 weights a step.  The arithmetic is x86-64-v3's: every weight widened
+   exactly (int8 / 4-bit times its block's fp16 scale, one rounding), then float32 FMAs, in
+   another order of the partial sums; the tails (the last n % 16 nn columns, the last K % 8
+   of an nt row of float32 / bfloat16) by scalar loops. */
+
+/* an fp16 scale as a float (fcvtl: armv8-a) */
+GPT2S_NEON_INLINE float gpt2s_f16_arch_neon(uint16_t h) {
+    return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+}
+
+/* 8 weights W[i .. i + 8) widened to float32 in two registers (int8, 4-bit: not yet scaled;
+   4-bit: i % 8 == 0, so the 8 share a block half) */
+GPT2S_NEON_INLINE void gpt2s_ld8_arch_neon(const int ELEM, const void *W, int64_t i,
+                                           float32x4_t *lo, float32x4_t *hi) {
+    if (ELEM == GPT2S_ELEM_F32) {
+        *lo = vld1q_f32((const float *)W + i);
+        *hi = vld1q_f32((const float *)W + i + 4);
+        return;
+    }
+    if (ELEM == GPT2S_ELEM_BF16) {   /* each 16 bits shifted into the high half of a float */
+        uint16x8_t h = vld1q_u16((const uint16_t *)W + i);
+        *lo = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16));
+        *hi = vreinterpretq_f32_u32(vshll_high_n_u16(h, 16));
+        return;
+    }
+    int16x8_t q;
+    if (ELEM == GPT2S_ELEM_Q4) {
+        uint8x8_t b = vld1_u8(gpt2s_q4_byte(W, i));
+        b = (i & 16) ? vshr_n_u8(b, 4) : vand_u8(b, vdup_n_u8(15));
+        q = vsubq_s16(vreinterpretq_s16_u16(vmovl_u8(b)), vdupq_n_s16(8));
+    } else {
+        q = vmovl_s8(vld1_s8((const int8_t *)W + i));
+    }
+    *lo = vcvtq_f32_s32(vmovl_s16(vget_low_s16(q)));
+    *hi = vcvtq_f32_s32(vmovl_high_s16(q));
+}
+
+/* where W[i] is (for prefetches) */
+GPT2S_NEON_INLINE const void *gpt2s_elem_ptr_arch_neon(const int ELEM, const void *W,
+                                                       int64_t i) {
+    return ELEM == GPT2S_ELEM_F32 ? (const void *)((const float *)W + i)
+         : ELEM == GPT2S_ELEM_BF16 ? (const void *)((const uint16_t *)W + i)
+         : ELEM == GPT2S_ELEM_Q4 ? (const void *)((const uint8_t *)W + i / 2)
+         : (const void *)((const int8_t *)W + i);
+}
+
+/* W[i] as a float (the scalar tails: float32, bfloat16) */
+GPT2S_NEON_INLINE float gpt2s_elem_arch_neon(const int ELEM, const void *W, int64_t i) {
+    if (ELEM == GPT2S_ELEM_F32) return ((const float *)W)[i];
+    return gpt2s_bf16_to_f32(((const uint16_t *)W)[i]);
+}
+
+/* C[:, 0:n16] (+)= A (M, K) @ W (K, n16), n16 a multiple of 16, in tiles of RA rows */
+GPT2S_NEON_INLINE void gpt2s_nn_tile_arch_neon(const int ELEM, const int RA, int M, int n16,
+        int K, const float *A, int lda, const void *W, int ldw, int accumulate, float *C,
+        int ldc) {
+    const int PF = ELEM == GPT2S_ELEM_F32 ? 32 : 64;   /* 128 bytes ahead */
+    for (int k0 = 0; k0 < K; k0 += GPT2S_NN_KB) {
+        int k1 = k0 + GPT2S_NN_KB < K ? k0 + GPT2S_NN_KB : K;
+        int load = accumulate || k0 > 0;
+        for (int j = 0; j < n16; j += 16) {
+            int pf = j + 16 + PF <= n16;
+            for (int m0 = 0; m0 < M; m0 += RA) {
+                int mr = M - m0 < RA ? M - m0 : RA;
+                const float *a[4];
+                float *c[4];
+                float32x4_t s[4][4];
+#pragma GCC unroll 4
+                for (int i = 0; i < RA; i++) {
+                    a[i] = GPT2S_ROW(A + (int64_t)m0 * lda, i, mr, lda);
+                    c[i] = GPT2S_ROW(C + (int64_t)m0 * ldc + j, i, mr, ldc);
+#pragma GCC unroll 4
+                    for (int q = 0; q < 4; q++)
+                        s[i][q] = load ? vld1q_f32(c[i] + 4 * q) : vdupq_n_f32(0.0f);
+                }
+                int64_t w = (int64_t)k0 * ldw + j;
+                int prefetch = pf && m0 == 0;
+                for (int k = k0; k < k1; k++, w += ldw) {
+                    float32x4_t wv[4];
+                    if (prefetch) __builtin_prefetch(gpt2s_elem_ptr_arch_neon(ELEM, W, w + PF));
+                    gpt2s_ld8_arch_neon(ELEM, W, w, &wv[0], &wv[1]);
+                    gpt2s_ld8_arch_neon(ELEM, W, w + 8, &wv[2], &wv[3]);
+#pragma GCC unroll 4
+                    for (int i = 0; i < RA; i++) {
+                        float t = a[i][k];
+#pragma GCC unroll 4
+                        for (int q = 0; q < 4; q++) s[i][q] = vfmaq_n_f32(s[i][q], wv[q], t);
+                    }
+                }
+#pragma GCC unroll 4
+                for (int i = RA - 1; i >= 0; i--)   /* the tile's own row last */
+#pragma GCC unroll 4
+                    for (int q = 0; q < 4; q++) vst1q_f32(c[i] + 4 * q, s[i][q]);
+            }
+        }
+    }
+}
+
+/* C[:, 0:n] (+)= A (M, K) @ W (K, n), M >= 1: tiles of 4 rows, then one of 1, 2 or 4; the
+   last n % 16 columns by plain loops */
+GPT2S_NEON_INLINE void gpt2s_nn_arch_neon(const int ELEM, int M, int n, int K, const float *A,
+        int lda, const void *W, int ldw, int accumulate, float *C, int ldc) {
+    int n16 = n - n % 16, m4 = M - M % 4, r = M - m4;
+    if (n16 > 0) {
+        if (m4) gpt2s_nn_tile_arch_neon(ELEM, 4, m4, n16, K, A, lda, W, ldw, accumulate, C, ldc);
+        const float *Ar = A + (int64_t)m4 * lda;
+        float *Cr = C + (int64_t)m4 * ldc;
+        if (r == 1)
+            gpt2s_nn_tile_arch_neon(ELEM, 1, r, n16, K, Ar, lda, W, ldw, accumulate, Cr, ldc);
+        else if (r == 2)
+            gpt2s_nn_tile_arch_neon(ELEM, 2, r, n16, K, Ar, lda, W, ldw, accumulate, Cr, ldc);
+        else if (r == 3)
+            gpt2s_nn_tile_arch_neon(ELEM, 4, r, n16, K, Ar, lda, W, ldw, accumulate, Cr, ldc);
+    }
+    for (int m = 0; m < M; m++)
+        for (int j = n16; j < n; j++) {
+            float s = accumulate ? C[(int64_t)m * ldc + j] : 0.0f;
+            for (int k = 0; k < K; k++)
+                s += A[(int64_t)m * lda + k]
+                     * gpt2s_elem_arch_neon(ELEM, W, (int64_t)k * ldw + j);
+            C[(int64_t)m * ldc + j] = s;
+        }
+}
+
+/* C[:, 0:n] (+)= A (M, K) @ W^T, W (n, K) row-major (ldw), in tiles of RA rows of A x RW rows
+   of W.  int8 and 4-bit: K % 32 == 0, every block of 32 widened times its fp16 scale (S,
+   [n][K / 32]); float32 and bfloat16: the last K % 8 by a scalar loop. */
+GPT2S_NEON_INLINE void gpt2s_nt_tile_arch_neon(const int ELEM, const int RA, const int RW,
+        int M, int n, int K, const float *A, int lda, const void *W, int ldw,
+        const uint16_t *S, int accumulate, float *C, int ldc) {
+    int k8 = K - K % 8, nb = K / 32;
+    for (int v = 0; v < n; v += RW) {
+        int vr = n - v < RW ? n - v : RW;
+        int64_t w[8];
+        const uint16_t *ws[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < RW; r++) {
+            int64_t row = v + (vr > r ? r : 0);
+            w[r] = row * ldw;
+            ws[r] = S + row * nb;
+        }
+        for (int m0 = 0; m0 < M; m0 += RA) {
+            int mr = M - m0 < RA ? M - m0 : RA;
+            const float *a[4];
+#pragma GCC unroll 4
+            for (int i = 0; i < RA; i++) a[i] = GPT2S_ROW(A + (int64_t)m0 * lda, i, mr, lda);
+            float32x4_t s[4][8];
+#pragma GCC unroll 4
+            for (int i = 0; i < RA; i++)
+#pragma GCC unroll 8
+                for (int r = 0; r < RW; r++) s[i][r] = vdupq_n_f32(0.0f);
+            int prefetch = m0 == 0 && v + 2 * RW <= n;
+            if (!GPT2S_ELEM_BLOCKED(ELEM)) {
+                for (int k = 0; k < k8; k += 8) {
+                    float32x4_t x0[4], x1[4];
+#pragma GCC unroll 4
+                    for (int i = 0; i < RA; i++) {
+                        x0[i] = vld1q_f32(a[i] + k);
+                        x1[i] = vld1q_f32(a[i] + k + 4);
+                    }
+#pragma GCC unroll 8
+                    for (int r = 0; r < RW; r++) {
+                        float32x4_t lo, hi;
+                        if (prefetch && (k & 15) == 0)
+                            __builtin_prefetch(gpt2s_elem_ptr_arch_neon(ELEM, W,
+                                                              w[r] + (int64_t)RW * ldw + k));
+                        gpt2s_ld8_arch_neon(ELEM, W, w[r] + k, &lo, &hi);
+#pragma GCC unroll 4
+                        for (int i = 0; i < RA; i++)
+                            s[i][r] = vfmaq_f32(vfmaq_f32(s[i][r], x0[i], lo), x1[i], hi);
+                    }
+                }
+            } else {
+                for (int b = 0; b < nb; b++) {
+                    int k = b * 32;
+                    float d[8];
+#pragma GCC unroll 8
+                    for (int r = 0; r < RW; r++) {
+                        if (prefetch)
+                            __builtin_prefetch(gpt2s_elem_ptr_arch_neon(
+                                ELEM, W, w[r] + (int64_t)RW * ldw + k));
+                        d[r] = gpt2s_f16_arch_neon(ws[r][b]);
+                    }
+#pragma GCC unroll 4
+                    for (int c = 0; c < 32; c += 8) {
+                        float32x4_t x0[4], x1[4];
+#pragma GCC unroll 4
+                        for (int i = 0; i < RA; i++) {
+                            x0[i] = vld1q_f32(a[i] + k + c);
+                            x1[i] = vld1q_f32(a[i] + k + c + 4);
+                        }
+#pragma GCC unroll 8
+                        for (int r = 0; r < RW; r++) {
+                            float32x4_t lo, hi;
+                            gpt2s_ld8_arch_neon(ELEM, W, w[r] + k + c, &lo, &hi);
+                            lo = vmulq_n_f32(lo, d[r]);
+                            hi = vmulq_n_f32(hi, d[r]);
+#pragma GCC unroll 4
+                            for (int i = 0; i < RA; i++)
+                                s[i][r] = vfmaq_f32(vfmaq_f32(s[i][r], x0[i], lo), x1[i], hi);
+                        }
+                    }
+                }
+            }
+#pragma GCC unroll 4
+            for (int i = RA - 1; i >= 0; i--) {
+                if (i >= mr) continue;
+#pragma GCC unroll 8
+                for (int r = RW - 1; r >= 0; r--) {
+                    if (r >= vr) continue;
+                    float t = vaddvq_f32(s[i][r]);
+                    if (!GPT2S_ELEM_BLOCKED(ELEM))
+                        for (int k = k8; k < K; k++)
+                            t += a[i][k] * gpt2s_elem_arch_neon(ELEM, W, w[r] + k);
+                    float *c = C + (int64_t)(m0 + i) * ldc + v + r;
+                    *c = accumulate ? *c + t : t;
+                }
+            }
+        }
+    }
+}
+
+/* the nt tile by rows of A: one row 1 x 8 (8 FMA chains), 2-3 rows 2 x 4, 4 or more 4 x 4
+   (16 accumulators, 8 A vectors), the last M % 4 rows as above */
+GPT2S_NEON_INLINE void gpt2s_nt_arch_neon(const int ELEM, int M, int n, int K, const float *A,
+        int lda, const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
+    int m4 = M < 4 ? 0 : M - M % 4, r = M - m4;
+    if (m4) gpt2s_nt_tile_arch_neon(ELEM, 4, 4, m4, n, K, A, lda, W, ldw, S, accumulate, C, ldc);
+    const float *Ar = A + (int64_t)m4 * lda;
+    float *Cr = C + (int64_t)m4 * ldc;
+    if (r == 1)
+        gpt2s_nt_tile_arch_neon(ELEM, 1, 8, r, n, K, Ar, lda, W, ldw, S, accumulate, Cr, ldc);
+    else if (r > 1)
+        gpt2s_nt_tile_arch_neon(ELEM, 2, 4, r, n, K, Ar, lda, W, ldw, S, accumulate, Cr, ldc);
+}
+
+/* out (rows, cols) = the rows of W widened, 8 at a time (int8, 4-bit: cols % 32 == 0, times
+   the block's scale: the portable widening's one rounding; float32 / bfloat16: the last
+   cols % 8 by a scalar loop); ldw weights per stored row */
+GPT2S_NEON_INLINE void gpt2s_widen_arch_neon(const int ELEM, float *out, int64_t ldo,
+        const void *W, int64_t ldw, const uint16_t *S, int rows, int cols) {
+    const int BITS = ELEM == GPT2S_ELEM_Q4 ? 4 : ELEM == GPT2S_ELEM_Q8 ? 8 : 16;
+    int c8 = cols - cols % 8, nb = cols / 32;
+    for (int j = 0; j < rows; j++) {
+        const void *row = (const char *)W + (int64_t)j * ldw * BITS / 8;
+        float *o = out + (int64_t)j * ldo;
+        for (int c = 0; c < c8; c += 8) {
+            float32x4_t lo, hi;
+            gpt2s_ld8_arch_neon(ELEM, row, c, &lo, &hi);
+            if (GPT2S_ELEM_BLOCKED(ELEM)) {
+                float d = gpt2s_f16_arch_neon(S[(int64_t)j * nb + c / 32]);
+                lo = vmulq_n_f32(lo, d);
+                hi = vmulq_n_f32(hi, d);
+            }
+            vst1q_f32(o + c, lo);
+            vst1q_f32(o + c + 4, hi);
+        }
+        for (int c = c8; c < cols; c++) o[c] = gpt2s_elem_arch_neon(ELEM, row, c);
+    }
+}
+
+#endif
+
 #endif

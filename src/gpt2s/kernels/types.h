@@ -69,6 +69,38 @@ typedef struct {
 #define GPT2S_IF_V4(f) NULL
 #endif
 
+#if GPT2S_HAVE_NEON
+
+/* aarch64: the columns portable, neon, neon-dotprod and neon-bf16 (isa.h; the x86 ones are
+   empty); an empty entry of neon-dotprod or neon-bf16 runs neon's */
+#if GPT2S_HAVE_NEON_DOTPROD
+#define GPT2S_IF_NEON_DP(f) f
+#else
+#define GPT2S_IF_NEON_DP(f) NULL
+#endif
+static const gpt2s_wtype_traits gpt2s_wtypes[GPT2S_NWTYPES] = {
+    {"float32", GPT2S_STORE_FLOAT, 32, 0, 0, GPT2S_F32_DIRECT_MIN_ROWS, NULL,
+     {[GPT2S_ISA_NEON] = gpt2s_f32_nn_arch_neon},
+     {[GPT2S_ISA_NEON] = gpt2s_f32_nt_arch_neon},
+     {NULL}},
+    {"bfloat16", GPT2S_STORE_UINT16, 16, 0, 0, 1, gpt2s_bf16_quantize,
+     {[GPT2S_ISA_NEON] = gpt2s_bf16_nn_arch_neon},
+     {[GPT2S_ISA_NEON] = gpt2s_bf16_nt_arch_neon},
+     {gpt2s_bf16_widen, [GPT2S_ISA_NEON] = gpt2s_bf16_widen_arch_neon}},
+    {"int8", GPT2S_STORE_INT8, 8, GPT2S_Q8_BLOCK, 1, 1, gpt2s_q8_quantize,
+     {NULL},
+     {[GPT2S_ISA_NEON] = gpt2s_q8_nt_arch_neon,
+      [GPT2S_ISA_NEON_DOTPROD] = GPT2S_IF_NEON_DP(gpt2s_q8_nt_arch_neon_dotprod)},
+     {gpt2s_q8_widen, [GPT2S_ISA_NEON] = gpt2s_q8_widen_arch_neon}},
+    {"int4", GPT2S_STORE_UINT8, 4, GPT2S_Q4_BLOCK, 1, 1, gpt2s_q4_quantize,
+     {NULL},
+     {[GPT2S_ISA_NEON] = gpt2s_q4_nt_arch_neon,
+      [GPT2S_ISA_NEON_DOTPROD] = GPT2S_IF_NEON_DP(gpt2s_q4_nt_arch_neon_dotprod)},
+     {gpt2s_q4_widen, [GPT2S_ISA_NEON] = gpt2s_q4_widen_arch_neon}},
+};
+
+#else
+
 /* the columns of each row: portable, x86-64-v3, avx-vnni, avx512, avx512-vnni, avx512-bf16
    (isa.h); an empty entry of a level above x86-64-v3 runs the nearest level below's */
 static const gpt2s_wtype_traits gpt2s_wtypes[GPT2S_NWTYPES] = {
@@ -96,15 +128,19 @@ static const gpt2s_wtype_traits gpt2s_wtypes[GPT2S_NWTYPES] = {
      {gpt2s_q4_widen, GPT2S_IF_V3(gpt2s_q4_widen_arch_x86_64_v3), NULL, NULL, NULL, NULL}},
 };
 
+#endif
+
 /* the chosen variant of each type: the best this CPU runs, unless a test forced another */
 static int gpt2s_wtype_variant[GPT2S_NWTYPES];
 
-/* The level a level above x86-64-v3 builds on: its empty entries are that level's.  (avx512
-   does not build on avx-vnni: a CPU may have either without the other.) */
+/* The level a level above x86-64-v3 (or neon) builds on: its empty entries are that level's.
+   (avx512 does not build on avx-vnni, nor neon-bf16 on neon-dotprod: a CPU may have either
+   without the other.) */
 static int gpt2s_isa_base(int isa) {
     switch (isa) {
     case GPT2S_ISA_AVX512_VNNI: case GPT2S_ISA_AVX512_BF16: return GPT2S_ISA_AVX512;
     case GPT2S_ISA_AVX512: case GPT2S_ISA_AVX_VNNI: return GPT2S_ISA_X86_64_V3;
+    case GPT2S_ISA_NEON_DOTPROD: case GPT2S_ISA_NEON_BF16: return GPT2S_ISA_NEON;
     default: return GPT2S_ISA_PORTABLE;
     }
 }
