@@ -431,7 +431,8 @@ def test_character_level_train_generate_eval(tmp_path, capsys):
     assert generate.main([f"ROMEO{missing}", "--model", str(out), "-n", "3"]) == 2
     assert f"{missing!r}" in capsys.readouterr().err
     assert generate.main(["--model", str(out), "-n", "3"]) == 2
-    assert "has no <|endoftext|>: give a PROMPT" in capsys.readouterr().err
+    assert "has no token that starts a text (no <|endoftext|> or BOS token): give a PROMPT" \
+        in capsys.readouterr().err
 
     # without its vocab.json the model is refused, not decoded with GPT-2's tokenizer
     (out / "vocab.json").rename(tmp_path / "vocab.json")

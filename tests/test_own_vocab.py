@@ -262,6 +262,48 @@ def test_a_character_vocabulary_is_padded_with_its_own_ids():
         np.testing.assert_array_equal(steps[:len(row) - len(p), r], row[len(p):])
 
 
+def test_unconditional_generation_starts_from_the_vocabularys_own_separator(tmp_path, capsys):
+    """Without a PROMPT, generate starts from the model vocabulary's document separator (here
+    a tokenizer.json's </s>, the token training puts between documents), not from the text
+    "<|endoftext|>" encoded with that vocabulary."""
+    _data_files()
+    tokenizers = pytest.importorskip("tokenizers")
+    from gpt2s import GPT2, GPT2Config, generate
+    from gpt2s.vocab import FileTokenizer
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    tk.train([str(EXCERPT)], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "</s>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    sep = tk.token_to_id("</s>")
+    m = GPT2.from_config(GPT2Config.preset("tiny", vocab_size=300, n_ctx=64), seed=5)
+    m.save_safetensors(tmp_path / "bpe")
+    FileTokenizer(tk.to_str()).save(tmp_path / "bpe" / "vocab.json")
+    assert generate.main(["--model", str(tmp_path / "bpe"), "-n", "12", "--temperature", "0",
+                          "--ignore-eos", "-v"]) == 0
+    out, err = capsys.readouterr()
+    assert "prompt: 1 token\n" in err
+    want = m.generate(np.array([[sep]]), 12, temperature=0)[0, 1:].tolist()
+    assert out == tk.decode(want, skip_special_tokens=False) + "\n"
+
+
+def test_unconditional_generation_of_a_llama_checkpoint_starts_from_its_bos(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from llama_ckpt import save_hf
+    from gpt2s import generate
+    hf, tk = save_hf(tmp_path / "llama", "llama", seed=4, bos_token_id=1, eos_token_id=2)
+    assert tk.id_to_token(1) == "<|im_start|>"
+    assert generate.main(["--model", str(tmp_path / "llama"), "-n", "10", "--temperature", "0",
+                          "--ignore-eos"]) == 0
+    out = capsys.readouterr().out
+    ids = torch.tensor([[1]])
+    with torch.no_grad():                            # transformers' greedy tokens from BOS
+        for _ in range(10):
+            ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert out == tk.decode(ids[0, 1:].tolist(), skip_special_tokens=False) + "\n"
+
+
 def test_a_hugging_face_gpt2_checkpoint_keeps_gpt2s_tokenizer(tmp_path, capsys):
     """`hf download openai-community/gpt2` puts Hugging Face's own vocab.json (token -> id)
     and merges.txt beside the weights: that is GPT-2's vocabulary, not a gpt2s one, so

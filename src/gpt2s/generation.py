@@ -780,17 +780,19 @@ def _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed, 
 def _text_steps(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                 seed=None, *, stop_at_eos=True, context_full="slide", tokenizer=None,
                 stop=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                min_new_tokens=0, logits_processor=None, eos_token_id=None):
+                min_new_tokens=0, logits_processor=None, eos_token_id=None, prompt_ids=None):
     """(token id, text piece) per generated token of prompt (a str), then (None, the rest
     of the text) once at the end; pieces may be "" while a character is incomplete or the
     text may still be part of a stop string.  eos_token_id: the end token, or a list of
-    them (a Llama config's); None: the tokenizer's own.  Arguments are checked when this is
-    called."""
+    them (a Llama config's); None: the tokenizer's own.  prompt_ids: the prompt's token ids,
+    used instead of encoding prompt (an unconditional start token, which a tokenizer may
+    not encode back from its text).  Arguments are checked when this is called."""
     from .tokenizer import get_tokenizer
     enc = tokenizer or get_tokenizer()
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    ids = _encode_prompts(enc, prompt, model.config)
+    ids = _encode_prompts(enc, prompt, model.config) if prompt_ids is None else \
+        np.array([prompt_ids], np.int64)
     run = _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed, 1,
                     stop_at_eos, context_full, stop, repetition_penalty, presence_penalty,
                     frequency_penalty, min_new_tokens, logits_processor, eos_token_id)

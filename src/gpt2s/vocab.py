@@ -20,7 +20,7 @@ from pathlib import Path
 from .fs import atomic_write
 
 __all__ = ["CharTokenizer", "FileTokenizer", "VOCAB_FILE", "TOKENIZER_FILE", "load_vocab",
-           "model_vocab", "tokenizer_for", "VocabError"]
+           "model_vocab", "tokenizer_for", "start_token", "VocabError"]
 
 VOCAB_FILE = "vocab.json"
 FORMAT = "gpt2s-vocab"
@@ -283,6 +283,26 @@ def tokenizer_for(model_path, config=None):
                          f"{VOCAB_FILE} beside it to decode them with (a model trained with "
                          f"--tokenizer char keeps one in its run directory)")
     return get_tokenizer()
+
+
+def start_token(enc, config=None):
+    """The token an unconditional generation starts from, or None when the vocabulary has
+    none: a Llama-family checkpoint's BOS (``bos_token_id``, else its first
+    ``eos_token_id``), else the vocabulary's document separator, the token training puts
+    between documents (GPT-2's ``<|endoftext|>`` 50256, a tokenizer.json's ``</s>`` ...).
+    A character vocabulary has none."""
+    from .tokenizer import EOT_ID
+    ids = []
+    if getattr(config, "model_type", "gpt2") != "gpt2":
+        ids.append(getattr(config, "bos_token_id", None))
+        eos = getattr(config, "eos_token_id", None)
+        ids.append(eos[0] if isinstance(eos, (list, tuple)) and eos else eos)
+    ids.append(getattr(enc, "eot_id", EOT_ID))   # a tiktoken Encoding: GPT-2's
+    limit = getattr(config, "vocab_size", None)
+    for i in ids:
+        if isinstance(i, int) and i >= 0 and (limit is None or i < limit):
+            return i
+    return None
 
 
 def train_bpe(paths, n_vocab: int, source: str = "--train-tokenizer") -> "FileTokenizer":
