@@ -24,7 +24,8 @@ import time
 import numpy as np
 
 from ._cli import UserError as _UserError
-from ._cli import add_quiet_option, add_threads_option, add_version_option, plural, run_main
+from ._cli import Parser, add_quiet_option, add_threads_option, add_version_option, plural
+from ._cli import run_main
 from .weight_types import DTYPES
 
 __all__ = ["main", "evaluate", "sliding_windows"]
@@ -140,7 +141,7 @@ class _ArrayData:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Mean loss (nats per token), perplexity and tokens/s of a GPT-2 model on\n"

@@ -14,7 +14,7 @@ import time
 import warnings
 
 from ._cli import UserError as _UserError
-from ._cli import add_threads_option, add_version_option, plural, run_main
+from ._cli import Parser, add_threads_option, add_version_option, plural, run_main
 from .hub import HF_DOWNLOAD, ModelNotFound, find_model
 from .weight_types import DTYPES
 
@@ -50,7 +50,7 @@ def crop_prompt(enc, prompt: str, n_ctx: int, max_new_tokens: int) -> tuple[str,
     raise ValueError(f"could not crop the prompt to {limit} tokens")
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Continue PROMPT with GPT-2 on the CPU, streaming the text to stdout as "
