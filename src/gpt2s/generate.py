@@ -217,8 +217,8 @@ def _run(args, out, err) -> int:
     else:
         prompt = args.prompt
     if prompt == "":
-        raise _UserError(f"the prompt is empty: give some text, or omit PROMPT to generate "
-                         f"unconditionally (from {EOT_TOKEN})")
+        raise _UserError("the prompt is empty: give some text, or omit PROMPT to generate "
+                         "unconditionally")
 
     try:
         path = find_model(args.model)
@@ -269,8 +269,6 @@ def _run(args, out, err) -> int:
     for i in range(sampling["num_samples"]):
         if sampling["num_samples"] > 1:     # stderr: stdout carries only the text
             _write(err, f"======== sample {i + 1} of {sampling['num_samples']} ========\n")
-        if echo:
-            _write(out, prompt)
         try:
             steps = _text_steps(model, prompt, sampling["max_new_tokens"],
                                 sampling["temperature"], sampling["top_k"], sampling["top_p"],
@@ -279,7 +277,9 @@ def _run(args, out, err) -> int:
                                 context_full=sampling["context_full"], tokenizer=enc,
                                 prompt_ids=None if start is None else [start], **controls)
         except ValueError as e:
-            raise _UserError(str(e)) from None
+            raise _UserError(_option_names(str(e))) from None
+        if echo:
+            _write(out, prompt)
         t_start = time.perf_counter()
         t_first = None
         n_tokens = 0

@@ -538,7 +538,12 @@ def _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed, num_sa
                          f"row: prompts x num_samples)")
     n_new = args["max_new_tokens"]
     lengths = np.repeat([len(p) for p in prompts], ns).astype(np.int64)
-    seq = np.empty((rows, int(lengths.max()) + n_new), np.int64)
+    try:   # every row's token ids: prompt and new tokens
+        seq = np.empty((rows, int(lengths.max()) + n_new), np.int64)
+    except (MemoryError, ValueError):   # NumPy: too much memory, or too large a dimension
+        raise ValueError(f"max_new_tokens must leave room in memory for the token ids "
+                         f"({rows} row(s) of {int(lengths.max()) + n_new:,} int64), got "
+                         f"{n_new:,}") from None
     if ragged:
         for r in range(rows):
             seq[r, :lengths[r]] = prompts[r // ns]
