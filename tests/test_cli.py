@@ -243,3 +243,13 @@ def test_find_model_order(model_dir, tmp_path):
         model_dir / "model.safetensors"
     with pytest.raises(ModelNotFound, match="--model"):
         find_model(str(tmp_path / "missing"), env=env, cwd=cwd)
+
+
+def test_quantize_into_a_missing_directory_names_it_before_converting(tmp_path, capsys):
+    from gpt2s import quantize
+    for out in (tmp_path / "no" / "m-int8", tmp_path / "no" / "m.gguf"):
+        assert quantize.main(["demo", str(out), "--dtype", "int8"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"python -m gpt2s.quantize: error: {out}: the directory " \
+                      f"{out.parent} does not exist\n", err     # no progress bar, no temp name
+    assert not (tmp_path / "no").exists()
