@@ -264,6 +264,14 @@ def _run(args, out, err) -> int:
     if len(data) < 2:
         raise _UserError(f"{' '.join(args.data)}: {plural(len(data), 'token')}, at least 2 "
                          f"are needed")
+    for lo in range(0, len(data), 1 << 24):   # token files of another vocabulary
+        chunk = data.tokens(lo, min(len(data), lo + (1 << 24)))
+        if len(chunk) and int(chunk.max()) >= cfg.vocab_size:
+            i = int(np.flatnonzero(chunk >= cfg.vocab_size)[0])
+            raise _UserError(f"{' '.join(args.data)}: token {lo + i:,} of the data is id "
+                             f"{int(chunk[i])}, outside the model's vocabulary of "
+                             f"{plural(cfg.vocab_size, 'token')} (token files written with "
+                             f"another vocabulary?)")
     print(f"model: {path}\n  {model!r}\ndata: {data.describe()}", file=err)
     progress = Progress(count_windows(len(data), seq_len, stride), "windows",
                         enabled=not args.quiet, stream=err)
