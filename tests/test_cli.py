@@ -272,3 +272,13 @@ def test_eval_token_file_of_another_vocabulary_is_one_line_naming_it(tmp_path, c
     assert err == f"python -m gpt2s.eval: error: {data}: token 200 of the data is id 1000, " \
                   f"outside the model's vocabulary of 40 tokens (token files written with " \
                   f"another vocabulary?)\n", err
+    # train on them from that model: the same line, before anything is written
+    from gpt2s import train
+    out = tmp_path / "run"
+    assert train.main([str(data), "--model", str(tmp_path / "m"), "--steps", "1",
+                       "--seq-len", "16", "--batch-size", "2", "--out", str(out),
+                       "--val-fraction", "0", "--no-plot", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m gpt2s.train: error: {data}: token 200 of the data is id "
+                          f"1000, outside the model's vocabulary of 40 tokens"), err
+    assert "Traceback" not in err and not out.exists()

@@ -200,7 +200,8 @@ def _run(args, out, err) -> int:
     from .data import DataError, TokenData
     from .hub import find_model
     from .auto import model_type_of
-    from .vocab import model_vocab, same_vocab, shards_vocab, tokenizer_for, vocab_name
+    from .vocab import check_data_ids, model_vocab, same_vocab, shards_vocab, tokenizer_for
+    from .vocab import vocab_name
     from .weights import SafetensorsError
 
     for name in ("seq_len", "stride", "batch_size", "max_tokens", "threads"):
@@ -264,14 +265,10 @@ def _run(args, out, err) -> int:
     if len(data) < 2:
         raise _UserError(f"{' '.join(args.data)}: {plural(len(data), 'token')}, at least 2 "
                          f"are needed")
-    for lo in range(0, len(data), 1 << 24):   # token files of another vocabulary
-        chunk = data.tokens(lo, min(len(data), lo + (1 << 24)))
-        if len(chunk) and int(chunk.max()) >= cfg.vocab_size:
-            i = int(np.flatnonzero(chunk >= cfg.vocab_size)[0])
-            raise _UserError(f"{' '.join(args.data)}: token {lo + i:,} of the data is id "
-                             f"{int(chunk[i])}, outside the model's vocabulary of "
-                             f"{plural(cfg.vocab_size, 'token')} (token files written with "
-                             f"another vocabulary?)")
+    try:
+        check_data_ids(data, cfg.vocab_size)     # token files of another vocabulary
+    except ValueError as e:
+        raise _UserError(str(e)) from None
     print(f"model: {path}\n  {model!r}\ndata: {data.describe()}", file=err)
     progress = Progress(count_windows(len(data), seq_len, stride), "windows",
                         enabled=not args.quiet, stream=err)

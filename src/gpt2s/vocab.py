@@ -17,10 +17,12 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from .fs import atomic_write
 
 __all__ = ["CharTokenizer", "FileTokenizer", "VOCAB_FILE", "TOKENIZER_FILE", "load_vocab",
-           "model_vocab", "tokenizer_for", "start_token", "VocabError"]
+           "model_vocab", "tokenizer_for", "start_token", "check_data_ids", "VocabError"]
 
 VOCAB_FILE = "vocab.json"
 FORMAT = "gpt2s-vocab"
@@ -303,6 +305,24 @@ def start_token(enc, config=None):
         if isinstance(i, int) and i >= 0 and (limit is None or i < limit):
             return i
     return None
+
+
+def check_data_ids(data, vocab_size: int, chunk: int = 1 << 24) -> None:
+    """Refuse (VocabError, naming the files) token data (a gpt2s.data.TokenData) holding an id
+    outside a model's vocabulary of ``vocab_size``: token files of another vocabulary, e.g.
+    GPT-2's ids given to a character-level model.  Scanned only for a vocabulary smaller than
+    GPT-2's (its token files are checked against 50257 as they are opened)."""
+    from .tokenizer import N_VOCAB
+    if vocab_size >= N_VOCAB:
+        return
+    for lo in range(0, len(data), chunk):
+        ids = data.tokens(lo, min(len(data), lo + chunk))
+        if len(ids) and int(ids.max()) >= vocab_size:
+            i = int(np.flatnonzero(ids >= vocab_size)[0])
+            files = ", ".join(str(s.path) for s in data.sources)
+            raise VocabError(f"{files}: token {lo + i:,} of the data is id {int(ids[i])}, "
+                             f"outside the model's vocabulary of {vocab_size:,} tokens (token "
+                             f"files written with another vocabulary?)")
 
 
 def train_bpe(paths, n_vocab: int, source: str = "--train-tokenizer") -> "FileTokenizer":
