@@ -347,7 +347,7 @@ def test_subcommand_errors_name_the_program_run(tmp_path):
         assert len(p.stderr.splitlines()) == 1 and missing in p.stderr, p.stderr
 
 
-@pytest.mark.parametrize("name", COMMAND_MODULES)
+@pytest.mark.parametrize("name", [*COMMAND_MODULES, "quantize"])
 def test_version_on_each_command(name, capsys):
     import importlib
 
