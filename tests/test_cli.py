@@ -243,3 +243,42 @@ def test_find_model_order(model_dir, tmp_path):
         model_dir / "model.safetensors"
     with pytest.raises(ModelNotFound, match="--model"):
         find_model(str(tmp_path / "missing"), env=env, cwd=cwd)
+
+
+def test_quantize_into_a_missing_directory_names_it_before_converting(tmp_path, capsys):
+    from gpt2s import quantize
+    for out in (tmp_path / "no" / "m-int8", tmp_path / "no" / "m.gguf"):
+        assert quantize.main(["demo", str(out), "--dtype", "int8"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"python -m gpt2s.quantize: error: {out}: the directory " \
+                      f"{out.parent} does not exist\n", err     # no progress bar, no temp name
+    assert not (tmp_path / "no").exists()
+
+
+def test_eval_token_file_of_another_vocabulary_is_one_line_naming_it(tmp_path, capsys):
+    """Raw uint16 tokens valid for GPT-2 but outside a small model's vocabulary: the error
+    names the data and the model's vocabulary, not the API's idx."""
+    import numpy as np
+
+    from gpt2s import GPT2, GPT2Config, eval as gpt2s_eval
+    from gpt2s.vocab import CharTokenizer
+    GPT2.from_config(GPT2Config.preset("tiny", vocab_size=40), seed=0).save_safetensors(
+        tmp_path / "m")
+    CharTokenizer("".join(chr(65 + i) for i in range(40))).save(tmp_path / "m" / "vocab.json")
+    data = tmp_path / "d.bin"
+    np.array([1, 2, 3, 39] * 50 + [1000] + [1] * 49, np.uint16).tofile(data)
+    assert gpt2s_eval.main(["--model", str(tmp_path / "m"), "-q", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"python -m gpt2s.eval: error: {data}: token 200 of the data is id 1000, " \
+                  f"outside the model's vocabulary of 40 tokens (token files written with " \
+                  f"another vocabulary?)\n", err
+    # train on them from that model: the same line, before anything is written
+    from gpt2s import train
+    out = tmp_path / "run"
+    assert train.main([str(data), "--model", str(tmp_path / "m"), "--steps", "1",
+                       "--seq-len", "16", "--batch-size", "2", "--out", str(out),
+                       "--val-fraction", "0", "--no-plot", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"python -m gpt2s.train: error: {data}: token 200 of the data is id "
+                          f"1000, outside the model's vocabulary of 40 tokens"), err
+    assert "Traceback" not in err and not out.exists()

@@ -309,7 +309,45 @@ def test_python_m_gpt2s_lists_the_commands_and_runs_them():
     assert p.stdout.strip() == f"gpt2s {gpt2s.__version__}"
 
 
-@pytest.mark.parametrize("name", COMMAND_MODULES)
+@pytest.mark.parametrize("name", [*COMMAND_MODULES, "quantize"])
+def test_a_subcommand_names_itself_as_invoked(name, capsys):
+    """gpt2s NAME's usage line, errors and examples say "gpt2s NAME", not "python -m
+    gpt2s.NAME"; each error is one line."""
+    import importlib
+
+    from gpt2s.__main__ import main
+    module = importlib.import_module(f"gpt2s.{name}")
+    with pytest.raises(SystemExit) as e:
+        main([name, "--no-such-option"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"gpt2s {name}: error: ") and err.endswith(" (see --help)\n")
+    assert err.count("\n") == 1, err
+    with pytest.raises(SystemExit):
+        main([name, "--help"], prog="python -m gpt2s")
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m gpt2s {name} ")
+    assert f"python -m gpt2s.{name}" not in out.split("examples:")[-1]
+    # run on its own, the module names itself as before
+    assert module.PROG == f"python -m gpt2s.{name}"
+
+
+def test_subcommand_errors_name_the_program_run(tmp_path):
+    missing = str(tmp_path / "missing.txt")
+    cases = [([sys.executable, "-m", "gpt2s", "eval", "--model", "demo", missing],
+              "python -m gpt2s eval: error: "),
+             ([sys.executable, "-m", "gpt2s.eval", "--model", "demo", missing],
+              "python -m gpt2s.eval: error: ")]
+    script = Path(sys.executable).with_name("gpt2s")     # the console script, if installed
+    if script.is_file():
+        cases.append(([str(script), "eval", "--model", "demo", missing], "gpt2s eval: error: "))
+    for argv, start in cases:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0 and p.stderr.startswith(start), (argv, p.stderr)
+        assert len(p.stderr.splitlines()) == 1 and missing in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("name", [*COMMAND_MODULES, "quantize"])
 def test_version_on_each_command(name, capsys):
     import importlib
 
@@ -431,7 +469,8 @@ def test_character_level_train_generate_eval(tmp_path, capsys):
     assert generate.main([f"ROMEO{missing}", "--model", str(out), "-n", "3"]) == 2
     assert f"{missing!r}" in capsys.readouterr().err
     assert generate.main(["--model", str(out), "-n", "3"]) == 2
-    assert "has no <|endoftext|>: give a PROMPT" in capsys.readouterr().err
+    assert "has no token that starts a text (no <|endoftext|> or BOS token): give a PROMPT" \
+        in capsys.readouterr().err
 
     # without its vocab.json the model is refused, not decoded with GPT-2's tokenizer
     (out / "vocab.json").rename(tmp_path / "vocab.json")

@@ -472,6 +472,7 @@ def test_cli_controls_match_the_api(capsys):
     (["--presence-penalty", "nan"], "--presence-penalty must be a finite number"),
     (["--min-new-tokens", "-2"], "--min-new-tokens must be >= 0, got -2"),
     (["--stop", ""], "--stop contains an empty string"),
+    (["-n", "1000000000000"], "--max-new-tokens must leave room in memory for the token ids"),
 ])
 def test_cli_bad_controls(capsys, args, message):
     status, out, err = cli(capsys, "Hi", "--model", "demo", *args)

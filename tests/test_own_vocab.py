@@ -227,6 +227,83 @@ def test_generation_stops_at_the_vocabularys_own_end_of_text():
                             logits_processor=force_c) == "baba"
 
 
+def test_a_character_vocabulary_is_padded_with_its_own_ids():
+    """A finished row of a batch is padded with a token of the model's vocabulary: a
+    character vocabulary has no end token, and GPT-2's 50256 (the place-holder) is no id of a
+    62-token model (the penalties' per-token tables are indexed with every step's tokens)."""
+    import string
+    import warnings
+
+    from gpt2s import GPT2Config
+    from gpt2s.generation import generate_stream, generate_text
+    from gpt2s.vocab import CharTokenizer
+    from test_generate import scaled_model
+    enc = CharTokenizer("".join(sorted(set(string.ascii_letters + " \n.,:;!?-'"))))
+    m = scaled_model(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=enc.n_vocab,
+                                n_ctx=32), seed=3)
+    kw = dict(temperature=0, tokenizer=enc, repetition_penalty=1.3, min_new_tokens=1)
+    solo = generate_text(m, "ab", 12, **kw)
+    stop = solo[2:4]
+    assert len(solo) == 12 and stop not in solo[:3]
+    # row 0 ends at its stop string, row 1 goes on: each as it is alone
+    prompts = ["ab", "To be", "or"]
+    got = generate_text(m, prompts, 12, stop=stop, **kw)
+    assert got == [generate_text(m, p, 12, stop=stop, **kw) for p in prompts]
+    assert got[0] == solo[:2]
+    # a ragged batch whose rows stop at the context: the stream's pads are ids of the model
+    ids = [np.array(enc.encode(p)) for p in ("ab", "To be or not to be")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        steps = np.array(list(generate_stream(m, ids, 30, temperature=0, context_full="stop",
+                                              frequency_penalty=0.5)))
+        rows = m.generate(ids, 30, temperature=0, context_full="stop", frequency_penalty=0.5)
+    assert steps.shape == (32 - 2, 2) and 0 <= steps.min() and steps.max() < enc.n_vocab
+    for r, (p, row) in enumerate(zip(ids, rows)):
+        np.testing.assert_array_equal(steps[:len(row) - len(p), r], row[len(p):])
+
+
+def test_unconditional_generation_starts_from_the_vocabularys_own_separator(tmp_path, capsys):
+    """Without a PROMPT, generate starts from the model vocabulary's document separator (here
+    a tokenizer.json's </s>, the token training puts between documents), not from the text
+    "<|endoftext|>" encoded with that vocabulary."""
+    _data_files()
+    tokenizers = pytest.importorskip("tokenizers")
+    from gpt2s import GPT2, GPT2Config, generate
+    from gpt2s.vocab import FileTokenizer
+    tk = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = tokenizers.decoders.ByteLevel()
+    tk.train([str(EXCERPT)], tokenizers.trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "</s>"], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    sep = tk.token_to_id("</s>")
+    m = GPT2.from_config(GPT2Config.preset("tiny", vocab_size=300, n_ctx=64), seed=5)
+    m.save_safetensors(tmp_path / "bpe")
+    FileTokenizer(tk.to_str()).save(tmp_path / "bpe" / "vocab.json")
+    assert generate.main(["--model", str(tmp_path / "bpe"), "-n", "12", "--temperature", "0",
+                          "--ignore-eos", "-v"]) == 0
+    out, err = capsys.readouterr()
+    assert "prompt: 1 token\n" in err
+    want = m.generate(np.array([[sep]]), 12, temperature=0)[0, 1:].tolist()
+    assert out == tk.decode(want, skip_special_tokens=False) + "\n"
+
+
+def test_unconditional_generation_of_a_llama_checkpoint_starts_from_its_bos(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from llama_ckpt import save_hf
+    from gpt2s import generate
+    hf, tk = save_hf(tmp_path / "llama", "llama", seed=4, bos_token_id=1, eos_token_id=2)
+    assert tk.id_to_token(1) == "<|im_start|>"
+    assert generate.main(["--model", str(tmp_path / "llama"), "-n", "10", "--temperature", "0",
+                          "--ignore-eos"]) == 0
+    out = capsys.readouterr().out
+    ids = torch.tensor([[1]])
+    with torch.no_grad():                            # transformers' greedy tokens from BOS
+        for _ in range(10):
+            ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert out == tk.decode(ids[0, 1:].tolist(), skip_special_tokens=False) + "\n"
+
+
 def test_a_hugging_face_gpt2_checkpoint_keeps_gpt2s_tokenizer(tmp_path, capsys):
     """`hf download openai-community/gpt2` puts Hugging Face's own vocab.json (token -> id)
     and merges.txt beside the weights: that is GPT-2's vocabulary, not a gpt2s one, so

@@ -2,7 +2,9 @@
 subcommands, ``gpt2s generate ...`` being ``python -m gpt2s.generate ...``.
 
 Without a command (or with ``-h``) it lists the commands with what each does; ``--version``
-prints the version.  A command's own options, ``--help`` and exit status are the program's.
+prints the version.  A command's own options, ``--help`` and exit status are the program's;
+its usage line, errors and examples name it the way it was run (``gpt2s generate``,
+``python -m gpt2s generate``), as they name ``python -m gpt2s.generate`` when run so.
 """
 
 from __future__ import annotations
@@ -39,23 +41,26 @@ def commands() -> dict:
     return have
 
 
-def _usage() -> str:
+def _usage(prog: str = PROG) -> str:
     from . import __version__
     have = commands()
     width = max(len(n) for n in have)
-    lines = [f"usage: {PROG} COMMAND [OPTIONS ...]   (or: python -m gpt2s COMMAND ...)",
+    other = "python -m gpt2s" if prog == PROG else PROG
+    lines = [f"usage: {prog} COMMAND [OPTIONS ...]   (or: {other} COMMAND ...)",
              "",
              f"gpt2s {__version__}: GPT-2 on the CPU. Commands:",
              *(f"  {name:<{width}}  {what}" for name, (_, what) in have.items()),
              "",
-             f"{PROG} COMMAND --help shows a command's options; {PROG} --version the version."]
+             f"{prog} COMMAND --help shows a command's options; {prog} --version the version."]
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = PROG) -> int:
+    """Run ``prog COMMAND ARGS...`` (argv: the arguments after prog; default sys.argv[1:]).
+    prog is how the user ran it (``gpt2s``, ``python -m gpt2s``): messages name it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        sys.stdout.write(_usage())
+        sys.stdout.write(_usage(prog))
         return 0
     if argv[0] == "--version":
         from . import __version__
@@ -63,12 +68,19 @@ def main(argv=None) -> int:
         return 0
     have = commands()
     if argv[0] not in have:
-        sys.stderr.write(f"{PROG}: error: {argv[0]!r} is not a command; the commands are "
-                         f"{', '.join(have)} (see {PROG} --help)\n")
+        sys.stderr.write(f"{prog}: error: {argv[0]!r} is not a command; the commands are "
+                         f"{', '.join(have)} (see {prog} --help)\n")
         return 2
     module = importlib.import_module(have[argv[0]][0])
-    return module.main(argv[1:])
+    # the command's usage line, errors and examples read its module's PROG when it runs:
+    # name it as invoked ("gpt2s generate", not "python -m gpt2s.generate") meanwhile
+    own = module.PROG
+    module.PROG = f"{prog} {argv[0]}"
+    try:
+        return module.main(argv[1:])
+    finally:
+        module.PROG = own
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m gpt2s"))

@@ -24,7 +24,8 @@ import time
 import numpy as np
 
 from ._cli import UserError as _UserError
-from ._cli import add_quiet_option, add_threads_option, add_version_option, plural, run_main
+from ._cli import Parser, add_quiet_option, add_threads_option, add_version_option, plural
+from ._cli import run_main
 from .weight_types import DTYPES
 
 __all__ = ["main", "evaluate", "sliding_windows"]
@@ -140,7 +141,7 @@ class _ArrayData:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Mean loss (nats per token), perplexity and tokens/s of a GPT-2 model on\n"
@@ -199,7 +200,8 @@ def _run(args, out, err) -> int:
     from .data import DataError, TokenData
     from .hub import find_model
     from .auto import model_type_of
-    from .vocab import model_vocab, same_vocab, shards_vocab, tokenizer_for, vocab_name
+    from .vocab import check_data_ids, model_vocab, same_vocab, shards_vocab, tokenizer_for
+    from .vocab import vocab_name
     from .weights import SafetensorsError
 
     for name in ("seq_len", "stride", "batch_size", "max_tokens", "threads"):
@@ -263,6 +265,10 @@ def _run(args, out, err) -> int:
     if len(data) < 2:
         raise _UserError(f"{' '.join(args.data)}: {plural(len(data), 'token')}, at least 2 "
                          f"are needed")
+    try:
+        check_data_ids(data, cfg.vocab_size)     # token files of another vocabulary
+    except ValueError as e:
+        raise _UserError(str(e)) from None
     print(f"model: {path}\n  {model!r}\ndata: {data.describe()}", file=err)
     progress = Progress(count_windows(len(data), seq_len, stride), "windows",
                         enabled=not args.quiet, stream=err)

@@ -14,7 +14,7 @@ import time
 import warnings
 
 from ._cli import UserError as _UserError
-from ._cli import add_threads_option, add_version_option, plural, run_main
+from ._cli import Parser, add_threads_option, add_version_option, plural, run_main
 from .hub import HF_DOWNLOAD, ModelNotFound, find_model
 from .weight_types import DTYPES
 
@@ -50,7 +50,7 @@ def crop_prompt(enc, prompt: str, n_ctx: int, max_new_tokens: int) -> tuple[str,
     raise ValueError(f"could not crop the prompt to {limit} tokens")
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Continue PROMPT with GPT-2 on the CPU, streaming the text to stdout as "
@@ -82,7 +82,8 @@ examples:
 """)
     p.add_argument("prompt", nargs="?", metavar="PROMPT",
                    help="text to continue; '-' reads it from stdin; without PROMPT, generation "
-                        "is unconditional (it starts from <|endoftext|>)")
+                        "is unconditional (it starts from the vocabulary's document "
+                        "separator: GPT-2's <|endoftext|>, a checkpoint's BOS token)")
     p.add_argument("--model", metavar="PATH",
                    help="a .safetensors file, a directory with model.safetensors "
                         "(+ config.json; a Llama or Qwen2 checkpoint directory with its "
@@ -187,7 +188,7 @@ def _run(args, out, err) -> int:
     import gpt2s
     from .generation import _text_steps, check_controls, check_sampling_args
     from .tokenizer import EOT_ID, EOT_TOKEN
-    from .vocab import tokenizer_for
+    from .vocab import start_token, tokenizer_for
     from .weights import SafetensorsError
 
     # check every value before the (slow) model load
@@ -212,12 +213,12 @@ def _run(args, out, err) -> int:
         if prompt == "":
             raise _UserError("the prompt read from stdin is empty")
     elif args.prompt is None:
-        prompt = EOT_TOKEN
+        prompt = None     # unconditional: from the model vocabulary's start token (below)
     else:
         prompt = args.prompt
     if prompt == "":
-        raise _UserError(f"the prompt is empty: give some text, or omit PROMPT to generate "
-                         f"unconditionally (from {EOT_TOKEN})")
+        raise _UserError("the prompt is empty: give some text, or omit PROMPT to generate "
+                         "unconditionally")
 
     try:
         path = find_model(args.model)
@@ -232,16 +233,21 @@ def _run(args, out, err) -> int:
         # the model's own vocabulary (vocab.json beside it), else GPT-2's
         enc = tokenizer_for(path, model.config)
         gpt2_vocab = isinstance(model, gpt2s.GPT2)
-        if (getattr(enc, "eot_id", 0) is None or not gpt2_vocab) and args.prompt is None \
-                and args.prompt_file is None:
-            raise ValueError(f"the model's vocabulary ({enc.n_vocab} tokens) has no "
-                             f"{EOT_TOKEN}: give a PROMPT to continue")
+        start = None
+        if prompt is None:
+            start = start_token(enc, model.config)
+            if start is None:
+                raise ValueError(f"the model's vocabulary ({enc.n_vocab} tokens) has no "
+                                 f"token that starts a text (no {EOT_TOKEN} or BOS "
+                                 f"token): give a PROMPT to continue")
+            prompt = enc.decode([start])
         # the end token(s): GPT-2's <|endoftext|>, a Llama config's eos_token_id (one id or
         # a list), else the tokenizer's end-of-text token
         eos = EOT_ID if gpt2_vocab else getattr(model.config, "eos_token_id", None)
         if eos is None:
             eos = getattr(enc, "eot_id", None)
-        n_prompt = len(enc.encode(prompt, allowed_special={EOT_TOKEN}))
+        n_prompt = 1 if start is not None else \
+            len(enc.encode(prompt, allowed_special={EOT_TOKEN}))
     except ValueError as e:
         raise _UserError(str(e)) from None
     if n_prompt > model.config.n_ctx:
@@ -263,17 +269,17 @@ def _run(args, out, err) -> int:
     for i in range(sampling["num_samples"]):
         if sampling["num_samples"] > 1:     # stderr: stdout carries only the text
             _write(err, f"======== sample {i + 1} of {sampling['num_samples']} ========\n")
-        if echo:
-            _write(out, prompt)
         try:
             steps = _text_steps(model, prompt, sampling["max_new_tokens"],
                                 sampling["temperature"], sampling["top_k"], sampling["top_p"],
                                 rng, stop_at_eos=not args.ignore_eos and eos is not None,
                                 eos_token_id=EOT_ID if eos is None else eos,
                                 context_full=sampling["context_full"], tokenizer=enc,
-                                **controls)
+                                prompt_ids=None if start is None else [start], **controls)
         except ValueError as e:
-            raise _UserError(str(e)) from None
+            raise _UserError(_option_names(str(e))) from None
+        if echo:
+            _write(out, prompt)
         t_start = time.perf_counter()
         t_first = None
         n_tokens = 0

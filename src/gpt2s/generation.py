@@ -27,9 +27,10 @@ Semantics shared by every entry point:
   attends to its own positions only, nothing is padded); a row whose window is full slides
   alone, and with ``context_full="stop"`` a row stops alone (one RuntimeWarning, naming the
   first row).  ``generate`` returns a list of 1-D arrays (row r: its prompt and its own new
-  tokens); streams pad a row that has stopped with ``eos_token_id``.  A row's tokens are those
-  of generating its prompt alone; its logits may differ from those in the last bit (a step's
-  matrix products have several rows), as in a rectangular batch.
+  tokens); streams pad a row that has stopped with ``eos_token_id`` (with token 0 when
+  that is not one of the model's ids, as a character vocabulary's place-holder is not).  A
+  row's tokens are those of generating its prompt alone; its logits may differ from those in
+  the last bit (a step's matrix products have several rows), as in a rectangular batch.
 * Seeds per row: ``seed`` may be a list of one seed (int or Generator) per output row
   (B * num_samples); row r then draws one uniform per step from its own generator, exactly as
   a one-row generation with ``seed=seed[r]``.  A single seed is one generator shared by the
@@ -50,7 +51,8 @@ Semantics shared by every entry point:
   occurrences that end in the text of the ``min_new_tokens``-th new token or later count.
   ``stream_text`` holds back the end of the text while it is the start of a stop string.
 * ``stop_at_eos=True`` stops a row at ``<|endoftext|>`` (``eos_token_id``, included in the
-  output); a finished row is padded with ``eos_token_id`` while the others go on, and
+  output); a finished row is padded with ``eos_token_id`` (token 0 if that is not one of
+  the model's ids) while the others go on, and
   generation ends early once every row has finished.
 * Each generation owns its KV cache (sized for the prompt and ``max_new_tokens``, at most
   ``n_ctx`` positions) and its activation buffers are its thread's: streams may be
@@ -392,7 +394,8 @@ def _decode(model, prompts, run, max_new_tokens, sampler, num_samples, stop_at_e
                 if done.all():
                     return
         tok = sampler(logits, seq, cur)
-        tok[done] = _eos_pad(eos_token_id)       # a finished row is padded
+        # a finished row is padded
+        tok[done] = _eos_pad(eos_token_id, model.config.vocab_size)
         run.n_out[~done] += 1
         if stop_at_eos:
             done |= _is_eos(tok, eos_token_id)
@@ -439,7 +442,7 @@ def _decode_rectangular(model, run, kv, logits, max_new_tokens, sampler, stop_at
         if done is None:
             run.n_out += 1
         else:
-            tok[done] = _eos_pad(eos_token_id)       # a finished row is padded
+            tok[done] = _eos_pad(eos_token_id, model.config.vocab_size)   # padded
             run.n_out[~done] += 1
             if stop_at_eos:
                 done |= _is_eos(tok, eos_token_id)
@@ -499,9 +502,13 @@ def _check_eos(eos_token_id):
     return check_int("eos_token_id", eos_token_id, 0)
 
 
-def _eos_pad(eos):
-    """The token that pads a finished row: the (first) end token."""
-    return eos[0] if isinstance(eos, (np.ndarray, list, tuple)) else eos
+def _eos_pad(eos, vocab_size):
+    """The token that pads a finished row: the (first) end token when it is one of the
+    model's tokens, else 0 (a character vocabulary has no end token: its place-holder,
+    GPT-2's 50256, is no id of a 65-token model, and the penalties index their per-token
+    tables with every step's tokens).  A pad is never fed to the model as a row's input."""
+    first = int(eos[0] if isinstance(eos, (np.ndarray, list, tuple)) else eos)
+    return first if 0 <= first < vocab_size else 0
 
 
 def _is_eos(tok, eos):
@@ -531,7 +538,12 @@ def _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed, num_sa
                          f"row: prompts x num_samples)")
     n_new = args["max_new_tokens"]
     lengths = np.repeat([len(p) for p in prompts], ns).astype(np.int64)
-    seq = np.empty((rows, int(lengths.max()) + n_new), np.int64)
+    try:   # every row's token ids: prompt and new tokens
+        seq = np.empty((rows, int(lengths.max()) + n_new), np.int64)
+    except (MemoryError, ValueError):   # NumPy: too much memory, or too large a dimension
+        raise ValueError(f"max_new_tokens must leave room in memory for the token ids "
+                         f"({rows} row(s) of {int(lengths.max()) + n_new:,} int64), got "
+                         f"{n_new:,}") from None
     if ragged:
         for r in range(rows):
             seq[r, :lengths[r]] = prompts[r // ns]
@@ -600,8 +612,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     """Like generate, but an iterator over the new tokens as they are produced: Python ints
     when idx is 1-D and num_samples is 1, else int64 arrays of shape (B * num_samples,), one
     per step (in a ragged batch a row that has stopped, at eos or at the context with
-    context_full="stop", is padded with eos_token_id).  Arguments are checked when this is
-    called, not at the first next()."""
+    context_full="stop", is padded with eos_token_id, or 0 when that is no id of the
+    model).  Arguments are checked when this is called, not at the first next()."""
     run = _prepare(model, idx, max_new_tokens, temperature, top_k, top_p, seed, num_samples,
                    stop_at_eos, eos_token_id, context_full,
                    controls=_controls(repetition_penalty, presence_penalty, frequency_penalty,
@@ -745,7 +757,8 @@ def _eos_of(enc):
 def _text_eos(enc, eos_token_id, stop_at_eos):
     """(stop_at_eos, end token(s)) of a text call: eos_token_id when given (a Llama
     config's, maybe a list), else the tokenizer's own end-of-text id; a vocabulary without
-    one (characters) stops at nothing, its finished rows padded with 50256's place-holder."""
+    one (characters) stops at nothing: 50256 is then a place-holder that is no token of it
+    (finished rows are padded with token 0 instead, see _eos_pad)."""
     if eos_token_id is None:
         eos_token_id = _eos_of(enc)
         if eos_token_id is None:
@@ -772,17 +785,19 @@ def _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed, 
 def _text_steps(model, prompt, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                 seed=None, *, stop_at_eos=True, context_full="slide", tokenizer=None,
                 stop=None, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                min_new_tokens=0, logits_processor=None, eos_token_id=None):
+                min_new_tokens=0, logits_processor=None, eos_token_id=None, prompt_ids=None):
     """(token id, text piece) per generated token of prompt (a str), then (None, the rest
     of the text) once at the end; pieces may be "" while a character is incomplete or the
     text may still be part of a stop string.  eos_token_id: the end token, or a list of
-    them (a Llama config's); None: the tokenizer's own.  Arguments are checked when this is
-    called."""
+    them (a Llama config's); None: the tokenizer's own.  prompt_ids: the prompt's token ids,
+    used instead of encoding prompt (an unconditional start token, which a tokenizer may
+    not encode back from its text).  Arguments are checked when this is called."""
     from .tokenizer import get_tokenizer
     enc = tokenizer or get_tokenizer()
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    ids = _encode_prompts(enc, prompt, model.config)
+    ids = _encode_prompts(enc, prompt, model.config) if prompt_ids is None else \
+        np.array([prompt_ids], np.int64)
     run = _text_run(model, enc, ids, max_new_tokens, temperature, top_k, top_p, seed, 1,
                     stop_at_eos, context_full, stop, repetition_penalty, presence_penalty,
                     frequency_penalty, min_new_tokens, logits_processor, eos_token_id)

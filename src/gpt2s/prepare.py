@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cli import UserError, add_quiet_option, add_version_option, plural, run_main
+from ._cli import Parser, UserError, add_quiet_option, add_version_option, plural, run_main
 from .fs import atomic_write
 from .tokenizer import EOT_TOKEN
 
@@ -324,7 +324,7 @@ def _prepare_into(paths, out_dir: Path, shard_size, val_fraction, val_shards, wo
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Tokenize UTF-8 text files with the GPT-2 tokenizer (or a vocabulary of your\n"

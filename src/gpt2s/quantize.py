@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from ._cli import Parser, Progress, UserError, add_quiet_option, add_threads_option, run_main
+from ._cli import add_version_option
 from .fs import fsync_dir
 from .hub import ModelNotFound, find_model
 from .weight_types import DTYPES
@@ -64,6 +65,7 @@ examples:
                    help="replace OUT when it exists")
     add_threads_option(p)
     add_quiet_option(p, "progress bar")
+    add_version_option(p)
     return p
 
 
@@ -128,6 +130,8 @@ def _run(args, out, err) -> int:
                         f"or --force replaces it")
     if dest.exists() and dest.is_dir() == to_gguf:
         raise UserError(f"{dest}: exists and is {'a' if to_gguf else 'not a'} directory")
+    if not dest.absolute().parent.is_dir():     # before the conversion, naming OUT
+        raise UserError(f"{dest}: the directory {dest.absolute().parent} does not exist")
     try:
         path = find_model(args.input)
         src_file, _ = resolve_model_path(path)

@@ -258,6 +258,7 @@ def _run_locked(args, out: Path, world: World) -> int:
     from .data import DataError, FileHashes
     from .model import GPT2
     from .optim import AdamW
+    from .vocab import check_data_ids
 
     ck = open_run_dir(out, resume=args.resume, overwrite=args.overwrite)
     warning = None
@@ -320,6 +321,12 @@ def _run_locked(args, out: Path, world: World) -> int:
     if args.seq_len > model.config.n_ctx:
         raise UserError(f"--seq-len {args.seq_len} exceeds the model's context "
                         f"n_ctx={model.config.n_ctx}")
+    try:   # token files of another vocabulary (e.g. GPT-2's for a character-level model)
+        for d in (train, val):
+            if d is not None:
+                check_data_ids(d, model.config.vocab_size)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if warning and world.rank == 0:   # once the inputs are known to be usable
         print(f"warning: {warning}", file=sys.stderr)
     opt = AdamW(model, lr=run.lr, weight_decay=run.weight_decay)

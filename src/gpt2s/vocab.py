@@ -17,10 +17,12 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from .fs import atomic_write
 
 __all__ = ["CharTokenizer", "FileTokenizer", "VOCAB_FILE", "TOKENIZER_FILE", "load_vocab",
-           "model_vocab", "tokenizer_for", "VocabError"]
+           "model_vocab", "tokenizer_for", "start_token", "check_data_ids", "VocabError"]
 
 VOCAB_FILE = "vocab.json"
 FORMAT = "gpt2s-vocab"
@@ -284,6 +286,44 @@ def tokenizer_for(model_path, config=None):
                          f"{VOCAB_FILE} beside it to decode them with (a model trained with "
                          f"--tokenizer char keeps one in its run directory)")
     return get_tokenizer()
+
+
+def start_token(enc, config=None):
+    """The token an unconditional generation starts from, or None when the vocabulary has
+    none: a Llama-family checkpoint's BOS (``bos_token_id``, else its first
+    ``eos_token_id``), else the vocabulary's document separator, the token training puts
+    between documents (GPT-2's ``<|endoftext|>`` 50256, a tokenizer.json's ``</s>`` ...).
+    A character vocabulary has none."""
+    from .tokenizer import EOT_ID
+    ids = []
+    if getattr(config, "model_type", "gpt2") != "gpt2":
+        ids.append(getattr(config, "bos_token_id", None))
+        eos = getattr(config, "eos_token_id", None)
+        ids.append(eos[0] if isinstance(eos, (list, tuple)) and eos else eos)
+    ids.append(getattr(enc, "eot_id", EOT_ID))   # a tiktoken Encoding: GPT-2's
+    limit = getattr(config, "vocab_size", None)
+    for i in ids:
+        if isinstance(i, int) and i >= 0 and (limit is None or i < limit):
+            return i
+    return None
+
+
+def check_data_ids(data, vocab_size: int, chunk: int = 1 << 24) -> None:
+    """Refuse (VocabError, naming the files) token data (a gpt2s.data.TokenData) holding an id
+    outside a model's vocabulary of ``vocab_size``: token files of another vocabulary, e.g.
+    GPT-2's ids given to a character-level model.  Scanned only for a vocabulary smaller than
+    GPT-2's (its token files are checked against 50257 as they are opened)."""
+    from .tokenizer import N_VOCAB
+    if vocab_size >= N_VOCAB:
+        return
+    for lo in range(0, len(data), chunk):
+        ids = data.tokens(lo, min(len(data), lo + chunk))
+        if len(ids) and int(ids.max()) >= vocab_size:
+            i = int(np.flatnonzero(ids >= vocab_size)[0])
+            files = ", ".join(str(s.path) for s in data.sources)
+            raise VocabError(f"{files}: token {lo + i:,} of the data is id {int(ids[i])}, "
+                             f"outside the model's vocabulary of {vocab_size:,} tokens (token "
+                             f"files written with another vocabulary?)")
 
 
 def train_bpe(paths, n_vocab: int, source: str = "--train-tokenizer") -> "FileTokenizer":
