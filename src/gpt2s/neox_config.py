@@ -96,8 +96,9 @@ class GPTNeoXConfig:
             sequential block.
         attention_bias: query_key_value and dense have biases.
         tie_word_embeddings: the output head (embed_out) is the embedding.
-        bos_token_id, eos_token_id: the checkpoint's begin and end tokens (an id, or a tuple
-            of end ids; not part of the computation, so not compared by ``==``).
+        bos_token_id: the checkpoint's begin token (read, not used in the computation).
+        eos_token_id: its end token, or a tuple of them: generation stops at any (not
+            compared by ``==``: it changes no number the model computes).
 
     Raises:
         ValueError: a size out of bounds, heads that do not divide hidden_size, a rotary
