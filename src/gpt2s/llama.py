@@ -278,7 +278,8 @@ class LlamaForCausalLM:
         ``first`` of the block and runs on over the tensors laid out after it in the buffer
         (LlamaConfig.param_layout joins them): the q, k, v (or gate, up) projections as one.
         tensors: ``params`` or ``grads``."""
-        buffer = self.store.grad_buffer if tensors is self.store.grads else self.store.buffer
+        # (compared with params, not grads: reading store.grads would allocate the gradients)
+        buffer = self.store.buffer if tensors is self.store.params else self.store.grad_buffer
         off = self._offsets[f"{self.config.layer_prefix}{layer}.{first}"]
         n = rows * cols if cols else rows
         out = buffer[off:off + n]
