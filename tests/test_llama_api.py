@@ -1,7 +1,8 @@
 """The public API of the Llama-family models: the names exported from gpt2s, the generic
-entry point that picks the class from config.json's model_type, the refusals (a Llama config.json relabelled gpt_neox, an
-unknown type, GPT2 given a Llama checkpoint), and the config's end tokens (a list) stopping
-generation as transformers' generate does.  Checkpoints are written by transformers."""
+entry point that picks the class from config.json's model_type, the refusals (a Llama
+config.json relabelled gpt_neox, an unknown type, GPT2 given a Llama checkpoint), and the
+config's end tokens (a list) stopping generation as transformers' generate does.
+Checkpoints are written by transformers."""
 
 from __future__ import annotations
 
