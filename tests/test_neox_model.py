@@ -189,7 +189,10 @@ def test_greedy_generation_matches_transformers(name):
     assert np.array_equal(streamed, want[:, 4:])
 
 
-@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 2.5}])
+@pytest.mark.parametrize("rope_scaling", [
+    None, {"rope_type": "linear", "factor": 2.5},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64}])
 @pytest.mark.parametrize("head_dim,pct", [(64, 0.25), (128, 0.25), (16, 1.0), (80, 0.5)])
 def test_inv_freq_matches_transformers(rope_scaling, head_dim, pct):
     transformers = pytest.importorskip("transformers")
