@@ -43,6 +43,9 @@ SCALED = {
                               num_hidden_layers=2, num_attention_heads=2,
                               use_parallel_residual=False,
                               rope_scaling={"rope_type": "linear", "factor": 3.0}),
+    # no rotary embedding at all (rotary_pct 0: positions only through the causal mask)
+    "no-rotary": dict(vocab_size=30, hidden_size=32, intermediate_size=40,
+                      num_hidden_layers=1, num_attention_heads=2, rotary_pct=0.0),
 }
 
 
