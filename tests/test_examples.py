@@ -178,7 +178,7 @@ def test_lowp_generate(tmp_path):
 
 
 CHECKED = {"generate.py", "lowp_generate.py", "finetune.py", "training_loop.py", "evaluate.py", "serve_threads.py",
-           "data_parallel.py"}
+           "data_parallel.py", "pythia.py"}
 
 
 def test_every_example_is_checked():
