@@ -102,3 +102,19 @@ def test_inference_only_and_round_trips(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype="int8")
     assert np.array_equal(loaded.forward(idx)[0], q.forward(idx)[0])
     assert loaded.generate(idx, 5, temperature=0.0).shape == (1, 9)
+
+
+def test_loading_in_low_precision_is_to_dtype(tmp_path):
+    """dtype= at load compresses each weight as it is read (the float32 model is never held
+    whole): the same stored weights as a float32 load converted by to_dtype."""
+    m = make("parallel-untied", seed=4)
+    m.save_safetensors(tmp_path / "m")
+    idx = np.array([[5, 6, 7, 8, 9]])
+    f = GPTNeoXForCausalLM.from_pretrained(tmp_path / "m")
+    for dtype in LOWP:
+        a = GPTNeoXForCausalLM.from_pretrained(tmp_path / "m", dtype=dtype)
+        b = f.to_dtype(dtype)
+        assert a.dtype == dtype
+        for k in a.params:
+            assert np.array_equal(np.asarray(a.params[k]), np.asarray(b.params[k])), k
+        assert np.array_equal(a.forward(idx)[0], b.forward(idx)[0])

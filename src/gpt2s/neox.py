@@ -13,6 +13,7 @@ weights' views.
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import numpy as np
@@ -27,6 +28,17 @@ __all__ = ["GPTNeoXForCausalLM"]
 
 # buffers older transformers versions saved beside the weights: not parameters
 _BUFFERS = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
+
+
+def _drop_pages(mm, data_start, info):
+    """Let the mapped pages of a tensor already read leave this process's resident set (they
+    stay in the page cache): the file does not add its size to the peak RSS of a load."""
+    begin, end = info["data_offsets"]
+    page = mmap.PAGESIZE
+    start = (data_start + begin) // page * page
+    stop = min(len(mm), -(-(data_start + end) // page) * page)
+    if stop > start and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
 
 class GPTNeoXForCausalLM(LlamaForCausalLM):
@@ -91,8 +103,9 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
         """A float32 model from a Hugging Face GPT-NeoX checkpoint: a directory with
         config.json and model.safetensors, or a .safetensors file saved by gpt2s (its config
         in the __metadata__).  Tensors in float32, float16 or bfloat16.  dtype: None or
-        "float32", else the storage of the matmul weights ("bfloat16", "int8", "int4":
-        `to_dtype`, converted from the float32 load).
+        "float32", else the storage of the matmul weights ("bfloat16", "int8", "int4", as
+        `to_dtype` stores them; each weight is compressed as it is read, so the float32 model
+        is never held whole).
 
         Raises:
             FileNotFoundError: no such file or directory.
@@ -115,7 +128,10 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
                 raise _weights.SafetensorsError(
                     f"{file}: no config.json beside it and no config in its __metadata__: a "
                     f"GPT-NeoX model's sizes cannot be read from its tensors alone")
-            m = cls(config)
+            # another storage: each matmul weight read (float32) and compressed in turn, so
+            # the float32 model is never held whole
+            low = dtype is not None and dtype != "float32"
+            m = cls(config, dtype if low else "float32")
             for name in header:
                 if name in m.params or name.endswith(_BUFFERS):
                     continue
@@ -126,20 +142,29 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
             for name, p in m.params.items():
                 if name not in header:
                     raise _weights.SafetensorsError(f"{file}: tensor {name!r} is missing")
-                _weights.read_tensor(file, header, name, data_start, mm, p)
+                if isinstance(p, np.ndarray):
+                    _weights.read_tensor(file, header, name, data_start, mm, p)
+                else:
+                    w = np.empty(p.shape, np.float32)
+                    _weights.read_tensor(file, header, name, data_start, mm, w)
+                    m.store.copy_param(name, w)
+                    del w
+                _drop_pages(mm, data_start, header[name])
             if config.tie_word_embeddings and HEAD in header:
-                head = np.empty_like(m.params[EMBED])
+                head = np.empty((config.vocab_size, config.hidden_size), np.float32)
                 _weights.read_tensor(file, header, HEAD, data_start, mm, head)
-                if not np.array_equal(head, m.params[EMBED]):
+                embed = np.empty_like(head)
+                _weights.read_tensor(file, header, EMBED, data_start, mm, embed)
+                if not np.array_equal(head, embed):
                     raise _weights.SafetensorsError(
                         f"{file}: {HEAD!r} differs from {EMBED!r} but the config ties them "
                         f"(tie_word_embeddings)")
+            if low:
+                m._join()
         finally:
             mm.close()
         if cfg_file is not None:
             m.tokenizer = _checkpoint_tokenizer(file.parent, config)
-        if dtype is not None and dtype != "float32":
-            return m.to_dtype(dtype)
         return m
 
     @classmethod
