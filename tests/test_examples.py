@@ -115,6 +115,17 @@ def test_training_loop(tmp_path):
     assert re.search(r"^sample: ['\"].+['\"]$", out, re.M)
 
 
+@pytest.mark.slow
+def test_pythia(tmp_path):
+    out = run_example("pythia.py", tmp_path)
+    first = _float(r"validation loss: ([\d.]+) ->", out)
+    last = _float(r"validation loss: [\d.]+ -> ([\d.]+)", out)
+    assert abs(first - math.log(50257)) < 0.3, out      # a random model: a uniform guess
+    assert last < first - 2.5, out
+    assert "reloaded GPTNeoXForCausalLM gives identical logits: True" in out
+    assert re.search(r"^sample: ['\"]ROMEO:.*['\"]$", out, re.M)
+
+
 def test_evaluate(tmp_path):
     out = run_example("evaluate.py", tmp_path)
     demo_loss = _float(r"demo model\s+loss ([\d.]+)", out)
@@ -176,7 +187,7 @@ def test_lowp_generate(tmp_path):
 
 
 CHECKED = {"generate.py", "lowp_generate.py", "finetune.py", "training_loop.py", "evaluate.py", "serve_threads.py",
-           "data_parallel.py", "serve_openai.py"}
+           "data_parallel.py", "serve_openai.py", "pythia.py"}
 
 
 def test_every_example_is_checked():
@@ -192,7 +203,8 @@ def test_every_example_is_checked():
 MODULES = ["gpt2s", "gpt2s.model", "gpt2s.config", "gpt2s.optim", "gpt2s.tokenizer",
            "gpt2s._threads", "gpt2s.weights", "gpt2s.generation", "gpt2s.generate",
            "gpt2s.train", "gpt2s.training", "gpt2s.params", "gpt2s.buffers",
-           "gpt2s.inputs", "gpt2s.llama", "gpt2s.llama_config", "gpt2s.engine"]
+           "gpt2s.inputs", "gpt2s.llama", "gpt2s.llama_config", "gpt2s.engine", "gpt2s.neox",
+           "gpt2s.neox_config"]
 
 
 def _doctests():

@@ -1,7 +1,8 @@
 """The public API of the Llama-family models: the names exported from gpt2s, the generic
-entry point that picks the class from config.json's model_type, the refusals (gpt_neox, an
-unknown type, GPT2 given a Llama checkpoint), and the config's end tokens (a list) stopping
-generation as transformers' generate does.  Checkpoints are written by transformers."""
+entry point that picks the class from config.json's model_type, the refusals (a Llama
+config.json relabelled gpt_neox, an unknown type, GPT2 given a Llama checkpoint), and the
+config's end tokens (a list) stopping generation as transformers' generate does.
+Checkpoints are written by transformers."""
 
 from __future__ import annotations
 
@@ -68,8 +69,9 @@ def test_refusals_by_name(tmp_path):
     save_hf(tmp_path / "m", tokenizer=False, vocab_size=50)
     with pytest.raises(ValueError, match="AutoModelForCausalLM"):
         GPT2.from_pretrained(tmp_path / "m")
+    # gpt_neox dispatches to GPTNeoXForCausalLM, whose config refuses Llama's keys by name
     write_config(tmp_path / "m", model_type="gpt_neox")
-    with pytest.raises(ValueError, match=r"'gpt_neox'.*not supported yet"):
+    with pytest.raises(ValueError, match=r"unknown key '\w+' .*for model_type 'gpt_neox'"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     write_config(tmp_path / "m", model_type="mamba")
     with pytest.raises(ValueError, match=r"config.json: model_type 'mamba'"):

@@ -9,9 +9,10 @@ name does:
 ``gpt2`` (or none)      `gpt2s.GPT2`
 ``llama``               `gpt2s.LlamaForCausalLM`
 ``qwen2``               `gpt2s.LlamaForCausalLM` (q, k, v biases)
+``gpt_neox``            `gpt2s.GPTNeoXForCausalLM` (Pythia)
 ======================  =========================================
 
-``gpt_neox`` (Pythia) and every other model type are refused by name.
+Every other model type is refused by name.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from .config import parse_config_json, read_config_json
 
 __all__ = ["AutoModelForCausalLM", "model_type_of", "MODEL_TYPES"]
 
-MODEL_TYPES = ("gpt2", "llama", "qwen2")
-_NOT_YET = {"gpt_neox": "GPT-NeoX (Pythia) checkpoints are not supported yet"}
+MODEL_TYPES = ("gpt2", "llama", "qwen2", "gpt_neox")
+_NOT_YET: dict = {}   # model_type -> why gpt2s does not run it yet
 
 
 def model_type_of(path) -> tuple[str, str]:
@@ -92,14 +93,14 @@ class AutoModelForCausalLM:
         Hugging Face checkpoint, e.g. fetched with ``hf download``), a .safetensors file, or a
         name `GPT2.from_pretrained` knows ("demo", "gpt2", ..., a repo id in the local
         Hugging Face cache).  A `GPT2` for model_type "gpt2", a `LlamaForCausalLM` for
-        "llama" and "qwen2".  dtype: the weight storage, None (the file's own, float32 for a
+        "llama" and "qwen2", a `GPTNeoXForCausalLM` for "gpt_neox".  dtype: the weight storage, None (the file's own, float32 for a
         Hugging Face checkpoint), "float32", "bfloat16", "int8" or "int4" (see
         `GPT2.from_safetensors`, `LlamaForCausalLM.from_safetensors`).
 
         Raises:
             ModelNotFound / FileNotFoundError: nothing at name_or_path.
-            ValueError: a model_type gpt2s does not run (named: "gpt_neox" is not supported
-                yet), a config or file gpt2s refuses (as the class's own loader says).
+            ValueError: a model_type gpt2s does not run (named), a config or file gpt2s
+                refuses (as the class's own loader says).
         """
         from .hub import resolve_pretrained
         path = resolve_pretrained(name_or_path, local_files_only=local_files_only)
@@ -107,6 +108,9 @@ class AutoModelForCausalLM:
         if model_type == "gpt2":
             from .model import GPT2
             return GPT2.from_safetensors(path, dtype=dtype)
+        if model_type == "gpt_neox":
+            from .neox import GPTNeoXForCausalLM
+            return GPTNeoXForCausalLM.from_pretrained(path, dtype=dtype)
         from .llama import LlamaForCausalLM
         return LlamaForCausalLM.from_pretrained(path, dtype=dtype)
 

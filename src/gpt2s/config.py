@@ -46,11 +46,11 @@ def _refusals(d: dict):
     out = []
     model_type = d.get("model_type", "gpt2")
     if model_type != "gpt2":
-        if model_type in ("llama", "qwen2"):
+        if model_type in ("llama", "qwen2", "gpt_neox"):
+            cls = "GPTNeoXForCausalLM" if model_type == "gpt_neox" else "LlamaForCausalLM"
             out.append(("model_type", model_type,
                         "GPT2 loads GPT-2 checkpoints only; load this one with "
-                        "gpt2s.AutoModelForCausalLM.from_pretrained (or "
-                        "gpt2s.LlamaForCausalLM)"))
+                        f"gpt2s.AutoModelForCausalLM.from_pretrained (or gpt2s.{cls})"))
         else:
             out.append(("model_type", model_type, "GPT2 runs only model_type 'gpt2'"))
     if d.get("add_cross_attention", False) not in (False, None):

@@ -170,12 +170,12 @@ examples:
     p.add_argument("data", nargs="+", metavar="DATA",
                    help="text files, .bin token files or llm.c shards, or globs of them")
     p.add_argument("--model", metavar="PATH",
-                   help="a .safetensors file, a directory with model.safetensors (a Llama "
-                        "or Qwen2 checkpoint directory: with its tokenizer.json), or a name: "
+                   help="a .safetensors file, a directory with model.safetensors (a Llama, "
+                        "Qwen2 or GPT-NeoX checkpoint directory: with its tokenizer.json), or a name: "
                         "demo, gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     p.add_argument("--seq-len", type=int, default=None, metavar="T",
                    help="inputs per window, at most the model's context (default: n_ctx; "
-                        "min(n_ctx, 1024) for a Llama or Qwen2 model)")
+                        "min(n_ctx, 1024) for a Llama, Qwen2 or GPT-NeoX model)")
     p.add_argument("--stride", type=int, default=None, metavar="S",
                    help="tokens between window starts, 1 <= S <= T (default: T / 2)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",

@@ -86,8 +86,8 @@ examples:
                         "separator: GPT-2's <|endoftext|>, a checkpoint's BOS token)")
     p.add_argument("--model", metavar="PATH",
                    help="a .safetensors file, a directory with model.safetensors "
-                        "(+ config.json; a Llama or Qwen2 checkpoint directory with its "
-                        "tokenizer.json), or a name: demo, gpt2, gpt2-medium, gpt2-large, "
+                        "(+ config.json; a Llama, Qwen2 or GPT-NeoX checkpoint directory "
+                        "with its tokenizer.json), or a name: demo, gpt2, gpt2-medium, gpt2-large, "
                         "gpt2-xl, openai-community/... (from the Hugging Face cache)")
     p.add_argument("-n", "--max-new-tokens", type=int, default=100, metavar="N",
                    help="tokens to generate per sample (default: %(default)s)")

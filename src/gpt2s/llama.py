@@ -51,6 +51,21 @@ def _checkpoint_tokenizer(folder, config):
     except VocabError:
         return None
 
+def _heads_to_blocks(qkv, n_head):
+    """(N, 3 C) with per-head rows [q_h | k_h | v_h] (GPT-NeoX's query_key_value, heads
+    [n_head, 3, head_dim]) -> a new (N, 3 C) [q | k | v], the row the attention kernels read."""
+    N, W = qkv.shape
+    return np.ascontiguousarray(
+        qkv.reshape(N, n_head, 3, W // (3 * n_head)).transpose(0, 2, 1, 3)).reshape(N, W)
+
+
+def _blocks_to_heads(dqkv, n_head):
+    """The inverse of `_heads_to_blocks`: [q | k | v] rows back to per-head [q_h | k_h | v_h]."""
+    N, W = dqkv.shape
+    return np.ascontiguousarray(
+        dqkv.reshape(N, 3, n_head, W // (3 * n_head)).transpose(0, 2, 1, 3)).reshape(N, W)
+
+
 _EMPTY1 = np.empty(0, np.float32)
 _EMPTY3 = np.empty((0, 0, 0), np.float32)
 
@@ -81,9 +96,12 @@ class LlamaForCausalLM:
         ((1, 3, 50), True)
     """
 
+    _config_class = LlamaConfig   # (GPTNeoXForCausalLM: GPTNeoXConfig)
+
     def __init__(self, config: LlamaConfig, dtype: str = "float32"):
-        if not isinstance(config, LlamaConfig):
-            raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
+        if not isinstance(config, self._config_class):
+            raise TypeError(f"config must be a {self._config_class.__name__}, got "
+                            f"{type(config).__name__}")
         self.config = config
         self.store = ParameterStore(config, _wt.check_dtype(dtype))
         self._inv_freq = config.inv_freq()
@@ -101,7 +119,7 @@ class LlamaForCausalLM:
         embedding, an untied head) stored in dtype: "bfloat16", "int8" or "int4" (inference
         only, as `GPT2.to_dtype`), or "float32" (a copy, widened back).  The norms and
         biases stay float32.  This model is left as it is."""
-        m = LlamaForCausalLM(self.config, dtype)
+        m = type(self)(self.config, dtype)
         m.tokenizer = self.tokenizer
         for name, w in self.params.items():
             m.store.copy_param(name, w if isinstance(w, np.ndarray) else np.asarray(w))
@@ -261,18 +279,20 @@ class LlamaForCausalLM:
         ``first`` of the block and runs on over the tensors laid out after it in the buffer
         (LlamaConfig.param_layout joins them): the q, k, v (or gate, up) projections as one.
         tensors: ``params`` or ``grads``."""
-        buffer = self.store.grad_buffer if tensors is self.store.grads else self.store.buffer
-        off = self._offsets[f"model.layers.{layer}.{first}"]
+        # (compared with params, not grads: reading store.grads would allocate the gradients)
+        buffer = self.store.buffer if tensors is self.store.params else self.store.grad_buffer
+        off = self._offsets[f"{self.config.layer_prefix}{layer}.{first}"]
         n = rows * cols if cols else rows
         out = buffer[off:off + n]
         return out.reshape(rows, cols) if cols else out
 
     def _head(self, tensors):
-        return tensors[EMBED] if self.config.tie_word_embeddings else tensors[HEAD]
+        cfg = self.config
+        return tensors[cfg.embed_name] if cfg.tie_word_embeddings else tensors[cfg.head_name]
 
     def _embed(self, flat) -> np.ndarray:
         """The embedding rows of the token ids flat (N,): (N, H) float32."""
-        w = self.params[EMBED]
+        w = self.params[self.config.embed_name]
         if isinstance(w, np.ndarray):
             return np.ascontiguousarray(w[flat])
         out = np.empty((len(flat), self.config.hidden_size), np.float32)
@@ -296,22 +316,80 @@ class LlamaForCausalLM:
 
     # ------------------------------------------------------------------ forward
 
+    def _norm_params(self, tensors, role=None):
+        """(weight, bias or None) of the block norm role ("ln1", "ln2") in tensors (a block's
+        params or grads), or of the final norm (role None; tensors: ``params`` or ``grads``)."""
+        cfg = self.config
+        if role is None:
+            b = cfg.final_norm_bias_name
+            return tensors[cfg.final_norm_name], (tensors[b] if b else None)
+        b = cfg.block_names[role + "_bias"]
+        return tensors[cfg.block_names[role]], (tensors[b] if b else None)
+
+    def _norm_forward(self, out, x, w, b, keep=True):
+        """out = the family's norm of x (RMSNorm, or LayerNorm with bias b); returns what its
+        backward reads ((rstd,) or (mean, rstd); empty when not keep)."""
+        cfg, N = self.config, x.shape[0]
+        if cfg.norm == "rmsnorm":
+            rstd = np.empty(N, np.float32) if keep else _EMPTY1
+            _core.rmsnorm_forward(out, rstd, x, w, cfg.norm_eps)
+            return (rstd,)
+        mean, rstd = (np.empty(N, np.float32), np.empty(N, np.float32)) if keep else \
+            (_EMPTY1, _EMPTY1)
+        _core.layernorm_forward(out, mean, rstd, x, w, b, cfg.norm_eps)
+        return (mean, rstd)
+
+    def _residual_norm_forward(self, res, out, x1, x2, w, b):
+        """res = x1 + x2, out = norm(res) in one pass; returns the norm's statistics."""
+        cfg, N = self.config, x1.shape[0]
+        if cfg.norm == "rmsnorm":
+            rstd = np.empty(N, np.float32)
+            _core.residual_rmsnorm_forward(res, out, rstd, x1, x2, w, cfg.norm_eps)
+            return (rstd,)
+        mean, rstd = np.empty(N, np.float32), np.empty(N, np.float32)
+        _core.residual_layernorm_forward(res, out, mean, rstd, x1, x2, w, b, cfg.norm_eps)
+        return (mean, rstd)
+
+    def _norm_backward(self, dinp, gw, gb, dout, x, w, stats, scratch):
+        """dinp += the gradient through the norm of x; its weight's (and bias') gradients
+        added into gw (gb)."""
+        if self.config.norm == "rmsnorm":
+            _core.rmsnorm_backward(dinp, gw, dout, x, w, stats[0], scratch)
+        else:
+            _core.layernorm_backward(dinp, gw, gb, dout, x, w, stats[0], stats[1], scratch)
+
+    def _act_forward(self, h, up):
+        """h = the MLP's activation of its first product: act(gate) * up (gated), act(up)."""
+        cfg = self.config
+        if cfg.gated_mlp:
+            _core.glu_forward(h, up, cfg.activation_kernel)
+        else:
+            _core.activation_forward(h, up, cfg.activation_kernel)
+
+    def _act_backward(self, dup, up, dh):
+        cfg = self.config
+        if cfg.gated_mlp:
+            _core.glu_backward(dup, up, dh, cfg.activation_kernel)
+        else:
+            _core.activation_backward(dup, up, dh, cfg.activation_kernel)
+
     def _block(self, l, x, B, T, positions, keep, cache=None, pos0=0, row_pos=None):
         """One block on the residual stream x (N, H) -> the next residual stream; keep: a
         dict to fill with what the backward needs (or None)."""
-        cfg, P = self.config, self.store.layer_params[l]
+        cfg, P, nm = self.config, self.store.layer_params[l], self.config.block_names
         N, H = x.shape
-        Q, KV, I = cfg.q_width, cfg.kv_width, cfg.intermediate_size
+        Q, KV, I, U = cfg.q_width, cfg.kv_width, cfg.intermediate_size, cfg.up_width
         W = Q + 2 * KV
-        ln1, rstd1 = np.empty((N, H), np.float32), np.empty(N, np.float32)
-        _core.rmsnorm_forward(ln1, rstd1, x, P["input_layernorm.weight"], cfg.rms_norm_eps)
+        ln1 = np.empty((N, H), np.float32)
+        st1 = self._norm_forward(ln1, x, *self._norm_params(P, "ln1"))
         qkv = np.empty((N, W), np.float32)
         J = self._joined[l] if self._joined is not None else None
         _core.lm_head_forward(qkv, ln1, J["qkv"] if J else
-                              self._fused(self.params, l, "self_attn.q_proj.weight", W, H))
+                              self._fused(self.params, l, nm["qkv"], W, H))
         if cfg.qkv_bias:
-            qkv += J["qkv_bias"] if J else self._fused(self.params, l, "self_attn.q_proj.bias",
-                                                       W, 0)
+            qkv += J["qkv_bias"] if J else self._fused(self.params, l, nm["qkv_bias"], W, 0)
+        if cfg.qkv_interleaved:
+            qkv = _heads_to_blocks(qkv, cfg.n_head)
         _core.rotary_forward(qkv, positions, self._inv_freq, 0, cfg.n_head + cfg.n_kv_head,
                              cfg.head_dim)
         qkv3 = qkv.reshape(B, T, W)
@@ -329,28 +407,37 @@ class LlamaForCausalLM:
                                     row_pos=row_pos)
         atty2 = atty.reshape(N, Q)
         proj = np.empty((N, H), np.float32)
-        _core.lm_head_forward(proj, atty2, P["self_attn.o_proj.weight"])
+        _core.lm_head_forward(proj, atty2, P[nm["o"]])
         if cfg.o_bias:
-            proj += P["self_attn.o_proj.bias"]
-        res2, ln2, rstd2 = (np.empty((N, H), np.float32), np.empty((N, H), np.float32),
-                            np.empty(N, np.float32))
-        _core.residual_rmsnorm_forward(res2, ln2, rstd2, x, proj,
-                                       P["post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        gu = np.empty((N, 2 * I), np.float32)
+            proj += P[nm["o_bias"]]
+        ln2 = np.empty((N, H), np.float32)
+        if cfg.parallel_residual:   # both norms read x
+            res2 = None
+            st2 = self._norm_forward(ln2, x, *self._norm_params(P, "ln2"))
+        else:
+            res2 = np.empty((N, H), np.float32)
+            st2 = self._residual_norm_forward(res2, ln2, x, proj, *self._norm_params(P, "ln2"))
+        gu = np.empty((N, U), np.float32)
         _core.lm_head_forward(gu, ln2, J["gu"] if J else
-                              self._fused(self.params, l, "mlp.gate_proj.weight", 2 * I, H))
+                              self._fused(self.params, l, nm["up"], U, H))
         if cfg.mlp_bias:
-            gu += J["gu_bias"] if J else self._fused(self.params, l, "mlp.gate_proj.bias",
-                                                     2 * I, 0)
+            gu += J["gu_bias"] if J else self._fused(self.params, l, nm["up_bias"], U, 0)
         h = np.empty((N, I), np.float32)
-        _core.glu_forward(h, gu, cfg.activation_kernel)
-        _core.lm_head_forward(proj, h, P["mlp.down_proj.weight"])
-        if cfg.mlp_bias:
-            proj += P["mlp.down_proj.bias"]
-        out = res2 + proj
+        self._act_forward(h, gu)
+        if cfg.parallel_residual:
+            mlp = np.empty((N, H), np.float32)
+            _core.lm_head_forward(mlp, h, P[nm["down"]])
+            if cfg.mlp_bias:
+                mlp += P[nm["down_bias"]]
+            out = mlp + proj   # (mlp + attn) + x, as transformers' GPTNeoXLayer sums them
+            out += x
+        else:
+            _core.lm_head_forward(proj, h, P[nm["down"]])
+            if cfg.mlp_bias:
+                proj += P[nm["down_bias"]]
+            out = res2 + proj
         if keep is not None:
-            keep.update(x=x, rstd1=rstd1, qkv=qkv, atty=atty, lse=lse, res2=res2,
-                        rstd2=rstd2, gu=gu)
+            keep.update(x=x, st1=st1, qkv=qkv, atty=atty, lse=lse, res2=res2, st2=st2, gu=gu)
         return out
 
     def forward(self, idx, targets=None, *, return_logits: bool = True,
@@ -395,8 +482,8 @@ class LlamaForCausalLM:
             x = self._block(l, x, B, T, positions, keep)
             if kept is not None:
                 kept.append(keep)
-        lnf, rstdf = np.empty_like(x), np.empty(N, np.float32)
-        _core.rmsnorm_forward(lnf, rstdf, x, self.params[NORM], cfg.rms_norm_eps)
+        lnf = np.empty_like(x)
+        stf = self._norm_forward(lnf, x, *self._norm_params(self.params))
         logits = np.empty((N, cfg.vocab_size), np.float32)
         _core.lm_head_forward(logits, lnf, self._head(self.params))
         loss = None
@@ -407,7 +494,7 @@ class LlamaForCausalLM:
             loss = float(losses[tflat != -1].astype(np.float64).sum() / max(valid, 1))
             if for_backward:
                 self._pending = dict(idx=flat, targets=tflat, lse=lse, logits=logits.copy(),
-                                     layers=kept, xf=x, rstdf=rstdf, lnf=lnf, B=B, T=T,
+                                     layers=kept, xf=x, stf=stf, lnf=lnf, B=B, T=T,
                                      positions=positions, valid=valid)
         return logits.reshape(B, T, cfg.vocab_size), loss
 
@@ -423,50 +510,53 @@ class LlamaForCausalLM:
         if self._pending is None:
             raise RuntimeError("backward() needs a forward(idx, targets) first")
         f, self._pending = self._pending, None
-        cfg, G = self.config, self.grads
+        cfg, G, nm = self.config, self.grads, self.config.block_names
         B, T = f["B"], f["T"]
         N, H = B * T, cfg.hidden_size
-        Q, KV, I = cfg.q_width, cfg.kv_width, cfg.intermediate_size
+        Q, KV, I, U = cfg.q_width, cfg.kv_width, cfg.intermediate_size, cfg.up_width
         W = Q + 2 * KV
         nt = _core.get_num_threads()
-        scratch = np.empty((nt, max(H, 1)), np.float32)
+        # per-thread partial sums of the norm's weight (and bias) gradients
+        scratch = np.empty((nt, max(H, 1) * (1 if cfg.norm == "rmsnorm" else 2)), np.float32)
         dlogits = np.empty_like(f["logits"])
         _core.crossentropy_backward(dlogits, f["logits"], f["lse"], f["targets"],
                                     1.0 / max(f["valid"], 1))
         dln = np.empty((N, H), np.float32)
         _core.lm_head_backward(dln, self._head(G), dlogits, f["lnf"], self._head(self.params))
         dres = np.zeros((N, H), np.float32)
-        _core.rmsnorm_backward(dres, G[NORM], dln, f["xf"], self.params[NORM], f["rstdf"],
-                               scratch)
+        self._norm_backward(dres, *self._norm_params(G), dln, f["xf"],
+                            self._norm_params(self.params)[0], f["stf"], scratch)
         for l in reversed(range(cfg.n_layer)):
             k, P, GP = f["layers"][l], self.store.layer_params[l], self.store.layer_grads[l]
-            # MLP: x' = res2 + down(glu(gu)), gu = ln2 @ [gate | up]^T
+            # the MLP: mlp = down(act(up)), up = ln2 @ W_up^T (Llama: [gate | up])
             h = np.empty((N, I), np.float32)
-            _core.glu_forward(h, k["gu"], cfg.activation_kernel)
+            self._act_forward(h, k["gu"])
             dh = np.empty((N, I), np.float32)
-            _core.lm_head_backward(dh, GP["mlp.down_proj.weight"], dres, h,
-                                   P["mlp.down_proj.weight"])
+            _core.lm_head_backward(dh, GP[nm["down"]], dres, h, P[nm["down"]])
             if cfg.mlp_bias:
-                GP["mlp.down_proj.bias"] += dres.sum(axis=0)
-            dgu = np.empty((N, 2 * I), np.float32)
-            _core.glu_backward(dgu, k["gu"], dh, cfg.activation_kernel)
+                GP[nm["down_bias"]] += dres.sum(axis=0)
+            dgu = np.empty((N, U), np.float32)
+            self._act_backward(dgu, k["gu"], dh)
             if cfg.mlp_bias:
-                self._fused(G, l, "mlp.gate_proj.bias", 2 * I, 0)[...] += dgu.sum(axis=0)
+                self._fused(G, l, nm["up_bias"], U, 0)[...] += dgu.sum(axis=0)
+            # ln2 reads x (parallel residual) or res2 = x + attn (sequential)
+            ln2_in = k["x"] if cfg.parallel_residual else k["res2"]
             ln2 = np.empty((N, H), np.float32)
-            _core.rmsnorm_forward(ln2, _EMPTY1, k["res2"], P["post_attention_layernorm.weight"],
-                                  cfg.rms_norm_eps)
-            _core.lm_head_backward(dln, self._fused(G, l, "mlp.gate_proj.weight", 2 * I, H),
-                                   dgu, ln2, self._fused(self.params, l,
-                                                         "mlp.gate_proj.weight", 2 * I, H))
-            _core.rmsnorm_backward(dres, GP["post_attention_layernorm.weight"], dln, k["res2"],
-                                   P["post_attention_layernorm.weight"], k["rstd2"], scratch)
-            # attention: res2 = x + o_proj(attn(rope(qkv)))
+            self._norm_forward(ln2, ln2_in, *self._norm_params(P, "ln2"), keep=False)
+            _core.lm_head_backward(dln, self._fused(G, l, nm["up"], U, H), dgu, ln2,
+                                   self._fused(self.params, l, nm["up"], U, H))
+            if not cfg.parallel_residual:   # dres becomes d res2
+                self._norm_backward(dres, *self._norm_params(GP, "ln2"), dln, ln2_in,
+                                    self._norm_params(P, "ln2")[0], k["st2"], scratch)
+            # attention: attn = o_proj(attention(rope(qkv)))
             atty2 = k["atty"].reshape(N, Q)
             datty = np.empty((N, Q), np.float32)
-            _core.lm_head_backward(datty, GP["self_attn.o_proj.weight"], dres, atty2,
-                                   P["self_attn.o_proj.weight"])
+            _core.lm_head_backward(datty, GP[nm["o"]], dres, atty2, P[nm["o"]])
             if cfg.o_bias:
-                GP["self_attn.o_proj.bias"] += dres.sum(axis=0)
+                GP[nm["o_bias"]] += dres.sum(axis=0)
+            if cfg.parallel_residual:   # x's gradient through ln2, after attn read dres
+                self._norm_backward(dres, *self._norm_params(GP, "ln2"), dln, ln2_in,
+                                    self._norm_params(P, "ln2")[0], k["st2"], scratch)
             dqkv = np.empty((B, T, W), np.float32)
             _core.attention_backward(dqkv, datty.reshape(B, T, Q), k["atty"], k["lse"],
                                      k["qkv"].reshape(B, T, W), cfg.n_head,
@@ -474,17 +564,17 @@ class LlamaForCausalLM:
             dqkv2 = dqkv.reshape(N, W)
             _core.rotary_backward(dqkv2, f["positions"], self._inv_freq, 0,
                                   cfg.n_head + cfg.n_kv_head, cfg.head_dim)
+            if cfg.qkv_interleaved:
+                dqkv2 = _blocks_to_heads(dqkv2, cfg.n_head)
             if cfg.qkv_bias:
-                self._fused(G, l, "self_attn.q_proj.bias", W, 0)[...] += dqkv2.sum(axis=0)
+                self._fused(G, l, nm["qkv_bias"], W, 0)[...] += dqkv2.sum(axis=0)
             ln1 = np.empty((N, H), np.float32)
-            _core.rmsnorm_forward(ln1, _EMPTY1, k["x"], P["input_layernorm.weight"],
-                                  cfg.rms_norm_eps)
-            _core.lm_head_backward(dln, self._fused(G, l, "self_attn.q_proj.weight", W, H),
-                                   dqkv2, ln1, self._fused(self.params, l,
-                                                           "self_attn.q_proj.weight", W, H))
-            _core.rmsnorm_backward(dres, GP["input_layernorm.weight"], dln, k["x"],
-                                   P["input_layernorm.weight"], k["rstd1"], scratch)
-        np.add.at(G[EMBED], f["idx"], dres)
+            self._norm_forward(ln1, k["x"], *self._norm_params(P, "ln1"), keep=False)
+            _core.lm_head_backward(dln, self._fused(G, l, nm["qkv"], W, H), dqkv2, ln1,
+                                   self._fused(self.params, l, nm["qkv"], W, H))
+            self._norm_backward(dres, *self._norm_params(GP, "ln1"), dln, k["x"],
+                                self._norm_params(P, "ln1")[0], k["st1"], scratch)
+        np.add.at(G[cfg.embed_name], f["idx"], dres)
 
     # ------------------------------------------------------------------ decoding
 
@@ -537,7 +627,7 @@ class LlamaForCausalLM:
             x = self._block(l, x, B, T, positions, None, cache, pos0, row_pos)
         last = np.ascontiguousarray(x.reshape(B, T, -1)[:, -1])
         lnf = np.empty_like(last)
-        _core.rmsnorm_forward(lnf, _EMPTY1, last, self.params[NORM], cfg.rms_norm_eps)
+        self._norm_forward(lnf, last, *self._norm_params(self.params), keep=False)
         logits = np.empty((B, cfg.vocab_size), np.float32)
         _core.lm_head_forward(logits, lnf, self._head(self.params))
         return logits

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import ACTIVATION_KERNELS, read_config_json
 
-__all__ = ["LlamaConfig", "LLAMA_LAYER_SUFFIXES"]
+__all__ = ["LlamaConfig", "LLAMA_LAYER_SUFFIXES", "rope_inv_freq"]
 
 ALIGN = 16   # as weights.ALIGN: every group of tensors starts on a 64-byte boundary
 
@@ -242,31 +242,39 @@ class LlamaConfig:
     def attention_scale(self) -> float:
         return 1.0 / math.sqrt(self.head_dim)
 
+    # --- the block description the decoder reads (gpt2s.llama; GPT-NeoX's differs) ----------
+    # class attributes, not fields: fixed for the family
+    norm = "rmsnorm"               # the norms: "rmsnorm" (weight only) or "layernorm"
+    parallel_residual = False      # x + attn(ln1 x) + mlp(ln2 x) when True
+    gated_mlp = True               # act(gate) * up (the [gate | up] product) or act(up)
+    qkv_interleaved = False        # the fused q|k|v rows per head ([n_head, 3, head_dim])
+    layer_prefix = "model.layers."
+    embed_name, final_norm_name, final_norm_bias_name, head_name = EMBED, NORM, None, HEAD
+    # role -> the block's tensor (the first of a fused product); None: not in this family
+    block_names = {
+        "ln1": "input_layernorm.weight", "ln1_bias": None,
+        "qkv": "self_attn.q_proj.weight", "qkv_bias": "self_attn.q_proj.bias",
+        "o": "self_attn.o_proj.weight", "o_bias": "self_attn.o_proj.bias",
+        "ln2": "post_attention_layernorm.weight", "ln2_bias": None,
+        "up": "mlp.gate_proj.weight", "up_bias": "mlp.gate_proj.bias",
+        "down": "mlp.down_proj.weight", "down_bias": "mlp.down_proj.bias",
+    }
+
+    @property
+    def norm_eps(self) -> float:
+        return self.rms_norm_eps
+
+    @property
+    def up_width(self) -> int:
+        """The columns of the MLP's first product: [gate | up], 2 intermediate_size."""
+        return 2 * self.intermediate_size
+
     def inv_freq(self) -> np.ndarray:
         """The rotary inverse frequencies (head_dim / 2,) float32, computed as transformers
         computes them, in float32 (within an ulp of its values): base^(-2i / d), then the rope scaling (``linear``: divided
         by the factor; ``llama3``: long wavelengths divided by the factor, short ones kept,
         the band between interpolated)."""
-        d = self.head_dim
-        f32 = np.float32
-        e = np.arange(0, d, 2, dtype=np.int64).astype(f32) / f32(d)
-        # base^e: rounded from double (PyTorch's float32 pow is within an ulp of that)
-        inv = f32(1.0) / (float(self.rope_theta) ** e.astype(np.float64)).astype(f32)
-        rs = self.rope_scaling
-        if rs is None or rs["rope_type"] == "default":
-            return inv
-        factor = f32(rs["factor"])
-        if rs["rope_type"] == "linear":
-            return inv / factor
-        old = f32(rs["original_max_position_embeddings"])
-        low, high = f32(rs["low_freq_factor"]), f32(rs["high_freq_factor"])
-        low_wavelen, high_wavelen = old / low, old / high
-        wavelen = (f32(1.0) / inv) * f32(2 * math.pi)
-        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
-        smooth = ((f32(1.0) / wavelen) * old - low) / (high - low)
-        smoothed = (f32(1.0) - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-        return np.where(medium, smoothed, scaled).astype(f32)
+        return rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
 
     # --- the parameters (ParameterStore's family interface) ------------------------------
 
@@ -441,6 +449,31 @@ class LlamaConfig:
             del d["attention_bias"], d["mlp_bias"]
             d["use_sliding_window"] = False
         return d
+
+
+def rope_inv_freq(d: int, theta: float, rope_scaling) -> np.ndarray:
+    """The rotary inverse frequencies (d / 2,) float32 of d rotated values per head, as
+    transformers computes them (`LlamaConfig.inv_freq`; GPT-NeoX: d the rotated part of a
+    head)."""
+    f32 = np.float32
+    e = np.arange(0, d, 2, dtype=np.int64).astype(f32) / f32(d)
+    # base^e: rounded from double (PyTorch's float32 pow is within an ulp of that)
+    inv = f32(1.0) / (float(theta) ** e.astype(np.float64)).astype(f32)
+    rs = rope_scaling
+    if rs is None or rs["rope_type"] == "default":
+        return inv
+    factor = f32(rs["factor"])
+    if rs["rope_type"] == "linear":
+        return inv / factor
+    old = f32(rs["original_max_position_embeddings"])
+    low, high = f32(rs["low_freq_factor"]), f32(rs["high_freq_factor"])
+    low_wavelen, high_wavelen = old / low, old / high
+    wavelen = (f32(1.0) / inv) * f32(2 * math.pi)
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = ((f32(1.0) / wavelen) * old - low) / (high - low)
+    smoothed = (f32(1.0) - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(f32)
 
 
 def _is_token_id(t, vocab_size) -> bool:

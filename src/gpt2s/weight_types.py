@@ -26,13 +26,17 @@ __all__ = ["WeightType", "Float32", "BFloat16", "Int8", "DTYPES", "get", "check_
            "is_compressed", "is_row_major", "PackedWeight"]
 
 # (V, C): already output-major (GPT-2's, then the Llama family's embedding)
-_ROW_MAJOR = ("wte.weight", "lm_head.weight", "model.embed_tokens.weight")
+_ROW_MAJOR = ("wte.weight", "lm_head.weight", "model.embed_tokens.weight",
+              "gpt_neox.embed_in.weight", "embed_out.weight")
 _MATMUL_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
                     "mlp.c_proj.weight")
 # the Llama family's projections: nn.Linear weights (out, in), output-major as they are
 _LINEAR_SUFFIXES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
                     "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+                    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+                    # GPT-NeoX's
+                    "attention.query_key_value.weight", "attention.dense.weight",
+                    "mlp.dense_h_to_4h.weight", "mlp.dense_4h_to_h.weight")
 
 
 def is_compressed(name: str) -> bool:
