@@ -54,6 +54,15 @@ _EMPTY1 = np.empty(0, np.float32)
 _EMPTY3 = np.empty((0, 0, 0), np.float32)
 
 
+class _Pending(dict):
+    """What a training forward keeps for its backward; ``n_valid``: its targets that are not
+    -1 (as GPT2's ``pending_backward``, read by data parallel)."""
+
+    @property
+    def n_valid(self) -> int:
+        return self["valid"]
+
+
 class LlamaForCausalLM:
     """A Llama or Qwen2 model: float32 (trainable), or bfloat16 / int8 / int4 matmul weights
     for inference (`to_dtype`).
@@ -403,22 +412,35 @@ class LlamaForCausalLM:
             valid = int((tflat != -1).sum())
             loss = float(losses[tflat != -1].astype(np.float64).sum() / max(valid, 1))
             if for_backward:
-                self._pending = dict(idx=flat, targets=tflat, lse=lse, logits=logits.copy(),
+                self._pending = _Pending(idx=flat, targets=tflat, lse=lse, logits=logits.copy(),
                                      layers=kept, xf=x, rstdf=rstdf, lnf=lnf, B=B, T=T,
                                      positions=positions, valid=valid)
         return logits.reshape(B, T, cfg.vocab_size), loss
 
     # ------------------------------------------------------------------ backward
 
-    def backward(self):
-        """Gradients of the last forward's loss, added into ``grads``."""
-        with self.store.lock, _core.pinned_num_threads():
-            self._backward()
+    @property
+    def pending_backward(self):
+        """The record of the last training forward, which the next `backward` consumes (its
+        ``n_valid`` is the number of targets it counted), or None."""
+        return self._pending
 
-    def _backward(self):
+    def backward(self, *, normalizer: int | None = None, on_layer_done=None):
+        """Gradients of the last forward's loss, added into ``grads``.  normalizer: divide
+        the summed loss by this count instead of the forward's valid targets (data
+        parallel: the global count); on_layer_done(l): called after block l's backward, as
+        `GPT2.backward` does."""
+        with self.store.lock, _core.pinned_num_threads():
+            self._backward(normalizer, on_layer_done)
+
+    def _backward(self, normalizer=None, on_layer_done=None):
         self.store.check_trainable("backward()")
         if self._pending is None:
             raise RuntimeError("backward() needs a forward(idx, targets) first")
+        if normalizer is not None and (not isinstance(normalizer, (int, np.integer))
+                                       or isinstance(normalizer, bool) or normalizer < 1):
+            raise ValueError(f"backward: normalizer must be a positive integer, got "
+                             f"{normalizer!r}")
         f, self._pending = self._pending, None
         cfg, G = self.config, self.grads
         B, T = f["B"], f["T"]
@@ -429,7 +451,7 @@ class LlamaForCausalLM:
         scratch = np.empty((nt, max(H, 1)), np.float32)
         dlogits = np.empty_like(f["logits"])
         _core.crossentropy_backward(dlogits, f["logits"], f["lse"], f["targets"],
-                                    1.0 / max(f["valid"], 1))
+                                    1.0 / (normalizer or max(f["valid"], 1)))
         dln = np.empty((N, H), np.float32)
         _core.lm_head_backward(dln, self._head(G), dlogits, f["lnf"], self._head(self.params))
         dres = np.zeros((N, H), np.float32)
@@ -481,6 +503,8 @@ class LlamaForCausalLM:
                                                            "self_attn.q_proj.weight", W, H))
             _core.rmsnorm_backward(dres, GP["input_layernorm.weight"], dln, k["x"],
                                    P["input_layernorm.weight"], k["rstd1"], scratch)
+            if on_layer_done is not None:
+                on_layer_done(l)
         np.add.at(G[EMBED], f["idx"], dres)
 
     # ------------------------------------------------------------------ decoding
