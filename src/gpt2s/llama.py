@@ -50,6 +50,23 @@ def _checkpoint_tokenizer(folder, config):
     except VocabError:
         return None
 
+def _with_generation_eos(config, folder):
+    """config with the end tokens of generation_config.json beside it (one id or a list), as
+    transformers' generate stops at them; config as it is without one."""
+    from dataclasses import replace
+    from .chat import read_generation_config
+    eos = read_generation_config(folder).get("eos_token_id")
+    if isinstance(eos, list):
+        eos = tuple(eos) if len(eos) != 1 else eos[0]
+    if eos is None or eos == config.eos_token_id:
+        return config
+    try:
+        return replace(config, eos_token_id=eos)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{folder / 'generation_config.json'}: eos_token_id={eos!r}: "
+                         f"{e}") from None
+
+
 _EMPTY1 = np.empty(0, np.float32)
 _EMPTY3 = np.empty((0, 0, 0), np.float32)
 
@@ -189,7 +206,8 @@ class LlamaForCausalLM:
             if cfg_file is not None:
                 if os.stat(cfg_file).st_size > 16 << 20:
                     raise ValueError(f"{cfg_file}: too large for a config.json")
-                config = LlamaConfig.from_json_file(cfg_file)
+                config = _with_generation_eos(LlamaConfig.from_json_file(cfg_file),
+                                              file.parent)
             elif _weights.CONFIG_METADATA_KEY in metadata:
                 source = f"{file}: __metadata__[{_weights.CONFIG_METADATA_KEY!r}]"
                 config = LlamaConfig.from_hf_dict(
@@ -221,6 +239,10 @@ class LlamaForCausalLM:
             mm.close()
         if cfg_file is not None:
             m.tokenizer = _checkpoint_tokenizer(file.parent, config)
+            if m.tokenizer is not None:     # an instruct checkpoint's template (gpt2s.chat)
+                from .chat import load_chat_template, read_generation_config
+                m.tokenizer.chat_template = load_chat_template(file.parent)
+                m.tokenizer.generation_config = read_generation_config(file.parent)
         if dtype is not None and dtype != "float32":
             return m.to_dtype(dtype)
         return m
