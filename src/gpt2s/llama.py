@@ -200,13 +200,23 @@ class LlamaForCausalLM:
                 the wrong shape, a non-finite value (the message names the file and tensor).
             ValueError: a config.json gpt2s refuses (named by key).
         """
+        from . import packed as _packed
+        from .config import read_config_json
         file, cfg_file = _weights.resolve_model_path(path)
-        mm, header, metadata, data_start = _weights.open_mapped(file)
+        src = _weights.open_tensors(file)    # one file, or a sharded checkpoint's shards
+        header, metadata = src.header, src.metadata
+        keep_open = False
         try:
+            storage, packed = _packed.file_storage(file, metadata)
             if cfg_file is not None:
                 if os.stat(cfg_file).st_size > 16 << 20:
                     raise ValueError(f"{cfg_file}: too large for a config.json")
-                config = _with_generation_eos(LlamaConfig.from_json_file(cfg_file),
+                d = read_config_json(cfg_file)
+                quant = d.get("quantization_config")
+                if isinstance(quant, dict) and quant.get("quant_method") == _packed.QUANT_METHOD:
+                    del d["quantization_config"]    # gpt2s' own packed file: checked here
+                    _packed.check_quantization_config(cfg_file, file, storage, packed)
+                config = _with_generation_eos(LlamaConfig.from_hf_dict(d, str(cfg_file)),
                                               file.parent)
             elif _weights.CONFIG_METADATA_KEY in metadata:
                 source = f"{file}: __metadata__[{_weights.CONFIG_METADATA_KEY!r}]"
@@ -216,27 +226,44 @@ class LlamaForCausalLM:
                 raise _weights.SafetensorsError(
                     f"{file}: no config.json beside it and no config in its __metadata__: a "
                     f"Llama model's sizes cannot be read from its tensors alone")
-            m = cls(config)
-            for name in header:
-                if name in m.params or name.endswith(".rotary_emb.inv_freq"):
-                    continue
-                if name == HEAD and config.tie_word_embeddings:
-                    continue   # a tied head saved anyway: checked equal below
-                raise _weights.SafetensorsError(
-                    f"{file}: unexpected tensor {name!r} for this Llama config")
-            for name, p in m.params.items():
-                if name not in header:
-                    raise _weights.SafetensorsError(f"{file}: tensor {name!r} is missing")
-                _weights.read_tensor(file, header, name, data_start, mm, p)
-            if config.tie_word_embeddings and HEAD in header:
-                head = np.empty_like(m.params[EMBED])
-                _weights.read_tensor(file, header, HEAD, data_start, mm, head)
-                if not np.array_equal(head, m.params[EMBED]):
+            if packed is not None:
+                # a packed int8 / int4 file: its blocks are used as they are (mapped), never
+                # quantized again; another dtype widens and converts them
+                want = dtype or storage
+                store = ParameterStore(config, want, allocate=want == "float32")
+                keep_open = _packed.load_tensors(store, src, packed, True)
+                m = cls(config)
+                m.store, m._offsets = store, {name: off for name, _, off in store.layout}
+                m._join()
+                if keep_open:
+                    store.keep_mapping(src)
+                dtype = None
+            else:
+                m = cls(config)
+                for name in header:
+                    if name in m.params or name.endswith(".rotary_emb.inv_freq"):
+                        continue
+                    if name == HEAD and config.tie_word_embeddings:
+                        continue   # a tied head saved anyway: checked equal below
                     raise _weights.SafetensorsError(
-                        f"{file}: {HEAD!r} differs from {EMBED!r} but the config ties them "
-                        f"(tie_word_embeddings)")
+                        f"{file}: unexpected tensor {name!r} for this Llama config")
+                for name, p in m.params.items():
+                    if name not in header:
+                        raise _weights.SafetensorsError(f"{file}: tensor {name!r} is missing")
+                    _weights.read_tensor(*_weights.located(src, name), p)
+                if config.tie_word_embeddings and HEAD in header:
+                    head = np.empty_like(m.params[EMBED])
+                    _weights.read_tensor(*_weights.located(src, HEAD), head)
+                    if not np.array_equal(head, m.params[EMBED]):
+                        raise _weights.SafetensorsError(
+                            f"{file}: {HEAD!r} differs from {EMBED!r} but the config ties "
+                            f"them (tie_word_embeddings)")
+                # a bfloat16 file gpt2s saved: its own storage again (exact: bfloat16 widened
+                # to float32 rounds back to itself)
+                dtype = dtype or (storage if storage != "float32" else None)
         finally:
-            mm.close()
+            if not keep_open:
+                src.close()
         if cfg_file is not None:
             m.tokenizer = _checkpoint_tokenizer(file.parent, config)
             if m.tokenizer is not None:     # an instruct checkpoint's template (gpt2s.chat)
@@ -261,15 +288,28 @@ class LlamaForCausalLM:
         return (f"LlamaForCausalLM({c.model_type}: {c.n_layer} layers, hidden {c.hidden_size}, "
                 f"{c.n_head} heads ({c.n_kv_head} key/value), vocab {c.vocab_size}, {self.dtype})")
 
-    def save_safetensors(self, path, dtype: str = "float32"):
+    def save_safetensors(self, path, dtype: str | None = None, *, max_shard_size=None):
         """Write the model as Hugging Face's LlamaForCausalLM lays it out (model.safetensors
         and config.json in the directory path, or a lone .safetensors file with the config in
-        its __metadata__), in float32, float16 or bfloat16; all-or-nothing (temp file +
-        rename).  A model of another storage is saved widened to dtype.  Returns the path
-        written."""
+        its __metadata__); all-or-nothing (temp file + rename).  dtype None: the model's own
+        storage, as `GPT2.save_safetensors` writes it (float32; a bfloat16 model's
+        projections as BF16; an int8 / int4 model's packed blocks and scales, a packed gpt2s
+        file that `from_safetensors` maps as it is); "float32", "float16", "bfloat16": every
+        tensor in that dtype (a model of another storage widened), a file transformers
+        loads; "int8", "int4": packed in that type.  max_shard_size: as
+        `GPT2.save_safetensors` (shards and model.safetensors.index.json beyond that size).
+        Returns the path written."""
+        converted = ("float32", "float16", "bfloat16")
+        storage = self.dtype if dtype is None else dtype if dtype not in converted else None
+        if storage is not None and storage != "float32":
+            _wt.check_dtype(storage)
+            return _weights.save_safetensors(path, self.params, self.config, prefix="",
+                                             storage=storage, max_shard_size=max_shard_size)
         params = self.params if self.dtype == "float32" else \
             {k: v if isinstance(v, np.ndarray) else np.asarray(v) for k, v in self.params.items()}
-        return _weights.save_safetensors(path, params, self.config, prefix="", dtype=dtype)
+        return _weights.save_safetensors(path, params, self.config, prefix="",
+                                         dtype=dtype or "float32",
+                                         max_shard_size=max_shard_size)
 
     @property
     def params(self) -> dict:
