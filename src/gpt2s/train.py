@@ -1,4 +1,5 @@
-"""``python -m gpt2s.train``: train or fine-tune GPT-2 on text files or token shards.
+"""``python -m gpt2s.train``: train GPT-2, or fine-tune a GPT-2, Llama or Qwen2 checkpoint, on
+text files or token shards.
 
     python -m gpt2s.train input.txt --init mini --steps 2000 --out runs/mini
     python -m gpt2s.train "shards/train_*.bin" --val-data "shards/val_*.bin" --out runs/big
@@ -60,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train GPT-2 from random weights, or fine-tune a saved model, on the CPU.\n"
+        description="Train GPT-2 from random weights, or fine-tune a saved model (GPT-2, Llama,\n"
+                    "Qwen2), on the CPU.\n"
                     "Checkpoints are all-or-nothing, and a run stopped in any way continues\n"
                     "exactly with --resume.",
         epilog=f"""\
-data: UTF-8 text files (tokenized with the GPT-2 tokenizer), nanoGPT uint16 .bin files
+data: UTF-8 text files (tokenized with the GPT-2 tokenizer, or a --model checkpoint's own
+  tokenizer.json), nanoGPT uint16 .bin files
   (train.bin/val.bin) and llm.c .bin shards (python -m gpt2s.prepare writes them); several
   paths and quoted globs are concatenated.  Any UTF-8 text works, e.g. the Tiny Shakespeare
   excerpt in the repository's tests/data/.  Without --val-data the last --val-fraction of
@@ -92,6 +95,7 @@ output in --out: model.safetensors + config.json (loadable by gpt2s and transfor
 examples:
   {PROG} input.txt --init mini --steps 2000 --out runs/mini
   {PROG} input.txt --model assets --steps 200 --lr 1e-4 --out runs/ft
+  {PROG} input.txt --model smollm2-135m --steps 200 --lr 1e-4 --out runs/smol
   {PROG} "shards/train_*.bin" --val-data "shards/val_*.bin" --init gpt2 \\
       --batch-size 8 --seq-len 1024 --grad-accum 8 --out runs/gpt2 --save-every 100
   {PROG} input.txt --init mini --steps 2000 --out runs/mini --resume
