@@ -116,10 +116,8 @@ def test_generation_stops_at_any_end_token_as_transformers(tmp_path, stop_index)
     assert want.shape[1] < 4 + 12
     got = m.generate(prompt, 12, temperature=0.0, stop_at_eos=True, eos_token_id=eos)
     assert np.array_equal(got, want)
-    # the config's list is the default (without a generation_config.json, whose end tokens
-    # come first, as in transformers)
+    # the config's list is the default
     write_config(tmp_path / "m", eos_token_id=eos)
-    (tmp_path / "m" / "generation_config.json").unlink(missing_ok=True)
     m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert np.array_equal(m2.generate(prompt, 12, temperature=0.0, stop_at_eos=True), want)
     # min_new_tokens keeps every end token out until then
