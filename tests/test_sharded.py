@@ -75,6 +75,8 @@ def test_llama_sharded_by_transformers_loads(llama_dir, tmp_path):
     assert len(_shards(d)) > 2
     m = gpt2s.AutoModelForCausalLM.from_pretrained(d)
     assert isinstance(m, gpt2s.LlamaForCausalLM)
+    from gpt2s.hub import find_model     # the command lines' --model takes the directory
+    assert find_model(str(d)) == d
     assert _rel(m.forward(IDS)[0], _hf_logits(hf)) < 1e-5
 
 
