@@ -65,8 +65,14 @@ def save_hf(directory, model_type="llama", vocab_size=300, eos_token_id=None, se
 
 
 def write_config(directory, **changes):
-    """Rewrite config.json in directory with keys changed."""
+    """Rewrite config.json in directory with keys changed (and the end tokens of
+    generation_config.json, which generation reads first, as transformers does)."""
     path = directory / "config.json"
     d = json.loads(path.read_text())
     d.update(changes)
     path.write_text(json.dumps(d))
+    gen = directory / "generation_config.json"
+    if "eos_token_id" in changes and gen.is_file():
+        g = json.loads(gen.read_text())
+        g["eos_token_id"] = changes["eos_token_id"]
+        gen.write_text(json.dumps(g))

@@ -2,7 +2,7 @@
 tokenizer.json made by the tokenizers package): generate continues a prompt with the
 checkpoint's own tokenizer and stops at the config's end tokens, as transformers' greedy
 generate does; eval's loss is transformers' on the same tokens; a model without its
-tokenizer is refused (never decoded with GPT-2's); train refuses a Llama checkpoint by name."""
+tokenizer is refused (never decoded with GPT-2's), by train too."""
 
 from __future__ import annotations
 
@@ -125,14 +125,17 @@ def test_eval_refuses_text_without_the_tokenizer(checkpoint, tmp_path, capsys):
     assert "no tokenizer.json beside the model" in capsys.readouterr().err
 
 
-def test_train_refuses_a_llama_checkpoint(checkpoint, tmp_path, capsys):
+def test_train_refuses_a_llama_checkpoint_without_its_tokenizer(checkpoint, tmp_path, capsys):
+    """The trainer fine-tunes Llama checkpoints (tests/test_llama_train.py), but never
+    encodes their text with GPT-2's tokens."""
     from gpt2s.train import main
     path, hf, tk = checkpoint
+    (path / "tokenizer.json").unlink()
     (tmp_path / "a.txt").write_text("some text " * 100, encoding="utf-8")
     code = main(["--model", str(path), "--out", str(tmp_path / "run"), "--steps", "1",
                  str(tmp_path / "a.txt")])
     err = capsys.readouterr().err
-    assert code == 2 and "checkpoint; the trainer fine-tunes GPT-2 models only" in err, err
+    assert code == 2 and "no tokenizer.json beside the model" in err, err
 
 
 def test_generate_text_and_stream_from_python(checkpoint):

@@ -48,8 +48,9 @@ def model_type_of(path) -> tuple[str, str]:
         d = read_config_json(cfg_file)
         source = str(cfg_file)
     else:
-        mm, _header, metadata, _start = _weights.open_mapped(file)
-        mm.close()
+        src = _weights.open_tensors(file)    # (a sharded checkpoint: its first shard's)
+        src.close()
+        metadata = src.metadata
         text = metadata.get(_weights.CONFIG_METADATA_KEY)
         if text is None:
             return "gpt2", str(file)

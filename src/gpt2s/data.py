@@ -395,11 +395,13 @@ class TokenData:
                     arrays.append(eot)
             else:
                 try:
-                    arr = np.asarray(tokenizer.encode_ordinary(_read_text(path)), np.uint16)
+                    # a vocabulary past uint16 (Llama 3's, Qwen2's) keeps its ids whole
+                    arr = np.asarray(tokenizer.encode_ordinary(_read_text(path)),
+                                     np.uint16 if tokenizer.n_vocab <= 65536 else np.uint32)
                 except ValueError as e:
                     raise DataError(f"{path}: {e}") from None
                 if arrays and tokenizer.eot_id is not None:
-                    arrays.append(np.array([tokenizer.eot_id], np.uint16))
+                    arrays.append(np.array([tokenizer.eot_id], arr.dtype))
             self.sources.append(Source(path, kind, len(arr)))
             arrays.append(arr)
         self._arrays = [a for a in arrays if len(a)]

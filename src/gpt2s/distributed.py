@@ -112,7 +112,10 @@ def default_threads(comm=None) -> int:
 
 
 class DataParallel:
-    """Data parallel over an MPI communicator for one ``GPT2`` model (see the module doc).
+    """Data parallel over an MPI communicator for one model (see the module doc): a ``GPT2``,
+    or another family's (``LlamaForCausalLM``) with the same training methods
+    (``forward(..., return_logits=False)``, ``pending_backward``, ``backward(normalizer=,
+    on_layer_done=)``, ``store``).
 
     comm: an mpi4py communicator (default ``MPI.COMM_WORLD``).  overlap: start each bucket's
     reduction during the backward (False: reduce the same buckets after it, for comparison).
@@ -157,9 +160,15 @@ class DataParallel:
         total = self.model.store.grad_buffer.size
         L = self.model.config.n_layer
         block_start = [None] * L
+        # the block of a tensor: a family's config says (layer_of), GPT-2's are "h.N."
+        layer_of = getattr(self.model.config, "layer_of", None)
         for name, _shape, off in layout:
-            if name.startswith("h."):
-                l = int(name.split(".")[1])
+            if layer_of is not None:
+                block = layer_of(name)
+                l = None if block is None else block[0]
+            else:
+                l = int(name.split(".")[1]) if name.startswith("h.") else None
+            if l is not None:
                 block_start[l] = off if block_start[l] is None else min(block_start[l], off)
         self._after_layer = {}
         pending_end = total

@@ -79,6 +79,7 @@ examples:
   {PROG} --model gpt2-medium "Hello"          # by name, from the Hugging Face cache
   cat long_story.txt | {PROG} - --crop-prompt -n 200
   {PROG} --prompt-file prompt.txt --temperature 0
+  {PROG} --model SmolLM2-135M-Instruct --chat "What is 2 + 2?" --temperature 0
 """)
     p.add_argument("prompt", nargs="?", metavar="PROMPT",
                    help="text to continue; '-' reads it from stdin; without PROMPT, generation "
@@ -133,6 +134,12 @@ examples:
                    help="print only the generated text, not the prompt")
     p.add_argument("-v", "--verbose", action="store_true",
                    help="report the model, timings and tokens/s on stderr")
+    p.add_argument("--chat", metavar="MESSAGE",
+                   help="an instruct checkpoint: send MESSAGE as the user's turn through the "
+                        "checkpoint's chat template (tokenizer_config.json or "
+                        "chat_template.jinja) and print the assistant's reply, which ends at "
+                        "the model's end tokens (generation_config.json's eos_token_id, the "
+                        "template's end token); instead of PROMPT")
     p.add_argument("--prompt-file", metavar="FILE",
                    help="read the prompt from this UTF-8 text file (one final newline is "
                         "dropped), instead of PROMPT")
@@ -202,7 +209,13 @@ def _run(args, out, err) -> int:
             gpt2s.set_num_threads(args.threads)
     except (TypeError, ValueError) as e:
         raise _UserError(_option_names(str(e))) from None
-    if args.prompt_file is not None:
+    if args.chat is not None:
+        if args.prompt is not None or args.prompt_file is not None:
+            raise _UserError("--chat MESSAGE is the prompt: give no PROMPT or --prompt-file")
+        if args.chat == "":
+            raise _UserError("--chat: the message is empty")
+        prompt = args.chat      # rendered through the template once the model is loaded
+    elif args.prompt_file is not None:
         if args.prompt is not None:
             raise _UserError("give the prompt as PROMPT or --prompt-file, not both")
         prompt = _read_prompt_file(args.prompt_file)
@@ -234,7 +247,7 @@ def _run(args, out, err) -> int:
         enc = tokenizer_for(path, model.config)
         gpt2_vocab = isinstance(model, gpt2s.GPT2)
         start = None
-        if prompt is None:
+        if prompt is None and args.chat is None:
             start = start_token(enc, model.config)
             if start is None:
                 raise ValueError(f"the model's vocabulary ({enc.n_vocab} tokens) has no "
@@ -246,9 +259,11 @@ def _run(args, out, err) -> int:
         eos = EOT_ID if gpt2_vocab else getattr(model.config, "eos_token_id", None)
         if eos is None:
             eos = getattr(enc, "eot_id", None)
+        if args.chat is not None:
+            prompt, enc, eos = _chat_prompt(path, enc, model.config, args.chat)
         n_prompt = 1 if start is not None else \
             len(enc.encode(prompt, allowed_special={EOT_TOKEN}))
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         raise _UserError(str(e)) from None
     if n_prompt > model.config.n_ctx:
         if not args.crop_prompt:
@@ -266,6 +281,7 @@ def _run(args, out, err) -> int:
 
     rng = np.random.default_rng(sampling["seed"])
     echo = not args.no_echo and (args.prompt is not None or args.prompt_file is not None)
+    echo = echo and args.chat is None     # a chat prints the reply only
     for i in range(sampling["num_samples"]):
         if sampling["num_samples"] > 1:     # stderr: stdout carries only the text
             _write(err, f"======== sample {i + 1} of {sampling['num_samples']} ========\n")
@@ -299,6 +315,27 @@ def _run(args, out, err) -> int:
         if args.verbose:
             _report(err, n_prompt, n_tokens, t_start, t_first, t_end)
     return 0
+
+
+def _chat_prompt(path, enc, config, message):
+    """(the chat prompt of message, the tokenizer that encodes it as transformers does --
+    no special tokens added: the template writes them --, the end tokens of the reply)."""
+    import copy
+    from pathlib import Path
+    from .chat import apply_chat_template, chat_end_tokens, load_chat_template, \
+        read_generation_config
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    template = load_chat_template(folder)
+    if template is None or not hasattr(enc, "tk"):
+        raise ValueError(f"--chat: {path} is not an instruct checkpoint (no chat_template in "
+                         f"its tokenizer_config.json, no chat_template.jinja, or no "
+                         f"tokenizer.json beside it); give a PROMPT to continue instead")
+    enc = copy.copy(enc)
+    enc.chat_template = template
+    enc.generation_config = read_generation_config(folder)
+    enc.add_special_tokens = False
+    prompt = apply_chat_template(enc, [{"role": "user", "content": message}])
+    return prompt, enc, chat_end_tokens(enc, config) or None
 
 
 def _report(err, n_prompt, n_tokens, t_start, t_first, t_end):

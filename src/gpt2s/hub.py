@@ -273,7 +273,8 @@ def find_model(explicit=None, *, env=None, cwd=None, demo_dir=DEMO_DIR) -> Path:
             p = Path(value).expanduser()
             if not p.is_absolute():
                 p = cwd / p
-            if p.is_dir() and not (p / "model.safetensors").is_file():
+            if p.is_dir() and not (p / "model.safetensors").is_file() and \
+                    not (p / "model.safetensors.index.json").is_file():   # (or shards)
                 raise ModelNotFound(f"{source} {value}: the directory has no model.safetensors")
             if not p.exists():
                 try:

@@ -66,8 +66,34 @@ def _blocks_to_heads(dqkv, n_head):
         dqkv.reshape(N, 3, n_head, W // (3 * n_head)).transpose(0, 2, 1, 3)).reshape(N, W)
 
 
+def _with_generation_eos(config, folder):
+    """config with the end tokens of generation_config.json beside it (one id or a list), as
+    transformers' generate stops at them; config as it is without one."""
+    from dataclasses import replace
+    from .chat import read_generation_config
+    eos = read_generation_config(folder).get("eos_token_id")
+    if isinstance(eos, list):
+        eos = tuple(eos) if len(eos) != 1 else eos[0]
+    if eos is None or eos == config.eos_token_id:
+        return config
+    try:
+        return replace(config, eos_token_id=eos)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{folder / 'generation_config.json'}: eos_token_id={eos!r}: "
+                         f"{e}") from None
+
+
 _EMPTY1 = np.empty(0, np.float32)
 _EMPTY3 = np.empty((0, 0, 0), np.float32)
+
+
+class _Pending(dict):
+    """What a training forward keeps for its backward; ``n_valid``: its targets that are not
+    -1 (as GPT2's ``pending_backward``, read by data parallel)."""
+
+    @property
+    def n_valid(self) -> int:
+        return self["valid"]
 
 
 class LlamaForCausalLM:
@@ -193,13 +219,24 @@ class LlamaForCausalLM:
                 the wrong shape, a non-finite value (the message names the file and tensor).
             ValueError: a config.json gpt2s refuses (named by key).
         """
+        from . import packed as _packed
+        from .config import read_config_json
         file, cfg_file = _weights.resolve_model_path(path)
-        mm, header, metadata, data_start = _weights.open_mapped(file)
+        src = _weights.open_tensors(file)    # one file, or a sharded checkpoint's shards
+        header, metadata = src.header, src.metadata
+        keep_open = False
         try:
+            storage, packed = _packed.file_storage(file, metadata)
             if cfg_file is not None:
                 if os.stat(cfg_file).st_size > 16 << 20:
                     raise ValueError(f"{cfg_file}: too large for a config.json")
-                config = LlamaConfig.from_json_file(cfg_file)
+                d = read_config_json(cfg_file)
+                quant = d.get("quantization_config")
+                if isinstance(quant, dict) and quant.get("quant_method") == _packed.QUANT_METHOD:
+                    del d["quantization_config"]    # gpt2s' own packed file: checked here
+                    _packed.check_quantization_config(cfg_file, file, storage, packed)
+                config = _with_generation_eos(LlamaConfig.from_hf_dict(d, str(cfg_file)),
+                                              file.parent)
             elif _weights.CONFIG_METADATA_KEY in metadata:
                 source = f"{file}: __metadata__[{_weights.CONFIG_METADATA_KEY!r}]"
                 config = LlamaConfig.from_hf_dict(
@@ -208,29 +245,50 @@ class LlamaForCausalLM:
                 raise _weights.SafetensorsError(
                     f"{file}: no config.json beside it and no config in its __metadata__: a "
                     f"Llama model's sizes cannot be read from its tensors alone")
-            m = cls(config)
-            for name in header:
-                if name in m.params or name.endswith(".rotary_emb.inv_freq"):
-                    continue
-                if name == HEAD and config.tie_word_embeddings:
-                    continue   # a tied head saved anyway: checked equal below
-                raise _weights.SafetensorsError(
-                    f"{file}: unexpected tensor {name!r} for this Llama config")
-            for name, p in m.params.items():
-                if name not in header:
-                    raise _weights.SafetensorsError(f"{file}: tensor {name!r} is missing")
-                _weights.read_tensor(file, header, name, data_start, mm, p)
-            if config.tie_word_embeddings and HEAD in header:
-                head = np.empty_like(m.params[EMBED])
-                _weights.read_tensor(file, header, HEAD, data_start, mm, head)
-                if not np.array_equal(head, m.params[EMBED]):
+            if packed is not None:
+                # a packed int8 / int4 file: its blocks are used as they are (mapped), never
+                # quantized again; another dtype widens and converts them
+                want = dtype or storage
+                store = ParameterStore(config, want, allocate=want == "float32")
+                keep_open = _packed.load_tensors(store, src, packed, True)
+                m = cls(config)
+                m.store, m._offsets = store, {name: off for name, _, off in store.layout}
+                m._join()
+                if keep_open:
+                    store.keep_mapping(src)
+                dtype = None
+            else:
+                m = cls(config)
+                for name in header:
+                    if name in m.params or name.endswith(".rotary_emb.inv_freq"):
+                        continue
+                    if name == HEAD and config.tie_word_embeddings:
+                        continue   # a tied head saved anyway: checked equal below
                     raise _weights.SafetensorsError(
-                        f"{file}: {HEAD!r} differs from {EMBED!r} but the config ties them "
-                        f"(tie_word_embeddings)")
+                        f"{file}: unexpected tensor {name!r} for this Llama config")
+                for name, p in m.params.items():
+                    if name not in header:
+                        raise _weights.SafetensorsError(f"{file}: tensor {name!r} is missing")
+                    _weights.read_tensor(*_weights.located(src, name), p)
+                if config.tie_word_embeddings and HEAD in header:
+                    head = np.empty_like(m.params[EMBED])
+                    _weights.read_tensor(*_weights.located(src, HEAD), head)
+                    if not np.array_equal(head, m.params[EMBED]):
+                        raise _weights.SafetensorsError(
+                            f"{file}: {HEAD!r} differs from {EMBED!r} but the config ties "
+                            f"them (tie_word_embeddings)")
+                # a bfloat16 file gpt2s saved: its own storage again (exact: bfloat16 widened
+                # to float32 rounds back to itself)
+                dtype = dtype or (storage if storage != "float32" else None)
         finally:
-            mm.close()
+            if not keep_open:
+                src.close()
         if cfg_file is not None:
             m.tokenizer = _checkpoint_tokenizer(file.parent, config)
+            if m.tokenizer is not None:     # an instruct checkpoint's template (gpt2s.chat)
+                from .chat import load_chat_template, read_generation_config
+                m.tokenizer.chat_template = load_chat_template(file.parent)
+                m.tokenizer.generation_config = read_generation_config(file.parent)
         if dtype is not None and dtype != "float32":
             return m.to_dtype(dtype)
         return m
@@ -249,15 +307,28 @@ class LlamaForCausalLM:
         return (f"LlamaForCausalLM({c.model_type}: {c.n_layer} layers, hidden {c.hidden_size}, "
                 f"{c.n_head} heads ({c.n_kv_head} key/value), vocab {c.vocab_size}, {self.dtype})")
 
-    def save_safetensors(self, path, dtype: str = "float32"):
+    def save_safetensors(self, path, dtype: str | None = None, *, max_shard_size=None):
         """Write the model as Hugging Face's LlamaForCausalLM lays it out (model.safetensors
         and config.json in the directory path, or a lone .safetensors file with the config in
-        its __metadata__), in float32, float16 or bfloat16; all-or-nothing (temp file +
-        rename).  A model of another storage is saved widened to dtype.  Returns the path
-        written."""
+        its __metadata__); all-or-nothing (temp file + rename).  dtype None: the model's own
+        storage, as `GPT2.save_safetensors` writes it (float32; a bfloat16 model's
+        projections as BF16; an int8 / int4 model's packed blocks and scales, a packed gpt2s
+        file that `from_safetensors` maps as it is); "float32", "float16", "bfloat16": every
+        tensor in that dtype (a model of another storage widened), a file transformers
+        loads; "int8", "int4": packed in that type.  max_shard_size: as
+        `GPT2.save_safetensors` (shards and model.safetensors.index.json beyond that size).
+        Returns the path written."""
+        converted = ("float32", "float16", "bfloat16")
+        storage = self.dtype if dtype is None else dtype if dtype not in converted else None
+        if storage is not None and storage != "float32":
+            _wt.check_dtype(storage)
+            return _weights.save_safetensors(path, self.params, self.config, prefix="",
+                                             storage=storage, max_shard_size=max_shard_size)
         params = self.params if self.dtype == "float32" else \
             {k: v if isinstance(v, np.ndarray) else np.asarray(v) for k, v in self.params.items()}
-        return _weights.save_safetensors(path, params, self.config, prefix="", dtype=dtype)
+        return _weights.save_safetensors(path, params, self.config, prefix="",
+                                         dtype=dtype or "float32",
+                                         max_shard_size=max_shard_size)
 
     @property
     def params(self) -> dict:
@@ -493,22 +564,35 @@ class LlamaForCausalLM:
             valid = int((tflat != -1).sum())
             loss = float(losses[tflat != -1].astype(np.float64).sum() / max(valid, 1))
             if for_backward:
-                self._pending = dict(idx=flat, targets=tflat, lse=lse, logits=logits.copy(),
-                                     layers=kept, xf=x, stf=stf, lnf=lnf, B=B, T=T,
-                                     positions=positions, valid=valid)
+                self._pending = _Pending(idx=flat, targets=tflat, lse=lse, logits=logits.copy(),
+                                         layers=kept, xf=x, stf=stf, lnf=lnf, B=B, T=T,
+                                         positions=positions, valid=valid)
         return logits.reshape(B, T, cfg.vocab_size), loss
 
     # ------------------------------------------------------------------ backward
 
-    def backward(self):
-        """Gradients of the last forward's loss, added into ``grads``."""
-        with self.store.lock, _core.pinned_num_threads():
-            self._backward()
+    @property
+    def pending_backward(self):
+        """The record of the last training forward, which the next `backward` consumes (its
+        ``n_valid`` is the number of targets it counted), or None."""
+        return self._pending
 
-    def _backward(self):
+    def backward(self, *, normalizer: int | None = None, on_layer_done=None):
+        """Gradients of the last forward's loss, added into ``grads``.  normalizer: divide
+        the summed loss by this count instead of the forward's valid targets (data
+        parallel: the global count); on_layer_done(l): called after block l's backward, as
+        `GPT2.backward` does."""
+        with self.store.lock, _core.pinned_num_threads():
+            self._backward(normalizer, on_layer_done)
+
+    def _backward(self, normalizer=None, on_layer_done=None):
         self.store.check_trainable("backward()")
         if self._pending is None:
             raise RuntimeError("backward() needs a forward(idx, targets) first")
+        if normalizer is not None and (not isinstance(normalizer, (int, np.integer))
+                                       or isinstance(normalizer, bool) or normalizer < 1):
+            raise ValueError(f"backward: normalizer must be a positive integer, got "
+                             f"{normalizer!r}")
         f, self._pending = self._pending, None
         cfg, G, nm = self.config, self.grads, self.config.block_names
         B, T = f["B"], f["T"]
@@ -520,7 +604,7 @@ class LlamaForCausalLM:
         scratch = np.empty((nt, max(H, 1) * (1 if cfg.norm == "rmsnorm" else 2)), np.float32)
         dlogits = np.empty_like(f["logits"])
         _core.crossentropy_backward(dlogits, f["logits"], f["lse"], f["targets"],
-                                    1.0 / max(f["valid"], 1))
+                                    1.0 / (normalizer or max(f["valid"], 1)))
         dln = np.empty((N, H), np.float32)
         _core.lm_head_backward(dln, self._head(G), dlogits, f["lnf"], self._head(self.params))
         dres = np.zeros((N, H), np.float32)
@@ -574,6 +658,8 @@ class LlamaForCausalLM:
                                    self._fused(self.params, l, nm["qkv"], W, H))
             self._norm_backward(dres, *self._norm_params(GP, "ln1"), dln, k["x"],
                                 self._norm_params(P, "ln1")[0], k["st1"], scratch)
+            if on_layer_done is not None:
+                on_layer_done(l)
         np.add.at(G[cfg.embed_name], f["idx"], dres)
 
     # ------------------------------------------------------------------ decoding

@@ -203,8 +203,10 @@ def redraw_plot(out: Path, model) -> None:
     """Draw OUT/loss.png from OUT/metrics.jsonl, titled with the model's size; a failure is a
     warning on stderr, never the end of the run."""
     c = model.config
-    title = (f"{out.resolve().name}: {c.n_layer} layers, {c.n_head} heads, n_embd {c.n_embd}, "
-             f"{model.num_parameters() / 1e6:.1f}M parameters")
+    width = getattr(c, "n_embd", None) or getattr(c, "hidden_size", 0)   # GPT-2's, or Llama's
+    n_params = sum(p.size for p in model.params.values())
+    title = (f"{out.resolve().name}: {c.n_layer} layers, {c.n_head} heads, n_embd {width}, "
+             f"{n_params / 1e6:.1f}M parameters")
     try:
         plot_metrics(out / METRICS, out / PLOT, title=title)
     except Exception as e:

@@ -510,7 +510,7 @@ class GPT2:
 
     # ------------------------------------------------------------------ saving
 
-    def save_safetensors(self, path, dtype: str | None = None):
+    def save_safetensors(self, path, dtype: str | None = None, *, max_shard_size=None):
         """Save the weights: in Hugging Face's format, or in the model's own storage.
 
         A path ending in ``.safetensors`` is written as that one file; any other path is a
@@ -532,6 +532,9 @@ class GPT2:
                 tensor converted to that dtype (rounded to nearest even), a file any
                 safetensors reader loads; "int8" or "int4": a packed file of that type (the
                 matmul weights converted, one at a time).
+            max_shard_size: None (one model.safetensors), or bytes / a size such as "2GB":
+                a bigger model is written in shards with model.safetensors.index.json, as
+                transformers' save_pretrained writes them (a directory only).
 
         Returns:
             the path written (a `pathlib.Path`).
@@ -561,8 +564,10 @@ class GPT2:
                              f"{dtype!r}")
         if storage is None or storage == "float32":
             return _weights.save_safetensors(path, self.params, self.config,
-                                             dtype=dtype or "float32")
-        return _weights.save_safetensors(path, self.params, self.config, storage=storage)
+                                             dtype=dtype or "float32",
+                                             max_shard_size=max_shard_size)
+        return _weights.save_safetensors(path, self.params, self.config, storage=storage,
+                                         max_shard_size=max_shard_size)
 
     def save_gguf(self, path, dtype: str | None = None):
         """Save the model as a GPT-2 GGUF file that llama.cpp runs (its layout and GPT-2's

@@ -159,10 +159,9 @@ def check_against_config(path, header: dict, data_size: int, config, wt) -> dict
     stored shape and element dtype of wt and NAME.scales as F16 of its block count, every
     other parameter with its shape and a float dtype, nothing else (but the ignored buffers);
     returns {name (NAME.scales too): header name}.  Reads no tensor data."""
-    layout, _ = _w.param_layout(config)
     expected = {}   # name -> (dtypes, shape)
     element = _ELEMENT[wt.store.name]
-    for name, shape, _ in layout:
+    for name, shape, _ in _w.layout_of(config):
         if not _wt.is_compressed(name):
             expected[name] = (("F32", "F16", "BF16"), tuple(shape))
             continue
@@ -172,22 +171,8 @@ def check_against_config(path, header: dict, data_size: int, config, wt) -> dict
             raise SafetensorsError(f"{path}: {e}") from None
         expected[name] = ((element,), data_shape)
         expected[name + SCALES] = (("F16",), scales_shape)
-    seen = {}
-    for raw_name in header:
-        name = _w.canonical_name(raw_name)
-        index = _w._layer_index(path, name)
-        if index is not None and index >= config.n_layer:
-            raise SafetensorsError(f"{path}: unexpected tensor {_w._r(raw_name)} (block {index}, "
-                                   f"but the model has n_layer={config.n_layer} blocks)")
-        if _w._IGNORED.fullmatch(name):
-            continue
-        if name not in expected:
-            raise SafetensorsError(f"{path}: unexpected tensor {_w._r(raw_name)} (not a tensor "
-                                   f"of a packed {wt.name} model of this config: {config})")
-        if name in seen:
-            raise SafetensorsError(f"{path}: tensor {_w._r(name)} appears twice "
-                                   f"({_w._r(seen[name])} and {_w._r(raw_name)})")
-        seen[name] = raw_name
+    seen = _w.match_tensors(path, header, config, expected,
+                            what=f"a tensor of a packed {wt.name} model of this config")
     for name, (dtypes, shape) in expected.items():
         if name not in seen:
             what = (f"the block scales of {name[:-len(SCALES)]!r}" if name.endswith(SCALES)
@@ -240,19 +225,20 @@ def _array(header: dict, raw_name: str, data_start: int, mm, st_dtype: str):
     return np.frombuffer(raw, dtype=dtype).reshape(shape).copy(), False
 
 
-def load_tensors(store, file, header: dict, data_start: int, mm, wt, mmap: bool,
-                 progress=None) -> bool:
+def load_tensors(store, src, wt, mmap: bool, progress=None) -> bool:
     """Fill the store's params from a packed file of weight type wt: the matmul weights in
     place (views of the mapping, mmap) or copied (not mmap) when the store's dtype is wt,
     else widened and converted one at a time (the embedding a few rows at a time); the
     small tensors into the store's buffer.  Returns True when some parameter views the
     mapping."""
-    seen = check_against_config(file, header, len(mm) - data_start, store.config, wt)
+    header = src.header
+    seen = check_against_config(src.file, header, src.data_size, store.config, wt)
     counter = _w.LoadCounter(progress, store.config)
     dtype, viewed = store.dtype, False
     element = _ELEMENT[wt.store.name]
     for name in list(store.params):
         raw = seen[name]
+        file, mm, data_start = src.at(raw)
         shape = tuple(store.params[name].shape)
         if not _wt.is_compressed(name):
             _w.read_tensor(file, header, raw, data_start, mm, store.params[name])
@@ -261,8 +247,9 @@ def load_tensors(store, file, header: dict, data_start: int, mm, wt, mmap: bool,
             continue
         raw_scales = seen[name + SCALES]
         data, data_view = _array(header, raw, data_start, mm, element)
-        scales, scales_view = _array(header, raw_scales, data_start, mm, "F16")
-        check_scales(file, raw_scales, scales)
+        s_file, s_mm, s_start = src.at(raw_scales)
+        scales, scales_view = _array(header, raw_scales, s_start, s_mm, "F16")
+        check_scales(s_file, raw_scales, scales)
         if dtype == wt.name:
             if mmap:
                 viewed = viewed or data_view or scales_view
@@ -272,7 +259,7 @@ def load_tensors(store, file, header: dict, data_start: int, mm, wt, mmap: bool,
         else:
             _convert(store, name, shape, wt, data, scales, file, raw)
             _w.drop_tensor_pages(mm, data_start, header[raw])
-            _w.drop_tensor_pages(mm, data_start, header[raw_scales])
+            _w.drop_tensor_pages(s_mm, s_start, header[raw_scales])
         counter.add(math.prod(shape))
     return viewed
 

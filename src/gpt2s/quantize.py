@@ -52,8 +52,9 @@ examples:
 """)
     p.add_argument("input", metavar="IN",
                    help="the model: a .safetensors file, a directory with model.safetensors "
-                        "(+ config.json), or a name: demo, gpt2, gpt2-medium, gpt2-large, "
-                        "gpt2-xl (as generate's --model)")
+                        "(+ config.json; a Llama or Qwen2 checkpoint directory too, whose "
+                        "tokenizer files are copied along), or a name: demo, gpt2, "
+                        "gpt2-medium, gpt2-large, gpt2-xl (as generate's --model)")
     p.add_argument("output", metavar="OUT",
                    help="the directory to write (model.safetensors, config.json), or a file "
                         "ending in .gguf (a GGUF llama.cpp runs: int8 as Q8_0, int4 as Q4_0, "
@@ -81,12 +82,22 @@ def quantize(src, out, dtype: str, *, force: bool = False, progress=None) -> Pat
             raise FileExistsError(f"{out} exists; choose a new name, or --force replaces it")
         if out.is_dir():
             raise IsADirectoryError(f"{out}: is a directory")
+        from .auto import check_model_type, model_type_of
+        kind = check_model_type(*model_type_of(src))
+        if kind != "gpt2":
+            raise ValueError(f"{src}: a {kind} checkpoint; gpt2s writes GPT-2 GGUF files only "
+                             f"(save to a directory instead)")
         return GPT2.from_safetensors(src, dtype=dtype, progress=progress).save_gguf(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; choose a new directory, or --force replaces it")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: exists and is not a directory")
-    model = GPT2.from_safetensors(src, dtype=dtype, progress=progress)
+    from .auto import check_model_type, model_type_of
+    if check_model_type(*model_type_of(src)) == "gpt2":
+        model = GPT2.from_safetensors(src, dtype=dtype, progress=progress)
+    else:   # a Llama / Qwen2 checkpoint: its tokenizer files go along
+        from .auto import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -94,6 +105,8 @@ def quantize(src, out, dtype: str, *, force: bool = False, progress=None) -> Pat
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
         model.save_safetensors(tmp)
+        if not isinstance(model, GPT2):
+            _copy_tokenizer_files(src, tmp)
         del model   # the input's mapping (when it is out itself, it is renamed, not changed)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
@@ -107,6 +120,16 @@ def quantize(src, out, dtype: str, *, force: bool = False, progress=None) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _copy_tokenizer_files(src, dest: Path):
+    """The tokenizer (and chat template, generation config) files of the checkpoint at src,
+    copied beside the converted model."""
+    from .train import TOKENIZER_FILES
+    folder = Path(src) if Path(src).is_dir() else Path(src).parent
+    for name in TOKENIZER_FILES + ("vocab.json",):
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, dest / name)
 
 
 def _size(n: int) -> str:

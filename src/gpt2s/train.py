@@ -1,4 +1,5 @@
-"""``python -m gpt2s.train``: train or fine-tune GPT-2 on text files or token shards.
+"""``python -m gpt2s.train``: train GPT-2, or fine-tune a GPT-2, Llama or Qwen2 checkpoint, on
+text files or token shards.
 
     python -m gpt2s.train input.txt --init mini --steps 2000 --out runs/mini
     python -m gpt2s.train "shards/train_*.bin" --val-data "shards/val_*.bin" --out runs/big
@@ -60,11 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train GPT-2 from random weights, or fine-tune a saved model, on the CPU.\n"
+        description="Train GPT-2 from random weights, or fine-tune a saved model (GPT-2, Llama,\n"
+                    "Qwen2), on the CPU.\n"
                     "Checkpoints are all-or-nothing, and a run stopped in any way continues\n"
                     "exactly with --resume.",
         epilog=f"""\
-data: UTF-8 text files (tokenized with the GPT-2 tokenizer), nanoGPT uint16 .bin files
+data: UTF-8 text files (tokenized with the GPT-2 tokenizer, or a --model checkpoint's own
+  tokenizer.json), nanoGPT uint16 .bin files
   (train.bin/val.bin) and llm.c .bin shards (python -m gpt2s.prepare writes them); several
   paths and quoted globs are concatenated.  Any UTF-8 text works, e.g. the Tiny Shakespeare
   excerpt in the repository's tests/data/.  Without --val-data the last --val-fraction of
@@ -92,6 +95,7 @@ output in --out: model.safetensors + config.json (loadable by gpt2s and transfor
 examples:
   {PROG} input.txt --init mini --steps 2000 --out runs/mini
   {PROG} input.txt --model assets --steps 200 --lr 1e-4 --out runs/ft
+  {PROG} input.txt --model smollm2-135m --steps 200 --lr 1e-4 --out runs/smol
   {PROG} "shards/train_*.bin" --val-data "shards/val_*.bin" --init gpt2 \\
       --batch-size 8 --seq-len 1024 --grad-accum 8 --out runs/gpt2 --save-every 100
   {PROG} input.txt --init mini --steps 2000 --out runs/mini --resume
@@ -126,8 +130,9 @@ data parallel over MPI (pip install "gpt2s[mpi]"; docs/distributed.md): under
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PATH",
                      help="fine-tune this model: a .safetensors file or a model directory "
-                          "(or a name such as gpt2 or demo: GPT2.from_pretrained)"
-                          " (default: random weights of --init)")
+                          "(or a name such as gpt2 or demo: GPT2.from_pretrained); a Llama or "
+                          "Qwen2 checkpoint directory brings its tokenizer.json, which the "
+                          "run uses and keeps (default: random weights of --init)")
     src.add_argument("--init", choices=GPT2Config.presets(), default=None, metavar="SIZE",
                      help="start from random weights of this size, one of "
                           f"{', '.join(GPT2Config.presets())} (see sizes below; default: mini)")
@@ -276,15 +281,19 @@ def _run_locked(args, out: Path, world: World) -> int:
     specs = list(args.data) + list(args.data_opt)
     if not specs:
         raise UserError("no training data: give text files, .bin files or globs as DATA")
-    tokenizer = _vocabulary(args, ck, out, specs)
     # the model before the data when that is cheap, so a --seq-len beyond its context is
     # blamed on n_ctx, not on data too short for such windows
-    model = None
+    model = own = None
     try:
         if ck is None and args.model:
-            _check_trainable(args.model)
-            model = GPT2.from_pretrained(args.model)
-        elif ck is None:
+            # any family AutoModelForCausalLM runs (a GPT-2, Llama or Qwen2 checkpoint), with
+            # its own tokenizer when it is not GPT-2's
+            model, own = _load_model(args.model)
+    except (OSError, ValueError) as e:   # SafetensorsError, VocabError are ValueErrors
+        raise UserError(str(e)) from None
+    tokenizer = _vocabulary(args, ck, out, specs, own)
+    try:
+        if ck is None and not args.model:
             sizes = {} if tokenizer is None else {"vocab_size": tokenizer.n_vocab}
             model = GPT2.from_config(GPT2Config.preset(args.init or "mini", **sizes),
                                      seed=args.seed)
@@ -313,7 +322,7 @@ def _run_locked(args, out: Path, world: World) -> int:
                           legacy=lambda key: by_key[key].legacy_fingerprint()
                           if by_key[key] is not None else None)
             identity["model_source"] = ck.state.get("identity", {}).get("model_source")
-            model = GPT2.from_safetensors(ck.dir)
+            model = _auto().from_pretrained(ck.dir, dtype="float32")
         elif not args.model:
             identity["model_source"] = "init:" + (args.init or "mini")
     except (OSError, ValueError) as e:   # SafetensorsError is a ValueError
@@ -348,6 +357,8 @@ def _run_locked(args, out: Path, world: World) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None and ck is None:
         tokenizer.save(out / VOCAB_FILE)      # beside the model: generate and eval read it
+        if own is not None:                   # and the checkpoint's tokenizer files as they are
+            _copy_tokenizer_files(args.model, out)
     elif tokenizer is None and ck is None and (out / VOCAB_FILE).is_file() \
             and not (out / VOCAB_FILE).is_symlink():
         (out / VOCAB_FILE).unlink()           # a previous run's (--overwrite): not this one's
@@ -402,22 +413,48 @@ def _train(loop, metrics, out: Path, run: RunConfig, first: int, rank: int) -> i
     return 0
 
 
-def _check_trainable(name_or_path):
-    """Refuse, by name, a checkpoint of an architecture the trainer does not fine-tune yet."""
-    from .auto import model_type_of
+def _auto():
+    from .auto import AutoModelForCausalLM
+    return AutoModelForCausalLM
+
+
+def _load_model(name_or_path):
+    """(the float32 model of --model, its own tokenizer or None): a checkpoint of any family
+    `AutoModelForCausalLM` runs (another is refused by name); a model whose vocabulary is not
+    GPT-2's (a Llama or Qwen2 checkpoint) comes with the tokenizer.json beside it (or the
+    vocab.json of a gpt2s run), which the run encodes its text with and saves."""
     from .hub import resolve_pretrained
-    model_type = model_type_of(resolve_pretrained(name_or_path))[0]
-    if model_type != "gpt2":
-        raise UserError(f"--model {name_or_path}: a {model_type} checkpoint; the trainer "
-                        f"fine-tunes GPT-2 models only so far (generate and eval run it; "
-                        f"gpt2s.LlamaForCausalLM has forward and backward for your own loop)")
+    from .vocab import tokenizer_for
+    path = resolve_pretrained(name_or_path)
+    model = _auto().from_pretrained(path, dtype="float32")
+    if getattr(model.config, "model_type", "gpt2") == "gpt2":
+        return model, None
+    return model, tokenizer_for(path, model.config)
 
 
-def _vocabulary(args, ck, out: Path, specs):
+# the tokenizer files of a Hugging Face checkpoint, copied into a fine-tuning run's directory
+# so that it is a checkpoint directory of the same model (generate --chat reads them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def _copy_tokenizer_files(name_or_path, out: Path):
+    from .fs import atomic_write
+    from .hub import resolve_pretrained
+    src = Path(resolve_pretrained(name_or_path))
+    src = src if src.is_dir() else src.parent
+    for fname in TOKENIZER_FILES:
+        if (src / fname).is_file() and (src / fname).resolve() != (out / fname).resolve():
+            data = (src / fname).read_bytes()
+            atomic_write(out / fname, lambda f, data=data: f.write(data))
+
+
+def _vocabulary(args, ck, out: Path, specs, own=None):
     """The run's vocabulary (None: GPT-2's), as _chosen_vocabulary, checked against the one
     python -m gpt2s.prepare recorded for the token files in DATA: a new run without
     --tokenizer (or with --tokenizer char for char shards) takes theirs; any other
-    difference is refused, naming the file."""
+    difference is refused, naming the file.  own: the --model checkpoint's tokenizer (not
+    GPT-2's), which a new run must use."""
     from .data import DataError, detect_format, expand_paths
     from .vocab import VocabError, same_vocab, shards_vocab, vocab_name
     recorded = []
@@ -429,6 +466,8 @@ def _vocabulary(args, ck, out: Path, specs):
                     recorded.append((path, enc))
     except (DataError, VocabError) as e:
         raise UserError(str(e)) from None
+    if own is not None and ck is None:
+        return _model_vocabulary(args, own, recorded)
     if not recorded:
         return _chosen_vocabulary(args, ck, out, specs)
     where, enc = recorded[0]
@@ -457,6 +496,31 @@ def _vocabulary(args, ck, out: Path, specs):
         raise UserError(f"{where}: token ids of {vocab_name(enc, where.parent / 'vocab.json')}"
                         f" (its prepare.json), not of {what}")
     return chosen
+
+
+def _model_vocabulary(args, own, recorded):
+    """A new run from a checkpoint with its own tokenizer (own): text is encoded with it, and
+    token files must have been prepared with it (python -m gpt2s.prepare --tokenizer
+    MODEL/tokenizer.json); --tokenizer may only name the same tokenizer."""
+    from .vocab import FileTokenizer, VocabError, same_vocab, vocab_name
+    if args.tokenizer is not None:
+        given = None
+        if os.path.isfile(args.tokenizer):
+            try:
+                given = FileTokenizer.from_file(args.tokenizer)
+            except (OSError, VocabError) as e:
+                raise UserError(f"--tokenizer {e}") from None
+        if given is None or not same_vocab(given, own):
+            raise UserError(f"--tokenizer {args.tokenizer}: --model {args.model} has its own "
+                            f"tokenizer ({vocab_name(own)}), which the run uses; leave "
+                            f"--tokenizer out")
+    for where, enc in recorded:
+        if not same_vocab(enc, own):
+            raise UserError(
+                f"{where}: token ids of {vocab_name(enc, where.parent / 'vocab.json')} (its "
+                f"prepare.json), not of --model {args.model}'s tokenizer; prepare the text "
+                f"with python -m gpt2s.prepare --tokenizer {args.model}/tokenizer.json")
+    return own
 
 
 def _chosen_vocabulary(args, ck, out: Path, specs):
@@ -515,10 +579,14 @@ def _chosen_vocabulary(args, ck, out: Path, specs):
 def _saved_n_ctx(ck_dir: Path) -> int | None:
     """The context of a checkpoint's model from its config.json, None when unreadable (the
     model's load then says what is wrong)."""
-    from .config import GPT2Config
+    from .config import GPT2Config, read_config_json
     try:
-        return GPT2Config.from_json_file(ck_dir / "config.json").n_ctx
-    except (OSError, ValueError):
+        d = read_config_json(ck_dir / "config.json")
+        if d.get("model_type", "gpt2") == "gpt2":
+            return GPT2Config.from_json_file(ck_dir / "config.json").n_ctx
+        n = d.get("max_position_embeddings")    # Llama, Qwen2, GPT-NeoX
+        return n if type(n) is int else None
+    except (OSError, ValueError, AttributeError):
         return None
 
 

@@ -37,19 +37,18 @@ import sys
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
 from ._cli import Progress, fraction, nonneg_float, nonneg_int, positive_int
 from .checkpoint import (LOG_FILES, CheckpointError, check_run_dir, load_checkpoint,
                          previous_run, remove_run, save_checkpoint)
-from .model import GPT2
 from .optim import clip_coefficient, grad_norm
 
 __all__ = ["RunConfig", "Resume", "setting", "TrainingDiverged", "RunFailed", "lr_at",
            "effective_warmup", "default_warmup", "DEFAULT_WARMUP", "train_batch", "eval_batch",
-           "SingleProcess", "train_step",
+           "SingleProcess", "Trainable", "config_record", "train_step",
            "evaluate", "open_data", "open_run_dir", "start_over", "resume_differences",
            "resume_state", "save_run", "train_loop", "LoopEnd", "World"]
 
@@ -255,6 +254,28 @@ def eval_batch(data, seed: int, index: int, B: int, T: int):
 # One step, one evaluation: a single process is a team of one
 
 
+class Trainable(Protocol):
+    """What the trainer needs of a model, whatever its family (`gpt2s.GPT2`,
+    `gpt2s.LlamaForCausalLM`, ...; the trainer never asks which): ``config`` (``n_layer``,
+    ``n_ctx``; a family's ``layer_of(name)``), ``store`` (the `ParameterStore` AdamW and the
+    gradient reduction work on), ``params`` / ``grads``, ``forward(idx, targets,
+    return_logits=False)``, ``pending_backward`` (its ``n_valid``), ``backward(normalizer=,
+    on_layer_done=)``, ``zero_grad()`` and ``save_safetensors(directory)``, which writes
+    model.safetensors and config.json that ``AutoModelForCausalLM.from_pretrained`` loads
+    back to the same bits."""
+
+    config: object
+    store: object
+
+    def forward(self, idx, targets=None, *, return_logits: bool = True): ...
+
+    def backward(self, *, normalizer=None, on_layer_done=None): ...
+
+    def zero_grad(self): ...
+
+    def save_safetensors(self, path): ...
+
+
 class SingleProcess:
     """A model trained by this process alone, with the methods of
     ``gpt2s.distributed.DataParallel`` that a training step uses: the batch is not split,
@@ -288,8 +309,17 @@ class SingleProcess:
 
 
 def _team(model):
-    """A GPT2 as a team of one; a DataParallel (or a SingleProcess) as it is."""
-    return SingleProcess(model) if isinstance(model, GPT2) else model
+    """A model (a GPT2, a LlamaForCausalLM: any `Trainable`) as a team of one; a
+    DataParallel (or a SingleProcess) as it is."""
+    return model if isinstance(model, SingleProcess) or hasattr(model, "shard") \
+        else SingleProcess(model)
+
+
+def config_record(config) -> dict:
+    """A model config as train_state.json records it: GPT-2's ``as_dict()``, another
+    family's config.json content (``to_hf_dict()``)."""
+    as_dict = getattr(config, "as_dict", None)
+    return as_dict() if as_dict is not None else config.to_hf_dict()
 
 
 def _lr_of(cfg: RunConfig, step: int) -> float:
@@ -302,7 +332,7 @@ def train_step(model, opt, data, cfg: RunConfig, step: int) -> tuple[float, floa
     the gradient norm before clipping or None).  Raises TrainingDiverged, before updating
     anything, when a micro-batch's loss or the gradient norm is not finite.
 
-    ``model``: a GPT2, or a DataParallel whose rank trains on its rows of each global
+    ``model``: a GPT2 (or another `Trainable` family), or a DataParallel whose rank trains on its rows of each global
     micro-batch of ``cfg.batch_size`` windows (the gradients are summed over the ranks during
     the last micro-batch's backward, and every rank sees the same loss and norm)."""
     team = _team(model)
@@ -333,7 +363,7 @@ def train_step(model, opt, data, cfg: RunConfig, step: int) -> tuple[float, floa
 
 def evaluate(model, data, cfg: RunConfig) -> float:
     """Mean loss over the ``eval_batches`` fixed validation batches of ``data``.  ``model``:
-    a GPT2, or a DataParallel (each rank evaluates its rows of every batch)."""
+    a GPT2 (or another `Trainable`), or a DataParallel (each rank evaluates its rows of every batch)."""
     team = _team(model)
     losses = [team.forward(*team.shard(*eval_batch(data, cfg.seed, j, cfg.batch_size,
                                                    cfg.seq_len)))
@@ -491,7 +521,7 @@ def start_over(out: Path) -> list[str]:
 
 def resume_state(ck, opt, run: RunConfig) -> tuple[int, dict | None, float]:
     """Continue from checkpoint ``ck`` (``gpt2s.checkpoint.load_checkpoint``; its model is
-    ``GPT2.from_safetensors(ck.dir)``): load its optimizer state into ``opt``, with ``run``'s
+    ``AutoModelForCausalLM.from_pretrained(ck.dir)``): load its optimizer state into ``opt``, with ``run``'s
     weight decay, and return (its step, its last evaluation, the seconds it trained)."""
     opt.load(ck.path("optimizer.npz"))
     opt.weight_decay = run.weight_decay
@@ -509,7 +539,7 @@ def save_run(out: Path, model, opt, step: int, run: RunConfig, identity: dict, l
         "data_position": {"next_step": step, "next_micro_batch": 0, "seed": run.seed,
                           "train_batches": "numpy default_rng([seed, 0, step, micro])",
                           "eval_batches": "numpy default_rng([seed, 1, index])"},
-        "run": run.recorded(), "identity": identity, "model_config": model.config.as_dict(),
+        "run": run.recorded(), "identity": identity, "model_config": config_record(model.config),
         "last_val": last_val, "tokens_seen": step * run.batch_size * run.seq_len
         * run.grad_accum, "elapsed_s": round(elapsed, 3),
     }
@@ -643,7 +673,7 @@ def train_loop(model, opt, train, val, run: RunConfig, out: Path, identity: dict
     and at the end, show the progress on stderr, and (``plot``) redraw loss.png at every
     evaluation.  SIGINT and SIGTERM stop the run after the step in progress, saved.
 
-    ``model``: a GPT2, or a DataParallel (every rank runs the loop; rank 0 alone saves).
+    ``model``: a GPT2 (or another `Trainable`), or a DataParallel (every rank runs the loop; rank 0 alone saves).
     ``last_val`` and ``elapsed``: the last evaluation and the seconds of a resumed run's
     checkpoint.  Raises RunFailed when a step diverges (nothing is saved)."""
     from .metrics import redraw_plot

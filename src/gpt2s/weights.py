@@ -36,7 +36,7 @@ __all__ = [
     "param_layout", "read_safetensors_header", "load_into", "infer_config",
     "resolve_model_path", "save_safetensors", "SafetensorsError", "open_model",
     "check_against_config", "config_from_metadata", "CONFIG_METADATA_KEY", "file_storage",
-    "LoadCounter",
+    "LoadCounter", "Tensors", "open_tensors", "read_index", "INDEX_FILE",
 ]
 
 ALIGN = 16  # every tensor starts on a 64-byte boundary of the parameter buffer
@@ -71,7 +71,12 @@ def canonical_name(name: str) -> str:
 
 
 # buffers of the original openai-community/gpt2 file that are not parameters
-_IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+# buffers some checkpoints carry that are not parameters: GPT-2's attention masks, the
+# rotary inverse frequencies of older Llama saves
+_IGNORED = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)|"
+                      r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+# the block of a tensor: GPT-2's h.N., the Llama family's model.layers.N.
+_BLOCK_KEY = re.compile(r"(?:h|model\.layers)\.(\d+)\.")
 _LAYER_KEY = re.compile(r"h\.(\d+)\.")
 
 HEAD = "lm_head.weight"  # the output head's key: never under the "transformer." prefix
@@ -197,7 +202,9 @@ def resolve_model_path(path) -> tuple[Path, Path | None]:
             from None
     if stat.S_ISDIR(st.st_mode):
         f = p / "model.safetensors"
-        st = _stat(f, f"{p}: directory has no model.safetensors")
+        if not os.path.lexists(f) and os.path.lexists(p / INDEX_FILE):
+            f = p / INDEX_FILE     # a sharded checkpoint: its index names the shards
+        st = _stat(f, f"{p}: directory has no model.safetensors (nor {INDEX_FILE})")
         if not stat.S_ISREG(st.st_mode):
             raise _not_regular(f, st.st_mode)
         cfg = p / "config.json"
@@ -206,7 +213,8 @@ def resolve_model_path(path) -> tuple[Path, Path | None]:
         raise _not_regular(p, st.st_mode)
     cfg = p.parent / "config.json"
     # a config.json beside a file counts only when the file is the directory's model.safetensors
-    return p, (cfg if p.name == "model.safetensors" and cfg.is_file() else None)
+    # (or its sharded form's index)
+    return p, (cfg if p.name in ("model.safetensors", INDEX_FILE) and cfg.is_file() else None)
 
 
 class _Number:
@@ -583,35 +591,69 @@ def _config_from_json(cfg_file: Path) -> GPT2Config:
     return GPT2Config.from_json_file(cfg_file)
 
 
+def layout_of(config) -> list:
+    """[(name, shape, offset)] of every parameter of a model of config, GPT-2's
+    (`param_layout`) or another family's (its ``param_layout()``)."""
+    if isinstance(config, GPT2Config):
+        return param_layout(config)[0]
+    return config.param_layout()[0]
+
+
+def count_parameters(config) -> int:
+    """The parameters of a model of config (any family)."""
+    if isinstance(config, GPT2Config):
+        return config.num_parameters()
+    return sum(math.prod(shape) for _, shape, _ in layout_of(config))
+
+
+def match_tensors(path, header: dict, config, expected, *, tied_head: bool = False,
+                  what: str = "a parameter of this config") -> dict:
+    """{name: header name} for every tensor of the header (under its canonical name): each
+    one of ``expected`` (names; ``tied_head``: also an lm_head a tied config does not list)
+    or an ignored buffer, of a block the config has, and present once; raises
+    SafetensorsError naming the file and the tensor otherwise (``what`` says what the
+    tensors should have been).  Which expected tensors are missing is the caller's
+    check."""
+    seen = {}
+    for raw_name in header:
+        name = canonical_name(raw_name)
+        m = _BLOCK_KEY.match(name)
+        if m is not None:
+            digits = m.group(1)
+            if len(digits) > 9:  # and int() of 5000 digits would raise a bare ValueError
+                raise SafetensorsError(f"{path}: tensor {_r(name)} has an impossible block "
+                                       f"index")
+            if int(digits) >= config.n_layer:
+                raise SafetensorsError(
+                    f"{path}: unexpected tensor {_r(raw_name)} (block {int(digits)}, but the "
+                    f"model has n_layer={config.n_layer} blocks: {config})")
+        if _IGNORED.fullmatch(name):
+            continue
+        is_tied_head = tied_head and name == HEAD and HEAD not in expected
+        if not is_tied_head and name not in expected:
+            raise SafetensorsError(f"{path}: unexpected tensor {_r(raw_name)} (not {what}: "
+                                   f"{config})")
+        if name in seen:
+            raise SafetensorsError(f"{path}: tensor {_r(name)} appears twice "
+                                   f"({_r(seen[name])} and {_r(raw_name)})")
+        seen[name] = raw_name
+    return seen
+
+
 def check_against_config(path, header: dict, data_size: int, config: GPT2Config) -> dict:
     """Every parameter of config present in the header exactly once with its shape and a dtype
     we read, nothing else but the ignored buffers and (tied) an lm_head equal in shape to wte;
     returns {parameter name: header name}.  Reads no tensor data and allocates nothing of the model's size."""
     # each parameter takes >= 2 bytes (F16/BF16) of its own in the data section
-    n_params = config.num_parameters()
+    n_params = count_parameters(config)
     if 2 * n_params > data_size:
         raise SafetensorsError(
             f"{path}: the config ({config}) has {n_params:,} parameters, at least "
             f"{2 * n_params:,} bytes, but the file holds only {data_size:,} bytes of tensors")
-    layout, _ = param_layout(config)
-    expected = {name: shape for name, shape, _ in layout}
-    seen = {}
-    for raw_name in header:
-        name = canonical_name(raw_name)
-        index = _layer_index(path, name)
-        if index is not None and index >= config.n_layer:
-            raise SafetensorsError(f"{path}: unexpected tensor {_r(raw_name)} (block {index}, but "
-                                   f"the model has n_layer={config.n_layer} blocks: {config})")
-        if _IGNORED.fullmatch(name):
-            continue
-        tied_head = name == HEAD and HEAD not in expected   # checked against wte when read
-        if not tied_head and name not in expected:
-            raise SafetensorsError(f"{path}: unexpected tensor {_r(raw_name)} (not a GPT-2 "
-                                   f"parameter of this config: {config})")
-        if name in seen:
-            raise SafetensorsError(f"{path}: tensor {_r(name)} appears twice "
-                                   f"({_r(seen[name])} and {_r(raw_name)})")
-        seen[name] = raw_name
+    expected = {name: shape for name, shape, _ in layout_of(config)}
+    seen = match_tensors(path, header, config, expected, tied_head=True,
+                         what="a GPT-2 parameter of this config" if isinstance(config, GPT2Config)
+                         else "a parameter of this config")
     missing = [n for n in expected if n not in seen]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -619,7 +661,7 @@ def check_against_config(path, header: dict, data_size: int, config: GPT2Config)
                if missing[0] == HEAD else "")
         raise SafetensorsError(f"{path}: missing tensor {missing[0]!r}{more}{why}")
     if HEAD in seen and HEAD not in expected:
-        expected[HEAD] = expected["wte.weight"]
+        expected[HEAD] = next(iter(expected.values()))   # the embedding's shape
     for name, shape in expected.items():
         _check_readable(path, seen[name], header[seen[name]], shape)
     return seen
@@ -651,16 +693,23 @@ def _convert_into(dst: np.ndarray, raw: memoryview, dtype: str, shape, path, nam
         np.copyto(dst, src, casting="unsafe")
 
 
-def load_into(path: Path, header: dict, data_start: int, mm, params: dict, config: GPT2Config,
-              progress=None):
-    """Copy every parameter from the mapped file straight into its view in params (dict of
+def load_into(src: "Tensors", params: dict, config: GPT2Config, progress=None):
+    """Copy every parameter from the mapped file(s) straight into its view in params (dict of
     float32 views): no intermediate array of the model's size."""
-    seen = check_against_config(path, header, len(mm) - data_start, config)
+    header = src.header
+    seen = check_against_config(src.file, header, src.data_size, config)
     counter = LoadCounter(progress, config)
     for name, dst in params.items():
-        read_tensor(path, header, seen[name], data_start, mm, dst)
+        read_tensor(*located(src, seen[name]), dst)
         counter.add(dst.size)
-    check_tied_head(path, header, seen, data_start, mm, config)
+    check_tied_head(src, seen, config)
+
+
+def located(src: "Tensors", raw_name: str):
+    """(path, header, raw_name, data_start, mm): the arguments of read_tensor / read_rows for
+    a tensor of src."""
+    f, mm, start = src.at(raw_name)
+    return f, src.header, raw_name, start, mm
 
 
 # Rows converted at a time when a big row-major tensor (wte, lm_head) is read in pieces: 4 MiB
@@ -720,20 +769,21 @@ def row_chunks(rows: int, cols: int):
     return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
-def check_tied_head(path, header: dict, seen: dict, data_start: int, mm, config: GPT2Config):
+def check_tied_head(src: "Tensors", seen: dict, config: GPT2Config):
     """A tied model's file may also hold lm_head.weight (transformers saves it for some
     configs): it must equal wte.weight.  Compared a chunk of rows at a time."""
     if HEAD not in seen or not config.tie_word_embeddings:
         return
-    raw_wte, raw_head = seen["wte.weight"], seen[HEAD]
-    rows, cols = header[raw_wte]["shape"]
+    raw_wte, raw_head = seen[layout_of(config)[0][0]], seen[HEAD]   # the embedding, the head
+    path = src.at(raw_head)[0]
+    rows, cols = src.header[raw_wte]["shape"]
     chunks = row_chunks(rows, cols)
     a_buf = np.empty((chunks[0][1] if chunks else 0, cols), np.float32)
     b_buf = np.empty_like(a_buf)
     for r0, r1 in chunks:
         a, b = a_buf[:r1 - r0], b_buf[:r1 - r0]
-        read_rows(path, header, raw_wte, data_start, mm, a, r0)
-        read_rows(path, header, raw_head, data_start, mm, b, r0)
+        read_rows(*located(src, raw_wte), a, r0)
+        read_rows(*located(src, raw_head), b, r0)
         if not np.array_equal(a, b):
             raise SafetensorsError(
                 f"{path}: tensor {raw_head!r} differs from 'wte.weight', but the config ties the "
@@ -856,10 +906,127 @@ def open_mapped(path: Path, copy_on_write: bool = False):
     return mm, header, metadata, data_start
 
 
+INDEX_FILE = "model.safetensors.index.json"   # a sharded checkpoint's index (transformers')
+_MAX_INDEX_BYTES = 64 << 20
+_SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors\Z")
+
+
+class Tensors:
+    """The tensors of a model: one mapped safetensors file, or the shards of a sharded
+    checkpoint (``model.safetensors.index.json`` + ``model-0000X-of-0000N.safetensors``), each
+    mapped and validated.  ``file`` names the model in messages (the file, or the index),
+    ``header`` maps every tensor name to its entry, ``metadata`` is the (first) file's
+    __metadata__, ``data_size`` the bytes of tensor data of all files; ``at(name)`` gives
+    (the file holding it, its mapping, its data start) for the readers of this module.
+    ``close()`` closes every mapping."""
+
+    def __init__(self, file: Path, parts: list, where: dict | None = None):
+        self.file = file
+        self._parts = parts            # [(file, mm, header, metadata, data_start)]
+        self._where = where            # name -> index into parts (None: one file)
+        self.header = {}
+        for f, mm, header, metadata, start in parts:
+            self.header.update(header)
+        self.metadata = parts[0][3]
+        self.data_size = sum(len(mm) - start for _, mm, _, _, start in parts)
+
+    @property
+    def sharded(self) -> bool:
+        return self._where is not None
+
+    @property
+    def maps(self) -> list:
+        return [mm for _, mm, _, _, _ in self._parts]
+
+    def at(self, name: str):
+        """(file, mmap, data_start) of the file that holds tensor name."""
+        f, mm, _, _, start = self._parts[0 if self._where is None else self._where[name]]
+        return f, mm, start
+
+    def close(self):
+        for mm in self.maps:
+            try:
+                mm.close()
+            except BufferError:   # a view is still held (by a traceback): freed with it
+                pass
+
+
+def open_tensors(path, copy_on_write: bool = False) -> Tensors:
+    """`Tensors` of a resolved model file (`resolve_model_path`): a .safetensors file, or a
+    sharded checkpoint's index, whose shards are opened and checked against it: every shard
+    it names exists beside it (a plain file name, never a path out of the directory), every
+    tensor is in the shard the index names and appears once, and the shards agree on their
+    __metadata__.  Raises SafetensorsError naming the index, the shard and the tensor."""
+    path = Path(path)
+    if path.name != INDEX_FILE:
+        mm, header, metadata, data_start = open_mapped(path, copy_on_write)
+        return Tensors(path, [(path, mm, header, metadata, data_start)])
+    weight_map = read_index(path)
+    shards = list(dict.fromkeys(weight_map.values()))
+    parts, where, opened = [], {}, {}
+    try:
+        for i, shard in enumerate(shards):
+            f = path.parent / shard
+            if not os.path.lexists(f):
+                held = sum(1 for v in weight_map.values() if v == shard)
+                raise SafetensorsError(f"{path}: shard {shard!r} (holding {held} of the "
+                                       f"tensors) is missing from {path.parent}")
+            mm, header, metadata, data_start = open_mapped(f, copy_on_write)
+            parts.append((f, mm, header, metadata, data_start))
+            for name in header:
+                if name in opened:
+                    raise SafetensorsError(f"{f}: tensor {_r(name)} is also in shard "
+                                           f"{opened[name]!r}")
+                opened[name] = shard
+                listed = weight_map.get(name)
+                if listed is None:
+                    raise SafetensorsError(f"{f}: tensor {_r(name)} is not in {path}'s "
+                                           f"weight_map")
+                if listed != shard:
+                    raise SafetensorsError(f"{path}: tensor {_r(name)} is in shard {shard!r}, "
+                                           f"but the index says {listed!r}")
+                where[name] = i
+            if metadata != parts[0][3]:
+                raise SafetensorsError(f"{f}: its __metadata__ differs from {parts[0][0].name}'s"
+                                       f": the shards are not of one model")
+        for name, shard in weight_map.items():
+            if name not in opened:
+                raise SafetensorsError(f"{path}: tensor {_r(name)} is not in shard {shard!r}, "
+                                       f"where the index says it is")
+    except BaseException:
+        for p in parts:
+            p[1].close()
+        raise
+    if not parts:
+        raise SafetensorsError(f"{path}: the weight_map names no tensor")
+    return Tensors(path, parts, where)
+
+
+def read_index(path) -> dict:
+    """The weight_map (tensor name -> shard file name) of a model.safetensors.index.json."""
+    path = Path(path)
+    if os.stat(path).st_size > _MAX_INDEX_BYTES:
+        raise SafetensorsError(f"{path}: too large for an index of shards")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{path}: not a JSON index of shards ({e})") from None
+    weight_map = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise SafetensorsError(f"{path}: no \"weight_map\" object of tensor names to shard "
+                               f"file names")
+    for name, shard in weight_map.items():
+        if not _SHARD_NAME.match(shard):
+            raise SafetensorsError(f"{path}: tensor {_r(name)} is in shard {_r(shard)}, not a "
+                                   f".safetensors file name beside the index")
+    return weight_map
+
+
 def open_model(path, copy_on_write: bool = False):
-    """(file, mmap, header, data_start, config, storage, packed) for a model file or
-    directory, everything validated; the caller allocates the model, calls load_into (or the
-    packed loader) and closes the mmap.  ``storage`` is the name of the weight type the file
+    """(tensors, config, storage, packed) for a model file or directory (`Tensors`: one file
+    or the shards of a sharded checkpoint), everything validated; the caller allocates the
+    model, calls load_into (or the packed loader) and closes the mappings.  ``storage`` is the name of the weight type the file
     stores its matmul weights in ("float32" unless gpt2s saved it in another), ``packed`` that
     `WeightType` when the file is a packed gpt2s file (gpt2s/packed.py), else None.
 
@@ -867,7 +1034,8 @@ def open_model(path, copy_on_write: bool = False):
     file's __metadata__ (gpt2s saves), else from the tensor shapes."""
     from . import packed as _packed
     file, cfg_file = resolve_model_path(path)
-    mm, header, metadata, data_start = open_mapped(file, copy_on_write)
+    src = open_tensors(file, copy_on_write)
+    header, metadata = src.header, src.metadata
     try:
         storage, packed = _packed.file_storage(file, metadata)
         if cfg_file is not None:
@@ -883,13 +1051,13 @@ def open_model(path, copy_on_write: bool = False):
             shapes = {canonical_name(raw): tuple(info["shape"]) for raw, info in header.items()}
             config = infer_config(shapes, str(file))
         if packed is not None:
-            _packed.check_against_config(file, header, len(mm) - data_start, config, packed)
+            _packed.check_against_config(file, header, src.data_size, config, packed)
         else:
-            check_against_config(file, header, len(mm) - data_start, config)
+            check_against_config(file, header, src.data_size, config)
     except BaseException:
-        mm.close()
+        src.close()
         raise
-    return file, mm, header, data_start, config, storage, packed
+    return src, config, storage, packed
 
 
 def file_storage(path) -> str:
@@ -897,11 +1065,11 @@ def file_storage(path) -> str:
     any file not saved by gpt2s in another type (the header is read and checked, no tensor)."""
     from . import packed as _packed
     file, _ = resolve_model_path(path)
-    mm, _, metadata, _ = open_mapped(file)
+    src = open_tensors(file)
     try:
-        return _packed.file_storage(file, metadata)[0]
+        return _packed.file_storage(file, src.metadata)[0]
     finally:
-        mm.close()
+        src.close()
 
 
 def load_parameters(path, dtype: str | None = None, *, mmap: bool = True, progress=None):
@@ -920,41 +1088,37 @@ def load_parameters(path, dtype: str | None = None, *, mmap: bool = True, progre
     file, config = path, None
     try:
         # validated, nothing allocated
-        file, mm, header, data_start, config, storage, packed = open_model(
-            path, copy_on_write=bool(mmap))
+        src, config, storage, packed = open_model(path, copy_on_write=bool(mmap))
+        file = src.file
         if dtype is None:
             dtype = storage
         try:
             if packed is not None:
                 store = ParameterStore(config, dtype, allocate=dtype == "float32")
-                viewed = _packed.load_tensors(store, file, header, data_start, mm, packed,
-                                              bool(mmap), progress)
+                viewed = _packed.load_tensors(store, src, packed, bool(mmap), progress)
             else:
                 # a float32 model whose file has no tensor to view reads into its one buffer
                 into_buffer = dtype == "float32" and not (
-                    mmap and any(viewable(info, data_start, "F32") for info in header.values()))
+                    mmap and any(viewable(info, src.at(name)[2], "F32")
+                                 for name, info in src.header.items()))
                 store = ParameterStore(config, dtype, allocate=into_buffer)
                 if into_buffer:
-                    load_into(file, header, data_start, mm, store.params, config, progress)
+                    load_into(src, store.params, config, progress)
                     viewed = False
                 else:
-                    viewed = _load_tensors(store, file, header, data_start, mm, bool(mmap),
-                                           progress)
+                    viewed = _load_tensors(store, src, bool(mmap), progress)
         except BaseException:
             store = None
-            try:
-                mm.close()
-            except BufferError:   # a view is still held (by the traceback): freed with it
-                pass
+            src.close()   # (a view still held by the traceback is freed with it)
             raise
     except MemoryError:
         size = f" ({config.num_parameters():,} parameters)" if config is not None else ""
         raise SafetensorsError(
             f"{file}: not enough memory to load it as {dtype}{size}") from None
     if viewed:
-        store.keep_mapping(mm)
+        store.keep_mapping(src)
     else:
-        mm.close()
+        src.close()
     return store
 
 
@@ -962,7 +1126,7 @@ class LoadCounter:
     """Counts the parameters loaded for a ``progress(done, total)`` callback (or none)."""
 
     def __init__(self, callback, config: GPT2Config):
-        self.callback, self.done, self.total = callback, 0, config.num_parameters()
+        self.callback, self.done, self.total = callback, 0, count_parameters(config)
 
     def add(self, n: int):
         if self.callback is not None:
@@ -970,14 +1134,15 @@ class LoadCounter:
             self.callback(self.done, self.total)
 
 
-def _load_tensors(store, file, header, data_start, mm, mmap: bool, progress=None) -> bool:
+def _load_tensors(store, src: "Tensors", mmap: bool, progress=None) -> bool:
     """Fill the store's params from the file, each tensor a view of the mapping when it can
     be (mmap and the file's dtype is the storage's), else converted, one tensor or a few
     embedding rows at a time, with the file pages of what was converted dropped as it goes.
     Returns True when some parameter views the mapping."""
     from . import weight_types as _wt
     dtype = store.dtype
-    seen = check_against_config(file, header, len(mm) - data_start, store.config)
+    header = src.header
+    seen = check_against_config(src.file, header, src.data_size, store.config)
     counter = LoadCounter(progress, store.config)
     viewed = False
     # one float32 scratch for every tensor converted: a temporary per tensor would leave
@@ -996,6 +1161,7 @@ def _load_tensors(store, file, header, data_start, mm, mmap: bool, progress=None
     for name in list(store.params):
         raw = seen[name]
         info = header[raw]
+        file, mm, data_start = src.at(raw)
         shape = store.params[name].shape
         compressed = dtype != "float32" and _wt.is_compressed(name)
         # the file dtype a parameter can be used in place from
@@ -1033,7 +1199,7 @@ def _load_tensors(store, file, header, data_start, mm, mmap: bool, progress=None
             read_tensor(file, header, raw, data_start, mm, store.params[name])
         drop_tensor_pages(mm, data_start, info)
         counter.add(math.prod(shape))
-    check_tied_head(file, header, seen, data_start, mm, store.config)
+    check_tied_head(src, seen, store.config)
     return viewed
 
 
@@ -1045,7 +1211,8 @@ _SAVE_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 def save_safetensors(path, params: dict, config: GPT2Config, prefix: str = "transformer.",
-                     dtype: str = "float32", storage: str | None = None):
+                     dtype: str = "float32", storage: str | None = None,
+                     max_shard_size=None):
     """Write the parameters as a safetensors file (and config.json when path is a directory or
     ends without .safetensors), in float32, float16 or bfloat16 (rounded to nearest even).
     The file's __metadata__ carries the config too (as config.json's JSON text), so a lone
@@ -1057,7 +1224,14 @@ def save_safetensors(path, params: dict, config: GPT2Config, prefix: str = "tran
     stored form instead, the other tensors in float32 (dtype is then ignored): bfloat16 as
     BF16 tensors in a file any safetensors reader loads, a blocked type (int8, int4) as a
     packed gpt2s file (gpt2s/packed.py).  A weight stored in another type is converted, one
-    tensor at a time."""
+    tensor at a time.
+
+    ``max_shard_size`` (bytes, or a string such as "2GB", "500MB", "1GiB"; a directory
+    only): a model whose tensors take more is written as transformers' ``save_pretrained``
+    shards it: ``model-00001-of-0000N.safetensors`` .. (tensors in order, a new shard when
+    the next one would pass the size; a larger tensor alone in its shard) and
+    ``model.safetensors.index.json`` naming each tensor's shard.  Whichever form is written,
+    the other one's files left by an earlier save in the directory are removed."""
     from . import packed as _packed
     if storage is not None and storage != "float32":
         entries, metadata, quant = _packed.save_entries(params, config, prefix, storage)
@@ -1072,18 +1246,87 @@ def save_safetensors(path, params: dict, config: GPT2Config, prefix: str = "tran
         metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(config.to_hf_dict())}
         quant = None
     p = Path(path)
+    limit = None if max_shard_size is None else parse_size(max_shard_size)
     if p.suffix == ".safetensors":
+        if limit is not None:
+            raise ValueError(f"{p}: max_shard_size shards a model into a directory, not a "
+                             f"single .safetensors file")
         p.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(p, lambda f: _write_tensors(f, entries, metadata))
         return p
     p.mkdir(parents=True, exist_ok=True)
-    atomic_write(p / "model.safetensors", lambda f: _write_tensors(f, entries, metadata))
+    shards = _shard(entries, limit)
+    if len(shards) == 1:
+        atomic_write(p / "model.safetensors", lambda f: _write_tensors(f, entries, metadata))
+        _remove_stale(p, keep=())
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                 for i in range(len(shards))]
+        for name, part in zip(names, shards):
+            atomic_write(p / name, lambda f, part=part: _write_tensors(f, part, metadata))
+        index = {"metadata": {"total_size": sum(e[3] for e in entries)},
+                 "weight_map": {e[0]: name for name, part in zip(names, shards)
+                                for e in part}}
+        text = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+        atomic_write(p / INDEX_FILE, lambda f: f.write(text))
+        _remove_stale(p, keep=names)
     cfg = config.to_hf_dict()
     if quant is not None:
         cfg["quantization_config"] = quant
     text = json.dumps(cfg, indent=2).encode()
     atomic_write(p / "config.json", lambda f: f.write(text))
     return p
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size) -> int:
+    """Bytes from an int or a string such as "5GB" (10^9, as transformers reads it), "500MB",
+    "1GiB" (2^30)."""
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        n = int(size)
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]i?B|B)?\s*", str(size),
+                         re.IGNORECASE)
+        if m is None:
+            raise ValueError(f"max_shard_size={size!r}: need a number of bytes or a size such "
+                             f"as '2GB', '500MB'")
+        n = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
+    if n <= 0:
+        raise ValueError(f"max_shard_size={size!r}: must be positive")
+    return n
+
+
+def _shard(entries, limit):
+    """entries split into shards of at most limit bytes each (a larger tensor alone), in
+    order; one shard when limit is None."""
+    if limit is None:
+        return [entries]
+    shards, size = [[]], 0
+    for e in entries:
+        if shards[-1] and size + e[3] > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e[3]
+    return shards
+
+
+_SHARD_FILE = re.compile(r"model-[0-9]{5}-of-[0-9]{5}\.safetensors\Z")
+
+
+def _remove_stale(directory: Path, keep):
+    """After a save: the other form's files an earlier save left (model.safetensors beside
+    new shards; the index and shards beside a new model.safetensors), plain files only."""
+    stale = [n for n in os.listdir(directory)
+             if (_SHARD_FILE.match(n) and n not in keep) or
+             (n == INDEX_FILE and not keep) or (n == "model.safetensors" and keep)]
+    for name in stale:
+        f = directory / name
+        if f.is_file() and not f.is_symlink():
+            f.unlink()
 
 
 def _encode(arr: np.ndarray, st_dtype: str) -> np.ndarray:
