@@ -276,7 +276,8 @@ class LlamaForCausalLM:
         ``first`` of the block and runs on over the tensors laid out after it in the buffer
         (LlamaConfig.param_layout joins them): the q, k, v (or gate, up) projections as one.
         tensors: ``params`` or ``grads``."""
-        buffer = self.store.grad_buffer if tensors is self.store.grads else self.store.buffer
+        # (params compared, not grads: reading `grads` allocates the gradients)
+        buffer = self.store.buffer if tensors is self.store.params else self.store.grad_buffer
         off = self._offsets[f"model.layers.{layer}.{first}"]
         n = rows * cols if cols else rows
         out = buffer[off:off + n]
