@@ -217,6 +217,13 @@ class LlamaForCausalLM:
                                            store_dtype)
                         kind.compress_rows_into(name, p, r0, rows)
                 _weights.drop_tensor_pages(mm, data_start, header[name])
+            for l, entry in enumerate(m._joined or ()):   # the joined biases are copies
+                P = m.store.layer_params[l]
+                for key, names in (("qkv_bias", ("q_proj", "k_proj", "v_proj")),
+                                   ("gu_bias", ("gate_proj", "up_proj"))):
+                    if key in entry:
+                        part = "self_attn." if key == "qkv_bias" else "mlp."
+                        entry[key][...] = np.concatenate([P[f"{part}{n}.bias"] for n in names])
             if config.tie_word_embeddings and HEAD in header:
                 head = np.empty(m.params[EMBED].shape, np.float32)
                 embed = np.empty_like(head)
