@@ -232,7 +232,8 @@ def format_report(results: dict) -> str:
     meta = results["meta"]
     lines = [f"## {meta['model']} ({meta['model_type']}): gpt2s vs llama.cpp and PyTorch",
              "", f"{meta['cpu']} ({', '.join(meta['isa'])}), {meta['threads']} threads, "
-             f"{meta['rounds']} rounds, medians; other processes' load median "
+             f"{meta['rounds']} inference / {meta.get('train_rounds')} training rounds, "
+             f"medians; other processes' load median "
              f"{_f(meta.get('other_load_median'), '{:.2f}')} cores (noisy when well above 0)",
              "", "| metric | gpt2s / reference | gpt2s | reference | ratio | target | met |",
              "|---|---|---|---|---|---|---|"]
@@ -305,7 +306,8 @@ def main(argv=None) -> int:
     results = {"meta": machine_info(args.threads), "runs": {"gpt2s": {}, "llama.cpp": {}},
                "notes": [], "errors": [], "discarded": []}
     results["meta"].update(model=str(args.model), model_type=mt, rounds=args.rounds,
-                           new_tokens=args.new, loadavg_start=list(os.getloadavg()))
+                           train_rounds=args.train_rounds, new_tokens=args.new,
+                           loadavg_start=list(os.getloadavg()))
     if unsupported:
         msg = (f"gpt2s does not load this checkpoint's family ({mt}) in this build: "
                f"{unsupported}; only the peers are timed")
