@@ -50,7 +50,8 @@ def _load(args):
     import gpt2s
     gpt2s.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = gpt2s.GPT2.from_safetensors(args.model, dtype=args.dtype)
+    # any family: GPT2.from_safetensors for a GPT-2 checkpoint, as before
+    model = gpt2s.AutoModelForCausalLM.from_pretrained(args.model, dtype=args.dtype)
     return model, time.perf_counter() - t0
 
 

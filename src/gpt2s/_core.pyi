@@ -138,6 +138,22 @@ def attention_backward(dqkv: Float32, dout: Float32, out: Float32, lse: Float32,
 def kv_cache_write(kcache: Float32, vcache: Float32, qkv: Float32, pos0: int,
                    q_width: int | None = ..., row_pos: Int64 | None = None) -> None: ...
 
+# a Llama decoder's inference blocks in one call
+
+class LlamaPlan:
+    n_layer: int
+    hidden: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    intermediate: int
+    def __init__(self, layers: list, hidden: int, n_head: int, n_kv_head: int, head_dim: int,
+                 intermediate: int, eps: float, scale: float, activation: str) -> None: ...
+    def work_size(self, n_rows: int) -> int: ...
+    def forward(self, x: Float32, B: int, positions: Int64, inv_freq: Float32, work: Float32,
+                keys: Float32 | None = None, values: Float32 | None = None,
+                pos0: int = 0) -> None: ...
+
 # softmax cross-entropy
 
 def crossentropy_forward(losses: Float32, lse: Float32, logits: Float32,

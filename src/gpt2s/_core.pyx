@@ -1156,6 +1156,39 @@ cdef inline void attention_head_forward(float *out, int ldo, float *lse, const f
         i0 = i0 + nq
 
 
+cdef int _attention_heads(float *out, float *lse, const float *q, int ldq, const float *k,
+                         const float *v, int ldk, Py_ssize_t kbs, Py_ssize_t B, Py_ssize_t Tq,
+                         Py_ssize_t first, const int64_t *rp, Py_ssize_t NH, Py_ssize_t G,
+                         Py_ssize_t HS, float scale) noexcept nogil:
+    # attention_forward's work on raw pointers: out (B, Tq, NH HS); lse (B, NH, Tq) or NULL;
+    # q (B, Tq, ldq) at its first head; k, v (B, Tkmax, ldk) at their first KV head, kbs
+    # floats from one sequence to the next.
+    # Returns how many threads got no score scratch (0: done).
+    cdef Py_ssize_t C = NH * HS, bh, b, h
+    cdef float *S
+    cdef int no_memory = 0
+    # a few queries (decoding) read the cache once for little arithmetic: count each key and
+    # value they read as 4 multiply-adds' worth of work (GPT-2 decoding, 12 layers' caches of
+    # 80 positions: one thread 106-117 us a layer, two 80 us)
+    with parallel(num_threads=threads_for(<double>B * NH * max(Tq, 4) * (first + Tq) * HS)):
+        S = <float *>malloc(sizeof(float) * QBLOCK * (first + Tq))
+        for bh in prange(B * NH, schedule='static'):
+            if S == NULL:   # this thread got no scratch: flag it, raise after the region
+                no_memory += 1
+                continue
+            b = bh // NH
+            h = bh % NH
+            attention_head_forward(out + (b * Tq * C + h * HS), <int>C,
+                                   (lse + (b * NH + h) * Tq) if lse != NULL else NULL,
+                                   q + (b * Tq * ldq + h * HS), ldq,
+                                   k + (b * kbs + (h // G) * HS),
+                                   v + (b * kbs + (h // G) * HS),
+                                   ldk, <int>Tq, <int>(rp[b] if rp != NULL else first),
+                                   <int>HS, scale, S)
+        free(S)
+    return no_memory
+
+
 def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
                       const float[:, :, ::1] q, q_off, const float[:, :, ::1] k, k_off,
                       const float[:, :, ::1] v, v_off, pos0, n_head, float scale,
@@ -1175,8 +1208,7 @@ def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
     cdef Py_ssize_t NH = _int_arg("attention_forward", "n_head", n_head)
     cdef Py_ssize_t NKV = NH if n_kv_head is None else _int_arg("attention_forward",
                                                                 "n_kv_head", n_kv_head)
-    cdef Py_ssize_t HS, KVC = 0, G = 1, bh, b, h
-    cdef float *S
+    cdef Py_ssize_t HS, KVC = 0, G = 1
     cdef bint keep_lse = lse.shape[0] > 0
     cdef int no_memory = 0
     cdef const int64_t *rp = NULL
@@ -1209,25 +1241,11 @@ def attention_forward(float[:, :, ::1] out, float[:, :, ::1] lse,
                          f"(BLAS takes C ints)")
     if B == 0 or Tq == 0:
         return
-    # a few queries (decoding) read the cache once for little arithmetic: count each key and
-    # value they read as 4 multiply-adds' worth of work (GPT-2 decoding, 12 layers' caches of
-    # 80 positions: one thread 106-117 us a layer, two 80 us)
-    with nogil, parallel(num_threads=threads_for(<double>B * NH * max(Tq, 4) * (first + Tq)
-                                                 * HS)):
-        S = <float *>malloc(sizeof(float) * QBLOCK * (first + Tq))
-        for bh in prange(B * NH, schedule='static'):
-            if S == NULL:   # this thread got no scratch: flag it, raise after the region
-                no_memory += 1
-                continue
-            b = bh // NH
-            h = bh % NH
-            attention_head_forward(&out[b, 0, h * HS], <int>C,
-                                   &lse[b, h, 0] if keep_lse else NULL,
-                                   &q[b, 0, qo + h * HS], <int>ldq,
-                                   &k[b, 0, ko + (h // G) * HS], &v[b, 0, vo + (h // G) * HS],
-                                   <int>ldk, <int>Tq, <int>(rp[b] if rp != NULL else first),
-                                   <int>HS, scale, S)
-        free(S)
+    with nogil:
+        no_memory = _attention_heads(&out[0, 0, 0], &lse[0, 0, 0] if keep_lse else NULL,
+                                     &q[0, 0, qo], <int>ldq, &k[0, 0, ko], &v[0, 0, vo],
+                                     <int>ldk, Tkmax * ldk, B, Tq, first, rp, NH, G, HS,
+                                     scale)
     if no_memory:
         raise MemoryError(f"attention_forward: no memory for a thread's {QBLOCK} x "
                           f"{first + Tq} score scratch")
@@ -1514,6 +1532,294 @@ def scale_inplace(float[::1] buf, float factor):
     p = &buf[0]
     for i in prange(n, nogil=True, num_threads=threads_for(n), schedule='static'):
         p[i] = p[i] * factor
+
+
+# --------------------------------------------------------------------------------------------
+# A Llama decoder's blocks for inference, all in one call (LlamaForCausalLM's forward without
+# the backward's activations, and its KV-cache forward).  The same kernels in the same order
+# as the per-kernel calls of its training forward (each result bit for bit the same), without
+# a Python round trip per kernel: decoding one token of a 30-block model made ~330 kernel
+# calls, ~3-5 us of argument handling each, plus the Python between them.
+
+cdef struct _wref:
+    # a stored weight (out, in) read as an output head (y = x W^T), from _weight_operand
+    const void *ptr
+    const uint16_t *scales
+    int wtype
+    int ldw
+    bint out_major
+
+
+cdef struct _plan_layer:
+    const float *ln1
+    const float *ln2
+    _wref qkv
+    _wref o
+    _wref gu
+    _wref down
+    const float *qkv_b   # NULL: no bias
+    const float *o_b
+    const float *gu_b
+    const float *down_b
+
+
+cdef inline void _add_bias_rows(float *y, const float *bias, Py_ssize_t N,
+                                Py_ssize_t n) noexcept nogil:
+    # y (N, n) += bias (n,), row by row (NumPy's y += bias, the same float adds)
+    cdef Py_ssize_t r, j
+    cdef float *row
+    if bias == NULL:
+        return
+    for r in range(N):
+        row = y + r * n
+        for j in range(n):
+            row[j] = row[j] + bias[j]
+
+
+cdef class LlamaPlan:
+    """The blocks of a Llama model (RMSNorm, rotary embeddings, grouped-query attention,
+    gated MLP, sequential residual) for inference in one call: `forward` runs every block on a
+    residual stream in place.  Built once per set of weights (LlamaForCausalLM rebuilds it when
+    its store's parameters are replaced); it holds the weights it reads.
+
+    Args:
+        layers: per block, the tuple (input_layernorm weight, [q|k|v] weight, its bias or
+            None, o_proj weight, its bias or None, post_attention_layernorm weight,
+            [gate|up] weight, its bias or None, down_proj weight, its bias or None); each
+            weight float32 (out, in) or a PackedWeight of that logical shape.
+        hidden, n_head, n_kv_head, head_dim, intermediate: the sizes.
+        eps: the RMSNorm epsilon; scale: the attention score scale; activation: the gate's
+            activation kernel (activation_kernels()).
+    """
+
+    cdef _plan_layer *layers
+    cdef object refs
+    cdef readonly int n_layer, hidden, n_head, n_kv_head, head_dim, intermediate
+    cdef float eps, scale
+    cdef activation_row_t act
+
+    def __cinit__(self):
+        self.layers = NULL
+
+    def __dealloc__(self):
+        free(self.layers)
+
+    def __init__(self, layers, hidden, n_head, n_kv_head, head_dim, intermediate, float eps,
+                 float scale, str activation):
+        cdef Py_ssize_t L = len(layers), l
+        cdef Py_ssize_t H = _int_arg("LlamaPlan", "hidden", hidden)
+        cdef Py_ssize_t NH = _int_arg("LlamaPlan", "n_head", n_head)
+        cdef Py_ssize_t NKV = _int_arg("LlamaPlan", "n_kv_head", n_kv_head)
+        cdef Py_ssize_t HD = _int_arg("LlamaPlan", "head_dim", head_dim)
+        cdef Py_ssize_t I = _int_arg("LlamaPlan", "intermediate", intermediate)
+        cdef Py_ssize_t Q, KV
+        if (H < 1 or NH < 1 or NKV < 1 or NH % NKV != 0 or HD < 1 or I < 1 or L < 1
+                or _blas_sizes_over(H, NH * HD * 3, 2 * I)):
+            raise ValueError(f"LlamaPlan: hidden={hidden}, n_head={n_head}, "
+                             f"n_kv_head={n_kv_head}, head_dim={head_dim}, "
+                             f"intermediate={intermediate}, {L} layers: need positive sizes, "
+                             f"n_head a multiple of n_kv_head, at least one layer")
+        Q, KV = NH * HD, NKV * HD
+        self.act = _activations[_activation_index("LlamaPlan", activation)].forward
+        self.n_layer, self.hidden, self.n_head, self.n_kv_head = L, H, NH, NKV
+        self.head_dim, self.intermediate, self.eps, self.scale = HD, I, eps, scale
+        self.refs = []
+        self.layers = <_plan_layer *>malloc(sizeof(_plan_layer) * L)
+        if self.layers == NULL:
+            raise MemoryError("LlamaPlan: no memory for the layer table")
+        for l in range(L):
+            ln1, qkv, qkv_b, o, o_b, ln2, gu, gu_b, down, down_b = layers[l]
+            self.layers[l].ln1 = self._vector(ln1, H, l, "input_layernorm weight")
+            self.layers[l].ln2 = self._vector(ln2, H, l, "post_attention_layernorm weight")
+            self._weight(&self.layers[l].qkv, qkv, Q + 2 * KV, H, l, "q|k|v weight")
+            self._weight(&self.layers[l].o, o, H, Q, l, "o_proj weight")
+            self._weight(&self.layers[l].gu, gu, 2 * I, H, l, "gate|up weight")
+            self._weight(&self.layers[l].down, down, H, I, l, "down_proj weight")
+            self.layers[l].qkv_b = self._vector(qkv_b, Q + 2 * KV, l, "q|k|v bias")
+            self.layers[l].o_b = self._vector(o_b, H, l, "o_proj bias")
+            self.layers[l].gu_b = self._vector(gu_b, 2 * I, l, "gate|up bias")
+            self.layers[l].down_b = self._vector(down_b, H, l, "down_proj bias")
+
+    cdef const float *_vector(self, v, Py_ssize_t n, Py_ssize_t l, str what) except? NULL:
+        cdef const float[::1] a
+        if v is None:
+            return NULL
+        a = v
+        if a.shape[0] != n:
+            raise ValueError(f"LlamaPlan: layer {l}: {what} of shape {_sh(a)}, need ({n},)")
+        self.refs.append(v)
+        return &a[0]
+
+    cdef int _weight(self, _wref *r, w, Py_ssize_t n_out, Py_ssize_t n_in, Py_ssize_t l,
+                     str what) except -1:
+        cdef Py_ssize_t K = 0, N = 0
+        r.ptr = _weight_operand("LlamaPlan", w, True, &K, &N, &r.wtype, &r.out_major, &r.ldw,
+                                &r.scales)
+        if K != n_in or N != n_out or r.ptr == NULL:
+            raise ValueError(f"LlamaPlan: layer {l}: {what} of logical shape ({N}, {K}), need "
+                             f"({n_out}, {n_in})")
+        self.refs.append(w)
+        return 0
+
+    def work_size(self, n_rows):
+        """Floats of the work buffer `forward` needs for n_rows rows."""
+        cdef Py_ssize_t N = _int_arg("LlamaPlan.work_size", "n_rows", n_rows)
+        cdef Py_ssize_t H = self.hidden, Q = self.n_head * self.head_dim
+        cdef Py_ssize_t W = Q + 2 * self.n_kv_head * self.head_dim
+        return N * (3 * H + W + Q + 3 * self.intermediate + self.head_dim)
+
+    def forward(self, float[:, ::1] x, B, const int64_t[::1] positions,
+                const float[::1] inv_freq, float[::1] work, float[:, :, :, :] keys=None,
+                float[:, :, :, :] values=None, pos0=0):
+        """Every block on the residual stream x (B T, hidden), in place: x becomes the last
+        block's output.  Rows are B sequences of T positions; row n is rotated at
+        positions[n].  Without keys/values, attention is causal within each sequence (from
+        position 0); with them (the KV cache, (n_layer, >= B, capacity, n_kv_head head_dim)),
+        the rows sit at positions pos0 .. pos0 + T - 1: their keys and values are written to
+        the cache and attention reads positions 0 .. pos0 + T - 1 from it.  work: at least
+        work_size(B T) floats."""
+        cdef Py_ssize_t N = x.shape[0], H = self.hidden, nb = _int_arg("LlamaPlan.forward",
+                                                                      "B", B)
+        cdef Py_ssize_t first = _int_arg("LlamaPlan.forward", "pos0", pos0)
+        cdef Py_ssize_t NH = self.n_head, NKV = self.n_kv_head, HD = self.head_dim
+        cdef Py_ssize_t I = self.intermediate, Q = NH * HD, KV = NKV * HD, W = Q + 2 * KV
+        cdef Py_ssize_t U = 2 * I, h = inv_freq.shape[0], T, n, i, l, j, c, cap = 0
+        cdef Py_ssize_t kbs = 0
+        cdef float *ln
+        cdef float *qkv
+        cdef float *atty
+        cdef float *proj
+        cdef float *res2
+        cdef float *gu
+        cdef float *hid
+        cdef float *tab
+        cdef float *kc
+        cdef float *vc
+        cdef float *r
+        cdef const float *a
+        cdef const float *bb
+        cdef float ang
+        cdef const _plan_layer *P
+        cdef bint cached = keys is not None
+        cdef int failed = 0, nt
+        if (nb < 1 or x.shape[1] != H or N % nb != 0 or positions.shape[0] != N
+                or 2 * h > HD or work.shape[0] < self.work_size(N)):
+            raise ValueError(f"LlamaPlan.forward: x {_sh(x)}, B={B}, positions "
+                             f"{_sh(positions)}, inv_freq {_sh(inv_freq)}, work {_sh(work)}: "
+                             f"need x (B T, {H}), positions (B T,), 2 len(inv_freq) <= "
+                             f"{HD}, work of >= work_size(B T) floats")
+        T = N // nb
+        for n in range(N):
+            if positions[n] < 0:
+                raise ValueError(f"LlamaPlan.forward: position {positions[n]} at row {n} is "
+                                 f"negative")
+        if cached:
+            if (values is None or keys.shape[0] != self.n_layer or keys.shape[1] < nb
+                    or keys.shape[3] != KV or values.shape[0] != keys.shape[0]
+                    or values.shape[1] != keys.shape[1] or values.shape[2] != keys.shape[2]
+                    or values.shape[3] != KV or keys.strides[3] != 4 or values.strides[3] != 4
+                    or keys.strides[2] != 4 * KV or values.strides[2] != 4 * KV
+                    or keys.strides[1] != values.strides[1] or keys.strides[1] % 4 != 0
+                    or _span_outside(first, T, keys.shape[2]) or _over_int(keys.shape[2])):
+                raise ValueError(f"LlamaPlan.forward: keys {_sh(keys)}, values "
+                                 f"{_sh(values) if values is not None else None}, B={B}, "
+                                 f"T={T}, pos0={pos0}: need two caches ({self.n_layer}, >= B, "
+                                 f"capacity, {KV}), each position's row contiguous, with "
+                                 f"pos0 + T <= capacity")
+            cap = keys.shape[2]
+            kbs = keys.strides[1] // 4   # floats from one sequence's cache to the next
+        if N == 0:
+            return
+        ln = &work[0]
+        qkv = ln + N * H
+        atty = qkv + N * W
+        proj = atty + N * Q
+        res2 = proj + N * H
+        gu = res2 + N * H
+        hid = gu + N * U
+        tab = hid + N * I   # (N, 2h): cos | sin of each row's angles, shared by the blocks
+        with nogil:
+            for n in range(N):
+                for i in range(h):
+                    ang = <float>positions[n] * inv_freq[i]
+                    tab[n * 2 * h + i] = <float>cos(<double>ang)
+                    tab[n * 2 * h + h + i] = <float>sin(<double>ang)
+            for l in range(self.n_layer):
+                P = &self.layers[l]
+                # ln = rmsnorm(x); from the second block on x = res2 + proj first
+                nt = threads_for(N * H)
+                if l == 0:
+                    for n in prange(N, num_threads=nt, schedule='static'):
+                        gpt2s_rmsnorm_row(ln + n * H, NULL, &x[n, 0], P.ln1, <int>H, self.eps)
+                else:
+                    for n in prange(N, num_threads=nt, schedule='static'):
+                        r = &x[n, 0]
+                        a = res2 + n * H
+                        bb = proj + n * H
+                        for c in range(H):
+                            r[c] = a[c] + bb[c]
+                        gpt2s_rmsnorm_row(ln + n * H, NULL, r, P.ln1, <int>H, self.eps)
+                # qkv = ln @ [q|k|v]^T (+ bias), rotated
+                failed = failed + weight_gemm(P.qkv.wtype, P.qkv.out_major, <int>N, <int>W,
+                                              <int>H, ln, <int>H, P.qkv.ptr, P.qkv.ldw,
+                                              P.qkv.scales, False, qkv, <int>W)
+                _add_bias_rows(qkv, P.qkv_b, N, W)
+                if h > 0:
+                    for n in prange(N, num_threads=threads_for(<double>N * (NH + NKV) * 2 * h),
+                                    schedule='static'):
+                        for j in range(NH + NKV):
+                            gpt2s_rotary_row(qkv + n * W + j * HD, tab + n * 2 * h,
+                                             tab + n * 2 * h + h, <int>h)
+                # attention
+                if cached:
+                    kc = &keys[l, 0, 0, 0]
+                    vc = &values[l, 0, 0, 0]
+                    for n in range(N):   # row n: sequence n // T, position pos0 + n % T
+                        memcpy(kc + (n // T) * kbs + (first + n % T) * KV,
+                               qkv + n * W + Q, KV * sizeof(float))
+                        memcpy(vc + (n // T) * kbs + (first + n % T) * KV,
+                               qkv + n * W + Q + KV, KV * sizeof(float))
+                    failed = failed + _attention_heads(atty, NULL, qkv, <int>W, kc, vc,
+                                                       <int>KV, kbs, nb, T, first, NULL, NH,
+                                                       NH // NKV, HD, self.scale)
+                else:
+                    failed = failed + _attention_heads(atty, NULL, qkv, <int>W, qkv + Q,
+                                                       qkv + Q + KV, <int>W, T * W, nb, T, 0,
+                                                       NULL, NH, NH // NKV, HD, self.scale)
+                # proj = atty @ o^T (+ bias); res2 = x + proj, ln = rmsnorm(res2)
+                failed = failed + weight_gemm(P.o.wtype, P.o.out_major, <int>N, <int>H,
+                                              <int>Q, atty, <int>Q, P.o.ptr, P.o.ldw,
+                                              P.o.scales, False, proj, <int>H)
+                _add_bias_rows(proj, P.o_b, N, H)
+                for n in prange(N, num_threads=nt, schedule='static'):
+                    r = res2 + n * H
+                    a = &x[n, 0]
+                    bb = proj + n * H
+                    for c in range(H):
+                        r[c] = a[c] + bb[c]
+                    gpt2s_rmsnorm_row(ln + n * H, NULL, r, P.ln2, <int>H, self.eps)
+                # the MLP: hid = act(gate) * up, proj = hid @ down^T (+ bias)
+                failed = failed + weight_gemm(P.gu.wtype, P.gu.out_major, <int>N, <int>U,
+                                              <int>H, ln, <int>H, P.gu.ptr, P.gu.ldw,
+                                              P.gu.scales, False, gu, <int>U)
+                _add_bias_rows(gu, P.gu_b, N, U)
+                for n in prange(N, num_threads=threads_for(N * I), schedule='static'):
+                    self.act(hid + n * I, gu + n * U, <int>I)
+                    gpt2s_mul_row(hid + n * I, hid + n * I, gu + n * U + I, <int>I)
+                failed = failed + weight_gemm(P.down.wtype, P.down.out_major, <int>N, <int>H,
+                                              <int>I, hid, <int>I, P.down.ptr, P.down.ldw,
+                                              P.down.scales, False, proj, <int>H)
+                _add_bias_rows(proj, P.down_b, N, H)
+            # x = res2 + proj: the last block's output
+            for n in prange(N, num_threads=threads_for(N * H), schedule='static'):
+                r = &x[n, 0]
+                a = res2 + n * H
+                bb = proj + n * H
+                for c in range(H):
+                    r[c] = a[c] + bb[c]
+        if failed:
+            raise MemoryError("LlamaPlan.forward: out of memory for a thread's scratch "
+                              "(a weight panel or attention scores)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -135,6 +135,7 @@ class LlamaForCausalLM:
         self._pending = None
         self._joined = None   # another dtype: per block the joined q|k|v, gate|up (+ biases)
         self._zero_pos = np.zeros((1, config.hidden_size), np.float32)
+        self._plan = None   # (store version, _core.LlamaPlan): the inference blocks in one call
         self._join()
         # the checkpoint's tokenizer (its tokenizer.json, when loaded from a directory with
         # one): generate_text's default
@@ -258,7 +259,13 @@ class LlamaForCausalLM:
                     store.keep_mapping(src)
                 dtype = None
             else:
-                m = cls(config)
+                # the store in its final dtype, filled tensor by tensor (the file pages of each
+                # dropped once converted): the peak is the model plus a few rows, not a float32
+                # model beside the file and the compressed copy
+                # (a bfloat16 file gpt2s saved: its own storage again, exact: bfloat16 widened
+                # to float32 rounds back to itself)
+                store_dtype = _wt.check_dtype(dtype) if dtype is not None else storage
+                m = cls(config, store_dtype)
                 for name in header:
                     if name in m.params or name.endswith(".rotary_emb.inv_freq"):
                         continue
@@ -266,20 +273,38 @@ class LlamaForCausalLM:
                         continue   # a tied head saved anyway: checked equal below
                     raise _weights.SafetensorsError(
                         f"{file}: unexpected tensor {name!r} for this Llama config")
+                kind = _wt.get(store_dtype)
                 for name, p in m.params.items():
                     if name not in header:
                         raise _weights.SafetensorsError(f"{file}: tensor {name!r} is missing")
-                    _weights.read_tensor(*_weights.located(src, name), p)
+                    where = _weights.located(src, name)
+                    if isinstance(p, np.ndarray):
+                        _weights.read_tensor(*where, p)
+                    else:
+                        # compressed a few rows at a time, as to_dtype compresses them, in
+                        # place (q, k, v and gate, up: into their rows of the joined weight)
+                        for r0, r1 in _weights.row_chunks(*p.shape):
+                            rows = np.empty((r1 - r0, p.shape[1]), np.float32)
+                            _weights.read_rows(*where, rows, r0, store_dtype)
+                            kind.compress_rows_into(name, p, r0, rows)
+                    _weights.drop_tensor_pages(where[4], where[3], where[1][name])
+                for l, entry in enumerate(m._joined or ()):   # the joined biases are copies
+                    P = m.store.layer_params[l]
+                    for key, names in (("qkv_bias", ("q_proj", "k_proj", "v_proj")),
+                                       ("gu_bias", ("gate_proj", "up_proj"))):
+                        if key in entry:
+                            part = "self_attn." if key == "qkv_bias" else "mlp."
+                            entry[key][...] = np.concatenate([P[f"{part}{n}.bias"]
+                                                              for n in names])
                 if config.tie_word_embeddings and HEAD in header:
-                    head = np.empty_like(m.params[EMBED])
+                    head = np.empty(m.params[EMBED].shape, np.float32)
+                    embed = np.empty_like(head)
                     _weights.read_tensor(*_weights.located(src, HEAD), head)
-                    if not np.array_equal(head, m.params[EMBED]):
+                    _weights.read_tensor(*_weights.located(src, EMBED), embed)
+                    if not np.array_equal(head, embed):
                         raise _weights.SafetensorsError(
                             f"{file}: {HEAD!r} differs from {EMBED!r} but the config ties "
                             f"them (tie_word_embeddings)")
-                # a bfloat16 file gpt2s saved: its own storage again (exact: bfloat16 widened
-                # to float32 rounds back to itself)
-                dtype = dtype or (storage if storage != "float32" else None)
         finally:
             if not keep_open:
                 src.close()
@@ -289,8 +314,6 @@ class LlamaForCausalLM:
                 from .chat import load_chat_template, read_generation_config
                 m.tokenizer.chat_template = load_chat_template(file.parent)
                 m.tokenizer.generation_config = read_generation_config(file.parent)
-        if dtype is not None and dtype != "float32":
-            return m.to_dtype(dtype)
         return m
 
     @classmethod
@@ -444,6 +467,58 @@ class LlamaForCausalLM:
         else:
             _core.activation_backward(dup, up, dh, cfg.activation_kernel)
 
+    def _inference_plan(self):
+        """The `_core.LlamaPlan` of this model's blocks (every block of an inference forward
+        in one kernel call, the same kernels in the same order as `_block`), rebuilt when the
+        store's parameters were replaced; None for a block it does not run."""
+        cfg, store = self.config, self.store
+        plan = self._plan
+        if plan is not None and plan[0] == store.version:
+            return plan[1]
+        if (getattr(cfg, "norm", "rmsnorm") != "rmsnorm"
+                or getattr(cfg, "parallel_residual", False)
+                or not getattr(cfg, "gated_mlp", True)
+                or getattr(cfg, "qkv_interleaved", False)):
+            return None
+        H, Q, KV, I = cfg.hidden_size, cfg.q_width, cfg.kv_width, cfg.intermediate_size
+        W, layers = Q + 2 * KV, []
+        for l in range(cfg.n_layer):
+            P, J = store.layer_params[l], (self._joined[l] if self._joined is not None
+                                           else None)
+            fused = lambda first, rows, cols: self._fused(self.params, l, first, rows, cols)
+            layers.append((
+                P["input_layernorm.weight"],
+                J["qkv"] if J else fused("self_attn.q_proj.weight", W, H),
+                (J["qkv_bias"] if J else fused("self_attn.q_proj.bias", W, 0))
+                if cfg.qkv_bias else None,
+                P["self_attn.o_proj.weight"],
+                P["self_attn.o_proj.bias"] if cfg.o_bias else None,
+                P["post_attention_layernorm.weight"],
+                J["gu"] if J else fused("mlp.gate_proj.weight", 2 * I, H),
+                (J["gu_bias"] if J else fused("mlp.gate_proj.bias", 2 * I, 0))
+                if cfg.mlp_bias else None,
+                P["mlp.down_proj.weight"],
+                P["mlp.down_proj.bias"] if cfg.mlp_bias else None))
+        plan = _core.LlamaPlan(layers, H, cfg.n_head, cfg.n_kv_head, cfg.head_dim, I,
+                               cfg.rms_norm_eps, cfg.attention_scale, cfg.activation_kernel)
+        self._plan = (store.version, plan)
+        return plan
+
+    def _blocks_inference(self, x, B, T, positions, cache=None, pos0=0):
+        """Every block on the residual stream x (N, H) without keeping activations: the
+        next residual stream (in x's memory when the plan runs them)."""
+        plan = self._inference_plan()
+        if plan is None:
+            for l in range(self.config.n_layer):
+                x = self._block(l, x, B, T, positions, None, cache, pos0)
+            return x
+        work = np.empty(plan.work_size(x.shape[0]), np.float32)
+        if cache is None:
+            plan.forward(x, B, positions, self._inv_freq, work)
+        else:
+            plan.forward(x, B, positions, self._inv_freq, work, cache.keys, cache.values, pos0)
+        return x
+
     def _block(self, l, x, B, T, positions, keep, cache=None, pos0=0, row_pos=None):
         """One block on the residual stream x (N, H) -> the next residual stream; keep: a
         dict to fill with what the backward needs (or None)."""
@@ -548,11 +623,12 @@ class LlamaForCausalLM:
         x = self._embed(flat)
         for_backward = for_backward and self.dtype == "float32"
         kept = [] if targets is not None and for_backward else None
-        for l in range(cfg.n_layer):
-            keep = {} if kept is not None else None
+        if kept is None:
+            x = self._blocks_inference(x, B, T, positions)
+        for l in range(cfg.n_layer if kept is not None else 0):
+            keep = {}
             x = self._block(l, x, B, T, positions, keep)
-            if kept is not None:
-                kept.append(keep)
+            kept.append(keep)
         lnf = np.empty_like(x)
         stf = self._norm_forward(lnf, x, *self._norm_params(self.params))
         logits = np.empty((N, cfg.vocab_size), np.float32)
@@ -706,11 +782,13 @@ class LlamaForCausalLM:
                              f"{capacity} positions")
         if row_pos is None:
             positions = np.tile(np.arange(pos0, pos0 + T, dtype=np.int64), B)
-        else:
+            x = self._blocks_inference(self._embed(idx.reshape(-1)), B, T, positions, cache,
+                                       pos0)
+        else:   # a ragged batch: the block by block path reads per-row positions
             positions = (row_pos[:, None] + np.arange(T, dtype=np.int64)).reshape(-1)
-        x = self._embed(idx.reshape(-1))
-        for l in range(cfg.n_layer):
-            x = self._block(l, x, B, T, positions, None, cache, pos0, row_pos)
+            x = self._embed(idx.reshape(-1))
+            for l in range(cfg.n_layer):
+                x = self._block(l, x, B, T, positions, None, cache, pos0, row_pos)
         last = np.ascontiguousarray(x.reshape(B, T, -1)[:, -1])
         lnf = np.empty_like(last)
         self._norm_forward(lnf, last, *self._norm_params(self.params), keep=False)

@@ -126,6 +126,9 @@ class ParameterStore:
         self.layer_params = [self._layer_views(self.params, l) for l in range(config.n_layer)]
         self._layer_grads = None
         self.lock = threading.RLock()
+        # counts the `set_param` calls: what a model derived from the parameters (a plan of
+        # their pointers) compares to know it is stale
+        self.version = 0
 
     # ------------------------------------------------------------------ parameters
 
@@ -134,6 +137,7 @@ class ParameterStore:
         parameter ``name``, in ``params`` and in its block's dict of ``layer_params``.  The value
         is used as it is, not copied (a loader passes views of a file mapping)."""
         self.params[name] = value
+        self.version += 1
         block = self._layer_of(name)
         if block is not None:
             self.layer_params[block[0]][block[1]] = value
