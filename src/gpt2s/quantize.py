@@ -153,7 +153,7 @@ def _run(args, out, err) -> int:
                         f"or --force replaces it")
     if dest.exists() and dest.is_dir() == to_gguf:
         raise UserError(f"{dest}: exists and is {'a' if to_gguf else 'not a'} directory")
-    if not dest.absolute().parent.is_dir():     # before the conversion, naming OUT
+    if to_gguf and not dest.absolute().parent.is_dir():     # before converting, naming OUT
         raise UserError(f"{dest}: the directory {dest.absolute().parent} does not exist")
     try:
         path = find_model(args.input)
