@@ -169,6 +169,10 @@ int main(void) {
                     if (Ks[ki] > 600 && Ms[mi] > 9 && Ns[ni] > 33) continue;   /* time */
                     run_case(isa, &c);
                 }
+        /* rows past one packed panel of A (1024 rows) */
+        gemm_case tall = {1030, 40, 70, 1, 0, 0, 1}, tall_t = {1030, 33, 9, 0, 1, 1, 0};
+        run_case(isa, &tall);
+        run_case(isa, &tall_t);
     }
     printf("%d passed, %d failed, %d skipped (CPU)\n", passes, failures, skips);
     return failures ? 1 : 0;

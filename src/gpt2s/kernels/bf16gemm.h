@@ -74,6 +74,7 @@ static int gpt2s_bf16gemm_portable(int M, int N, int K, const float *A, int64_t 
 #define GPT2S_BF16GEMM_MR 8
 #define GPT2S_BF16GEMM_NR 32
 #define GPT2S_BF16GEMM_KC 512   /* K per packed block (even) */
+#define GPT2S_BF16GEMM_MC 1024  /* rows of A per packed panel (a multiple of MR) */
 
 /* a 512-bit integer vector as the instruction's __m512bh operand (the SIMDe build of the
    kernel harness defines its own) */
@@ -155,33 +156,36 @@ GPT2S_V4BF16_INLINE void gpt2s_bf16gemm_tile_arch_avx512_bf16(
 GPT2S_V4BF16 static int gpt2s_bf16gemm_arch_avx512_bf16(
         int M, int N, int K, const float *A, int64_t ars, int64_t acs, const void *B,
         int b_bf16, int64_t brs, int64_t bcs, int accumulate, float *C, int64_t ldc) {
-    const int MR = GPT2S_BF16GEMM_MR, NR = GPT2S_BF16GEMM_NR, KC = GPT2S_BF16GEMM_KC;
+    const int MR = GPT2S_BF16GEMM_MR, NR = GPT2S_BF16GEMM_NR, KC = GPT2S_BF16GEMM_KC,
+              MC = GPT2S_BF16GEMM_MC;
     if (M <= 0 || N <= 0) return 0;
     if (K <= 0) {
         if (!accumulate)
             for (int m = 0; m < M; m++) memset(C + (int64_t)m * ldc, 0, sizeof(float) * (size_t)N);
         return 0;
     }
-    int Mp = (M + MR - 1) / MR * MR, nstrips = (N + NR - 1) / NR;
+    int nstrips = (N + NR - 1) / NR, mc = M < MC ? (M + MR - 1) / MR * MR : MC;
     int kcmax = K < KC ? (K + 1) / 2 * 2 : KC;
-    uint16_t *Ap = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)Mp * kcmax);
+    uint16_t *Ap = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)mc * kcmax);
     uint16_t *Bp = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)kcmax * NR);
     if (Ap == NULL || Bp == NULL) {
         free(Ap);
         free(Bp);
         return -1;
     }
-    for (int k0 = 0; k0 < K; k0 += KC) {
-        int kc = K - k0 < KC ? K - k0 : KC, kcp = (kc + 1) / 2 * 2;
-        gpt2s_bf16gemm_pack_a(Ap, kcp, A, ars, acs, 0, Mp, M, k0, kc);
-        for (int s = 0; s < nstrips; s++) {
-            int n0 = s * NR, nr = N - n0 < NR ? N - n0 : NR;
-            gpt2s_bf16gemm_pack_b(Bp, B, b_bf16, brs, bcs, k0, kc, n0, nr);
-            for (int m0 = 0; m0 < M; m0 += MR)
-                gpt2s_bf16gemm_tile_arch_avx512_bf16(M - m0 < MR ? M - m0 : MR, nr, kcp / 2,
-                                                     Ap + (size_t)m0 * kcp, kcp, Bp,
-                                                     accumulate || k0 > 0,
-                                                     C + (int64_t)m0 * ldc + n0, ldc);
+    for (int mb = 0; mb < M; mb += MC) {   /* blocks of MC rows: a bounded A panel */
+        int rows = M - mb < MC ? M - mb : MC, rows_p = (rows + MR - 1) / MR * MR;
+        for (int k0 = 0; k0 < K; k0 += KC) {
+            int kc = K - k0 < KC ? K - k0 : KC, kcp = (kc + 1) / 2 * 2;
+            gpt2s_bf16gemm_pack_a(Ap, kcp, A, ars, acs, mb, rows_p, M, k0, kc);
+            for (int s = 0; s < nstrips; s++) {
+                int n0 = s * NR, nr = N - n0 < NR ? N - n0 : NR;
+                gpt2s_bf16gemm_pack_b(Bp, B, b_bf16, brs, bcs, k0, kc, n0, nr);
+                for (int m0 = 0; m0 < rows; m0 += MR)
+                    gpt2s_bf16gemm_tile_arch_avx512_bf16(
+                        rows - m0 < MR ? rows - m0 : MR, nr, kcp / 2, Ap + (size_t)m0 * kcp, kcp,
+                        Bp, accumulate || k0 > 0, C + (int64_t)(mb + m0) * ldc + n0, ldc);
+            }
         }
     }
     free(Ap);
