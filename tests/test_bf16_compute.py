@@ -28,11 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 HARNESS = ROOT / "tests" / "harness" / "bf16gemm_harness.c"
 KERNELS = ROOT / "src" / "gpt2s" / "kernels"
 
-VARIANTS = _core.bf16_compute_variants()
+# every route this CPU runs, and "reference": kernels/bf16gemm.h's scalar GEMM through the
+# route the vdpbf16ps GEMM takes (its strides and its split over the threads), on any CPU
+VARIANTS = _core.bf16_compute_variants() + ("reference",)
 
 
 @pytest.fixture(params=VARIANTS)
-def variant(request):
+def variant(request, every_kernel_parallel):
     previous = _core.set_bf16_compute_variant(request.param)
     yield request.param
     _core.set_bf16_compute_variant(previous)

@@ -26,6 +26,10 @@ cdef extern from "kernels/bf16gemm.h":
 
 
 cdef int _bf16_compute_isa = GPT2S_ISA_PORTABLE
+# whether the products go to kernels/bf16gemm.h (the isa's GEMM) rather than the rounded
+# buffers + float32 products: True for avx512-bf16, and for "reference" (the portable C GEMM
+# through the same route, slow: for the tests of this file's strides and splits)
+cdef bint _bf16_gemm_route = False
 
 
 cdef bint _bf16_compute_runs(int isa) noexcept nogil:
@@ -37,6 +41,7 @@ cdef bint _bf16_compute_runs(int isa) noexcept nogil:
 
 if _bf16_compute_runs(GPT2S_ISA_AVX512_BF16):
     _bf16_compute_isa = GPT2S_ISA_AVX512_BF16
+    _bf16_gemm_route = True
 
 
 def bf16_compute_variants():
@@ -49,26 +54,34 @@ def bf16_compute_variants():
 
 
 def get_bf16_compute_variant():
-    """The route the bfloat16-compute products take ("portable" or "avx512-bf16")."""
+    """The route the bfloat16-compute products take ("portable" or "avx512-bf16", or
+    "reference" when forced)."""
+    if _bf16_gemm_route and _bf16_compute_isa == GPT2S_ISA_PORTABLE:
+        return "reference"
     return gpt2s_isa_names[_bf16_compute_isa].decode()
 
 
 def set_bf16_compute_variant(variant):
     """Force the route of the bfloat16-compute products ("auto": the best this CPU runs);
-    returns the previous one.  For tests and benchmarks: both compute the same products."""
-    global _bf16_compute_isa
+    returns the previous one.  For tests and benchmarks: both compute the same products.
+    "reference" runs kernels/bf16gemm.h's scalar reference through the GEMM route (slow; for
+    tests of that route on a CPU without AVX512_BF16)."""
+    global _bf16_compute_isa, _bf16_gemm_route
     previous = get_bf16_compute_variant()
     if variant == "auto":
         variant = bf16_compute_variants()[-1]
+    if variant == "reference":
+        _bf16_compute_isa, _bf16_gemm_route = GPT2S_ISA_PORTABLE, True
+        return previous
     for isa in (GPT2S_ISA_PORTABLE, GPT2S_ISA_AVX512_BF16):
         if gpt2s_isa_names[isa].decode() == variant:
             if not _bf16_compute_runs(isa):
                 raise ValueError(f"bfloat16 compute: variant {variant!r} is not available on "
                                  f"this CPU and build; available: {list(bf16_compute_variants())}")
-            _bf16_compute_isa = isa
+            _bf16_compute_isa, _bf16_gemm_route = isa, isa != GPT2S_ISA_PORTABLE
             return previous
     raise ValueError(f"unknown bfloat16 compute variant {variant!r}; one of "
-                     f"['portable', 'avx512-bf16'] or 'auto'")
+                     f"['portable', 'avx512-bf16', 'reference'] or 'auto'")
 
 
 def bf16_round_into(uint16_t[::1] out, const float[::1] x):
@@ -149,7 +162,7 @@ def matmul_forward_bf16(float[:, ::1] out, const float[:, ::1] inp,
             if bias.shape[0] == 0:
                 for n in range(N):
                     memset(&out[n, 0], 0, OC * sizeof(float))
-        elif _bf16_compute_isa != GPT2S_ISA_PORTABLE:
+        elif _bf16_gemm_route:
             failed = _bf16_gemm(<int>N, <int>OC, <int>C, &inp[0, 0], C, 1, &weight[0, 0], True,
                                 OC, 1, bias.shape[0] > 0, &out[0, 0], OC)
         else:
@@ -190,7 +203,7 @@ def matmul_backward_bf16(float[:, ::1] dinp, float[:, ::1] dweight, float[::1] d
             dinp[...] = 0
         return
     with nogil:
-        if _bf16_compute_isa != GPT2S_ISA_PORTABLE:
+        if _bf16_gemm_route:
             failed = _bf16_gemm(<int>N, <int>C, <int>OC, &dout[0, 0], OC, 1, &weight[0, 0],
                                 True, 1, OC, accumulate_dinp, &dinp[0, 0], C)
             if failed == 0:
@@ -240,7 +253,7 @@ def lm_head_forward_bf16(float[:, ::1] logits, const float[:, ::1] inp,
         if C == 0:
             for n in range(N):
                 memset(&logits[n, 0], 0, V * sizeof(float))
-        elif _bf16_compute_isa != GPT2S_ISA_PORTABLE:
+        elif _bf16_gemm_route:
             failed = _bf16_gemm(<int>N, <int>V, <int>C, &inp[0, 0], C, 1, &wte[0, 0], True, 1,
                                 C, False, &logits[0, 0], V)
         else:
@@ -276,7 +289,7 @@ def lm_head_backward_bf16(float[:, ::1] dinp, float[:, ::1] dwte, float[:, ::1] 
         dinp[...] = 0
         return
     with nogil:
-        if _bf16_compute_isa != GPT2S_ISA_PORTABLE:
+        if _bf16_gemm_route:
             failed = _bf16_gemm(<int>N, <int>C, <int>V, &dlogits[0, 0], V, 1, &wte[0, 0], True,
                                 C, 1, False, &dinp[0, 0], C)
             if failed == 0:
