@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import cpu_info, kernel_isa  # noqa: E402
+from harness import amd_core, cpu_info, kernel_isa  # noqa: E402
 
 import gpt2s  # noqa: E402
 from gpt2s import GPT2, AdamW, GPT2Config, _core  # noqa: E402
@@ -44,7 +44,8 @@ DEFAULT_DATA = [Path("/work/shared/data/tinyshakespeare.txt"),
 
 def machine() -> dict:
     info = cpu_info()
-    return {"cpu": info["name"], "isa": kernel_isa(info["flags"]),
+    core = amd_core(info["name"], info["family"], info["model"])
+    return {"cpu": info["name"] + (f" ({core})" if core else ""), "isa": kernel_isa(info["flags"]),
             "bf16_compute": _core.get_bf16_compute_variant(),
             "threads": gpt2s.get_num_threads()}
 
