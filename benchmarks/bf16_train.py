@@ -130,9 +130,9 @@ def timing(args) -> dict:
         torch.set_num_threads(gpt2s.get_num_threads())
     except ImportError:
         print("  (torch not installed: PyTorch autocast column skipped)")
-    cfg = GPT2Config.preset("gpt2")
+    cfg = GPT2Config.preset(args.timing_preset)
     results = []
-    for B, T in ((4, 64), (1, 1024)):
+    for B, T in ((4, 64), (1, min(1024, cfg.n_ctx))):
         m = GPT2.from_config(cfg, seed=0)
         rng = np.random.default_rng(0)
         x = rng.integers(0, cfg.vocab_size, (B, T))
@@ -186,6 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--val-batches", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per case")
+    p.add_argument("--timing-preset", default="gpt2", choices=GPT2Config.presets(),
+                   help="the model of the timing (default: GPT-2 124M)")
     p.add_argument("--skip-quality", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--json", default=None, help="write the results there too")
@@ -201,7 +203,8 @@ def main(argv=None) -> int:
               f"T={args.seq_len}, Tiny Shakespeare")
         out["quality"] = quality(args)
     if not args.skip_timing:
-        print(f"training step, GPT-2 124M (median of {args.repeats}, seconds):")
+        print(f"training step, GPT-2 '{args.timing_preset}' (median of {args.repeats}, "
+              f"seconds):")
         out["timing"] = timing(args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
