@@ -453,6 +453,7 @@ cdef void gemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
 
 
 include "kernels/matmul.pxi"   # products with a weight of any type of kernels/types.h
+include "kernels/bf16compute.pxi"   # the same products in bfloat16 compute (bf16gemm.h)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1488,13 +1489,17 @@ cdef void adamw_segment(float *pp, const float *pg, float *pm, float *pv, Py_ssi
 def adamw_step(float[::1] params, const float[::1] grads, float[::1] m, float[::1] v,
                const int64_t[::1] seg_start, const int64_t[::1] seg_stop,
                const float[::1] seg_decay, float lr, double beta1, double beta2, float eps,
-               step, float grad_scale):
+               step, float grad_scale, bf16_out=None):
     """One fused AdamW pass over the parameter segments, in torch.optim.AdamW's order:
     p *= 1 - lr * wd;  m, v updated;  p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps).
     Segment s covers params[seg_start[s]:seg_stop[s]] with weight decay seg_decay[s];
     grad_scale multiplies every gradient (gradient-norm clipping); step >= 1 counts the
-    updates, this one included (the bias corrections divide by 1 - beta^step)."""
+    updates, this one included (the bias corrections divide by 1 - beta^step).  bf16_out (a
+    uint16 vector like params, or None): the bfloat16 copies of the new parameters are
+    written there in the same pass (compute_dtype="bfloat16")."""
     cdef Py_ssize_t nseg = seg_start.shape[0], s
+    cdef uint16_t[::1] mirror
+    cdef uint16_t *po = NULL
     cdef Py_ssize_t t = _int_arg("adamw_step", "step", step)
     cdef double bc1, bc2
     cdef float step_size, inv_sqrt_bc2
@@ -1516,8 +1521,20 @@ def adamw_step(float[::1] params, const float[::1] grads, float[::1] m, float[::
     inv_sqrt_bc2 = <float>(1.0 / sqrt(bc2))
     if params.shape[0] == 0:
         return
+    if bf16_out is not None:
+        mirror = bf16_out
+        if mirror.shape[0] != params.shape[0]:
+            raise ValueError(f"adamw_step: bf16_out ({mirror.shape[0]},) for params "
+                             f"({params.shape[0]},)")
+        po = &mirror[0]
     with nogil:
         for s in range(nseg):
+            if po != NULL:
+                adamw_segment_bf16(&params[0], &grads[0], &m[0], &v[0], po, seg_start[s],
+                                   seg_stop[s], <float>1.0 - lr * seg_decay[s], beta1, beta2,
+                                   eps, step_size, inv_sqrt_bc2, grad_scale,
+                                   threads_for(seg_stop[s] - seg_start[s]))
+                continue
             adamw_segment(&params[0], &grads[0], &m[0], &v[0], seg_start[s], seg_stop[s],
                           <float>1.0 - lr * seg_decay[s], beta1, beta2, eps, step_size,
                           inv_sqrt_bc2, grad_scale,

@@ -123,6 +123,8 @@ def show_config(file=None) -> dict:
         the same facts as a dict (keys ``gpt2s``, ``openmp``, ``isa_clones``,
         ``kernels`` (weight type -> the instruction-set variant its products run),
         ``cpu_variants`` (the instruction-set levels this build has and this CPU runs),
+        ``bf16_compute`` (the route of compute_dtype="bfloat16": "portable", operands
+        rounded to bfloat16 and multiplied at float32 speed, or "avx512-bf16"),
         ``threads``, ``omp_max_threads``, ``blas``, ``numpy``, ``python``).
 
     Examples:
@@ -140,6 +142,7 @@ def show_config(file=None) -> dict:
         "isa_clones": _core.have_isa_clones(),
         "kernels": {t: _core.get_kernel_variant(t) for t in _core.weight_types()},
         "cpu_variants": list(_core.cpu_variants()),
+        "bf16_compute": _core.get_bf16_compute_variant(),
         "threads": _core.get_num_threads(),
         "omp_max_threads": _core.omp_max_threads(),
         "blas": [{k: lib.get(k) for k in ("internal_api", "version", "num_threads",
@@ -157,6 +160,13 @@ def show_config(file=None) -> dict:
     from .weight_types import get
     for name in info["kernels"]:
         print(f"  {get(name).kernels()}", file=out)
+    if info["bf16_compute"] == "portable":
+        print("  bfloat16 compute (compute_dtype='bfloat16'): portable -- no bfloat16 "
+              "dot-product instruction (AVX512_BF16) on this CPU: operands rounded to bfloat16, "
+              "products at float32 speed", file=out)
+    else:
+        print(f"  bfloat16 compute (compute_dtype='bfloat16'): {info['bf16_compute']} "
+              f"(vdpbf16ps GEMM)", file=out)
     for lib in info["blas"]:
         print(f"  BLAS for matmuls: {lib['internal_api']} {lib['version']} "
               f"({lib['architecture']}), {lib['num_threads']} thread(s) of its own: "

@@ -257,6 +257,7 @@ class DataParallel:
     def broadcast_parameters(self, root: int = 0):
         """Give every rank root's parameters: one broadcast of the contiguous buffer."""
         self.broadcast(self.model.store.buffer, root)
+        self.model.store.refresh_compute_weights()   # compute_dtype "bfloat16": its copy
 
     def check_consistent(self, **fields):
         """Refuse (ValueError on every rank) unless every rank holds the same model config

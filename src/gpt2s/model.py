@@ -67,7 +67,7 @@ class GPT2:
 
     @classmethod
     def from_config(cls, config: GPT2Config, seed: int | None = 0,
-                    dtype: str = "float32") -> "GPT2":
+                    dtype: str = "float32", *, compute_dtype: str = "float32") -> "GPT2":
         """A model of the given sizes with GPT-2's random initialisation.
 
         Weights and embeddings are drawn from normal(0, 0.02), the residual projections
@@ -79,6 +79,8 @@ class GPT2:
                 draws fresh entropy.
             dtype: "float32" (trainable), or "bfloat16" / "int8": an inference model with the
                 matmul weights compressed (see `to_dtype`).
+            compute_dtype: the precision of the matmuls, "float32" or "bfloat16" (see
+                `compute_dtype`).
 
         Returns:
             a new `GPT2`.
@@ -92,7 +94,9 @@ class GPT2:
             3324736
         """
         if _wt.check_dtype(dtype) != "float32":
-            return cls.from_config(config, seed).to_dtype(dtype)
+            m = cls.from_config(config, seed).to_dtype(dtype)
+            m.compute_dtype = compute_dtype
+            return m
         m = cls(config)
         rng = np.random.default_rng(seed)
         proj_std = 0.02 / math.sqrt(2 * config.n_layer)
@@ -105,11 +109,12 @@ class GPT2:
                 std = proj_std if name.endswith("c_proj.weight") else 0.02
                 rng.standard_normal(out=view, dtype=np.float32)
                 view *= np.float32(std)
+        m.compute_dtype = compute_dtype
         return m
 
     @classmethod
     def from_safetensors(cls, path, dtype: str | None = None, *, mmap: bool = True,
-                         progress=None) -> "GPT2":
+                         progress=None, compute_dtype: str = "float32") -> "GPT2":
         """Load a Hugging Face GPT-2 checkpoint.
 
         F32, F16 and BF16 tensors are read; keys may carry the ``transformer.`` prefix; the
@@ -145,6 +150,8 @@ class GPT2:
                 copy every tensor into memory (False).
             progress: called as ``progress(done, total)`` after each tensor, with the
                 parameters loaded so far and in all (a progress bar over a long conversion).
+            compute_dtype: the precision of the matmuls, "float32" (the default) or
+                "bfloat16" (see `compute_dtype`).
 
         Returns:
             a new `GPT2` with the checkpoint's weights.
@@ -169,9 +176,11 @@ class GPT2:
         """
         from . import gguf_io
         if gguf_io.is_gguf(path):   # a .gguf file: GPT2.from_gguf
-            return cls.from_gguf(path, dtype, progress=progress)
-        m = cls.__new__(cls)
-        m._setup(_weights.load_parameters(path, dtype, mmap=mmap, progress=progress))
+            m = cls.from_gguf(path, dtype, progress=progress)
+        else:
+            m = cls.__new__(cls)
+            m._setup(_weights.load_parameters(path, dtype, mmap=mmap, progress=progress))
+        m.compute_dtype = compute_dtype
         return m
 
     @classmethod
@@ -210,20 +219,21 @@ class GPT2:
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype: str | None = None, *,
-                        local_files_only: bool = False) -> "GPT2":
+                        local_files_only: bool = False,
+                        compute_dtype: str = "float32") -> "GPT2":
         """Load by name or path: ``"demo"`` (the model bundled with gpt2s), ``"gpt2"``,
         ``"gpt2-medium"``, ``"gpt2-large"``, ``"gpt2-xl"``, ``"openai-community/..."`` (from the
         local Hugging Face cache, else downloaded with huggingface_hub when it is installed,
         the ``hub`` extra), or a path as in ``from_safetensors``.  ``dtype`` is the weight
         storage, as in ``from_safetensors``: None (the file's own), "float32", "bfloat16",
-        "int8" or "int4" (the last three for inference).  See gpt2s.hub.resolve_pretrained for
-        the rules."""
+        "int8" or "int4" (the last three for inference); ``compute_dtype`` the precision of
+        the matmuls (see `compute_dtype`).  See gpt2s.hub.resolve_pretrained for the rules."""
         from .hub import resolve_pretrained
         if dtype is not None:
             _wt.check_dtype(dtype)
         return cls.from_safetensors(resolve_pretrained(name_or_path,
                                                        local_files_only=local_files_only),
-                                    dtype=dtype)
+                                    dtype=dtype, compute_dtype=compute_dtype)
 
     def to_dtype(self, dtype: str, *, progress=None) -> "GPT2":
         """A new inference model with this one's weights stored in dtype ("bfloat16", "int8"
@@ -249,6 +259,34 @@ class GPT2:
     def grads(self) -> dict:
         """Gradients, same names and shapes as ``params`` (allocated on first use)."""
         return self.store.grads
+
+    @property
+    def compute_dtype(self) -> str:
+        """The precision of the matmuls: "float32" (the default, exact) or "bfloat16":
+        every matmul of the forward and the backward (the four of each block and the output
+        head; dX = dY W^T and dW = X^T dY) takes its operands rounded to bfloat16 (nearest
+        even) and sums in float32, as ``torch.autocast("cpu", torch.bfloat16)`` does.
+        Layernorm, attention, softmax, GELU, the loss, the residual stream, the gradients and
+        AdamW's master weights and moments stay float32; a trainable model keeps a bfloat16
+        copy of its weights, which `AdamW.step` refreshes as it updates them (after writing
+        into ``params`` yourself, set compute_dtype again to refresh it).  On a CPU without
+        AVX512_BF16 the numbers are the same at float32 speed (`gpt2s.show_config` names the
+        route).  Assigning it switches (ValueError for another value, or "bfloat16" on an
+        int8 / int4 model).
+
+        Examples:
+            >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0, compute_dtype="bfloat16")
+            >>> m.compute_dtype
+            'bfloat16'
+            >>> _, loss = m.forward([[464, 3290, 318]], targets=[[3290, 318, 257]])
+            >>> round(loss, 1)
+            10.9
+        """
+        return self.store.compute_dtype
+
+    @compute_dtype.setter
+    def compute_dtype(self, value: str):
+        self.store.set_compute_dtype(value)
 
     @property
     def mapped(self) -> bool:

@@ -149,7 +149,8 @@ class AdamW:
             _core.adamw_step(store.buffer, store.grad_buffer, self.m, self.v,
                              self._seg_start, self._seg_stop,
                              self._seg_flag * np.float32(self.weight_decay), self.lr, b1, b2,
-                             self.eps, self.t, grad_scale)
+                             self.eps, self.t, grad_scale,
+                             bf16_out=store.compute_buffer)   # compute_dtype "bfloat16"
 
     # ---------------------------------------------------------------- state
 

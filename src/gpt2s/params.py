@@ -179,6 +179,65 @@ class ParameterStore:
         (until `buffer` copies them in)."""
         self._mapping = mapping
 
+    # ------------------------------------------------------------------ compute dtype
+
+    compute_dtype = "float32"
+    compute_buffer = None    # float32 store, bfloat16 compute: the bf16 bits of `buffer`
+    compute_params = None    # name -> the bfloat16 copy (uint16 bits) of each matmul weight
+    compute_layers = None    # per block, {suffix: bfloat16 copy}, as layer_params
+
+    def set_compute_dtype(self, compute_dtype: str):
+        """Choose the precision of the matmuls: "float32", or "bfloat16" (bfloat16 operands,
+        float32 sums; the float32 parameters stay the master copy).  For "bfloat16" a float32
+        store keeps a bfloat16 copy of its parameters (``compute_buffer``, laid out as
+        `buffer`, which AdamW's step refreshes as it updates them, and ``compute_params``, the
+        matmul weights' views of it, uint16 bits); a bfloat16 store's matmul weights are their
+        own copies.
+
+        Raises:
+            ValueError: an unknown compute dtype, or "bfloat16" on an int8 / int4 store.
+        """
+        if compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got "
+                             f"{compute_dtype!r}")
+        with self.lock:
+            if compute_dtype == "float32":
+                self.compute_buffer = self.compute_params = self.compute_layers = None
+            elif self.dtype == "float32":
+                self.compute_buffer = np.zeros(self._size, np.uint16)
+                self.compute_params = {
+                    name: self.compute_buffer[off:off + int(np.prod(shape))].reshape(shape)
+                    for name, shape, off in self.layout if _wt.is_compressed(name)}
+                self.refresh_compute_weights()
+            elif self.dtype == "bfloat16":
+                self.compute_params = {name: w.data for name, w in self.params.items()
+                                       if isinstance(w, _core.PackedWeight)}
+            else:
+                raise ValueError(f"compute_dtype='bfloat16' needs float32 or bfloat16 "
+                                 f"weights; this model stores them in {self.dtype}")
+            if self.compute_params is not None:
+                layers = [{} for _ in range(self.config.n_layer)]
+                for name, w in self.compute_params.items():
+                    block = self._layer_of(name)
+                    if block is not None:
+                        layers[block[0]][block[1]] = w
+                self.compute_layers = layers
+            self.compute_dtype = compute_dtype
+
+    def refresh_compute_weights(self):
+        """Round the float32 parameters into their bfloat16 copies again (after a write into
+        ``params`` other than an optimizer step, which refreshes them itself).  Nothing to do
+        unless the store is float32 with compute_dtype "bfloat16"."""
+        if self.compute_buffer is None:
+            return
+        with self.lock:
+            if self._buffer is not None:
+                _core.bf16_round_into(self.compute_buffer, self._buffer)
+                return
+            for name, shape, off in self.layout:   # still viewing the file mapping
+                x = np.ascontiguousarray(self.params[name], np.float32).reshape(-1)
+                _core.bf16_round_into(self.compute_buffer[off:off + x.size], x)
+
     # ------------------------------------------------------------------ gradients
 
     def check_trainable(self, what: str):

@@ -136,8 +136,10 @@ class Passes:
         C, eps = cfg.n_embd, cfg.layer_norm_epsilon
         w = self.store.layer_params[l]
         qkv = a["qkv"][s]
-        mm = _core.matmul_forward   # float32, bfloat16 or int8 weights
-        mm(qkv, a["ln1"], w["attn.c_attn.weight"], w["attn.c_attn.bias"])
+        mm, cw = _core.matmul_forward, w   # float32, bfloat16 or int8 weights
+        if self.store.compute_layers is not None:   # compute_dtype "bfloat16"
+            mm, cw = _core.matmul_forward_bf16, self.store.compute_layers[l]
+        mm(qkv, a["ln1"], cw["attn.c_attn.weight"], w["attn.c_attn.bias"])
         qkv3 = qkv.reshape(B, T, 3 * C)
         if kv is None:
             _core.attention_forward(a["atty"][s].reshape(B, T, C), a["att_lse"][s],
@@ -149,14 +151,14 @@ class Passes:
             _core.attention_forward(a["atty"][s].reshape(B, T, C), _EMPTY3, qkv3, 0,
                                     keys, 0, values, 0, pos0, cfg.n_head,
                                     self.attn_scales[l], row_pos=row_pos)
-        mm(a["proj"], a["atty"][s], w["attn.c_proj.weight"], w["attn.c_proj.bias"])
+        mm(a["proj"], a["atty"][s], cw["attn.c_proj.weight"], w["attn.c_proj.bias"])
         _core.residual_layernorm_forward(a["res2"][s], a["ln2"], a["ln2_mean"][s],
                                          a["ln2_rstd"][s], res_in, a["proj"],
                                          w["ln_2.weight"], w["ln_2.bias"], eps)
-        mm(a["fch"][s], a["ln2"], w["mlp.c_fc.weight"], w["mlp.c_fc.bias"])
+        mm(a["fch"][s], a["ln2"], cw["mlp.c_fc.weight"], w["mlp.c_fc.bias"])
         # act(fch) is not kept per layer: the backward recomputes it (one cheap pass)
         _core.activation_forward(a["fch_gelu"], a["fch"][s], self.activation)
-        mm(a["proj"], a["fch_gelu"], w["mlp.c_proj.weight"], w["mlp.c_proj.bias"])
+        mm(a["proj"], a["fch_gelu"], cw["mlp.c_proj.weight"], w["mlp.c_proj.bias"])
         if l + 1 < cfg.n_layer:   # the next block's ln_1, into ln1 and this slot's stats
             nxt = self.store.layer_params[l + 1]
             s_next = s + 1 if a["ln1_mean"].shape[0] > 1 else 0
@@ -171,6 +173,9 @@ class Passes:
 
     def head(self, logits: np.ndarray, lnf: np.ndarray):
         """logits (N, V) = lnf (N, C) @ the output head^T."""
+        if self.store.compute_params is not None:   # compute_dtype "bfloat16"
+            _core.lm_head_forward_bf16(logits, lnf, self.store.compute_params[self.head_name])
+            return
         _core.lm_head_forward(logits, lnf, self.store.params[self.head_name])
 
     # ------------------------------------------------------------------ backward
@@ -206,38 +211,45 @@ class Passes:
         idx = last.idx
         B, T = idx.shape
         L, NH, C = cfg.n_layer, cfg.n_head, cfg.n_embd
-        _core.lm_head_backward(d["dln"], G[self.head_name], d["dlogits"], a["lnf"],
-                               P[self.head_name])
+        cl = self.store.compute_layers   # compute_dtype "bfloat16": the bfloat16 copies
+        mmb = _core.matmul_backward if cl is None else _core.matmul_backward_bf16
+        if cl is None:
+            _core.lm_head_backward(d["dln"], G[self.head_name], d["dlogits"], a["lnf"],
+                                   P[self.head_name])
+        else:
+            _core.lm_head_backward_bf16(d["dln"], G[self.head_name], d["dlogits"], a["lnf"],
+                                        self.store.compute_params[self.head_name])
         dres = d["dres"]
         dres.fill(0.0)
         _core.layernorm_backward(dres, G["ln_f.weight"], G["ln_f.bias"], d["dln"], a["res3"][L - 1],
                                  P["ln_f.weight"], a["lnf_mean"], a["lnf_rstd"], d["ln_scratch"])
         for l in reversed(range(L)):
             w, g = self.store.layer_params[l], self.store.layer_grads[l]
+            cw = w if cl is None else cl[l]
             res_in = a["encoded"] if l == 0 else a["res3"][l - 1]
             # MLP: res3 = res2 + act(ln2 @ Wfc + bfc) @ Wproj + bproj
             _core.activation_forward(a["fch_gelu"], a["fch"][l], self.activation)
-            _core.matmul_backward(d["dfch"], g["mlp.c_proj.weight"], g["mlp.c_proj.bias"], dres,
-                                  a["fch_gelu"], w["mlp.c_proj.weight"], False)
+            mmb(d["dfch"], g["mlp.c_proj.weight"], g["mlp.c_proj.bias"], dres,
+                a["fch_gelu"], cw["mlp.c_proj.weight"], False)
             _core.activation_backward(d["dfch"], a["fch"][l], d["dfch"], self.activation)
             _core.layernorm_forward(a["ln2"], _EMPTY1, _EMPTY1, a["res2"][l], w["ln_2.weight"],
                                     w["ln_2.bias"], eps)
-            _core.matmul_backward(d["dln"], g["mlp.c_fc.weight"], g["mlp.c_fc.bias"], d["dfch"],
-                                  a["ln2"], w["mlp.c_fc.weight"], False)
+            mmb(d["dln"], g["mlp.c_fc.weight"], g["mlp.c_fc.bias"], d["dfch"],
+                a["ln2"], cw["mlp.c_fc.weight"], False)
             _core.layernorm_backward(dres, g["ln_2.weight"], g["ln_2.bias"], d["dln"], a["res2"][l],
                                      w["ln_2.weight"], a["ln2_mean"][l], a["ln2_rstd"][l],
                                      d["ln_scratch"])
             # attention: res2 = res_in + attn(ln1) @ Wproj + bproj
-            _core.matmul_backward(d["datty"], g["attn.c_proj.weight"], g["attn.c_proj.bias"],
-                                  dres, a["atty"][l], w["attn.c_proj.weight"], False)
+            mmb(d["datty"], g["attn.c_proj.weight"], g["attn.c_proj.bias"],
+                dres, a["atty"][l], cw["attn.c_proj.weight"], False)
             _core.attention_backward(d["dqkv"].reshape(B, T, 3 * C), d["datty"].reshape(B, T, C),
                                      a["atty"][l].reshape(B, T, C), a["att_lse"][l],
                                      a["qkv"][l].reshape(B, T, 3 * C), NH,
                                      self.attn_scales[l])
             _core.layernorm_forward(a["ln1"], _EMPTY1, _EMPTY1, res_in, w["ln_1.weight"],
                                     w["ln_1.bias"], eps)
-            _core.matmul_backward(d["dln"], g["attn.c_attn.weight"], g["attn.c_attn.bias"],
-                                  d["dqkv"], a["ln1"], w["attn.c_attn.weight"], False)
+            mmb(d["dln"], g["attn.c_attn.weight"], g["attn.c_attn.bias"],
+                d["dqkv"], a["ln1"], cw["attn.c_attn.weight"], False)
             _core.layernorm_backward(dres, g["ln_1.weight"], g["ln_1.bias"], d["dln"], res_in,
                                      w["ln_1.weight"], a["ln1_mean"][l], a["ln1_rstd"][l],
                                      d["ln_scratch"])

@@ -164,6 +164,10 @@ data parallel over MPI (pip install "gpt2s[mpi]"; docs/distributed.md): under
                                              f"resumed run keeps its own)"))
     add_threads_option(p, type=positive_int,
                        default_note="; under MPI the cores divided by the ranks on the node")
+    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="precision of the matmuls: bfloat16 operands with float32 sums, "
+                        "forward and backward; the weights, gradients and AdamW state stay "
+                        "float32 (default: %(default)s)")
     p.add_argument("--distributed", action="store_true",
                    help="data parallel over MPI even when no launcher variable announces more "
                         "than one process (default: when one does; see below)")
@@ -338,6 +342,7 @@ def _run_locked(args, out: Path, world: World) -> int:
         raise UserError(str(e)) from None
     if warning and world.rank == 0:   # once the inputs are known to be usable
         print(f"warning: {warning}", file=sys.stderr)
+    model.compute_dtype = args.compute_dtype
     opt = AdamW(model, lr=run.lr, weight_decay=run.weight_decay)
     first, last_val, elapsed = 0, None, 0.0
     if ck is not None:
