@@ -697,7 +697,8 @@ def main(argv=None) -> int:
         # quality: logits of every position of the same random ids
         log("logits for the quality table")
         logits = {}
-        for dtype in dict.fromkeys(p[0] for p in pairs):
+        # the float32 references of the quality table are always computed
+        for dtype in dict.fromkeys(["float32"] + [p[0] for p in pairs]):
             out = tmp / f"gpt2s-{dtype}.f32"
             ours(run, args, "logits", dtype, files["quality"], out=out)
             logits[f"gpt2s {dtype}"] = np.fromfile(out, np.float32).reshape(len(q_ids), -1)
@@ -705,9 +706,10 @@ def main(argv=None) -> int:
             try:
                 exe = compile_llama_logits(args.anchors, args.cache)
                 meta["llama_logits_exe"] = str(exe)
-                for _, lq, _ in pairs:
+                qfiles = {"F32": args.anchors / "gguf" / "gpt2-random-f32.gguf", **ggufs}
+                for lq, path in qfiles.items():
                     out = tmp / f"llama-{lq}.f32"
-                    run([exe, ggufs[lq], files["quality"], out, args.threads],
+                    run([exe, path, files["quality"], out, args.threads],
                         f"llama_logits {lq}")
                     logits[f"llama.cpp {lq}"] = np.fromfile(out, np.float32).reshape(
                         len(q_ids), -1)
