@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=("decode", "prefill", "logits", "bandwidth"))
     p.add_argument("--model")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "int8"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "int8", "int4"))
     p.add_argument("--ids-file")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--new", type=int, default=128)

@@ -32,11 +32,14 @@ REPO = HERE.parent
 RUNNER = HERE / "gpt2s_runner.py"
 LOGITS_CPP = HERE / "llama_logits.cpp"
 
-# (gpt2s dtype, llama.cpp type name, GGUF file suffix): the pairs the issue compares
-PAIRS = (("float32", "F32", "f32"), ("bfloat16", "F16", "f16"), ("int8", "Q8_0", "q8_0"))
-# the issue's targets: gpt2s / llama.cpp batch-1 decode tokens/s at each precision, and
-# gpt2s's batch-8 decode rate against its own float32 one
-DECODE_TARGETS = {"float32": 1.0, "bfloat16": 1.1, "int8": 1.1}
+# (gpt2s dtype, llama.cpp type name, GGUF file suffix): the pairs the issues compare (11:
+# float32, bfloat16, int8; 26: int4 against both 4-bit formats llama.cpp users pick)
+PAIRS = (("float32", "F32", "f32"), ("bfloat16", "F16", "f16"), ("int8", "Q8_0", "q8_0"),
+         ("int4", "Q4_0", "q4_0"), ("int4", "Q4_K_M", "q4_k_m"))
+# the issues' targets: gpt2s / llama.cpp batch-1 decode tokens/s at each precision, prefill
+# rates (None: reported only), and gpt2s's batch-8 decode rate against its own float32 one
+DECODE_TARGETS = {"float32": 1.0, "bfloat16": 1.1, "int8": 1.1, "int4": 1.1}
+PREFILL_TARGETS = {"int4": 1.0}
 BATCH8_TARGETS = {"bfloat16": 1.6, "int8": 2.5}
 RSS_SLACK_MIB = 64
 REDO = 2   # redos of a disturbed pair of runs
@@ -107,7 +110,8 @@ def parse_time_v(text: str) -> dict:
 
 GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20),
               6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
-              30: ("BF16", 1, 2)}          # type id: (name, block size, bytes per block)
+              10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144),
+              13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 30: ("BF16", 1, 2)}          # type id: (name, block size, bytes per block)
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
                  11: "q", 12: "d"}
 
@@ -351,11 +355,13 @@ def summarize(results: dict) -> dict:
     ratios against the issue's targets."""
     bw = median(r["gbs"] for r in results["bandwidth"])
     rows = []
+    seen = set()
     for dtype, lq, _ in PAIRS:
         for engine, key in (("gpt2s", dtype), ("llama.cpp", lq)):
             runs = results["runs"].get(engine, {}).get(key)
-            if not runs:
+            if not runs or (engine, key) in seen:   # int4: one row for its two peers
                 continue
+            seen.add((engine, key))
             dec, p512, b8 = runs.get("decode", []), runs.get("prefill512", []), \
                 runs.get("batch8", [])
             bpt = runs.get("weight_bytes_per_token")
@@ -395,9 +401,9 @@ def summarize(results: dict) -> dict:
         add("decode tok/s, B=1", f"{dtype} / {lq}", g.get("decode_tok_s"),
             l.get("decode_tok_s"), DECODE_TARGETS[dtype])
         add("prefill 16 tok/s", f"{dtype} / {lq}", g.get("prefill16_tok_s"),
-            l.get("prefill16_tok_s"), None)
+            l.get("prefill16_tok_s"), PREFILL_TARGETS.get(dtype))
         add("prefill 512 tok/s", f"{dtype} / {lq}", g.get("prefill512_tok_s"),
-            l.get("prefill512_tok_s"), None)
+            l.get("prefill512_tok_s"), PREFILL_TARGETS.get(dtype))
         add("peak RSS MiB", f"{dtype} / {lq}", g.get("peak_rss_mib"), l.get("peak_rss_mib"),
             RSS_SLACK_MIB, kind="rss")
     f32 = by.get(("gpt2s", "float32"), {})
@@ -415,6 +421,13 @@ def summarize(results: dict) -> dict:
                            f"{dtype} / Q8_0", "gpt2s": mine, "reference": q8,
                            "value": None if q8 is None else mine / q8, "kind": "error",
                            "target": 1.0, "met": None if q8 is None else mine <= q8})
+    qk = (q.get("llama.cpp Q4_K_M vs llama.cpp F32") or {}).get("rel_l2")
+    mine = (q.get("gpt2s int4 vs gpt2s float32") or {}).get("rel_l2")
+    if mine is not None:
+        ratios.append({"metric": "logits rel. L2 error vs float32", "precision":
+                       "int4 / Q4_K_M", "gpt2s": mine, "reference": qk,
+                       "value": None if qk is None else mine / qk, "kind": "error",
+                       "target": 1.0, "met": None if qk is None else mine <= qk})
     return {"bandwidth_gbs": bw, "rows": rows, "ratios": ratios}
 
 
@@ -481,7 +494,8 @@ def format_report(results: dict) -> str:
             value, target = _f(r["value"], "{:+.0f} MiB"), f"<= +{r['target']} MiB"
             g, ref = _f(r["gpt2s"], "{:.0f}"), _f(r["reference"], "{:.0f}")
         else:
-            value, target = _f(r["value"], "{:.2f}x"), "<= llama.cpp Q8_0's"
+            value, target = _f(r["value"], "{:.2f}x"), \
+                f"<= llama.cpp {r['precision'].split(' / ')[-1]}'s"
             g, ref = _f(r["gpt2s"], "{:.2e}"), _f(r["reference"], "{:.2e}")
         met = {True: "yes", False: "NO", None: "-"}[r["met"]]
         rows.append([r["metric"], r["precision"], g, ref, value, target, met])
@@ -514,7 +528,7 @@ def _parser():
     p.add_argument("--rounds", type=int, default=3, help="default: %(default)s")
     p.add_argument("--new", type=int, default=128, help="new tokens (default: %(default)s)")
     p.add_argument("--threads", type=int, default=2, help="default: %(default)s")
-    p.add_argument("--dtypes", default="float32,bfloat16,int8",
+    p.add_argument("--dtypes", default="float32,bfloat16,int8,int4",
                    help="gpt2s precisions (with their llama.cpp pairs) to run")
     p.add_argument("--quality-tokens", type=int, default=128,
                    help="random token ids whose logits are compared (default: %(default)s)")
@@ -541,7 +555,7 @@ def main(argv=None) -> int:
     args.llama_bin = args.anchors / "llama-build" / "bin"
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     pairs = [p for p in PAIRS if p[0] in dtypes]
-    if len(pairs) != len(dtypes):
+    if len({p[0] for p in pairs}) != len(dtypes):
         raise SystemExit(f"error: --dtypes must be a comma list of "
                          f"{[p[0] for p in PAIRS]}, got {args.dtypes!r}")
     if args.rounds < 1 or args.new < 2:
@@ -595,7 +609,7 @@ def main(argv=None) -> int:
                 "gguf": str(path), "types": gguf_matmul_types(tensors),
                 "weight_bytes_per_token": gguf_weight_bytes_per_token(tensors),
                 "decode": [], "prefill512": [], "batch8": []}
-    for dtype, _, _ in pairs:
+    for dtype, _, _ in pairs:   # int4 runs once per peer format: twice the samples
         results["runs"]["gpt2s"][dtype] = {"decode": [], "prefill512": [], "batch8": []}
 
     with tempfile.TemporaryDirectory(prefix="vs_llama_") as td:
@@ -684,7 +698,8 @@ def main(argv=None) -> int:
         # quality: logits of every position of the same random ids
         log("logits for the quality table")
         logits = {}
-        for dtype, _, _ in pairs:
+        # the float32 references of the quality table are always computed
+        for dtype in dict.fromkeys(["float32"] + [p[0] for p in pairs]):
             out = tmp / f"gpt2s-{dtype}.f32"
             ours(run, args, "logits", dtype, files["quality"], out=out)
             logits[f"gpt2s {dtype}"] = np.fromfile(out, np.float32).reshape(len(q_ids), -1)
@@ -692,17 +707,18 @@ def main(argv=None) -> int:
             try:
                 exe = compile_llama_logits(args.anchors, args.cache)
                 meta["llama_logits_exe"] = str(exe)
-                for _, lq, _ in pairs:
+                qfiles = {"F32": args.anchors / "gguf" / "gpt2-random-f32.gguf", **ggufs}
+                for lq, path in qfiles.items():
                     out = tmp / f"llama-{lq}.f32"
-                    run([exe, ggufs[lq], files["quality"], out, args.threads],
+                    run([exe, path, files["quality"], out, args.threads],
                         f"llama_logits {lq}")
                     logits[f"llama.cpp {lq}"] = np.fromfile(out, np.float32).reshape(
                         len(q_ids), -1)
             except (OSError, RuntimeError) as e:
                 results["errors"].append(f"llama.cpp logits: {e}")
         q = results["quality"]
-        for engine, ref, others in (("gpt2s", "float32", ("bfloat16", "int8")),
-                                    ("llama.cpp", "F32", ("F16", "Q8_0"))):
+        for engine, ref, others in (("gpt2s", "float32", ("bfloat16", "int8", "int4")),
+                                    ("llama.cpp", "F32", ("F16", "Q8_0", "Q4_0", "Q4_K_M"))):
             if f"{engine} {ref}" in logits:
                 for o in others:
                     if f"{engine} {o}" in logits:

@@ -133,14 +133,18 @@ def check(got, want, scale, K, what, extra=0.0):
 
 
 def activation_rounding(wtype, variant, route, x64, w_out64):
-    """The error the one-row int8 and 4-bit kernels add by rounding the activation row to int16
-    per block of 32 (|x - xq dx| <= max|x of the block| / 65534), times |w|, summed; 0 elsewhere."""
-    if wtype not in ("int8", "int4") or route != "direct" or variant == "portable" \
-            or x64.shape[0] != 1:
+    """The error the direct int8 and 4-bit kernels add by rounding the activations per block of
+    32, times |w|, summed; 0 elsewhere.  int8's one-row kernel rounds the row to int16
+    (|x - xq dx| <= max|x of the block| / 65534); the 4-bit kernels round every row, whatever
+    their number, to int8 (<= max|x| / 254, llama.cpp's Q8_0 activations)."""
+    if wtype not in ("int8", "int4") or route != "direct" or variant == "portable":
+        return 0.0
+    if wtype == "int8" and x64.shape[0] != 1:
         return 0.0
     M, K = x64.shape
     amax = np.repeat(np.abs(x64).reshape(M, K // 32, 32).max(axis=2), 32, axis=1)
-    return amax / 65534 * 1.01 @ np.abs(w_out64).T
+    step = 254 if wtype == "int4" else 65534
+    return amax / step * 1.01 @ np.abs(w_out64).T
 
 
 ROWS = [1, 2, 3, 5, 8, 13, 33]
@@ -246,7 +250,9 @@ def test_packed_weights_read_only(variant):
             a.setflags(write=False)
     out = np.empty((2, 16), np.float32)
     _core.matmul_forward(out, x, w, NO_BIAS)
-    check(out, x.astype(np.float64) @ w64, np.abs(x) @ np.abs(w64), 64, "read-only")
+    x64 = x.astype(np.float64)
+    check(out, x64 @ w64, np.abs(x) @ np.abs(w64), 64, "read-only",
+          activation_rounding(wtype, variant[1], "direct", x64, w64.T))
 
 
 def test_avx_vnni_int8_same_integers():

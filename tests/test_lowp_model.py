@@ -108,7 +108,11 @@ def test_paths_and_rows_agree(model, make_batch, dtype):
         _core.set_direct_max_rows(prev_rows)
     base = out["portable", 32]
     for k, v in out.items():
-        assert rel_l2(v, base) < 1e-5, k
+        # int4's direct kernels round the activations to int8 per block (llama.cpp's Q8_0
+        # activations; tests/test_lowp_int4_kernels.py checks them against that definition):
+        # through 2 layers and the head that moves the logits ~1.4e-2 from the float route
+        bound = 4e-2 if dtype == "int4" and k[0] != "portable" and k[1] == 1 << 20 else 1e-5
+        assert rel_l2(v, base) < bound, k
 
 
 @pytest.mark.parametrize("dtype", ["float32", *LOWP])
@@ -162,7 +166,9 @@ def test_saved_float32_of_a_low_precision_model(model, tmp_path, make_batch, dty
     back = GPT2.from_safetensors(tmp_path / "out")
     assert back.dtype == "float32"
     idx, _ = make_batch(model.config, 1, 7, seed=9)
-    assert rel_l2(back.forward(idx)[0], m.forward(idx)[0]) < 1e-5
+    # 7 rows: int4's direct kernels, activations rounded to int8 per block (~1e-2)
+    tol = 4e-2 if dtype == "int4" and _core.get_kernel_variant("int4") != "portable" else 1e-5
+    assert rel_l2(back.forward(idx)[0], m.forward(idx)[0]) < tol
     np.testing.assert_array_equal(back.forward(idx)[0], m.to_dtype("float32").forward(idx)[0])
 
 

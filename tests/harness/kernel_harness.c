@@ -6,9 +6,10 @@
    The reference of a direct kernel C (+)= A @ W is the portable widening of W (the route the
    portable variant takes: widen, then sgemm) multiplied in double precision here; the
    variants' float32 sums may differ from it by the rounding of a float32 dot product in any
-   order, (K + 8) 2^-24 sum |a w|, and the one-row integer kernels of the blocked types also
-   by their rounding of the activations to int16 per block (max|x| / 65534 per element,
-   q8.h).  Where the kernels promise more, the harness checks more: the widenings are exact
+   order, (K + 8) 2^-24 sum |a w|, and the integer kernels of the blocked types also by
+   their rounding of the activations per block (int8's one-row kernel to int16: max|x| /
+   65534 per element, q8.h; int4's kernels, every row count, to int8: max|x| / 254, q4.h).
+   Where the kernels promise more, the harness checks more: the widenings are exact
    (bit-for-bit equal to the portable one) and avx-vnni's int8 kernel equals x86-64-v3's bit
    for bit.  The quantizers (portable only) are checked against the rules q8.h / q4.h / bf16.h
    state, computed independently here.  neon-dotprod's int8 / int4 kernels must equal neon's
@@ -209,14 +210,20 @@ static void check_direct(int t, int output_major, int isa, gpt2s_direct_fn f,
                             if (C[(size_t)m * ldc + j] != SENTINEL) untouched = 0;
                         for (int j = 0; j < N; j++) {
                             double ref = acc ? C0[(size_t)m * ldc + j] : 0.0, mag = fabs(ref);
-                            double act = 0.0;   /* the int16 rounding of the activations */
+                            /* the rounding of the activations per block of 32: int8's
+                               one-row kernel to int16, int4's kernels (every M) to int8 */
+                            double act = 0.0, step = t == GPT2S_WTYPE_Q4 ? 254.0 : 65534.0;
+                            int rounds = blocked && (M == 1 || t == GPT2S_WTYPE_Q4);
                             for (int k = 0; k < K; k++) {
                                 double wk = s.wide[(size_t)k * N + j];
                                 ref += (double)a[k] * wk;
                                 mag += fabs((double)a[k] * wk);
-                                if (blocked && M == 1)
-                                    act += fabs(wk) * (bmax[k / 32] / 65534.0
-                                                       + 4e-7 * fabs(a[k]));
+                                if (rounds) {
+                                    double amax = 0.0;
+                                    for (int i = k - k % 32; i < k - k % 32 + 32; i++)
+                                        amax = fmax(amax, fabs(a[i]));
+                                    act += fabs(wk) * (amax / step + 4e-7 * fabs(a[k]));
+                                }
                             }
                             double bound = (K + 8) * 5.9604644775390625e-08 * mag
                                            + 1.01 * act + 1e-30;

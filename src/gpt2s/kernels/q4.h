@@ -14,9 +14,9 @@
    32.
 
    Portable: quantization and the widening of rows into float32 (the panel route).
-   x86-64-v3: direct kernels for 1 to 32 rows: the nt tile of tile.h, and for one row the
-   integer kernel of int8 (activations rounded once per call to int16 per block of 32).
-   avx512: the same on 512-bit registers (q8.h's avx512 kernels on 4-bit loads). */
+   x86-64-v3: direct kernels for 1 to 32 rows, integer dot products of the weights with the
+   activations rounded to int8 per block of 32 (below), and a vector widening.  The AVX-512
+   levels run these (one definition of the products on every x86 CPU). */
 
 #ifndef GPT2S_Q4_H
 #define GPT2S_Q4_H
@@ -25,6 +25,7 @@
 #include <string.h>
 #include <math.h>
 #include <float.h>
+#include <stdlib.h>
 #include "tile.h"
 #include "q8.h"   /* the fp16 conversions, GPT2S_Q8_BLOCK (the same 32) */
 
@@ -107,12 +108,369 @@ static void gpt2s_q4_widen(float *out, int64_t ldo, const void *W, int64_t ldw,
 
 #if GPT2S_HAVE_X86_64_V3
 
-/* C[:, 0:n] (+)= A (M, K) @ W (n, K)^T, W q4 with scales S [n][K/32]: the blocked-type
-   kernels of q8.h on 4-bit loads */
+/* The integer kernels: 4-bit weights times activations rounded to int8.
+
+   Each row of A is rounded once per call to int8 per block of 32 (llama.cpp's Q8_0 rounding
+   of the activations): xq = round(x 127 / m), m = max|x| of the block, dx = m / 127, so
+   |x - xq dx| <= dx / 2.  A block's dot product with the weights q (0..15, w = d (q - 8)) is
+   then exact in integers: vpmaddubsw (q unsigned x xq signed; a pair's sum <= 2 15 127, two
+   such sums added still fit int16) and vpmaddwd by ones give int32 sums P_b, converted and
+   multiplied by d_b dx_b (one float32 product) into float lanes.  The weights' offset 8
+   comes out once per output: sum_b d_b dx_b (P_b - 8 X_b) = sum_b d_b dx_b P_b - sum_b d_b c_b
+   with c_b = dx_b 8 X_b and X_b the block's sum of xq (both sums float32, in a fixed order).
+
+   Two blocks at a time: 32 bytes of W (blocks b, b + 1) and a vpand give the low nibbles
+   [w0..15 of b, w0..15 of b + 1], a shift and a vpand the high ones; the rounded row is
+   stored in the same order (per pair of blocks: the first 16 of each, then the last 16 of
+   each), so the lanes of each product are block b's (0-3) and block b + 1's (4-7), scaled by
+   [d_b dx_b x 4, d_b+1 dx_b+1 x 4].  Per 64 weights and W row 3 operations unpack them; per
+   row of A, 2 vpmaddubsw, a vpaddw, a vpmaddwd, a conversion and an FMA (and a multiply of
+   the two scales, which one row does 8 blocks at a time before the loop): about 4 vector
+   operations per 32 weights on one row, where widening them to int16 (the int8 type's
+   one-row kernel) takes 15.  An odd last block runs the same on 128-bit registers.
+
+   Every output is computed by the same operations in the same order whatever tile it falls
+   in: a row's outputs do not depend on the other rows of A in the call, nor on their number
+   (batch decoding and prefill give a row what decoding it alone gives). */
+
+/* where the 16-byte halves of block b of a rounded row go (pairs interleaved, above) */
+static inline int64_t gpt2s_q4_xlo(int b, int nb) {
+    return (b | 1) < nb ? (int64_t)64 * (b >> 1) + 16 * (b & 1) : (int64_t)32 * b;
+}
+static inline int64_t gpt2s_q4_xhi(int b, int nb) {
+    return gpt2s_q4_xlo(b, nb) + ((b | 1) < nb ? 32 : 16);
+}
+
+/* xq (M x K int8, pairs of blocks interleaved), dx, cx (M x K / 32) and dxp (M x K / 64 x 8:
+   [dx_b x 4, dx_b+1 x 4] per pair) = the rows of A rounded per block (above); -1 when a row
+   holds a non-finite value */
+GPT2S_V3_INLINE int gpt2s_q4_round_rows_arch_x86_64_v3(int M, int K, const float *A, int lda,
+        int8_t *xq, float *dx, float *cx, float *dxp) {
+    int nb = K / GPT2S_Q4_BLOCK, np = nb / 2;
+    const __m256 sign = _mm256_set1_ps(-0.0f), zero = _mm256_setzero_ps();
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int m = 0; m < M; m++) {
+        int8_t *xr = xq + (int64_t)m * K;
+        for (int b = 0; b < nb; b++) {
+            const float *x = A + (int64_t)m * lda + b * GPT2S_Q4_BLOCK;
+            __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
+            __m256 x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);
+            /* x * 0 is NaN exactly for inf and NaN (max_ps would drop a NaN) */
+            __m256 z = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(x0, zero), _mm256_mul_ps(x1, zero)),
+                                     _mm256_add_ps(_mm256_mul_ps(x2, zero), _mm256_mul_ps(x3, zero)));
+            if (_mm256_movemask_ps(_mm256_cmp_ps(z, z, _CMP_UNORD_Q))) return -1;
+            __m256 a = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, x0), _mm256_andnot_ps(sign, x1)),
+                                     _mm256_max_ps(_mm256_andnot_ps(sign, x2), _mm256_andnot_ps(sign, x3)));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            float amax = _mm_cvtss_f32(h), d = amax / 127.0f;
+            __m256 vi = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(x0, vi));
+            __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(x1, vi));
+            __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(x2, vi));
+            __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(x3, vi));
+            /* the packs interleave 128-bit lanes: dwords [0-3 8-11 16-19 24-27 4-7 ...] */
+            __m256i p = _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3)), order);
+            _mm_storeu_si128((__m128i *)(xr + gpt2s_q4_xlo(b, nb)), _mm256_castsi256_si128(p));
+            _mm_storeu_si128((__m128i *)(xr + gpt2s_q4_xhi(b, nb)), _mm256_extracti128_si256(p, 1));
+            __m256i t = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+            __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+            u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4e));
+            u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0xb1));
+            dx[(int64_t)m * nb + b] = d;
+            cx[(int64_t)m * nb + b] = d * (float)(8 * _mm_cvtsi128_si32(u));
+        }
+        for (int q = 0; q < np; q++)
+            _mm256_storeu_ps(dxp + ((int64_t)m * np + q) * 8, _mm256_setr_m128(
+                _mm_set1_ps(dx[(int64_t)m * nb + 2 * q]), _mm_set1_ps(dx[(int64_t)m * nb + 2 * q + 1])));
+    }
+    return 0;
+}
+
+/* sum_b sw[b] c[b], 8 lanes then the lanes pairwise, then the tail in order */
+GPT2S_V3_INLINE float gpt2s_q4_corr_arch_x86_64_v3(const float *sw, const float *c, int nb) {
+    __m256 s = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 8 <= nb; b += 8)
+        s = _mm256_fmadd_ps(_mm256_loadu_ps(sw + b), _mm256_loadu_ps(c + b), s);
+    float t = gpt2s_hsum_arch_x86_64_v3(s);
+    for (; b < nb; b++) t += sw[b] * c[b];
+    return t;
+}
+
+/* swp (K / 64 x 8) = [f_b x 4, f_b+1 x 4] per pair of blocks, f = sw (times dx if dx) */
+GPT2S_V3_INLINE void gpt2s_q4_pairs_arch_x86_64_v3(float *swp, const float *sw, const float *dx,
+                                                   int nb) {
+    int np = nb / 2, q = 0;
+    const __m256i i0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    const __m256i i1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    const __m256i i2 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5);
+    const __m256i i3 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
+    for (; q + 4 <= np; q += 4) {
+        __m256 f = _mm256_loadu_ps(sw + 2 * q);
+        if (dx) f = _mm256_mul_ps(f, _mm256_loadu_ps(dx + 2 * q));
+        _mm256_storeu_ps(swp + 8 * q, _mm256_permutevar8x32_ps(f, i0));
+        _mm256_storeu_ps(swp + 8 * q + 8, _mm256_permutevar8x32_ps(f, i1));
+        _mm256_storeu_ps(swp + 8 * q + 16, _mm256_permutevar8x32_ps(f, i2));
+        _mm256_storeu_ps(swp + 8 * q + 24, _mm256_permutevar8x32_ps(f, i3));
+    }
+    for (; q < np; q++) {
+        float f0 = dx ? sw[2 * q] * dx[2 * q] : sw[2 * q];
+        float f1 = dx ? sw[2 * q + 1] * dx[2 * q + 1] : sw[2 * q + 1];
+        _mm256_storeu_ps(swp + 8 * q, _mm256_setr_m128(_mm_set1_ps(f0), _mm_set1_ps(f1)));
+    }
+}
+
+/* C[:, 0:n] (+)= A @ W^T in tiles of RA rows of A x RW rows of W, A rounded (xq, dx, dxp,
+   cx); scratch: sw (RW x K / 32 floats, the tile's scales), swp (RW x K / 8: the scales in
+   pairs, times dx for RA = 1) */
+GPT2S_V3_INLINE void gpt2s_q4_i8_tile_arch_x86_64_v3(const int RA, const int RW, int M, int n,
+        int K, const int8_t *xq, const float *dx, const float *dxp, const float *cx,
+        const void *W, const uint16_t *S, int accumulate, float *C, int ldc, float *sw,
+        float *swp) {
+    int nb = K / GPT2S_Q4_BLOCK, np = nb / 2, odd = nb & 1, bt = nb - 1;
+    int64_t rb = K / 2;   /* bytes of a W row */
+    const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m128i mask4 = _mm_set1_epi8(15), ones4 = _mm_set1_epi16(1);
+    for (int v = 0; v < n; v += RW) {
+        int vr = n - v < RW ? n - v : RW;
+        const uint8_t *w[4];
+        int prefetch = v + 2 * RW <= n;
+#pragma GCC unroll 4
+        for (int r = 0; r < RW; r++) {
+            int64_t row = v + (vr > r ? r : 0);
+            w[r] = (const uint8_t *)W + row * rb;
+            const uint16_t *h = S + row * nb;
+            int b = 0;
+            for (; b + 8 <= nb; b += 8)
+                _mm256_storeu_ps(sw + r * nb + b,
+                                 _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + b))));
+            for (; b < nb; b++) sw[r * nb + b] = _cvtsh_ss(h[b]);
+        }
+        for (int m0 = 0; m0 < M; m0 += RA) {
+            int mr = M - m0 < RA ? M - m0 : RA;
+            if (RA == 1 || m0 == 0)
+                for (int r = 0; r < RW; r++)
+                    gpt2s_q4_pairs_arch_x86_64_v3(swp + (int64_t)r * np * 8, sw + r * nb,
+                                                  RA == 1 ? dx + (int64_t)m0 * nb : NULL, nb);
+            const int8_t *x[4];
+            const float *xd[4];
+#pragma GCC unroll 4
+            for (int i = 0; i < RA; i++) {
+                x[i] = GPT2S_ROW(xq + (int64_t)m0 * K, i, mr, K);
+                xd[i] = GPT2S_ROW(dxp + (int64_t)m0 * np * 8, i, mr, np * 8);
+            }
+            __m256 s[4][4];
+#pragma GCC unroll 4
+            for (int i = 0; i < RA; i++)
+#pragma GCC unroll 4
+                for (int r = 0; r < RW; r++) s[i][r] = _mm256_setzero_ps();
+            for (int q = 0; q < np; q++) {
+                __m256i lo[4], hi[4];
+                if (RA != 1)   /* one row of A: each W row unpacked where it is used */
+#pragma GCC unroll 4
+                    for (int r = 0; r < RW; r++) {
+                        if (prefetch && (q & 1) == 0)
+                            __builtin_prefetch(w[r] + RW * rb + 32 * q);
+                        __m256i raw = _mm256_loadu_si256((const __m256i *)(w[r] + 32 * q));
+                        lo[r] = _mm256_and_si256(raw, mask);
+                        hi[r] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                    }
+#pragma GCC unroll 4
+                for (int i = 0; i < RA; i++) {
+#pragma GCC unroll 4
+                    for (int r = 0; r < RW; r++) {
+                        if (RA == 1) {
+                            if (prefetch && (q & 1) == 0)
+                                __builtin_prefetch(w[r] + RW * rb + 32 * q);
+                            __m256i raw = _mm256_loadu_si256((const __m256i *)(w[r] + 32 * q));
+                            lo[r] = _mm256_and_si256(raw, mask);
+                            hi[r] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+                        }
+                        __m256 p = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo[r], _mm256_loadu_si256(
+                                (const __m256i *)(x[i] + 64 * q))),
+                            _mm256_maddubs_epi16(hi[r], _mm256_loadu_si256(
+                                (const __m256i *)(x[i] + 64 * q + 32)))), ones));
+                        __m256 sc = _mm256_loadu_ps(swp + ((int64_t)r * np + q) * 8);
+                        if (RA != 1) sc = _mm256_mul_ps(sc, _mm256_loadu_ps(xd[i] + 8 * q));
+                        s[i][r] = _mm256_fmadd_ps(p, sc, s[i][r]);
+                    }
+                }
+            }
+            if (odd) {   /* the last block alone, on 128 bits */
+                __m128i lo[4], hi[4];
+#pragma GCC unroll 4
+                for (int r = 0; r < RW; r++) {
+                    __m128i raw = _mm_loadu_si128((const __m128i *)(w[r] + 16 * bt));
+                    lo[r] = _mm_and_si128(raw, mask4);
+                    hi[r] = _mm_and_si128(_mm_srli_epi16(raw, 4), mask4);
+                }
+#pragma GCC unroll 4
+                for (int i = 0; i < RA; i++) {
+                    const int8_t *xt = x[i] + (int64_t)32 * bt;
+                    __m128i xl = _mm_loadu_si128((const __m128i *)xt);
+                    __m128i xh = _mm_loadu_si128((const __m128i *)(xt + 16));
+                    float di = dx[(int64_t)(m0 + (mr > i ? i : 0)) * nb + bt];
+#pragma GCC unroll 4
+                    for (int r = 0; r < RW; r++) {
+                        __m128 p = _mm_cvtepi32_ps(_mm_madd_epi16(_mm_add_epi16(
+                            _mm_maddubs_epi16(lo[r], xl), _mm_maddubs_epi16(hi[r], xh)), ones4));
+                        s[i][r] = _mm256_fmadd_ps(_mm256_zextps128_ps256(p),
+                                                  _mm256_set1_ps(sw[r * nb + bt] * di), s[i][r]);
+                    }
+                }
+            }
+#pragma GCC unroll 4
+            for (int i = RA - 1; i >= 0; i--) {
+                if (i >= mr) continue;
+#pragma GCC unroll 4
+                for (int r = RW - 1; r >= 0; r--) {
+                    if (r >= vr) continue;
+                    float t = gpt2s_hsum_arch_x86_64_v3(s[i][r])
+                              - gpt2s_q4_corr_arch_x86_64_v3(sw + r * nb,
+                                                             cx + (int64_t)(m0 + i) * nb, nb);
+                    float *c = C + (int64_t)(m0 + i) * ldc + v + r;
+                    *c = accumulate ? *c + t : t;
+                }
+            }
+        }
+    }
+}
+
+/* sum_b d_b c_b from the fp16 scales: gpt2s_q4_corr on the same floats, in the same order */
+GPT2S_V3_INLINE float gpt2s_q4_corr16_arch_x86_64_v3(const uint16_t *h, const float *c, int nb) {
+    __m256 s = _mm256_setzero_ps();
+    int b = 0;
+    for (; b + 8 <= nb; b += 8)
+        s = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + b))),
+                            _mm256_loadu_ps(c + b), s);
+    float t = gpt2s_hsum_arch_x86_64_v3(s);
+    for (; b < nb; b++) t += _cvtsh_ss(h[b]) * c[b];
+    return t;
+}
+
+/* One row of A (decoding): the 1 x 4 tile of gpt2s_q4_i8_tile, the same operations on each
+   output in the same order, written out so that its pointers stay in registers: 4 W rows a
+   step (one contiguous run of memory, the next 4 prefetched), the pairs' scales d_b dx_b made
+   8 blocks at a time in registers (a conversion and a multiply, then a vpermps per pair). */
+GPT2S_V3_INLINE void gpt2s_q4_i8_row1_arch_x86_64_v3(int n, int K, const int8_t *xq,
+        const float *dx, const float *cx, const void *W, const uint16_t *S, int accumulate,
+        float *c) {
+    int nb = K / GPT2S_Q4_BLOCK, np = nb / 2, bt = nb - 1, g8 = np / 4 * 8;
+    int64_t rb = K / 2;
+    const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const __m256i i0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+    const __m256i i1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    const __m256i i2 = _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5);
+    const __m256i i3 = _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7);
+    for (int v = 0; v < n; v += 4) {
+        int vr = n - v < 4 ? n - v : 4;
+        const uint8_t *w0 = (const uint8_t *)W + (int64_t)v * rb;
+        const uint8_t *w1 = GPT2S_ROW(w0, 1, vr, rb), *w2 = GPT2S_ROW(w0, 2, vr, rb);
+        const uint8_t *w3 = GPT2S_ROW(w0, 3, vr, rb);
+        const uint16_t *h0 = S + (int64_t)v * nb;
+        const uint16_t *h1 = GPT2S_ROW(h0, 1, vr, nb), *h2 = GPT2S_ROW(h0, 2, vr, nb);
+        const uint16_t *h3 = GPT2S_ROW(h0, 3, vr, nb);
+        __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+#define GPT2S_Q4_PAIR(w, q, sc, acc) do { \
+            __m256i raw_ = _mm256_loadu_si256((const __m256i *)((w) + 32 * (int64_t)(q))); \
+            __m256i lo_ = _mm256_and_si256(raw_, mask); \
+            __m256i hi_ = _mm256_and_si256(_mm256_srli_epi16(raw_, 4), mask); \
+            __m256 p_ = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16( \
+                _mm256_maddubs_epi16(lo_, _mm256_loadu_si256((const __m256i *)(xq + 64 * (int64_t)(q)))), \
+                _mm256_maddubs_epi16(hi_, _mm256_loadu_si256((const __m256i *)(xq + 64 * (int64_t)(q) + 32)))), \
+                ones)); \
+            acc = _mm256_fmadd_ps(p_, sc, acc); \
+        } while (0)
+#define GPT2S_Q4_ROW8(w, h, acc) do { \
+            __m256 f_ = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((h) + g))), dx8); \
+            __builtin_prefetch((w) + 4 * rb + 16 * g); \
+            __builtin_prefetch((w) + 4 * rb + 16 * g + 64); \
+            GPT2S_Q4_PAIR(w, g / 2, _mm256_permutevar8x32_ps(f_, i0), acc); \
+            GPT2S_Q4_PAIR(w, g / 2 + 1, _mm256_permutevar8x32_ps(f_, i1), acc); \
+            GPT2S_Q4_PAIR(w, g / 2 + 2, _mm256_permutevar8x32_ps(f_, i2), acc); \
+            GPT2S_Q4_PAIR(w, g / 2 + 3, _mm256_permutevar8x32_ps(f_, i3), acc); \
+        } while (0)
+        for (int g = 0; g < g8; g += 8) {   /* 8 blocks, 4 pairs */
+            __m256 dx8 = _mm256_loadu_ps(dx + g);
+            GPT2S_Q4_ROW8(w0, h0, s0);
+            GPT2S_Q4_ROW8(w1, h1, s1);
+            GPT2S_Q4_ROW8(w2, h2, s2);
+            GPT2S_Q4_ROW8(w3, h3, s3);
+        }
+#define GPT2S_Q4_SC(h, b0) _mm256_setr_m128(_mm_set1_ps(_cvtsh_ss((h)[b0]) * dx[b0]), \
+                                            _mm_set1_ps(_cvtsh_ss((h)[(b0) + 1]) * dx[(b0) + 1]))
+        for (int q = g8 / 2; q < np; q++) {
+            GPT2S_Q4_PAIR(w0, q, GPT2S_Q4_SC(h0, 2 * q), s0);
+            GPT2S_Q4_PAIR(w1, q, GPT2S_Q4_SC(h1, 2 * q), s1);
+            GPT2S_Q4_PAIR(w2, q, GPT2S_Q4_SC(h2, 2 * q), s2);
+            GPT2S_Q4_PAIR(w3, q, GPT2S_Q4_SC(h3, 2 * q), s3);
+        }
+#undef GPT2S_Q4_SC
+#undef GPT2S_Q4_ROW8
+#undef GPT2S_Q4_PAIR
+        if (nb & 1) {   /* the last block alone, on 128 bits */
+            const __m128i mask4 = _mm_set1_epi8(15), ones4 = _mm_set1_epi16(1);
+            __m128i xl = _mm_loadu_si128((const __m128i *)(xq + (int64_t)32 * bt));
+            __m128i xh = _mm_loadu_si128((const __m128i *)(xq + (int64_t)32 * bt + 16));
+#define GPT2S_Q4_TAIL(w, h, acc) do { \
+                __m128i raw_ = _mm_loadu_si128((const __m128i *)((w) + 16 * (int64_t)bt)); \
+                __m128 p_ = _mm_cvtepi32_ps(_mm_madd_epi16(_mm_add_epi16( \
+                    _mm_maddubs_epi16(_mm_and_si128(raw_, mask4), xl), \
+                    _mm_maddubs_epi16(_mm_and_si128(_mm_srli_epi16(raw_, 4), mask4), xh)), ones4)); \
+                acc = _mm256_fmadd_ps(_mm256_zextps128_ps256(p_), \
+                                      _mm256_set1_ps(_cvtsh_ss((h)[bt]) * dx[bt]), acc); \
+            } while (0)
+            GPT2S_Q4_TAIL(w0, h0, s0);
+            GPT2S_Q4_TAIL(w1, h1, s1);
+            GPT2S_Q4_TAIL(w2, h2, s2);
+            GPT2S_Q4_TAIL(w3, h3, s3);
+#undef GPT2S_Q4_TAIL
+        }
+        float t[4] = {
+            gpt2s_hsum_arch_x86_64_v3(s0) - gpt2s_q4_corr16_arch_x86_64_v3(h0, cx, nb),
+            gpt2s_hsum_arch_x86_64_v3(s1) - gpt2s_q4_corr16_arch_x86_64_v3(h1, cx, nb),
+            gpt2s_hsum_arch_x86_64_v3(s2) - gpt2s_q4_corr16_arch_x86_64_v3(h2, cx, nb),
+            gpt2s_hsum_arch_x86_64_v3(s3) - gpt2s_q4_corr16_arch_x86_64_v3(h3, cx, nb)};
+        for (int r = 0; r < vr; r++) c[v + r] = accumulate ? c[v + r] + t[r] : t[r];
+    }
+}
+
+/* C[:, 0:n] (+)= A (M, K) @ W (n, K)^T, W q4 with scales S [n][K/32]: the integer tiles
+   above (1 x 4, 2 x 3, 3 x 2, 4 x 2 by rows of A); a non-finite row of A (or no memory for
+   the rounded rows) sends the call to the float tiles of tile.h, which carry the NaN as
+   float32 weights do */
 GPT2S_V3 static void gpt2s_q4_nt_arch_x86_64_v3(int M, int n, int K, const float *A, int lda,
         const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
     (void)ldw;
-    gpt2s_blocked_nt_arch_x86_64_v3(GPT2S_ELEM_Q4, M, n, K, A, lda, W, S, accumulate, C, ldc);
+    int nb = K / GPT2S_Q4_BLOCK;
+    /* xq, dx, cx, dxp; sw and swp of 4 W rows */
+    int64_t need = (int64_t)M * K + (int64_t)24 * M * nb + (int64_t)80 * nb + 64;
+    char stack[65536] __attribute__((aligned(64)));
+    char *buf = need <= (int64_t)sizeof(stack) ? stack : (char *)malloc((size_t)need);
+    if (buf != NULL) {
+        float *dx = (float *)buf, *cx = dx + (int64_t)M * nb, *dxp = cx + (int64_t)M * nb;
+        float *sw = dxp + (int64_t)4 * M * nb, *swp = sw + 4 * nb;
+        int8_t *xq = (int8_t *)(swp + 16 * nb);
+        int ok = gpt2s_q4_round_rows_arch_x86_64_v3(M, K, A, lda, xq, dx, cx, dxp) == 0;
+        if (ok) {
+#define GPT2S_Q4_TILE(RA, RW) gpt2s_q4_i8_tile_arch_x86_64_v3(RA, RW, M, n, K, xq, dx, dxp, \
+                                  cx, W, S, accumulate, C, ldc, sw, swp)
+            if (M == 1)
+                gpt2s_q4_i8_row1_arch_x86_64_v3(n, K, xq, dx, cx, W, S, accumulate, C);
+            else if (M == 2) GPT2S_Q4_TILE(2, 3);
+            else if (M == 3) GPT2S_Q4_TILE(3, 2);
+            else GPT2S_Q4_TILE(4, 2);
+#undef GPT2S_Q4_TILE
+        }
+        if (buf != stack) free(buf);
+        if (ok) return;
+    }
+    gpt2s_nt_tile_arch_x86_64_v3(GPT2S_ELEM_Q4, M < 4 ? 2 : 4, M < 4 ? 4 : 2, M, n, K, A, lda,
+                                 W, K, S, accumulate, C, ldc);
 }
 
 GPT2S_V3 static void gpt2s_q4_widen_arch_x86_64_v3(float *out, int64_t ldo, const void *W,
@@ -122,15 +480,6 @@ GPT2S_V3 static void gpt2s_q4_widen_arch_x86_64_v3(float *out, int64_t ldo, cons
 
 #endif
 
-#if GPT2S_HAVE_AVX512
-
-GPT2S_V4 static void gpt2s_q4_nt_arch_avx512(int M, int n, int K, const float *A, int lda,
-        const void *W, int ldw, const uint16_t *S, int accumulate, float *C, int ldc) {
-    (void)ldw;
-    gpt2s_blocked_nt_arch_avx512(GPT2S_ELEM_Q4, M, n, K, A, lda, W, S, accumulate, C, ldc);
-}
-
-#endif
 /* ------------------------------------------------------------------ neon (aarch64) */
 
 #if defined(__aarch64__) && GPT2S_HAVE_NEON
