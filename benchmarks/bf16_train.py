@@ -31,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import amd_core, cpu_info, kernel_isa  # noqa: E402
+from harness import amd_core, cpu_info, kernel_isa
 
 import gpt2s  # noqa: E402
 from gpt2s import GPT2, AdamW, GPT2Config, _core  # noqa: E402
@@ -192,6 +191,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--json", default=None, help="write the results there too")
     args = p.parse_args(argv)
+    from harness import announce_machine
+    announce_machine()
     info = machine()
     print(f"CPU: {info['cpu']}; ISA: {', '.join(info['isa'])}; gpt2s threads: "
           f"{info['threads']}; bfloat16 compute route: {info['bf16_compute']}"

@@ -36,6 +36,8 @@ def main(argv=None):
     p.add_argument("--small", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    from harness import announce_machine
+    announce_machine()
     import gpt2s
     from gpt2s import GPTNeoXConfig, GPTNeoXForCausalLM
     gpt2s.set_num_threads(args.threads)

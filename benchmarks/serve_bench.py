@@ -241,6 +241,8 @@ def main(argv=None):
     p.add_argument("--skip-gpt2s", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = p.parse_args(argv)
+    from harness import announce_machine
+    machine = announce_machine()
     model_dir = args.model or args.anchors / "gpt2-random"
     if args.model is not None and not args.model.exists():   # a name: demo, gpt2, ...
         from gpt2s.hub import find_model
