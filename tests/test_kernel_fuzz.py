@@ -328,6 +328,42 @@ for _N in (1, 5, 70):
                     inp=b.f32(d.N, d.C), wte=b.f32(d.V, d.C))
 
 
+# the bfloat16-compute products (compute_dtype="bfloat16"): float32 activations, bfloat16
+# weight copies (uint16 bits), float32 sums
+for _N in (1, 5, 70):
+    for _bias in (True, False):
+        @spec("matmul_forward_bf16", f"N={_N} bias={_bias}", dict(N=_N, C=40, OC=24),
+              {"out": W})
+        def _(d, i, b, _bias=_bias):
+            return dict(out=b.f32(d.N, d.OC), inp=b.f32(d.N, d.C), weight=b.bf16(d.C, d.OC),
+                        bias=b.f32(d.OC if _bias else 0))
+
+        for _acc in (False, True):
+            @spec("matmul_backward_bf16", f"N={_N} bias={_bias} accumulate={_acc}",
+                  dict(N=_N, C=40, OC=24),
+                  {"dinp": ACC if _acc else W, "dweight": ACC, "dbias": ACC})
+            def _(d, i, b, _bias=_bias, _acc=_acc):
+                return dict(dinp=b.f32(d.N, d.C), dweight=b.f32(d.C, d.OC),
+                            dbias=b.f32(d.OC if _bias else 0), dout=b.f32(d.N, d.OC),
+                            inp=b.f32(d.N, d.C), weight=b.bf16(d.C, d.OC),
+                            accumulate_dinp=_acc)
+
+    @spec("lm_head_forward_bf16", f"N={_N}", dict(N=_N, C=40, V=37), {"logits": W})
+    def _(d, i, b):
+        return dict(logits=b.f32(d.N, d.V), inp=b.f32(d.N, d.C), wte=b.bf16(d.V, d.C))
+
+    @spec("lm_head_backward_bf16", f"N={_N}", dict(N=_N, C=40, V=37),
+          {"dinp": W, "dwte": ACC, "dlogits": UPD})
+    def _(d, i, b):
+        return dict(dinp=b.f32(d.N, d.C), dwte=b.f32(d.V, d.C), dlogits=b.f32(d.N, d.V),
+                    inp=b.f32(d.N, d.C), wte=b.bf16(d.V, d.C))
+
+
+@spec("bf16_round_into", "", dict(N=77), {"out": W})
+def _(d, i, b):
+    return dict(out=b.u16(d.N), x=b.f32(d.N))
+
+
 # the packed-weight products: direct kernels (<= 32 rows), widened panels (more rows), one
 # row of a bfloat16 Conv1D weight split over K (K >= 64 per thread)
 for _N, _C in ((3, 64), (40, 64), (1, 256)):
@@ -630,6 +666,7 @@ NOT_FUZZED = {
     "kernel_variants": "a weight type's name",
     "weight_type_info": "a weight type's name",
     "set_split_k": "an on/off flag",
+    "set_bf16_compute_variant": "a route's name (tests/test_bf16_compute.py checks its refusals)",
 }
 
 

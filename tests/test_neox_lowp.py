@@ -79,12 +79,15 @@ def test_logits_against_float32(name, dtype, lowp_path):
     for k, v in q.params.items():
         f.params[k][...] = widen(v)
     exact = f.forward(idx)[0]
-    assert rel_l2(got, exact) < 1e-5
+    assert rel_l2(got, exact) < 1e-5   # 38 rows: widened panels, float32 products
+    # the decoding path: at most 32 rows go to the direct kernels, whose 4-bit ones round the
+    # activations to int8 per block (tests/test_lowp_int4_kernels.py): ~1e-2 from float32's
+    tol = 4e-2 if dtype == "int4" and lowp_path != "portable" else 1e-5
     kv = q.kv_cache(2, 32)
     first = q.forward_cached(idx[:, :12], 0, kv)
-    assert rel_l2(first, got[:, 11]) < 1e-5
+    assert rel_l2(first, got[:, 11]) < tol
     step = q.forward_cached(idx[:, 12:13], 12, kv)
-    assert rel_l2(step, got[:, 12]) < 1e-5
+    assert rel_l2(step, got[:, 12]) < tol
 
 
 def test_inference_only_and_round_trips(tmp_path):

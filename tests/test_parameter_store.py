@@ -101,9 +101,9 @@ def test_training_calls_hold_the_store_lock(model, make_batch, monkeypatch):
     def spy(name):
         kernel = getattr(gpt2s._core, name)
 
-        def call(*args):
+        def call(*args, **kwargs):
             held.append((name, lock.depth > 0))
-            return kernel(*args)
+            return kernel(*args, **kwargs)
         monkeypatch.setattr(gpt2s._core, name, call)
 
     for name in ("crossentropy_forward", "crossentropy_backward", "fill_zero", "adamw_step",
