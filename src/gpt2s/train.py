@@ -1,4 +1,4 @@
-"""``python -m gpt2s.train``: train GPT-2, or fine-tune a GPT-2, Llama or Qwen2 checkpoint, on
+"""``python -m gpt2s.train``: train GPT-2, or fine-tune a GPT-2, Llama, Qwen2 or GPT-NeoX checkpoint, on
 text files or token shards.
 
     python -m gpt2s.train input.txt --init mini --steps 2000 --out runs/mini
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train GPT-2 from random weights, or fine-tune a saved model (GPT-2, Llama,\n"
-                    "Qwen2), on the CPU.\n"
+                    "Qwen2, GPT-NeoX), on the CPU.\n"
                     "Checkpoints are all-or-nothing, and a run stopped in any way continues\n"
                     "exactly with --resume.",
         epilog=f"""\
@@ -130,8 +130,8 @@ data parallel over MPI (pip install "gpt2s[mpi]"; docs/distributed.md): under
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PATH",
                      help="fine-tune this model: a .safetensors file or a model directory "
-                          "(or a name such as gpt2 or demo: GPT2.from_pretrained); a Llama or "
-                          "Qwen2 checkpoint directory brings its tokenizer.json, which the "
+                          "(or a name such as gpt2 or demo: GPT2.from_pretrained); a Llama, "
+                          "Qwen2 or GPT-NeoX checkpoint directory brings its tokenizer.json, which the "
                           "run uses and keeps (default: random weights of --init)")
     src.add_argument("--init", choices=GPT2Config.presets(), default=None, metavar="SIZE",
                      help="start from random weights of this size, one of "
@@ -290,7 +290,7 @@ def _run_locked(args, out: Path, world: World) -> int:
     model = own = None
     try:
         if ck is None and args.model:
-            # any family AutoModelForCausalLM runs (a GPT-2, Llama or Qwen2 checkpoint), with
+            # any family AutoModelForCausalLM runs (GPT-2, Llama, Qwen2, GPT-NeoX), with
             # its own tokenizer when it is not GPT-2's
             model, own = _load_model(args.model)
     except (OSError, ValueError) as e:   # SafetensorsError, VocabError are ValueErrors
@@ -426,7 +426,7 @@ def _auto():
 def _load_model(name_or_path):
     """(the float32 model of --model, its own tokenizer or None): a checkpoint of any family
     `AutoModelForCausalLM` runs (another is refused by name); a model whose vocabulary is not
-    GPT-2's (a Llama or Qwen2 checkpoint) comes with the tokenizer.json beside it (or the
+    GPT-2's (a Llama, Qwen2 or GPT-NeoX checkpoint) comes with the tokenizer.json beside it (or the
     vocab.json of a gpt2s run), which the run encodes its text with and saves."""
     from .hub import resolve_pretrained
     from .vocab import tokenizer_for
