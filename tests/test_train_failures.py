@@ -295,3 +295,22 @@ def test_under_mpi_rank_0_holds_the_lock_and_a_refusal_ends_the_job(tmp_path):
     code, err = _mpi_train(out, "--resume", "--steps", "2")
     assert code == 0, err
     assert_only_checkpoint_of(out, 2)
+
+
+def test_stop_request_messages_name_what_stops_the_run_now(capsys):
+    """Ctrl-C: a second one stops at once, and the message says so; SIGTERM (what a scheduler
+    sends): the step ends first, and the message does not talk of Ctrl-C."""
+    import signal
+
+    from gpt2s.training import _StopRequests
+    for sig, again in ((signal.SIGINT, True), (signal.SIGTERM, False)):
+        stop = _StopRequests()
+        stop._handle(sig, None)
+        err = capsys.readouterr().err
+        assert stop.signal == sig
+        assert err == f"\n{signal.Signals(sig).name}: stopping after this step" \
+                      + (" (Ctrl-C again to stop now)" if again else "") + "\n"
+    stop = _StopRequests()
+    stop._handle(signal.SIGINT, None)
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)

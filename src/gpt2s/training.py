@@ -630,8 +630,10 @@ class _StopRequests:
         if self.signal is not None and sig == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = sig
-        print(f"\n{signal.Signals(sig).name}: stopping after this step (Ctrl-C again to stop "
-              f"now)", file=sys.stderr, flush=True)
+        # a second Ctrl-C stops at once; a second SIGTERM (a scheduler's) waits for the step
+        again = " (Ctrl-C again to stop now)" if sig == signal.SIGINT else ""
+        print(f"\n{signal.Signals(sig).name}: stopping after this step{again}",
+              file=sys.stderr, flush=True)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
