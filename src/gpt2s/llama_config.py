@@ -169,19 +169,8 @@ class LlamaConfig:
         if self.hidden_act not in ACTIVATION_KERNELS:
             raise ValueError(f"LlamaConfig.hidden_act={self.hidden_act!r}: not one of "
                              f"{sorted(ACTIVATION_KERNELS)}")
-        if self.bos_token_id is not None and not _is_token_id(self.bos_token_id,
-                                                              self.vocab_size):
-            raise ValueError(f"LlamaConfig.bos_token_id={self.bos_token_id!r}: need a token id "
-                             f"in [0, vocab_size={self.vocab_size})")
-        eos = self.eos_token_id
-        if isinstance(eos, (list, tuple)):
-            if not eos or not all(_is_token_id(t, self.vocab_size) for t in eos):
-                raise ValueError(f"LlamaConfig.eos_token_id={list(eos)!r}: need token ids in "
-                                 f"[0, vocab_size={self.vocab_size})")
-            setf("eos_token_id", tuple(eos) if len(eos) > 1 else eos[0])
-        elif eos is not None and not _is_token_id(eos, self.vocab_size):
-            raise ValueError(f"LlamaConfig.eos_token_id={eos!r}: need a token id (or a list of "
-                             f"them) in [0, vocab_size={self.vocab_size})")
+        setf("eos_token_id", _check_token_ids("LlamaConfig", self.bos_token_id,
+                                              self.eos_token_id, self.vocab_size))
         setf("rope_scaling", _check_rope_scaling(self.rope_scaling, "LlamaConfig.rope_scaling"))
         if self.model_type not in _ARCHITECTURES:
             raise ValueError(f"LlamaConfig.model_type={self.model_type!r}: one of "
@@ -478,6 +467,23 @@ def rope_inv_freq(d: int, theta: float, rope_scaling) -> np.ndarray:
 
 def _is_token_id(t, vocab_size) -> bool:
     return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+
+
+def _check_token_ids(owner: str, bos, eos, vocab_size: int):
+    """Refuse (ValueError naming owner's field) a bos_token_id / eos_token_id that is not a token
+    id of the vocabulary; return eos normalised: one id, a tuple of several, or None."""
+    if bos is not None and not _is_token_id(bos, vocab_size):
+        raise ValueError(f"{owner}.bos_token_id={bos!r}: need a token id in "
+                         f"[0, vocab_size={vocab_size})")
+    if isinstance(eos, (list, tuple)):
+        if not eos or not all(_is_token_id(t, vocab_size) for t in eos):
+            raise ValueError(f"{owner}.eos_token_id={list(eos)!r}: need token ids in "
+                             f"[0, vocab_size={vocab_size})")
+        return tuple(eos) if len(eos) > 1 else eos[0]
+    if eos is not None and not _is_token_id(eos, vocab_size):
+        raise ValueError(f"{owner}.eos_token_id={eos!r}: need a token id (or a list of "
+                         f"them) in [0, vocab_size={vocab_size})")
+    return eos
 
 
 def _check_rope_scaling(rs, where):

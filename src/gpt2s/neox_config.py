@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .config import ACTIVATION_KERNELS, read_config_json
-from .llama_config import ALIGN, _bad, _check_rope_scaling, _is_token_id, rope_inv_freq
+from .llama_config import ALIGN, _bad, _check_rope_scaling, _check_token_ids, rope_inv_freq
 
 __all__ = ["GPTNeoXConfig", "NEOX_LAYER_SUFFIXES"]
 
@@ -162,19 +162,8 @@ class GPTNeoXConfig:
         if self.hidden_act not in ACTIVATION_KERNELS:
             raise ValueError(f"GPTNeoXConfig.hidden_act={self.hidden_act!r}: not one of "
                              f"{sorted(ACTIVATION_KERNELS)}")
-        if self.bos_token_id is not None and not _is_token_id(self.bos_token_id,
-                                                              self.vocab_size):
-            raise ValueError(f"GPTNeoXConfig.bos_token_id={self.bos_token_id!r}: need a token "
-                             f"id in [0, vocab_size={self.vocab_size})")
-        eos = self.eos_token_id
-        if isinstance(eos, (list, tuple)):
-            if not eos or not all(_is_token_id(t, self.vocab_size) for t in eos):
-                raise ValueError(f"GPTNeoXConfig.eos_token_id={list(eos)!r}: need token ids "
-                                 f"in [0, vocab_size={self.vocab_size})")
-            setf("eos_token_id", tuple(eos) if len(eos) > 1 else eos[0])
-        elif eos is not None and not _is_token_id(eos, self.vocab_size):
-            raise ValueError(f"GPTNeoXConfig.eos_token_id={eos!r}: need a token id (or a list "
-                             f"of them) in [0, vocab_size={self.vocab_size})")
+        setf("eos_token_id", _check_token_ids("GPTNeoXConfig", self.bos_token_id,
+                                              self.eos_token_id, self.vocab_size))
         setf("rope_scaling", _check_rope_scaling(self.rope_scaling,
                                                  "GPTNeoXConfig.rope_scaling"))
 
