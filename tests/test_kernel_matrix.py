@@ -255,21 +255,34 @@ def test_packed_weights_read_only(variant):
           activation_rounding(wtype, variant[1], "direct", x64, w64.T))
 
 
-def test_avx_vnni_int8_same_integers():
-    """int8's avx-vnni one-row kernel computes x86-64-v3's integer block sums with vpdpwssd
-    instead of vpmaddwd + vpaddd: the same float32 outputs bit for bit."""
-    if "avx-vnni" not in _core.kernel_variants("int8"):
-        pytest.skip(f"this CPU lacks AVX-VNNI (it runs {', '.join(_core.cpu_variants())})")
+# the levels whose kernels compute their base's integer block sums with other instructions
+# and then the same float32 operations: x86-64-v3's outputs bit for bit
+SAME_INTEGERS = [("int8", "avx-vnni"), ("int4", "avx-vnni"), ("int4", "avx512-vnni")]
+
+
+@pytest.mark.parametrize("wtype,level", SAME_INTEGERS, ids=[f"{t}-{v}" for t, v in SAME_INTEGERS])
+def test_vnni_same_integers(wtype, level):
+    """int8's avx-vnni one-row kernel (vpdpwssd in place of vpmaddwd + vpaddd) and int4's
+    avx-vnni and avx512-vnni kernels (2 vpdpbusd in place of 2 vpmaddubsw, a vpaddw and a
+    vpmaddwd, every row count) give x86-64-v3's float32 outputs bit for bit."""
+    if level not in _core.kernel_variants(wtype):
+        pytest.skip(f"this CPU or build has no {level} {wtype} kernels (it runs "
+                    f"{', '.join(_core.cpu_variants())})")
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((1, 768)).astype(np.float32)
-    w, _ = stored("int8", "h.0.mlp.c_fc.weight", (768, 301), rng)
-    outs = []
-    for v in ("x86-64-v3", "avx-vnni"):
-        previous = _core.set_kernel_variant("int8", v)
-        try:
-            out = np.empty((1, 301), np.float32)
-            _core.matmul_forward(out, x, w, NO_BIAS)
-            outs.append(out)
-        finally:
-            _core.set_kernel_variant("int8", previous)
-    np.testing.assert_array_equal(outs[0], outs[1])
+    w, _ = stored(wtype, "h.0.mlp.c_fc.weight", (800, 301), rng)   # 25 blocks: an odd one last
+    previous_rows = _core.set_direct_max_rows(32)
+    try:
+        for M in ((1,) if wtype == "int8" else (1, 2, 3, 4, 7, 8, 32)):
+            x = rng.standard_normal((M, 800)).astype(np.float32)
+            outs = []
+            for v in ("x86-64-v3", level):
+                previous = _core.set_kernel_variant(wtype, v)
+                try:
+                    out = np.empty((M, 301), np.float32)
+                    _core.matmul_forward(out, x, w, NO_BIAS)
+                    outs.append(out)
+                finally:
+                    _core.set_kernel_variant(wtype, previous)
+            np.testing.assert_array_equal(outs[0], outs[1], err_msg=f"M={M}")
+    finally:
+        _core.set_direct_max_rows(previous_rows)

@@ -11,7 +11,11 @@ integer block sums times the float32 scale products) and checks:
 - a row's outputs do not depend on the other rows of the call, nor on their number, nor on
   the thread count: bit for bit (batch decoding gives a row what decoding it alone gives);
 - the definition's distance from the exact float64 product is the activation rounding bound;
-- a non-finite activation row gives the float route's non-finite outputs.
+- a non-finite activation row gives the float route's non-finite outputs;
+- the avx-vnni and avx512-vnni kernels (the same block sums from vpdpbusd) give x86-64-v3's
+  outputs bit for bit, on every row count 1 to 32 and every tail of K (odd and even block
+  counts, the one-row kernel's groups of 8 blocks and what follows) and of N (the W-row
+  tiles), and equal the definition.
 """
 
 from __future__ import annotations
@@ -167,3 +171,41 @@ def test_non_finite_row(bad):
     for m in (0, 2):
         ref = x[m].astype(np.float64) @ w64
         assert np.allclose(out[m], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# block counts 1 to 25: odd (the last block alone) and even, below and past the one-row
+# kernel's groups of 8 blocks, and one group plus every remainder of pairs
+VNNI_KS = [32 * nb for nb in (1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 14, 16, 17, 24, 25)]
+VNNI_NS = [1, 2, 3, 4, 5, 6, 7, 9, 33]
+
+
+@pytest.mark.parametrize("level", ["avx-vnni", "avx512-vnni"])
+def test_vnni_levels_equal_x86_64_v3(level):
+    """Every row count 1 to 32, every K and N tail, accumulate on and off (matmul_forward adds
+    the bias after): the level's outputs are x86-64-v3's bit for bit, and the definition's."""
+    if level not in _core.kernel_variants("int4"):
+        pytest.skip(f"this CPU or build has no {level} int4 kernels (it runs "
+                    f"{', '.join(_core.kernel_variants('int4'))})")
+    gpt2s.set_num_threads(1)
+    wt = weight_types.get("int4")
+    rng = np.random.default_rng(27)
+    compared = 0
+    for K in VNNI_KS:
+        for N in VNNI_NS:
+            data, scales = draw(rng, N, K)
+            conv = wt.from_stored("h.0.mlp.c_fc.weight", data, scales)
+            head = wt.from_stored("wte.weight", data, scales)
+            x = (rng.standard_normal((32, K)) * rng.uniform(0.1, 10, (32, 1))).astype(np.float32)
+            want, scale = definition(x, data, scales)
+            bound = 4.0 * np.sqrt(K // 32 + 8) * U * scale + 1e-30
+            for M in range(1, 33):
+                outs = {}
+                for v in ("x86-64-v3", level):
+                    _core.set_kernel_variant("int4", v)
+                    outs[v] = (product(x[:M], conv), product(x[:M], head, lm_head=True))
+                for ref, got in zip(outs["x86-64-v3"], outs[level]):
+                    np.testing.assert_array_equal(got, ref, err_msg=f"{level} K={K} N={N} M={M}")
+                    err = np.abs(got.astype(np.float64) - want[:M])
+                    assert (err <= bound[:M]).all(), (K, N, M, float((err / bound[:M]).max()))
+                    compared += got.size
+    assert compared == 2 * 32 * 33 // 2 * sum(VNNI_NS) * len(VNNI_KS)

@@ -80,6 +80,8 @@
 #define _mm512_sub_epi32 simde_mm512_sub_epi32
 #define _mm512_dpwssd_epi32 simde_mm512_dpwssd_epi32
 #define _mm512_dpbusd_epi32 simde_mm512_dpbusd_epi32
+#undef _mm256_dpbusd_epi32   /* a macro in GCC's avx512vnnivlintrin.h */
+#define _mm256_dpbusd_epi32 simde_mm256_dpbusd_epi32
 #define _mm512_dpbf16_ps simde_mm512_dpbf16_ps
 
 /* ---- what SIMDe 0.8.2 lacks, written portably on SIMDe's types ---- */
