@@ -15,8 +15,12 @@
 
    Portable: quantization and the widening of rows into float32 (the panel route).
    x86-64-v3: direct kernels for 1 to 32 rows, integer dot products of the weights with the
-   activations rounded to int8 per block of 32 (below), and a vector widening.  The AVX-512
-   levels run these (one definition of the products on every x86 CPU). */
+   activations rounded to int8 per block of 32 (below), and a vector widening.
+   avx-vnni, avx512-vnni: the same kernels (q4_kernels.h, compiled once per level) with each
+   pair of blocks' int32 sums from 2 vpdpbusd (VEX, or EVEX on 256 bits) instead of 2
+   vpmaddubsw, a vpaddw and a vpmaddwd: the same integers, then the same float32 operations in
+   the same order, so x86-64-v3's outputs bit for bit (one definition of the products on every
+   x86 CPU).  The avx512 level (no VNNI) has no entry of its own: it runs x86-64-v3's. */
 
 #ifndef GPT2S_Q4_H
 #define GPT2S_Q4_H
