@@ -57,6 +57,12 @@
 #define _mm512_add_epi32 simde_mm512_add_epi32
 #define _mm512_add_ps simde_mm512_add_ps
 #define _mm512_and_si512 simde_mm512_and_si512
+#define _mm512_castps512_ps256 simde_mm512_castps512_ps256
+#define _mm512_extractf32x8_ps simde_mm512_extractf32x8_ps
+#define _mm512_set1_epi8 simde_mm512_set1_epi8
+#define _mm512_setzero_si512 simde_mm512_setzero_si512
+#define _mm512_shuffle_i64x2 simde_mm512_shuffle_i64x2
+#define _mm512_srli_epi16 simde_mm512_srli_epi16
 #define _mm512_castsi512_ps simde_mm512_castsi512_ps
 #define _mm512_cvtepi32_ps simde_mm512_cvtepi32_ps
 #define _mm512_cvtepi8_epi16 simde_mm512_cvtepi8_epi16

@@ -295,6 +295,7 @@ GPT2S_V4VNNI_INLINE __m256i gpt2s_q4_dot_arch_avx512_vnni(__m256i lo, __m256i xl
     return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh);
 }
 #define GPT2S_Q4_A(f) f##_arch_avx512_vnni
+#define GPT2S_Q4_WIDE 1
 #define GPT2S_Q4_INLINE GPT2S_V4VNNI_INLINE
 #define GPT2S_Q4_FN GPT2S_V4VNNI
 #include "q4_kernels.h"

@@ -6,7 +6,9 @@
      GPT2S_Q4_INLINE   the level's always-inline attribute, GPT2S_Q4_FN its noinline one
 
    and the level's gpt2s_q4_dot_arch_<level> defined before: a pair of blocks' 8 int32 sums
-   (q4.h).  Every level computes those sums exactly, so their float32 arithmetic -- the same
+   (q4.h).  GPT2S_Q4_WIDE (avx512-vnni) also takes two pairs a step on 512 bits with
+   _mm512_dpbusd_epi32: the same int32 sums, each pair's 8 lanes then added by the same FMA
+   as on 256 bits.  Every level computes those sums exactly, so their float32 arithmetic -- the same
    code below, in the same order -- gives the same outputs bit for bit.  No include guard:
    included once per level. */
 
@@ -54,7 +56,40 @@ GPT2S_Q4_INLINE void GPT2S_Q4_A(gpt2s_q4_i8_tile)(const int RA, const int RW, in
             for (int i = 0; i < RA; i++)
 #pragma GCC unroll 4
                 for (int r = 0; r < RW; r++) s[i][r] = _mm256_setzero_ps();
-            for (int q = 0; q < np; q++) {
+            int q0 = 0;
+#ifdef GPT2S_Q4_WIDE
+            if (RA != 1)   /* two pairs a step on 512 bits (the one-row kernel's, above) */
+                for (; q0 + 2 <= np; q0 += 2) {
+                    const __m512i mask16 = _mm512_set1_epi8(15);
+                    __m512i lo[4], hi[4];
+#pragma GCC unroll 4
+                    for (int r = 0; r < RW; r++) {
+                        if (prefetch) __builtin_prefetch(w[r] + RW * rb + 32 * q0);
+                        __m512i raw = _mm512_loadu_si512((const void *)(w[r] + 32 * q0));
+                        lo[r] = _mm512_and_si512(raw, mask16);
+                        hi[r] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask16);
+                    }
+#pragma GCC unroll 4
+                    for (int i = 0; i < RA; i++) {
+                        __m512i x0 = _mm512_loadu_si512((const void *)(x[i] + 64 * q0));
+                        __m512i x1 = _mm512_loadu_si512((const void *)(x[i] + 64 * q0 + 64));
+                        __m512i xa = _mm512_shuffle_i64x2(x0, x1, 0x44);
+                        __m512i xb = _mm512_shuffle_i64x2(x0, x1, 0xee);
+#pragma GCC unroll 4
+                        for (int r = 0; r < RW; r++) {
+                            __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(
+                                _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xa), hi[r], xb));
+                            const float *sc = swp + ((int64_t)r * np + q0) * 8;
+                            s[i][r] = _mm256_fmadd_ps(_mm512_castps512_ps256(p), _mm256_mul_ps(
+                                _mm256_loadu_ps(sc), _mm256_loadu_ps(xd[i] + 8 * q0)), s[i][r]);
+                            s[i][r] = _mm256_fmadd_ps(_mm512_extractf32x8_ps(p, 1), _mm256_mul_ps(
+                                _mm256_loadu_ps(sc + 8), _mm256_loadu_ps(xd[i] + 8 * q0 + 8)),
+                                s[i][r]);
+                        }
+                    }
+                }
+#endif
+            for (int q = q0; q < np; q++) {
                 __m256i lo[4], hi[4];
                 if (RA != 1)   /* one row of A: each W row unpacked where it is used */
 #pragma GCC unroll 4
@@ -166,6 +201,46 @@ GPT2S_Q4_INLINE void GPT2S_Q4_A(gpt2s_q4_i8_row1)(int n, int K, const int8_t *xq
             GPT2S_Q4_PAIR(w, g / 2 + 2, _mm256_permutevar8x32_ps(f_, i2), acc); \
             GPT2S_Q4_PAIR(w, g / 2 + 3, _mm256_permutevar8x32_ps(f_, i3), acc); \
         } while (0)
+#ifdef GPT2S_Q4_WIDE
+        /* two pairs a step on 512 bits: 64 bytes of a W row (pairs q, q + 1) against the
+           rounded row's low halves [q, q + 1] and high halves [q, q + 1] (two vshufi64x2 of
+           its 128 bytes, for the 4 W rows); lanes 0-7 of the sums are pair q's, 8-15 pair
+           q + 1's, each added into the accumulator by its own FMA, q's first, as above */
+        const __m512i mask16 = _mm512_set1_epi8(15);
+#define GPT2S_Q4_QUAD(w, q, xa, xb, sc0, sc1, acc) do { \
+            __m512i raw_ = _mm512_loadu_si512((const void *)((w) + 32 * (int64_t)(q))); \
+            __m512i lo_ = _mm512_and_si512(raw_, mask16); \
+            __m512i hi_ = _mm512_and_si512(_mm512_srli_epi16(raw_, 4), mask16); \
+            __m512 p_ = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32( \
+                _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo_, xa), hi_, xb)); \
+            acc = _mm256_fmadd_ps(_mm512_castps512_ps256(p_), sc0, acc); \
+            acc = _mm256_fmadd_ps(_mm512_extractf32x8_ps(p_, 1), sc1, acc); \
+        } while (0)
+#define GPT2S_Q4_ROW8W(w, h, acc) do { \
+            __m256 f_ = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((h) + g))), dx8); \
+            __builtin_prefetch((w) + 4 * rb + 16 * g); \
+            __builtin_prefetch((w) + 4 * rb + 16 * g + 64); \
+            GPT2S_Q4_QUAD(w, g / 2, xa01, xb01, _mm256_permutevar8x32_ps(f_, i0), \
+                          _mm256_permutevar8x32_ps(f_, i1), acc); \
+            GPT2S_Q4_QUAD(w, g / 2 + 2, xa23, xb23, _mm256_permutevar8x32_ps(f_, i2), \
+                          _mm256_permutevar8x32_ps(f_, i3), acc); \
+        } while (0)
+        for (int g = 0; g < g8; g += 8) {   /* 8 blocks, 4 pairs */
+            __m256 dx8 = _mm256_loadu_ps(dx + g);
+            const int8_t *xg = xq + (int64_t)32 * g;
+            __m512i x0 = _mm512_loadu_si512((const void *)xg);
+            __m512i x1 = _mm512_loadu_si512((const void *)(xg + 64));
+            __m512i x2 = _mm512_loadu_si512((const void *)(xg + 128));
+            __m512i x3 = _mm512_loadu_si512((const void *)(xg + 192));
+            __m512i xa01 = _mm512_shuffle_i64x2(x0, x1, 0x44), xb01 = _mm512_shuffle_i64x2(x0, x1, 0xee);
+            __m512i xa23 = _mm512_shuffle_i64x2(x2, x3, 0x44), xb23 = _mm512_shuffle_i64x2(x2, x3, 0xee);
+            GPT2S_Q4_ROW8W(w0, h0, s0);
+            GPT2S_Q4_ROW8W(w1, h1, s1);
+            GPT2S_Q4_ROW8W(w2, h2, s2);
+            GPT2S_Q4_ROW8W(w3, h3, s3);
+        }
+#undef GPT2S_Q4_ROW8W
+#else
         for (int g = 0; g < g8; g += 8) {   /* 8 blocks, 4 pairs */
             __m256 dx8 = _mm256_loadu_ps(dx + g);
             GPT2S_Q4_ROW8(w0, h0, s0);
@@ -173,6 +248,7 @@ GPT2S_Q4_INLINE void GPT2S_Q4_A(gpt2s_q4_i8_row1)(int n, int K, const int8_t *xq
             GPT2S_Q4_ROW8(w2, h2, s2);
             GPT2S_Q4_ROW8(w3, h3, s3);
         }
+#endif
 #define GPT2S_Q4_SC(h, b0) _mm256_setr_m128(_mm_set1_ps(_cvtsh_ss((h)[b0]) * dx[b0]), \
                                             _mm_set1_ps(_cvtsh_ss((h)[(b0) + 1]) * dx[(b0) + 1]))
         for (int q = g8 / 2; q < np; q++) {
@@ -248,3 +324,4 @@ GPT2S_Q4_FN static void GPT2S_Q4_A(gpt2s_q4_nt)(int M, int n, int K, const float
 #undef GPT2S_Q4_A
 #undef GPT2S_Q4_INLINE
 #undef GPT2S_Q4_FN
+#undef GPT2S_Q4_WIDE
