@@ -17,10 +17,11 @@
    x86-64-v3: direct kernels for 1 to 32 rows, integer dot products of the weights with the
    activations rounded to int8 per block of 32 (below), and a vector widening.
    avx-vnni, avx512-vnni: the same kernels (q4_kernels.h, compiled once per level) with each
-   pair of blocks' int32 sums from 2 vpdpbusd (VEX, or EVEX on 256 bits) instead of 2
-   vpmaddubsw, a vpaddw and a vpmaddwd: the same integers, then the same float32 operations in
-   the same order, so x86-64-v3's outputs bit for bit (one definition of the products on every
-   x86 CPU).  The avx512 level (no VNNI) has no entry of its own: it runs x86-64-v3's. */
+   pair of blocks' int32 sums from 2 vpdpbusd instead of 2 vpmaddubsw, a vpaddw and a
+   vpmaddwd (avx512-vnni: two pairs at a time on 512 bits): the same integers, then the same
+   float32 operations in the same order, so x86-64-v3's outputs bit for bit (one definition of
+   the products on every x86 CPU).  The avx512 level (no VNNI) has no entry of its own: it
+   runs x86-64-v3's. */
 
 #ifndef GPT2S_Q4_H
 #define GPT2S_Q4_H
@@ -288,8 +289,9 @@ GPT2S_AVXVNNI_INLINE __m256i gpt2s_q4_dot_arch_avx_vnni(__m256i lo, __m256i xl, 
 #define GPT2S_Q4_FN GPT2S_AVXVNNI
 #include "q4_kernels.h"
 
-/* avx512-vnni: the same with AVX512_VNNI's vpdpbusd on 256 bits (EVEX, AVX512VL), for the
-   CPUs that have it without AVX-VNNI (Cascade Lake, Ice Lake) */
+/* avx512-vnni: the same with AVX512_VNNI's vpdpbusd, the main loops two pairs of blocks a
+   step on 512 bits (GPT2S_Q4_WIDE, q4_kernels.h), the rest on 256 (EVEX, AVX512VL); the
+   level Cascade Lake, Ice Lake, Sapphire Rapids and Zen 4 / 5 run */
 GPT2S_V4VNNI_INLINE __m256i gpt2s_q4_dot_arch_avx512_vnni(__m256i lo, __m256i xl, __m256i hi,
                                                           __m256i xh) {
     return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh);
