@@ -257,14 +257,16 @@ def test_packed_weights_read_only(variant):
 
 # the levels whose kernels compute their base's integer block sums with other instructions
 # and then the same float32 operations: x86-64-v3's outputs bit for bit
-SAME_INTEGERS = [("int8", "avx-vnni"), ("int4", "avx-vnni"), ("int4", "avx512-vnni")]
+SAME_INTEGERS = [("int8", "avx-vnni"), ("int4", "avx-vnni"), ("int4", "avx512"),
+                 ("int4", "avx512-vnni")]
 
 
 @pytest.mark.parametrize("wtype,level", SAME_INTEGERS, ids=[f"{t}-{v}" for t, v in SAME_INTEGERS])
 def test_vnni_same_integers(wtype, level):
     """int8's avx-vnni one-row kernel (vpdpwssd in place of vpmaddwd + vpaddd) and int4's
     avx-vnni and avx512-vnni kernels (2 vpdpbusd in place of 2 vpmaddubsw, a vpaddw and a
-    vpmaddwd, every row count) give x86-64-v3's float32 outputs bit for bit."""
+    vpmaddwd) and avx512 kernels (those on 512 bits), every row count, give x86-64-v3's
+    float32 outputs bit for bit."""
     if level not in _core.kernel_variants(wtype):
         pytest.skip(f"this CPU or build has no {level} {wtype} kernels (it runs "
                     f"{', '.join(_core.cpu_variants())})")

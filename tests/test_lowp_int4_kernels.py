@@ -12,8 +12,8 @@ integer block sums times the float32 scale products) and checks:
   the thread count: bit for bit (batch decoding gives a row what decoding it alone gives);
 - the definition's distance from the exact float64 product is the activation rounding bound;
 - a non-finite activation row gives the float route's non-finite outputs;
-- the avx-vnni and avx512-vnni kernels (the same block sums from vpdpbusd) give x86-64-v3's
-  outputs bit for bit, on every row count 1 to 32 and every tail of K (odd and even block
+- the avx-vnni, avx512 and avx512-vnni kernels (the same block sums from vpdpbusd, or on
+  512 bits) give x86-64-v3's outputs bit for bit, on every row count 1 to 32 and every tail of K (odd and even block
   counts, the one-row kernel's groups of 8 blocks and what follows) and of N (the W-row
   tiles), and equal the definition.
 """
@@ -179,7 +179,7 @@ VNNI_KS = [32 * nb for nb in (1, 2, 3, 4, 5, 7, 8, 9, 10, 11, 14, 16, 17, 24, 25
 VNNI_NS = [1, 2, 3, 4, 5, 6, 7, 9, 33]
 
 
-@pytest.mark.parametrize("level", ["avx-vnni", "avx512-vnni"])
+@pytest.mark.parametrize("level", ["avx-vnni", "avx512", "avx512-vnni"])
 def test_vnni_levels_equal_x86_64_v3(level):
     """Every row count 1 to 32, every K and N tail, accumulate on and off (matmul_forward adds
     the bias after): the level's outputs are x86-64-v3's bit for bit, and the definition's."""

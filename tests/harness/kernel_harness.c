@@ -10,8 +10,8 @@
    their rounding of the activations per block (int8's one-row kernel to int16: max|x| /
    65534 per element, q8.h; int4's kernels, every row count, to int8: max|x| / 254, q4.h).
    Where the kernels promise more, the harness checks more: the widenings are exact
-   (bit-for-bit equal to the portable one), and avx-vnni's int8 kernel and int4's avx-vnni
-   and avx512-vnni kernels equal x86-64-v3's bit for bit.  The quantizers (portable only) are checked against the rules q8.h / q4.h / bf16.h
+   (bit-for-bit equal to the portable one), and avx-vnni's int8 kernel and int4's avx-vnni,
+   avx512 and avx512-vnni kernels equal x86-64-v3's bit for bit.  The quantizers (portable only) are checked against the rules q8.h / q4.h / bf16.h
    state, computed independently here.  neon-dotprod's int8 / int4 kernels must equal neon's
    bit for bit (the same integer sums).  Outputs outside C[0:M, 0:n] must stay untouched.
 
@@ -595,14 +595,15 @@ int main(int argc, char **argv) {
                 gpt2s_direct_fn f = om ? gpt2s_wtypes[t].direct_out[isa]
                                        : gpt2s_wtypes[t].direct_in[isa];
                 if (!f) continue;
-                /* avx-vnni's int8 kernel, and int4's avx-vnni and avx512-vnni kernels (the
-                   same int32 block sums from vpdpbusd), promise x86-64-v3's outputs bit for
-                   bit */
+                /* avx-vnni's int8 kernel, and int4's avx-vnni, avx512 and avx512-vnni
+                   kernels (the same int32 block sums by other instructions), promise
+                   x86-64-v3's outputs bit for bit */
                 gpt2s_direct_fn other = NULL;
                 const char *other_name = gpt2s_isa_names[gpt2s_isa_base(isa)];
                 if ((isa == GPT2S_ISA_AVX_VNNI && t == GPT2S_WTYPE_Q8)
                     || (t == GPT2S_WTYPE_Q4
-                        && (isa == GPT2S_ISA_AVX_VNNI || isa == GPT2S_ISA_AVX512_VNNI))) {
+                        && (isa == GPT2S_ISA_AVX_VNNI || isa == GPT2S_ISA_AVX512
+                            || isa == GPT2S_ISA_AVX512_VNNI))) {
                     other = gpt2s_wtype_direct(t, om, GPT2S_ISA_X86_64_V3);
                     other_name = gpt2s_isa_names[GPT2S_ISA_X86_64_V3];
                 }

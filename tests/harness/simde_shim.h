@@ -57,6 +57,8 @@
 #define _mm512_add_epi32 simde_mm512_add_epi32
 #define _mm512_add_ps simde_mm512_add_ps
 #define _mm512_and_si512 simde_mm512_and_si512
+#define _mm512_add_epi16 simde_mm512_add_epi16
+#define _mm512_maddubs_epi16 simde_mm512_maddubs_epi16
 #define _mm512_castps512_ps256 simde_mm512_castps512_ps256
 #define _mm512_extractf32x8_ps simde_mm512_extractf32x8_ps
 #define _mm512_set1_epi8 simde_mm512_set1_epi8

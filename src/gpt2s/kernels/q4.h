@@ -18,10 +18,10 @@
    activations rounded to int8 per block of 32 (below), and a vector widening.
    avx-vnni, avx512-vnni: the same kernels (q4_kernels.h, compiled once per level) with each
    pair of blocks' int32 sums from 2 vpdpbusd instead of 2 vpmaddubsw, a vpaddw and a
-   vpmaddwd (avx512-vnni: two pairs at a time on 512 bits): the same integers, then the same
-   float32 operations in the same order, so x86-64-v3's outputs bit for bit (one definition of
-   the products on every x86 CPU).  The avx512 level (no VNNI) has no entry of its own: it
-   runs x86-64-v3's. */
+   vpmaddwd (avx512-vnni: two pairs at a time on 512 bits); avx512 (no VNNI): x86-64-v3's
+   instructions, two pairs at a time on 512 bits.  The same integers, then the same float32
+   operations in the same order, so x86-64-v3's outputs bit for bit (one definition of the
+   products on every x86 CPU). */
 
 #ifndef GPT2S_Q4_H
 #define GPT2S_Q4_H
@@ -271,7 +271,7 @@ GPT2S_V3 static void gpt2s_q4_widen_arch_x86_64_v3(float *out, int64_t ldo, cons
 
 #endif
 
-/* ------------------------------------------------------------------ avx-vnni, avx512-vnni */
+/* ------------------------------------------------------------------ avx-vnni, avx512(-vnni) */
 
 #if GPT2S_HAVE_AVX512
 
@@ -289,12 +289,35 @@ GPT2S_AVXVNNI_INLINE __m256i gpt2s_q4_dot_arch_avx_vnni(__m256i lo, __m256i xl, 
 #define GPT2S_Q4_FN GPT2S_AVXVNNI
 #include "q4_kernels.h"
 
-/* avx512-vnni: the same with AVX512_VNNI's vpdpbusd, the main loops two pairs of blocks a
-   step on 512 bits (GPT2S_Q4_WIDE, q4_kernels.h), the rest on 256 (EVEX, AVX512VL); the
-   level Cascade Lake, Ice Lake, Sapphire Rapids and Zen 4 / 5 run */
+/* avx512 (AVX-512 without VNNI: Skylake-SP / X): the main loops two pairs of blocks a step
+   on 512 bits (GPT2S_Q4_WIDE, q4_kernels.h) with x86-64-v3's instructions on zmm, the rest
+   x86-64-v3's */
+GPT2S_V4_INLINE __m256i gpt2s_q4_dot_arch_avx512(__m256i lo, __m256i xl, __m256i hi,
+                                                 __m256i xh) {
+    return gpt2s_q4_dot_arch_x86_64_v3(lo, xl, hi, xh);
+}
+GPT2S_V4_INLINE __m512i gpt2s_q4_dot512_arch_avx512(__m512i lo, __m512i xl, __m512i hi,
+                                                    __m512i xh) {
+    return _mm512_madd_epi16(_mm512_add_epi16(_mm512_maddubs_epi16(lo, xl),
+                                              _mm512_maddubs_epi16(hi, xh)),
+                             _mm512_set1_epi16(1));
+}
+#define GPT2S_Q4_A(f) f##_arch_avx512
+#define GPT2S_Q4_INLINE GPT2S_V4_INLINE
+#define GPT2S_Q4_FN GPT2S_V4
+#define GPT2S_Q4_WIDE 1
+#include "q4_kernels.h"
+
+/* avx512-vnni: the same with AVX512_VNNI's vpdpbusd, on 512 bits in the main loops and 256
+   (EVEX, AVX512VL) elsewhere; the level Cascade Lake, Ice Lake, Sapphire Rapids and Zen 4 / 5
+   run */
 GPT2S_V4VNNI_INLINE __m256i gpt2s_q4_dot_arch_avx512_vnni(__m256i lo, __m256i xl, __m256i hi,
                                                           __m256i xh) {
     return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh);
+}
+GPT2S_V4VNNI_INLINE __m512i gpt2s_q4_dot512_arch_avx512_vnni(__m512i lo, __m512i xl,
+                                                             __m512i hi, __m512i xh) {
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
 }
 #define GPT2S_Q4_A(f) f##_arch_avx512_vnni
 #define GPT2S_Q4_WIDE 1

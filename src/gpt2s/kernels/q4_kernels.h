@@ -1,16 +1,18 @@
 /* The integer kernels of the 4-bit type (q4.h), written once and compiled once per
-   instruction-set level: q4.h includes this file for x86-64-v3, avx-vnni and avx512-vnni with
+   instruction-set level: q4.h includes this file for x86-64-v3, avx-vnni, avx512 and
+   avx512-vnni with
 
      GPT2S_Q4_A(name)  name##_arch_<level>: the level's function names (tools/check_wheel.sh
                        finds the variants' AVX code by them)
      GPT2S_Q4_INLINE   the level's always-inline attribute, GPT2S_Q4_FN its noinline one
+     GPT2S_Q4_WIDE     (avx512, avx512-vnni) the main loops take two pairs of blocks a step
+                       on 512 bits
 
    and the level's gpt2s_q4_dot_arch_<level> defined before: a pair of blocks' 8 int32 sums
-   (q4.h).  GPT2S_Q4_WIDE (avx512-vnni) also takes two pairs a step on 512 bits with
-   _mm512_dpbusd_epi32: the same int32 sums, each pair's 8 lanes then added by the same FMA
-   as on 256 bits.  Every level computes those sums exactly, so their float32 arithmetic -- the same
-   code below, in the same order -- gives the same outputs bit for bit.  No include guard:
-   included once per level. */
+   (q4.h), and with GPT2S_Q4_WIDE gpt2s_q4_dot512_arch_<level>: two pairs' 16.  Every level
+   computes those sums exactly, and each pair's 8 lanes are then added by the same float32
+   operations in the same order (on 256 bits everywhere), so every level gives the same
+   outputs bit for bit.  No include guard: included once per level. */
 
 /* C[:, 0:n] (+)= A @ W^T in tiles of RA rows of A x RW rows of W, A rounded (xq, dx, dxp,
    cx); scratch: sw (RW x K / 32 floats, the tile's scales), swp (RW x K / 8: the scales in
@@ -77,8 +79,8 @@ GPT2S_Q4_INLINE void GPT2S_Q4_A(gpt2s_q4_i8_tile)(const int RA, const int RW, in
                         __m512i xb = _mm512_shuffle_i64x2(x0, x1, 0xee);
 #pragma GCC unroll 4
                         for (int r = 0; r < RW; r++) {
-                            __m512 p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(
-                                _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], xa), hi[r], xb));
+                            __m512 p = _mm512_cvtepi32_ps(
+                                GPT2S_Q4_A(gpt2s_q4_dot512)(lo[r], xa, hi[r], xb));
                             const float *sc = swp + ((int64_t)r * np + q0) * 8;
                             s[i][r] = _mm256_fmadd_ps(_mm512_castps512_ps256(p), _mm256_mul_ps(
                                 _mm256_loadu_ps(sc), _mm256_loadu_ps(xd[i] + 8 * q0)), s[i][r]);
@@ -211,8 +213,7 @@ GPT2S_Q4_INLINE void GPT2S_Q4_A(gpt2s_q4_i8_row1)(int n, int K, const int8_t *xq
             __m512i raw_ = _mm512_loadu_si512((const void *)((w) + 32 * (int64_t)(q))); \
             __m512i lo_ = _mm512_and_si512(raw_, mask16); \
             __m512i hi_ = _mm512_and_si512(_mm512_srli_epi16(raw_, 4), mask16); \
-            __m512 p_ = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32( \
-                _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo_, xa), hi_, xb)); \
+            __m512 p_ = _mm512_cvtepi32_ps(GPT2S_Q4_A(gpt2s_q4_dot512)(lo_, xa, hi_, xb)); \
             acc = _mm256_fmadd_ps(_mm512_castps512_ps256(p_), sc0, acc); \
             acc = _mm256_fmadd_ps(_mm512_extractf32x8_ps(p_, 1), sc1, acc); \
         } while (0)

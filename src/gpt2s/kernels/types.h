@@ -124,7 +124,7 @@ static const gpt2s_wtype_traits gpt2s_wtypes[GPT2S_NWTYPES] = {
     {"int4", GPT2S_STORE_UINT8, 4, GPT2S_Q4_BLOCK, 1, 1, gpt2s_q4_quantize,
      {NULL, NULL, NULL, NULL, NULL, NULL},
      {NULL, GPT2S_IF_V3(gpt2s_q4_nt_arch_x86_64_v3), GPT2S_IF_V4(gpt2s_q4_nt_arch_avx_vnni),
-      NULL, GPT2S_IF_V4(gpt2s_q4_nt_arch_avx512_vnni), NULL},
+      GPT2S_IF_V4(gpt2s_q4_nt_arch_avx512), GPT2S_IF_V4(gpt2s_q4_nt_arch_avx512_vnni), NULL},
      {gpt2s_q4_widen, GPT2S_IF_V3(gpt2s_q4_widen_arch_x86_64_v3), NULL, NULL, NULL, NULL}},
 };
 
