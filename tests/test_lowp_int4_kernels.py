@@ -180,7 +180,7 @@ VNNI_NS = [1, 2, 3, 4, 5, 6, 7, 9, 33]
 
 
 @pytest.mark.parametrize("level", ["avx-vnni", "avx512", "avx512-vnni"])
-def test_vnni_levels_equal_x86_64_v3(level):
+def test_levels_above_v3_equal_x86_64_v3(level):
     """Every row count 1 to 32, every K and N tail, accumulate on and off (matmul_forward adds
     the bias after): the level's outputs are x86-64-v3's bit for bit, and the definition's."""
     if level not in _core.kernel_variants("int4"):
