@@ -411,7 +411,8 @@ def test_train_and_generate_cli(checkpoints, tmp_path, family, capsys):
     # the run's losses are bfloat16's: a float32 run of the same data logs others
     out32 = tmp_path / "run32"
     assert train_cli.main([*argv[:1], "--out", str(out32), *argv[3:]]) == 0
-    assert _losses(out) != _losses(out32)
+    bf16_rows, f32_rows = _losses(out), _losses(out32)
+    assert len(bf16_rows) == len(f32_rows) == 2 and bf16_rows != f32_rows
     capsys.readouterr()
     assert gen_cli.main(["--model", str(out), "-n", "3", "--temperature", "0",
                          "--compute-dtype", "bfloat16", "To be"]) == 0
@@ -420,4 +421,4 @@ def test_train_and_generate_cli(checkpoints, tmp_path, family, capsys):
 
 def _losses(out: Path) -> list:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [(r["train_loss"], r["grad_norm"]) for r in rows if r["type"] == "train"]
