@@ -417,6 +417,11 @@ def test_train_and_generate_cli(checkpoints, tmp_path, family, capsys):
     assert gen_cli.main(["--model", str(out), "-n", "3", "--temperature", "0",
                          "--compute-dtype", "bfloat16", "To be"]) == 0
     assert capsys.readouterr().out.strip()
+    # int8 weights have no bfloat16 copy to compute on: refused, naming both
+    assert gen_cli.main(["--model", str(checkpoints / family), "--dtype", "int8",
+                         "--compute-dtype", "bfloat16", "-n", "2", "To be"]) == 2
+    err = capsys.readouterr().err
+    assert "--compute-dtype bfloat16" in err and "int8" in err, err
 
 
 def _losses(out: Path) -> list:
