@@ -303,8 +303,9 @@ def test_float32_default_is_unchanged(name):
     during = everything()
     assert during[1] != before[1] and not np.array_equal(during[2], before[2])
     m.compute_dtype = "float32"
-    assert m.store.compute_buffer is None and m._inference_plan() is not None \
-        or name.startswith("neox")
+    assert m.store.compute_buffer is None and m.store.compute_params is None
+    if name in LLAMA:   # the one-call inference plan again (NeoX's blocks have none)
+        assert m._inference_plan() is not None
     after = everything()
     for a, b in zip(before, after):
         assert np.array_equal(a, b)

@@ -18,7 +18,9 @@ Per block, as transformers' LlamaDecoderLayer computes it:
 q, k and v are one product with the three weights side by side in the buffer (the row
 [q | k | v] the attention kernels read), gate and up likewise ([gate | up], what the gated
 linear unit reads).  The Linear weights are [out, in], the layout of the output-head kernels
-(``lm_head_forward``: y = x W^T), which therefore run every product.
+(``lm_head_forward``: y = x W^T), which therefore run every product; with
+``compute_dtype="bfloat16"`` their bfloat16 twins (``lm_head_forward_bf16``,
+``lm_head_backward_bf16``) run them on the store's bfloat16 copies of the weights.
 """
 
 from __future__ import annotations
