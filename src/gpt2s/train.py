@@ -28,7 +28,8 @@ from .checkpoint import DATA_HASHES, CheckpointError, lock_run_dir, remove_lefto
 from .vocab import VOCAB_FILE
 from .metrics import Metrics, NullMetrics, have_matplotlib, plot_metrics, redraw_plot
 from .training import (COMPUTE_DTYPES, DEFAULT_WARMUP, Resume, RunConfig, RunFailed,
-                       TrainingDiverged, World, default_warmup, effective_warmup, eval_batch, evaluate, lr_at,
+                       TrainingDiverged, World, default_warmup, effective_warmup, eval_batch,
+                       evaluate, lr_at,
                        open_data, open_run_dir, resume_differences, resume_state, start_over,
                        train_batch, train_loop, train_step)
 
