@@ -561,6 +561,70 @@ def test_render_chat_equals_transformers(tmp_path):
                   {"role": "user", "content": "And now?"}]):
         want = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         assert render_chat(CHATML, msgs, eos_token="<|im_end|>") == want
-    from jinja2.exceptions import TemplateError
-    with pytest.raises(TemplateError, match="unknown role tool"):
+    from gpt2s.chat import ChatTemplateError
+    with pytest.raises(ChatTemplateError, match="unknown role tool"):
         render_chat(CHATML, [{"role": "tool", "content": "x"}])
+
+
+def test_serve_renders_with_the_chat_module(tmp_path):
+    """One renderer: serve's render_chat and load_chat_template are gpt2s.chat's
+    (apply_chat_template, what generate --chat uses), so serve reads a template the way
+    generate does (chat_template.jinja beside the model, transformers 5's layout) and
+    renders what only gpt2s.chat's environment provides (dict(), namespace(), a
+    {% generation %} block); a template error is a ChatTemplateError naming the template."""
+    from gpt2s.chat import ChatTemplate, apply_chat_template
+    from gpt2s.serve import load_chat_template
+    template = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+                "{% set d = dict(role=m['role']) %}<|{{ d.role }}|>"
+                "{% generation %}{{ m['content'] }}{% endgeneration %}{{ eos_token }}"
+                "{% endfor %}[{{ ns.n }}]{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (tmp_path / "chat_template.jinja").write_text(template)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": {"content": "</s>"}}))
+    assert load_chat_template(tmp_path) == (template, "<s>", "</s>")
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    want = "<|user|>Hi</s><|assistant|>Yo</s>[2]<|assistant|>"
+
+    class Tokenizer:
+        chat_template = ChatTemplate.from_pretrained(tmp_path)
+    assert apply_chat_template(Tokenizer, msgs) == want
+    assert render_chat(template, msgs, bos_token="<s>", eos_token="</s>") == want
+    assert render_chat(template, msgs, eos_token="</s>", add_generation_prompt=False) == \
+        want[:-len("<|assistant|>")]
+    assert load_chat_template(tmp_path / "nothing-here") == (None, "", "")
+    assert load_chat_template(None) == (None, "", "")
+
+
+def test_chat_completions_with_a_chat_template_jinja(llama_dir, tmp_path):
+    """serve's CLI build reads chat_template.jinja (as generate --chat does) and renders it
+    with tokenizer_config.json's special tokens; --chat-template FILE replaces the template
+    and keeps those tokens; an unreadable FILE is one line naming it."""
+    import shutil
+
+    from gpt2s._cli import UserError
+    from gpt2s.serve import _parser, build
+    d = tmp_path / "ckpt"
+    shutil.copytree(llama_dir, d)
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (d / "chat_template.jinja").write_text(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}"
+        "\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    app, engine = build(_parser().parse_args(["--model", str(d), "--slots", "1"]))
+    try:
+        chat = app.state.gpt2s.chat
+        assert chat.render([{"role": "user", "content": "hi"}]) == \
+            render_chat(TEMPLATE, [{"role": "user", "content": "hi"}])
+    finally:
+        engine.close()
+    other = tmp_path / "other.jinja"
+    other.write_text("{% for m in messages %}[{{ m['content'] }}]{{ eos_token }}{% endfor %}")
+    app, engine = build(_parser().parse_args(["--model", str(d), "--slots", "1",
+                                              "--chat-template", str(other)]))
+    try:
+        assert app.state.gpt2s.chat.render([{"role": "user", "content": "hi"}]) == \
+            "[hi]<|im_end|>"
+    finally:
+        engine.close()
+    with pytest.raises(UserError, match="missing.jinja"):
+        build(_parser().parse_args(["--model", str(d), "--chat-template",
+                                    str(tmp_path / "missing.jinja")]))

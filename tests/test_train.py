@@ -693,3 +693,100 @@ def test_resume_of_a_checkpoint_with_the_earlier_fingerprint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the validation data differ (the checkpoint holds the fingerprint of an earlier " \
            "gpt2s, fedcba9876543210" in err, err
+
+
+# ------------------------------------------------------------------------------------------
+# The compute dtype of a resumed run
+
+
+def _stopped_after(tmp_path, out, step, *extra):
+    """The run of `extra` stopped after its checkpoint of step `step` + 1 (as SIGTERM stops it)."""
+    import signal
+    from gpt2s import training
+    real = training.train_step
+
+    def stop(model, opt, data, cfg, s):
+        result = real(model, opt, data, cfg, s)
+        if s == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+    training.train_step = stop
+    try:
+        assert run(tmp_path, *extra, out=out) == 128 + 15
+    finally:
+        training.train_step = real
+
+
+def test_resume_keeps_the_recorded_compute_dtype(tmp_path, capsys):
+    """A run started with --compute-dtype bfloat16 records it; --resume without the option
+    continues in bfloat16 (saying so), bitwise the uninterrupted bfloat16 run; the explicit
+    same value is accepted silently; another one is refused by name (or, with
+    --allow-changes, taken with a warning)."""
+    bf = ("--steps", "4", "--compute-dtype", "bfloat16")
+    assert run(tmp_path, *bf, out="whole") == 0
+    assert json.loads((tmp_path / "whole" / "train_state.json").read_text())["run"][
+        "compute_dtype"] == "bfloat16"
+    out = tmp_path / "stopped"
+    _stopped_after(tmp_path, "stopped", 1, *bf)
+    assert json.loads((out / "train_state.json").read_text())["step"] == 2
+    for name in ("again", "f32", "allowed", "explicit"):
+        shutil.copytree(out, tmp_path / name, symlinks=True)
+    capsys.readouterr()
+    assert run(tmp_path, "--steps", "4", "--resume", out="stopped") == 0
+    err = capsys.readouterr().err
+    assert "note: --resume: the run continues with the checkpoint's --compute-dtype " \
+           "bfloat16" in err, err
+    a = gpt2s.GPT2.from_safetensors(tmp_path / "whole")
+    b = gpt2s.GPT2.from_safetensors(out)
+    for k in a.params:
+        np.testing.assert_array_equal(a.params[k], b.params[k], err_msg=k)
+    assert json.loads((out / "train_state.json").read_text())["run"][
+        "compute_dtype"] == "bfloat16"
+    # the same value given explicitly: no note, no refusal
+    assert run(tmp_path, *bf, "--resume", out="explicit") == 0
+    assert "compute-dtype" not in capsys.readouterr().err
+    # another one, explicitly: refused, naming the option and both values
+    assert run(tmp_path, "--steps", "4", "--resume", "--compute-dtype", "float32",
+               out="f32") == 2
+    err = capsys.readouterr().err
+    assert "--compute-dtype float32 (the checkpoint's run used bfloat16)" in err, err
+    assert "--allow-changes" in err
+    assert run(tmp_path, "--steps", "4", "--resume", "--compute-dtype", "float32",
+               "--allow-changes", out="allowed") == 0
+    err = capsys.readouterr().err
+    assert "warning: --allow-changes: --compute-dtype float32 (the checkpoint's run used " \
+           "bfloat16)" in err, err
+    assert json.loads((tmp_path / "allowed" / "train_state.json").read_text())["run"][
+        "compute_dtype"] == "float32"
+    # the float32 continuation is not the bfloat16 one
+    c = gpt2s.GPT2.from_safetensors(tmp_path / "allowed")
+    assert any(not np.array_equal(a.params[k], c.params[k]) for k in a.params)
+
+
+def test_a_float32_run_resumed_with_bfloat16_is_refused(tmp_path, capsys):
+    assert run(tmp_path, "--steps", "1") == 0
+    assert json.loads((tmp_path / "run" / "train_state.json").read_text())["run"][
+        "compute_dtype"] == "float32"
+    capsys.readouterr()
+    assert run(tmp_path, "--steps", "2", "--resume", "--compute-dtype", "bfloat16") == 2
+    assert "--compute-dtype bfloat16 (the checkpoint's run used float32)" in \
+        capsys.readouterr().err
+
+
+def test_resume_of_a_checkpoint_without_a_compute_dtype(tmp_path, capsys):
+    """A checkpoint of an earlier release records no compute dtype: not compared; the run
+    continues in the one given (default float32) and records it from then on."""
+    assert run(tmp_path, "--steps", "1") == 0
+    _rewrite_state(tmp_path / "run", lambda state: state["run"].pop("compute_dtype"))
+    capsys.readouterr()
+    assert run(tmp_path, "--steps", "2", "--resume", "--compute-dtype", "bfloat16") == 0
+    assert "compute-dtype" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "train_state.json").read_text())["run"][
+        "compute_dtype"] == "bfloat16"
+
+
+def test_compute_dtype_option_is_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(tmp_path, "--compute-dtype", "float16")
+    assert "--compute-dtype: expected one of float32, bfloat16, got 'float16'" in \
+        capsys.readouterr().err

@@ -47,9 +47,10 @@ def _help_text(parser) -> str:
 def test_every_run_config_field_is_an_option_of_the_command_line():
     parser = train.build_parser()
     actions = _actions(parser)
-    # the command line's own default: the warm-up follows the run's length (None until the
-    # run's --steps is known: train.default_warmup)
-    cli_default = {"warmup": None}
+    # the command line's own defaults: the warm-up follows the run's length (None until the
+    # run's --steps is known: train.default_warmup), the compute dtype a resumed run's
+    # checkpoint (None until it is read)
+    cli_default = {"warmup": None, "compute_dtype": None}
     for f in dataclasses.fields(RunConfig):
         m = f.metadata
         assert isinstance(m["resume"], Resume), f.name
@@ -62,7 +63,8 @@ def test_every_run_config_field_is_an_option_of_the_command_line():
         # what the option gives is what the field holds
         assert parser.parse_args(["--out", "x"]).__dict__[f.name] == want
     cfg = RunConfig.from_arguments(parser.parse_args(["--out", "x"]),
-                                   warmup=RunConfig().warmup)
+                                   warmup=RunConfig().warmup,
+                                   compute_dtype=RunConfig().compute_dtype)
     assert cfg == RunConfig()
     # the refused settings are the ones --allow-changes says it lets through
     allow = actions["allow_changes"].help
@@ -121,7 +123,10 @@ def test_a_field_added_to_run_config_is_an_option_and_is_checked_on_resume(
 
 
 def _other_value(value):
-    """Another valid value of a field: one more for a count, half for a rate or fraction."""
+    """Another valid value of a field: one more for a count, half for a rate or fraction,
+    the other compute dtype."""
+    if isinstance(value, str):
+        return {"float32": "bfloat16", "bfloat16": "float32"}[value]
     return value + 1 if isinstance(value, int) else value / 2
 
 
@@ -146,6 +151,8 @@ def test_each_setting_follows_its_resume_rule(name, finished_run, tmp_path, caps
     f = next(f for f in dataclasses.fields(RunConfig) if f.name == name)
     flag, rule = f.metadata["flag"], f.metadata["resume"]
     old = getattr(args, name)
+    if old is None:   # a command-line default of None: the run took the field's default
+        old = f.default
     new = _other_value(old)
     argv = [str(DATA), *BASE, "--out", str(out), "--resume", flag, str(new)]
     capsys.readouterr()

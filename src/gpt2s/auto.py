@@ -89,14 +89,16 @@ class AutoModelForCausalLM:
 
     @staticmethod
     def from_pretrained(name_or_path, dtype: str | None = None, *,
-                        local_files_only: bool = False):
+                        local_files_only: bool = False, compute_dtype: str = "float32"):
         """The model at name_or_path: a directory with config.json and model.safetensors (a
         Hugging Face checkpoint, e.g. fetched with ``hf download``), a .safetensors file, or a
         name `GPT2.from_pretrained` knows ("demo", "gpt2", ..., a repo id in the local
         Hugging Face cache).  A `GPT2` for model_type "gpt2", a `LlamaForCausalLM` for
         "llama" and "qwen2", a `GPTNeoXForCausalLM` for "gpt_neox".  dtype: the weight storage, None (the file's own, float32 for a
         Hugging Face checkpoint), "float32", "bfloat16", "int8" or "int4" (see
-        `GPT2.from_safetensors`, `LlamaForCausalLM.from_safetensors`).
+        `GPT2.from_safetensors`, `LlamaForCausalLM.from_safetensors`); compute_dtype: the
+        precision of the matmuls, "float32" or "bfloat16" (`GPT2.compute_dtype`, every
+        family).
 
         Raises:
             ModelNotFound / FileNotFoundError: nothing at name_or_path.
@@ -108,11 +110,13 @@ class AutoModelForCausalLM:
         model_type = check_model_type(*model_type_of(path))
         if model_type == "gpt2":
             from .model import GPT2
-            return GPT2.from_safetensors(path, dtype=dtype)
+            return GPT2.from_safetensors(path, dtype=dtype, compute_dtype=compute_dtype)
         if model_type == "gpt_neox":
             from .neox import GPTNeoXForCausalLM
-            return GPTNeoXForCausalLM.from_pretrained(path, dtype=dtype)
+            return GPTNeoXForCausalLM.from_pretrained(path, dtype=dtype,
+                                                      compute_dtype=compute_dtype)
         from .llama import LlamaForCausalLM
-        return LlamaForCausalLM.from_pretrained(path, dtype=dtype)
+        return LlamaForCausalLM.from_pretrained(path, dtype=dtype,
+                                                compute_dtype=compute_dtype)
 
     from_safetensors = from_pretrained

@@ -109,8 +109,8 @@ examples:
                         "token (default: the file's own: float32, or the type of a file "
                         "saved by gpt2s in another, e.g. by python -m gpt2s.quantize)")
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="precision of the matmuls (GPT-2 models): bfloat16 operands with "
-                        "float32 sums (default: %(default)s)")
+                   help="precision of the matmuls: bfloat16 operands with float32 sums "
+                        "(default: %(default)s)")
     add_threads_option(p)
     p.add_argument("--ignore-eos", action="store_true",
                    help="do not stop at <|endoftext|>")
@@ -239,14 +239,13 @@ def _run(args, out, err) -> int:
     try:
         path = find_model(args.model)
         t0 = time.perf_counter()
-        # GPT-2, Llama or Qwen2: the class from config.json's model_type (a .gguf file:
-        # GPT-2)
+        # GPT-2, Llama, Qwen2 or GPT-NeoX: the class from config.json's model_type (a .gguf
+        # file: GPT-2)
         model = gpt2s.AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype)
-        if args.compute_dtype != "float32":
-            if not isinstance(model, gpt2s.GPT2):
-                raise ValueError(f"--compute-dtype {args.compute_dtype}: GPT-2 models only, "
-                                 f"{path} is a {type(model).__name__}")
+        try:
             model.compute_dtype = args.compute_dtype
+        except ValueError as e:   # bfloat16 on int8 / int4 weights
+            raise ValueError(f"--compute-dtype {args.compute_dtype}: {e}") from None
     except (FileNotFoundError, SafetensorsError, ValueError, ImportError) as e:
         raise _UserError(str(e)) from None
     load_s = time.perf_counter() - t0

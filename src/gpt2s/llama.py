@@ -18,7 +18,9 @@ Per block, as transformers' LlamaDecoderLayer computes it:
 q, k and v are one product with the three weights side by side in the buffer (the row
 [q | k | v] the attention kernels read), gate and up likewise ([gate | up], what the gated
 linear unit reads).  The Linear weights are [out, in], the layout of the output-head kernels
-(``lm_head_forward``: y = x W^T), which therefore run every product.
+(``lm_head_forward``: y = x W^T), which therefore run every product; with
+``compute_dtype="bfloat16"`` their bfloat16 twins (``lm_head_forward_bf16``,
+``lm_head_backward_bf16``) run them on the store's bfloat16 copies of the weights.
 """
 
 from __future__ import annotations
@@ -191,10 +193,39 @@ class LlamaForCausalLM:
         "int4"."""
         return self.store.dtype
 
+    @property
+    def compute_dtype(self) -> str:
+        """The precision of the matmuls, as `GPT2.compute_dtype`: "float32" (the default) or
+        "bfloat16": every product of the forward and the backward (the q|k|v, o, up (gate|up)
+        and down projections of each block and the output head; dX = dY W and dW = dY^T X)
+        takes its operands rounded to bfloat16 (nearest even) and sums in float32.  The
+        norms, rotary embedding, attention, softmax, activations, the loss, the residual
+        stream, the gradients and AdamW's master weights and moments stay float32; a
+        trainable model keeps a bfloat16 copy of its weights, which `AdamW.step` refreshes as
+        it updates them (after writing into ``params`` yourself, set compute_dtype again).
+        On a CPU without AVX512_BF16 the numbers are the same at float32 speed.  Assigning
+        it switches (ValueError for another value, or "bfloat16" on an int8 / int4 model).
+
+        Examples:
+            >>> from gpt2s.llama_config import LlamaConfig
+            >>> cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+            ...                   num_hidden_layers=2, num_attention_heads=4)
+            >>> m = LlamaForCausalLM.from_config(cfg, seed=0, compute_dtype="bfloat16")
+            >>> m.compute_dtype
+            'bfloat16'
+        """
+        return self.store.compute_dtype
+
+    @compute_dtype.setter
+    def compute_dtype(self, value: str):
+        self.store.set_compute_dtype(value)
+
     @classmethod
-    def from_config(cls, config: LlamaConfig, seed: int | None = None) -> "LlamaForCausalLM":
+    def from_config(cls, config: LlamaConfig, seed: int | None = None, *,
+                    compute_dtype: str = "float32") -> "LlamaForCausalLM":
         """A model with random weights as transformers initialises them (normal, std 0.02;
-        the norms at 1, the biases at 0)."""
+        the norms at 1, the biases at 0); compute_dtype: the precision of the matmuls
+        (`compute_dtype`)."""
         m = cls(config)
         rng = np.random.default_rng(seed)
         for name, p in m.params.items():
@@ -204,15 +235,19 @@ class LlamaForCausalLM:
                 p[...] = 0.0
             else:
                 p[...] = rng.normal(0.0, 0.02, p.shape)
+        m.compute_dtype = compute_dtype
         return m
 
     @classmethod
-    def from_safetensors(cls, path, dtype: str | None = None) -> "LlamaForCausalLM":
+    def from_safetensors(cls, path, dtype: str | None = None, *,
+                         compute_dtype: str = "float32") -> "LlamaForCausalLM":
         """A float32 model from a Hugging Face Llama checkpoint: a directory with config.json
         and model.safetensors, or a .safetensors file saved by gpt2s (its config in the
         __metadata__).  Tensors in float32, float16 or bfloat16.  dtype: None or "float32",
         else the storage of the matmul weights ("bfloat16", "int8", "int4": `to_dtype`;
         converted from a float32 load, so the float32 model is held while converting).
+        compute_dtype: the precision of the matmuls, "float32" or "bfloat16"
+        (`compute_dtype`).
 
         Raises:
             FileNotFoundError: no such file or directory.
@@ -220,6 +255,12 @@ class LlamaForCausalLM:
                 the wrong shape, a non-finite value (the message names the file and tensor).
             ValueError: a config.json gpt2s refuses (named by key).
         """
+        m = cls._load_safetensors(path, dtype)
+        m.compute_dtype = compute_dtype
+        return m
+
+    @classmethod
+    def _load_safetensors(cls, path, dtype):
         from . import packed as _packed
         from .config import read_config_json
         file, cfg_file = _weights.resolve_model_path(path)
@@ -317,13 +358,15 @@ class LlamaForCausalLM:
         return m
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype: str | None = None) -> "LlamaForCausalLM":
+    def from_pretrained(cls, name_or_path, dtype: str | None = None, *,
+                        compute_dtype: str = "float32") -> "LlamaForCausalLM":
         """A model from a local Llama or Qwen2 checkpoint directory (config.json +
         model.safetensors, as ``hf download`` fetches it) or a .safetensors file gpt2s
-        saved.  dtype: the weight storage, as in `from_safetensors`."""
+        saved.  dtype: the weight storage, compute_dtype: the precision of the matmuls, as
+        in `from_safetensors`."""
         if dtype is not None:
             _wt.check_dtype(dtype)
-        return cls.from_safetensors(name_or_path, dtype)
+        return cls.from_safetensors(name_or_path, dtype, compute_dtype=compute_dtype)
 
     def __repr__(self):
         c = self.config
@@ -383,6 +426,49 @@ class LlamaForCausalLM:
     def _head(self, tensors):
         cfg = self.config
         return tensors[cfg.embed_name] if cfg.tie_word_embeddings else tensors[cfg.head_name]
+
+    # the products: float32 kernels, or (compute_dtype "bfloat16") their bfloat16 twins on
+    # the store's bfloat16 copies of the weights (uint16 bits, the same shapes)
+
+    @property
+    def _bf16(self) -> bool:
+        return self.store.compute_params is not None
+
+    def _mm(self, out, x, w):
+        """out (N, OUT) = x (N, IN) @ w^T, w (OUT, IN) from `_weight`."""
+        if self._bf16:
+            _core.lm_head_forward_bf16(out, x, w)
+        else:
+            _core.lm_head_forward(out, x, w)
+
+    def _mm_backward(self, dinp, dw, dout, x, w, dout_kept=False):
+        """dinp = dout @ w, dw += dout^T @ x.  dout_kept: dout is read again afterwards (the
+        bfloat16 kernel may round its dout in place: it gets a copy)."""
+        if self._bf16:
+            _core.lm_head_backward_bf16(dinp, dw, dout.copy() if dout_kept else dout, x, w)
+        else:
+            _core.lm_head_backward(dinp, dw, dout, x, w)
+
+    def _weight(self, l: int, key: str, rows: int = 0):
+        """The weight operand of block l's product key ("qkv", "up": the joined rows, of
+        which there are rows; "o", "down"), for the current compute dtype."""
+        nm = self.config.block_names
+        joined = {"qkv": "qkv", "up": "gu"}.get(key)
+        J = self._joined[l] if self._joined is not None else None
+        if joined is not None:
+            if J is not None:   # a compressed store: the joined weight (bfloat16: its bits)
+                return J[joined].data if self._bf16 else J[joined]
+            if self._bf16:      # float32 store: the rows of the bfloat16 copy, as _fused's
+                H = self.config.hidden_size
+                off = self._offsets[f"{self.config.layer_prefix}{l}.{nm[key]}"]
+                return self.store.compute_buffer[off:off + rows * H].reshape(rows, H)
+            return self._fused(self.params, l, nm[key], rows, self.config.hidden_size)
+        if self._bf16:
+            return self.store.compute_layers[l][nm[key]]
+        return self.store.layer_params[l][nm[key]]
+
+    def _head_weight(self):
+        return self._head(self.store.compute_params if self._bf16 else self.params)
 
     def _embed(self, flat) -> np.ndarray:
         """The embedding rows of the token ids flat (N,): (N, H) float32."""
@@ -472,6 +558,8 @@ class LlamaForCausalLM:
         in one kernel call, the same kernels in the same order as `_block`), rebuilt when the
         store's parameters were replaced; None for a block it does not run."""
         cfg, store = self.config, self.store
+        if self._bf16:
+            return None   # the plan's kernels are float32: bfloat16 compute runs _block
         plan = self._plan
         if plan is not None and plan[0] == store.version:
             return plan[1]
@@ -530,8 +618,7 @@ class LlamaForCausalLM:
         st1 = self._norm_forward(ln1, x, *self._norm_params(P, "ln1"))
         qkv = np.empty((N, W), np.float32)
         J = self._joined[l] if self._joined is not None else None
-        _core.lm_head_forward(qkv, ln1, J["qkv"] if J else
-                              self._fused(self.params, l, nm["qkv"], W, H))
+        self._mm(qkv, ln1, self._weight(l, "qkv", W))
         if cfg.qkv_bias:
             qkv += J["qkv_bias"] if J else self._fused(self.params, l, nm["qkv_bias"], W, 0)
         if cfg.qkv_interleaved:
@@ -553,7 +640,7 @@ class LlamaForCausalLM:
                                     row_pos=row_pos)
         atty2 = atty.reshape(N, Q)
         proj = np.empty((N, H), np.float32)
-        _core.lm_head_forward(proj, atty2, P[nm["o"]])
+        self._mm(proj, atty2, self._weight(l, "o"))
         if cfg.o_bias:
             proj += P[nm["o_bias"]]
         ln2 = np.empty((N, H), np.float32)
@@ -564,21 +651,20 @@ class LlamaForCausalLM:
             res2 = np.empty((N, H), np.float32)
             st2 = self._residual_norm_forward(res2, ln2, x, proj, *self._norm_params(P, "ln2"))
         gu = np.empty((N, U), np.float32)
-        _core.lm_head_forward(gu, ln2, J["gu"] if J else
-                              self._fused(self.params, l, nm["up"], U, H))
+        self._mm(gu, ln2, self._weight(l, "up", U))
         if cfg.mlp_bias:
             gu += J["gu_bias"] if J else self._fused(self.params, l, nm["up_bias"], U, 0)
         h = np.empty((N, I), np.float32)
         self._act_forward(h, gu)
         if cfg.parallel_residual:
             mlp = np.empty((N, H), np.float32)
-            _core.lm_head_forward(mlp, h, P[nm["down"]])
+            self._mm(mlp, h, self._weight(l, "down"))
             if cfg.mlp_bias:
                 mlp += P[nm["down_bias"]]
             out = mlp + proj   # (mlp + attn) + x, as transformers' GPTNeoXLayer sums them
             out += x
         else:
-            _core.lm_head_forward(proj, h, P[nm["down"]])
+            self._mm(proj, h, self._weight(l, "down"))
             if cfg.mlp_bias:
                 proj += P[nm["down_bias"]]
             out = res2 + proj
@@ -632,7 +718,7 @@ class LlamaForCausalLM:
         lnf = np.empty_like(x)
         stf = self._norm_forward(lnf, x, *self._norm_params(self.params))
         logits = np.empty((N, cfg.vocab_size), np.float32)
-        _core.lm_head_forward(logits, lnf, self._head(self.params))
+        self._mm(logits, lnf, self._head_weight())
         loss = None
         if targets is not None:
             losses, lse = np.empty(N, np.float32), np.empty(N, np.float32)
@@ -682,7 +768,7 @@ class LlamaForCausalLM:
         _core.crossentropy_backward(dlogits, f["logits"], f["lse"], f["targets"],
                                     1.0 / (normalizer or max(f["valid"], 1)))
         dln = np.empty((N, H), np.float32)
-        _core.lm_head_backward(dln, self._head(G), dlogits, f["lnf"], self._head(self.params))
+        self._mm_backward(dln, self._head(G), dlogits, f["lnf"], self._head_weight())
         dres = np.zeros((N, H), np.float32)
         self._norm_backward(dres, *self._norm_params(G), dln, f["xf"],
                             self._norm_params(self.params)[0], f["stf"], scratch)
@@ -692,7 +778,8 @@ class LlamaForCausalLM:
             h = np.empty((N, I), np.float32)
             self._act_forward(h, k["gu"])
             dh = np.empty((N, I), np.float32)
-            _core.lm_head_backward(dh, GP[nm["down"]], dres, h, P[nm["down"]])
+            self._mm_backward(dh, GP[nm["down"]], dres, h, self._weight(l, "down"),
+                              dout_kept=True)
             if cfg.mlp_bias:
                 GP[nm["down_bias"]] += dres.sum(axis=0)
             dgu = np.empty((N, U), np.float32)
@@ -703,15 +790,16 @@ class LlamaForCausalLM:
             ln2_in = k["x"] if cfg.parallel_residual else k["res2"]
             ln2 = np.empty((N, H), np.float32)
             self._norm_forward(ln2, ln2_in, *self._norm_params(P, "ln2"), keep=False)
-            _core.lm_head_backward(dln, self._fused(G, l, nm["up"], U, H), dgu, ln2,
-                                   self._fused(self.params, l, nm["up"], U, H))
+            self._mm_backward(dln, self._fused(G, l, nm["up"], U, H), dgu, ln2,
+                              self._weight(l, "up", U))
             if not cfg.parallel_residual:   # dres becomes d res2
                 self._norm_backward(dres, *self._norm_params(GP, "ln2"), dln, ln2_in,
                                     self._norm_params(P, "ln2")[0], k["st2"], scratch)
             # attention: attn = o_proj(attention(rope(qkv)))
             atty2 = k["atty"].reshape(N, Q)
             datty = np.empty((N, Q), np.float32)
-            _core.lm_head_backward(datty, GP[nm["o"]], dres, atty2, P[nm["o"]])
+            self._mm_backward(datty, GP[nm["o"]], dres, atty2, self._weight(l, "o"),
+                              dout_kept=True)
             if cfg.o_bias:
                 GP[nm["o_bias"]] += dres.sum(axis=0)
             if cfg.parallel_residual:   # x's gradient through ln2, after attn read dres
@@ -730,8 +818,8 @@ class LlamaForCausalLM:
                 self._fused(G, l, nm["qkv_bias"], W, 0)[...] += dqkv2.sum(axis=0)
             ln1 = np.empty((N, H), np.float32)
             self._norm_forward(ln1, k["x"], *self._norm_params(P, "ln1"), keep=False)
-            _core.lm_head_backward(dln, self._fused(G, l, nm["qkv"], W, H), dqkv2, ln1,
-                                   self._fused(self.params, l, nm["qkv"], W, H))
+            self._mm_backward(dln, self._fused(G, l, nm["qkv"], W, H), dqkv2, ln1,
+                              self._weight(l, "qkv", W))
             self._norm_backward(dres, *self._norm_params(GP, "ln1"), dln, k["x"],
                                 self._norm_params(P, "ln1")[0], k["st1"], scratch)
             if on_layer_done is not None:
@@ -793,7 +881,7 @@ class LlamaForCausalLM:
         lnf = np.empty_like(last)
         self._norm_forward(lnf, last, *self._norm_params(self.params), keep=False)
         logits = np.empty((B, cfg.vocab_size), np.float32)
-        _core.lm_head_forward(logits, lnf, self._head(self.params))
+        self._mm(logits, lnf, self._head_weight())
         return logits
 
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k=None,

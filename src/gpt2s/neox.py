@@ -83,10 +83,11 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
         self._joined = joined
 
     @classmethod
-    def from_config(cls, config: GPTNeoXConfig, seed: int | None = None) \
-            -> "GPTNeoXForCausalLM":
+    def from_config(cls, config: GPTNeoXConfig, seed: int | None = None, *,
+                    compute_dtype: str = "float32") -> "GPTNeoXForCausalLM":
         """A model with random weights as transformers initialises them (normal, std 0.02;
-        the LayerNorm weights at 1, every bias at 0)."""
+        the LayerNorm weights at 1, every bias at 0); compute_dtype: the precision of the
+        matmuls (`compute_dtype`)."""
         m = cls(config)
         rng = np.random.default_rng(seed)
         for name, p in m.params.items():
@@ -96,16 +97,19 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
                 p[...] = 1.0
             else:
                 p[...] = rng.normal(0.0, 0.02, p.shape)
+        m.compute_dtype = compute_dtype
         return m
 
     @classmethod
-    def from_safetensors(cls, path, dtype: str | None = None) -> "GPTNeoXForCausalLM":
+    def from_safetensors(cls, path, dtype: str | None = None, *,
+                         compute_dtype: str = "float32") -> "GPTNeoXForCausalLM":
         """A float32 model from a Hugging Face GPT-NeoX checkpoint: a directory with
         config.json and model.safetensors, or a .safetensors file saved by gpt2s (its config
         in the __metadata__).  Tensors in float32, float16 or bfloat16.  dtype: None or
         "float32", else the storage of the matmul weights ("bfloat16", "int8", "int4", as
         `to_dtype` stores them; each weight is compressed as it is read, so the float32 model
-        is never held whole).
+        is never held whole).  compute_dtype: the precision of the matmuls, "float32" or
+        "bfloat16" (`compute_dtype`).
 
         Raises:
             FileNotFoundError: no such file or directory.
@@ -113,6 +117,12 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
                 the wrong shape, a non-finite value (the message names the file and tensor).
             ValueError: a config.json gpt2s refuses (named by key).
         """
+        m = cls._load_safetensors(path, dtype)
+        m.compute_dtype = compute_dtype
+        return m
+
+    @classmethod
+    def _load_safetensors(cls, path, dtype):
         file, cfg_file = _weights.resolve_model_path(path)
         mm, header, metadata, data_start = _weights.open_mapped(file)
         try:
@@ -168,14 +178,15 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
         return m
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype: str | None = None) -> "GPTNeoXForCausalLM":
+    def from_pretrained(cls, name_or_path, dtype: str | None = None, *,
+                        compute_dtype: str = "float32") -> "GPTNeoXForCausalLM":
         """A model from a local GPT-NeoX checkpoint directory (config.json +
         model.safetensors, as ``hf download EleutherAI/pythia-160m`` fetches it) or a
-        .safetensors file gpt2s saved.  dtype: the weight storage, as in
-        `from_safetensors`."""
+        .safetensors file gpt2s saved.  dtype: the weight storage, compute_dtype: the
+        precision of the matmuls, as in `from_safetensors`."""
         if dtype is not None:
             _wt.check_dtype(dtype)
-        return cls.from_safetensors(name_or_path, dtype)
+        return cls.from_safetensors(name_or_path, dtype, compute_dtype=compute_dtype)
 
     def __repr__(self):
         c = self.config

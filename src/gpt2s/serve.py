@@ -50,50 +50,44 @@ class APIError(Exception):
 
 
 # ---------------------------------------------------------------------------------- chat
+# One renderer for the whole package: gpt2s.chat's ChatTemplate (what generate --chat and
+# apply_chat_template use).  The two functions below are this module's earlier public names,
+# kept as thin wrappers over it.
 
 def load_chat_template(model_dir):
-    """(chat_template, bos_token, eos_token) from tokenizer_config.json in model_dir (a
-    template given as a list of named templates: the "default" one), or (None, "", "")."""
-    if model_dir is None:
+    """(chat_template, bos_token, eos_token) of the checkpoint in model_dir, as
+    `gpt2s.chat.ChatTemplate.from_pretrained` reads it (chat_template.jinja, else
+    tokenizer_config.json's ``chat_template``; the special tokens from tokenizer_config.json or
+    special_tokens_map.json), or (None, "", "") without one."""
+    from .chat import ChatTemplate
+    template = ChatTemplate.from_pretrained(model_dir) if model_dir is not None else None
+    if template is None:
         return None, "", ""
-    p = Path(model_dir) / "tokenizer_config.json"
-    if not p.is_file():
-        return None, "", ""
-    with open(p, encoding="utf-8") as f:
-        cfg = json.load(f)
-
-    def token(v):
-        if isinstance(v, dict):
-            v = v.get("content")
-        return v if isinstance(v, str) else ""
-    tpl = cfg.get("chat_template")
-    if isinstance(tpl, list):
-        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
-        tpl = named.get("default") or next(iter(named.values()), None)
-    if not isinstance(tpl, str):
-        tpl = None
-    return tpl, token(cfg.get("bos_token")), token(cfg.get("eos_token"))
+    tokens = template.special_tokens
+    return template.template, tokens.get("bos_token", ""), tokens.get("eos_token", "")
 
 
 def render_chat(template: str, messages, *, bos_token="", eos_token="",
                 add_generation_prompt=True) -> str:
-    """The prompt text of messages under a Hugging Face chat template (jinja2, sandboxed, as
-    transformers' apply_chat_template renders it)."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """The prompt text of messages under a Hugging Face chat template: `gpt2s.chat.ChatTemplate`
+    rendering it (jinja2, sandboxed, as transformers' apply_chat_template renders it).
 
-    def raise_exception(message):
-        raise TemplateError(message)
+    Raises:
+        gpt2s.chat.ChatTemplateError: the template refused or failed on the messages."""
+    from .chat import ChatTemplate
+    return ChatTemplate(template, {"bos_token": bos_token, "eos_token": eos_token}).render(
+        messages, add_generation_prompt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent,
-                                                                     ensure_ascii=False)
-    return env.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token,
-        eos_token=eos_token, tools=None)
+
+def _chat_template(template, bos_token="", eos_token=""):
+    """create_app's chat template: a `ChatTemplate` as it is, a template string with these
+    special tokens, or None."""
+    from .chat import ChatTemplate
+    if template is None or isinstance(template, ChatTemplate):
+        return template
+    if not template:
+        return None
+    return ChatTemplate(template, {"bos_token": bos_token, "eos_token": eos_token})
 
 
 # ---------------------------------------------------------------------------------- params
@@ -157,7 +151,7 @@ class _State:
         self.model_name = model_name
         self.names = {model_name, *aliases}
         self.tokenizer = tokenizer
-        self.chat = chat              # (template, bos, eos) or None
+        self.chat = chat              # a gpt2s.chat.ChatTemplate, or None
         self.max_body_bytes = max_body_bytes
         self.api_key = api_key
         self.created = int(time.time())
@@ -172,8 +166,10 @@ def create_app(engine: BatchEngine, *, model_name: str = "gpt2s", tokenizer=None
     Args:
         engine: the `BatchEngine` (its tokenizer is the default ``tokenizer``).
         model_name: the id clients pass as ``model`` (``aliases``: other accepted ids).
-        chat_template: a Hugging Face chat template (jinja2) for /v1/chat/completions; None:
-            that route answers 400.
+        chat_template: the chat template of /v1/chat/completions: a
+            `gpt2s.chat.ChatTemplate` (``ChatTemplate.from_pretrained(checkpoint)``), or a
+            Hugging Face template string (jinja2) rendered with ``bos_token`` and
+            ``eos_token``; None: that route answers 400.
         max_body_bytes: larger request bodies are refused with 413.
         api_key: when set, requests need ``Authorization: Bearer <api_key>``.
     """
@@ -184,7 +180,7 @@ def create_app(engine: BatchEngine, *, model_name: str = "gpt2s", tokenizer=None
     from starlette.routing import Route
 
     st = _State(engine, model_name, tokenizer if tokenizer is not None else engine.tokenizer,
-                (chat_template, bos_token, eos_token) if chat_template else None,
+                _chat_template(chat_template, bos_token, eos_token),
                 max_body_bytes, api_key, aliases)
 
     def error_response(e: APIError):
@@ -403,17 +399,17 @@ def create_app(engine: BatchEngine, *, model_name: str = "gpt2s", tokenizer=None
         p = _Params(await read_json(request))
         check_model(p)
         if st.chat is None:
-            raise APIError(400, f"the model {st.model_name!r} has no chat template (none in "
-                                f"its tokenizer_config.json; --chat-template FILE gives one): "
+            raise APIError(400, f"the model {st.model_name!r} has no chat template (no "
+                                f"chat_template.jinja beside it, none in its "
+                                f"tokenizer_config.json; --chat-template FILE gives one): "
                                 f"use /v1/completions", code="no_chat_template")
         if st.tokenizer is None:
             raise APIError(400, "this server has no tokenizer for the model")
         messages = _check_messages(p.body.get("messages"))
         kw, max_tokens, n, stream, usage = sampling(p, chat=True)
-        template, bos, eos = st.chat
         try:
-            text = render_chat(template, messages, bos_token=bos, eos_token=eos)
-        except Exception as e:   # jinja2's TemplateError, or the template's own exception
+            text = st.chat.render(messages)
+        except Exception as e:   # ChatTemplateError (refused, or failed on them), or another
             raise APIError(400, f"the chat template refused the messages: {e}",
                            param="messages") from None
         prompt = _encode(st.tokenizer, text, chat=True)
@@ -772,7 +768,9 @@ def _parser():
     p.add_argument("--max-context", type=positive_int, default=None, metavar="TOKENS",
                    help="positions per slot (default: the model's context)")
     p.add_argument("--chat-template", default=None, metavar="FILE",
-                   help="a jinja2 chat template (default: tokenizer_config.json's)")
+                   help="a jinja2 chat template, rendered with the checkpoint's special "
+                        "tokens (default: the checkpoint's: chat_template.jinja, else "
+                        "tokenizer_config.json's, as generate --chat reads it)")
     p.add_argument("--api-key", default=os.environ.get("GPT2S_API_KEY"),
                    help="require Authorization: Bearer KEY (default: $GPT2S_API_KEY, else "
                         "none)")
@@ -805,10 +803,21 @@ def build(args):
     except (VocabError, ValueError) as e:
         print(f"{PROG}: warning: {e}; serving token ids only", file=sys.stderr)
         enc = None
+    from .chat import ChatTemplate, ChatTemplateError
     folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    template, bos, eos = load_chat_template(folder)
-    if args.chat_template is not None:
-        template = Path(args.chat_template).read_text(encoding="utf-8")
+    try:
+        # the checkpoint's, as generate --chat reads it; --chat-template FILE: that template
+        # with the checkpoint's special tokens
+        template = ChatTemplate.from_pretrained(folder)
+        if args.chat_template is not None:
+            try:
+                text = Path(args.chat_template).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise ChatTemplateError(f"--chat-template {args.chat_template}: {e}") from None
+            template = ChatTemplate(text, template.special_tokens if template else None,
+                                    args.chat_template)
+    except ChatTemplateError as e:
+        raise UserError(str(e)) from None
     try:
         engine = BatchEngine(model, slots=args.slots, max_queue=args.max_queue,
                              prefill_chunk=args.prefill_chunk, max_context=args.max_context,
@@ -823,7 +832,7 @@ def build(args):
         name = Path(path).name if Path(path).is_dir() else Path(path).stem
     name = name or "gpt2s"
     app = create_app(engine, model_name=name, tokenizer=enc, chat_template=template,
-                     bos_token=bos, eos_token=eos, max_body_bytes=args.max_body_bytes,
+                     max_body_bytes=args.max_body_bytes,
                      api_key=args.api_key, aliases=(args.model,) if args.model else ())
     return app, engine
 

@@ -27,8 +27,9 @@ from ._cli import (Parser, UserError, add_quiet_option, add_threads_option,
 from .checkpoint import DATA_HASHES, CheckpointError, lock_run_dir, remove_leftovers
 from .vocab import VOCAB_FILE
 from .metrics import Metrics, NullMetrics, have_matplotlib, plot_metrics, redraw_plot
-from .training import (DEFAULT_WARMUP, Resume, RunConfig, RunFailed, TrainingDiverged, World,
-                       default_warmup, effective_warmup, eval_batch, evaluate, lr_at,
+from .training import (COMPUTE_DTYPES, DEFAULT_WARMUP, Resume, RunConfig, RunFailed,
+                       TrainingDiverged, World, default_warmup, effective_warmup, eval_batch,
+                       evaluate, lr_at,
                        open_data, open_run_dir, resume_differences, resume_state, start_over,
                        train_batch, train_loop, train_step)
 
@@ -161,13 +162,14 @@ data parallel over MPI (pip install "gpt2s[mpi]"; docs/distributed.md): under
                         "run keeps its own)")
     RunConfig.add_arguments(p, warmup=(None, f"steps of linear learning-rate warm-up (default: "
                                              f"10%% of --steps, at most {DEFAULT_WARMUP}; a "
-                                             f"resumed run keeps its own)"))
+                                             f"resumed run keeps its own)"),
+                            compute_dtype=(None, "precision of the matmuls: bfloat16 operands "
+                                                 "with float32 sums, forward and backward; the "
+                                                 "weights, gradients and AdamW state stay "
+                                                 "float32 (default: float32; a resumed run "
+                                                 "keeps its own)"))
     add_threads_option(p, type=positive_int,
                        default_note="; under MPI the cores divided by the ranks on the node")
-    p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="precision of the matmuls: bfloat16 operands with float32 sums, "
-                        "forward and backward; the weights, gradients and AdamW state stay "
-                        "float32 (default: %(default)s)")
     p.add_argument("--distributed", action="store_true",
                    help="data parallel over MPI even when no launcher variable announces more "
                         "than one process (default: when one does; see below)")
@@ -279,9 +281,18 @@ def _run_locked(args, out: Path, world: World) -> int:
             else default_warmup(args.steps)
     else:
         warmup, warning = effective_warmup(args.warmup, args.steps)
+    compute_dtype, kept_note = args.compute_dtype, None
+    if compute_dtype is None:
+        # not given: the checkpoint's (a resumed run keeps its precision), else float32
+        saved = ck.state.get("run", {}).get("compute_dtype") if ck is not None else None
+        compute_dtype = saved if saved in COMPUTE_DTYPES else "float32"
+        if saved in COMPUTE_DTYPES and saved != "float32":
+            kept_note = (f"--resume: the run continues with the checkpoint's --compute-dtype "
+                         f"{saved}")
     # batch_size is the global micro-batch: N ranks x --batch-size
     run = RunConfig.from_arguments(args, batch_size=args.batch_size * world.size, warmup=warmup,
-                                   val_fraction=0.0 if args.val_data else args.val_fraction)
+                                   val_fraction=0.0 if args.val_data else args.val_fraction,
+                                   compute_dtype=compute_dtype)
     specs = list(args.data) + list(args.data_opt)
     if not specs:
         raise UserError("no training data: give text files, .bin files or globs as DATA")
@@ -342,7 +353,12 @@ def _run_locked(args, out: Path, world: World) -> int:
         raise UserError(str(e)) from None
     if warning and world.rank == 0:   # once the inputs are known to be usable
         print(f"warning: {warning}", file=sys.stderr)
-    model.compute_dtype = args.compute_dtype
+    if kept_note and world.rank == 0:
+        print(f"note: {kept_note}", file=sys.stderr)
+    try:
+        model.compute_dtype = run.compute_dtype
+    except ValueError as e:
+        raise UserError(f"--compute-dtype {run.compute_dtype}: {e}") from None
     opt = AdamW(model, lr=run.lr, weight_decay=run.weight_decay)
     first, last_val, elapsed = 0, None, 0.0
     if ck is not None:

@@ -30,6 +30,7 @@ Data parallel: pass a ``gpt2s.distributed.DataParallel`` wherever a model is tak
 
 from __future__ import annotations
 
+import argparse
 import enum
 import math
 import signal
@@ -90,6 +91,17 @@ class Resume(enum.Enum):
     NOT_COMPARED = "not compared"    # neither recorded in the checkpoint nor compared
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype_name(text) -> str:
+    """The ``--compute-dtype`` option's argparse type: "float32" or "bfloat16"."""
+    if text not in COMPUTE_DTYPES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(COMPUTE_DTYPES)}, got "
+                                         f"{text!r}")
+    return text
+
+
 def setting(default, flag: str, type, help: str, resume: Resume, metavar: str | None = None):
     """A RunConfig field: its default, its command-line option (``flag``, an argparse
     ``type`` converter, ``help`` and ``metavar``) and its ``resume`` rule."""
@@ -109,7 +121,7 @@ class RunConfig:
         >>> cfg.recorded()["batch_size"], "eval_every" in cfg.recorded()
         (4, False)
         >>> RunConfig.flags(Resume.MUST_MATCH)
-        ['--batch-size', '--seq-len', '--grad-accum', '--seed', '--val-fraction']
+        ['--batch-size', '--seq-len', '--grad-accum', '--seed', '--val-fraction', '--compute-dtype']
     """
     steps: int = setting(1000, "--steps", positive_int,
                          "total optimizer steps of the run (default: %(default)s)",
@@ -144,6 +156,11 @@ class RunConfig:
                                   "fraction of the tokens (the last ones) held out for "
                                   "validation; 0 disables validation (default: %(default)s)",
                                   Resume.MUST_MATCH, "F")
+    compute_dtype: str = setting("float32", "--compute-dtype", compute_dtype_name,
+                                 "precision of the matmuls: bfloat16 operands with float32 "
+                                 "sums, forward and backward; the weights, gradients and "
+                                 "AdamW state stay float32 (default: %(default)s)",
+                                 Resume.MUST_MATCH, "{float32,bfloat16}")
     eval_every: int = setting(100, "--eval-every", positive_int,
                               "evaluate on the validation data every N steps and at the end "
                               "(default: %(default)s)", Resume.NOT_COMPARED, "N")
@@ -539,7 +556,11 @@ def save_run(out: Path, model, opt, step: int, run: RunConfig, identity: dict, l
         "data_position": {"next_step": step, "next_micro_batch": 0, "seed": run.seed,
                           "train_batches": "numpy default_rng([seed, 0, step, micro])",
                           "eval_batches": "numpy default_rng([seed, 1, index])"},
-        "run": run.recorded(), "identity": identity, "model_config": config_record(model.config),
+        # the precision the model really computed in (a library caller may have set the
+        # model's compute_dtype and not the RunConfig's)
+        "run": {**run.recorded(), "compute_dtype": getattr(model, "compute_dtype",
+                                                           run.compute_dtype)},
+        "identity": identity, "model_config": config_record(model.config),
         "last_val": last_val, "tokens_seen": step * run.batch_size * run.seq_len
         * run.grad_accum, "elapsed_s": round(elapsed, 3),
     }
