@@ -265,3 +265,24 @@ def test_bad_arguments(model):
             engine.submit([1], 2, stop="x")
         with pytest.raises(TypeError, match="seed"):
             engine.submit([1], 2, seed=[1, 2])
+
+
+def test_load_in_thread_runs_elsewhere_and_passes_back_result_and_errors():
+    import threading
+
+    from gpt2s.engine import load_in_thread
+    caller = threading.current_thread()
+    seen = {}
+
+    def work(a, b=0):
+        seen["thread"] = threading.current_thread()
+        return a + b
+
+    assert load_in_thread(work, 2, b=3) == 5
+    assert seen["thread"] is not caller and not seen["thread"].is_alive()
+
+    def fail():
+        raise FileNotFoundError("no such checkpoint: x")
+
+    with pytest.raises(FileNotFoundError, match="no such checkpoint: x"):
+        load_in_thread(fail)

@@ -20,6 +20,14 @@ whether it ran alone or in a busy batch, bit for bit; with ``prompt <= prefill_c
 its tokens are also those of ``model.generate`` (which decodes one row at a time; its logits
 may differ in the last bit, so an exact tie could break differently).
 
+Threads and OpenMP: the scheduler thread runs every kernel.  libgomp gives each thread that
+runs a parallel region a team of worker threads of its own, kept while that thread lives, and
+once it manages more threads than there are CPUs its workers stop spinning between regions and
+sleep instead: a model loaded (int8 and int4 weights are quantized in parallel) or run in the
+main thread and then served here made each decoding step 2.4x slower (GPT-2 124M int8, 2
+threads, 2-core Zen 5: 7.7 ms against 3.2 ms).  Load the model with `load_in_thread` (as
+``python -m gpt2s.serve`` does) and leave the kernels to the engine while it runs.
+
 Examples:
     >>> from gpt2s import GPT2, GPT2Config
     >>> m = GPT2.from_config(GPT2Config.preset("tiny"), seed=0)
@@ -45,12 +53,40 @@ from . import generation as _gen
 from .inputs import check_int
 
 __all__ = ["BatchEngine", "Request", "TokenEvent", "EngineError", "QueueFull", "EngineClosed",
-           "MAX_SLOTS"]
+           "MAX_SLOTS", "load_in_thread"]
 
 MAX_SLOTS = 32   # the most rows the matmul kernels compute row-independently (direct kernels)
 
 # time-to-first-token histogram buckets (seconds), Prometheus-style upper bounds
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, math.inf)
+
+
+def load_in_thread(fn, *args, **kwargs):
+    """fn(*args, **kwargs), run in a thread that ends when fn returns; its result, or its
+    exception raised here.  For loading the model a `BatchEngine` will serve: the OpenMP team
+    the load creates goes away with that thread instead of slowing the engine's (see the
+    module docstring, "Threads and OpenMP").
+
+    Examples:
+        >>> from gpt2s import GPT2, GPT2Config
+        >>> m = load_in_thread(GPT2.from_config, GPT2Config.preset("tiny"), seed=0)
+        >>> m.config.n_layer
+        2
+    """
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as e:   # re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="gpt2s-load")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 class EngineError(RuntimeError):

@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .engine import TTFT_BUCKETS, BatchEngine, EngineClosed, QueueFull
+from .engine import TTFT_BUCKETS, BatchEngine, EngineClosed, QueueFull, load_in_thread
 
 __all__ = ["create_app", "render_chat", "load_chat_template", "main", "APIError"]
 
@@ -795,7 +795,9 @@ def build(args):
         gpt2s.set_num_threads(args.threads)
     try:
         path = find_model(args.model)
-        model = gpt2s.AutoModelForCausalLM.from_pretrained(path, dtype=args.dtype)
+        # in a thread that ends: no OpenMP team of the load left beside the engine's (engine.py)
+        model = load_in_thread(gpt2s.AutoModelForCausalLM.from_pretrained, path,
+                               dtype=args.dtype)
     except (FileNotFoundError, SafetensorsError, ValueError, ImportError) as e:
         raise UserError(str(e)) from None
     try:
