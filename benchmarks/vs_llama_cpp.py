@@ -263,7 +263,8 @@ class Runner:
         t0 = time.perf_counter()
         p = subprocess.run(self.prefix + [str(report)] + [str(c) for c in cmd],
                            capture_output=True, text=True, env=self.env,
-                           stdin=subprocess.DEVNULL, timeout=timeout)
+                           stdin=subprocess.DEVNULL, timeout=timeout,
+                           errors="replace")   # random weights print broken UTF-8
         wall = time.perf_counter() - t0
         load = other_load(snap, cpu_snapshot())
         if p.returncode != 0:
