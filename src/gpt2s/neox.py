@@ -20,7 +20,7 @@ import numpy as np
 from . import weight_types as _wt
 from . import weights as _weights
 from .config import parse_config_json
-from .llama import LlamaForCausalLM, _checkpoint_tokenizer
+from .llama import LlamaForCausalLM
 from .neox_config import EMBED, HEAD, GPTNeoXConfig
 
 __all__ = ["GPTNeoXForCausalLM"]
@@ -190,7 +190,7 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
         finally:
             mm.close()
         if cfg_file is not None:
-            m.tokenizer = _checkpoint_tokenizer(file.parent, config)
+            m._tokenizer_later(file.parent, config)
         return m
 
     @classmethod
