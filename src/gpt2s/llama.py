@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 import os
+import threading
 
 from . import _core
 from . import generation as _generation
@@ -40,6 +41,10 @@ from .llama_config import EMBED, HEAD, NORM, LlamaConfig
 from .params import ParameterStore
 
 __all__ = ["LlamaForCausalLM"]
+
+
+# serialises the first read of a checkpoint's tokenizer (`LlamaForCausalLM.tokenizer`)
+_TOKENIZER_LOCK = threading.Lock()
 
 
 def _checkpoint_tokenizer(folder, config):
@@ -149,10 +154,12 @@ class LlamaForCausalLM:
         """The checkpoint's tokenizer, or None: a loaded checkpoint's tokenizer.json is read
         on the first use (the tokenizers library holding a 50k-token tokenizer.json costs
         ~30-60 MiB of resident memory a model fed token ids never needs)."""
-        pending = self._tokenizer_from
-        if pending is not None:
-            self._tokenizer = pending()
-            self._tokenizer_from = None
+        if self._tokenizer_from is not None:
+            with _TOKENIZER_LOCK:     # two threads' first uses: read once
+                pending = self._tokenizer_from
+                if pending is not None:
+                    self._tokenizer = pending()
+                    self._tokenizer_from = None
         return self._tokenizer
 
     @tokenizer.setter
