@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 import os
+import threading
 
 from . import _core
 from . import generation as _generation
@@ -40,6 +41,10 @@ from .llama_config import EMBED, HEAD, NORM, LlamaConfig
 from .params import ParameterStore
 
 __all__ = ["LlamaForCausalLM"]
+
+
+# serialises the first read of a checkpoint's tokenizer (`LlamaForCausalLM.tokenizer`)
+_TOKENIZER_LOCK = threading.Lock()
 
 
 def _checkpoint_tokenizer(folder, config):
@@ -111,8 +116,9 @@ class LlamaForCausalLM:
     Attributes:
         config: the model's config.
         store: its `ParameterStore` (parameters and gradients in one buffer each).
-        tokenizer: the checkpoint's tokenizer (its tokenizer.json, read when the model is
-            loaded from a directory holding one; else None), `generate_text`'s default.
+        tokenizer: the checkpoint's tokenizer (the tokenizer.json of the directory the model
+            was loaded from, read on first use of this attribute, so a model that is only
+            given token ids never holds it; else None), `generate_text`'s default.
 
     Examples:
         >>> from gpt2s.llama_config import LlamaConfig
@@ -143,13 +149,53 @@ class LlamaForCausalLM:
         # one): generate_text's default
         self.tokenizer = None
 
+    @property
+    def tokenizer(self):
+        """The checkpoint's tokenizer, or None: a loaded checkpoint's tokenizer.json is read
+        on the first use (the tokenizers library holding a 50k-token tokenizer.json costs
+        ~30-60 MiB of resident memory a model fed token ids never needs)."""
+        if self._tokenizer_from is not None:
+            with _TOKENIZER_LOCK:     # two threads' first uses: read once
+                pending = self._tokenizer_from
+                if pending is not None:
+                    self._tokenizer = pending()
+                    self._tokenizer_from = None
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value):
+        self._tokenizer, self._tokenizer_from = value, None
+
+    def _tokenizer_later(self, folder, config, chat: bool = False):
+        """Make ``tokenizer`` the tokenizer.json in folder, parsed when first used (None if
+        there is none or it is unreadable, as `_checkpoint_tokenizer`); chat: with an
+        instruct checkpoint's chat template and generation config, read now (small files: a
+        bad one is refused while loading, as before)."""
+        from .vocab import TOKENIZER_FILE
+        if not (folder / TOKENIZER_FILE).is_file():
+            self.tokenizer = None
+            return
+        extra = {}
+        if chat:     # an instruct checkpoint's template (gpt2s.chat)
+            from .chat import load_chat_template, read_generation_config
+            extra = {"chat_template": load_chat_template(folder),
+                     "generation_config": read_generation_config(folder)}
+
+        def load():
+            enc = _checkpoint_tokenizer(folder, config)
+            if enc is not None:
+                for key, value in extra.items():
+                    setattr(enc, key, value)
+            return enc
+        self._tokenizer, self._tokenizer_from = None, load
+
     def to_dtype(self, dtype: str) -> "LlamaForCausalLM":
         """A new model with this one's weights, its matmul weights (the projections, the
         embedding, an untied head) stored in dtype: "bfloat16", "int8" or "int4" (inference
         only, as `GPT2.to_dtype`), or "float32" (a copy, widened back).  The norms and
         biases stay float32.  This model is left as it is."""
         m = type(self)(self.config, dtype)
-        m.tokenizer = self.tokenizer
+        m._tokenizer, m._tokenizer_from = self._tokenizer, self._tokenizer_from   # unread stays so
         for name, w in self.params.items():
             m.store.copy_param(name, w if isinstance(w, np.ndarray) else np.asarray(w))
         m._join()
@@ -350,11 +396,7 @@ class LlamaForCausalLM:
             if not keep_open:
                 src.close()
         if cfg_file is not None:
-            m.tokenizer = _checkpoint_tokenizer(file.parent, config)
-            if m.tokenizer is not None:     # an instruct checkpoint's template (gpt2s.chat)
-                from .chat import load_chat_template, read_generation_config
-                m.tokenizer.chat_template = load_chat_template(file.parent)
-                m.tokenizer.generation_config = read_generation_config(file.parent)
+            m._tokenizer_later(file.parent, config, chat=True)
         return m
 
     @classmethod

@@ -13,7 +13,6 @@ weights' views.
 
 from __future__ import annotations
 
-import mmap
 import os
 
 import numpy as np
@@ -21,7 +20,7 @@ import numpy as np
 from . import weight_types as _wt
 from . import weights as _weights
 from .config import parse_config_json
-from .llama import LlamaForCausalLM, _checkpoint_tokenizer
+from .llama import LlamaForCausalLM
 from .neox_config import EMBED, HEAD, GPTNeoXConfig
 
 __all__ = ["GPTNeoXForCausalLM"]
@@ -30,15 +29,23 @@ __all__ = ["GPTNeoXForCausalLM"]
 _BUFFERS = (".attention.bias", ".attention.masked_bias", ".rotary_emb.inv_freq")
 
 
-def _drop_pages(mm, data_start, info):
-    """Let the mapped pages of a tensor already read leave this process's resident set (they
-    stay in the page cache): the file does not add its size to the peak RSS of a load."""
-    begin, end = info["data_offsets"]
-    page = mmap.PAGESIZE
-    start = (data_start + begin) // page * page
-    stop = min(len(mm), -(-(data_start + end) // page) * page)
-    if stop > start and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+def _check_tied_head(file, header, data_start, mm, config):
+    """A tied model's file may also hold embed_out.weight: it must equal embed_in.weight.
+    Compared a chunk of rows at a time (no float32 copy of either)."""
+    shape = (config.vocab_size, config.hidden_size)
+    for name in (HEAD, EMBED):
+        _weights._check_readable(file, name, header[name], shape)
+    chunks = _weights.row_chunks(*shape)
+    a_buf = np.empty((chunks[0][1] if chunks else 0, shape[1]), np.float32)
+    b_buf = np.empty_like(a_buf)
+    for r0, r1 in chunks:
+        a, b = a_buf[:r1 - r0], b_buf[:r1 - r0]
+        _weights.read_rows(file, header, HEAD, data_start, mm, a, r0)
+        _weights.read_rows(file, header, EMBED, data_start, mm, b, r0)
+        if not np.array_equal(a, b):
+            raise _weights.SafetensorsError(
+                f"{file}: {HEAD!r} differs from {EMBED!r} but the config ties them "
+                f"(tie_word_embeddings)")
 
 
 class GPTNeoXForCausalLM(LlamaForCausalLM):
@@ -149,32 +156,41 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
                     continue   # a tied head saved anyway: checked equal below
                 raise _weights.SafetensorsError(
                     f"{file}: unexpected tensor {name!r} for this GPT-NeoX config")
+            # every tensor read a few rows at a time into its place (the float32 buffer's
+            # view, or compressed into its rows of the stored weight, as to_dtype compresses
+            # them), the file pages of each row range dropped once converted: the peak is the
+            # model plus a few rows, never a float32 copy of a matmul weight or the file's
+            # pages of a whole tensor
+            kind = _wt.get(m.dtype)
             for name, p in m.params.items():
                 if name not in header:
                     raise _weights.SafetensorsError(f"{file}: tensor {name!r} is missing")
-                if isinstance(p, np.ndarray):
-                    _weights.read_tensor(file, header, name, data_start, mm, p)
-                else:
-                    w = np.empty(p.shape, np.float32)
-                    _weights.read_tensor(file, header, name, data_start, mm, w)
-                    m.store.copy_param(name, w)
-                    del w
-                _drop_pages(mm, data_start, header[name])
+                where = (file, header, name, data_start, mm)
+                if len(p.shape) != 2:
+                    _weights.read_tensor(*where, p)
+                    _weights.drop_tensor_pages(mm, data_start, header[name])
+                    continue
+                _weights._check_readable(file, name, header[name], p.shape)
+                compressed = not isinstance(p, np.ndarray)
+                buf = None
+                for r0, r1 in _weights.row_chunks(*p.shape):
+                    if compressed:
+                        if buf is None:
+                            buf = np.empty((r1 - r0, p.shape[1]), np.float32)
+                        rows = buf[:r1 - r0]
+                        _weights.read_rows(*where, rows, r0, m.dtype)
+                        kind.compress_rows_into(name, p, r0, rows)
+                    else:
+                        _weights.read_rows(*where, p[r0:r1], r0)
+                _weights.drop_tensor_pages(mm, data_start, header[name])
             if config.tie_word_embeddings and HEAD in header:
-                head = np.empty((config.vocab_size, config.hidden_size), np.float32)
-                _weights.read_tensor(file, header, HEAD, data_start, mm, head)
-                embed = np.empty_like(head)
-                _weights.read_tensor(file, header, EMBED, data_start, mm, embed)
-                if not np.array_equal(head, embed):
-                    raise _weights.SafetensorsError(
-                        f"{file}: {HEAD!r} differs from {EMBED!r} but the config ties them "
-                        f"(tie_word_embeddings)")
+                _check_tied_head(file, header, data_start, mm, config)
             if low:
                 m._join()
         finally:
             mm.close()
         if cfg_file is not None:
-            m.tokenizer = _checkpoint_tokenizer(file.parent, config)
+            m._tokenizer_later(file.parent, config)
         return m
 
     @classmethod
