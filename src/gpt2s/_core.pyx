@@ -1570,6 +1570,8 @@ cdef struct _wref:
 cdef struct _plan_layer:
     const float *ln1
     const float *ln2
+    const float *ln1_b   # the LayerNorm biases (norm "layernorm"); NULL for RMSNorm
+    const float *ln2_b
     _wref qkv
     _wref o
     _wref gu
@@ -1593,6 +1595,15 @@ cdef inline void _add_bias_rows(float *y, const float *bias, Py_ssize_t N,
             row[j] = row[j] + bias[j]
 
 
+cdef inline void _plan_norm_row(float *out, const float *x, const float *w, const float *b,
+                                int H, float eps, bint layernorm) noexcept nogil:
+    # the block's norm of one row: LayerNorm (weight w, bias b) or RMSNorm (weight w)
+    if layernorm:
+        gpt2s_layernorm_row(out, NULL, NULL, x, w, b, H, eps)
+    else:
+        gpt2s_rmsnorm_row(out, NULL, x, w, H, eps)
+
+
 cdef class LlamaPlan:
     """The blocks of a Llama model (RMSNorm, rotary embeddings, grouped-query attention,
     gated MLP, sequential residual) for inference in one call: `forward` runs every block on a
@@ -1607,6 +1618,15 @@ cdef class LlamaPlan:
         hidden, n_head, n_kv_head, head_dim, intermediate: the sizes.
         eps: the RMSNorm epsilon; scale: the attention score scale; activation: the gate's
             activation kernel (activation_kernels()).
+        norm: "rmsnorm", or "layernorm": then each layer's tuple carries two more entries,
+            the input_layernorm bias and the post_attention_layernorm bias (GPT-NeoX).
+        parallel_residual: the parallel residual x + attn(ln1 x) + mlp(ln2 x), summed as
+            (mlp + attn) + x (GPT-NeoX), instead of the sequential one.
+        gated: the MLP is act(gate) * up over the [gate|up] product (2 intermediate rows);
+            False: act(up) over an (intermediate, hidden) up product.
+        interleaved: the q|k|v product's rows are per head [n_head, 3, head_dim] (GPT-NeoX's
+            query_key_value; needs n_kv_head == n_head): each row is put back into
+            [q | k | v] after its bias, before the rotary embedding.
     """
 
     cdef _plan_layer *layers
@@ -1614,6 +1634,7 @@ cdef class LlamaPlan:
     cdef readonly int n_layer, hidden, n_head, n_kv_head, head_dim, intermediate
     cdef float eps, scale
     cdef activation_row_t act
+    cdef readonly bint layernorm, parallel_residual, gated, interleaved
 
     def __cinit__(self):
         self.layers = NULL
@@ -1622,20 +1643,28 @@ cdef class LlamaPlan:
         free(self.layers)
 
     def __init__(self, layers, hidden, n_head, n_kv_head, head_dim, intermediate, float eps,
-                 float scale, str activation):
+                 float scale, str activation, *, str norm="rmsnorm", bint parallel_residual=False,
+                 bint gated=True, bint interleaved=False):
         cdef Py_ssize_t L = len(layers), l
         cdef Py_ssize_t H = _int_arg("LlamaPlan", "hidden", hidden)
         cdef Py_ssize_t NH = _int_arg("LlamaPlan", "n_head", n_head)
         cdef Py_ssize_t NKV = _int_arg("LlamaPlan", "n_kv_head", n_kv_head)
         cdef Py_ssize_t HD = _int_arg("LlamaPlan", "head_dim", head_dim)
         cdef Py_ssize_t I = _int_arg("LlamaPlan", "intermediate", intermediate)
-        cdef Py_ssize_t Q, KV
+        cdef Py_ssize_t Q, KV, U
         if (H < 1 or NH < 1 or NKV < 1 or NH % NKV != 0 or HD < 1 or I < 1 or L < 1
                 or _blas_sizes_over(H, NH * HD * 3, 2 * I)):
             raise ValueError(f"LlamaPlan: hidden={hidden}, n_head={n_head}, "
                              f"n_kv_head={n_kv_head}, head_dim={head_dim}, "
                              f"intermediate={intermediate}, {L} layers: need positive sizes, "
                              f"n_head a multiple of n_kv_head, at least one layer")
+        if norm not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"LlamaPlan: norm {norm!r}: need 'rmsnorm' or 'layernorm'")
+        if interleaved and NKV != NH:
+            raise ValueError(f"LlamaPlan: interleaved q|k|v rows need n_kv_head == n_head, got "
+                             f"{n_kv_head} and {n_head}")
+        self.layernorm, self.parallel_residual = norm == "layernorm", parallel_residual
+        self.gated, self.interleaved = gated, interleaved
         Q, KV = NH * HD, NKV * HD
         self.act = _activations[_activation_index("LlamaPlan", activation)].forward
         self.n_layer, self.hidden, self.n_head, self.n_kv_head = L, H, NH, NKV
@@ -1644,17 +1673,35 @@ cdef class LlamaPlan:
         self.layers = <_plan_layer *>malloc(sizeof(_plan_layer) * L)
         if self.layers == NULL:
             raise MemoryError("LlamaPlan: no memory for the layer table")
+        U = 2 * I if gated else I
         for l in range(L):
-            ln1, qkv, qkv_b, o, o_b, ln2, gu, gu_b, down, down_b = layers[l]
+            entry = tuple(layers[l])
+            if len(entry) != (12 if self.layernorm else 10):
+                raise ValueError(f"LlamaPlan: layer {l}: {len(entry)} entries, need "
+                                 f"{12 if self.layernorm else 10} (norm {norm!r})")
+            ln1, qkv, qkv_b, o, o_b, ln2, gu, gu_b, down, down_b = entry[:10]
+            self.layers[l].ln1_b = NULL
+            self.layers[l].ln2_b = NULL
+            self.layers[l].qkv_b = NULL
+            self.layers[l].o_b = NULL
+            self.layers[l].gu_b = NULL
+            self.layers[l].down_b = NULL
             self.layers[l].ln1 = self._vector(ln1, H, l, "input_layernorm weight")
             self.layers[l].ln2 = self._vector(ln2, H, l, "post_attention_layernorm weight")
+            if self.layernorm:
+                if entry[10] is None or entry[11] is None:
+                    raise ValueError(f"LlamaPlan: layer {l}: norm 'layernorm' needs both "
+                                     f"norm biases")
+                self.layers[l].ln1_b = self._vector(entry[10], H, l, "input_layernorm bias")
+                self.layers[l].ln2_b = self._vector(entry[11], H, l,
+                                                    "post_attention_layernorm bias")
             self._weight(&self.layers[l].qkv, qkv, Q + 2 * KV, H, l, "q|k|v weight")
             self._weight(&self.layers[l].o, o, H, Q, l, "o_proj weight")
-            self._weight(&self.layers[l].gu, gu, 2 * I, H, l, "gate|up weight")
+            self._weight(&self.layers[l].gu, gu, U, H, l, "gate|up weight")
             self._weight(&self.layers[l].down, down, H, I, l, "down_proj weight")
             self.layers[l].qkv_b = self._vector(qkv_b, Q + 2 * KV, l, "q|k|v bias")
             self.layers[l].o_b = self._vector(o_b, H, l, "o_proj bias")
-            self.layers[l].gu_b = self._vector(gu_b, 2 * I, l, "gate|up bias")
+            self.layers[l].gu_b = self._vector(gu_b, U, l, "gate|up bias")
             self.layers[l].down_b = self._vector(down_b, H, l, "down_proj bias")
 
     cdef const float *_vector(self, v, Py_ssize_t n, Py_ssize_t l, str what) except? NULL:
@@ -1683,7 +1730,8 @@ cdef class LlamaPlan:
         cdef Py_ssize_t N = _int_arg("LlamaPlan.work_size", "n_rows", n_rows)
         cdef Py_ssize_t H = self.hidden, Q = self.n_head * self.head_dim
         cdef Py_ssize_t W = Q + 2 * self.n_kv_head * self.head_dim
-        return N * (3 * H + W + Q + 3 * self.intermediate + self.head_dim)
+        return N * (3 * H + W + Q + 3 * self.intermediate + self.head_dim
+                    + (W if self.interleaved else 0))
 
     def forward(self, float[:, ::1] x, B, const int64_t[::1] positions,
                 const float[::1] inv_freq, float[::1] work, float[:, :, :, :] keys=None,
@@ -1700,7 +1748,8 @@ cdef class LlamaPlan:
         cdef Py_ssize_t first = _int_arg("LlamaPlan.forward", "pos0", pos0)
         cdef Py_ssize_t NH = self.n_head, NKV = self.n_kv_head, HD = self.head_dim
         cdef Py_ssize_t I = self.intermediate, Q = NH * HD, KV = NKV * HD, W = Q + 2 * KV
-        cdef Py_ssize_t U = 2 * I, h = inv_freq.shape[0], T, n, i, l, j, c, cap = 0
+        cdef Py_ssize_t U = 2 * I if self.gated else I, h = inv_freq.shape[0], T, n, i, l, j
+        cdef Py_ssize_t c, s, cap = 0
         cdef Py_ssize_t kbs = 0
         cdef float *ln
         cdef float *qkv
@@ -1710,6 +1759,9 @@ cdef class LlamaPlan:
         cdef float *gu
         cdef float *hid
         cdef float *tab
+        cdef float *raw
+        cdef float *qkv_out
+        cdef bint lnorm = self.layernorm, par = self.parallel_residual, inter = self.interleaved
         cdef float *kc
         cdef float *vc
         cdef float *r
@@ -1755,6 +1807,8 @@ cdef class LlamaPlan:
         gu = res2 + N * H
         hid = gu + N * U
         tab = hid + N * I   # (N, 2h): cos | sin of each row's angles, shared by the blocks
+        raw = tab + N * HD   # (interleaved) the per-head q|k|v product, before its reorder
+        qkv_out = raw if inter else qkv
         with nogil:
             for n in range(N):
                 for i in range(h):
@@ -1764,10 +1818,12 @@ cdef class LlamaPlan:
             for l in range(self.n_layer):
                 P = &self.layers[l]
                 # ln = rmsnorm(x); from the second block on x = res2 + proj first
+                # (parallel residual: x is the previous block's output already)
                 nt = threads_for(N * H)
-                if l == 0:
+                if l == 0 or par:
                     for n in prange(N, num_threads=nt, schedule='static'):
-                        gpt2s_rmsnorm_row(ln + n * H, NULL, &x[n, 0], P.ln1, <int>H, self.eps)
+                        _plan_norm_row(ln + n * H, &x[n, 0], P.ln1, P.ln1_b, <int>H, self.eps,
+                                       lnorm)
                 else:
                     for n in prange(N, num_threads=nt, schedule='static'):
                         r = &x[n, 0]
@@ -1775,12 +1831,18 @@ cdef class LlamaPlan:
                         bb = proj + n * H
                         for c in range(H):
                             r[c] = a[c] + bb[c]
-                        gpt2s_rmsnorm_row(ln + n * H, NULL, r, P.ln1, <int>H, self.eps)
+                        _plan_norm_row(ln + n * H, r, P.ln1, P.ln1_b, <int>H, self.eps, lnorm)
                 # qkv = ln @ [q|k|v]^T (+ bias), rotated
                 failed = failed + weight_gemm(P.qkv.wtype, P.qkv.out_major, <int>N, <int>W,
                                               <int>H, ln, <int>H, P.qkv.ptr, P.qkv.ldw,
-                                              P.qkv.scales, False, qkv, <int>W)
-                _add_bias_rows(qkv, P.qkv_b, N, W)
+                                              P.qkv.scales, False, qkv_out, <int>W)
+                _add_bias_rows(qkv_out, P.qkv_b, N, W)
+                if inter:   # per head [q_h | k_h | v_h] -> [q | k | v]
+                    for n in range(N):
+                        for j in range(NH):
+                            for s in range(3):
+                                memcpy(qkv + n * W + s * Q + j * HD,
+                                       raw + n * W + (3 * j + s) * HD, HD * sizeof(float))
                 if h > 0:
                     for n in prange(N, num_threads=threads_for(<double>N * (NH + NKV) * 2 * h),
                                     schedule='static'):
@@ -1808,13 +1870,18 @@ cdef class LlamaPlan:
                                               <int>Q, atty, <int>Q, P.o.ptr, P.o.ldw,
                                               P.o.scales, False, proj, <int>H)
                 _add_bias_rows(proj, P.o_b, N, H)
-                for n in prange(N, num_threads=nt, schedule='static'):
-                    r = res2 + n * H
-                    a = &x[n, 0]
-                    bb = proj + n * H
-                    for c in range(H):
-                        r[c] = a[c] + bb[c]
-                    gpt2s_rmsnorm_row(ln + n * H, NULL, r, P.ln2, <int>H, self.eps)
+                if par:   # ln = norm2(x)
+                    for n in prange(N, num_threads=nt, schedule='static'):
+                        _plan_norm_row(ln + n * H, &x[n, 0], P.ln2, P.ln2_b, <int>H, self.eps,
+                                       lnorm)
+                else:
+                    for n in prange(N, num_threads=nt, schedule='static'):
+                        r = res2 + n * H
+                        a = &x[n, 0]
+                        bb = proj + n * H
+                        for c in range(H):
+                            r[c] = a[c] + bb[c]
+                        _plan_norm_row(ln + n * H, r, P.ln2, P.ln2_b, <int>H, self.eps, lnorm)
                 # the MLP: hid = act(gate) * up, proj = hid @ down^T (+ bias)
                 failed = failed + weight_gemm(P.gu.wtype, P.gu.out_major, <int>N, <int>U,
                                               <int>H, ln, <int>H, P.gu.ptr, P.gu.ldw,
@@ -1822,18 +1889,34 @@ cdef class LlamaPlan:
                 _add_bias_rows(gu, P.gu_b, N, U)
                 for n in prange(N, num_threads=threads_for(N * I), schedule='static'):
                     self.act(hid + n * I, gu + n * U, <int>I)
-                    gpt2s_mul_row(hid + n * I, hid + n * I, gu + n * U + I, <int>I)
-                failed = failed + weight_gemm(P.down.wtype, P.down.out_major, <int>N, <int>H,
-                                              <int>I, hid, <int>I, P.down.ptr, P.down.ldw,
-                                              P.down.scales, False, proj, <int>H)
-                _add_bias_rows(proj, P.down_b, N, H)
-            # x = res2 + proj: the last block's output
-            for n in prange(N, num_threads=threads_for(N * H), schedule='static'):
-                r = &x[n, 0]
-                a = res2 + n * H
-                bb = proj + n * H
-                for c in range(H):
-                    r[c] = a[c] + bb[c]
+                    if self.gated:
+                        gpt2s_mul_row(hid + n * I, hid + n * I, gu + n * U + I, <int>I)
+                if par:   # mlp (in res2) = hid @ down^T (+ bias); x = (mlp + proj) + x
+                    failed = failed + weight_gemm(P.down.wtype, P.down.out_major, <int>N,
+                                                  <int>H, <int>I, hid, <int>I, P.down.ptr,
+                                                  P.down.ldw, P.down.scales, False, res2,
+                                                  <int>H)
+                    _add_bias_rows(res2, P.down_b, N, H)
+                    for n in prange(N, num_threads=nt, schedule='static'):
+                        r = &x[n, 0]
+                        a = res2 + n * H
+                        bb = proj + n * H
+                        for c in range(H):
+                            r[c] = (a[c] + bb[c]) + r[c]
+                else:
+                    failed = failed + weight_gemm(P.down.wtype, P.down.out_major, <int>N,
+                                                  <int>H, <int>I, hid, <int>I, P.down.ptr,
+                                                  P.down.ldw, P.down.scales, False, proj,
+                                                  <int>H)
+                    _add_bias_rows(proj, P.down_b, N, H)
+            # x = res2 + proj: the last block's output (parallel residual: x is it already)
+            if not par:
+                for n in prange(N, num_threads=threads_for(N * H), schedule='static'):
+                    r = &x[n, 0]
+                    a = res2 + n * H
+                    bb = proj + n * H
+                    for c in range(H):
+                        r[c] = a[c] + bb[c]
         if failed:
             raise MemoryError("LlamaPlan.forward: out of memory for a thread's scratch "
                               "(a weight panel or attention scores)")

@@ -605,32 +605,32 @@ class LlamaForCausalLM:
         plan = self._plan
         if plan is not None and plan[0] == store.version:
             return plan[1]
-        if (getattr(cfg, "norm", "rmsnorm") != "rmsnorm"
-                or getattr(cfg, "parallel_residual", False)
-                or not getattr(cfg, "gated_mlp", True)
-                or getattr(cfg, "qkv_interleaved", False)):
-            return None
-        H, Q, KV, I = cfg.hidden_size, cfg.q_width, cfg.kv_width, cfg.intermediate_size
-        W, layers = Q + 2 * KV, []
+        H, Q, KV, I, U = (cfg.hidden_size, cfg.q_width, cfg.kv_width, cfg.intermediate_size,
+                          cfg.up_width)
+        W, nm, layers = Q + 2 * KV, cfg.block_names, []
+        layernorm = cfg.norm == "layernorm"
         for l in range(cfg.n_layer):
             P, J = store.layer_params[l], (self._joined[l] if self._joined is not None
                                            else None)
             fused = lambda first, rows, cols: self._fused(self.params, l, first, rows, cols)
-            layers.append((
-                P["input_layernorm.weight"],
-                J["qkv"] if J else fused("self_attn.q_proj.weight", W, H),
-                (J["qkv_bias"] if J else fused("self_attn.q_proj.bias", W, 0))
-                if cfg.qkv_bias else None,
-                P["self_attn.o_proj.weight"],
-                P["self_attn.o_proj.bias"] if cfg.o_bias else None,
-                P["post_attention_layernorm.weight"],
-                J["gu"] if J else fused("mlp.gate_proj.weight", 2 * I, H),
-                (J["gu_bias"] if J else fused("mlp.gate_proj.bias", 2 * I, 0))
-                if cfg.mlp_bias else None,
-                P["mlp.down_proj.weight"],
-                P["mlp.down_proj.bias"] if cfg.mlp_bias else None))
+            entry = (
+                P[nm["ln1"]],
+                J["qkv"] if J else fused(nm["qkv"], W, H),
+                (J["qkv_bias"] if J else fused(nm["qkv_bias"], W, 0)) if cfg.qkv_bias else None,
+                P[nm["o"]],
+                P[nm["o_bias"]] if cfg.o_bias else None,
+                P[nm["ln2"]],
+                J["gu"] if J else fused(nm["up"], U, H),
+                (J["gu_bias"] if J else fused(nm["up_bias"], U, 0)) if cfg.mlp_bias else None,
+                P[nm["down"]],
+                P[nm["down_bias"]] if cfg.mlp_bias else None)
+            if layernorm:
+                entry += (P[nm["ln1_bias"]], P[nm["ln2_bias"]])
+            layers.append(entry)
         plan = _core.LlamaPlan(layers, H, cfg.n_head, cfg.n_kv_head, cfg.head_dim, I,
-                               cfg.rms_norm_eps, cfg.attention_scale, cfg.activation_kernel)
+                               cfg.norm_eps, cfg.attention_scale, cfg.activation_kernel,
+                               norm=cfg.norm, parallel_residual=cfg.parallel_residual,
+                               gated=cfg.gated_mlp, interleaved=cfg.qkv_interleaved)
         self._plan = (store.version, plan)
         return plan
 
