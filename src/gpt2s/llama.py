@@ -384,11 +384,10 @@ class LlamaForCausalLM:
                             entry[key][...] = np.concatenate([P[f"{part}{n}.bias"]
                                                               for n in names])
                 if config.tie_word_embeddings and HEAD in header:
-                    head = np.empty(m.params[EMBED].shape, np.float32)
-                    embed = np.empty_like(head)
-                    _weights.read_tensor(*_weights.located(src, HEAD), head)
-                    _weights.read_tensor(*_weights.located(src, EMBED), embed)
-                    if not np.array_equal(head, embed):
+                    # compared a chunk of rows at a time: no float32 copy of either
+                    if not _weights.rows_equal(_weights.located(src, HEAD),
+                                               _weights.located(src, EMBED),
+                                               m.params[EMBED].shape):
                         raise _weights.SafetensorsError(
                             f"{file}: {HEAD!r} differs from {EMBED!r} but the config ties "
                             f"them (tie_word_embeddings)")
@@ -457,9 +456,12 @@ class LlamaForCausalLM:
         """The (rows, cols) weight (or (rows,) bias when cols == 0) that starts at tensor
         ``first`` of the block and runs on over the tensors laid out after it in the buffer
         (LlamaConfig.param_layout joins them): the q, k, v (or gate, up) projections as one.
-        tensors: ``params`` or ``grads``."""
+        tensors: ``params``, ``grads`` or the store's ``compute_params`` (bfloat16 bits)."""
         # (compared with params, not grads: reading store.grads would allocate the gradients)
-        buffer = self.store.buffer if tensors is self.store.params else self.store.grad_buffer
+        store = self.store
+        buffer = (store.buffer if tensors is store.params else
+                  store.compute_buffer if tensors is store.compute_params else
+                  store.grad_buffer)
         off = self._offsets[f"{self.config.layer_prefix}{layer}.{first}"]
         n = rows * cols if cols else rows
         out = buffer[off:off + n]
@@ -500,11 +502,9 @@ class LlamaForCausalLM:
         if joined is not None:
             if J is not None:   # a compressed store: the joined weight (bfloat16: its bits)
                 return J[joined].data if self._bf16 else J[joined]
-            if self._bf16:      # float32 store: the rows of the bfloat16 copy, as _fused's
-                H = self.config.hidden_size
-                off = self._offsets[f"{self.config.layer_prefix}{l}.{nm[key]}"]
-                return self.store.compute_buffer[off:off + rows * H].reshape(rows, H)
-            return self._fused(self.params, l, nm[key], rows, self.config.hidden_size)
+            # float32 store: the joined rows of the weights, or of their bfloat16 copy
+            return self._fused(self.store.compute_params if self._bf16 else self.params, l,
+                               nm[key], rows, self.config.hidden_size)
         if self._bf16:
             return self.store.compute_layers[l][nm[key]]
         return self.store.layer_params[l][nm[key]]

@@ -33,19 +33,11 @@ def _check_tied_head(file, header, data_start, mm, config):
     """A tied model's file may also hold embed_out.weight: it must equal embed_in.weight.
     Compared a chunk of rows at a time (no float32 copy of either)."""
     shape = (config.vocab_size, config.hidden_size)
-    for name in (HEAD, EMBED):
-        _weights._check_readable(file, name, header[name], shape)
-    chunks = _weights.row_chunks(*shape)
-    a_buf = np.empty((chunks[0][1] if chunks else 0, shape[1]), np.float32)
-    b_buf = np.empty_like(a_buf)
-    for r0, r1 in chunks:
-        a, b = a_buf[:r1 - r0], b_buf[:r1 - r0]
-        _weights.read_rows(file, header, HEAD, data_start, mm, a, r0)
-        _weights.read_rows(file, header, EMBED, data_start, mm, b, r0)
-        if not np.array_equal(a, b):
-            raise _weights.SafetensorsError(
-                f"{file}: {HEAD!r} differs from {EMBED!r} but the config ties them "
-                f"(tie_word_embeddings)")
+    if not _weights.rows_equal((file, header, HEAD, data_start, mm),
+                               (file, header, EMBED, data_start, mm), shape):
+        raise _weights.SafetensorsError(
+            f"{file}: {HEAD!r} differs from {EMBED!r} but the config ties them "
+            f"(tie_word_embeddings)")
 
 
 class GPTNeoXForCausalLM(LlamaForCausalLM):

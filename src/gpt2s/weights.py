@@ -770,6 +770,24 @@ def row_chunks(rows: int, cols: int):
     return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
+def rows_equal(where_a, where_b, shape) -> bool:
+    """Whether two 2-d tensors of shape (`located` / read_rows argument tuples, first a then
+    b) hold the same values, read a chunk of rows at a time (no copy of either); each is first
+    checked readable at that shape."""
+    for path, header, raw_name, _, _ in (where_a, where_b):
+        _check_readable(path, raw_name, header[raw_name], shape)
+    chunks = row_chunks(*shape)
+    a_buf = np.empty((chunks[0][1] if chunks else 0, shape[1]), np.float32)
+    b_buf = np.empty_like(a_buf)
+    for r0, r1 in chunks:
+        a, b = a_buf[:r1 - r0], b_buf[:r1 - r0]
+        read_rows(*where_a, a, r0)
+        read_rows(*where_b, b, r0)
+        if not np.array_equal(a, b):
+            return False
+    return True
+
+
 def check_tied_head(src: "Tensors", seen: dict, config: GPT2Config):
     """A tied model's file may also hold lm_head.weight (transformers saves it for some
     configs): it must equal wte.weight.  Compared a chunk of rows at a time."""
@@ -777,19 +795,12 @@ def check_tied_head(src: "Tensors", seen: dict, config: GPT2Config):
         return
     raw_wte, raw_head = seen[layout_of(config)[0][0]], seen[HEAD]   # the embedding, the head
     path = src.at(raw_head)[0]
-    rows, cols = src.header[raw_wte]["shape"]
-    chunks = row_chunks(rows, cols)
-    a_buf = np.empty((chunks[0][1] if chunks else 0, cols), np.float32)
-    b_buf = np.empty_like(a_buf)
-    for r0, r1 in chunks:
-        a, b = a_buf[:r1 - r0], b_buf[:r1 - r0]
-        read_rows(*located(src, raw_wte), a, r0)
-        read_rows(*located(src, raw_head), b, r0)
-        if not np.array_equal(a, b):
-            raise SafetensorsError(
-                f"{path}: tensor {raw_head!r} differs from 'wte.weight', but the config ties the "
-                f"output head to the token embedding (tie_word_embeddings true, GPT-2's default); "
-                f"an untied model needs a config.json with \"tie_word_embeddings\": false")
+    if not rows_equal(located(src, raw_wte), located(src, raw_head),
+                      tuple(src.header[raw_wte]["shape"])):
+        raise SafetensorsError(
+            f"{path}: tensor {raw_head!r} differs from 'wte.weight', but the config ties the "
+            f"output head to the token embedding (tie_word_embeddings true, GPT-2's default); "
+            f"an untied model needs a config.json with \"tie_word_embeddings\": false")
 
 
 def drop_pages(mm, lo: int, hi: int):
