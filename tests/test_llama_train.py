@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from family_train import check_run_dir
+from family_train import eval_loss as _eval_loss
+from family_train import run as _run
+from family_train import train_args as _train_args
 from llama_ckpt import save_hf
 
 torch = pytest.importorskip("torch")
@@ -36,29 +40,7 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def _run(*args, threads=1, check=True):
-    p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=600)
-    if check:
-        assert p.returncode == 0, f"{args}\n{p.stdout}\n{p.stderr}"
-    return p
-
-
-def _train_args(out, data, *extra):
-    return ["gpt2s.train", *map(str, data), "--steps", "8", "--batch-size", "4",
-            "--seq-len", "32", "--lr", "3e-3", "--warmup", "2", "--eval-every", "4",
-            "--eval-batches", "2", "--save-every", "1", "--seed", "5", "--no-plot", "--quiet",
-            "--out", str(out), *extra]
-
-
-def _eval_loss(model, data, *extra):
-    p = _run("gpt2s.eval", "--model", str(model), "--seq-len", "32", "--json", "-q",
-             str(data), *extra)
-    return json.loads(p.stdout)["loss"]
-
-
 def test_prepare_train_eval_generate(checkpoint, tmp_path):
-    from tokenizers import Tokenizer
     import transformers
     import gpt2s
     # the text prepared with the checkpoint's own tokenizer
@@ -80,36 +62,9 @@ def test_prepare_train_eval_generate(checkpoint, tmp_path):
 
     # the run directory is a checkpoint of the same model: its tokenizer beside it, which
     # transformers' AutoTokenizer reads as the original, and weights transformers loads
-    assert (out / "tokenizer.json").read_bytes() == (checkpoint / "tokenizer.json").read_bytes()
     assert (out / "generation_config.json").is_file()
-    state = json.loads((out / "train_state.json").read_text())
-    assert state["model_config"]["model_type"] == "llama"
-    m = gpt2s.AutoModelForCausalLM.from_pretrained(out)
-    assert isinstance(m, gpt2s.LlamaForCausalLM) and m.tokenizer is not None
-    ref_tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-    text = "ROMEO: But soft, what light"
-    assert m.tokenizer.encode(text) == ref_tok.encode(text).ids
-    hf = transformers.LlamaForCausalLM.from_pretrained(out).float().eval()
-    ids = np.array([ref_tok.encode(text).ids])
-    with torch.no_grad():
-        ref = hf(torch.tensor(ids)).logits.double().numpy()
-    logits, _ = m.forward(ids)
-    assert np.linalg.norm(logits - ref) / np.linalg.norm(ref) < 1e-5
-    hf_before = transformers.LlamaForCausalLM.from_pretrained(checkpoint).float().eval()
-    with torch.no_grad():
-        assert not np.allclose(hf_before(torch.tensor(ids)).logits.numpy(), ref, atol=1e-3)
-
-    # generate from the run directory: the greedy continuation transformers gives
-    g = _run("gpt2s.generate", "--model", str(out), "--temperature", "0", "-n", "6",
-             "--ignore-eos", "--no-echo", text)
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        want = hf.generate(torch.tensor(ids), max_new_tokens=6, do_sample=False,
-                           pad_token_id=0,
-                           attention_mask=torch.ones(ids.shape, dtype=torch.long))
-    new = want[0, ids.shape[1]:].tolist()
-    assert len(new) == 6
-    assert g.stdout.rstrip("\n") == ref_tok.decode(new, skip_special_tokens=False)
+    check_run_dir(out, checkpoint, "llama", gpt2s.LlamaForCausalLM,
+                  transformers.LlamaForCausalLM)
 
     # fine-tuning the run directory again (its own tokenizer.json, read back)
     again = _run(*_train_args(tmp_path / "again", [DATA], "--model", out, "--steps", "1"))

@@ -19,6 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from family_train import check_run_dir
+from family_train import eval_loss as _eval_loss
+from family_train import run as _run
+from family_train import train_args as _train_args
 from neox_ckpt import save_hf_neox
 
 torch = pytest.importorskip("torch")
@@ -34,26 +38,6 @@ def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("neox") / "ckpt"
     save_hf_neox(path, seed=3, eos_token_id=2, bos_token_id=1)
     return path
-
-
-def _run(*args, threads=1, check=True):
-    p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=600)
-    if check:
-        assert p.returncode == 0, f"{args}\n{p.stdout}\n{p.stderr}"
-    return p
-
-
-def _train_args(out, data, *extra):
-    return ["gpt2s.train", *map(str, data), "--steps", "8", "--batch-size", "4",
-            "--seq-len", "32", "--lr", "3e-3", "--warmup", "2", "--eval-every", "4",
-            "--eval-batches", "2", "--save-every", "1", "--seed", "5", "--no-plot", "--quiet",
-            "--out", str(out), *extra]
-
-
-def _eval_loss(model, data):
-    p = _run("gpt2s.eval", "--model", str(model), "--seq-len", "32", "--json", "-q", str(data))
-    return json.loads(p.stdout)["loss"]
 
 
 def _checkpoint_step(out: Path) -> int:
@@ -75,7 +59,6 @@ def _determined(name, cfg):
 
 
 def test_prepare_train_resume_eval_generate(checkpoint, tmp_path):
-    from tokenizers import Tokenizer
     import transformers
     import gpt2s
     shards = tmp_path / "shards"
@@ -119,35 +102,8 @@ def test_prepare_train_resume_eval_generate(checkpoint, tmp_path):
     assert metrics(half) == metrics(out)
 
     # the run directory is a GPT-NeoX checkpoint: its tokenizer, weights transformers loads
-    assert (out / "tokenizer.json").read_bytes() == (checkpoint / "tokenizer.json").read_bytes()
-    state = json.loads((out / "train_state.json").read_text())
-    assert state["model_config"]["model_type"] == "gpt_neox"
-    m = gpt2s.AutoModelForCausalLM.from_pretrained(out)
-    assert isinstance(m, gpt2s.GPTNeoXForCausalLM) and m.tokenizer is not None
-    ref_tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-    text = "ROMEO: But soft, what light"
-    assert m.tokenizer.encode(text) == ref_tok.encode(text).ids
-    hf = transformers.GPTNeoXForCausalLM.from_pretrained(out).float().eval()
-    ids = np.array([ref_tok.encode(text).ids])
-    with torch.no_grad():
-        ref = hf(torch.tensor(ids)).logits.double().numpy()
-    logits, _ = m.forward(ids)
-    assert np.linalg.norm(logits - ref) / np.linalg.norm(ref) < 1e-5
-    hf_before = transformers.GPTNeoXForCausalLM.from_pretrained(checkpoint).float().eval()
-    with torch.no_grad():
-        assert not np.allclose(hf_before(torch.tensor(ids)).logits.numpy(), ref, atol=1e-3)
-
-    # generate from the run directory: the greedy continuation transformers gives
-    g = _run("gpt2s.generate", "--model", str(out), "--temperature", "0", "-n", "6",
-             "--ignore-eos", "--no-echo", text)
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        want = hf.generate(torch.tensor(ids), max_new_tokens=6, do_sample=False,
-                           pad_token_id=0,
-                           attention_mask=torch.ones(ids.shape, dtype=torch.long))
-    new = want[0, ids.shape[1]:].tolist()
-    assert len(new) == 6
-    assert g.stdout.rstrip("\n") == ref_tok.decode(new, skip_special_tokens=False)
+    check_run_dir(out, checkpoint, "gpt_neox", gpt2s.GPTNeoXForCausalLM,
+                  transformers.GPTNeoXForCausalLM)
 
 
 def test_adamw_on_neox_params_is_torch_adamw(checkpoint):
