@@ -162,7 +162,7 @@ class GPTNeoXForCausalLM(LlamaForCausalLM):
                     _weights.read_tensor(*where, p)
                     _weights.drop_tensor_pages(mm, data_start, header[name])
                     continue
-                _weights._check_readable(file, name, header[name], p.shape)
+                _weights.check_readable(file, name, header[name], p.shape)
                 compressed = not isinstance(p, np.ndarray)
                 buf = None
                 for r0, r1 in _weights.row_chunks(*p.shape):

@@ -663,11 +663,13 @@ def check_against_config(path, header: dict, data_size: int, config: GPT2Config)
     if HEAD in seen and HEAD not in expected:
         expected[HEAD] = next(iter(expected.values()))   # the embedding's shape
     for name, shape in expected.items():
-        _check_readable(path, seen[name], header[seen[name]], shape)
+        check_readable(path, seen[name], header[seen[name]], shape)
     return seen
 
 
-def _check_readable(path, raw_name, info, shape):
+def check_readable(path, raw_name, info, shape):
+    """A tensor's header entry info has a dtype gpt2s reads and the shape expected
+    (SafetensorsError naming the file and tensor otherwise); reads no data."""
     dtype = info["dtype"]
     if dtype not in _DTYPES:
         raise SafetensorsError(f"{path}: tensor {_r(raw_name)} has unsupported dtype {_r(dtype)} "
@@ -775,7 +777,7 @@ def rows_equal(where_a, where_b, shape) -> bool:
     b) hold the same values, read a chunk of rows at a time (no copy of either); each is first
     checked readable at that shape."""
     for path, header, raw_name, _, _ in (where_a, where_b):
-        _check_readable(path, raw_name, header[raw_name], shape)
+        check_readable(path, raw_name, header[raw_name], shape)
     chunks = row_chunks(*shape)
     a_buf = np.empty((chunks[0][1] if chunks else 0, shape[1]), np.float32)
     b_buf = np.empty_like(a_buf)
@@ -828,7 +830,7 @@ def read_tensor(path, header, raw_name, data_start, mm, dst, storage: str = "flo
     """One tensor converted to float32 into dst (its shape checked against the file's), its
     values checked to fit storage (`check_values`)."""
     info = header[raw_name]
-    _check_readable(path, raw_name, info, dst.shape)
+    check_readable(path, raw_name, info, dst.shape)
     begin, end = info["data_offsets"]
     raw = memoryview(mm)[data_start + begin:data_start + end]
     try:
